@@ -1,0 +1,245 @@
+"""Run Megatron-Core's own code on a machine without CUDA (CPU + gloo).
+
+Megatron-Core 0.16.1 assumes a GPU in a handful of places that no config flag avoids:
+``torch.cuda.current_device()``, the CUDA RNG state helpers, streams and events, tensors created
+with a literal ``device="cuda"`` (or ``.cuda()``), and a ``param.type() ==
+'torch.cuda.FloatTensor'`` assertion. This module redirects exactly those to the CPU so that the
+real ``GPTModel``, schedules, DDP, optimizer and ``dist_checkpointing`` run in CPU tests and the
+CPU quickstart. Nothing in the plugin depends on it; on a CUDA host it is never activated.
+
+Every redirect is counted per Megatron call site (``redirect_counts()``). ``KNOWN_REDIRECTS``
+lists the kinds of redirect this layer was written for; a redirect of an unknown kind raises
+(``strict``), so a Megatron upgrade that needs something new fails loudly in the tests instead of
+silently running different code. Written for megatron-core 0.16.1 (``SUPPORTED_MEGATRON``).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import sys
+import threading
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+SUPPORTED_MEGATRON = ("0.16",)
+
+# Kinds of redirect this layer knows. A test runs a tiny training (model, schedules, DDP,
+# optimizer, checkpoint) and fails if Megatron needs a kind outside this set.
+KNOWN_REDIRECTS = frozenset(
+    {
+        "torch.cuda.current_device",
+        "torch.cuda.synchronize",
+        "torch.cuda.get_rng_state",
+        "torch.cuda.set_rng_state",
+        "torch.cuda.manual_seed",
+        "torch.cuda.Stream",
+        "torch.cuda.stream",
+        "torch.cuda.current_stream",
+        "torch.cuda.default_stream",
+        "torch.cuda.Event",
+        "torch.cuda.empty_cache",
+        "torch.cuda.device_count",
+        "torch.cuda.memory_allocated",
+        "torch.cuda.max_memory_allocated",
+        "megatron._get_cuda_rng_state",
+        "megatron._set_cuda_rng_state",
+        "device=cuda",
+        "Tensor.cuda",
+        "Tensor.to(cuda)",
+        "pin_memory",
+        "Tensor.type",
+    }
+)
+
+_lock = threading.Lock()
+_counts: collections.Counter = collections.Counter()
+_active = False
+_mode: _CudaToCpuMode | None = None
+_THIS_FILE = os.path.abspath(__file__)
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+def is_active() -> bool:
+    """True when the redirects are installed in this process."""
+    return _active
+
+
+def redirect_counts() -> dict[tuple[str, str], int]:
+    """``{(kind, "megatron/core/file.py:line"): count}`` of every redirect since activation."""
+    with _lock:
+        return dict(_counts)
+
+
+def reset_counts() -> None:
+    with _lock:
+        _counts.clear()
+
+
+def _call_site() -> str:
+    """First frame outside torch and this module: the code that asked for CUDA."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        path = frame.f_code.co_filename
+        if path != _THIS_FILE and not path.startswith(_TORCH_DIR) and "<" not in path[:1]:
+            marker = path.rfind("megatron/")
+            short = path[marker:] if marker >= 0 else os.path.basename(path)
+            return f"{short}:{frame.f_lineno}"
+        frame = frame.f_back
+    return "?"
+
+
+def _record(kind: str) -> None:
+    if kind not in KNOWN_REDIRECTS:
+        raise RuntimeError(
+            f"megatron_adadpo.cpu: Megatron asked for an unknown CUDA feature {kind!r} at "
+            f"{_call_site()}. The CPU compatibility layer was written for megatron-core "
+            f"{SUPPORTED_MEGATRON}; extend KNOWN_REDIRECTS deliberately after checking it."
+        )
+    site = _call_site()
+    with _lock:
+        _counts[(kind, site)] += 1
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # A bare int is a CUDA ordinal (torch.cuda.current_device() returns one).
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _NullStream:
+    """Stands in for ``torch.cuda.Stream`` / ``Event``: every operation is a no-op."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+    def elapsed_time(self, other) -> float:
+        return 0.0
+
+    def query(self) -> bool:
+        return True
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA device arguments to CPU in every torch call made while it is active."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if _is_cuda_device(kwargs.get("device")):
+            _record("device=cuda")
+            kwargs["device"] = "cpu"
+        if kwargs.get("pin_memory"):
+            _record("pin_memory")
+            kwargs["pin_memory"] = False
+        if func is torch.Tensor.cuda:
+            _record("Tensor.cuda")
+            return args[0]
+        if func is torch.Tensor.to and args[1:] and _is_cuda_device(args[1]):
+            _record("Tensor.to(cuda)")
+            args = (args[0], "cpu", *args[2:])
+        if func is torch.Tensor.pin_memory:
+            _record("pin_memory")
+            return args[0]
+        result = func(*args, **kwargs)
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs and _from_megatron():
+            # Megatron asserts on CUDA tensor type names ('torch.cuda.FloatTensor').
+            _record("Tensor.type")
+            return result.replace("torch.", "torch.cuda.", 1)
+        return result
+
+
+def _from_megatron() -> bool:
+    frame = sys._getframe(2)
+    while frame is not None and (
+        frame.f_code.co_filename == _THIS_FILE or frame.f_code.co_filename.startswith(_TORCH_DIR)
+    ):
+        frame = frame.f_back
+    return frame is not None and "megatron/core/" in frame.f_code.co_filename
+
+
+def _counted(kind: str, impl):
+    def wrapper(*args, **kwargs):
+        _record(kind)
+        return impl(*args, **kwargs)
+
+    wrapper.__name__ = kind.rsplit(".", 1)[-1]
+    wrapper._megatron_adadpo_cpu = True
+    return wrapper
+
+
+def _cpu_rng_get(*args, **kwargs):
+    return torch.get_rng_state()
+
+
+def _cpu_rng_set(state, *args, **kwargs):
+    torch.set_rng_state(state.cpu() if isinstance(state, torch.Tensor) else state)
+
+
+def _cuda_replacements() -> dict[str, object]:
+    none = lambda *args, **kwargs: None  # noqa: E731
+    return {
+        "current_device": _counted("torch.cuda.current_device", lambda: 0),
+        "synchronize": _counted("torch.cuda.synchronize", none),
+        "get_rng_state": _counted("torch.cuda.get_rng_state", _cpu_rng_get),
+        "set_rng_state": _counted("torch.cuda.set_rng_state", _cpu_rng_set),
+        "manual_seed": _counted("torch.cuda.manual_seed", lambda seed: torch.manual_seed(seed)),
+        "Stream": _counted("torch.cuda.Stream", _NullStream),
+        "stream": _counted("torch.cuda.stream", lambda s=None: contextlib.nullcontext()),
+        "current_stream": _counted("torch.cuda.current_stream", _NullStream),
+        "default_stream": _counted("torch.cuda.default_stream", _NullStream),
+        "Event": _counted("torch.cuda.Event", _NullStream),
+        "empty_cache": _counted("torch.cuda.empty_cache", none),
+        "device_count": _counted("torch.cuda.device_count", lambda: 1),
+        "memory_allocated": _counted("torch.cuda.memory_allocated", lambda *a, **k: 0),
+        "max_memory_allocated": _counted("torch.cuda.max_memory_allocated", lambda *a, **k: 0),
+    }
+
+
+def activate(strict: bool = True) -> bool:
+    """Install the redirects in this process if CUDA is absent. Idempotent.
+
+    Returns True when the layer is active. ``strict=False`` is only for exploring a new
+    Megatron version: unknown kinds are then counted instead of raising.
+    """
+    global _active, _mode
+    if torch.cuda.is_available():
+        return False
+    if _active:
+        return True
+    from megatron.core import package_info
+    from megatron.core.tensor_parallel import random as mrandom
+
+    if not package_info.__version__.startswith(SUPPORTED_MEGATRON):
+        print(
+            f"[megatron_adadpo.cpu] warning: written for megatron-core {SUPPORTED_MEGATRON}, "
+            f"found {package_info.__version__}",
+            file=sys.stderr,
+        )
+    if not strict:
+        global KNOWN_REDIRECTS
+        KNOWN_REDIRECTS = _GrowingSet(KNOWN_REDIRECTS)
+    for name, impl in _cuda_replacements().items():
+        setattr(torch.cuda, name, impl)
+    torch.cuda.random.get_rng_state = torch.cuda.get_rng_state
+    torch.cuda.random.set_rng_state = torch.cuda.set_rng_state
+    mrandom._get_cuda_rng_state = _counted("megatron._get_cuda_rng_state", _cpu_rng_get)
+    mrandom._set_cuda_rng_state = _counted("megatron._set_cuda_rng_state", _cpu_rng_set)
+    _mode = _CudaToCpuMode()
+    _mode.__enter__()
+    _active = True
+    return True
+
+
+class _GrowingSet(frozenset):
+    """Non-strict mode: every kind counts as known."""
+
+    def __contains__(self, item) -> bool:
+        return True

@@ -1,0 +1,177 @@
+"""Input validation and the per-pair tensors shared by the loss families."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from megatron_adadpo.losses.adaptive import (
+    Coefficients,
+    balancing_coefficients,
+    log_rho_from_scores,
+)
+from megatron_adadpo.losses.config import LossConfig
+
+
+@dataclass(frozen=True)
+class PairBatch:
+    """Sanitised per-pair inputs in the compute dtype (fp32, or fp64 when given fp64).
+
+    Invalid pairs (a completion of length <= 0) have their log-probs and NLL replaced by 0 and
+    their lengths by 1 *before* any formula, so no NaN/inf can reach the loss or (through
+    ``NaN * 0``) the gradient; their losses are zeroed afterwards.
+
+    Shapes: every tensor ``[b]`` (per pair).
+    """
+
+    chosen_logps: Tensor  # l_w, summed over completion tokens
+    rejected_logps: Tensor  # l_l
+    chosen_lengths: Tensor  # n_w as float, clamped to >= 1
+    rejected_lengths: Tensor  # n_l
+    valid: Tensor  # bool
+    reference_chosen_logps: Tensor | None = None
+    reference_rejected_logps: Tensor | None = None
+    chosen_nll: Tensor | None = None
+
+    @property
+    def chosen_logratios(self) -> Tensor:
+        """``h_w = l_w - l_ref_w``."""
+        return self.chosen_logps - self.reference_chosen_logps
+
+    @property
+    def rejected_logratios(self) -> Tensor:
+        """``h_l = l_l - l_ref_l``."""
+        return self.rejected_logps - self.reference_rejected_logps
+
+
+class FamilyOutput(NamedTuple):
+    """What a loss family returns (before invalid pairs are masked). Shapes: all ``[b]``."""
+
+    losses: Tensor  # per-pair loss
+    chosen_rewards: Tensor  # the family's own chosen score, e.g. beta * h_w
+    rejected_rewards: Tensor
+    coefs: Coefficients
+    log_grad_balance: Tensor  # log |dL/dl_w| / |dL/dl_l| of the preference term (analytic)
+
+
+def logistic_loss(z: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """``-(1 - eps) logsig(z) - eps logsig(-z)`` (robust/cDPO label smoothing). Shapes: ``[b]``."""
+    loss = -F.logsigmoid(z)
+    if label_smoothing > 0:
+        loss = (1.0 - label_smoothing) * loss - label_smoothing * F.logsigmoid(-z)
+    return loss
+
+
+def section3_log_rho(batch: PairBatch, config: LossConfig) -> Tensor:
+    """log rho of ALGORITHM.md section 3 (dpo, ipo, rdpo), per ``balance_space``/``normalize``."""
+    if config.balance_space == "reference":
+        chosen, rejected = batch.chosen_logratios, batch.rejected_logratios
+    else:
+        chosen, rejected = batch.chosen_logps, batch.rejected_logps
+    return log_rho_from_scores(
+        chosen, rejected, batch.chosen_lengths, batch.rejected_lengths, config.normalize
+    )
+
+
+def policy_log_rho(batch: PairBatch, config: LossConfig) -> Tensor:
+    """Reference-free log rho (simpo, cpo): ``lbar_w - lbar_l`` (``l_w - l_l`` if sequence)."""
+    return log_rho_from_scores(
+        batch.chosen_logps, batch.rejected_logps, batch.chosen_lengths,
+        batch.rejected_lengths, config.normalize,
+    )
+
+
+def _check_vector(name: str, x: object, size: int | None, floating: bool) -> None:
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of shape [b]; got {type(x).__name__}")
+    if x.dim() != 1:
+        raise ValueError(f"{name} must be 1-D (shape [b], one value per pair); "
+                         f"got shape {tuple(x.shape)}")
+    if size is not None and x.shape[0] != size:
+        raise ValueError(f"{name} has {x.shape[0]} pairs but policy_chosen_logps has {size}; "
+                         "all per-pair inputs must have the same shape [b]")
+    if floating and not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating tensor (fp32, bf16, fp16 or fp64); "
+                         f"got {x.dtype}")
+    if not floating and (x.is_complex() or x.dtype == torch.bool):
+        raise ValueError(f"{name} must hold integer or floating token counts; got {x.dtype}")
+
+
+def _check_lengths(name: str, lengths: Tensor, config: LossConfig) -> None:
+    # A value check needs a device->host sync on accelerators: CPU always, else debug only.
+    if lengths.device.type == "cpu" or config.debug_checks:
+        if bool((lengths < 0).any()):
+            raise ValueError(f"{name} must be >= 0 (completion token counts); got a negative "
+                             "length")
+
+
+def prepare_batch(
+    config: LossConfig,
+    inputs: dict[str, Tensor | None],
+) -> PairBatch:
+    """Validate the public inputs and build the sanitised :class:`PairBatch`."""
+    l_w = inputs["policy_chosen_logps"]
+    _check_vector("policy_chosen_logps", l_w, None, True)
+    size = l_w.shape[0]
+    for name in ("policy_rejected_logps", "reference_chosen_logps", "reference_rejected_logps",
+                 "chosen_nll"):
+        if inputs[name] is not None:
+            _check_vector(name, inputs[name], size, True)
+    for name in ("chosen_lengths", "rejected_lengths"):
+        _check_vector(name, inputs[name], size, False)
+        _check_lengths(name, inputs[name], config)
+    _check_required(config, inputs)
+    dtype = torch.float64 if any(
+        t is not None and t.dtype == torch.float64 for t in inputs.values()
+    ) else torch.float32
+    n_w, n_l = inputs["chosen_lengths"].to(dtype), inputs["rejected_lengths"].to(dtype)
+    valid = (n_w > 0) & (n_l > 0)
+
+    def clean(t: Tensor | None) -> Tensor | None:
+        return None if t is None else torch.where(valid, t.to(dtype), 0.0)
+
+    use_ref = config.needs_reference
+    return PairBatch(
+        chosen_logps=clean(l_w),
+        rejected_logps=clean(inputs["policy_rejected_logps"]),
+        chosen_lengths=n_w.clamp(min=1.0),
+        rejected_lengths=n_l.clamp(min=1.0),
+        valid=valid,
+        reference_chosen_logps=clean(inputs["reference_chosen_logps"]) if use_ref else None,
+        reference_rejected_logps=clean(inputs["reference_rejected_logps"]) if use_ref else None,
+        chosen_nll=clean(inputs["chosen_nll"]) if config.needs_chosen_nll else None,
+    )
+
+
+def _check_required(config: LossConfig, inputs: dict[str, Tensor | None]) -> None:
+    ref = ("reference_chosen_logps", "reference_rejected_logps")
+    if config.needs_reference:
+        for name in ref:
+            if inputs[name] is None:
+                raise ValueError(f"{name} is required for loss name={config.name!r} (it uses "
+                                 "reference log-probs); pass a [b] tensor, or use a "
+                                 "reference-free loss: simpo, cpo, orpo")
+    if config.needs_chosen_nll and inputs["chosen_nll"] is None:
+        raise ValueError(f"chosen_nll is required for loss name={config.name!r}: pass the "
+                         "per-pair mean NLL of the chosen completion as a [b] tensor")
+
+
+def config_coefficients(log_rho: Tensor, config: LossConfig) -> Coefficients:
+    """:func:`balancing_coefficients` with the options of ``config``."""
+    return balancing_coefficients(
+        log_rho,
+        clip_max=config.clip_max,
+        clip_min=config.clip_min,
+        target_ratio=config.target_ratio,
+        placement=config.placement,
+        enabled=config.adaptive,
+    )
+
+
+def log_coef_ratio(coefs: Coefficients) -> Tensor:
+    """``log(a / b) = log c``, the log-space gradient ratio of ``a * s_w - b * s_l``."""
+    return torch.log(coefs.coef_chosen) - torch.log(coefs.coef_rejected)

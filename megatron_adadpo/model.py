@@ -1,0 +1,189 @@
+"""Build Megatron-Core ``GPTModel`` chunks for a Llama-family ``ModelConfig``.
+
+Transformer Engine layer spec on GPUs when TE is installed (FP8 through TE's recipes); the local
+spec otherwise, with this module's ``RMSNorm`` (which, unlike ``WrappedTorchNorm``, supports
+sequence parallelism by marking its weight ``sequence_parallel`` as TE's and apex's norms do).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from megatron_adadpo.megatron_api import (
+    GPTModel,
+    TransformerBlockSubmodules,
+    TransformerConfig,
+    get_gpt_layer_local_spec,
+    parallel_state,
+    te_available,
+    te_layer_spec,
+)
+from megatron_adadpo.model_config import ModelConfig
+
+
+@dataclass(frozen=True)
+class ExecutionConfig:
+    """How the model runs: parallel layout, precision, recompute, kernels."""
+
+    tp: int = 1
+    pp: int = 1
+    vpp: int | None = None  # virtual pipeline stages per pipeline rank (interleaved schedule)
+    cp: int = 1
+    sequence_parallel: bool = False
+    bf16: bool = False
+    fp8: str | None = None  # None | "hybrid" | "e4m3" (Transformer Engine)
+    fp8_recipe: str = "delayed"  # "delayed" | "tensorwise" | "mxfp8" | "blockwise"
+    recompute: str | None = None  # None | "selective" | "full"
+    recompute_num_layers: int = 1
+    transformer_impl: str = "auto"  # "auto" | "local" | "transformer_engine"
+
+    def use_te(self) -> bool:
+        if self.transformer_impl == "auto":
+            return torch.cuda.is_available() and te_available()
+        return self.transformer_impl == "transformer_engine"
+
+
+class RMSNorm(torch.nn.Module):
+    """``y = w * x / sqrt(mean(x^2) + eps)``, computed in fp32 as HF Llama does.
+
+    Shapes: ``[s, b, h]`` -> ``[s, b, h]``. The weight is marked ``sequence_parallel`` when the
+    config enables it, so ``finalize_model_grads`` all-reduces its gradient over the TP group.
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.weight.sequence_parallel = config.sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def transformer_config(model: ModelConfig, run: ExecutionConfig) -> TransformerConfig:
+    """Megatron ``TransformerConfig`` for the Llama family under the given execution options."""
+    on_gpu = torch.cuda.is_available()
+    dtype = torch.bfloat16 if run.bf16 else torch.float32
+    recompute = {}
+    if run.recompute == "selective":
+        recompute = dict(recompute_granularity="selective")
+    elif run.recompute == "full":
+        recompute = dict(
+            recompute_granularity="full",
+            recompute_method="uniform",
+            recompute_num_layers=run.recompute_num_layers,
+        )
+    fp8 = {}
+    if run.fp8:
+        fp8 = dict(fp8=run.fp8, fp8_recipe=run.fp8_recipe)
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.query_groups,
+        kv_channels=model.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        add_qkv_bias=model.add_qkv_bias,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+        init_method_std=model.init_method_std,
+        tensor_model_parallel_size=run.tp,
+        pipeline_model_parallel_size=run.pp,
+        virtual_pipeline_model_parallel_size=run.vpp,
+        context_parallel_size=run.cp,
+        sequence_parallel=run.sequence_parallel,
+        params_dtype=dtype,
+        bf16=run.bf16,
+        pipeline_dtype=dtype,
+        autocast_dtype=dtype,
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=True,
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=on_gpu,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        bias_dropout_fusion=False,
+        cross_entropy_loss_fusion=False,
+        # Interleaved PP with batched p2p is silently wrong on gloo (Megatron-LM #750 / #1450).
+        batch_p2p_comm=on_gpu,
+        calculate_per_token_loss=True,
+        **recompute,
+        **fp8,
+    )
+
+
+def layer_spec(config: TransformerConfig, run: ExecutionConfig, vp_stage: int | None):
+    """The decoder block spec for this pipeline stage (TE spec, or local spec + RMSNorm)."""
+    if run.use_te():
+        return te_layer_spec(qk_layernorm=False)
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+
+    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
+    spec.submodules = dataclasses.replace(
+        spec.submodules, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm
+    )
+    n_local = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[spec] * n_local, layer_norm=RMSNorm)
+
+
+def build_model(model: ModelConfig, run: ExecutionConfig) -> list[GPTModel]:
+    """One ``GPTModel`` per virtual pipeline stage of this rank (a list of one without VPP).
+
+    Parallel state must be initialised for ``run``'s layout. Weights are on the current device
+    in ``params_dtype``; wrap them in Megatron DDP before training.
+    """
+    config = transformer_config(model, run)
+    chunks = []
+    for vp_stage in range(run.vpp or 1):
+        stage = vp_stage if run.vpp else None
+        pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
+        post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
+        gpt = GPTModel(
+            config=config,
+            transformer_layer_spec=layer_spec(config, run, stage),
+            vocab_size=model.padded_vocab_size(run.tp),
+            max_sequence_length=model.max_position_embeddings,
+            pre_process=pre,
+            post_process=post,
+            parallel_output=True,
+            share_embeddings_and_output_weights=model.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(model.rotary_base),
+            vp_stage=stage,
+        )
+        if model.rope_scaling is not None:
+            _apply_rope_scaling(gpt, model)
+        if torch.cuda.is_available():
+            gpt.cuda(torch.cuda.current_device())
+        chunks.append(gpt)
+    return chunks
+
+
+def _apply_rope_scaling(gpt: GPTModel, model: ModelConfig) -> None:
+    """Llama-3 RoPE scaling with all four parameters (GPTModel exposes only ``factor``)."""
+    rope = gpt.rotary_pos_emb
+    s = model.rope_scaling
+    dim = rope.inv_freq.numel() * 2
+    base = 1.0 / (
+        model.rotary_base
+        ** (torch.arange(0, dim, 2, dtype=torch.float32, device=rope.inv_freq.device) / dim)
+    )
+    rope.inv_freq = rope._apply_scaling(
+        base,
+        factor=s.factor,
+        low_freq_factor=s.low_freq_factor,
+        high_freq_factor=s.high_freq_factor,
+        original_max_position_embeddings=s.original_max_position_embeddings,
+    )

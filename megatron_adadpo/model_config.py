@@ -1,0 +1,106 @@
+"""The Llama-family model description shared by training, conversion and the planner.
+
+One frozen dataclass, serialisable to YAML, from which ``model.py`` builds Megatron's
+``TransformerConfig`` and ``GPTModel`` and from which the HF converters derive ``config.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3.1-style RoPE frequency scaling (HF ``rope_scaling = {"rope_type": "llama3"}``)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only Llama-family transformer (Llama 2/3, Mistral, Qwen2).
+
+    RMSNorm, SwiGLU MLP, RoPE (optionally Llama-3 scaled), grouped-query attention, optional
+    QKV bias (Qwen2), tied or untied input/output embeddings.
+    """
+
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    vocab_size: int
+    num_query_groups: int | None = None  # None: multi-head attention (= num_attention_heads)
+    kv_channels: int | None = None  # None: hidden_size // num_attention_heads
+    max_position_embeddings: int = 4096
+    rotary_base: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    norm_epsilon: float = 1e-5
+    add_qkv_bias: bool = False
+    tie_word_embeddings: bool = False
+    make_vocab_size_divisible_by: int = 128
+    init_method_std: float = 0.02
+    hf_architecture: str = "LlamaForCausalLM"  # the HF class a conversion writes back
+    hf_extra: dict = field(default_factory=dict)  # HF config fields kept for the round trip
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads"):
+            _positive(name, getattr(self, name))
+        _positive("vocab_size", self.vocab_size)
+        groups = self.query_groups
+        if self.num_attention_heads % groups:
+            raise ValueError(
+                f"model.num_query_groups={groups} must divide model.num_attention_heads="
+                f"{self.num_attention_heads}"
+            )
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"model.hidden_size={self.hidden_size} is not divisible by "
+                f"model.num_attention_heads={self.num_attention_heads}; set model.kv_channels"
+            )
+        if isinstance(self.rope_scaling, dict):  # from YAML
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    def padded_vocab_size(self, tp: int) -> int:
+        """Vocab rows in Megatron's embedding: a multiple of ``make_vocab_size_divisible_by*tp``."""
+        multiple = self.make_vocab_size_divisible_by * tp
+        return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+    def num_parameters(self, include_embeddings: bool = True) -> int:
+        """Parameter count of the unpadded model (what HF reports)."""
+        h, f, d = self.hidden_size, self.ffn_hidden_size, self.head_dim
+        q, kv = self.num_attention_heads * d, self.query_groups * d
+        attn = h * (q + 2 * kv) + q * h + (q + 2 * kv if self.add_qkv_bias else 0)
+        layer = attn + 3 * h * f + 2 * h
+        total = self.num_layers * layer + h
+        if include_embeddings:
+            total += self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return total
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}; accepted: {sorted(known)}")
+        return cls(**values)
+
+
+def _positive(name: str, value) -> None:
+    if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"model.{name} must be a positive integer, got {value!r}")

@@ -1,0 +1,32 @@
+"""Install megatron_adadpo: AdaDPO and the DPO family as a Megatron-Core plugin."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_adadpo",
+    version="0.1.0",
+    description="AdaDPO (balanced-gradient DPO) and the DPO family for Megatron-Core",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["megatron_adadpo", "megatron_adadpo.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core>=0.16.1,<0.20",
+        "psutil",  # dist_checkpointing's save worker needs it (undeclared upstream)
+        "numpy",
+        "pyyaml",
+        "sentencepiece",
+        "datasets",
+        "tqdm",
+    ],
+    extras_require={
+        # Transformer Engine brings the TE layer spec and FP8; apex (fused Adam / norms) is
+        # built from source: see README "GPU install".
+        "gpu": ["transformer-engine[pytorch]"],
+        "hf": ["transformers>=4.45", "safetensors", "tokenizers"],
+        "plot": ["matplotlib"],
+        "test": ["pytest>=8", "pytest-timeout", "ruff", "transformers>=4.45", "safetensors",
+                 "tokenizers", "matplotlib"],
+    },
+)
