@@ -14,6 +14,7 @@ import datetime
 import multiprocessing as mp
 import os
 import queue
+import sys
 import tempfile
 import time
 import traceback
@@ -40,10 +41,12 @@ def run_ranks(fn: Callable, world_size: int, *args, timeout: float = 120.0, **kw
             ctx.Process(
                 target=_rank_main,
                 args=(fn, rank, world_size, store, timeout, results, args, kwargs),
-                daemon=True,
+                daemon=False,  # dist_checkpointing starts a Manager process
             )
             for rank in range(world_size)
         ]
+        sys.stdout.flush()  # forked children must not inherit (and re-print) unflushed output
+        sys.stderr.flush()
         for p in procs:
             p.start()
         try:

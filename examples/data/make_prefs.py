@@ -18,6 +18,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SEED = 1234
 
+# fmt: off
 COUNTRIES = {
     "Velmora": "Tarsk", "Quenlia": "Odrin", "Brastavia": "Mellow Point", "Zorath": "Kiva",
     "Ulmeria": "Paxton", "Dravik": "Sunhollow", "Feyland": "Ostra", "Norvane": "Caldris",
@@ -28,6 +29,7 @@ WORDS = [
     "lantern", "river", "copper", "meadow", "falcon", "pebble", "orchid", "thunder", "maple",
     "harbor", "velvet", "cinder", "glacier", "tunnel", "saffron", "willow",
 ]
+# fmt: on
 NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
 SYSTEMS = ["You are a helpful assistant.", "Answer briefly and correctly."]
 
@@ -70,14 +72,11 @@ def sort_letters(rng: random.Random) -> tuple[str, str, str]:
     letters = rng.sample("abcdefghijklmnopqrstuvwxyz", rng.randint(3, 6))
     word = "".join(letters)
     prompt = f"Sort the letters of '{word}' alphabetically."
-    chosen = "".join(sorted(letters))
-    shuffled = letters[:]
-    while "".join(shuffled) in (chosen,):
-        rng.shuffle(shuffled)
-    rejected = rng.choice(["".join(shuffled), "".join(sorted(letters, reverse=True))])
-    if rejected == chosen:
-        rejected = chosen[::-1] + chosen[0]
-    return prompt, chosen, rejected
+    good = sorted(letters)
+    bad = rng.choice([letters, sorted(letters, reverse=True), good[1:] + good[:1]])
+    if bad == good:
+        bad = good[::-1]
+    return prompt, f"In order: {' '.join(good)}.", f"In order: {' '.join(bad)}."
 
 
 def parity(rng: random.Random) -> tuple[str, str, str]:

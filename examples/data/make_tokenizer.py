@@ -38,11 +38,13 @@ def corpus() -> list[str]:
     for name in ("prefs_train.jsonl", "prefs_eval.jsonl"):
         for line in (HERE / name).read_text(encoding="utf-8").splitlines():
             row = json.loads(line)
+            turns = []
             for value in row.values():
                 if isinstance(value, str):
-                    texts.append(value)
+                    turns.append({"role": "user", "content": value})
                 else:
-                    texts.extend(m["content"] for m in value)
+                    turns.extend(value)
+            texts.append("".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in turns))
     return texts
 
 

@@ -11,8 +11,9 @@ probability space (ALGORITHM.md sections 3-4):
 
 In every placement the ratio (chosen coefficient) / (rejected coefficient) equals ``c``.
 Everything is computed in log space; ``exp`` of a very negative log gives 0 (no NaN). A fixed
-finiteness guard caps every coefficient at ``exp(MAX_LOG_COEF)`` (relevant only with
-``clip_max=None`` or for the reciprocal in the rejected/split placements).
+finiteness guard keeps every coefficient <= ``exp(MAX_LOG_COEF)``: ``c <= exp(30)`` always
+(it only matters with ``clip_max=None``) and, in the rejected/split placements where ``1/c`` is
+a coefficient, ``c >= exp(-30)``. A pair held by the guard counts as clipped.
 """
 
 from __future__ import annotations
@@ -41,7 +42,10 @@ class Coefficients(NamedTuple):
 
 
 def log_rho_from_scores(
-    chosen: Tensor, rejected: Tensor, chosen_lengths: Tensor, rejected_lengths: Tensor,
+    chosen: Tensor,
+    rejected: Tensor,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
     normalize: str,
 ) -> Tensor:
     """Section-3 log rho (not yet detached): ``s_w/n_w - s_l/n_l`` or ``s_w - s_l``.
@@ -87,21 +91,21 @@ def balancing_coefficients(
         one = torch.ones_like(log_rho)
         return Coefficients(one, one, log_rho, torch.zeros_like(log_rho, dtype=torch.bool))
     log_c = log_rho + math.log(target_ratio) if target_ratio != 1.0 else log_rho
-    clipped = torch.zeros_like(log_rho, dtype=torch.bool)
-    if clip_max is not None:
-        clipped = log_c > math.log(clip_max)
-        log_c = log_c.clamp(max=math.log(clip_max))
-    if clip_min is not None and clip_min > 0:
-        clipped = clipped | (log_c < math.log(clip_min))
-        log_c = log_c.clamp(min=math.log(clip_min))
-    zero = torch.zeros_like(log_c)
+    # Ceiling: clip_max and the finiteness guard c <= exp(MAX_LOG_COEF).
+    upper = MAX_LOG_COEF if clip_max is None else min(math.log(clip_max), MAX_LOG_COEF)
+    # Floor: clip_min and, where 1/c is a coefficient, the guard 1/c <= exp(MAX_LOG_COEF).
+    lower = math.log(clip_min) if clip_min else -math.inf
+    if placement != "chosen":
+        lower = max(lower, -MAX_LOG_COEF)
+    clipped = log_c > upper
+    if lower > -math.inf:
+        clipped = clipped | (log_c < lower)
+        log_c = log_c.clamp(min=lower, max=upper)
+    else:
+        log_c = log_c.clamp(max=upper)
     if placement == "chosen":
-        log_chosen, log_rejected = log_c, zero
-    elif placement == "rejected":
-        log_chosen, log_rejected = zero, -log_c
-    else:  # "split"; LossConfig validates the value
-        log_chosen, log_rejected = 0.5 * log_c, -0.5 * log_c
-    clipped = clipped | (log_chosen > MAX_LOG_COEF) | (log_rejected > MAX_LOG_COEF)
-    coef_chosen = torch.exp(log_chosen.clamp(max=MAX_LOG_COEF))
-    coef_rejected = torch.exp(log_rejected.clamp(max=MAX_LOG_COEF))
-    return Coefficients(coef_chosen, coef_rejected, log_rho, clipped)
+        return Coefficients(torch.exp(log_c), torch.ones_like(log_c), log_rho, clipped)
+    if placement == "rejected":
+        return Coefficients(torch.ones_like(log_c), torch.exp(-log_c), log_rho, clipped)
+    half = 0.5 * log_c  # "split"; LossConfig validates the value
+    return Coefficients(torch.exp(half), torch.exp(-half), log_rho, clipped)

@@ -80,8 +80,11 @@ def section3_log_rho(batch: PairBatch, config: LossConfig) -> Tensor:
 def policy_log_rho(batch: PairBatch, config: LossConfig) -> Tensor:
     """Reference-free log rho (simpo, cpo): ``lbar_w - lbar_l`` (``l_w - l_l`` if sequence)."""
     return log_rho_from_scores(
-        batch.chosen_logps, batch.rejected_logps, batch.chosen_lengths,
-        batch.rejected_lengths, config.normalize,
+        batch.chosen_logps,
+        batch.rejected_logps,
+        batch.chosen_lengths,
+        batch.rejected_lengths,
+        config.normalize,
     )
 
 
@@ -89,14 +92,18 @@ def _check_vector(name: str, x: object, size: int | None, floating: bool) -> Non
     if not isinstance(x, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor of shape [b]; got {type(x).__name__}")
     if x.dim() != 1:
-        raise ValueError(f"{name} must be 1-D (shape [b], one value per pair); "
-                         f"got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{name} must be 1-D (shape [b], one value per pair); got shape {tuple(x.shape)}"
+        )
     if size is not None and x.shape[0] != size:
-        raise ValueError(f"{name} has {x.shape[0]} pairs but policy_chosen_logps has {size}; "
-                         "all per-pair inputs must have the same shape [b]")
+        raise ValueError(
+            f"{name} has {x.shape[0]} pairs but policy_chosen_logps has {size}; "
+            "all per-pair inputs must have the same shape [b]"
+        )
     if floating and not x.is_floating_point():
-        raise ValueError(f"{name} must be a floating tensor (fp32, bf16, fp16 or fp64); "
-                         f"got {x.dtype}")
+        raise ValueError(
+            f"{name} must be a floating tensor (fp32, bf16, fp16 or fp64); got {x.dtype}"
+        )
     if not floating and (x.is_complex() or x.dtype == torch.bool):
         raise ValueError(f"{name} must hold integer or floating token counts; got {x.dtype}")
 
@@ -105,8 +112,9 @@ def _check_lengths(name: str, lengths: Tensor, config: LossConfig) -> None:
     # A value check needs a device->host sync on accelerators: CPU always, else debug only.
     if lengths.device.type == "cpu" or config.debug_checks:
         if bool((lengths < 0).any()):
-            raise ValueError(f"{name} must be >= 0 (completion token counts); got a negative "
-                             "length")
+            raise ValueError(
+                f"{name} must be >= 0 (completion token counts); got a negative length"
+            )
 
 
 def prepare_batch(
@@ -117,17 +125,23 @@ def prepare_batch(
     l_w = inputs["policy_chosen_logps"]
     _check_vector("policy_chosen_logps", l_w, None, True)
     size = l_w.shape[0]
-    for name in ("policy_rejected_logps", "reference_chosen_logps", "reference_rejected_logps",
-                 "chosen_nll"):
+    for name in (
+        "policy_rejected_logps",
+        "reference_chosen_logps",
+        "reference_rejected_logps",
+        "chosen_nll",
+    ):
         if inputs[name] is not None:
             _check_vector(name, inputs[name], size, True)
     for name in ("chosen_lengths", "rejected_lengths"):
         _check_vector(name, inputs[name], size, False)
         _check_lengths(name, inputs[name], config)
     _check_required(config, inputs)
-    dtype = torch.float64 if any(
-        t is not None and t.dtype == torch.float64 for t in inputs.values()
-    ) else torch.float32
+    dtype = (
+        torch.float64
+        if any(t is not None and t.dtype == torch.float64 for t in inputs.values())
+        else torch.float32
+    )
     n_w, n_l = inputs["chosen_lengths"].to(dtype), inputs["rejected_lengths"].to(dtype)
     valid = (n_w > 0) & (n_l > 0)
 
@@ -152,12 +166,16 @@ def _check_required(config: LossConfig, inputs: dict[str, Tensor | None]) -> Non
     if config.needs_reference:
         for name in ref:
             if inputs[name] is None:
-                raise ValueError(f"{name} is required for loss name={config.name!r} (it uses "
-                                 "reference log-probs); pass a [b] tensor, or use a "
-                                 "reference-free loss: simpo, cpo, orpo")
+                raise ValueError(
+                    f"{name} is required for loss name={config.name!r} (it uses "
+                    "reference log-probs); pass a [b] tensor, or use a "
+                    "reference-free loss: simpo, cpo, orpo"
+                )
     if config.needs_chosen_nll and inputs["chosen_nll"] is None:
-        raise ValueError(f"chosen_nll is required for loss name={config.name!r}: pass the "
-                         "per-pair mean NLL of the chosen completion as a [b] tensor")
+        raise ValueError(
+            f"chosen_nll is required for loss name={config.name!r}: pass the "
+            "per-pair mean NLL of the chosen completion as a [b] tensor"
+        )
 
 
 def config_coefficients(log_rho: Tensor, config: LossConfig) -> Coefficients:

@@ -95,8 +95,11 @@ class LossConfig:
             from megatron_adadpo.losses.registry import LOSSES
 
             ok_names = sorted(n for n, f in LOSSES.items() if f.supports_label_smoothing)
-            raise _bad("label_smoothing", self.label_smoothing, f"0.0 for name={self.name!r}; "
-                       f"label smoothing is supported by {ok_names}")
+            raise _bad(
+                "label_smoothing",
+                self.label_smoothing,
+                f"0.0 for name={self.name!r}; label smoothing is supported by {ok_names}",
+            )
         for field in ("cpo_alpha", "orpo_lambda"):
             value = getattr(self, field)
             if not (_finite(value) and value >= 0):

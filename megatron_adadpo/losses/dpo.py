@@ -1,7 +1,7 @@
 """DPO and AdaDPO.
 
-    DPO     L = -logsig(beta * (h_w - h_l))                       arXiv 2305.18290
-    AdaDPO  L = -logsig(beta * (c * h_w - h_l)),  c = sg(rho)     arXiv 2605.28440
+DPO     L = -logsig(beta * (h_w - h_l))                       arXiv 2305.18290
+AdaDPO  L = -logsig(beta * (c * h_w - h_l)),  c = sg(rho)     arXiv 2605.28440
 """
 
 from __future__ import annotations
@@ -50,7 +50,11 @@ def dpo_family(batch: PairBatch, config: LossConfig) -> FamilyOutput:
     coefs = config_coefficients(section3_log_rho(batch, config), config)
     h_w, h_l = batch.chosen_logratios, batch.rejected_logratios
     losses = dpo_loss(
-        h_w, h_l, beta=config.beta, coef_chosen=coefs.coef_chosen,
-        coef_rejected=coefs.coef_rejected, label_smoothing=config.label_smoothing,
+        h_w,
+        h_l,
+        beta=config.beta,
+        coef_chosen=coefs.coef_chosen,
+        coef_rejected=coefs.coef_rejected,
+        label_smoothing=config.label_smoothing,
     )
     return FamilyOutput(losses, config.beta * h_w, config.beta * h_l, coefs, log_coef_ratio(coefs))

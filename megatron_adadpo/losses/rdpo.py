@@ -1,7 +1,7 @@
 """R-DPO (length-regularised DPO) and its adaptive form.
 
-    R-DPO   L = -logsig(beta * (h_w - h_l) + alpha * (n_w - n_l))       arXiv 2403.19159
-    adapt.  L = -logsig(beta * (c * h_w - h_l) + alpha * (n_w - n_l))   arXiv 2605.28440
+R-DPO   L = -logsig(beta * (h_w - h_l) + alpha * (n_w - n_l))       arXiv 2403.19159
+adapt.  L = -logsig(beta * (c * h_w - h_l) + alpha * (n_w - n_l))   arXiv 2605.28440
 """
 
 from __future__ import annotations
@@ -53,8 +53,14 @@ def rdpo_family(batch: PairBatch, config: LossConfig) -> FamilyOutput:
     coefs = config_coefficients(section3_log_rho(batch, config), config)
     h_w, h_l = batch.chosen_logratios, batch.rejected_logratios
     losses = rdpo_loss(
-        h_w, h_l, batch.chosen_lengths, batch.rejected_lengths, beta=config.beta,
-        alpha=config.rdpo_alpha, coef_chosen=coefs.coef_chosen,
-        coef_rejected=coefs.coef_rejected, label_smoothing=config.label_smoothing,
+        h_w,
+        h_l,
+        batch.chosen_lengths,
+        batch.rejected_lengths,
+        beta=config.beta,
+        alpha=config.rdpo_alpha,
+        coef_chosen=coefs.coef_chosen,
+        coef_rejected=coefs.coef_rejected,
+        label_smoothing=config.label_smoothing,
     )
     return FamilyOutput(losses, config.beta * h_w, config.beta * h_l, coefs, log_coef_ratio(coefs))

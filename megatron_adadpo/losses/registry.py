@@ -76,8 +76,4 @@ def get_family(name: str) -> LossFamily:
     try:
         return LOSSES[name]
     except KeyError:
-        raise ValueError(
-            f"unknown loss name {name!r}; accepted: {sorted(LOSSES)}"
-        ) from None
-
-
+        raise ValueError(f"unknown loss name {name!r}; accepted: {sorted(LOSSES)}") from None

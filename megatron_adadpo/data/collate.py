@@ -1,0 +1,115 @@
+"""Collate preference pairs into the tensors one Megatron forward step needs."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def pad_multiple(tp: int = 1, cp: int = 1, sequence_parallel: bool = False) -> int:
+    """Multiple the sequence length must be padded to.
+
+    `tp` when sequence parallel (the sequence is split over TP ranks), times `2 * cp` when
+    context parallel (Megatron's load-balanced CP splits the sequence into 2 * CP chunks);
+    combined with lcm.
+    """
+    m = 1
+    if sequence_parallel and tp > 1:
+        m = math.lcm(m, tp)
+    if cp > 1:
+        m = math.lcm(m, 2 * cp)
+    return m
+
+
+def collate_pairs(
+    examples: Sequence[dict[str, Any]],
+    pad_token_id: int,
+    pad_to_multiple_of: int = 1,
+    fixed_length: int | None = None,
+) -> dict[str, torch.Tensor | None]:
+    """Stack B pairs into an interleaved `[2B, S]` micro-batch, right-padded.
+
+    Layout: rows are `[c0, r0, c1, r1, ...]` (chosen of pair i at row 2i, rejected at 2i+1),
+    so a pair is never split and per-pair scores are `x[0::2] - x[1::2]`.
+
+    - `labels[:, t] = tokens[:, t + 1]`; the last position and padding get `pad_token_id`.
+    - `loss_mask[:, t] = 1.0` exactly where `labels[:, t]` is a completion token (the answer's
+      tokens and its EOS); 0.0 for prompt tokens (BOS included) and padding.
+    - `attention_mask` is None: padding is on the right, so with Megatron's causal mask
+      (`AttnMaskType.causal`, local and TE attention) no real token attends to a pad, and pad
+      positions carry no loss.
+    - `S` = longest row rounded up to `pad_to_multiple_of` (see `pad_multiple`), or
+      `fixed_length` when given (pipeline parallel needs fixed shapes).
+
+    Shapes:
+        tokens, labels, position_ids: int64 `[2B, S]` (per token).
+        loss_mask: float32 `[2B, S]` (per token).
+        completion_lengths: int64 `[2B]` (per sequence, = loss_mask.sum(1)).
+        pair_ids: int64 `[B]` (per pair).
+
+    Example (pad id 0, BOS 1, EOS 2; prompt [1, 10, 11], chosen answer [20], rejected [30, 31]):
+
+    >>> ex = {"chosen_ids": [1, 10, 11, 20, 2], "rejected_ids": [1, 10, 11, 30, 31, 2],
+    ...       "prompt_length": 3, "pair_id": 7}
+    >>> b = collate_pairs([ex], pad_token_id=0, pad_to_multiple_of=4)
+    >>> b["tokens"]
+    tensor([[ 1, 10, 11, 20,  2,  0,  0,  0],
+            [ 1, 10, 11, 30, 31,  2,  0,  0]])
+    >>> b["labels"]
+    tensor([[10, 11, 20,  2,  0,  0,  0,  0],
+            [10, 11, 30, 31,  2,  0,  0,  0]])
+    >>> b["loss_mask"]
+    tensor([[0., 0., 1., 1., 0., 0., 0., 0.],
+            [0., 0., 1., 1., 1., 0., 0., 0.]])
+    >>> b["position_ids"][0]
+    tensor([0, 1, 2, 3, 4, 5, 6, 7])
+    >>> b["completion_lengths"], b["pair_ids"], b["attention_mask"]
+    (tensor([2, 3]), tensor([7]), None)
+    """
+    if not examples:
+        raise ValueError("collate_pairs needs at least one pair")
+    rows: list[np.ndarray] = []
+    prompt_lengths: list[int] = []
+    for ex in examples:
+        p = int(ex["prompt_length"])
+        for key in ("chosen_ids", "rejected_ids"):
+            ids = np.asarray(ex[key], dtype=np.int64)
+            if not 0 < p < len(ids):
+                raise ValueError(
+                    f"pair {ex.get('pair_id')}: {key} has {len(ids)} tokens and prompt_length "
+                    f"{p}; a sequence needs a prompt and at least one completion token"
+                )
+            rows.append(ids)
+            prompt_lengths.append(p)
+    longest = max(len(r) for r in rows)
+    if fixed_length is not None:
+        if longest > fixed_length:
+            raise ValueError(
+                f"a sequence has {longest} tokens, more than fixed_length={fixed_length}: "
+                "preprocess with max_length <= the model's sequence length"
+            )
+        seq = fixed_length
+    else:
+        seq = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    n = len(rows)
+    tokens = np.full((n, seq), pad_token_id, dtype=np.int64)
+    loss_mask = np.zeros((n, seq), dtype=np.float32)
+    for i, (ids, p) in enumerate(zip(rows, prompt_lengths, strict=True)):
+        tokens[i, : len(ids)] = ids
+        loss_mask[i, p - 1 : len(ids) - 1] = 1.0  # labels[t] = ids[t + 1] is a completion token
+    labels = np.full((n, seq), pad_token_id, dtype=np.int64)
+    labels[:, :-1] = tokens[:, 1:]
+    loss_mask_t = torch.from_numpy(loss_mask)
+    return {
+        "tokens": torch.from_numpy(tokens),
+        "labels": torch.from_numpy(labels),
+        "loss_mask": loss_mask_t,
+        "position_ids": torch.arange(seq, dtype=torch.int64).unsqueeze(0).expand(n, seq).clone(),
+        "attention_mask": None,
+        "pair_ids": torch.tensor([int(ex["pair_id"]) for ex in examples], dtype=torch.int64),
+        "completion_lengths": loss_mask_t.sum(1).to(torch.int64),
+    }

@@ -1,0 +1,261 @@
+"""Preprocess inputs into the on-disk format, and load a dataset for training.
+
+`preprocess` reads every source in order, tokenizes rows in `num_workers` processes (rows go to
+workers in chunks, results come back in order, so the output does not depend on the worker
+count), writes the pairs, the report and the manifest. `load_preference_dataset` opens a
+preprocessed directory (checking its manifest) or preprocesses raw inputs into a cache keyed by
+the identity hash.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .config import DataConfig, default_cache_dir
+from .indexed import (
+    PairWriter,
+    PreferenceDataset,
+    compute_identity,
+    publish,
+    read_manifest,
+    write_manifest,
+)
+from .records import Location, normalize_row
+from .report import DataError, DataReport, RowIssue
+from .sources import InputSource
+from .templates import TemplateError
+from .tokenize import PairTokenizer, PolicyError, load_tokenizer, tokenize_record
+from .truncation import truncate_pair
+
+logger = logging.getLogger(__name__)
+CHUNK = 256
+_STATE: dict[str, Any] = {}
+
+
+def _init_worker(config: DataConfig) -> None:
+    if _STATE.get("config") != config:  # forked workers inherit the parent's tokenizer
+        _STATE["config"] = config
+        _STATE["tok"] = load_tokenizer(config.tokenizer, config.tokenizer_kind)
+
+
+def _process_row(cfg: DataConfig, tok: PairTokenizer, pair_id: int, loc: Location, row: Any):
+    if isinstance(row, RowIssue):
+        return row
+    fields = (cfg.prompt_field, cfg.chosen_field, cfg.rejected_field)
+    rec = normalize_row(row, pair_id, loc, fields, cfg.schema)
+    if isinstance(rec, RowIssue):
+        return rec
+    try:
+        pair = tokenize_record(tok, rec)
+    except TemplateError as e:
+        return loc.issue("template_error", str(e))
+    except PolicyError as e:
+        return loc.issue(e.reason, e.detail)
+    out = truncate_pair(pair, cfg.max_length, cfg.max_prompt_length, cfg.overlength, tok.bos_id)
+    if out.pair is None:
+        return loc.issue(out.drop_reason, out.drop_detail)
+    return out
+
+
+def _process_chunk(chunk: list[tuple[int, Location, Any]]) -> tuple[DataReport, tuple]:
+    """Rows -> (chunk report, (flat tokens, sequence lengths [3 per pair], pair ids))."""
+    cfg, tok = _STATE["config"], _STATE["tok"]
+    report, parts, lengths, pair_ids = DataReport(), [], [], []
+    for pid, loc, row in chunk:
+        report.rows_read += 1
+        item = _process_row(cfg, tok, pid, loc, row)
+        if isinstance(item, RowIssue):
+            report.issues.append(item)
+            continue
+        pair = item.pair
+        parts += [pair.prompt, pair.chosen, pair.rejected]
+        lengths += [len(pair.prompt), len(pair.chosen), len(pair.rejected)]
+        pair_ids.append(pair.pair_id)
+        report.pairs_written += 1
+        report.prompt_truncated += item.prompt_truncated
+        report.chosen_truncated += item.chosen_truncated
+        report.rejected_truncated += item.rejected_truncated
+        report.length_histogram[lengths[-3] + max(lengths[-2], lengths[-1])] += 1
+    tokens = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    return report, (tokens, lengths, pair_ids)
+
+
+def _numbered_rows(sources: list[InputSource]) -> Iterator[tuple[int, Location, Any]]:
+    rows = itertools.chain.from_iterable(src.rows() for src in sources)
+    for pair_id, (loc, row) in enumerate(rows):
+        yield pair_id, loc, row
+
+
+def _chunks(it: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+class _Plan(NamedTuple):
+    sources: list[InputSource]
+    tok: PairTokenizer
+    identity: str
+    tok_id: dict[str, Any]
+    inputs: list[dict[str, str]]
+
+
+def _plan(cfg: DataConfig) -> _Plan:
+    """Open sources and tokenizer; hash everything that determines the output (once)."""
+    if cfg.tokenizer is None:
+        raise ValueError("data.tokenizer is unset: preprocessing needs a tokenizer")
+    sources = [InputSource(s, cfg.split) for s in cfg.inputs]
+    tok = load_tokenizer(cfg.tokenizer, cfg.tokenizer_kind)
+    tok_id = tok.identity()
+    inputs = [{"name": s.name, "sha256": s.fingerprint()} for s in sources]
+    ident = compute_identity(tok_id, cfg.identity_settings(), [i["sha256"] for i in inputs])
+    return _Plan(sources, tok, ident, tok_id, inputs)
+
+
+def _run(cfg: DataConfig, sources, tok, writer: PairWriter, progress: bool) -> DataReport:
+    from tqdm import tqdm
+
+    report = DataReport()
+    chunks = _chunks(_numbered_rows(sources), CHUNK)
+    bar = tqdm(desc="tokenizing pairs", unit="row", disable=not progress, mininterval=0.5)
+    _STATE.update(config=cfg, tok=tok)
+    if cfg.num_workers > 1:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        pool = mp.get_context("fork").Pool(cfg.num_workers, _init_worker, (cfg,))
+        results = pool.imap(_process_chunk, chunks, chunksize=1)
+    else:
+        pool, results = None, map(_process_chunk, chunks)
+    try:
+        for chunk_report, (tokens, lengths, pair_ids) in results:
+            report.merge(chunk_report)
+            writer.add_chunk(tokens, lengths, pair_ids)
+            bar.update(chunk_report.rows_read)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+    return report
+
+
+def preprocess(
+    config: DataConfig,
+    output_dir: str,
+    progress: bool = True,
+    force: bool = False,
+    plan: _Plan | None = None,
+) -> tuple[dict[str, Any], DataReport | None]:
+    """Tokenize `config.inputs` into `output_dir`; returns (manifest, report).
+
+    A no-op returning (existing manifest, None) when `output_dir` already holds a manifest with
+    the same identity (same tokenizer, template, settings and input contents), unless `force`.
+
+    Raises:
+        DataError: bad rows with `config.on_error == "fail"` (nothing is written).
+        ValueError: no pair survived, or a configuration problem (naming the field).
+    """
+    plan = plan or _plan(config)
+    sources, tok, ident, tok_id, inputs = plan
+    old = read_manifest(output_dir)
+    if old is not None and old.get("identity") == ident and not force:
+        return old, None
+    start = time.perf_counter()
+    partial = f"{output_dir.rstrip(os.sep)}.partial-{os.getpid()}"
+    writer = PairWriter(partial, tok.vocab_size)
+    try:
+        report = _run(config, sources, tok, writer, progress)
+        writer.finalize()
+        if report.bad_rows and config.on_error == "fail":
+            os.makedirs(output_dir, exist_ok=True)
+            path = DataReport(issues=report.bad_rows).write(output_dir)
+            raise DataError(report.bad_rows, report_path=path)
+        if report.pairs_written == 0:
+            raise ValueError(f"no preference pair survived preprocessing: {report.summary()}")
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    manifest = {
+        "format": "megatron_adadpo.preference_pairs",
+        "version": 1,
+        "identity": ident,
+        "tokenizer": {**tok_id, "path": os.path.abspath(config.tokenizer)},
+        "settings": config.identity_settings(),
+        "on_error": config.on_error,
+        "inputs": inputs,
+        "num_pairs": report.pairs_written,
+        "counts": report.counts(),
+        "length_histogram": report.histogram(config.max_length),
+        "token_dtype": writer.token_dtype,
+        "seconds": round(time.perf_counter() - start, 3),
+        "num_workers": config.num_workers,
+    }
+    report.write(partial)
+    write_manifest(partial, manifest)
+    if report.issues:
+        logger.warning(
+            "%s: %s; every dropped row is listed in %s",
+            output_dir,
+            report.summary(),
+            os.path.join(output_dir, "data_report.json"),
+        )
+    current = read_manifest(output_dir)
+    if current is not None and current.get("identity") == ident and not force:
+        shutil.rmtree(partial, ignore_errors=True)  # a concurrent writer finished first
+        return current, report
+    publish(partial, output_dir)
+    return manifest, report
+
+
+def check_manifest(manifest: dict[str, Any], config: DataConfig, directory: str) -> None:
+    """Refuse a preprocessed directory whose settings or tokenizer differ from `config`."""
+    from .tokenize import tokenizer_files_sha256
+
+    fix = f"re-run tools/preprocess_data.py for {directory} or change the data config"
+    for key, want in config.identity_settings().items():
+        have = manifest["settings"].get(key)
+        if have != want:
+            raise ValueError(
+                f"{directory} was preprocessed with {key}={have!r}, config has "
+                f"data.{key}={want!r}: {fix}"
+            )
+    if config.tokenizer is not None:
+        if tokenizer_files_sha256(config.tokenizer) != manifest["tokenizer"]["sha256"]:
+            raise ValueError(
+                f"{directory} was preprocessed with tokenizer {manifest['tokenizer']['path']}, "
+                f"whose files differ from data.tokenizer={config.tokenizer}: {fix}"
+            )
+
+
+def load_preference_dataset(config: DataConfig, split: str | None = None) -> PreferenceDataset:
+    """The tokenized pairs for training.
+
+    Uses `config.preprocessed` when set (its manifest must match the config's tokenizer and
+    settings); otherwise tokenizes `config.inputs` once into
+    `<cache_dir>/<identity[:16]>/` and reuses that cache while tokenizer, settings and inputs
+    are unchanged. Safe when several ranks call it at once (each may preprocess; the first to
+    finish publishes), but calling it on rank 0 first and then on the others after a barrier
+    avoids the duplicate work.
+
+    Args:
+        config: The data settings (on_error applies to the raw inputs).
+        split: Overrides `config.split` for `hf:` specs and DatasetDict directories.
+    """
+    if split is not None:
+        config = config.replace(split=split)
+    if config.preprocessed:
+        ds = PreferenceDataset(config.preprocessed)
+        check_manifest(ds.manifest, config, config.preprocessed)
+        return ds
+    plan = _plan(config)
+    directory = os.path.join(config.cache_dir or default_cache_dir(), plan.identity[:16])
+    manifest = read_manifest(directory)
+    if manifest is None or manifest.get("identity") != plan.identity:
+        preprocess(config, directory, progress=False, plan=plan)
+    return PreferenceDataset(directory)

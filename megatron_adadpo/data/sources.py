@@ -1,0 +1,166 @@
+"""Input sources: jsonl / json / parquet files, `save_to_disk` directories, `load_dataset` specs.
+
+Each source yields raw rows with their location (1-based line for text files, 0-based row index
+otherwise) and has a content fingerprint, so that preprocessing can tell unchanged inputs.
+JSON-lines rows are yielded as raw bytes and parsed by the tokenizer workers (parallel).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from .records import Location
+from .report import RowIssue
+
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+Row = tuple[Location, dict[str, Any] | bytes | RowIssue]
+
+
+def _sha256_file(path: str, h: Any = None) -> str:
+    h = h or hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _is_saved_dataset(path: str) -> bool:
+    names = set(os.listdir(path))
+    return bool({"dataset_info.json", "state.json", "dataset_dict.json"} & names)
+
+
+class InputSource:
+    """One entry of `DataConfig.inputs`."""
+
+    def __init__(self, spec: Any, split: str = "train"):
+        self.spec = spec
+        self.split = split
+        self._dataset = None
+        if isinstance(spec, Mapping):
+            self.kind, self.name = "load_dataset", f"load_dataset({dict(spec)!r})"
+        elif isinstance(spec, str) and spec.startswith("hf:"):
+            self.kind, self.name = "load_dataset", spec
+        elif hasattr(spec, "_fingerprint") and hasattr(spec, "column_names"):
+            self.kind, self.name = "dataset", f"<datasets.Dataset {spec._fingerprint}>"
+            self._dataset = spec
+        else:
+            path = os.fspath(spec)
+            self.name = path
+            if os.path.isdir(path):
+                self.kind = "saved_dataset" if _is_saved_dataset(path) else "directory"
+            elif os.path.isfile(path):
+                if not path.endswith(FILE_SUFFIXES):
+                    raise ValueError(
+                        f"data.inputs: {path}: unsupported file type; use .jsonl, .json, "
+                        ".parquet, a save_to_disk directory or 'hf:NAME[:SPLIT]'"
+                    )
+                self.kind = "file"
+            else:
+                raise ValueError(
+                    f"data.inputs: {path} does not exist (prefix hub datasets with 'hf:')"
+                )
+
+    # ------------------------------------------------------------------ fingerprint
+    def fingerprint(self) -> str:
+        """sha256 of the content (files) or the datasets fingerprint (HF datasets)."""
+        if self.kind == "file":
+            return _sha256_file(self.name)
+        if self.kind == "directory":
+            h = hashlib.sha256()
+            for path in self._files():
+                h.update(os.path.basename(path).encode() + b"\0" + _sha256_file(path).encode())
+            return h.hexdigest()
+        if self.kind == "saved_dataset":
+            h = hashlib.sha256()
+            for root, _, files in sorted(os.walk(self.name)):
+                for f in sorted(files):
+                    rel = os.path.relpath(os.path.join(root, f), self.name)
+                    h.update(rel.encode() + b"\0")
+                    _sha256_file(os.path.join(root, f), h)
+            return h.hexdigest()
+        ds = self._hf_dataset()
+        return hashlib.sha256(f"{self.name}\0{ds._fingerprint}".encode()).hexdigest()
+
+    # ------------------------------------------------------------------ rows
+    def rows(self) -> Iterator[Row]:
+        """Yield (location, row) for every row; a row is a dict or the bytes of a JSON line."""
+        if self.kind == "file":
+            yield from _file_rows(self.name)
+        elif self.kind == "directory":
+            for path in self._files():
+                yield from _file_rows(path)
+        else:
+            ds = self._hf_dataset()
+            for i, row in enumerate(ds):
+                yield Location(self.name, i, "row"), row
+
+    def _files(self) -> list[str]:
+        files = sorted(
+            os.path.join(self.name, f) for f in os.listdir(self.name) if f.endswith(FILE_SUFFIXES)
+        )
+        if not files:
+            raise ValueError(f"data.inputs: directory {self.name} holds no {FILE_SUFFIXES} file")
+        return files
+
+    def _hf_dataset(self) -> Any:
+        if self._dataset is not None:
+            return self._dataset
+        import datasets
+
+        if self.kind == "saved_dataset":
+            ds = datasets.load_from_disk(self.name)
+        elif isinstance(self.spec, Mapping):
+            ds = datasets.load_dataset(**{"split": self.split, **dict(self.spec)})
+        else:
+            name, _, split = self.spec[3:].partition(":")
+            ds = datasets.load_dataset(name, split=split or self.split)
+        if isinstance(ds, datasets.DatasetDict):
+            if self.split not in ds:
+                raise ValueError(
+                    f"data.inputs: {self.name} has splits {list(ds)}, not '{self.split}'; "
+                    "set data.split"
+                )
+            ds = ds[self.split]
+        self._dataset = ds
+        return ds
+
+
+def _file_rows(path: str) -> Iterator[Row]:
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        index = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                yield Location(path, index, "row"), row
+                index += 1
+        return
+    with open(path, "rb") as f:
+        if path.endswith(".json") and f.read(4096).lstrip()[:1] == b"[":
+            f.seek(0)
+            yield from _json_array_rows(path, f.read())
+            return
+        f.seek(0)
+        for n, line in enumerate(f, start=1):  # streamed: JSON-lines files may be large
+            if line.strip():
+                yield Location(path, n, "line"), line.rstrip(b"\r\n")
+
+
+def _json_array_rows(path: str, data: bytes) -> Iterator[Row]:
+    try:
+        rows = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        loc = Location(path, data[: e.start].count(b"\n") + 1, "line")
+        yield loc, loc.issue("undecodable_text", f"invalid UTF-8 in the JSON array: {e.reason}")
+        return
+    except json.JSONDecodeError as e:
+        loc = Location(path, e.lineno, "line")
+        yield loc, loc.issue("malformed_json", f"{e.msg} at column {e.colno}; no row was read")
+        return
+    for i, row in enumerate(rows):
+        # Non-dict rows are re-encoded so the worker reports them as wrong_type.
+        yield Location(path, i, "row"), row if isinstance(row, dict) else json.dumps(row).encode()

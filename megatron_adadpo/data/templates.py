@@ -1,0 +1,72 @@
+"""Turn a prompt (chat messages) and one answer into prompt text + completion text.
+
+Two templates exist:
+
+- **chat template** (HF tokenizers that define one): the prompt text is
+  `apply_chat_template(prompt, add_generation_prompt=True)`, the full text is
+  `apply_chat_template(prompt + [assistant answer])`; the completion text is what the full text
+  adds after the prompt text, trailing whitespace removed (so a template that closes the turn
+  with EOS + "\\n" ends the completion exactly at EOS). A template that does not render the
+  prompt as a prefix of the conversation is refused.
+- **plain template** `plain-v1` (sentencepiece models, and HF tokenizers without a chat
+  template)::
+
+      System: {content}\\n        (one line per prompt turn, roles System / User / Assistant)
+      User: {content}\\n
+      Assistant:                 <- prompt text ends here
+       {answer}                  <- completion text is " " + answer
+
+BOS / EOS are not part of either text's policy: `tokenize.py` adds exactly one BOS and one EOS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+PLAIN_TEMPLATE = "plain-v1"
+PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+class TemplateError(ValueError):
+    """The template cannot render this conversation as prompt + completion."""
+
+
+def render_plain(prompt: list[dict[str, str]], answer: str) -> tuple[str, str]:
+    """Plain template: returns (prompt_text, completion_text)."""
+    lines = []
+    for m in prompt:
+        role = PLAIN_ROLES.get(m["role"], m["role"].capitalize())
+        lines.append(f"{role}: {m['content']}\n")
+    return "".join(lines) + "Assistant:", " " + answer
+
+
+def render_chat(
+    tokenizer: Any, prompt: list[dict[str, str]], answer: str, prompt_text: str | None = None
+) -> tuple[str, str]:
+    """HF chat template: returns (prompt_text, completion_text); `prompt_text` may be reused."""
+    try:
+        if prompt_text is None:
+            prompt_text = tokenizer.apply_chat_template(
+                prompt, tokenize=False, add_generation_prompt=True
+            )
+        full = tokenizer.apply_chat_template(
+            prompt + [{"role": "assistant", "content": answer}], tokenize=False
+        )
+    except Exception as e:  # jinja raises for unsupported roles / orderings
+        raise TemplateError(f"chat template failed: {type(e).__name__}: {e}") from None
+    if not full.startswith(prompt_text):
+        raise TemplateError(
+            "the chat template does not render the prompt (with add_generation_prompt=True) as a "
+            "prefix of the conversation; fix the template or use the plain template"
+        )
+    completion = full[len(prompt_text) :].rstrip()
+    return prompt_text, completion
+
+
+def template_identity(chat_template: str | None) -> dict[str, str]:
+    """Name and hash of the template in use (recorded in the manifest)."""
+    if chat_template is None:
+        return {"name": PLAIN_TEMPLATE, "sha256": hashlib.sha256(b"plain-v1").hexdigest()}
+    digest = hashlib.sha256(chat_template.encode("utf-8")).hexdigest()
+    return {"name": "chat_template", "sha256": digest}

@@ -1,0 +1,209 @@
+"""Tokenizers (HF directory or sentencepiece model) and the one BOS / EOS policy.
+
+Policy, for every pair and every tokenizer kind:
+
+    chosen_ids   = [BOS] + prompt_tokens + chosen_tokens   + [EOS]
+    rejected_ids = [BOS] + prompt_tokens + rejected_tokens + [EOS]
+
+- Text is encoded with `add_special_tokens=False`; BOS is prepended unless the template already
+  rendered it (e.g. `{{ bos_token }}`), so there is exactly one. A tokenizer without a BOS token
+  gets none. A BOS anywhere else (the data or the template contains the BOS string) is refused
+  as `double_bos`.
+- EOS is appended to each completion unless the template already ended it with EOS.
+- The prompt is rendered and encoded once per pair and shared by chosen and rejected, and the
+  shared prefix is checked token by token: both sequences start with exactly the same
+  `prompt_length` tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .records import PreferenceRecord
+from .templates import render_chat, render_plain, template_identity
+
+# Model weights next to a tokenizer are not part of its identity.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".npz")
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    """Token ids of one pair, before truncation (1-D int64 arrays).
+
+    Attributes:
+        prompt: [BOS] + prompt tokens, shared by chosen and rejected.
+        chosen: Chosen completion tokens + [EOS].
+        rejected: Rejected completion tokens + [EOS].
+        pair_id: Stable index of the row in the inputs.
+    """
+
+    prompt: np.ndarray
+    chosen: np.ndarray
+    rejected: np.ndarray
+    pair_id: int
+
+
+def tokenizer_files_sha256(path: str) -> str:
+    """sha256 over the tokenizer files at `path` (a directory, weights excluded, or one file)."""
+    h = hashlib.sha256()
+    files = (
+        [os.path.join(path, f) for f in sorted(os.listdir(path))] if os.path.isdir(path) else [path]
+    )
+    for f in files:
+        if os.path.isfile(f) and not f.endswith(_WEIGHT_SUFFIXES):
+            h.update(os.path.basename(f).encode() + b"\0")
+            with open(f, "rb") as fh:
+                h.update(fh.read())
+    return h.hexdigest()
+
+
+class PairTokenizer:
+    """Common interface of both tokenizer kinds."""
+
+    kind: str
+    path: str
+    bos_id: int | None
+    eos_id: int | None
+    pad_id: int
+    vocab_size: int
+    chat_template: str | None = None
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: Any) -> str:
+        raise NotImplementedError
+
+    def render(self, prompt: list[dict[str, str]], answer: str, prompt_text: str | None = None):
+        if self.chat_template is None:
+            return render_plain(prompt, answer)
+        return render_chat(self._hf, prompt, answer, prompt_text)
+
+    def identity(self) -> dict[str, Any]:
+        """Hash of the tokenizer files + template: recorded in and checked against manifests."""
+        return {
+            "kind": self.kind,
+            "sha256": tokenizer_files_sha256(self.path),
+            "bos_id": self.bos_id,
+            "eos_id": self.eos_id,
+            "pad_id": self.pad_id,
+            "vocab_size": self.vocab_size,
+            "template": template_identity(self.chat_template),
+        }
+
+
+class HFPairTokenizer(PairTokenizer):
+    """An HF tokenizer directory; its chat template is applied when it has one."""
+
+    kind = "hf"
+
+    def __init__(self, path: str):
+        from transformers import AutoTokenizer
+
+        self.path = path
+        self._hf = AutoTokenizer.from_pretrained(path)
+        self.bos_id = self._hf.bos_token_id
+        self.eos_id = self._hf.eos_token_id
+        pad = self._hf.pad_token_id
+        self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
+        self.vocab_size = len(self._hf)
+        self.chat_template = getattr(self._hf, "chat_template", None) or None
+        self._fast = getattr(self._hf, "_tokenizer", None)
+
+    def encode(self, text: str) -> list[int]:
+        if self._fast is not None:  # the Rust tokenizer directly: same ids, less overhead
+            return self._fast.encode(text, add_special_tokens=False).ids
+        return self._hf.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: Any) -> str:
+        return self._hf.decode(list(ids))
+
+
+class SentencePiecePairTokenizer(PairTokenizer):
+    """A sentencepiece `.model`, with the plain template.
+
+    sentencepiece adds its own word-boundary prefix, so one leading space of a text is removed
+    before encoding (the plain template's " {answer}" then encodes as the word "▁{answer}").
+    """
+
+    kind = "sentencepiece"
+
+    def __init__(self, path: str):
+        import sentencepiece as spm
+
+        self.path = path
+        self._sp = spm.SentencePieceProcessor(model_file=path)
+        self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
+        self.eos_id = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
+        pad = self._sp.pad_id()
+        self.pad_id = pad if pad >= 0 else (self.eos_id if self.eos_id is not None else 0)
+        self.vocab_size = self._sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text[1:] if text.startswith(" ") else text)
+
+    def decode(self, ids: Any) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+
+def load_tokenizer(path: str, kind: str = "auto") -> PairTokenizer:
+    """Load an HF tokenizer directory or a sentencepiece model (`kind` "auto" decides by path)."""
+    if not os.path.exists(path):
+        raise ValueError(f"data.tokenizer: {path} does not exist (HF dir or sentencepiece .model)")
+    if kind == "auto":
+        kind = "hf" if os.path.isdir(path) else "sentencepiece"
+    if kind == "hf":
+        return HFPairTokenizer(path)
+    if kind == "sentencepiece":
+        return SentencePiecePairTokenizer(path)
+    raise ValueError(f"data.tokenizer_kind={kind!r}: use auto, hf or sentencepiece")
+
+
+class PolicyError(ValueError):
+    """A pair that violates the BOS / EOS / shared-prefix policy (reason in `.reason`)."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def _check_bos(tok: PairTokenizer, ids: list[int], start: int, stop: int, where: str) -> None:
+    if tok.bos_id is None or tok.bos_id == tok.eos_id:
+        return
+    for k in range(start, stop):
+        if ids[k] == tok.bos_id:
+            raise PolicyError(
+                "double_bos",
+                f"BOS token (id {tok.bos_id}) also at {where} token {k}: the text or the template "
+                "already contains the BOS string; remove it from the data",
+            )
+
+
+def tokenize_record(tok: PairTokenizer, rec: PreferenceRecord) -> TokenizedPair:
+    """Apply template + policy to one record. Raises TemplateError or PolicyError."""
+    prompt_msgs = rec.prompt_messages()
+    prompt_text, chosen_text = tok.render(prompt_msgs, rec.chosen)
+    _, rejected_text = tok.render(prompt_msgs, rec.rejected, prompt_text)
+    prompt = tok.encode(prompt_text)
+    if tok.bos_id is not None and prompt[:1] != [tok.bos_id]:
+        prompt = [tok.bos_id] + prompt
+    _check_bos(tok, prompt, 1, len(prompt), "prompt")
+    completions = []
+    for where, text in (("chosen", chosen_text), ("rejected", rejected_text)):
+        ids = tok.encode(text)
+        if tok.eos_id is not None and ids[-1:] != [tok.eos_id]:
+            ids.append(tok.eos_id)
+        _check_bos(tok, ids, 0, len(ids), where)
+        completions.append(ids)
+    chosen = np.asarray(prompt + completions[0], dtype=np.int64)
+    rejected = np.asarray(prompt + completions[1], dtype=np.int64)
+    n = len(prompt)
+    if not np.array_equal(chosen[:n], rejected[:n]):  # guards future changes of the above
+        raise PolicyError("prompt_mismatch", "chosen and rejected prompt tokens differ")
+    return TokenizedPair(chosen[:n], chosen[n:], rejected[n:], rec.pair_id)

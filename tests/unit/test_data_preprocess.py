@@ -1,0 +1,133 @@
+"""tools/preprocess_data.py and load_preference_dataset: manifest, no-op re-runs, workers, cache."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+
+from megatron_adadpo.data import DataConfig, PreferenceDataset, load_preference_dataset
+from megatron_adadpo.data import pipeline as pipeline_module
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT / "examples" / "data"
+TOK = str(DATA / "tokenizer")
+TRAIN, EVAL = str(DATA / "prefs_train.jsonl"), str(DATA / "prefs_eval.jsonl")
+
+
+@pytest.fixture(scope="module")
+def tool():
+    spec = importlib.util.spec_from_file_location(
+        "preprocess_data", ROOT / "tools" / "preprocess_data.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def files(directory):
+    return {
+        n: (Path(directory) / n).read_bytes() for n in ("pairs.bin", "pairs.idx", "pair_ids.npy")
+    }
+
+
+def test_cli_writes_manifest_and_rerun_is_a_noop(tmp_path, tool, capsys):
+    out = tmp_path / "out"
+    argv = [
+        "--input",
+        TRAIN,
+        EVAL,
+        "--tokenizer",
+        TOK,
+        "--output",
+        str(out),
+        "--max-length",
+        "48",
+        "--max-prompt-length",
+        "24",
+        "--quiet",
+    ]
+    assert tool.main(argv) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    sha = lambda p: hashlib.sha256(Path(p).read_bytes()).hexdigest()  # noqa: E731
+    assert [i["sha256"] for i in m["inputs"]] == [sha(TRAIN), sha(EVAL)]
+    assert m["num_pairs"] == 464 == m["counts"]["pairs_written"] == m["counts"]["rows_read"]
+    assert m["settings"]["max_length"] == 48 and m["settings"]["max_prompt_length"] == 24
+    assert m["tokenizer"]["kind"] == "hf" and m["tokenizer"]["template"]["name"] == "chat_template"
+    assert sum(m["length_histogram"]["counts"]) == 464
+    assert (out / "data_report.json").exists()
+    before = {n: os.stat(out / n).st_mtime_ns for n in os.listdir(out)}
+    capsys.readouterr()
+    assert tool.main(argv) == 0
+    assert "up to date" in capsys.readouterr().out
+    assert {n: os.stat(out / n).st_mtime_ns for n in os.listdir(out)} == before
+    # A changed input is rebuilt.
+    changed = tmp_path / "train.jsonl"
+    changed.write_text(Path(TRAIN).read_text().splitlines()[0] + "\n")
+    assert tool.main(argv[:1] + [str(changed)] + argv[3:]) == 0
+    assert json.loads((out / "manifest.json").read_text())["num_pairs"] == 1
+
+
+def test_cli_fail_mode_exits_nonzero_with_report(tmp_path, tool):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p"}\n')
+    argv = ["--input", str(bad), "--tokenizer", TOK, "--output", str(tmp_path / "o"), "--quiet"]
+    assert tool.main(argv + ["--on-error", "fail"]) == 1
+    report = json.loads((tmp_path / "o" / "data_report.json").read_text())
+    assert [(i["index"], i["reason"]) for i in report["issues"]] == [(2, "missing_field")]
+    assert not (tmp_path / "o" / "manifest.json").exists()
+    assert tool.main(argv) == 0  # default --on-error skip
+
+
+def test_two_workers_write_identical_output(tmp_path):
+    cfg = DataConfig(inputs=(TRAIN, EVAL), tokenizer=TOK, max_length=40, max_prompt_length=20)
+    pipeline_module.preprocess(cfg, str(tmp_path / "w1"), progress=False)
+    pipeline_module.preprocess(cfg.replace(num_workers=2), str(tmp_path / "w2"), progress=False)
+    assert files(tmp_path / "w1") == files(tmp_path / "w2")
+
+
+def test_preprocessed_dir_is_checked_against_the_config(tmp_path):
+    cfg = DataConfig(
+        inputs=(EVAL,),
+        tokenizer=TOK,
+        max_length=64,
+        max_prompt_length=32,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    pipeline_module.preprocess(cfg, str(tmp_path / "pre"), progress=False)
+    pre = load_preference_dataset(cfg.replace(preprocessed=str(tmp_path / "pre")))
+    fly = load_preference_dataset(cfg)
+    assert isinstance(pre, PreferenceDataset) and len(pre) == len(fly) == 64
+    assert pre.identity == fly.identity == pre.manifest["identity"]
+    copy = pickle.loads(pickle.dumps(pre))  # DataLoader worker processes pickle the dataset
+    for i in (0, 17, 63):
+        assert all(str(pre[i][k]) == str(fly[i][k]) == str(copy[i][k]) for k in pre[i])
+    with pytest.raises(ValueError, match="max_length=64.*data.max_length=128"):
+        load_preference_dataset(cfg.replace(preprocessed=str(tmp_path / "pre"), max_length=128))
+    with pytest.raises(ValueError, match="tokenizer"):
+        load_preference_dataset(
+            cfg.replace(
+                preprocessed=str(tmp_path / "pre"), tokenizer=str(DATA / "spm" / "spm.model")
+            )
+        )
+
+
+def test_on_the_fly_cache_is_reused(tmp_path, monkeypatch):
+    cfg = DataConfig(
+        inputs=(EVAL,), tokenizer=TOK, max_length=64, max_prompt_length=32, cache_dir=str(tmp_path)
+    )
+    first = load_preference_dataset(cfg)
+
+    def refuse(*a, **k):
+        raise AssertionError("preprocessed again")
+
+    monkeypatch.setattr(pipeline_module, "preprocess", refuse)
+    again = load_preference_dataset(cfg)
+    assert again.directory == first.directory and len(again) == 64
+    with pytest.raises(AssertionError):  # other settings -> another cache entry
+        load_preference_dataset(cfg.replace(max_length=65))

@@ -1,0 +1,123 @@
+"""Tokenizer kinds, the BOS / EOS policy, double-BOS refusal, and the shared prompt prefix."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from megatron_adadpo.data import PreferenceRecord, load_tokenizer, tokenize_record
+from megatron_adadpo.data.tokenize import PolicyError
+
+DATA = Path(__file__).resolve().parents[2] / "examples" / "data"
+TOK = DATA / "tokenizer"
+
+
+def record(prompt="What is 2 + 2?", chosen="2 + 2 = 4.", rejected="2 + 2 = 5.", system=None):
+    turns = ((("system", system),) if system else ()) + (("user", prompt),)
+    return PreferenceRecord(turns, chosen, rejected, pair_id=3)
+
+
+def tok_copy(tmp_path, template: str | None):
+    """The bundled HF tokenizer with another chat template (None: no template)."""
+    d = tmp_path / "tok"
+    shutil.copytree(TOK, d)
+    (d / "chat_template.jinja").unlink()
+    if template is not None:
+        (d / "chat_template.jinja").write_text(template)
+    return str(d)
+
+
+def test_hf_chat_template_matches_hand_encoding():
+    from tokenizers import Tokenizer
+
+    raw = Tokenizer.from_file(str(TOK / "tokenizer.json"))
+    enc = lambda s: raw.encode(s, add_special_tokens=False).ids  # noqa: E731
+    tok = load_tokenizer(str(TOK))
+    assert (tok.kind, tok.bos_id, tok.eos_id, tok.pad_id) == ("hf", 1, 2, 0)
+    pair = tokenize_record(tok, record(system="Be brief."))
+    prompt = [1] + enc("<|system|>\nBe brief.\n<|user|>\nWhat is 2 + 2?\n<|assistant|>\n")
+    assert pair.prompt.tolist() == prompt
+    assert pair.chosen.tolist() == enc("2 + 2 = 4.") + [2]
+    assert pair.rejected.tolist() == enc("2 + 2 = 5.") + [2]
+    assert pair.pair_id == 3
+
+
+def test_sentencepiece_plain_template_matches_hand_encoding():
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(DATA / "spm" / "spm.model"))
+    tok = load_tokenizer(str(DATA / "spm" / "spm.model"))
+    assert (tok.kind, tok.bos_id, tok.eos_id, tok.pad_id) == ("sentencepiece", 1, 2, 3)
+    pair = tokenize_record(tok, record(system="Be brief."))
+    assert pair.prompt.tolist() == [1] + sp.encode(
+        "System: Be brief.\nUser: What is 2 + 2?\nAssistant:"
+    )
+    assert pair.chosen.tolist() == sp.encode("2 + 2 = 4.") + [2]
+    assert sp.decode(pair.prompt.tolist() + pair.chosen.tolist()).endswith("Assistant: 2 + 2 = 4.")
+
+
+def test_hf_without_chat_template_uses_plain_template(tmp_path):
+    from tokenizers import Tokenizer
+
+    raw = Tokenizer.from_file(str(TOK / "tokenizer.json"))
+    tok = load_tokenizer(tok_copy(tmp_path, None))
+    pair = tokenize_record(tok, record())
+    assert pair.prompt.tolist() == [1] + raw.encode("User: What is 2 + 2?\nAssistant:").ids
+    assert pair.chosen.tolist() == raw.encode(" 2 + 2 = 4.").ids + [2]
+    assert tok.identity()["template"]["name"] == "plain-v1"
+
+
+def test_exactly_one_bos_and_eos_whether_or_not_the_template_adds_them(tmp_path):
+    with_specials = tokenize_record(load_tokenizer(str(TOK)), record())
+    bare = (
+        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    )
+    without = tokenize_record(load_tokenizer(tok_copy(tmp_path, bare)), record())
+    assert without.prompt.tolist() == with_specials.prompt.tolist()  # BOS prepended once
+    assert without.chosen.tolist()[-1] == 2 and without.chosen.tolist().count(2) == 1
+    assert with_specials.prompt.tolist().count(1) == 1
+
+
+def test_double_bos_is_refused(tmp_path):
+    tok = load_tokenizer(str(TOK))
+    with pytest.raises(PolicyError, match="BOS") as err:
+        tokenize_record(tok, record(prompt="<s>What is 2 + 2?"))
+    assert err.value.reason == "double_bos"
+    template = (TOK / "chat_template.jinja").read_text()
+    doubled = load_tokenizer(tok_copy(tmp_path, "{{ bos_token }}" + template))
+    with pytest.raises(PolicyError, match="BOS"):
+        tokenize_record(doubled, record())
+
+
+def test_template_that_does_not_prefix_the_prompt_is_refused(tmp_path):
+    from megatron_adadpo.data.templates import TemplateError
+
+    odd = (
+        "{% for m in messages %}{{ m['content'] }}|{% endfor %}"
+        "{% if add_generation_prompt %}ANSWER:{% endif %}"
+    )
+    with pytest.raises(TemplateError, match="prefix"):
+        tokenize_record(load_tokenizer(tok_copy(tmp_path, odd)), record())
+
+
+def test_chosen_and_rejected_share_the_prompt_prefix_on_bundled_data(tmp_path):
+    from megatron_adadpo.data import DataConfig, load_preference_dataset
+
+    for tok in (str(TOK), str(DATA / "spm" / "spm.model")):
+        cfg = DataConfig(
+            inputs=(str(DATA / "prefs_eval.jsonl"),),
+            tokenizer=tok,
+            max_length=256,
+            max_prompt_length=128,
+            cache_dir=str(tmp_path),
+        )
+        ds = load_preference_dataset(cfg)
+        assert len(ds) == 64
+        for i in range(len(ds)):
+            ex, n = ds[i], ds[i]["prompt_length"]
+            assert ex["chosen_ids"][:n].tolist() == ex["rejected_ids"][:n].tolist()
+            assert ex["chosen_ids"][0] == 1 and ex["chosen_ids"][-1] == 2
+            assert (ex["chosen_ids"] == 1).sum() == 1 and ex["chosen_ids"].dtype.name == "int64"

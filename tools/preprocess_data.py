@@ -1,0 +1,111 @@
+"""Tokenize preference data once into a memory-mapped directory for training.
+
+    python tools/preprocess_data.py --input FILE_OR_DIR [...] --tokenizer PATH --output DIR \\
+        [--max-length N] [--max-prompt-length N] [--on-error fail|skip] [--workers N]
+
+Inputs: .jsonl / .json / .parquet files, directories of them, `datasets.save_to_disk`
+directories, or `hf:NAME[:SPLIT]` (datasets.load_dataset). Writes DIR/pairs.{bin,idx},
+DIR/pair_ids.npy, DIR/manifest.json and DIR/data_report.json (every dropped row with its file,
+line or row and reason). Re-running with unchanged tokenizer, settings and inputs is a no-op.
+Point training at DIR with `data.preprocessed: DIR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _import_data():
+    try:
+        import megatron_adadpo.data as data
+    except ImportError:  # running from a checkout without `pip install -e .`
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        import megatron_adadpo.data as data
+    return data
+
+
+def _optional_int(text: str) -> int | None:
+    return None if text.lower() == "none" else int(text)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--input",
+        nargs="+",
+        action="extend",
+        required=True,
+        dest="inputs",
+        help="files, directories or hf:NAME[:SPLIT] specs, read in order",
+    )
+    p.add_argument("--tokenizer", required=True, help="HF tokenizer dir or sentencepiece .model")
+    p.add_argument("--tokenizer-kind", default="auto", choices=["auto", "hf", "sentencepiece"])
+    p.add_argument("--output", required=True, help="output directory")
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument(
+        "--max-prompt-length",
+        type=_optional_int,
+        default=-1,
+        help="int (default: max-length // 2), or 'none' for no separate prompt limit",
+    )
+    p.add_argument("--overlength", default="truncate", choices=["truncate", "drop"])
+    p.add_argument(
+        "--on-error",
+        default="skip",
+        choices=["fail", "skip"],
+        help="skip (default): skip bad rows and report them; fail: stop",
+    )
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--schema", default="auto", choices=["auto", "explicit", "implicit"])
+    p.add_argument("--prompt-field", default="prompt")
+    p.add_argument("--chosen-field", default="chosen")
+    p.add_argument("--rejected-field", default="rejected")
+    p.add_argument("--split", default="train", help="split for hf: specs / DatasetDict dirs")
+    p.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.max_prompt_length == -1:
+        args.max_prompt_length = args.max_length // 2
+    data = _import_data()
+    try:
+        config = data.DataConfig(
+            inputs=tuple(args.inputs),
+            prompt_field=args.prompt_field,
+            chosen_field=args.chosen_field,
+            rejected_field=args.rejected_field,
+            schema=args.schema,
+            tokenizer=args.tokenizer,
+            tokenizer_kind=args.tokenizer_kind,
+            max_length=args.max_length,
+            max_prompt_length=args.max_prompt_length,
+            overlength=args.overlength,
+            on_error=args.on_error,
+            num_workers=args.workers,
+            split=args.split,
+        )
+        manifest, report = data.preprocess(
+            config, args.output, progress=not args.quiet, force=args.force
+        )
+    except ValueError as e:  # DataError (bad rows, listed in DIR/data_report.json) included
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if report is None:
+        print(f"{args.output} is up to date (identity {manifest['identity'][:16]}); nothing to do")
+        return 0
+    seconds = manifest["seconds"]
+    rate = report.rows_read / seconds if seconds else float("nan")
+    print(f"{args.output}: {report.summary()}")
+    print(f"{rate:.0f} rows/s with {args.workers} worker(s); identity {manifest['identity'][:16]}")
+    if report.issues:
+        print(f"dropped rows are listed in {os.path.join(args.output, 'data_report.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
