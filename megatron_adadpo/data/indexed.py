@@ -151,7 +151,13 @@ class PreferenceDataset(torch.utils.data.Dataset):
 
     @property
     def pad_id(self) -> int:
+        """The tokenizer's pad id (its EOS, else 0, when it has none): pass to collate_pairs."""
         return self.manifest["tokenizer"]["pad_id"]
+
+    @property
+    def vocab_size(self) -> int:
+        """Tokenizer vocabulary size, added tokens included (the model may pad it further)."""
+        return self.manifest["tokenizer"]["vocab_size"]
 
     def __len__(self) -> int:
         return len(self._pair_ids)

@@ -14,6 +14,7 @@ import logging
 import multiprocessing as mp
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -167,7 +168,9 @@ def preprocess(
     if old is not None and old.get("identity") == ident and not force:
         return old, None
     start = time.perf_counter()
-    partial = f"{output_dir.rstrip(os.sep)}.partial-{os.getpid()}"
+    parent, name = os.path.split(os.path.abspath(output_dir))
+    os.makedirs(parent, exist_ok=True)
+    partial = tempfile.mkdtemp(prefix=f"{name}.partial-", dir=parent)  # unique per writer
     writer = PairWriter(partial, tok.vocab_size)
     try:
         report = _run(config, sources, tok, writer, progress)

@@ -7,8 +7,9 @@ Policy, for every pair and every tokenizer kind:
 
 - Text is encoded with `add_special_tokens=False`; BOS is prepended unless the template already
   rendered it (e.g. `{{ bos_token }}`), so there is exactly one. A tokenizer without a BOS token
-  gets none. A BOS anywhere else (the data or the template contains the BOS string) is refused
-  as `double_bos`.
+  gets none. Refused as `double_bos`: the BOS string (e.g. `<s>`) inside the data, which an HF
+  tokenizer would turn into a second BOS token, and a template that renders BOS twice at the
+  start. (A template may still place BOS before later turns, as Llama-2's does.)
 - EOS is appended to each completion unless the template already ended it with EOS.
 - The prompt is rendered and encoded once per pair and shared by chosen and rejected, and the
   shared prefix is checked token by token: both sequences start with exactly the same
@@ -71,6 +72,7 @@ class PairTokenizer:
     eos_id: int | None
     pad_id: int
     vocab_size: int
+    bos_text: str | None = None  # the BOS string an encoder maps to bos_id (None: none does)
     chat_template: str | None = None
 
     def encode(self, text: str) -> list[int]:
@@ -108,6 +110,7 @@ class HFPairTokenizer(PairTokenizer):
         self.path = path
         self._hf = AutoTokenizer.from_pretrained(path)
         self.bos_id = self._hf.bos_token_id
+        self.bos_text = self._hf.bos_token if self.bos_id is not None else None
         self.eos_id = self._hf.eos_token_id
         pad = self._hf.pad_token_id
         self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
@@ -173,16 +176,24 @@ class PolicyError(ValueError):
         self.detail = detail
 
 
-def _check_bos(tok: PairTokenizer, ids: list[int], start: int, stop: int, where: str) -> None:
-    if tok.bos_id is None or tok.bos_id == tok.eos_id:
+def _check_bos(tok: PairTokenizer, rec: PreferenceRecord, prompt: list[int]) -> None:
+    """Refuse a BOS string in the data, and a template that renders BOS twice in a row."""
+    if tok.bos_id is None:
         return
-    for k in range(start, stop):
-        if ids[k] == tok.bos_id:
-            raise PolicyError(
-                "double_bos",
-                f"BOS token (id {tok.bos_id}) also at {where} token {k}: the text or the template "
-                "already contains the BOS string; remove it from the data",
-            )
+    if tok.bos_text:
+        texts = [(f"prompt turn {k}", c) for k, (_, c) in enumerate(rec.prompt)]
+        for where, text in texts + [("chosen", rec.chosen), ("rejected", rec.rejected)]:
+            if tok.bos_text in text:
+                raise PolicyError(
+                    "double_bos",
+                    f"{where} contains the BOS string {tok.bos_text!r}, which would add a second "
+                    "BOS token; remove it from the data (BOS is added once by the pipeline)",
+                )
+    if prompt[1:2] == [tok.bos_id]:
+        raise PolicyError(
+            "double_bos",
+            "the chat template renders BOS twice at the start; remove one `{{ bos_token }}`",
+        )
 
 
 def tokenize_record(tok: PairTokenizer, rec: PreferenceRecord) -> TokenizedPair:
@@ -193,13 +204,12 @@ def tokenize_record(tok: PairTokenizer, rec: PreferenceRecord) -> TokenizedPair:
     prompt = tok.encode(prompt_text)
     if tok.bos_id is not None and prompt[:1] != [tok.bos_id]:
         prompt = [tok.bos_id] + prompt
-    _check_bos(tok, prompt, 1, len(prompt), "prompt")
+    _check_bos(tok, rec, prompt)
     completions = []
-    for where, text in (("chosen", chosen_text), ("rejected", rejected_text)):
+    for text in (chosen_text, rejected_text):
         ids = tok.encode(text)
         if tok.eos_id is not None and ids[-1:] != [tok.eos_id]:
             ids.append(tok.eos_id)
-        _check_bos(tok, ids, 0, len(ids), where)
         completions.append(ids)
     chosen = np.asarray(prompt + completions[0], dtype=np.int64)
     rejected = np.asarray(prompt + completions[1], dtype=np.int64)

@@ -88,8 +88,24 @@ def test_double_bos_is_refused(tmp_path):
     assert err.value.reason == "double_bos"
     template = (TOK / "chat_template.jinja").read_text()
     doubled = load_tokenizer(tok_copy(tmp_path, "{{ bos_token }}" + template))
-    with pytest.raises(PolicyError, match="BOS"):
+    with pytest.raises(PolicyError, match="twice"):
         tokenize_record(doubled, record())
+    with pytest.raises(PolicyError, match="chosen contains the BOS string"):
+        tokenize_record(tok, record(chosen="<s>4"))
+    # sentencepiece never maps the text "<s>" to its BOS id: accepted, still one BOS.
+    sp = tokenize_record(load_tokenizer(str(DATA / "spm" / "spm.model")), record(chosen="<s>4"))
+    assert (sp.prompt.tolist() + sp.chosen.tolist()).count(1) == 1
+
+
+def test_template_with_bos_before_each_turn_is_accepted(tmp_path):
+    per_turn = (
+        "{% for m in messages %}{{ bos_token }}<|{{ m['role'] }}|>\n{{ m['content'] }}"
+        "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
+        "{% if add_generation_prompt %}{{ bos_token }}<|assistant|>\n{% endif %}"
+    )
+    pair = tokenize_record(load_tokenizer(tok_copy(tmp_path, per_turn)), record(system="Hi."))
+    assert pair.prompt.tolist().count(1) == 3 and pair.prompt[0] == 1
+    assert pair.chosen.tolist()[-1] == 2 and 1 not in pair.chosen.tolist()
 
 
 def test_template_that_does_not_prefix_the_prompt_is_refused(tmp_path):

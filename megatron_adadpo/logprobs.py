@@ -1,0 +1,82 @@
+"""Per-token and per-sequence log-probs from vocab-parallel logits, without a vocab gather.
+
+``log p(y_t) = -CE_t`` where ``CE`` is Megatron's ``vocab_parallel_cross_entropy``: each
+tensor-parallel rank holds ``[s, b, v/tp]`` logits, and the log-sum-exp and the target logit are
+reduced across the TP group (two scalar all-reduces per token), never materialising ``[s, b, v]``.
+Sequence sums over completion tokens are then reduced across the context-parallel group when the
+sequence is split over CP ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatron_adadpo.megatron_api import vocab_parallel_cross_entropy
+
+
+def token_logprobs(
+    vocab_parallel_logits: torch.Tensor, labels: torch.Tensor, tp_group=None
+) -> torch.Tensor:
+    """Log-probability of each label under the vocab-parallel logits, in fp32.
+
+    Labels may hold ignore markers (< 0); they are replaced by 0 for the lookup and the returned
+    values at those positions are meaningless: mask them with ``sequence_logprobs``. The caller's
+    logits are never modified (Megatron's CE works in place, so fp32 input is copied).
+
+    Shapes:
+        vocab_parallel_logits: ``[s, b, v/tp]`` (any float dtype), per token.
+        labels: ``[b, s]`` token ids (global vocab indices).
+        returns: ``[b, s]`` fp32 per-token log-probs.
+    """
+    if vocab_parallel_logits.dim() != 3 or labels.shape != vocab_parallel_logits.shape[1::-1]:
+        raise ValueError(
+            f"logits must be [s, b, v/tp] and labels [b, s]; got logits "
+            f"{tuple(vocab_parallel_logits.shape)} and labels {tuple(labels.shape)}"
+        )
+    logits = vocab_parallel_logits.float()
+    if logits.data_ptr() == vocab_parallel_logits.data_ptr():
+        logits = logits.clone()  # vocab_parallel_cross_entropy mutates its input in place
+    target = labels.clamp(min=0).transpose(0, 1).contiguous()
+    return -vocab_parallel_cross_entropy(logits, target, tp_group).transpose(0, 1)
+
+
+def sequence_logprobs(
+    token_logps: torch.Tensor, loss_mask: torch.Tensor, cp_group=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked per-sequence sums of token log-probs and completion token counts.
+
+    ``sum_b = sum_t mask[b, t] * logp[b, t]``; masked positions contribute exactly 0 even when
+    their value is inf/NaN. With a context-parallel group of size > 1 (each rank holding a slice
+    of the sequence), sums and counts are all-reduced over it; the sum's backward all-reduces
+    the gradient too, so with Megatron's per-token loss normaliser (which counts every CP rank)
+    the weight gradients come out exactly as at CP = 1.
+
+    Shapes:
+        token_logps: ``[b, s]`` fp32 per token; loss_mask: ``[b, s]`` (1 = completion token).
+        returns: (``[b]`` fp32 per-sequence sums, ``[b]`` fp32 token counts).
+    """
+    mask = loss_mask > 0
+    sums = torch.where(mask, token_logps, torch.zeros_like(token_logps)).sum(dim=-1)
+    counts = mask.sum(dim=-1).to(torch.float32)
+    if cp_group is not None and dist.get_world_size(cp_group) > 1:
+        sums = _AllReduceSum.apply(sums, cp_group)
+        dist.all_reduce(counts, group=cp_group)
+    return sums, counts
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """``y = sum over ranks of x``; backward all-reduces the gradient (the adjoint)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        y = x.clone()
+        dist.all_reduce(y, group=group)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
