@@ -112,3 +112,110 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+LATEST_FILE = "latest"
+
+
+def checkpoints_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The directory named by ``<run_dir>/checkpoints/latest``, or None when there is none."""
+    marker = checkpoints_root(run_dir) / LATEST_FILE
+    if not marker.is_file():
+        return None
+    path = checkpoints_root(run_dir) / marker.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def save_training(
+    run_dir: str | Path,
+    step: int,
+    policy: list,
+    optimizer,
+    scheduler,
+    run_state: dict,
+    model: ModelConfig,
+    config_yaml: str,
+) -> Path:
+    """Save model, optimizer, scheduler, run state and RNG to ``iter_{step:07d}``.
+
+    Crash-safe: a partial directory of the same name (left by an interrupted save) is removed
+    first, and ``latest`` is replaced atomically only after every rank finished writing, so an
+    interruption at any point leaves the previous checkpoint loadable and pointed to.
+    """
+    name = f"iter_{step:07d}"
+    directory = checkpoints_root(run_dir) / name
+    if _rank() == 0:
+        if directory.exists():
+            import shutil
+
+            shutil.rmtree(directory)
+        directory.mkdir(parents=True)
+    _barrier()
+    model_sd = model_sharded_state_dict(policy)
+    state = dict(model_sd)
+    state["optimizer"] = optimizer.sharded_state_dict(model_sd)
+    state["scheduler"] = scheduler.state_dict()
+    state["run"] = dict(run_state)
+    dist_checkpointing.save(state, str(directory))
+    _save_rng(directory)
+    if _rank() == 0:
+        write_model_config(directory, model)
+        (directory / "config.yaml").write_text(config_yaml)
+    _barrier()
+    if _rank() == 0:
+        atomic_write_text(checkpoints_root(run_dir) / LATEST_FILE, name + "\n")
+    _barrier()
+    return directory
+
+
+def load_training(directory: Path, policy: list, optimizer, scheduler, model: ModelConfig) -> dict:
+    """Restore a ``save_training`` checkpoint (any layout for the model); returns run state."""
+    check_same_architecture(read_model_config(directory), model, str(directory))
+    model_sd = model_sharded_state_dict(policy)
+    state = dict(model_sd)
+    state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
+    state["scheduler"] = None
+    state["run"] = None
+    loaded = dist_checkpointing.load(state, str(directory))
+    for i, chunk in enumerate(policy):
+        key = "model" if len(policy) == 1 else f"model{i}"
+        _unwrap(chunk).load_state_dict(loaded[key], strict=False)
+    optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(loaded["scheduler"])
+    _load_rng(directory)
+    return loaded["run"]
+
+
+def _save_rng(directory: Path) -> None:
+    """Per-rank RNG states (torch CPU/CUDA and Megatron's tracker) in ``rng/rank_N.pt``."""
+    from megatron_adadpo.megatron_api import tensor_parallel
+
+    (directory / "rng").mkdir(exist_ok=True)
+    state = {
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        "cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    torch.save(state, directory / "rng" / f"rank_{_rank()}.pt")
+
+
+def _load_rng(directory: Path) -> None:
+    """Restore this rank's RNG states when the checkpoint was written by the same world size."""
+    from megatron_adadpo.megatron_api import tensor_parallel
+
+    path = directory / "rng" / f"rank_{_rank()}.pt"
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if not path.is_file():
+        return
+    state = torch.load(path, weights_only=False)
+    if state["world_size"] != world:
+        return  # another layout: RNG streams cannot be mapped; keep the fresh seeds
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])

@@ -118,10 +118,10 @@ def write(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def main() -> None:
+def main(out: Path = HERE) -> None:
     rng = random.Random(SEED)
-    write(HERE / "prefs_train.jsonl", [make_row(rng) for _ in range(400)])
-    write(HERE / "prefs_eval.jsonl", [make_row(rng) for _ in range(64)])
+    write(out / "prefs_train.jsonl", [make_row(rng) for _ in range(400)])
+    write(out / "prefs_eval.jsonl", [make_row(rng) for _ in range(64)])
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def corpus() -> list[str]:
     return texts
 
 
-def build_hf(texts: list[str]) -> None:
+def build_hf(texts: list[str], out: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -70,10 +70,10 @@ def build_hf(texts: list[str]) -> None:
         additional_special_tokens=SPECIAL[3:],
     )
     fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(str(HERE / "tokenizer"))
+    fast.save_pretrained(str(out / "tokenizer"))
 
 
-def build_spm(texts: list[str]) -> None:
+def build_spm(texts: list[str], out: Path) -> None:
     import io
 
     import sentencepiece as spm
@@ -95,14 +95,14 @@ def build_spm(texts: list[str]) -> None:
         num_threads=1,
         minloglevel=2,
     )
-    (HERE / "spm").mkdir(exist_ok=True)
-    (HERE / "spm" / "spm.model").write_bytes(model.getvalue())
+    (out / "spm").mkdir(exist_ok=True)
+    (out / "spm" / "spm.model").write_bytes(model.getvalue())
 
 
-def main() -> None:
+def main(out: Path = HERE) -> None:
     texts = corpus()
-    build_hf(texts)
-    build_spm(texts)
+    build_hf(texts, out)
+    build_spm(texts, out)
 
 
 if __name__ == "__main__":

@@ -105,7 +105,12 @@ class HFPairTokenizer(PairTokenizer):
     kind = "hf"
 
     def __init__(self, path: str):
-        from transformers import AutoTokenizer
+        try:
+            from transformers import AutoTokenizer
+        except ImportError as e:
+            raise ImportError(
+                "HF tokenizers need `transformers`: pip install 'megatron_adadpo[hf]'"
+            ) from e
 
         self.path = path
         self._hf = AutoTokenizer.from_pretrained(path)

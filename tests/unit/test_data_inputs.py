@@ -82,6 +82,11 @@ def test_every_input_shape_gives_the_hand_tokenized_pairs(tmp_path, raw_tok):
     (tmp_path / "b.json").write_text(json.dumps(rows), encoding="utf-8")
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "c.parquet")
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    splits = {
+        "train": datasets.Dataset.from_list(rows),
+        "test": datasets.Dataset.from_list(rows[:1]),
+    }
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "saved_dict"))
     (tmp_path / "dir").mkdir()
     write_jsonl(tmp_path / "dir" / "part0.jsonl", rows[:10])
     write_jsonl(tmp_path / "dir" / "part1.jsonl", rows[10:])
@@ -91,6 +96,7 @@ def test_every_input_shape_gives_the_hand_tokenized_pairs(tmp_path, raw_tok):
         "json": str(tmp_path / "b.json"),
         "parquet": str(tmp_path / "c.parquet"),
         "save_to_disk": str(tmp_path / "saved"),
+        "save_to_disk_dict": str(tmp_path / "saved_dict"),
         "directory": str(tmp_path / "dir"),
         "load_dataset": spec,
         "dataset_object": datasets.Dataset.from_list(rows),

@@ -1,0 +1,97 @@
+"""HF Llama-family directory -> Megatron ``dist_checkpointing`` checkpoint (any TP / PP / VPP).
+
+Output directory: the checkpoint files, ``model.yaml`` (the derived ``ModelConfig``) and
+``tokenizer/`` (a copy of the tokenizer files and ``generation_config.json``). HF tensors are
+read one at a time from memory-mapped safetensors and converted into the checkpoint template
+(``megatron_io.template``), so memory holds the model once, in the output dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from megatron_adadpo.convert import hf_io, mapping, megatron_io
+from megatron_adadpo.convert.hf_config import hf_to_model_config
+from megatron_adadpo.model_config import ModelConfig
+
+log = logging.getLogger(__name__)
+TOKENIZER_DIR = "tokenizer"
+
+
+def read_hf_config(hf_dir: Path) -> ModelConfig:
+    path = hf_dir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: --hf-dir must be an HF model directory (config.json + "
+            "safetensors + tokenizer files)"
+        )
+    return hf_to_model_config(json.loads(path.read_text()), where=str(path))
+
+
+def default_dtype(reader: hf_io.SafetensorsReader) -> torch.dtype:
+    """fp32 for fp32 checkpoints, bf16 otherwise (bf16 / fp16 weights)."""
+    return torch.float32 if reader.dtype("model.embed_tokens.weight") == "F32" else torch.bfloat16
+
+
+def check_inputs(hf_dir: Path, reader: hf_io.SafetensorsReader, model: ModelConfig) -> None:
+    """Unknown tensors, embedding rows vs config.json, tokenizer size vs embedding."""
+    known = {n for e in mapping.tensor_map(model) for n in e.hf}
+    extra = [
+        n for n in reader.names() if n not in known and not mapping.ignorable_hf_tensor(n, model)
+    ]
+    if extra:
+        raise hf_io.HFCheckpointError(
+            f"{reader.source} holds tensors a {model.hf_architecture} with this config.json does "
+            f"not have: {extra[:5]}{' ...' if len(extra) > 5 else ''}; check num_hidden_layers / "
+            "attention_bias in config.json (or the checkpoint is not a supported architecture)"
+        )
+    embed = "model.embed_tokens.weight"
+    rows = reader.shape(embed)[0]
+    if rows != model.vocab_size:
+        raise hf_io.HFCheckpointError(
+            f"{hf_dir / 'config.json'}: vocab_size={model.vocab_size} but {embed} in "
+            f"{reader.file_of(embed)} has {rows} rows; fix vocab_size in config.json"
+        )
+    if hf_io.has_tokenizer(hf_dir):
+        hf_io.check_tokenizer_vocab(hf_dir, rows, f"{embed} in {reader.file_of(embed)}")
+    else:
+        log.warning("no tokenizer files in %s: the checkpoint will have no tokenizer/", hf_dir)
+
+
+def convert_hf_to_megatron(
+    hf_dir: str | Path, output: str | Path, dtype: str | None = None, progress: bool = True
+) -> ModelConfig:
+    """Convert; returns the ``ModelConfig`` written to ``output/model.yaml``."""
+    hf_dir, output = Path(hf_dir), Path(output)
+    model = read_hf_config(hf_dir)
+    reader = hf_io.SafetensorsReader(hf_dir)
+    check_inputs(hf_dir, reader, model)
+    out_dtype = megatron_io.parse_dtype(dtype) if dtype else default_dtype(reader)
+    megatron_io.init_single_process()
+    sharded = megatron_io.template(model, out_dtype)
+    entries = mapping.tensor_map(model)
+    for entry in tqdm(entries, desc="HF -> Megatron", unit="tensor", disable=not progress):
+        target = sharded[entry.megatron]
+        tensor = mapping.to_megatron(entry, [reader.get(n) for n in entry.hf], model)
+        if tuple(tensor.shape) != megatron_io.expected_shape(target):
+            raise hf_io.HFCheckpointError(
+                f"{entry.hf} in {reader.file_of(entry.hf[0])} give {entry.megatron} the shape "
+                f"{tuple(tensor.shape)}, config.json implies {megatron_io.expected_shape(target)};"
+                " config.json does not describe these weights"
+            )
+        target.data = tensor.to(out_dtype).contiguous()
+        if hasattr(target, "dtype") and not callable(target.dtype):
+            target.dtype = out_dtype
+    missing = [k for k, v in sharded.items() if megatron_io.is_tensor_entry(v) and v.data.is_meta]
+    if missing:
+        raise RuntimeError(f"internal: template entries left unfilled: {missing}")
+    megatron_io.save(sharded, output, model)
+    del sharded
+    copied = hf_io.copy_tokenizer_files(hf_dir, output / TOKENIZER_DIR)
+    log.info("wrote %s (%s); tokenizer files: %s", output, out_dtype, copied)
+    return model

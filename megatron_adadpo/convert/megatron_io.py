@@ -1,0 +1,151 @@
+"""Megatron side of the conversion: a weightless template of the checkpoint, single-process setup.
+
+The template is the ``sharded_state_dict()`` of a TP1 / PP1 ``GPTModel`` built on the meta
+device (no memory, ~0.1 s for 8B): it gives the exact checkpoint keys, shapes, layer-stacking
+offsets and factories (``linear_fc1``) that Megatron itself uses. Conversion fills its ``data``
+with real tensors (to save) or with empty buffers for a subset of keys (to load part of a
+checkpoint), so the files are written and read by Megatron's own ``dist_checkpointing``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from megatron_adadpo.checkpointing import MODEL_CONFIG_FILE, read_model_config
+from megatron_adadpo.megatron_api import GPTModel, dist_checkpointing
+from megatron_adadpo.model import ExecutionConfig, layer_spec, transformer_config
+from megatron_adadpo.model_config import ModelConfig
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def parse_dtype(name: str, flag: str = "--dtype") -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"{flag} {name!r} is not supported; use one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def init_single_process() -> None:
+    """A world of one gloo process with TP1 / PP1 Megatron state (CPU tensors, also on GPU hosts)."""
+    from megatron_adadpo import cpu, parallel
+
+    cpu.activate()  # no-op where CUDA exists
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(parallel._free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    if dist.get_world_size() != 1:
+        raise RuntimeError(
+            f"checkpoint conversion runs in one process, found a world of {dist.get_world_size()}"
+            "; run the tool with plain `python`, not torchrun"
+        )
+    parallel.init_model_parallel(parallel.Layout())
+
+
+def template(model: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
+    """``{name: ShardedTensor | ShardedTensorFactory | ShardedObject}`` of a TP1/PP1 model.
+
+    Names are the TP1 / PP1 module names (layer index = global layer number). Tensors are on
+    the meta device. Requires ``init_single_process()`` (or any TP1 / PP1 parallel state).
+    """
+    run = ExecutionConfig(bf16=dtype == torch.bfloat16, transformer_impl="local")
+    config = dataclasses.replace(
+        transformer_config(model, run), use_cpu_initialization=True, perform_initialization=False
+    )
+    with torch.device("meta"):
+        gpt = GPTModel(
+            config=config,
+            transformer_layer_spec=layer_spec(config, run, None),
+            vocab_size=model.padded_vocab_size(1),
+            max_sequence_length=model.max_position_embeddings,
+            pre_process=True,
+            post_process=True,
+            parallel_output=True,
+            share_embeddings_and_output_weights=model.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(model.rotary_base),
+        )
+    return gpt.sharded_state_dict()
+
+
+def is_tensor_entry(value) -> bool:
+    return isinstance(getattr(value, "data", None), torch.Tensor)
+
+
+def expected_shape(value) -> tuple[int, ...]:
+    return tuple(value.data.shape)
+
+
+def save(sharded: dict, directory: Path, model: ModelConfig) -> None:
+    """Save a filled template as a model checkpoint (the layout ``save_model`` writes)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save({"model": sharded}, str(directory))
+    (directory / MODEL_CONFIG_FILE).write_text(yaml.safe_dump(model.to_dict(), sort_keys=False))
+
+
+def load_subset(directory: Path, sharded: dict, names: list[str], dtype: torch.dtype) -> dict:
+    """Load only ``names`` of a checkpoint: ``{name: full TP1 tensor}`` (CPU, ``dtype``)."""
+    sub = {}
+    for name in names:
+        value = sharded[name]
+        value.data = torch.empty(expected_shape(value), dtype=dtype)
+        if hasattr(value, "dtype") and not callable(value.dtype):
+            value.dtype = dtype
+        sub[name] = value
+    loaded = dist_checkpointing.load({"model": sub}, str(directory))["model"]
+    for name in names:
+        sharded[name].data = None  # drop our reference; the result holds the tensor
+    return loaded
+
+
+def stored_dtype(directory: Path) -> torch.dtype:
+    """dtype of the model tensors in a checkpoint (from its metadata; nothing is loaded)."""
+    meta = dist_checkpointing.load_tensors_metadata(str(directory))
+    key = "embedding.word_embeddings.weight"
+    if key in meta:
+        return meta[key].dtype
+    return next(v.dtype for v in meta.values() if hasattr(v, "dtype"))
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint dir, an ``iter_*`` dir, a ``checkpoints`` root or a run dir -> checkpoint dir."""
+    p = Path(path)
+    if (p / "metadata.json").is_file():
+        return p
+    for root in (p, p / "checkpoints"):
+        latest = root / "latest"
+        if latest.is_file():
+            name = latest.read_text().strip()
+            target = Path(name) if Path(name).is_absolute() else root / name
+            if (target / "metadata.json").is_file():
+                return target
+            raise FileNotFoundError(
+                f"{latest} names {target}, which is not a complete checkpoint (no metadata.json); "
+                "pass an existing iter_* directory with --checkpoint"
+            )
+    raise FileNotFoundError(
+        f"{p} is not a checkpoint: expected metadata.json (a checkpoint / iter_* dir) or a "
+        "'latest' file (a checkpoints root); pass the directory written by the trainer or by "
+        "tools/convert_hf_to_megatron.py"
+    )
+
+
+def checkpoint_model_config(directory: Path) -> ModelConfig:
+    """``model.yaml`` of a checkpoint, else the ``model`` section of its ``config.yaml``."""
+    if (directory / MODEL_CONFIG_FILE).is_file():
+        return read_model_config(directory)
+    for candidate in (directory / "config.yaml", directory.parent.parent / "config.yaml"):
+        if candidate.is_file():
+            cfg = yaml.safe_load(candidate.read_text()) or {}
+            if isinstance(cfg.get("model"), dict):
+                known = {f.name for f in dataclasses.fields(ModelConfig)}
+                return ModelConfig.from_dict({k: v for k, v in cfg["model"].items() if k in known})
+    return read_model_config(directory)  # raises the explanatory FileNotFoundError

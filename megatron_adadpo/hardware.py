@@ -1,0 +1,87 @@
+"""Accelerator facts in one place: memory and dense peak TFLOP/s per GPU kind.
+
+Used by the planner (``megatron_adadpo.planner``) and by the trainer's MFU logger. Pure Python
+(no torch import), so a login node can plan a job without a GPU stack.
+
+Peaks are NVIDIA datasheet *dense* (no 2:4 sparsity) tensor-core figures for the SXM parts.
+``memory_gib`` is what ``torch.cuda.get_device_properties(i).total_memory`` reports (GiB).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """One GPU kind: its planner key, marketing name, memory and dense peak TFLOP/s."""
+
+    key: str
+    name: str
+    memory_gib: float
+    bf16_tflops: float
+    fp8_tflops: float | None
+    patterns: tuple[str, ...]  # lower-case substrings of torch.cuda.get_device_name()
+
+    def peak_tflops(self, dtype: str = "bf16") -> float:
+        if dtype in ("bf16", "fp16"):
+            return self.bf16_tflops
+        if dtype == "fp8":
+            if self.fp8_tflops is None:
+                raise ValueError(f"{self.name} has no FP8 tensor cores")
+            return self.fp8_tflops
+        raise ValueError(f"dtype={dtype!r}; accepted: bf16, fp16, fp8")
+
+
+# Order matters for name matching: more specific patterns first (H100 PCIe before H100).
+GPUS: dict[str, GpuSpec] = {
+    spec.key: spec
+    for spec in (
+        GpuSpec("h100-pcie", "H100 PCIe 80GB", 79.1, 756.0, 1513.0, ("h100 pcie",)),
+        GpuSpec("h100", "H100 SXM 80GB", 79.1, 989.0, 1979.0, ("h100", "h800")),
+        GpuSpec("h200", "H200 SXM 141GB", 139.8, 989.0, 1979.0, ("h200",)),
+        GpuSpec("a100-40", "A100 SXM 40GB", 39.4, 312.0, None, ("a100-sxm4-40gb", "a100-pcie-40gb")),
+        GpuSpec("a100", "A100 SXM 80GB", 79.1, 312.0, None, ("a100", "a800")),
+    )
+}
+
+# The flat table the MFU logger can read: {"h100": {"bf16": 989.0, "fp8": 1979.0}, ...}.
+PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    key: {"bf16": s.bf16_tflops, "fp16": s.bf16_tflops}
+    | ({"fp8": s.fp8_tflops} if s.fp8_tflops else {})
+    for key, s in GPUS.items()
+}
+
+
+def gpu_spec(name: str) -> GpuSpec:
+    """The spec for a planner key (``h100``) or a device name (``NVIDIA H100 80GB HBM3``)."""
+    spec = find_gpu(name)
+    if spec is None:
+        raise ValueError(f"unknown GPU {name!r}; known: {', '.join(GPUS)}")
+    return spec
+
+
+def find_gpu(name: str) -> GpuSpec | None:
+    """Match a key or a ``torch.cuda.get_device_name()`` string; None when unknown."""
+    low = name.strip().lower()
+    if low in GPUS:
+        return GPUS[low]
+    for spec in GPUS.values():
+        if any(p in low for p in spec.patterns):
+            return spec
+    return None
+
+
+def peak_tflops(device_name: str, dtype: str = "bf16") -> float | None:
+    """Dense peak TFLOP/s of a device (by key or device name) for ``dtype``; None if unknown.
+
+    The MFU logger calls ``peak_tflops(torch.cuda.get_device_name(), "bf16")``; MFU is
+    conventionally quoted against the bf16 peak even for FP8 runs.
+    """
+    spec = find_gpu(device_name)
+    if spec is None:
+        return None
+    try:
+        return spec.peak_tflops(dtype)
+    except ValueError:
+        return None

@@ -1,0 +1,143 @@
+"""Step metrics: one console line, ``metrics.jsonl``, optional TensorBoard, tokens/s and MFU.
+
+Only the logging rank (last pipeline stage, first TP / CP / DP rank: where the reduced loss
+metrics live) writes. The loss metrics arrive as ``[sum, count]`` tensors already reduced over
+data-parallel ranks; ``reduce_metrics`` makes the single host copy per logged step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from megatron_adadpo.losses import reduce_metrics
+from megatron_adadpo.megatron_api import parallel_state
+
+CONSOLE_FIELDS = (
+    ("loss", "loss", "{:.4f}"),
+    ("rewards/chosen", "r_c", "{:+.3f}"),
+    ("rewards/rejected", "r_r", "{:+.3f}"),
+    ("rewards/margins", "margin", "{:+.3f}"),
+    ("rewards/accuracies", "acc", "{:.2f}"),
+    ("logps/chosen", "lp_c", "{:.2f}"),
+    ("logps/rejected", "lp_r", "{:.2f}"),
+    ("ada/coef_mean", "coef", "{:.3f}"),
+    ("ada/clip_frac", "clip", "{:.2f}"),
+    ("ada/grad_balance", "gbal", "{:.3f}"),
+    ("grad_norm", "gnorm", "{:.3f}"),
+    ("lr", "lr", "{:.2e}"),
+    ("throughput/tokens_per_s", "tok/s", "{:.0f}"),
+    ("throughput/pairs_per_s", "pairs/s", "{:.2f}"),
+    ("throughput/mfu", "mfu", "{:.2%}"),
+)
+
+
+def is_logging_rank() -> bool:
+    return (
+        parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        and parallel_state.get_tensor_model_parallel_rank() == 0
+        and parallel_state.get_context_parallel_rank() == 0
+        and parallel_state.get_data_parallel_rank() == 0
+    )
+
+
+def forward_flops(model, seq_len: int) -> float:
+    """Forward FLOPs of one sequence (matmuls only; Megatron-LM paper accounting).
+
+    ``2*s*(P_layers) + 2*s^2*h_attn*L`` (QK^T and AV, causal half not discounted) ``+ 2*s*h*V``.
+    """
+    h, layers = model.hidden_size, model.num_layers
+    q = model.num_attention_heads * model.head_dim
+    kv = model.query_groups * model.head_dim
+    per_layer = h * (q + 2 * kv) + q * h + 3 * h * model.ffn_hidden_size
+    return 2.0 * seq_len * layers * per_layer + 4.0 * seq_len**2 * q * layers + (
+        2.0 * seq_len * h * model.vocab_size
+    )
+
+
+class MetricsLogger:
+    """Formats, prints and stores the metrics of each logged step (logging rank only)."""
+
+    def __init__(self, run_dir: str, total_steps: int, tensorboard: bool, progress: bool):
+        self.active = is_logging_rank()
+        self.total_steps = total_steps
+        self.progress = progress
+        self.start = time.monotonic()
+        self.jsonl = None
+        self.writer = None
+        if not self.active:
+            return
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def log(self, step: int, values: dict[str, float], prefix: str = "train") -> None:
+        if not self.active:
+            return
+        record = {"step": step, "split": prefix, **values}
+        self.jsonl.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(f"{prefix}/{name}", value, step)
+        print(self._line(step, values, prefix), file=sys.stdout, flush=True)
+
+    def _line(self, step: int, values: dict[str, float], prefix: str) -> str:
+        parts = [f"[{prefix}] step {step}/{self.total_steps}"]
+        for key, short, fmt in CONSOLE_FIELDS:
+            if key in values and not math.isnan(values[key]):
+                parts.append(f"{short} {fmt.format(values[key])}")
+        if prefix == "train" and self.progress and step > 0:
+            elapsed = time.monotonic() - self.start
+            eta = elapsed / step * (self.total_steps - step)
+            bar = _bar(step / max(self.total_steps, 1))
+            parts.append(f"{bar} eta {_hms(eta)}")
+        return " | ".join(parts)
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def step_values(
+    metrics,
+    grad_norm,
+    lr: float,
+    step_time: float,
+    global_batch_size: int,
+    microbatches_per_step: int,
+    flops: float,
+    peak: float,
+) -> dict[str, float]:
+    """Host-side values of one step: loss metrics (means), grad norm, lr, throughput, MFU.
+
+    ``microbatches_per_step`` counts micro-batches over all DP ranks (``batch/tokens`` is a
+    per-micro-batch mean); ``flops`` is the model FLOPs of the whole global batch; ``peak`` the
+    summed peak FLOP/s of all devices.
+    """
+    values = reduce_metrics(metrics) if metrics else {}
+    tokens = values.pop("batch/tokens", float("nan")) * microbatches_per_step
+    values["grad_norm"] = float("nan") if grad_norm is None else float(grad_norm)
+    values["lr"] = lr
+    values["step_time_s"] = step_time
+    values["throughput/tokens_per_s"] = tokens / step_time
+    values["throughput/pairs_per_s"] = global_batch_size / step_time
+    values["throughput/mfu"] = flops / step_time / peak if peak else float("nan")
+    return values
+
+
+def _bar(fraction: float, width: int = 20) -> str:
+    done = int(round(fraction * width))
+    return "[" + "#" * done + "." * (width - done) + "]"
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

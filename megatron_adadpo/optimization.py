@@ -1,0 +1,98 @@
+"""Megatron DDP, optimizer and learning-rate schedule for the policy chunks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from megatron_adadpo.config import OptimizerSection
+from megatron_adadpo.megatron_api import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    OptimizerConfig,
+    OptimizerParamScheduler,
+    finalize_model_grads,
+    get_megatron_optimizer,
+)
+
+
+def wrap_ddp(chunks: list[torch.nn.Module], opt: OptimizerSection) -> list:
+    """Wrap each chunk in Megatron's DDP (contiguous fp32 grad buffers, bucketed reduce).
+
+    The first chunk of a virtual pipeline owns bucketing; later chunks disable it, as in
+    Megatron-LM, so overlapped reduction follows the interleaved schedule.
+    """
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=opt.overlap_grad_reduce,
+        overlap_param_gather=opt.overlap_param_gather,
+        use_distributed_optimizer=opt.use_distributed_optimizer,
+        check_for_nan_in_grad=False,
+        bucket_size=None if not opt.overlap_grad_reduce else 40_000_000,
+    )
+    wrapped = []
+    for i, chunk in enumerate(chunks):
+        wrapped.append(
+            DistributedDataParallel(
+                config=chunk.config,
+                ddp_config=ddp_config,
+                module=chunk,
+                disable_bucketing=i > 0,
+            )
+        )
+    return wrapped
+
+
+def build_optimizer(policy: list, opt: OptimizerSection, bf16: bool):
+    """``get_megatron_optimizer`` (AdamW; distributed when configured) + schedule hooks."""
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=opt.lr,
+        min_lr=opt.min_lr,
+        weight_decay=opt.weight_decay,
+        adam_beta1=opt.adam_beta1,
+        adam_beta2=opt.adam_beta2,
+        adam_eps=opt.adam_eps,
+        clip_grad=opt.clip_grad,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=opt.use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(config, policy)
+    model_config = policy[0].config
+    model_config.finalize_model_grads_func = finalize_model_grads
+    model_config.grad_scale_func = optimizer.scale_loss
+    if opt.overlap_grad_reduce:
+        model_config.no_sync_func = [c.no_sync for c in policy]
+        if len(policy) == 1:
+            model_config.no_sync_func = model_config.no_sync_func[0]
+        model_config.grad_sync_func = [c.start_grad_sync for c in policy]
+        if len(policy) == 1:
+            model_config.grad_sync_func = model_config.grad_sync_func[0]
+    if opt.overlap_param_gather:
+        model_config.param_sync_func = [c.start_param_sync for c in policy]
+        if len(policy) == 1:
+            model_config.param_sync_func = model_config.param_sync_func[0]
+    return optimizer
+
+
+def build_scheduler(
+    optimizer, opt: OptimizerSection, train_iters: int, global_batch_size: int
+) -> OptimizerParamScheduler:
+    """Warm-up then cosine (or linear / constant) decay, counted in samples (pairs)."""
+    total = train_iters * global_batch_size
+    warmup = int(math.floor(opt.warmup_fraction * train_iters)) * global_batch_size
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if warmup else opt.lr,
+        max_lr=opt.lr,
+        min_lr=opt.min_lr,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=max(total, 1),
+        lr_decay_style=opt.decay_style,
+        start_wd=opt.weight_decay,
+        end_wd=opt.weight_decay,
+        wd_incr_steps=max(total, 1),
+        wd_incr_style="constant",
+    )

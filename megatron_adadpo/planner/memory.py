@@ -1,0 +1,162 @@
+"""Per-GPU memory of one training step, by part, for every pipeline rank.
+
+Model (bytes; ``e`` = 2 for bf16, 4 for fp32; ``P`` = parameters on the rank):
+
+- weights ``e*P`` (+ ``2*P_layers`` with FP8: TE's cached FP8 weight and its transpose);
+- gradients: Megatron DDP's main-grad buffer, ``grad_bytes*P`` (fp32: grads are accumulated
+  and reduced in fp32), never sharded;
+- optimizer: fp32 master weights (bf16 runs) + Adam ``m``, ``v``: ``(4 + 8)*P``, divided by
+  ``DP*CP`` with the distributed optimizer (Megatron shards over the data x context group);
+- activations: per layer and micro-batch (``s`` = seq/CP, ``b`` = 2 x pairs, ``t`` = TP, ``q`` =
+  heads*head_dim, ``kv`` = groups*head_dim, ``f`` = ffn):
+  ``[2e*sbh (two RMSNorm inputs) + 2e'*sbh (QKV and fc1 inputs)] / t_sp``
+  ``+ [e*sb(q + 2kv) + e'*sbq (proj input) + 2e*sbf (SwiGLU input) + e'*sbf (fc2 input)] / t``
+  plus ``2.5e * (a/t) * s^2 * b`` for the attention scores when they are stored (local spec
+  without selective recompute) or ``4 * b * (a/t) * s`` (flash-attention softmax statistics).
+  ``t_sp`` = t with sequence parallelism, else 1; ``e'`` = 1 for FP8 linear inputs. For GPT
+  shapes (f = 4h, MHA) this is Korthikanti et al. 2022's ``sbh(34 + 5as/h)`` less the dropout
+  masks (Llama uses no dropout). Full recompute keeps ``e*sbh/t_sp`` per group of
+  ``recompute_num_layers`` layers;
+- in flight: rank ``r`` of 1F1B holds ``min(PP - r, M)`` micro-batches of its ``L/PP`` layers;
+  the interleaved schedule holds ``min(M*V, 2(PP - r - 1) + (V - 1)*PP + 1)`` chunks of
+  ``L/(PP*V)`` layers (rank 0: ``L*(1 + (PP-1)/(PP*V))`` layers, as in Korthikanti et al.);
+- logits (last rank): ``[s, b, V_pad/t]`` bf16 logits + their fp32 copy kept by
+  ``vocab_parallel_cross_entropy`` for backward (6 bytes/element; 8 in fp32 runs);
+- workspace: one more layer's full activations (backward / recompute of the current layer);
+- reference: resident = ``e*P`` frozen weights (its forward keeps no activations);
+  precomputed / none = 0.
+
+``allocated`` models ``torch.cuda.max_memory_allocated``; ``reserved`` adds allocator slack
+(5 % of the dynamic part) and ``RUNTIME_GIB`` for the CUDA context, NCCL and cuBLAS workspaces:
+compare it with the GPU's memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from megatron_adadpo.planner.inputs import PlanInput
+from megatron_adadpo.planner.params import stage_params
+
+GIB = 1024**3
+RUNTIME_GIB = 2.0  # CUDA context + NCCL communicators + cuBLAS/TE workspaces, outside torch
+ALLOCATOR_SLACK = 0.05  # fragmentation of the caching allocator on the dynamic part
+
+PARTS = (
+    "weights",
+    "gradients",
+    "optimizer",
+    "activations",
+    "logits",
+    "workspace",
+    "reference",
+)
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """Memory of one pipeline rank (all TP / DP ranks at that position are alike)."""
+
+    pp_rank: int
+    params: int
+    layers: int
+    in_flight_layers: float  # layer-micro-batches of activations held at the peak
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    logits: float
+    workspace: float
+    reference: float
+
+    @property
+    def allocated(self) -> float:
+        return sum(getattr(self, p) for p in PARTS)
+
+    @property
+    def reserved(self) -> float:
+        dynamic = self.activations + self.logits + self.workspace
+        return self.allocated + ALLOCATOR_SLACK * dynamic + RUNTIME_GIB * GIB
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"allocated": self.allocated, "reserved": self.reserved}
+
+
+def elem_bytes(p: PlanInput) -> int:
+    return 2 if p.bf16 else 4
+
+
+def layer_activation_bytes(p: PlanInput, stored: bool = True) -> float:
+    """Bytes one transformer layer keeps for backward, for one micro-batch on one rank.
+
+    ``stored=False`` gives the full activations (no recompute): the transient working set of
+    the layer being recomputed or back-propagated.
+    """
+    m, t = p.model, p.tp
+    e = elem_bytes(p)
+    lin = 1 if p.fp8 else e
+    s, b, h, f = p.seq_length / p.cp, 2 * p.micro_batch_size, m.hidden_size, m.ffn_hidden_size
+    q = m.num_attention_heads * m.head_dim
+    kv = m.query_groups * m.head_dim
+    t_sp = t if p.sequence_parallel else 1
+    recompute = p.recompute if stored else None
+    if recompute == "full":
+        return e * s * b * h / t_sp / max(1, p.recompute_num_layers)
+    replicated = (2 * e + 2 * lin) * s * b * h / t_sp
+    sharded = (e * (q + 2 * kv) + lin * q + 2 * e * f + lin * f) * s * b / t
+    heads = m.num_attention_heads / t
+    if p.flash_attention:
+        core = 4 * b * heads * s
+    elif recompute == "selective":
+        core = 0.0
+    else:
+        core = 2.5 * e * heads * s * s * b
+    return replicated + sharded + core
+
+
+def in_flight_layers(p: PlanInput, num_micro: int, pp_rank: int) -> float:
+    """Layer-micro-batches of activations held by ``pp_rank`` at its peak (1F1B schedules)."""
+    L, pp = p.model.num_layers, p.pp
+    if p.vpp:
+        chunks = min(num_micro * p.vpp, 2 * (pp - pp_rank - 1) + (p.vpp - 1) * pp + 1)
+        return chunks * L / (pp * p.vpp)
+    return min(pp - pp_rank, num_micro) * L / pp
+
+
+def logits_bytes(p: PlanInput) -> float:
+    """The last stage's ``[s, 2b, V_pad/t]`` logits for the log-prob path of one micro-batch."""
+    vocab = p.model.padded_vocab_size(p.tp) / p.tp
+    per_elem = 6 if p.bf16 else 8
+    return p.seq_length / p.cp * 2 * p.micro_batch_size * vocab * per_elem
+
+
+def stage_memory(p: PlanInput, dp: int, num_micro: int, pp_rank: int) -> StageMemory:
+    """Memory of pipeline rank ``pp_rank`` for ``dp`` data-parallel replicas."""
+    sp = stage_params(p.model, p.tp, p.pp, pp_rank, p.vpp)
+    n, e = sp.total, elem_bytes(p)
+    weights = e * n + (2 * sp.layers if p.fp8 else 0)
+    optimizer = ((4 if p.bf16 else 0) + 8) * n
+    if p.distributed_optimizer:
+        optimizer /= dp * p.cp
+    layers = in_flight_layers(p, num_micro, pp_rank)
+    workspace = layer_activation_bytes(p, stored=False) * (
+        p.recompute_num_layers if p.recompute == "full" else 1
+    )
+    return StageMemory(
+        pp_rank=pp_rank,
+        params=n,
+        layers=sp.num_layers,
+        in_flight_layers=layers,
+        weights=weights,
+        gradients=p.grad_bytes * n,
+        optimizer=optimizer,
+        activations=layers * layer_activation_bytes(p),
+        logits=logits_bytes(p) if pp_rank == p.pp - 1 else 0.0,
+        workspace=workspace,
+        reference=e * n if p.reference == "resident" else 0.0,
+    )
+
+
+def memory_plan(p: PlanInput, dp: int, num_micro: int) -> list[StageMemory]:
+    """Memory of every pipeline rank, first to last."""
+    return [stage_memory(p, dp, num_micro, r) for r in range(p.pp)]

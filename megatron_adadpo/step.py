@@ -1,0 +1,195 @@
+"""One preference-optimisation step inside Megatron-Core's schedules.
+
+``forward_step`` / ``loss_func`` follow the ``get_forward_backward_func`` contract (no
+pipelining, 1F1B, interleaved). The policy's ``GPTModel`` is called with labels, so the last
+pipeline stage returns per-token cross-entropy from Megatron's vocab-parallel CE (no vocab
+gather); ``loss_func`` turns it into per-sequence log-prob sums (reduced over CP), splits the
+interleaved ``[c0, r0, c1, r1, ...]`` rows into chosen / rejected, and applies the configured
+loss. It returns ``(loss_sum, n_valid_pairs, report)``: with ``calculate_per_token_loss`` the
+schedule sums ``n_valid_pairs`` over micro-batches and ``finalize_model_grads`` all-reduces it
+over DP x CP and divides the gradients by it, so the loss is the mean over the valid pairs of
+the global batch whatever the micro-batch count, DP size or pipeline layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from megatron_adadpo.logprobs import sequence_logprobs
+from megatron_adadpo.losses import LossConfig, accumulate_metrics, all_reduce_metrics
+from megatron_adadpo.losses import preference_loss
+from megatron_adadpo.megatron_api import get_forward_backward_func, parallel_state
+
+
+def policy_forward(model, batch: dict) -> torch.Tensor:
+    """Per-token CE ``[b, s]`` on the last stage (hidden states elsewhere).
+
+    Shapes: tokens / labels / position_ids ``[2B, S]``.
+    """
+    return model(
+        batch["tokens"], batch["position_ids"], None, labels=batch["labels"].clamp(min=0)
+    )
+
+
+def sequence_sums(per_token_ce: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence completion log-prob sums and token counts, both ``[2B]`` fp32."""
+    cp_group = parallel_state.get_context_parallel_group()
+    return sequence_logprobs(-per_token_ce.float(), batch["loss_mask"], cp_group)
+
+
+def loss_func(loss_config: LossConfig, batch: dict, per_token_ce: torch.Tensor):
+    """``(sum of per-pair losses, number of valid pairs, report)`` for one micro-batch."""
+    sums, counts = sequence_sums(per_token_ce, batch)
+    ref = batch.get("reference_logps")
+    chosen_nll = None
+    if loss_config.needs_chosen_nll:
+        chosen_nll = -sums[0::2] / counts[0::2].clamp(min=1)
+    losses, metrics = preference_loss(
+        loss_config,
+        sums[0::2],
+        sums[1::2],
+        counts[0::2],
+        counts[1::2],
+        reference_chosen_logps=None if ref is None else ref[0::2],
+        reference_rejected_logps=None if ref is None else ref[1::2],
+        chosen_nll=chosen_nll,
+    )
+    tokens = torch.full_like(losses.detach().sum(), batch["tokens"].numel())  # incl. padding
+    metrics["batch/tokens"] = torch.stack([tokens, torch.ones_like(tokens)])
+    n_valid = metrics["pairs/valid"][0].to(torch.int)
+    report = {"metrics": metrics, "losses": losses.detach(), "pair_ids": batch["pair_ids"]}
+    return losses.sum(), n_valid, report
+
+
+def forward_step(loss_config: LossConfig, data_iterator: Iterator, model):
+    batch = next(data_iterator)
+    return policy_forward(model, batch), partial(loss_func, loss_config, batch)
+
+
+def _reference_loss_func(batch: dict, per_token_ce: torch.Tensor):
+    sums, _ = sequence_sums(per_token_ce, batch)
+    zero = torch.zeros((), device=sums.device)
+    return zero, torch.zeros((), dtype=torch.int), {"reference_logps": sums.detach()}
+
+
+def _reference_forward_step(data_iterator: Iterator, model):
+    batch = next(data_iterator)
+    with torch.no_grad():
+        output = policy_forward(model, batch)
+    return output, partial(_reference_loss_func, batch)
+
+
+def _iterators(batches: list[dict], num_chunks: int):
+    its = [iter(batches) for _ in range(num_chunks)]
+    return its if num_chunks > 1 else its[0]
+
+
+def _schedule_shape(batches: list[dict], run) -> tuple[int, int]:
+    seq_length = batches[0]["tokens"].shape[1]
+    return seq_length, batches[0]["tokens"].shape[0]
+
+
+def attach_resident_reference(reference: list, batches: list[dict], run) -> None:
+    """Run the frozen reference forward-only on the same micro-batches; store its sums.
+
+    Adds ``batch["reference_logps"]`` (``[2B]`` fp32) on the last pipeline stage, where the
+    policy loss is computed.
+    """
+    seq_length, mbs = _schedule_shape(batches, run)
+    outputs = get_forward_backward_func()(
+        forward_step_func=_reference_forward_step,
+        data_iterator=_iterators(batches, len(reference)),
+        model=reference,
+        num_microbatches=len(batches),
+        seq_length=seq_length,
+        micro_batch_size=mbs,
+        forward_only=True,
+    )
+    for batch, out in zip(batches, outputs, strict=False):
+        batch["reference_logps"] = out["reference_logps"]
+
+
+@dataclass
+class StepResult:
+    metrics: dict  # name -> [2] tensor, reduced over DP (last pipeline stage only, else {})
+    grad_norm: float | None
+    skipped: bool
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss of a step was NaN or inf (``train.nan_policy = stop``)."""
+
+
+def train_step(
+    policy: list,
+    optimizer,
+    scheduler,
+    batches: list[dict],
+    loss_config: LossConfig,
+    run,
+    global_batch_size: int,
+    nan_policy: str = "stop",
+    step: int = 0,
+) -> StepResult:
+    """Forward + backward over this rank's micro-batches, then the optimizer step.
+
+    One host sync per step: the agreement of all ranks on a finite loss (before the optimizer
+    steps). The optimizer's grad-norm computation syncs as Megatron's does.
+    """
+    for chunk in policy:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    seq_length, mbs = _schedule_shape(batches, run)
+    reports = get_forward_backward_func()(
+        forward_step_func=partial(forward_step, loss_config),
+        data_iterator=_iterators(batches, len(policy)),
+        model=policy,
+        num_microbatches=len(batches),
+        seq_length=seq_length,
+        micro_batch_size=mbs,
+        forward_only=False,
+    )
+    metrics = {}
+    if reports:
+        metrics = all_reduce_metrics(
+            accumulate_metrics(r["metrics"] for r in reports),
+            group=parallel_state.get_data_parallel_group(),
+        )
+    if not _all_finite(reports):
+        if nan_policy == "stop":
+            raise NonFiniteLoss(_describe_nonfinite(reports, step))
+        scheduler.step(increment=global_batch_size)
+        return StepResult(metrics, None, skipped=True)
+    _, grad_norm, _ = optimizer.step()
+    scheduler.step(increment=global_batch_size)
+    return StepResult(metrics, grad_norm, skipped=False)
+
+
+def _all_finite(reports: list[dict]) -> bool:
+    """Every rank agrees whether all losses of the step are finite (one MIN all-reduce)."""
+    ok = torch.ones((), dtype=torch.float32)
+    for r in reports:
+        ok = ok * torch.isfinite(r["losses"]).all()
+    if torch.cuda.is_available():
+        ok = ok.cuda()
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+def _describe_nonfinite(reports: list[dict], step: int) -> str:
+    bad = [
+        int(pid)
+        for r in reports
+        for pid, loss in zip(r["pair_ids"].tolist(), r["losses"].tolist(), strict=True)
+        if not torch.isfinite(torch.tensor(loss))
+    ]
+    where = f"pair ids {bad}" if bad else "pairs on another rank"
+    return (
+        f"non-finite loss at step {step} ({where}); set train.nan_policy=skip to skip such "
+        "steps, or lower optimizer.lr"
+    )

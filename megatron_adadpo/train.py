@@ -1,0 +1,222 @@
+"""AdaDPO / DPO-family training with Megatron-Core.
+
+    torchrun --nproc-per-node N -m megatron_adadpo.train --config FILE.yaml [--set a.b=c ...]
+
+config -> distributed init -> data -> policy (+ reference) -> DDP, optimizer, schedule ->
+resume -> loop (micro-batches -> reference log-probs -> schedule fwd/bwd -> optimizer ->
+metrics -> eval -> checkpoint) -> final checkpoint. SIGTERM (Slurm preemption) saves and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_adadpo import checkpointing, parallel
+from megatron_adadpo.config import Config, check_world, load_config
+from megatron_adadpo.data import PreferenceSampler, collate_pairs, load_preference_dataset
+from megatron_adadpo.data import pad_multiple
+from megatron_adadpo.init import init_layout_invariant
+from megatron_adadpo.megatron_api import parallel_state
+from megatron_adadpo.metrics import MetricsLogger, forward_flops, step_values
+from megatron_adadpo.model import build_model
+from megatron_adadpo.optimization import build_optimizer, build_scheduler, wrap_ddp
+from megatron_adadpo.reference import PrecomputedReference, ResidentReference
+from megatron_adadpo.step import train_step
+
+
+@dataclass
+class Batches:
+    """Turns sampler index lists into collated micro-batches on the training device."""
+
+    dataset: object
+    sampler: PreferenceSampler
+    pad_id: int
+    multiple: int
+    fixed_length: int | None
+
+    def __post_init__(self):
+        self.iterator = iter(self.sampler)
+
+    def next_step(self) -> list[dict]:
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        out = []
+        for _ in range(self.sampler.num_microbatches):
+            examples = [self.dataset[i] for i in next(self.iterator)]
+            batch = collate_pairs(examples, self.pad_id, self.multiple, self.fixed_length)
+            out.append({k: v.to(device) for k, v in batch.items() if v is not None})
+        return out
+
+
+def build_batches(c: Config, dataset, dp: int, consumed: int, shuffle: bool = True) -> Batches:
+    e = c.execution
+    sampler = PreferenceSampler(
+        num_pairs=len(dataset),
+        global_batch_size=c.train.global_batch_size,
+        micro_batch_size=c.train.micro_batch_size,
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_size=dp,
+        seed=c.train.seed,
+        consumed_samples=consumed,
+        shuffle=shuffle,
+        drop_last=shuffle,
+    )
+    multiple = pad_multiple(e.tp, e.cp, e.sequence_parallel)
+    fixed = c.data.max_length if e.pp > 1 else None  # pipeline p2p needs fixed shapes
+    return Batches(dataset, sampler, dataset.pad_id, multiple, fixed)
+
+
+def load_data(c: Config):
+    """Tokenize / load on rank 0 first (it fills the cache), then everyone else."""
+    if dist.get_rank() == 0:
+        dataset = load_preference_dataset(c.data)
+    dist.barrier()
+    if dist.get_rank() != 0:
+        dataset = load_preference_dataset(c.data)
+    return dataset
+
+
+def build_policy(c: Config) -> list:
+    chunks = build_model(c.model, c.execution)
+    if c.train.init_checkpoint:
+        checkpointing.load_model(chunks, c.train.init_checkpoint, c.model)
+    elif c.train.init_method == "layout_invariant":
+        init_layout_invariant(chunks, c.train.seed, c.model.vocab_size)
+    return chunks
+
+
+def build_reference(c: Config, policy_chunks: list, dataset):
+    if c.reference.mode == "resident":
+        return ResidentReference(c.model, c.execution, policy_chunks)
+    if c.reference.mode == "precomputed":
+        return PrecomputedReference(c.reference.path, dataset.identity)
+    return None
+
+
+def train_iters(c: Config, dataset) -> int:
+    if c.train.train_iters is not None:
+        return c.train.train_iters
+    return c.train.epochs * (len(dataset) // c.train.global_batch_size)
+
+
+class _Preemption:
+    """Remembers a SIGTERM so the loop can save and leave at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        if torch.cuda.is_available():
+            flag = flag.cuda()
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    c = load_config(args.config, args.set)  # every config check before any allocation
+    parallel.init_distributed()
+    dp = check_world(c, dist.get_world_size())
+    e = c.execution
+    parallel.init_model_parallel(parallel.Layout(e.tp, e.pp, e.vpp, e.cp), seed=c.train.seed)
+    if dist.get_rank() == 0:
+        print(f"[megatron_adadpo] resolved config:\n{c.to_yaml()}", flush=True)
+    dataset = load_data(c)
+    total = train_iters(c, dataset)
+    policy_chunks = build_policy(c)
+    reference = build_reference(c, policy_chunks, dataset)
+    policy = wrap_ddp(policy_chunks, c.optimizer)
+    optimizer = build_optimizer(policy, c.optimizer, e.bf16)
+    scheduler = build_scheduler(optimizer, c.optimizer, total, c.train.global_batch_size)
+    state = {"step": 0, "consumed_samples": 0}
+    resume = checkpointing.latest_checkpoint(c.logging.run_dir) if c.checkpoint.resume else None
+    if resume is not None:
+        state = checkpointing.load_training(resume, policy, optimizer, scheduler, c.model)
+        if dist.get_rank() == 0:
+            print(f"[megatron_adadpo] resumed from {resume} at step {state['step']}", flush=True)
+    batches = build_batches(c, dataset, dp, state["consumed_samples"])
+    run_loop(c, policy, optimizer, scheduler, reference, batches, state, total, dp)
+    parallel.destroy()
+
+
+def run_loop(c: Config, policy, optimizer, scheduler, reference, batches, state, total, dp):
+    logger = MetricsLogger(c.logging.run_dir, total, c.logging.tensorboard, c.logging.progress)
+    preemption = _Preemption()
+    peak = _peak_flops() * dist.get_world_size()
+    micro_per_step = batches.sampler.num_microbatches * dp
+    mult = 4.0 if c.reference.mode == "resident" else 3.0  # fwd+bwd (+ reference forward)
+    config_yaml = c.to_yaml()
+
+    def save():
+        checkpointing.save_training(
+            c.logging.run_dir, state["step"], policy, optimizer, scheduler, state, c.model,
+            config_yaml,
+        )
+
+    while state["step"] < total:
+        start = time.monotonic()
+        step_batches = batches.next_step()
+        if reference is not None:
+            reference.attach(step_batches)
+        result = train_step(
+            policy, optimizer, scheduler, step_batches, c.loss, c.execution,
+            c.train.global_batch_size, c.train.nan_policy, state["step"] + 1,
+        )
+        state["step"] += 1
+        state["consumed_samples"] += c.train.global_batch_size
+        elapsed = time.monotonic() - start
+        if state["step"] % c.logging.log_interval == 0 or state["step"] == total:
+            seq = step_batches[0]["tokens"].shape[1]
+            flops = mult * forward_flops(c.model, seq) * 2 * c.train.global_batch_size
+            values = step_values(
+                result.metrics, result.grad_norm, optimizer.param_groups[0]["lr"], elapsed,
+                c.train.global_batch_size, micro_per_step, flops, peak,
+            )
+            values["skipped"] = float(result.skipped)
+            logger.log(state["step"], values)
+        interval = c.checkpoint.save_interval
+        if preemption.agreed():
+            save()
+            if dist.get_rank() == 0:
+                print(f"[megatron_adadpo] SIGTERM: saved step {state['step']}, exiting", flush=True)
+            break
+        if interval and state["step"] % interval == 0 and state["step"] < total:
+            save()
+    else:
+        if c.checkpoint.save_at_end:
+            save()
+    logger.close()
+
+
+def _peak_flops() -> float:
+    """Peak dense FLOP/s of this device (bf16 tensor cores on GPUs); NaN when unknown."""
+    try:
+        from megatron_adadpo.hardware import peak_flops_per_device
+    except ImportError:
+        return float("nan")
+    return peak_flops_per_device()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="YAML run configuration")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set loss.beta=0.05 (repeatable)",
+    )
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
