@@ -133,12 +133,32 @@ def from_dict(values: dict) -> Config:
         if bad:
             raise ConfigError(f"unknown keys {[f'{name}.{k}' for k in bad]}; accepted: {sorted(known)}")
         try:
-            sections[name] = cls(**value)
+            sections[name] = cls(**_coerce(cls, name, value))
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"in section '{name}': {exc}") from exc
     config = Config(**sections)
     validate(config)
     return config
+
+
+def _coerce(cls, section: str, values: dict) -> dict:
+    """Numbers written as YAML strings (``1e-3``) become floats; bad types name the field."""
+    hints = typing.get_type_hints(cls)
+    out = dict(values)
+    for key, value in values.items():
+        kinds = set(typing.get_args(hints[key])) or {hints[key]}
+        if float in kinds and isinstance(value, (str, int)) and not isinstance(value, bool):
+            try:
+                out[key] = float(value)
+            except ValueError:
+                raise ConfigError(f"{section}.{key}={value!r} must be a number") from None
+        elif int in kinds and float not in kinds and isinstance(value, float):
+            if not value.is_integer():
+                raise ConfigError(f"{section}.{key}={value!r} must be an integer")
+            out[key] = int(value)
+        elif bool in kinds and not isinstance(value, bool) and value is not None:
+            raise ConfigError(f"{section}.{key}={value!r} must be true or false")
+    return out
 
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:

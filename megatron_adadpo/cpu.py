@@ -186,7 +186,9 @@ def _cpu_rng_set(state, *args, **kwargs):
 def _cuda_replacements() -> dict[str, object]:
     none = lambda *args, **kwargs: None  # noqa: E731
     return {
-        "current_device": _counted("torch.cuda.current_device", lambda: 0),
+        # A CPU device (not the ordinal 0) so that allocations made while the function mode is
+        # suspended (inside autograd's backward) land on the CPU too.
+        "current_device": _counted("torch.cuda.current_device", lambda: torch.device("cpu")),
         "synchronize": _counted("torch.cuda.synchronize", none),
         "get_rng_state": _counted("torch.cuda.get_rng_state", _cpu_rng_get),
         "set_rng_state": _counted("torch.cuda.set_rng_state", _cpu_rng_set),

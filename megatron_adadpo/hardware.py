@@ -40,7 +40,9 @@ GPUS: dict[str, GpuSpec] = {
         GpuSpec("h100-pcie", "H100 PCIe 80GB", 79.1, 756.0, 1513.0, ("h100 pcie",)),
         GpuSpec("h100", "H100 SXM 80GB", 79.1, 989.0, 1979.0, ("h100", "h800")),
         GpuSpec("h200", "H200 SXM 141GB", 139.8, 989.0, 1979.0, ("h200",)),
-        GpuSpec("a100-40", "A100 SXM 40GB", 39.4, 312.0, None, ("a100-sxm4-40gb", "a100-pcie-40gb")),
+        GpuSpec(
+            "a100-40", "A100 SXM 40GB", 39.4, 312.0, None, ("a100-sxm4-40gb", "a100-pcie-40gb")
+        ),
         GpuSpec("a100", "A100 SXM 80GB", 79.1, 312.0, None, ("a100", "a800")),
     )
 }

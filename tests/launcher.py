@@ -11,6 +11,7 @@ every rank when one fails or the deadline passes, and re-raises the rank's trace
 from __future__ import annotations
 
 import datetime
+import io
 import multiprocessing as mp
 import os
 import queue
@@ -78,7 +79,7 @@ def _collect(results: mp.Queue, procs, world_size: int, timeout: float) -> list:
             continue
         if not ok:
             raise RankFailed(f"rank {rank} failed:\n{payload}")
-        out[rank] = payload
+        out[rank] = torch.load(io.BytesIO(payload), weights_only=False)
     return [out[r] for r in range(world_size)]
 
 
@@ -98,7 +99,11 @@ def _rank_main(fn, rank, world_size, store, timeout, results, args, kwargs) -> N
             timeout=datetime.timedelta(seconds=timeout),
         )
         payload = fn(rank, world_size, *args, **kwargs)
-        results.put((rank, True, payload))
+        # Plain bytes: torch's queue reductions pass tensors as shared-memory file descriptors,
+        # which die with this process before the parent reads them.
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        results.put((rank, True, buffer.getvalue()))
     except BaseException:
         results.put((rank, False, traceback.format_exc()))
         code = 1

@@ -160,9 +160,7 @@ def check_layout(p: PlanInput, cluster: Cluster) -> list[str]:
         )
     stages = p.pp * (p.vpp or 1)
     if m.num_layers % stages:
-        errors.append(
-            f"execution.pp*vpp={stages} does not divide model.num_layers={m.num_layers}"
-        )
+        errors.append(f"execution.pp*vpp={stages} does not divide model.num_layers={m.num_layers}")
     if p.vpp is not None and (p.vpp < 2 or p.pp < 2):
         errors.append("execution.vpp (virtual stages) needs vpp >= 2 and pp >= 2, or null")
     if p.sequence_parallel and p.tp == 1:
@@ -172,10 +170,14 @@ def check_layout(p: PlanInput, cluster: Cluster) -> list[str]:
     if p.fp8 not in (None, "hybrid", "e4m3"):
         errors.append(f"execution.fp8={p.fp8!r}; accepted: null, hybrid, e4m3")
     if p.fp8 and cluster.gpu.fp8_tflops is None:
-        errors.append(f"execution.fp8={p.fp8!r} needs FP8 tensor cores; {cluster.gpu.name} has none")
+        errors.append(
+            f"execution.fp8={p.fp8!r} needs FP8 tensor cores; {cluster.gpu.name} has none"
+        )
     if (p.cp > 1 or p.fp8) and p.transformer_impl == "local":
-        errors.append("execution.cp > 1 and execution.fp8 need Transformer Engine "
-                      "(transformer_impl auto or transformer_engine)")
+        errors.append(
+            "execution.cp > 1 and execution.fp8 need Transformer Engine "
+            "(transformer_impl auto or transformer_engine)"
+        )
     if p.reference not in ("resident", "precomputed", "none"):
         errors.append(f"reference.mode={p.reference!r}; accepted: resident, precomputed, none")
     pad = _pad_multiple(p)
@@ -185,8 +187,10 @@ def check_layout(p: PlanInput, cluster: Cluster) -> list[str]:
     if errors:
         raise LayoutError("; ".join(errors))
     if p.tp > cluster.gpus_per_node:
-        warnings.append(f"TP{p.tp} spans nodes ({cluster.gpus_per_node} GPUs per node): tensor "
-                        "parallelism across the network is slow; keep TP within a node")
+        warnings.append(
+            f"TP{p.tp} spans nodes ({cluster.gpus_per_node} GPUs per node): tensor "
+            "parallelism across the network is slow; keep TP within a node"
+        )
     if p.tp > 1 and not p.sequence_parallel:
         warnings.append("TP > 1 without sequence_parallel stores replicated activations")
     return warnings
@@ -206,20 +210,28 @@ def _world_errors(p: PlanInput, c: Cluster) -> list[str]:
     if c.nodes < 1 or c.gpus_per_node < 1:
         return [f"nodes={c.nodes} and gpus_per_node={c.gpus_per_node} must be >= 1"]
     if c.gpus is not None and c.gpus > c.nodes * c.gpus_per_node:
-        return [f"{c.gpus} GPUs requested but {c.nodes} nodes x {c.gpus_per_node} GPUs per node "
-                f"= {c.nodes * c.gpus_per_node}; add nodes or ask for fewer GPUs"]
+        return [
+            f"{c.gpus} GPUs requested but {c.nodes} nodes x {c.gpus_per_node} GPUs per node "
+            f"= {c.nodes * c.gpus_per_node}; add nodes or ask for fewer GPUs"
+        ]
     model = p.tp * p.pp * p.cp
     if c.world_size % model:
-        return [f"{c.world_size} GPUs are not divisible by execution.tp*pp*cp = {model}; use a "
-                "multiple of it or change the layout"]
+        return [
+            f"{c.world_size} GPUs are not divisible by execution.tp*pp*cp = {model}; use a "
+            "multiple of it or change the layout"
+        ]
     dp = c.world_size // model
     if p.global_batch_size % (p.micro_batch_size * dp):
-        errors.append(f"train.global_batch_size={p.global_batch_size} is not divisible by "
-                      f"train.micro_batch_size*DP = {p.micro_batch_size}*{dp}")
+        errors.append(
+            f"train.global_batch_size={p.global_batch_size} is not divisible by "
+            f"train.micro_batch_size*DP = {p.micro_batch_size}*{dp}"
+        )
     elif p.vpp and (p.global_batch_size // (p.micro_batch_size * dp)) % p.pp:
         micro = p.global_batch_size // (p.micro_batch_size * dp)
-        errors.append(f"the interleaved schedule needs the micro-batch count ({micro}) to be a "
-                      f"multiple of execution.pp={p.pp}; change train.global_batch_size")
+        errors.append(
+            f"the interleaved schedule needs the micro-batch count ({micro}) to be a "
+            f"multiple of execution.pp={p.pp}; change train.global_batch_size"
+        )
     return errors
 
 

@@ -1,0 +1,102 @@
+"""Step FLOPs and time at a stated MFU.
+
+Forward FLOPs of one sequence of ``s`` tokens (Megatron-LM's ``num_floating_point_operations``
+convention: 2 FLOPs per multiply-add, the full ``s x s`` attention square):
+
+    F = s * [2 * L * (h*(q + 2kv) + q*h + 3*h*f) + 2*h*V_pad] + 4 * s^2 * q * L
+
+which for GPT shapes (f = 4h two-matrix MLP, MHA) is ``24*s*L*h^2*(1 + s/(6h) + V/(12*L*h))``:
+Narayanan et al. 2021 without recompute (their ``96*...*V/(16*L*h)`` counts four passes).
+One DPO step of ``G`` pairs runs ``2G`` sequences: policy forward + backward ``3F`` each,
+resident reference forward ``F`` each (precomputed: 0 per step, ``F`` per pair once, ahead of
+training). Full recompute adds one policy forward of hardware FLOPs, which MFU does not count.
+
+Time per step = model FLOPs per GPU / (MFU * dense bf16 peak); MFU is quoted against the bf16
+peak for FP8 runs too (as NVIDIA and Megatron report it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from megatron_adadpo.hardware import GpuSpec
+from megatron_adadpo.planner.inputs import PlanInput
+
+# Planning defaults for a DPO step (seq 2048, 1 pair per micro-batch, a reference forward):
+# below NeMo's published pre-training numbers (H100 FP8, seq 8192: Llama-3-8B 711 and
+# Llama-3-70B 734 model TFLOP/s per GPU = 72-74 % of the bf16 peak); see docs/scaling.md.
+DEFAULT_MFU = {"bf16": 0.40, "fp8": 0.55, "fp32": 0.10}
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """FLOPs, time and throughput of one optimizer step on the whole cluster."""
+
+    seq_length: float
+    sequences: int
+    tokens: float
+    policy_flops: float  # forward + backward
+    reference_flops: float  # forward of the resident reference (0 when precomputed)
+    recompute_flops: float  # extra forward of full recompute (hardware FLOPs, not in MFU)
+    precompute_flops_per_pair: float  # one-off reference pass when precomputed
+    mfu: float
+    peak_tflops: float
+    step_time_s: float
+    tokens_per_s: float
+    tokens_per_s_per_gpu: float
+    model_tflops_per_gpu: float
+    pipeline_bubble: float  # idle fraction of a pipeline step, (PP-1)/(V*M)
+
+    @property
+    def model_flops(self) -> float:
+        return self.policy_flops + self.reference_flops
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"model_flops": self.model_flops}
+
+
+def forward_flops(p: PlanInput, seq_length: float) -> float:
+    """Forward FLOPs of one sequence (see the module docstring)."""
+    m = p.model
+    h, f, d, L = m.hidden_size, m.ffn_hidden_size, m.head_dim, m.num_layers
+    q, kv = m.num_attention_heads * d, m.query_groups * d
+    linear = 2 * L * (h * (q + 2 * kv) + q * h + 3 * h * f) + 2 * h * m.padded_vocab_size(p.tp)
+    return seq_length * linear + 4 * seq_length**2 * q * L
+
+
+def default_mfu(p: PlanInput) -> float:
+    return DEFAULT_MFU["fp8" if p.fp8 else "bf16" if p.bf16 else "fp32"]
+
+
+def step_cost(
+    p: PlanInput, gpu: GpuSpec, world_size: int, num_micro: int, mfu: float | None = None
+) -> StepCost:
+    """FLOPs and time of one step of ``p.global_batch_size`` pairs on ``world_size`` GPUs."""
+    mfu = default_mfu(p) if mfu is None else mfu
+    if not 0 < mfu <= 1:
+        raise ValueError(f"mfu={mfu} must be in (0, 1]")
+    s = p.avg_seq_length or p.seq_length
+    seqs = 2 * p.global_batch_size
+    fwd = forward_flops(p, s)
+    policy = 3 * fwd * seqs
+    reference = fwd * seqs if p.reference == "resident" else 0.0
+    recompute = fwd * seqs if p.recompute == "full" else 0.0
+    peak = gpu.bf16_tflops if p.bf16 or p.fp8 else gpu.bf16_tflops / 2  # fp32: TF32 tensor cores
+    time = (policy + reference) / world_size / (mfu * peak * 1e12)
+    tokens = seqs * s
+    return StepCost(
+        seq_length=s,
+        sequences=seqs,
+        tokens=tokens,
+        policy_flops=policy,
+        reference_flops=reference,
+        recompute_flops=recompute,
+        precompute_flops_per_pair=2 * fwd if p.reference == "precomputed" else 0.0,
+        mfu=mfu,
+        peak_tflops=peak,
+        step_time_s=time,
+        tokens_per_s=tokens / time,
+        tokens_per_s_per_gpu=tokens / time / world_size,
+        model_tflops_per_gpu=mfu * peak,
+        pipeline_bubble=(p.pp - 1) / ((p.vpp or 1) * num_micro),
+    )

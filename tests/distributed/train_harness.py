@@ -1,0 +1,130 @@
+"""Run the real trainer (``megatron_adadpo.train``) inside forked gloo ranks, and read results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_adadpo import train
+from megatron_adadpo.init import global_param_names
+from megatron_adadpo.megatron_api import parallel_state
+
+REPO = Path(__file__).resolve().parents[2]
+
+TINY_OVERRIDES = [
+    "model.num_layers=4",
+    "model.hidden_size=64",
+    "model.ffn_hidden_size=128",
+    "model.num_attention_heads=4",
+    "model.num_query_groups=2",
+    "model.vocab_size=640",
+    "model.max_position_embeddings=128",
+    "model.make_vocab_size_divisible_by=32",
+    "execution.tp=1",
+    "data.max_length=64",
+    "data.max_prompt_length=32",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=2",
+    "train.train_iters=5",
+    "train.init_method=layout_invariant",
+    "optimizer.lr=1e-3",
+    "optimizer.warmup_fraction=0.0",
+    "optimizer.decay_style=constant",
+    "logging.progress=false",
+    "checkpoint.save_at_end=false",
+]
+
+
+def overrides(run_dir: Path, cache_dir: Path, extra: list[str]) -> list[str]:
+    return [
+        *TINY_OVERRIDES,
+        f"logging.run_dir={run_dir}",
+        f"data.cache_dir={cache_dir}",
+        *extra,
+    ]
+
+
+def run_trainer(rank: int, world: int, argv: list[str]) -> None:
+    """Rank body: the trainer's own ``main``."""
+    train.main(argv)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir) if r["split"] == "train"]
+
+
+def first_step_gradients(rank: int, world: int, argv: list[str]) -> dict | None:
+    """Run the schedule's forward+backward of step 1 and return full gradients on rank 0.
+
+    Gradients are un-sharded over TP (concatenated along each parameter's partition dim; the
+    gated fc1's ``[gate; up]`` halves handled), collected over pipeline stages, keyed by global
+    parameter name, in fp64 — comparable across every layout.
+    """
+    from megatron_adadpo.config import check_world, load_config
+    from megatron_adadpo import parallel
+    from megatron_adadpo.optimization import build_optimizer, wrap_ddp
+    from megatron_adadpo.step import get_forward_backward_func, forward_step, _iterators
+    from functools import partial
+
+    args = train.parse_args(argv)
+    c = load_config(args.config, args.set)
+    dp = check_world(c, world)
+    e = c.execution
+    parallel.init_model_parallel(parallel.Layout(e.tp, e.pp, e.vpp, e.cp), seed=c.train.seed)
+    dataset = train.load_data(c)
+    chunks = train.build_policy(c)
+    reference = train.build_reference(c, chunks, dataset)
+    policy = wrap_ddp(chunks, c.optimizer)
+    build_optimizer(policy, c.optimizer, e.bf16)  # installs finalize_model_grads
+    batches = train.build_batches(c, dataset, dp, 0).next_step()
+    if reference is not None:
+        reference.attach(batches)
+    seq = batches[0]["tokens"].shape[1]
+    get_forward_backward_func()(
+        forward_step_func=partial(forward_step, c.loss),
+        data_iterator=_iterators(batches, len(policy)),
+        model=policy,
+        num_microbatches=len(batches),
+        seq_length=seq,
+        micro_batch_size=batches[0]["tokens"].shape[0],
+        forward_only=False,
+    )
+    return _gather_full_grads(policy, c.model.vocab_size)
+
+
+def _gather_full_grads(policy: list, vocab_size: int) -> dict | None:
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    local = {}
+    for chunk in policy:
+        for name, param in global_param_names(chunk.module).items():
+            grad = param.main_grad.detach().double()
+            if getattr(param, "tensor_model_parallel", False) and tp > 1:
+                parts = [torch.empty_like(grad) for _ in range(tp)]
+                dist.all_gather(parts, grad.contiguous(), group=tp_group)
+                dim = param.partition_dim
+                if "linear_fc1.weight" in name:
+                    halves = [p.chunk(2, dim=dim) for p in parts]
+                    grad = torch.cat([torch.cat([h[i] for h in halves], dim) for i in (0, 1)], dim)
+                else:
+                    grad = torch.cat(parts, dim=dim)
+            if "word_embeddings" in name or "output_layer" in name:
+                grad = grad[:vocab_size]
+            local[name] = grad
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    if dist.get_rank() != 0:
+        return None
+    merged = {}
+    for part in gathered:
+        for name, grad in part.items():
+            merged.setdefault(name, grad)
+    return merged

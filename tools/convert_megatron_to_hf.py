@@ -1,0 +1,58 @@
+"""Export a Megatron checkpoint (any TP / PP / VPP layout it was saved with) to an HF directory.
+
+    python tools/convert_megatron_to_hf.py --checkpoint PATH --output HF_DIR \\
+        [--dtype bf16|fp32] [--tokenizer-dir DIR] [--max-shard-size-gb 2]
+
+PATH: a checkpoint written by tools/convert_hf_to_megatron.py, a training checkpoint
+(<run_dir>/checkpoints/iter_NNNNNNN), a checkpoints root or run dir (its `latest` is used).
+HF_DIR receives sharded safetensors with model.safetensors.index.json, config.json,
+generation_config.json and the tokenizer files; transformers.AutoModelForCausalLM loads it.
+--dtype defaults to the dtype of the original config.json, else the checkpoint's. Tokenizer
+files come from --tokenizer-dir, else the checkpoint's tokenizer/ or the run's config.yaml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint / iter / checkpoints dir")
+    p.add_argument("--output", required=True, help="HF directory to write")
+    p.add_argument("--dtype", default=None, help="bf16 | fp32 (default: see above)")
+    p.add_argument("--tokenizer-dir", default=None, help="where the tokenizer files are")
+    p.add_argument("--max-shard-size-gb", type=float, default=2.0, help="output shard size")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        from megatron_adadpo.convert import convert_megatron_to_hf
+    except ImportError:  # running from a checkout without `pip install -e .`
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from megatron_adadpo.convert import convert_megatron_to_hf
+    try:
+        out = convert_megatron_to_hf(
+            args.checkpoint,
+            args.output,
+            dtype=args.dtype,
+            tokenizer_dir=args.tokenizer_dir,
+            max_shard_bytes=int(args.max_shard_size_gb * 1024**3),
+            progress=not args.no_progress,
+        )
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":  # dist_checkpointing starts a multiprocessing Manager
+    sys.exit(main())

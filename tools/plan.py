@@ -1,0 +1,122 @@
+#!/usr/bin/env python
+"""Plan a run before queueing it: per-GPU memory by part, step FLOPs, time and tokens/s.
+
+    python tools/plan.py --recipe examples/recipes/llama3_70b_adadpo.yaml --gpu h100 --nodes 8
+    python tools/plan.py --recipe R.yaml --gpu h200 --set execution.pp=2 --mfu 0.35 --json
+
+Exit status: 0 when the layout fits, 1 when it does not (suggestions are printed), 2 when the
+layout cannot run at all (the reasons are printed). Pure Python: no GPU or torch needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_adadpo.hardware import GPUS  # noqa: E402
+from megatron_adadpo.planner import LayoutError, load, make_plan, suggest  # noqa: E402
+from megatron_adadpo.planner.report import render, suggestion_line  # noqa: E402
+from megatron_adadpo.planner.search import min_nodes  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--recipe", "--config", dest="recipe", help="training YAML (a recipe)")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value, e.g. --set execution.tp=8 (repeatable)",
+    )
+    ap.add_argument("--gpu", default="h100", help=f"GPU kind: {', '.join(GPUS)} (default h100)")
+    ap.add_argument("--nodes", type=int, default=1)
+    ap.add_argument("--gpus-per-node", type=int, default=8)
+    ap.add_argument(
+        "--gpus", type=int, default=None, help="GPUs used in all (default: nodes x gpus-per-node)"
+    )
+    ap.add_argument(
+        "--mfu",
+        type=float,
+        default=None,
+        help="model FLOPs utilisation vs the bf16 dense peak (default 0.40 bf16, 0.55 fp8)",
+    )
+    ap.add_argument(
+        "--avg-seq-len",
+        type=int,
+        default=None,
+        help="mean tokens per sequence for FLOPs (default: data.max_length)",
+    )
+    ap.add_argument(
+        "--pairs", type=int, default=None, help="training pairs, to print the time of one epoch"
+    )
+    ap.add_argument("--no-suggest", action="store_true", help="skip the layout search")
+    ap.add_argument("--json", action="store_true", help="machine-readable output")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        p, cluster = load(
+            args.recipe, args.overrides, args.gpu, args.nodes, args.gpus_per_node, args.gpus
+        )
+        if args.avg_seq_len:
+            p = p.replace(avg_seq_length=args.avg_seq_len)
+        plan = make_plan(p, cluster, args.mfu)
+    except (LayoutError, ValueError) as exc:
+        if args.json:
+            print(json.dumps({"error": str(exc), "fits": False}))
+        else:
+            print(f"plan: layout refused: {exc}", file=sys.stderr)
+        return 2
+    suggestions = [] if plan.fits or args.no_suggest else suggest(p, cluster, args.mfu)
+    more_nodes = (None, None)
+    if not plan.fits and not suggestions and not args.no_suggest:
+        more_nodes = min_nodes(p, cluster, args.mfu)
+    if args.json:
+        out = plan.to_dict()
+        out["suggestions"] = [
+            s.to_dict()["layout"] | {"peak_reserved_gib": s.peak.reserved / 2**30}
+            for s in suggestions
+        ]
+        if more_nodes[0]:
+            out["min_nodes"] = more_nodes[0]
+        if args.pairs:
+            out["epoch_hours"] = _epoch_hours(plan, args.pairs)
+        print(json.dumps(out, indent=1, default=str))
+        return 0 if plan.fits else 1
+    print(render(plan, title=f"plan: {args.recipe or '(overrides only)'}"))
+    if args.pairs:
+        steps = -(-args.pairs // p.global_batch_size)
+        print(
+            f"  one epoch of {args.pairs:,} pairs: {steps} steps, "
+            f"{_epoch_hours(plan, args.pairs):.2f} h"
+        )
+    if suggestions:
+        print("layouts that fit (best first; apply with --set):")
+        for s in suggestions:
+            print(suggestion_line(s))
+    elif more_nodes[0]:
+        print(
+            f"no layout fits on {cluster.world_size} GPUs; the smallest power-of-two node "
+            f"count that fits is {more_nodes[0]}:"
+        )
+        print(suggestion_line(more_nodes[1]))
+    elif not plan.fits and not args.no_suggest:
+        print("no layout of this recipe fits; shorten data.max_length or use larger GPUs")
+    return 0 if plan.fits else 1
+
+
+def _epoch_hours(plan, pairs: int) -> float:
+    steps = -(-pairs // plan.input.global_batch_size)
+    return steps * plan.cost.step_time_s / 3600
+
+
+if __name__ == "__main__":
+    sys.exit(main())
