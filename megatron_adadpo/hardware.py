@@ -87,3 +87,16 @@ def peak_tflops(device_name: str, dtype: str = "bf16") -> float | None:
         return spec.peak_tflops(dtype)
     except ValueError:
         return None
+
+
+def peak_flops_per_device(dtype: str = "bf16") -> float:
+    """Dense peak FLOP/s of this process's current CUDA device; NaN without CUDA or if unknown.
+
+    The trainer's MFU denominator (``logging.peak_tflops`` in the config overrides it).
+    """
+    import torch  # lazy: the planner imports this module without torch
+
+    if not torch.cuda.is_available():
+        return float("nan")
+    tflops = peak_tflops(torch.cuda.get_device_name(torch.cuda.current_device()), dtype)
+    return float("nan") if tflops is None else tflops * 1e12

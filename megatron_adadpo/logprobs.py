@@ -34,7 +34,7 @@ def token_logprobs(
             f"logits must be [s, b, v/tp] and labels [b, s]; got logits "
             f"{tuple(vocab_parallel_logits.shape)} and labels {tuple(labels.shape)}"
         )
-    logits = vocab_parallel_logits.float()
+    logits = vocab_parallel_logits.float().contiguous()
     if logits.data_ptr() == vocab_parallel_logits.data_ptr():
         logits = logits.clone()  # vocab_parallel_cross_entropy mutates its input in place
     target = labels.clamp(min=0).transpose(0, 1).contiguous()

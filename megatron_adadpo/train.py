@@ -54,7 +54,9 @@ class Batches:
         return out
 
 
-def build_batches(c: Config, dataset, dp: int, consumed: int, shuffle: bool = True) -> Batches:
+def build_batches(c: Config, dataset, dp: int, consumed: int, drop_last: bool = True) -> Batches:
+    """Training order (reshuffled per epoch by ``train.seed``); ``drop_last=False`` visits every
+    pair, completing the last global batch by wrapping around (reference precompute)."""
     e = c.execution
     sampler = PreferenceSampler(
         num_pairs=len(dataset),
@@ -64,8 +66,8 @@ def build_batches(c: Config, dataset, dp: int, consumed: int, shuffle: bool = Tr
         dp_size=dp,
         seed=c.train.seed,
         consumed_samples=consumed,
-        shuffle=shuffle,
-        drop_last=shuffle,
+        shuffle=True,
+        drop_last=drop_last,
     )
     multiple = pad_multiple(e.tp, e.cp, e.sequence_parallel)
     fixed = c.data.max_length if e.pp > 1 else None  # pipeline p2p needs fixed shapes
