@@ -31,6 +31,7 @@ class ReferenceConfig:
 
     mode: str = "resident"  # "resident" | "precomputed" | "none"
     path: str | None = None  # precomputed: output dir of tools/precompute_reference.py
+    eval_path: str | None = None  # precomputed values of the eval pairs (eval.inputs)
 
 
 @dataclass(frozen=True)
@@ -209,6 +210,16 @@ def validate(c: Config) -> None:
     if c.reference.mode == "precomputed" and not c.reference.path:
         raise ConfigError("reference.mode=precomputed needs reference.path (the output dir of "
                           "tools/precompute_reference.py)")
+    if c.eval.interval and not c.eval.inputs:
+        raise ConfigError("eval.interval > 0 needs eval.inputs (held-out preference pairs)")
+    if c.eval.interval and c.reference.mode == "precomputed" and c.loss.needs_reference:
+        if not c.reference.eval_path:
+            raise ConfigError(
+                "evaluation with reference.mode=precomputed needs reference.eval_path "
+                "(tools/precompute_reference.py --eval --output DIR)"
+            )
+    if c.data is None:
+        raise ConfigError("config section 'data' is required (inputs, tokenizer, max_length)")
     if c.loss.needs_reference and c.reference.mode == "none":
         raise ConfigError(f"loss.name={c.loss.name!r} needs reference log-probs; set "
                           "reference.mode to 'resident' or 'precomputed'")

@@ -30,13 +30,14 @@ def precompute(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--output", required=True, help="directory for the reference values")
+    parser.add_argument("--eval", action="store_true", help="the eval.inputs pairs instead")
     args = parser.parse_args(argv)
     c = load_config(args.config, [*args.set, "reference.mode=resident"])
     parallel.init_distributed()
     dp = check_world(c, dist.get_world_size())
     e = c.execution
     parallel.init_model_parallel(parallel.Layout(e.tp, e.pp, e.vpp, e.cp), seed=c.train.seed)
-    dataset = train.load_data(c)
+    dataset = train.load_data(c, eval_split=args.eval)
     model = train.build_policy(c)  # the reference is the initial policy
     for chunk in model:
         chunk.eval()

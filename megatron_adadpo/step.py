@@ -170,6 +170,30 @@ def train_step(
     return StepResult(metrics, grad_norm, skipped=False)
 
 
+def evaluate(policy: list, batches: list[dict], loss_config: LossConfig) -> dict:
+    """Forward-only loss metrics of held-out micro-batches, reduced over DP (last stage)."""
+    for chunk in policy:
+        chunk.eval()
+    seq_length, mbs = _schedule_shape(batches, None)
+    reports = get_forward_backward_func()(
+        forward_step_func=partial(forward_step, loss_config),
+        data_iterator=_iterators(batches, len(policy)),
+        model=policy,
+        num_microbatches=len(batches),
+        seq_length=seq_length,
+        micro_batch_size=mbs,
+        forward_only=True,
+    )
+    for chunk in policy:
+        chunk.train()
+    if not reports:
+        return {}
+    return all_reduce_metrics(
+        accumulate_metrics(r["metrics"] for r in reports),
+        group=parallel_state.get_data_parallel_group(),
+    )
+
+
 def _all_finite(reports: list[dict]) -> bool:
     """Every rank agrees whether all losses of the step are finite (one MIN all-reduce)."""
     ok = torch.ones((), dtype=torch.float32)

@@ -28,7 +28,8 @@ from megatron_adadpo.metrics import MetricsLogger, forward_flops, step_values
 from megatron_adadpo.model import build_model
 from megatron_adadpo.optimization import build_optimizer, build_scheduler, wrap_ddp
 from megatron_adadpo.reference import PrecomputedReference, ResidentReference
-from megatron_adadpo.step import train_step
+from megatron_adadpo.losses import accumulate_metrics, reduce_metrics
+from megatron_adadpo.step import evaluate, train_step
 
 
 @dataclass
@@ -74,13 +75,14 @@ def build_batches(c: Config, dataset, dp: int, consumed: int, drop_last: bool = 
     return Batches(dataset, sampler, dataset.pad_id, multiple, fixed)
 
 
-def load_data(c: Config):
+def load_data(c: Config, eval_split: bool = False):
     """Tokenize / load on rank 0 first (it fills the cache), then everyone else."""
+    data = c.data.replace(inputs=tuple(c.eval.inputs)) if eval_split else c.data
     if dist.get_rank() == 0:
-        dataset = load_preference_dataset(c.data)
+        dataset = load_preference_dataset(data)
     dist.barrier()
     if dist.get_rank() != 0:
-        dataset = load_preference_dataset(c.data)
+        dataset = load_preference_dataset(data)
     return dataset
 
 
@@ -93,12 +95,18 @@ def build_policy(c: Config) -> list:
     return chunks
 
 
-def build_reference(c: Config, policy_chunks: list, dataset):
+def build_reference(c: Config, policy_chunks: list, dataset, eval_dataset=None):
+    """(train reference, eval reference): resident model, precomputed values, or none."""
     if c.reference.mode == "resident":
-        return ResidentReference(c.model, c.execution, policy_chunks)
+        ref = ResidentReference(c.model, c.execution, policy_chunks)
+        return ref, ref
     if c.reference.mode == "precomputed":
-        return PrecomputedReference(c.reference.path, dataset.identity)
-    return None
+        train_ref = PrecomputedReference(c.reference.path, dataset.identity)
+        eval_ref = None
+        if eval_dataset is not None and c.reference.eval_path:
+            eval_ref = PrecomputedReference(c.reference.eval_path, eval_dataset.identity)
+        return train_ref, eval_ref
+    return None, None
 
 
 def train_iters(c: Config, dataset) -> int:
@@ -135,24 +143,61 @@ def main(argv: list[str] | None = None) -> None:
     if dist.get_rank() == 0:
         print(f"[megatron_adadpo] resolved config:\n{c.to_yaml()}", flush=True)
     dataset = load_data(c)
+    eval_set = load_data(c, eval_split=True) if c.eval.interval else None
     total = train_iters(c, dataset)
     policy_chunks = build_policy(c)
-    reference = build_reference(c, policy_chunks, dataset)
+    reference, eval_reference = build_reference(c, policy_chunks, dataset, eval_set)
     policy = wrap_ddp(policy_chunks, c.optimizer)
     optimizer = build_optimizer(policy, c.optimizer, e.bf16)
     scheduler = build_scheduler(optimizer, c.optimizer, total, c.train.global_batch_size)
-    state = {"step": 0, "consumed_samples": 0}
+    state = {"step": 0, "consumed_samples": 0, "dataset_identity": dataset.identity}
     resume = checkpointing.latest_checkpoint(c.logging.run_dir) if c.checkpoint.resume else None
     if resume is not None:
         state = checkpointing.load_training(resume, policy, optimizer, scheduler, c.model)
+        check_resume_data(state, dataset, resume)
         if dist.get_rank() == 0:
             print(f"[megatron_adadpo] resumed from {resume} at step {state['step']}", flush=True)
     batches = build_batches(c, dataset, dp, state["consumed_samples"])
-    run_loop(c, policy, optimizer, scheduler, reference, batches, state, total, dp)
+    evaluator = None
+    if eval_set is not None:
+        evaluator = Evaluator(c, policy, eval_reference, eval_set, dp)
+    run_loop(c, policy, optimizer, scheduler, reference, batches, state, total, dp, evaluator)
     parallel.destroy()
 
 
-def run_loop(c: Config, policy, optimizer, scheduler, reference, batches, state, total, dp):
+def check_resume_data(state: dict, dataset, where) -> None:
+    """Refuse to resume on other data or another tokenisation (sample order would differ)."""
+    if state.get("dataset_identity") != dataset.identity:
+        raise ValueError(
+            f"checkpoint {where} was trained on dataset {str(state.get('dataset_identity'))[:16]}"
+            f"... but the configured data is {dataset.identity[:16]}... (other inputs, tokenizer "
+            "or truncation settings); use the original data, or a new logging.run_dir"
+        )
+
+
+class Evaluator:
+    """Periodic loss metrics on held-out pairs (every pair once, fixed order)."""
+
+    def __init__(self, c: Config, policy: list, reference, dataset, dp: int):
+        self.c, self.policy, self.reference = c, policy, reference
+        self.dataset, self.dp = dataset, dp
+        pairs = min(len(dataset), c.eval.max_pairs or len(dataset))
+        self.steps = max(1, pairs // c.train.global_batch_size)
+
+    def __call__(self) -> dict:
+        batches = build_batches(self.c, self.dataset, self.dp, consumed=0, drop_last=False)
+        metrics = []
+        for _ in range(self.steps):
+            step_batches = batches.next_step()
+            if self.reference is not None:
+                self.reference.attach(step_batches)
+            metrics.append(evaluate(self.policy, step_batches, self.c.loss))
+        return accumulate_metrics(m for m in metrics if m)
+
+
+def run_loop(
+    c: Config, policy, optimizer, scheduler, reference, batches, state, total, dp, evaluator=None
+):
     logger = MetricsLogger(c.logging.run_dir, total, c.logging.tensorboard, c.logging.progress)
     preemption = _Preemption()
     peak = _peak_flops() * dist.get_world_size()
@@ -187,6 +232,12 @@ def run_loop(c: Config, policy, optimizer, scheduler, reference, batches, state,
             )
             values["skipped"] = float(result.skipped)
             logger.log(state["step"], values)
+        if evaluator is not None and state["step"] % c.eval.interval == 0:
+            eval_metrics = evaluator()
+            if eval_metrics:
+                values = reduce_metrics(eval_metrics)
+                values.pop("batch/tokens", None)
+                logger.log(state["step"], values, prefix="eval")
         interval = c.checkpoint.save_interval
         if preemption.agreed():
             save()

@@ -35,6 +35,7 @@ TINY_OVERRIDES = [
     "optimizer.decay_style=constant",
     "logging.progress=false",
     "checkpoint.save_at_end=false",
+    "eval.interval=0",
 ]
 
 

@@ -29,13 +29,24 @@ DATA = REPO / "examples" / "data"
 
 def tiny_config(tmp_path: Path, **sections) -> Path:
     cfg = {
-        "model": dict(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
-                      num_query_groups=2, vocab_size=640, max_position_embeddings=128,
-                      make_vocab_size_divisible_by=64),
+        "model": dict(
+            num_layers=2,
+            hidden_size=64,
+            ffn_hidden_size=128,
+            num_attention_heads=4,
+            num_query_groups=2,
+            vocab_size=640,
+            max_position_embeddings=128,
+            make_vocab_size_divisible_by=64,
+        ),
         "execution": dict(tp=1, transformer_impl="local"),
         "loss": dict(name="dpo", beta=0.1, adaptive=True, clip_max=2.0),
-        "data": dict(inputs=[str(DATA / "prefs_train.jsonl")], tokenizer=str(DATA / "tokenizer"),
-                     max_length=64, max_prompt_length=32),
+        "data": dict(
+            inputs=[str(DATA / "prefs_train.jsonl")],
+            tokenizer=str(DATA / "tokenizer"),
+            max_length=64,
+            max_prompt_length=32,
+        ),
         "reference": dict(mode="resident"),
         "optimizer": dict(lr=1e-3, warmup_fraction=0.0, decay_style="constant"),
         "train": dict(global_batch_size=4, micro_batch_size=1, train_iters=2, seed=7),
@@ -44,6 +55,7 @@ def tiny_config(tmp_path: Path, **sections) -> Path:
     }
     for name, values in sections.items():
         cfg[name] = cfg.get(name, {}) | values
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -51,11 +63,21 @@ def tiny_config(tmp_path: Path, **sections) -> Path:
 
 def run_script(script: str, *args, env: dict | None = None, timeout: float = 60):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    full_env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-                    TOKENIZERS_PARALLELISM="false")
+    full_env.update(
+        PYTHON=sys.executable,
+        OMP_NUM_THREADS="1",
+        PYTHONWARNINGS="ignore",
+        TOKENIZERS_PARALLELISM="false",
+    )
     full_env.update(env or {})
-    return subprocess.run(["bash", str(LAUNCH / script), *map(str, args)], capture_output=True,
-                          text=True, env=full_env, cwd=REPO, timeout=timeout)
+    return subprocess.run(
+        ["bash", str(LAUNCH / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=REPO,
+        timeout=timeout,
+    )
 
 
 def free_port() -> int:
@@ -71,8 +93,15 @@ def test_scripts_parse(script):
 
 def test_single_node_dry_run_prints_command_and_plan(tmp_path):
     cfg = tiny_config(tmp_path)
-    r = run_script("single_node.sh", "--dry-run", "--config", cfg, "--set", "loss.beta=0.05",
-                   env={"GPUS_PER_NODE": "2"})
+    r = run_script(
+        "single_node.sh",
+        "--dry-run",
+        "--config",
+        cfg,
+        "--set",
+        "loss.beta=0.05",
+        env={"GPUS_PER_NODE": "2"},
+    )
     assert r.returncode == 0, r.stderr
     assert "--standalone --nnodes 1 --nproc-per-node 2 -m megatron_adadpo.train" in r.stdout
     assert "--set loss.beta=0.05" in r.stdout
@@ -102,8 +131,7 @@ def test_slurm_checks_its_variables(tmp_path):
     assert "required variable(s) not set: SLURM_JOB_ID SLURM_JOB_NODELIST SLURM_NNODES" in r.stderr
     r = run_script("slurm.sbatch", "--dry-run", "--config", cfg)
     assert r.returncode == 64 and "required variable(s) not set: NNODES" in r.stderr
-    r = run_script("slurm.sbatch", "--config", cfg, env={"SLURM_JOB_ID": "7",
-                                                         "SLURM_NNODES": "2"})
+    r = run_script("slurm.sbatch", "--config", cfg, env={"SLURM_JOB_ID": "7", "SLURM_NNODES": "2"})
     assert r.returncode == 64 and "not set: SLURM_JOB_NODELIST" in r.stderr
     r = run_script("slurm.sbatch", "--config", tmp_path / "missing.yaml", env={"NNODES": "1"})
     assert r.returncode == 64 and "missing.yaml does not exist" in r.stderr
@@ -119,8 +147,7 @@ def test_slurm_checks_its_variables(tmp_path):
     ],
 )
 def test_recipes_dry_run_fit(script, recipe, env):
-    r = run_script(script, "--dry-run", "--config", REPO / "examples" / "recipes" / recipe,
-                   env=env)
+    r = run_script(script, "--dry-run", "--config", REPO / "examples" / "recipes" / recipe, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "verdict: FITS" in r.stdout
 
@@ -144,9 +171,16 @@ def test_impossible_layouts_are_refused(tmp_path, sets, env, reason):
 
 
 def test_layout_that_does_not_fit_is_not_launched(tmp_path):
-    r = run_script("single_node.sh", "--config", REPO / "examples/recipes/llama3_8b_adadpo.yaml",
-                   "--set", "execution.tp=1", "--set", "execution.sequence_parallel=false",
-                   env={"GPU": "a100-40", "GPUS_PER_NODE": "8"})
+    r = run_script(
+        "single_node.sh",
+        "--config",
+        REPO / "examples/recipes/llama3_8b_adadpo.yaml",
+        "--set",
+        "execution.tp=1",
+        "--set",
+        "execution.sequence_parallel=false",
+        env={"GPU": "a100-40", "GPUS_PER_NODE": "8"},
+    )
     assert r.returncode == 64 and "does not fit" in r.stderr and "DOES NOT FIT" in r.stderr
 
 
@@ -201,13 +235,26 @@ def test_real_launches_on_cpu_agree(tmp_path):
 
     # two torchrun "nodes" on localhost, c10d rendezvous
     cfg = tiny_config(tmp_path / "b", logging={"run_dir": str(tmp_path / "b" / "run")})
-    env = {"NNODES": "2", "GPUS_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port()), "RDZV_ID": "test-launch"}
+    env = {
+        "NNODES": "2",
+        "GPUS_PER_NODE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "RDZV_ID": "test-launch",
+    }
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     full_env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **env)
-    nodes = [subprocess.Popen(["bash", str(LAUNCH / "multi_node.sh"), "--config", str(cfg)],
-                              env=full_env, cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    nodes = [
+        subprocess.Popen(
+            ["bash", str(LAUNCH / "multi_node.sh"), "--config", str(cfg)],
+            env=full_env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     try:
         outs = [n.communicate(timeout=240)[0] for n in nodes]
     finally:
@@ -220,9 +267,14 @@ def test_real_launches_on_cpu_agree(tmp_path):
     # Slurm script with stand-in srun / scontrol
     cfg = tiny_config(tmp_path / "c", logging={"run_dir": str(tmp_path / "c" / "run")})
     bin_dir = _fake_slurm_bin(tmp_path)
-    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
-           "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_NNODES": "2", "GPUS_PER_NODE": "1",
-           "MASTER_PORT": str(free_port())}
+    env = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NODELIST": "node[1-2]",
+        "SLURM_NNODES": "2",
+        "GPUS_PER_NODE": "1",
+        "MASTER_PORT": str(free_port()),
+    }
     r = run_script("slurm.sbatch", "--config", cfg, env=env, timeout=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "rendezvous 127.0.0.1:" in r.stdout

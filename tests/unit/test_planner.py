@@ -285,3 +285,32 @@ def test_cli_text_json_and_exit_codes():
     )
     assert tight.returncode == 1 and "DOES NOT FIT" in tight.stdout
     assert "layouts that fit" in tight.stdout and "--set execution.tp=" in tight.stdout
+
+
+def test_recipes_load_with_the_training_config():
+    from megatron_adadpo.config import ConfigError, load_config
+
+    for recipe in (R8B, R70B):
+        c = load_config(recipe)
+        assert c.train.global_batch_size == 128 and c.optimizer.warmup_fraction == 0.1
+        assert c.data.max_length == 2048 and c.data.max_prompt_length == 1800
+        assert c.loss.adaptive and c.loss.clip_max == 2.0 and c.optimizer.decay_style == "cosine"
+    assert load_config(R70B).reference.mode == "precomputed"
+    # FP8 needs Transformer Engine on a GPU: refused here with the reason, loads without FP8.
+    with pytest.raises(ConfigError, match="Transformer Engine"):
+        load_config(R70B_FP8)
+    c = load_config(R70B_FP8, ["execution.fp8=null", "execution.transformer_impl=auto"])
+    assert c.execution.tp == 8 and c.execution.vpp == 5
+
+
+def test_peak_flops_per_device(monkeypatch):
+    import torch
+
+    from megatron_adadpo.hardware import peak_flops_per_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert peak_flops_per_device() != peak_flops_per_device()  # NaN without CUDA
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: "NVIDIA H100 80GB HBM3")
+    assert peak_flops_per_device() == 989e12
