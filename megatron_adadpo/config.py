@@ -230,6 +230,10 @@ def validate(c: Config) -> None:
         raise ConfigError("optimizer.warmup_fraction must be in [0, 1)")
     if c.optimizer.lr <= 0:
         raise ConfigError(f"optimizer.lr={c.optimizer.lr} must be > 0")
+    if not 0 <= c.optimizer.min_lr <= c.optimizer.lr:
+        raise ConfigError(
+            f"optimizer.min_lr={c.optimizer.min_lr} must be in [0, optimizer.lr={c.optimizer.lr}]"
+        )
     if c.optimizer.overlap_param_gather and not c.optimizer.use_distributed_optimizer:
         raise ConfigError("optimizer.overlap_param_gather needs optimizer.use_distributed_optimizer")
     if c.data is not None and e.pp > 1 and c.data.max_length % _pad_multiple(e):

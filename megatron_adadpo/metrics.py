@@ -44,20 +44,6 @@ def is_logging_rank() -> bool:
     )
 
 
-def forward_flops(model, seq_len: int) -> float:
-    """Forward FLOPs of one sequence (matmuls only; Megatron-LM paper accounting).
-
-    ``2*s*(P_layers) + 2*s^2*h_attn*L`` (QK^T and AV, causal half not discounted) ``+ 2*s*h*V``.
-    """
-    h, layers = model.hidden_size, model.num_layers
-    q = model.num_attention_heads * model.head_dim
-    kv = model.query_groups * model.head_dim
-    per_layer = h * (q + 2 * kv) + q * h + 3 * h * model.ffn_hidden_size
-    return 2.0 * seq_len * layers * per_layer + 4.0 * seq_len**2 * q * layers + (
-        2.0 * seq_len * h * model.vocab_size
-    )
-
-
 class MetricsLogger:
     """Formats, prints and stores the metrics of each logged step (logging rank only)."""
 

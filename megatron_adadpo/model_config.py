@@ -89,6 +89,19 @@ class ModelConfig:
             total += self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return total
 
+    def forward_flops(self, seq_length: float, tp: int = 1) -> float:
+        """Model FLOPs of one forward pass over one sequence of ``seq_length`` tokens.
+
+        Megatron-LM's ``num_floating_point_operations`` convention (2 FLOPs per multiply-add,
+        the full ``s x s`` attention square, the TP-padded output layer):
+        ``s * [2L(h(q + 2kv) + qh + 3hf) + 2h V_pad] + 4 s^2 q L``. The trainer's MFU and the
+        planner's step time both use it.
+        """
+        h, f, L = self.hidden_size, self.ffn_hidden_size, self.num_layers
+        q, kv = self.num_attention_heads * self.head_dim, self.query_groups * self.head_dim
+        linear = 2 * L * (h * (q + 2 * kv) + q * h + 3 * h * f) + 2 * h * self.padded_vocab_size(tp)
+        return seq_length * linear + 4 * seq_length**2 * q * L
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

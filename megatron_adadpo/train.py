@@ -22,9 +22,10 @@ from megatron_adadpo import checkpointing, parallel
 from megatron_adadpo.config import Config, check_world, load_config
 from megatron_adadpo.data import PreferenceSampler, collate_pairs, load_preference_dataset
 from megatron_adadpo.data import pad_multiple
+from megatron_adadpo.hardware import peak_flops_per_device
 from megatron_adadpo.init import init_layout_invariant
 from megatron_adadpo.megatron_api import parallel_state
-from megatron_adadpo.metrics import MetricsLogger, forward_flops, step_values
+from megatron_adadpo.metrics import MetricsLogger, step_values
 from megatron_adadpo.model import build_model
 from megatron_adadpo.optimization import build_optimizer, build_scheduler, wrap_ddp
 from megatron_adadpo.reference import PrecomputedReference, ResidentReference
@@ -200,7 +201,7 @@ def run_loop(
 ):
     logger = MetricsLogger(c.logging.run_dir, total, c.logging.tensorboard, c.logging.progress)
     preemption = _Preemption()
-    peak = _peak_flops() * dist.get_world_size()
+    peak = _peak_flops(c) * dist.get_world_size()
     micro_per_step = batches.sampler.num_microbatches * dp
     mult = 4.0 if c.reference.mode == "resident" else 3.0  # fwd+bwd (+ reference forward)
     config_yaml = c.to_yaml()
@@ -225,7 +226,7 @@ def run_loop(
         elapsed = time.monotonic() - start
         if state["step"] % c.logging.log_interval == 0 or state["step"] == total:
             seq = step_batches[0]["tokens"].shape[1]
-            flops = mult * forward_flops(c.model, seq) * 2 * c.train.global_batch_size
+            flops = mult * c.model.forward_flops(seq, c.execution.tp) * 2 * c.train.global_batch_size
             values = step_values(
                 result.metrics, result.grad_norm, optimizer.param_groups[0]["lr"], elapsed,
                 c.train.global_batch_size, micro_per_step, flops, peak,
@@ -252,12 +253,10 @@ def run_loop(
     logger.close()
 
 
-def _peak_flops() -> float:
-    """Peak dense FLOP/s of this device (bf16 tensor cores on GPUs); NaN when unknown."""
-    try:
-        from megatron_adadpo.hardware import peak_flops_per_device
-    except ImportError:
-        return float("nan")
+def _peak_flops(c: Config) -> float:
+    """Peak dense FLOP/s of one device: ``logging.peak_tflops`` or the hardware table (bf16)."""
+    if c.logging.peak_tflops:
+        return c.logging.peak_tflops * 1e12
     return peak_flops_per_device()
 
 

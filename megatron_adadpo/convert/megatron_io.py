@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import yaml
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
 from megatron_adadpo.checkpointing import MODEL_CONFIG_FILE, read_model_config
 from megatron_adadpo.megatron_api import GPTModel, dist_checkpointing
@@ -92,18 +93,36 @@ def save(sharded: dict, directory: Path, model: ModelConfig) -> None:
 
 
 def load_subset(directory: Path, sharded: dict, names: list[str], dtype: torch.dtype) -> dict:
-    """Load only ``names`` of a checkpoint: ``{name: full TP1 tensor}`` (CPU, ``dtype``)."""
-    sub = {}
-    for name in names:
-        value = sharded[name]
-        value.data = torch.empty(expected_shape(value), dtype=dtype)
-        if hasattr(value, "dtype") and not callable(value.dtype):
-            value.dtype = dtype
-        sub[name] = value
-    loaded = dist_checkpointing.load({"model": sub}, str(directory))["model"]
-    for name in names:
-        sharded[name].data = None  # drop our reference; the result holds the tensor
-    return loaded
+    """Load only ``names`` of a checkpoint: ``{name: full TP1 tensor}`` (CPU, ``dtype``).
+
+    Each request covers one layer's slice of a layer-stacked tensor. Megatron's own (regular
+    grid) requests assume every slice of a key is requested by some rank, so each is re-expressed
+    as an irregular ``ShardedTensor`` over the same global region, which the torch_dist loader
+    reads on its own (``linear_fc1``'s factory halves [gate; up] are one contiguous region).
+    """
+    requests = {name: _region_request(sharded[name], dtype) for name in names}
+    # Partial reads of stacked tensors: skip the "every element accessed exactly once" check.
+    loaded = dist_checkpointing.load(
+        {"model": requests}, str(directory), validate_access_integrity=False
+    )["model"]
+    return {name: loaded[name].reshape(expected_shape(sharded[name])) for name in names}
+
+
+def _region_request(value, dtype: torch.dtype) -> ShardedTensor:
+    first = value.build()[0] if isinstance(value, ShardedTensorFactory) else value
+    local = (1,) * first.prepend_axis_num + expected_shape(value)
+    return ShardedTensor(
+        key=first.key,
+        data=torch.empty(local, dtype=dtype),
+        dtype=dtype,
+        local_shape=local,
+        global_shape=first.global_shape,
+        global_offset=first.global_offset,
+        axis_fragmentations=None,
+        replica_id=0,
+        prepend_axis_num=0,
+        allow_shape_mismatch=first.allow_shape_mismatch,
+    )
 
 
 def stored_dtype(directory: Path) -> torch.dtype:

@@ -56,12 +56,8 @@ class StepCost:
 
 
 def forward_flops(p: PlanInput, seq_length: float) -> float:
-    """Forward FLOPs of one sequence (see the module docstring)."""
-    m = p.model
-    h, f, d, L = m.hidden_size, m.ffn_hidden_size, m.head_dim, m.num_layers
-    q, kv = m.num_attention_heads * d, m.query_groups * d
-    linear = 2 * L * (h * (q + 2 * kv) + q * h + 3 * h * f) + 2 * h * m.padded_vocab_size(p.tp)
-    return seq_length * linear + 4 * seq_length**2 * q * L
+    """Forward FLOPs of one sequence (``ModelConfig.forward_flops``, shared with the trainer)."""
+    return p.model.forward_flops(seq_length, p.tp)
 
 
 def default_mfu(p: PlanInput) -> float:

@@ -1,0 +1,174 @@
+#!/usr/bin/env python
+"""Training-step time of the real trainer step, variants side by side in one run.
+
+Variants share one policy (and one resident reference) and are interleaved step by step, so
+machine noise hits them alike; the median step time of each is reported with ratios:
+
+- ``dpo``: DPO, resident reference model (forward-only pass on the same micro-batches);
+- ``adadpo``: AdaDPO (adaptive coefficient), resident reference;
+- ``adadpo_precomputed``: AdaDPO with reference log-probs looked up from a precomputed file.
+
+Presets: ``tiny-cpu`` (the quickstart model, 1 process on CPU) and ``llama-1b`` (a Llama-3.2-1B
+shaped model, bf16 on one GPU: tokens/s, MFU and peak memory too).
+
+    python benchmarks/bench_train_step.py --preset tiny-cpu --steps 20
+    python benchmarks/bench_train_step.py --preset llama-1b --steps 10 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from megatron_adadpo import parallel  # noqa: E402
+from megatron_adadpo.config import load_config  # noqa: E402
+from megatron_adadpo.data import collate_pairs, pad_multiple  # noqa: E402
+from megatron_adadpo.losses import LossConfig  # noqa: E402
+from megatron_adadpo.model import build_model  # noqa: E402
+from megatron_adadpo.optimization import build_optimizer, build_scheduler, wrap_ddp  # noqa: E402
+from megatron_adadpo.reference import (  # noqa: E402
+    PrecomputedReference,
+    ResidentReference,
+    write_precomputed,
+)
+from megatron_adadpo.step import train_step  # noqa: E402
+
+PRESETS = {
+    "tiny-cpu": dict(
+        overrides=[], prompt=48, completion=(24, 64), micro_batches=4, micro_batch_size=4,
+    ),
+    "llama-1b": dict(
+        overrides=[
+            "model.num_layers=16", "model.hidden_size=2048", "model.ffn_hidden_size=8192",
+            "model.num_attention_heads=32", "model.num_query_groups=8",
+            "model.vocab_size=128256", "model.max_position_embeddings=4096",
+            "model.rotary_base=500000", "model.make_vocab_size_divisible_by=128",
+            "model.tie_word_embeddings=true", "execution.tp=1", "execution.bf16=true",
+            "optimizer.lr=1e-6", "optimizer.min_lr=0",
+        ],
+        prompt=256, completion=(512, 768), micro_batches=4, micro_batch_size=2,
+    ),
+}
+
+
+def synthetic_batches(vocab: int, preset: dict, multiple: int, seed: int) -> list[dict]:
+    """Micro-batches of random pairs: prompt + completions of the preset's lengths."""
+    g = np.random.default_rng(seed)
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    batches, pair_id = [], 0
+    for _ in range(preset["micro_batches"]):
+        examples = []
+        for _ in range(preset["micro_batch_size"]):
+            prompt = g.integers(3, vocab, preset["prompt"]).tolist()
+            lo, hi = preset["completion"]
+            chosen = g.integers(3, vocab, int(g.integers(lo, hi + 1))).tolist()
+            rejected = g.integers(3, vocab, int(g.integers(lo, hi + 1))).tolist()
+            examples.append(dict(chosen_ids=prompt + chosen, rejected_ids=prompt + rejected,
+                                 prompt_length=len(prompt), pair_id=pair_id))
+            pair_id += 1
+        b = collate_pairs(examples, pad_token_id=0, pad_to_multiple_of=multiple)
+        batches.append({k: v.to(device) for k, v in b.items() if v is not None})
+    return batches
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny-cpu")
+    parser.add_argument("--steps", type=int, default=20, help="measured steps per variant")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra config overrides (e.g. a smaller model for a smoke run)")
+    args = parser.parse_args()
+    preset = PRESETS[args.preset]
+    c = load_config(REPO / "examples/configs/quickstart.yaml",
+                    ["execution.tp=1", "eval.interval=0", *preset["overrides"], *args.set])
+    parallel.init_distributed()
+    e = c.execution
+    parallel.init_model_parallel(parallel.Layout(e.tp, e.pp, e.vpp, e.cp), seed=1)
+    chunks = build_model(c.model, e)
+    resident = ResidentReference(c.model, e, chunks)
+    policy = wrap_ddp(chunks, c.optimizer)
+    optimizer = build_optimizer(policy, c.optimizer, e.bf16)
+    scheduler = build_scheduler(optimizer, c.optimizer, 10_000, 1)
+    vocab = c.model.vocab_size
+    batches = synthetic_batches(vocab, preset, pad_multiple(e.tp, e.cp, e.sequence_parallel), 0)
+    n_pairs = preset["micro_batches"] * preset["micro_batch_size"]
+    with tempfile.TemporaryDirectory() as tmp:
+        write_precomputed(tmp, -50 * np.ones((n_pairs, 2), np.float32), "bench", {})
+        precomputed = PrecomputedReference(tmp, "bench")
+        variants = {
+            "dpo": (LossConfig(adaptive=False), resident),
+            "adadpo": (LossConfig(adaptive=True), resident),
+            "adadpo_precomputed": (LossConfig(adaptive=True), precomputed),
+        }
+        times = {name: [] for name in variants}
+        for i in range(args.warmup + args.steps):
+            for name, (loss, ref) in variants.items():
+                step_batches = [dict(b) for b in batches]
+                _sync()
+                start = time.perf_counter()
+                ref.attach(step_batches)
+                train_step(policy, optimizer, scheduler, step_batches, loss, e, n_pairs)
+                _sync()
+                if i >= args.warmup:
+                    times[name].append(time.perf_counter() - start)
+    report(c, preset, batches, times, args)
+    parallel.destroy()
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def report(c, preset, batches, times, args) -> None:
+    from megatron_adadpo.hardware import peak_flops_per_device
+
+    seq = batches[0]["tokens"].shape[1]
+    n_seqs = sum(b["tokens"].shape[0] for b in batches)
+    tokens = n_seqs * seq
+    peak = peak_flops_per_device()
+    fwd = c.model.forward_flops(seq, c.execution.tp) * n_seqs
+    result = {
+        "preset": args.preset,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "seq_length": seq,
+        "sequences_per_step": n_seqs,
+        "params": c.model.num_parameters(),
+        "variants": {},
+    }
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        mult = 3.0 if name.endswith("precomputed") else 4.0  # fwd+bwd (+ reference forward)
+        result["variants"][name] = {
+            "median_s": med,
+            "tokens_per_s": tokens / med,
+            "mfu": mult * fwd / med / peak if peak == peak else None,
+        }
+    v = result["variants"]
+    result["ratio_adadpo_over_dpo"] = v["adadpo"]["median_s"] / v["dpo"]["median_s"]
+    result["ratio_precomputed_over_resident"] = (
+        v["adadpo_precomputed"]["median_s"] / v["adadpo"]["median_s"]
+    )
+    if torch.cuda.is_available():
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

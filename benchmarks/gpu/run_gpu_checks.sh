@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Every check that needs a GPU, in one call (the lent H100/H200: Python 3.12, CUDA torch, no
+# megatron-core -> the newest megatron-core cp312 wheel is carried in .whl/, which doubles as
+# the check that the plugin works on it). Results land in $OUT (or ./gpu_out).
+#   bash benchmarks/gpu/run_gpu_checks.sh
+set -uo pipefail
+OUT="${OUT:-gpu_out}"; mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site:$PWD"
+fi
+export PYTHONPATH="${PYTHONPATH:-}:$PWD" PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+python3 - <<'PY' 2>&1 | tee "$OUT/versions.txt"
+import torch, megatron.core as m
+print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())
+print("megatron-core", m.__version__)
+PY
+echo "== GPU tests (pytest -m gpu + CUDA loss tests)"
+timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/gpu \
+  tests/unit/test_losses_cuda.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+echo "== Llama-1B-shaped training step, bf16, AdaDPO vs DPO, precomputed vs resident"
+timeout 300 python3 benchmarks/bench_train_step.py --preset llama-1b --steps 6 --warmup 2 \
+  --json "$OUT/train_step_1b.json" 2>&1 | tail -40
+echo "== planner prediction for the same configuration"
+python3 tools/plan.py --recipe examples/configs/quickstart.yaml --gpu h100 --gpus 1 \
+  --set model.num_layers=16 --set model.hidden_size=2048 --set model.ffn_hidden_size=8192 \
+  --set model.num_attention_heads=32 --set model.num_query_groups=8 \
+  --set model.vocab_size=128256 --set model.tie_word_embeddings=true \
+  --set model.make_vocab_size_divisible_by=128 --set execution.tp=1 --set execution.bf16=true \
+  --set train.global_batch_size=8 --set train.micro_batch_size=2 --set data.max_length=1024 \
+  --set data.max_prompt_length=256 --set execution.transformer_impl=local \
+  --json > "$OUT/plan_1b.json" 2> "$OUT/plan_1b.err"; echo "plan rc=$?"; head -c 1500 "$OUT/plan_1b.json"
