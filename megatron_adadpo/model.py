@@ -111,7 +111,7 @@ def transformer_config(model: ModelConfig, run: ExecutionConfig) -> TransformerC
         perform_initialization=True,
         gradient_accumulation_fusion=False,
         bias_activation_fusion=False,
-        masked_softmax_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu and _importable("scaled_masked_softmax_cuda"),
         persist_layer_norm=False,
         apply_rope_fusion=False,
         bias_dropout_fusion=False,
@@ -122,6 +122,13 @@ def transformer_config(model: ModelConfig, run: ExecutionConfig) -> TransformerC
         **recompute,
         **fp8,
     )
+
+
+def _importable(module: str) -> bool:
+    """Megatron's fused softmax needs a compiled extension that many installs lack."""
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 def layer_spec(config: TransformerConfig, run: ExecutionConfig, vp_stage: int | None):

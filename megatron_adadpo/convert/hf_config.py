@@ -174,7 +174,9 @@ def _read_rope(cfg: dict, where: str) -> tuple[float, RopeScaling | None]:
         return theta, None
     missing = [k for k in _LLAMA3_KEYS if k not in scaling]
     if missing:
-        raise UnsupportedModelError(f"{where}: llama3 rope scaling lacks {missing}; fix config.json")
+        raise UnsupportedModelError(
+            f"{where}: llama3 rope scaling lacks {missing}; fix config.json"
+        )
     return theta, RopeScaling(**{k: scaling[k] for k in _LLAMA3_KEYS})
 
 
@@ -204,4 +206,3 @@ def _write_rope(out: dict, model: ModelConfig) -> None:
     scaling.pop("type", None)
     scaling.update(llama3)
     out["rope_scaling"] = scaling
-

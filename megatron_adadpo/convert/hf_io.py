@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -30,8 +30,70 @@ class HFCheckpointError(ValueError):
     """A file of the HF checkpoint is missing or inconsistent."""
 
 
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class _SafetensorsFile:
+    """One safetensors file: the header is parsed once, each tensor is read with one ``pread``.
+
+    Reading (instead of memory-mapping) keeps only the requested tensor in memory: mapped pages
+    would stay resident (and count in RSS) until the file is closed.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(length))
+        except (struct.error, ValueError, UnicodeDecodeError) as err:
+            raise HFCheckpointError(
+                f"{path} is not a safetensors file ({err}); re-download it"
+            ) from err
+        header.pop("__metadata__", None)
+        self.start = 8 + length
+        self.header = header
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.header[name]["shape"])
+
+    def dtype(self, name: str) -> str:
+        return self.header[name]["dtype"]
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        info = self.header[name]
+        begin, end = info["data_offsets"]
+        buf = bytearray(end - begin)
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.start + begin)
+            view, done = memoryview(buf), 0
+            while done < len(buf):
+                n = f.readinto(view[done:])
+                if not n:
+                    raise HFCheckpointError(f"{self.path} is truncated (reading {name!r})")
+                done += n
+        dtype = _ST_DTYPES[info["dtype"]]
+        if not buf:
+            return torch.empty(info["shape"], dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
+
+
 class SafetensorsReader:
-    """Tensors of an HF directory, read one at a time (files are memory-mapped, never loaded).
+    """Tensors of an HF directory, read one at a time (never the whole file).
 
     Accepts ``model.safetensors.index.json`` + shards, or a single ``model.safetensors``.
     """
@@ -51,8 +113,7 @@ class SafetensorsReader:
                     )
         elif (self.dir / SINGLE_FILE).is_file():
             self.source = self.dir / SINGLE_FILE
-            with safe_open(self.source, framework="pt") as f:
-                self.weight_map = {k: SINGLE_FILE for k in f.keys()}
+            self.weight_map = dict.fromkeys(_SafetensorsFile(self.source).keys(), SINGLE_FILE)
         else:
             bins = sorted(p.name for p in self.dir.glob("*.bin"))
             hint = (
@@ -76,17 +137,17 @@ class SafetensorsReader:
             )
         file = self.weight_map[name]
         if file not in self._handles:
-            self._handles[file] = safe_open(self.dir / file, framework="pt")
+            self._handles[file] = _SafetensorsFile(self.dir / file)
         return self._handles[file]
 
     def get(self, name: str) -> torch.Tensor:
         return self._handle(name).get_tensor(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(name).get_slice(name).get_shape())
+        return self._handle(name).shape(name)
 
     def dtype(self, name: str) -> str:
-        return self._handle(name).get_slice(name).get_dtype()
+        return self._handle(name).dtype(name)
 
     def file_of(self, name: str) -> Path:
         return self.dir / self.weight_map[name]

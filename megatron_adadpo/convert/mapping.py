@@ -44,7 +44,9 @@ def tensor_map(model: ModelConfig) -> list[Entry]:
         if model.add_qkv_bias:
             qkv_b = tuple(f"{attn}{p}_proj.bias" for p in "qkv")
             out.append(Entry(m + "self_attention.linear_qkv.bias", qkv_b, "qkv"))
-        out.append(Entry(m + "self_attention.linear_proj.weight", (attn + "o_proj.weight",), "copy"))
+        out.append(
+            Entry(m + "self_attention.linear_proj.weight", (attn + "o_proj.weight",), "copy")
+        )
         out.append(
             Entry(m + "pre_mlp_layernorm.weight", (h + "post_attention_layernorm.weight",), "copy")
         )
@@ -92,7 +94,7 @@ def to_hf(entry: Entry, tensor: torch.Tensor, model: ModelConfig) -> list[torch.
 
 
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, model: ModelConfig):
-    """``[nh*d, ...]``, ``[ng*d, ...]`` x2 -> ``[ng*(nh/ng + 2)*d, ...]`` grouped per query group."""
+    """q ``[nh*d, ...]``, k / v ``[ng*d, ...]`` -> ``[ng*(nh/ng + 2)*d, ...]`` per query group."""
     ng, d = model.query_groups, model.head_dim
     per = model.num_attention_heads // ng
     rest = q.shape[1:]

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import yaml
-from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
 from megatron_adadpo.checkpointing import MODEL_CONFIG_FILE, read_model_config
 from megatron_adadpo.megatron_api import GPTModel, dist_checkpointing
@@ -34,7 +33,7 @@ def parse_dtype(name: str, flag: str = "--dtype") -> torch.dtype:
 
 
 def init_single_process() -> None:
-    """A world of one gloo process with TP1 / PP1 Megatron state (CPU tensors, also on GPU hosts)."""
+    """A world of one gloo process + TP1 / PP1 Megatron state (CPU tensors, even on GPU hosts)."""
     from megatron_adadpo import cpu, parallel
 
     cpu.activate()  # no-op where CUDA exists
@@ -108,10 +107,11 @@ def load_subset(directory: Path, sharded: dict, names: list[str], dtype: torch.d
     return {name: loaded[name].reshape(expected_shape(sharded[name])) for name in names}
 
 
-def _region_request(value, dtype: torch.dtype) -> ShardedTensor:
-    first = value.build()[0] if isinstance(value, ShardedTensorFactory) else value
+def _region_request(value, dtype: torch.dtype):
+    mapping = dist_checkpointing.mapping
+    first = value.build()[0] if isinstance(value, mapping.ShardedTensorFactory) else value
     local = (1,) * first.prepend_axis_num + expected_shape(value)
-    return ShardedTensor(
+    return mapping.ShardedTensor(
         key=first.key,
         data=torch.empty(local, dtype=dtype),
         dtype=dtype,
@@ -135,7 +135,7 @@ def stored_dtype(directory: Path) -> torch.dtype:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint dir, an ``iter_*`` dir, a ``checkpoints`` root or a run dir -> checkpoint dir."""
+    """A checkpoint or ``iter_*`` dir, a ``checkpoints`` root or a run dir -> checkpoint dir."""
     p = Path(path)
     if (p / "metadata.json").is_file():
         return p

@@ -47,10 +47,10 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def output_dtype(model: ModelConfig, stored: torch.dtype, requested: str | None) -> torch.dtype:
+def output_dtype(model: ModelConfig, stored: torch.dtype, requested) -> torch.dtype:
     """``--dtype``, else the dtype named in the original config.json, else the stored dtype."""
-    if requested:
-        return megatron_io.parse_dtype(requested)
+    if requested is not None:
+        return requested
     name = model.hf_extra.get("torch_dtype") or model.hf_extra.get("dtype")
     return _HF_DTYPES.get(name, stored)
 
@@ -117,6 +117,7 @@ def convert_megatron_to_hf(
     progress: bool = True,
 ) -> Path:
     """Convert; returns the output directory."""
+    requested = megatron_io.parse_dtype(dtype) if dtype else None
     ckpt = megatron_io.resolve_checkpoint(checkpoint)
     model = megatron_io.checkpoint_model_config(ckpt)
     tok_dir = find_tokenizer(ckpt, tokenizer_dir)
@@ -130,11 +131,15 @@ def convert_megatron_to_hf(
     out.mkdir(parents=True, exist_ok=True)
     megatron_io.init_single_process()
     stored = megatron_io.stored_dtype(ckpt)
-    out_dtype = output_dtype(model, stored, dtype)
+    out_dtype = output_dtype(model, stored, requested)
     shards = plan_shards(model, out_dtype.itemsize, max_shard_bytes)
     weight_map, total = {}, 0
-    bar = tqdm(total=sum(len(s) for s in shards), desc="Megatron -> HF", unit="tensor",
-               disable=not progress)
+    bar = tqdm(
+        total=sum(len(s) for s in shards),
+        desc="Megatron -> HF",
+        unit="tensor",
+        disable=not progress,
+    )
     for i, entries in enumerate(shards):
         sharded = megatron_io.template(model, stored)
         loaded = megatron_io.load_subset(ckpt, sharded, [e.megatron for e in entries], stored)
