@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from megatron_adadpo.convert import hf_io, mapping, megatron_io
 from megatron_adadpo.convert.hf_config import hf_to_model_config
+from megatron_adadpo.megatron_api import dist_checkpointing
 from megatron_adadpo.model_config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,32 @@ def check_inputs(hf_dir: Path, reader: hf_io.SafetensorsReader, model: ModelConf
         log.warning("no tokenizer files in %s: the checkpoint will have no tokenizer/", hf_dir)
 
 
+def fill(sharded: dict, entry, hf: list, model: ModelConfig, dtype, reader) -> None:
+    """Put ``entry``'s tensor, converted from its HF tensors, into the checkpoint template."""
+    target = sharded[entry.megatron]
+    if isinstance(target, dist_checkpointing.mapping.ShardedTensorFactory):
+        # linear_fc1: store the [gate; up] halves as they are. Concatenating would copy, and the
+        # factory's halves are views, which the checkpoint writer clones once more.
+        pieces = target.build()
+        for piece, tensor in zip(pieces, hf, strict=True):
+            _check_shape(entry, tensor, tuple(piece.local_shape), reader)
+            piece.data, piece.dtype = tensor.to(dtype).contiguous(), dtype
+        sharded[entry.megatron] = pieces
+        return
+    tensor = mapping.to_megatron(entry, hf, model)
+    _check_shape(entry, tensor, megatron_io.expected_shape(target), reader)
+    target.data, target.dtype = tensor.to(dtype).contiguous(), dtype
+
+
+def _check_shape(entry, tensor, expected: tuple, reader) -> None:
+    if tuple(tensor.shape) != expected:
+        raise hf_io.HFCheckpointError(
+            f"{entry.hf} in {reader.file_of(entry.hf[0])} give {entry.megatron} the shape "
+            f"{tuple(tensor.shape)}, config.json implies {expected}; config.json does not "
+            "describe these weights"
+        )
+
+
 def convert_hf_to_megatron(
     hf_dir: str | Path, output: str | Path, dtype: str | None = None, progress: bool = True
 ) -> ModelConfig:
@@ -76,17 +103,7 @@ def convert_hf_to_megatron(
     sharded = megatron_io.template(model, out_dtype)
     entries = mapping.tensor_map(model)
     for entry in tqdm(entries, desc="HF -> Megatron", unit="tensor", disable=not progress):
-        target = sharded[entry.megatron]
-        tensor = mapping.to_megatron(entry, [reader.get(n) for n in entry.hf], model)
-        if tuple(tensor.shape) != megatron_io.expected_shape(target):
-            raise hf_io.HFCheckpointError(
-                f"{entry.hf} in {reader.file_of(entry.hf[0])} give {entry.megatron} the shape "
-                f"{tuple(tensor.shape)}, config.json implies {megatron_io.expected_shape(target)};"
-                " config.json does not describe these weights"
-            )
-        target.data = tensor.to(out_dtype).contiguous()
-        if hasattr(target, "dtype") and not callable(target.dtype):
-            target.dtype = out_dtype
+        fill(sharded, entry, [reader.get(n) for n in entry.hf], model, out_dtype, reader)
     missing = [k for k, v in sharded.items() if megatron_io.is_tensor_entry(v) and v.data.is_meta]
     if missing:
         raise RuntimeError(f"internal: template entries left unfilled: {missing}")

@@ -137,10 +137,11 @@ def test_qkv_is_grouped_per_query_group_and_inverts():
     fused = mapping.fuse_qkv(q, k, v, model)
     heads = fused[::d, 0].tolist()
     assert heads == [0, 1, 10, 20, 2, 3, 11, 21]
-    assert all(torch.equal(a, b) for a, b in zip(mapping.split_qkv(fused, model), (q, k, v)))
+    parts = mapping.split_qkv(fused, model)
+    assert all(torch.equal(a, b) for a, b in zip(parts, (q, k, v), strict=True))
     bias = [torch.randn(n) for n in (16, 8, 8)]
     parts = mapping.split_qkv(mapping.fuse_qkv(*bias, model), model)
-    assert all(torch.equal(a, b) for a, b in zip(parts, bias))
+    assert all(torch.equal(a, b) for a, b in zip(parts, bias, strict=True))
 
 
 def test_vocab_rows_padded_for_megatron_and_dropped_for_hf():
