@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         model = convert_hf_to_megatron(
             args.hf_dir, args.output, dtype=args.dtype, progress=not args.no_progress
         )
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(

@@ -153,6 +153,15 @@ class SafetensorsReader:
         return self.dir / self.weight_map[name]
 
 
+def require_empty_output(path: Path) -> None:
+    """Refuse to write into a non-empty directory (stale shards would mix with new ones)."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(
+            f"output {path} exists and is not an empty directory; choose a new --output or "
+            "delete it first"
+        )
+
+
 def shard_file_name(index: int, count: int) -> str:
     return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
 

@@ -95,6 +95,7 @@ def convert_hf_to_megatron(
 ) -> ModelConfig:
     """Convert; returns the ``ModelConfig`` written to ``output/model.yaml``."""
     hf_dir, output = Path(hf_dir), Path(output)
+    hf_io.require_empty_output(output)
     model = read_hf_config(hf_dir)
     reader = hf_io.SafetensorsReader(hf_dir)
     check_inputs(hf_dir, reader, model)

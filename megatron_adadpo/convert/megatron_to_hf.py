@@ -118,6 +118,7 @@ def convert_megatron_to_hf(
 ) -> Path:
     """Convert; returns the output directory."""
     requested = megatron_io.parse_dtype(dtype) if dtype else None
+    hf_io.require_empty_output(Path(output))
     ckpt = megatron_io.resolve_checkpoint(checkpoint)
     model = megatron_io.checkpoint_model_config(ckpt)
     tok_dir = find_tokenizer(ckpt, tokenizer_dir)

@@ -279,3 +279,21 @@ def test_export_errors(hf_dir, tmp_path):
         convert_megatron_to_hf(ckpt, tmp_path / "o", tokenizer_dir=big)
     with pytest.raises(ValueError, match="--dtype"):
         convert_megatron_to_hf(ckpt, tmp_path / "o", tokenizer_dir=hf_dir, dtype="half")
+
+
+def test_mistral_sliding_window_is_kept_and_warned(caplog):
+    cfg = json.loads(cm.hf_config("mistral").to_json_string(use_diff=True))
+    cfg.update(architectures=["MistralForCausalLM"], sliding_window=32)
+    with caplog.at_level("WARNING"):
+        model = hf_config.hf_to_model_config(cfg, where="m/config.json")
+    assert "sliding_window=32" in caplog.text and "m/config.json" in caplog.text
+    assert hf_config.model_config_to_hf(model)["sliding_window"] == 32
+
+
+def test_output_must_be_new_or_empty(hf_dir, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.safetensors").write_bytes(b"")
+    with pytest.raises(FileExistsError, match="not an empty directory"):
+        convert_hf_to_megatron(hf_dir, tmp_path / "out")
+    with pytest.raises(FileExistsError, match="not an empty directory"):
+        convert_megatron_to_hf(tmp_path, tmp_path / "out")
