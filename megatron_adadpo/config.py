@@ -301,9 +301,9 @@ def _validate_execution(m: ModelConfig, e: ExecutionConfig) -> None:
     if e.fp8 not in (None, "hybrid", "e4m3"):
         raise ConfigError(f"execution.fp8={e.fp8!r}; accepted: null, hybrid, e4m3")
     if e.fp8 or e.transformer_impl == "transformer_engine":
-        from megatron_adadpo.megatron_api import te_available
-
         import torch
+
+        from megatron_adadpo.megatron_api import te_available
 
         if not (torch.cuda.is_available() and te_available()):
             raise ConfigError(

@@ -10,8 +10,11 @@ import inspect
 
 import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel  # noqa: F401
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-from megatron.core.distributed import finalize_model_grads  # noqa: F401
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,  # noqa: F401
+)
 from megatron.core.models.gpt import GPTModel  # noqa: F401
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: F401
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: F401

@@ -21,8 +21,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_adadpo.logprobs import sequence_logprobs
-from megatron_adadpo.losses import LossConfig, accumulate_metrics, all_reduce_metrics
-from megatron_adadpo.losses import preference_loss
+from megatron_adadpo.losses import (
+    LossConfig,
+    accumulate_metrics,
+    all_reduce_metrics,
+    preference_loss,
+)
 from megatron_adadpo.megatron_api import get_forward_backward_func, parallel_state
 
 

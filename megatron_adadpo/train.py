@@ -20,16 +20,20 @@ import torch.distributed as dist
 
 from megatron_adadpo import checkpointing, parallel
 from megatron_adadpo.config import Config, check_world, load_config
-from megatron_adadpo.data import PreferenceSampler, collate_pairs, load_preference_dataset
-from megatron_adadpo.data import pad_multiple
+from megatron_adadpo.data import (
+    PreferenceSampler,
+    collate_pairs,
+    load_preference_dataset,
+    pad_multiple,
+)
 from megatron_adadpo.hardware import peak_flops_per_device
 from megatron_adadpo.init import init_layout_invariant
+from megatron_adadpo.losses import accumulate_metrics, reduce_metrics
 from megatron_adadpo.megatron_api import parallel_state
 from megatron_adadpo.metrics import MetricsLogger, step_values
 from megatron_adadpo.model import build_model
 from megatron_adadpo.optimization import build_optimizer, build_scheduler, wrap_ddp
 from megatron_adadpo.reference import PrecomputedReference, ResidentReference
-from megatron_adadpo.losses import accumulate_metrics, reduce_metrics
 from megatron_adadpo.step import evaluate, train_step
 
 

@@ -91,17 +91,32 @@ def _strings(node):
         yield node
 
 
+_SPECIAL = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _special_token_ids(model: ModelConfig, tok_dir: Path | None) -> dict:
+    """bos / eos ids for a model that never had an HF config (trained from scratch)."""
+    if tok_dir is None or "model_type" in model.hf_extra:  # converted from HF: keep its config
+        return {}
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+    return {k: v for k, v in ids.items() if v is not None}
+
+
 def write_side_files(out: Path, model: ModelConfig, tok_dir: Path | None, dtype) -> None:
     """config.json, generation_config.json and the tokenizer files."""
     config = model_config_to_hf(model)
+    special = _special_token_ids(model, tok_dir)
+    config.update({k: v for k, v in special.items() if k not in config})
     for key in ("torch_dtype", "dtype"):
         if key in config:
             config[key] = str(dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     copied = hf_io.copy_tokenizer_files(tok_dir, out) if tok_dir else []
     if "generation_config.json" not in copied:
-        keys = ("bos_token_id", "eos_token_id", "pad_token_id")
-        gen = {k: model.hf_extra[k] for k in keys if model.hf_extra.get(k) is not None}
+        gen = {k: v for k, v in config.items() if k in _SPECIAL and v is not None}
         import transformers
 
         gen["transformers_version"] = transformers.__version__
@@ -141,8 +156,8 @@ def convert_megatron_to_hf(
         unit="tensor",
         disable=not progress,
     )
+    sharded = megatron_io.template(model, stored)
     for i, entries in enumerate(shards):
-        sharded = megatron_io.template(model, stored)
         loaded = megatron_io.load_subset(ckpt, sharded, [e.megatron for e in entries], stored)
         tensors = {}
         for entry in entries:

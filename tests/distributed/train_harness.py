@@ -69,11 +69,12 @@ def first_step_gradients(rank: int, world: int, argv: list[str]) -> dict | None:
     gated fc1's ``[gate; up]`` halves handled), collected over pipeline stages, keyed by global
     parameter name, in fp64 — comparable across every layout.
     """
-    from megatron_adadpo.config import check_world, load_config
-    from megatron_adadpo import parallel
-    from megatron_adadpo.optimization import build_optimizer, wrap_ddp
-    from megatron_adadpo.step import get_forward_backward_func, forward_step, _iterators
     from functools import partial
+
+    from megatron_adadpo import parallel
+    from megatron_adadpo.config import check_world, load_config
+    from megatron_adadpo.optimization import build_optimizer, wrap_ddp
+    from megatron_adadpo.step import _iterators, forward_step, get_forward_backward_func
 
     args = train.parse_args(argv)
     c = load_config(args.config, args.set)
@@ -82,7 +83,7 @@ def first_step_gradients(rank: int, world: int, argv: list[str]) -> dict | None:
     parallel.init_model_parallel(parallel.Layout(e.tp, e.pp, e.vpp, e.cp), seed=c.train.seed)
     dataset = train.load_data(c)
     chunks = train.build_policy(c)
-    reference = train.build_reference(c, chunks, dataset)
+    reference, _ = train.build_reference(c, chunks, dataset)
     policy = wrap_ddp(chunks, c.optimizer)
     build_optimizer(policy, c.optimizer, e.bf16)  # installs finalize_model_grads
     batches = train.build_batches(c, dataset, dp, 0).next_step()

@@ -48,3 +48,48 @@ def test_convert_clis_round_trip(tmp_path):
     assert all(out[k].dtype == torch.bfloat16 and torch.equal(out[k], v) for k, v in src.items())
     config = json.loads((tmp_path / "hf_back" / "config.json").read_text())
     assert config["architectures"] == ["Qwen2ForCausalLM"] and config["tie_word_embeddings"]
+
+
+def _megatron_logits(rank, world, ckpt, ids):
+    from megatron_adadpo import parallel
+    from megatron_adadpo.checkpointing import load_model, read_model_config
+    from megatron_adadpo.model import ExecutionConfig, build_model
+
+    parallel.init_model_parallel(parallel.Layout(tp=2, pp=2))
+    model = read_model_config(ckpt)
+    chunks = build_model(model, ExecutionConfig(tp=2, pp=2))
+    load_model(chunks, ckpt, model)
+    return cm.megatron_logits(chunks, ids, model.vocab_size)
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_trainer_checkpoint_tp2pp2_exports_to_hf(tmp_path):
+    """The real trainer (torchrun, 4 ranks, TP2 x PP2 x 2 virtual stages, 3 steps) -> CLI -> HF."""
+    import os
+
+    from tests.launcher import run_ranks
+
+    run_dir = tmp_path / "run"
+    sets = ["execution.pp=2", "execution.vpp=2", "train.train_iters=3", "eval.interval=0",
+            "logging.progress=false", f"logging.run_dir={run_dir}",
+            f"data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    config = "examples/configs/quickstart.yaml"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "4", "-m", "megatron_adadpo.train", "--config", config]  # fmt: skip
+    for item in sets:
+        cmd += ["--set", item]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    train = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-2000:]
+    # the run dir: `latest` -> iter dir; the tokenizer is found through its config.yaml
+    export = _run("convert_megatron_to_hf.py", "--checkpoint", run_dir, "--output",
+                  tmp_path / "hf", cwd=ROOT)  # fmt: skip
+    assert export.returncode == 0, export.stderr[-2000:]
+    ckpt = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    ids = torch.randint(0, 600, (2, 24), generator=torch.Generator().manual_seed(1))
+    megatron = run_ranks(_megatron_logits, 4, ckpt, ids, timeout=200)[-1]
+    hf = cm.hf_logits(tmp_path / "hf", ids)
+    assert (hf - megatron).abs().max().item() <= 1e-5
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["vocab_size"] == 640 and "eos_token_id" in config
