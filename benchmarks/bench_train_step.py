@@ -46,18 +46,33 @@ from megatron_adadpo.step import train_step  # noqa: E402
 
 PRESETS = {
     "tiny-cpu": dict(
-        overrides=[], prompt=48, completion=(24, 64), micro_batches=4, micro_batch_size=4,
+        overrides=[],
+        prompt=48,
+        completion=(24, 64),
+        micro_batches=4,
+        micro_batch_size=4,
     ),
     "llama-1b": dict(
         overrides=[
-            "model.num_layers=16", "model.hidden_size=2048", "model.ffn_hidden_size=8192",
-            "model.num_attention_heads=32", "model.num_query_groups=8",
-            "model.vocab_size=128256", "model.max_position_embeddings=4096",
-            "model.rotary_base=500000", "model.make_vocab_size_divisible_by=128",
-            "model.tie_word_embeddings=true", "execution.tp=1", "execution.bf16=true",
-            "optimizer.lr=1e-6", "optimizer.min_lr=0",
+            "model.num_layers=16",
+            "model.hidden_size=2048",
+            "model.ffn_hidden_size=8192",
+            "model.num_attention_heads=32",
+            "model.num_query_groups=8",
+            "model.vocab_size=128256",
+            "model.max_position_embeddings=4096",
+            "model.rotary_base=500000",
+            "model.make_vocab_size_divisible_by=128",
+            "model.tie_word_embeddings=true",
+            "execution.tp=1",
+            "execution.bf16=true",
+            "optimizer.lr=1e-6",
+            "optimizer.min_lr=0",
         ],
-        prompt=256, completion=(512, 768), micro_batches=4, micro_batch_size=2,
+        prompt=256,
+        completion=(512, 768),
+        micro_batches=4,
+        micro_batch_size=2,
     ),
 }
 
@@ -74,8 +89,14 @@ def synthetic_batches(vocab: int, preset: dict, multiple: int, seed: int) -> lis
             lo, hi = preset["completion"]
             chosen = g.integers(3, vocab, int(g.integers(lo, hi + 1))).tolist()
             rejected = g.integers(3, vocab, int(g.integers(lo, hi + 1))).tolist()
-            examples.append(dict(chosen_ids=prompt + chosen, rejected_ids=prompt + rejected,
-                                 prompt_length=len(prompt), pair_id=pair_id))
+            examples.append(
+                dict(
+                    chosen_ids=prompt + chosen,
+                    rejected_ids=prompt + rejected,
+                    prompt_length=len(prompt),
+                    pair_id=pair_id,
+                )
+            )
             pair_id += 1
         b = collate_pairs(examples, pad_token_id=0, pad_to_multiple_of=multiple)
         batches.append({k: v.to(device) for k, v in b.items() if v is not None})
@@ -88,12 +109,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="measured steps per variant")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra config overrides (e.g. a smaller model for a smoke run)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra config overrides (e.g. a smaller model for a smoke run)",
+    )
     args = parser.parse_args()
     preset = PRESETS[args.preset]
-    c = load_config(REPO / "examples/configs/quickstart.yaml",
-                    ["execution.tp=1", "eval.interval=0", *preset["overrides"], *args.set])
+    c = load_config(
+        REPO / "examples/configs/quickstart.yaml",
+        ["execution.tp=1", "eval.interval=0", *preset["overrides"], *args.set],
+    )
     parallel.init_distributed()
     e = c.execution
     parallel.init_model_parallel(parallel.Layout(e.tp, e.pp, e.vpp, e.cp), seed=1)
@@ -120,7 +148,7 @@ def main() -> None:
                 _sync()
                 start = time.perf_counter()
                 ref.attach(step_batches)
-                train_step(policy, optimizer, scheduler, step_batches, loss, e, n_pairs)
+                train_step(policy, optimizer, scheduler, step_batches, loss, n_pairs)
                 _sync()
                 if i >= args.warmup:
                     times[name].append(time.perf_counter() - start)

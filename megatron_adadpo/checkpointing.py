@@ -80,8 +80,15 @@ def load_model(chunks: list[torch.nn.Module], directory: str | Path, model: Mode
 def check_same_architecture(stored: ModelConfig, wanted: ModelConfig, where: str) -> None:
     """Raise when a checkpoint's model shape differs from the configured one."""
     fields = (
-        "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "query_groups",
-        "head_dim", "vocab_size", "add_qkv_bias", "tie_word_embeddings",
+        "num_layers",
+        "hidden_size",
+        "ffn_hidden_size",
+        "num_attention_heads",
+        "query_groups",
+        "head_dim",
+        "vocab_size",
+        "add_qkv_bias",
+        "tie_word_embeddings",
     )
     diff = [
         f"{f}: checkpoint {getattr(stored, f)} vs config {getattr(wanted, f)}"

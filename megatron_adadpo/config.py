@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from megatron_adadpo.data.collate import pad_multiple
 from megatron_adadpo.data.config import DataConfig
 from megatron_adadpo.losses import LossConfig
 from megatron_adadpo.model import ExecutionConfig
@@ -132,7 +133,9 @@ def from_dict(values: dict) -> Config:
         known = {f.name for f in dataclasses.fields(cls)}
         bad = sorted(set(value) - known)
         if bad:
-            raise ConfigError(f"unknown keys {[f'{name}.{k}' for k in bad]}; accepted: {sorted(known)}")
+            raise ConfigError(
+                f"unknown keys {[f'{name}.{k}' for k in bad]}; accepted: {sorted(known)}"
+            )
         try:
             sections[name] = cls(**_coerce(cls, name, value))
         except (TypeError, ValueError) as exc:
@@ -208,8 +211,10 @@ def validate(c: Config) -> None:
             f"reference.mode={c.reference.mode!r}; accepted: 'resident', 'precomputed', 'none'"
         )
     if c.reference.mode == "precomputed" and not c.reference.path:
-        raise ConfigError("reference.mode=precomputed needs reference.path (the output dir of "
-                          "tools/precompute_reference.py)")
+        raise ConfigError(
+            "reference.mode=precomputed needs reference.path (the output dir of "
+            "tools/precompute_reference.py)"
+        )
     if c.eval.interval and not c.eval.inputs:
         raise ConfigError("eval.interval > 0 needs eval.inputs (held-out preference pairs)")
     if c.eval.interval and c.reference.mode == "precomputed" and c.loss.needs_reference:
@@ -221,11 +226,15 @@ def validate(c: Config) -> None:
     if c.data is None:
         raise ConfigError("config section 'data' is required (inputs, tokenizer, max_length)")
     if c.loss.needs_reference and c.reference.mode == "none":
-        raise ConfigError(f"loss.name={c.loss.name!r} needs reference log-probs; set "
-                          "reference.mode to 'resident' or 'precomputed'")
+        raise ConfigError(
+            f"loss.name={c.loss.name!r} needs reference log-probs; set "
+            "reference.mode to 'resident' or 'precomputed'"
+        )
     if c.optimizer.decay_style not in ("cosine", "linear", "constant"):
-        raise ConfigError(f"optimizer.decay_style={c.optimizer.decay_style!r}; accepted: "
-                          "'cosine', 'linear', 'constant'")
+        raise ConfigError(
+            f"optimizer.decay_style={c.optimizer.decay_style!r}; accepted: "
+            "'cosine', 'linear', 'constant'"
+        )
     if not 0.0 <= c.optimizer.warmup_fraction < 1.0:
         raise ConfigError("optimizer.warmup_fraction must be in [0, 1)")
     if c.optimizer.lr <= 0:
@@ -235,7 +244,9 @@ def validate(c: Config) -> None:
             f"optimizer.min_lr={c.optimizer.min_lr} must be in [0, optimizer.lr={c.optimizer.lr}]"
         )
     if c.optimizer.overlap_param_gather and not c.optimizer.use_distributed_optimizer:
-        raise ConfigError("optimizer.overlap_param_gather needs optimizer.use_distributed_optimizer")
+        raise ConfigError(
+            "optimizer.overlap_param_gather needs optimizer.use_distributed_optimizer"
+        )
     if c.data is not None and e.pp > 1 and c.data.max_length % _pad_multiple(e):
         raise ConfigError(
             f"data.max_length={c.data.max_length} must be a multiple of {_pad_multiple(e)} "
@@ -268,11 +279,7 @@ def check_world(c: Config, world_size: int) -> int:
 
 
 def _pad_multiple(e: ExecutionConfig) -> int:
-    import math
-
-    tp = e.tp if e.sequence_parallel else 1
-    cp = 2 * e.cp if e.cp > 1 else 1
-    return tp * cp // math.gcd(tp, cp)
+    return pad_multiple(e.tp, e.cp, e.sequence_parallel)
 
 
 def _validate_execution(m: ModelConfig, e: ExecutionConfig) -> None:
@@ -296,8 +303,10 @@ def _validate_execution(m: ModelConfig, e: ExecutionConfig) -> None:
     if e.recompute not in (None, "selective", "full"):
         raise ConfigError(f"execution.recompute={e.recompute!r}; accepted: null, selective, full")
     if e.transformer_impl not in ("auto", "local", "transformer_engine"):
-        raise ConfigError(f"execution.transformer_impl={e.transformer_impl!r}; accepted: "
-                          "auto, local, transformer_engine")
+        raise ConfigError(
+            f"execution.transformer_impl={e.transformer_impl!r}; accepted: "
+            "auto, local, transformer_engine"
+        )
     if e.fp8 not in (None, "hybrid", "e4m3"):
         raise ConfigError(f"execution.fp8={e.fp8!r}; accepted: null, hybrid, e4m3")
     if e.fp8 or e.transformer_impl == "transformer_engine":

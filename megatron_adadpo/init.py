@@ -62,8 +62,10 @@ def init_layout_invariant(
     tp = parallel_state.get_tensor_model_parallel_world_size()
     for chunk in chunks:
         for name, param in global_param_names(chunk).items():
-            if name.endswith("layer_norm_weight") or "layernorm" in name or name.endswith(
-                "final_layernorm.weight"
+            if (
+                name.endswith("layer_norm_weight")
+                or "layernorm" in name
+                or name.endswith("final_layernorm.weight")
             ):
                 param.fill_(1.0)
                 continue

@@ -32,9 +32,9 @@ __all__ = [
     "vocab_parallel_cross_entropy",
 ]
 
-_VPCE_TAKES_TP_GROUP = "tp_group" in inspect.signature(
-    tensor_parallel.vocab_parallel_cross_entropy
-).parameters
+_VPCE_TAKES_TP_GROUP = (
+    "tp_group" in inspect.signature(tensor_parallel.vocab_parallel_cross_entropy).parameters
+)
 
 
 def vocab_parallel_cross_entropy(

@@ -63,18 +63,17 @@ def build_optimizer(policy: list, opt: OptimizerSection, bf16: bool):
     model_config = policy[0].config
     model_config.finalize_model_grads_func = finalize_model_grads
     model_config.grad_scale_func = optimizer.scale_loss
-    if opt.overlap_grad_reduce:
-        model_config.no_sync_func = [c.no_sync for c in policy]
-        if len(policy) == 1:
-            model_config.no_sync_func = model_config.no_sync_func[0]
-        model_config.grad_sync_func = [c.start_grad_sync for c in policy]
-        if len(policy) == 1:
-            model_config.grad_sync_func = model_config.grad_sync_func[0]
+    if opt.overlap_grad_reduce:  # let the schedule start grad reduction during backward
+        model_config.no_sync_func = _per_chunk([c.no_sync for c in policy])
+        model_config.grad_sync_func = _per_chunk([c.start_grad_sync for c in policy])
     if opt.overlap_param_gather:
-        model_config.param_sync_func = [c.start_param_sync for c in policy]
-        if len(policy) == 1:
-            model_config.param_sync_func = model_config.param_sync_func[0]
+        model_config.param_sync_func = _per_chunk([c.start_param_sync for c in policy])
     return optimizer
+
+
+def _per_chunk(funcs: list):
+    """Megatron's schedules take one function, or a list with virtual pipeline stages."""
+    return funcs if len(funcs) > 1 else funcs[0]
 
 
 def build_scheduler(

@@ -26,7 +26,6 @@ class ResidentReference:
     """A frozen copy of the policy's initial weights with the same layout, forward-only."""
 
     def __init__(self, model: ModelConfig, run: ExecutionConfig, policy: list):
-        self.run = run
         self.chunks = build_model(model, run)
         with torch.no_grad():
             for ref, pol in zip(self.chunks, policy, strict=True):
@@ -36,7 +35,7 @@ class ResidentReference:
             chunk.requires_grad_(False)
 
     def attach(self, batches: list[dict]) -> None:
-        attach_resident_reference(self.chunks, batches, self.run)
+        attach_resident_reference(self.chunks, batches)
 
 
 class PrecomputedReference:

@@ -35,9 +35,7 @@ def policy_forward(model, batch: dict) -> torch.Tensor:
 
     Shapes: tokens / labels / position_ids ``[2B, S]``.
     """
-    return model(
-        batch["tokens"], batch["position_ids"], None, labels=batch["labels"].clamp(min=0)
-    )
+    return model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"].clamp(min=0))
 
 
 def sequence_sums(per_token_ce: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,32 +86,39 @@ def _reference_forward_step(data_iterator: Iterator, model):
     return output, partial(_reference_loss_func, batch)
 
 
-def _iterators(batches: list[dict], num_chunks: int):
-    its = [iter(batches) for _ in range(num_chunks)]
-    return its if num_chunks > 1 else its[0]
+def run_schedule(model: list, batches: list[dict], forward_step_func, forward_only: bool):
+    """One pass of Megatron's schedule (no pipelining / 1F1B / interleaved by the layout) over
+    ``batches``; returns the loss reports of the last pipeline stage (``[]`` elsewhere)."""
+    iterators = [iter(batches) for _ in model]
+    tokens = batches[0]["tokens"]
+    return get_forward_backward_func()(
+        forward_step_func=forward_step_func,
+        data_iterator=iterators if len(model) > 1 else iterators[0],
+        model=model,
+        num_microbatches=len(batches),
+        seq_length=tokens.shape[1],
+        micro_batch_size=tokens.shape[0],
+        forward_only=forward_only,
+    )
 
 
-def _schedule_shape(batches: list[dict], run) -> tuple[int, int]:
-    seq_length = batches[0]["tokens"].shape[1]
-    return seq_length, batches[0]["tokens"].shape[0]
+def reduce_reports(reports: list[dict]) -> dict:
+    """Micro-batch metrics summed (min/max for extrema), then reduced over DP once."""
+    if not reports:
+        return {}
+    return all_reduce_metrics(
+        accumulate_metrics(r["metrics"] for r in reports),
+        group=parallel_state.get_data_parallel_group(),
+    )
 
 
-def attach_resident_reference(reference: list, batches: list[dict], run) -> None:
+def attach_resident_reference(reference: list, batches: list[dict]) -> None:
     """Run the frozen reference forward-only on the same micro-batches; store its sums.
 
     Adds ``batch["reference_logps"]`` (``[2B]`` fp32) on the last pipeline stage, where the
     policy loss is computed.
     """
-    seq_length, mbs = _schedule_shape(batches, run)
-    outputs = get_forward_backward_func()(
-        forward_step_func=_reference_forward_step,
-        data_iterator=_iterators(batches, len(reference)),
-        model=reference,
-        num_microbatches=len(batches),
-        seq_length=seq_length,
-        micro_batch_size=mbs,
-        forward_only=True,
-    )
+    outputs = run_schedule(reference, batches, _reference_forward_step, forward_only=True)
     for batch, out in zip(batches, outputs, strict=False):
         batch["reference_logps"] = out["reference_logps"]
 
@@ -135,7 +140,6 @@ def train_step(
     scheduler,
     batches: list[dict],
     loss_config: LossConfig,
-    run,
     global_batch_size: int,
     nan_policy: str = "stop",
     step: int = 0,
@@ -148,22 +152,8 @@ def train_step(
     for chunk in policy:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    seq_length, mbs = _schedule_shape(batches, run)
-    reports = get_forward_backward_func()(
-        forward_step_func=partial(forward_step, loss_config),
-        data_iterator=_iterators(batches, len(policy)),
-        model=policy,
-        num_microbatches=len(batches),
-        seq_length=seq_length,
-        micro_batch_size=mbs,
-        forward_only=False,
-    )
-    metrics = {}
-    if reports:
-        metrics = all_reduce_metrics(
-            accumulate_metrics(r["metrics"] for r in reports),
-            group=parallel_state.get_data_parallel_group(),
-        )
+    reports = run_schedule(policy, batches, partial(forward_step, loss_config), False)
+    metrics = reduce_reports(reports)
     if not _all_finite(reports):
         if nan_policy == "stop":
             raise NonFiniteLoss(_describe_nonfinite(reports, step))
@@ -178,24 +168,10 @@ def evaluate(policy: list, batches: list[dict], loss_config: LossConfig) -> dict
     """Forward-only loss metrics of held-out micro-batches, reduced over DP (last stage)."""
     for chunk in policy:
         chunk.eval()
-    seq_length, mbs = _schedule_shape(batches, None)
-    reports = get_forward_backward_func()(
-        forward_step_func=partial(forward_step, loss_config),
-        data_iterator=_iterators(batches, len(policy)),
-        model=policy,
-        num_microbatches=len(batches),
-        seq_length=seq_length,
-        micro_batch_size=mbs,
-        forward_only=True,
-    )
+    reports = run_schedule(policy, batches, partial(forward_step, loss_config), True)
     for chunk in policy:
         chunk.train()
-    if not reports:
-        return {}
-    return all_reduce_metrics(
-        accumulate_metrics(r["metrics"] for r in reports),
-        group=parallel_state.get_data_parallel_group(),
-    )
+    return reduce_reports(reports)
 
 
 def _all_finite(reports: list[dict]) -> bool:

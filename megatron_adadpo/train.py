@@ -212,7 +212,13 @@ def run_loop(
 
     def save():
         checkpointing.save_training(
-            c.logging.run_dir, state["step"], policy, optimizer, scheduler, state, c.model,
+            c.logging.run_dir,
+            state["step"],
+            policy,
+            optimizer,
+            scheduler,
+            state,
+            c.model,
             config_yaml,
         )
 
@@ -222,18 +228,31 @@ def run_loop(
         if reference is not None:
             reference.attach(step_batches)
         result = train_step(
-            policy, optimizer, scheduler, step_batches, c.loss, c.execution,
-            c.train.global_batch_size, c.train.nan_policy, state["step"] + 1,
+            policy,
+            optimizer,
+            scheduler,
+            step_batches,
+            c.loss,
+            c.train.global_batch_size,
+            nan_policy=c.train.nan_policy,
+            step=state["step"] + 1,
         )
         state["step"] += 1
         state["consumed_samples"] += c.train.global_batch_size
         elapsed = time.monotonic() - start
         if state["step"] % c.logging.log_interval == 0 or state["step"] == total:
             seq = step_batches[0]["tokens"].shape[1]
-            flops = mult * c.model.forward_flops(seq, c.execution.tp) * 2 * c.train.global_batch_size
+            seqs = 2 * c.train.global_batch_size
+            flops = mult * c.model.forward_flops(seq, c.execution.tp) * seqs
             values = step_values(
-                result.metrics, result.grad_norm, optimizer.param_groups[0]["lr"], elapsed,
-                c.train.global_batch_size, micro_per_step, flops, peak,
+                result.metrics,
+                result.grad_norm,
+                optimizer.param_groups[0]["lr"],
+                elapsed,
+                c.train.global_batch_size,
+                micro_per_step,
+                flops,
+                peak,
             )
             values["skipped"] = float(result.skipped)
             logger.log(state["step"], values)
@@ -268,7 +287,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="YAML run configuration")
     parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config value, e.g. --set loss.beta=0.05 (repeatable)",
     )
     return parser.parse_args(argv)

@@ -75,7 +75,7 @@ def _collect(results: mp.Queue, procs, world_size: int, timeout: float) -> list:
                 time.sleep(0.2)
                 if results.empty():
                     codes = {i: procs[i].exitcode for i in dead}
-                    raise RankFailed(f"ranks exited without a result: exit codes {codes}")
+                    raise RankFailed(f"ranks exited without a result: exit codes {codes}") from None
             continue
         if not ok:
             raise RankFailed(f"rank {rank} failed:\n{payload}")

@@ -7,6 +7,7 @@ import shutil
 import struct
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -45,10 +46,8 @@ _ST_DTYPES = {
 
 
 class _SafetensorsFile:
-    """One safetensors file: the header is parsed once, each tensor is read with one ``pread``.
-
-    Reading (instead of memory-mapping) keeps only the requested tensor in memory: mapped pages
-    would stay resident (and count in RSS) until the file is closed.
+    """One safetensors file: the header is parsed once; a tensor is read with one ``pread``
+    (``get_tensor``: a private copy in memory) or mapped (``map_tensor``: no copy, see there).
     """
 
     def __init__(self, path: Path):
@@ -90,6 +89,23 @@ class _SafetensorsFile:
         if not buf:
             return torch.empty(info["shape"], dtype=dtype)
         return torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
+
+    def map_tensor(self, name: str) -> torch.Tensor:
+        """A read-only view of the tensor's bytes in the file (``mmap``, copy-on-write).
+
+        Nothing is read until the data is accessed; the pages then stay resident (and count in
+        the RSS of the process that read them) while the tensor lives, but they are clean file
+        cache that the kernel may drop and re-read. The tensor owns a storage of exactly its
+        size, so ``dist_checkpointing``'s writer does not clone it.
+        """
+        info = self.header[name]
+        begin, end = info["data_offsets"]
+        if end == begin:
+            return self.get_tensor(name)
+        if self.start + end > self.path.stat().st_size:
+            raise HFCheckpointError(f"{self.path} is truncated (mapping {name!r})")
+        raw = np.memmap(self.path, np.uint8, "c", offset=self.start + begin, shape=(end - begin,))
+        return torch.from_numpy(raw).view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
 class SafetensorsReader:
@@ -143,11 +159,18 @@ class SafetensorsReader:
     def get(self, name: str) -> torch.Tensor:
         return self._handle(name).get_tensor(name)
 
+    def map(self, name: str) -> torch.Tensor:
+        """``name`` mapped from its file, not read (``_SafetensorsFile.map_tensor``)."""
+        return self._handle(name).map_tensor(name)
+
     def shape(self, name: str) -> tuple[int, ...]:
         return self._handle(name).shape(name)
 
     def dtype(self, name: str) -> str:
         return self._handle(name).dtype(name)
+
+    def torch_dtype(self, name: str) -> torch.dtype:
+        return _ST_DTYPES[self.dtype(name)]
 
     def file_of(self, name: str) -> Path:
         return self.dir / self.weight_map[name]

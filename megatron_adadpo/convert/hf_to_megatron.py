@@ -1,9 +1,16 @@
 """HF Llama-family directory -> Megatron ``dist_checkpointing`` checkpoint (any TP / PP / VPP).
 
 Output directory: the checkpoint files, ``model.yaml`` (the derived ``ModelConfig``) and
-``tokenizer/`` (a copy of the tokenizer files and ``generation_config.json``). HF tensors are
-read one at a time from memory-mapped safetensors and converted into the checkpoint template
-(``megatron_io.template``), so memory holds the model once, in the output dtype.
+``tokenizer/`` (a copy of the tokenizer files and ``generation_config.json``).
+
+Streaming: the checkpoint template (``megatron_io.template``) is filled with file-backed tensors,
+never with the model in memory. A tensor stored as it is in the HF file (same dtype, no
+re-layout: norms, o_proj, down_proj, gate / up as the ``linear_fc1`` halves, unpadded
+embeddings) is a memory map of the safetensors file; the others (fused QKV, padded vocab rows,
+dtype conversions) are read, converted one at a time and spilled to an unnamed scratch file in
+the output directory (``megatron_io.file_backed``). ``dist_checkpointing.save`` then writes them
+with enough writer processes that each maps at most about one HF shard's worth of bytes
+(``WRITER_SHARE``).
 """
 
 from __future__ import annotations
@@ -22,6 +29,9 @@ from megatron_adadpo.model_config import ModelConfig
 
 log = logging.getLogger(__name__)
 TOKENIZER_DIR = "tokenizer"
+# Bytes per checkpoint writer process, as a fraction of the largest HF shard: a writer's mapped
+# pages stay in its RSS until it exits, so this bounds peak RSS (see BENCHMARKS.md).
+WRITER_SHARE = 0.5
 
 
 def read_hf_config(hf_dir: Path) -> ModelConfig:
@@ -64,21 +74,39 @@ def check_inputs(hf_dir: Path, reader: hf_io.SafetensorsReader, model: ModelConf
         log.warning("no tokenizer files in %s: the checkpoint will have no tokenizer/", hf_dir)
 
 
-def fill(sharded: dict, entry, hf: list, model: ModelConfig, dtype, reader) -> None:
-    """Put ``entry``'s tensor, converted from its HF tensors, into the checkpoint template."""
+def fill(sharded: dict, entry, model: ModelConfig, dtype, reader, scratch: Path) -> None:
+    """Put ``entry``'s tensor, converted from its HF tensors, into the checkpoint template.
+
+    The tensor is file-backed (see the module docstring): a map of the HF file where the bytes
+    are stored unchanged, else a converted copy spilled to ``scratch``.
+    """
     target = sharded[entry.megatron]
     if isinstance(target, dist_checkpointing.mapping.ShardedTensorFactory):
         # linear_fc1: store the [gate; up] halves as they are. Concatenating would copy, and the
         # factory's halves are views, which the checkpoint writer clones once more.
         pieces = target.build()
-        for piece, tensor in zip(pieces, hf, strict=True):
+        for piece, name in zip(pieces, entry.hf, strict=True):
+            tensor = _stored(reader, name, dtype, scratch)
             _check_shape(entry, tensor, tuple(piece.local_shape), reader)
-            piece.data, piece.dtype = tensor.to(dtype).contiguous(), dtype
+            piece.data, piece.dtype = tensor, dtype
         sharded[entry.megatron] = pieces
         return
-    tensor = mapping.to_megatron(entry, hf, model)
-    _check_shape(entry, tensor, megatron_io.expected_shape(target), reader)
-    target.data, target.dtype = tensor.to(dtype).contiguous(), dtype
+    expected = megatron_io.expected_shape(target)
+    rows = reader.shape(entry.hf[0])[0]
+    if entry.kind == "copy" or (entry.kind == "vocab" and rows == expected[0]):
+        tensor = _stored(reader, entry.hf[0], dtype, scratch)
+    else:  # fused QKV, padded vocab rows
+        tensor = mapping.to_megatron(entry, [reader.get(n) for n in entry.hf], model)
+        tensor = megatron_io.file_backed(tensor.to(dtype), scratch)
+    _check_shape(entry, tensor, expected, reader)
+    target.data, target.dtype = tensor, dtype
+
+
+def _stored(reader, name: str, dtype: torch.dtype, scratch: Path) -> torch.Tensor:
+    """HF tensor ``name`` in ``dtype``: mapped from its file when stored in ``dtype``."""
+    if reader.torch_dtype(name) == dtype:
+        return reader.map(name)
+    return megatron_io.file_backed(reader.get(name).to(dtype), scratch)
 
 
 def _check_shape(entry, tensor, expected: tuple, reader) -> None:
@@ -102,13 +130,15 @@ def convert_hf_to_megatron(
     out_dtype = megatron_io.parse_dtype(dtype) if dtype else default_dtype(reader)
     megatron_io.init_single_process()
     sharded = megatron_io.template(model, out_dtype)
+    output.mkdir(parents=True, exist_ok=True)  # scratch files (unnamed) live in it
     entries = mapping.tensor_map(model)
     for entry in tqdm(entries, desc="HF -> Megatron", unit="tensor", disable=not progress):
-        fill(sharded, entry, [reader.get(n) for n in entry.hf], model, out_dtype, reader)
+        fill(sharded, entry, model, out_dtype, reader, output)
     missing = [k for k, v in sharded.items() if megatron_io.is_tensor_entry(v) and v.data.is_meta]
     if missing:
         raise RuntimeError(f"internal: template entries left unfilled: {missing}")
-    megatron_io.save(sharded, output, model)
+    largest_shard = max(f.stat().st_size for f in {reader.file_of(n) for n in reader.names()})
+    megatron_io.save(sharded, output, model, bytes_per_writer=int(WRITER_SHARE * largest_shard))
     del sharded
     copied = hf_io.copy_tokenizer_files(hf_dir, output / TOKENIZER_DIR)
     log.info("wrote %s (%s); tokenizer files: %s", output, out_dtype, copied)

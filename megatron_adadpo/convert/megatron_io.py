@@ -10,9 +10,12 @@ checkpoint), so the files are written and read by Megatron's own ``dist_checkpoi
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
@@ -84,10 +87,46 @@ def expected_shape(value) -> tuple[int, ...]:
     return tuple(value.data.shape)
 
 
-def save(sharded: dict, directory: Path, model: ModelConfig) -> None:
-    """Save a filled template as a model checkpoint (the layout ``save_model`` writes)."""
+def file_backed(tensor: torch.Tensor, directory: Path) -> torch.Tensor:
+    """``tensor``'s bytes written to an unnamed file in ``directory``, returned as a mapping of it.
+
+    The in-memory tensor can then be freed: the result is clean file cache, read again only when
+    the checkpoint writer reaches it. The file has no name (``O_TMPFILE``, or unlinked at once)
+    and disappears with the last reference to the result.
+    """
+    tensor = tensor.contiguous()
+    if tensor.numel() == 0:
+        return tensor
+    raw = tensor.reshape(-1).view(torch.uint8).numpy()
+    with tempfile.TemporaryFile(dir=directory) as f:
+        f.write(raw.data)
+        f.flush()
+        mapped = np.memmap(f, np.uint8, "c", shape=raw.shape)  # the map keeps the file alive
+    return torch.from_numpy(mapped).view(tensor.dtype).reshape(tensor.shape)
+
+
+def save(sharded: dict, directory: Path, model: ModelConfig, bytes_per_writer: int = 0) -> None:
+    """Save a filled template as a model checkpoint (the layout ``save_model`` writes).
+
+    ``bytes_per_writer`` > 0: split the tensors over enough writer processes (one ``.distcp``
+    file each; Megatron's default is 2) that each writes about that many bytes. A writer reads
+    its tensors from memory-mapped files (``file_backed``), and those pages count in its RSS
+    until it exits, so this bounds each process's peak RSS; the file count does not matter to
+    ``dist_checkpointing.load``.
+    """
     directory.mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save({"model": sharded}, str(directory))
+    strategy = None
+    if bytes_per_writer > 0:
+        total = sum(
+            t.data.numel() * t.data.element_size()
+            for v in sharded.values()
+            for t in (v if isinstance(v, list) else [v])
+            if is_tensor_entry(t)
+        )
+        default = dist_checkpointing.serialization.get_default_save_sharded_strategy()
+        writers = max(2, math.ceil(total / bytes_per_writer))
+        strategy = type(default)(default.backend, default.version, thread_count=writers)
+    dist_checkpointing.save({"model": sharded}, str(directory), sharded_strategy=strategy)
     (directory / MODEL_CONFIG_FILE).write_text(yaml.safe_dump(model.to_dict(), sort_keys=False))
 
 

@@ -9,7 +9,6 @@ second. Every refusal names the field and the fix (``LayoutError``).
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -236,9 +235,9 @@ def _world_errors(p: PlanInput, c: Cluster) -> list[str]:
 
 
 def _pad_multiple(p: PlanInput) -> int:
-    tp = p.tp if p.sequence_parallel else 1
-    cp = 2 * p.cp if p.cp > 1 else 1
-    return tp * cp // math.gcd(tp, cp)
+    from megatron_adadpo.data.collate import pad_multiple
+
+    return pad_multiple(p.tp, p.cp, p.sequence_parallel)
 
 
 def _field(name: str) -> str:

@@ -65,7 +65,9 @@ def test_tp_matches_full_vocab_fp64(tp):
         assert torch.equal(counts, ref_counts.float())
         shard_ref = ref_grad.chunk(tp, dim=-1)[rank]
         torch.testing.assert_close(grad.double(), shard_ref, atol=2e-6, rtol=0)
-        torch.testing.assert_close(grad_seq.double(), ref_grad2.chunk(tp, dim=-1)[rank], atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            grad_seq.double(), ref_grad2.chunk(tp, dim=-1)[rank], atol=1e-5, rtol=0
+        )
 
 
 def _masked_rank(rank, world):

@@ -32,13 +32,25 @@ def argv(run_dir, cache_dir, *extra):
 def test_precomputed_reference_equals_resident(tmp_path, cache_dir):
     ref_dir = tmp_path / "ref"
     base = ["execution.tp=2", "train.train_iters=4"]
-    run_ranks(lambda r, w, a: precompute.precompute(a), 2,
-              argv(tmp_path / "pre", cache_dir, *base) + ["--output", str(ref_dir)])
+    run_ranks(
+        lambda r, w, a: precompute.precompute(a),
+        2,
+        argv(tmp_path / "pre", cache_dir, *base) + ["--output", str(ref_dir)],
+    )
     meta = json.loads((ref_dir / "meta.json").read_text())
     assert meta["num_pairs"] == 400
     run_ranks(run_trainer, 2, argv(tmp_path / "resident", cache_dir, *base))
-    run_ranks(run_trainer, 2, argv(tmp_path / "precomputed", cache_dir, *base,
-                                   "reference.mode=precomputed", f"reference.path={ref_dir}"))
+    run_ranks(
+        run_trainer,
+        2,
+        argv(
+            tmp_path / "precomputed",
+            cache_dir,
+            *base,
+            "reference.mode=precomputed",
+            f"reference.path={ref_dir}",
+        ),
+    )
     resident, precomputed = losses(tmp_path / "resident"), losses(tmp_path / "precomputed")
     assert len(resident) == 4
     assert resident == precomputed  # same micro-batches in the same order: bitwise equal
@@ -46,11 +58,19 @@ def test_precomputed_reference_equals_resident(tmp_path, cache_dir):
 
 def test_precomputed_reference_for_other_data_is_refused(tmp_path, cache_dir):
     ref_dir = tmp_path / "ref"
-    run_ranks(lambda r, w, a: precompute.precompute(a), 1,
-              argv(tmp_path / "pre", cache_dir, "data.max_length=48") + ["--output", str(ref_dir)])
+    run_ranks(
+        lambda r, w, a: precompute.precompute(a),
+        1,
+        argv(tmp_path / "pre", cache_dir, "data.max_length=48") + ["--output", str(ref_dir)],
+    )
     with pytest.raises(RankFailed, match="re-run tools/precompute_reference.py"):
-        run_ranks(run_trainer, 1, argv(tmp_path / "t", cache_dir, "reference.mode=precomputed",
-                                       f"reference.path={ref_dir}"))
+        run_ranks(
+            run_trainer,
+            1,
+            argv(
+                tmp_path / "t", cache_dir, "reference.mode=precomputed", f"reference.path={ref_dir}"
+            ),
+        )
 
 
 def _kill_in_step(rank, world, args, kill_step):
@@ -58,7 +78,7 @@ def _kill_in_step(rank, world, args, kill_step):
     real_train_step = train.train_step
 
     def dying_train_step(*a, **kw):
-        if kw.get("step", a[8] if len(a) > 8 else None) == kill_step:
+        if kw["step"] == kill_step:
             os.kill(os.getpid(), signal.SIGKILL)
         return real_train_step(*a, **kw)
 
@@ -109,14 +129,27 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, cache_dir):
 
 def test_checkpoint_of_another_model_shape_is_refused(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
-    run_ranks(run_trainer, 1, argv(run_dir, cache_dir, "train.train_iters=1",
-                                   "checkpoint.save_at_end=true"))
+    run_ranks(
+        run_trainer,
+        1,
+        argv(run_dir, cache_dir, "train.train_iters=1", "checkpoint.save_at_end=true"),
+    )
     with pytest.raises(RankFailed, match="another model shape"):
-        run_ranks(run_trainer, 1, argv(run_dir, cache_dir, "train.train_iters=2",
-                                       "model.hidden_size=96", "model.ffn_hidden_size=192"))
+        run_ranks(
+            run_trainer,
+            1,
+            argv(
+                run_dir,
+                cache_dir,
+                "train.train_iters=2",
+                "model.hidden_size=96",
+                "model.ffn_hidden_size=192",
+            ),
+        )
     with pytest.raises(RankFailed, match="trained on dataset"):
-        run_ranks(run_trainer, 1, argv(run_dir, cache_dir, "train.train_iters=2",
-                                       "data.max_length=48"))
+        run_ranks(
+            run_trainer, 1, argv(run_dir, cache_dir, "train.train_iters=2", "data.max_length=48")
+        )
 
 
 def _poisoned(rank, world, args, bad_step):
@@ -140,16 +173,29 @@ def test_nonfinite_loss_stops_naming_step_and_pairs(tmp_path, cache_dir):
 
 
 def test_nonfinite_loss_skip_policy_skips_the_step(tmp_path, cache_dir):
-    run_ranks(_poisoned, 1, argv(tmp_path / "skip", cache_dir, "train.train_iters=3",
-                                 "train.nan_policy=skip"), 2)
+    run_ranks(
+        _poisoned,
+        1,
+        argv(tmp_path / "skip", cache_dir, "train.train_iters=3", "train.nan_policy=skip"),
+        2,
+    )
     rows = read_metrics(tmp_path / "skip")
     assert [r["skipped"] for r in rows] == [0.0, 1.0, 0.0]
     assert math.isfinite(rows[2]["loss"])
 
 
 def test_periodic_evaluation_on_held_out_pairs(tmp_path, cache_dir):
-    run_ranks(run_trainer, 1, argv(tmp_path / "ev", cache_dir, "train.train_iters=2",
-                                   "eval.interval=2", "eval.max_pairs=16"))
+    run_ranks(
+        run_trainer,
+        1,
+        argv(
+            tmp_path / "ev",
+            cache_dir,
+            "train.train_iters=2",
+            "eval.interval=2",
+            "eval.max_pairs=16",
+        ),
+    )
     rows = [r for r in read_metrics(tmp_path / "ev") if r["split"] == "eval"]
     assert len(rows) == 1 and rows[0]["step"] == 2
     assert rows[0]["pairs/valid"] == 1.0 and 0.0 < rows[0]["loss"] < 1.0

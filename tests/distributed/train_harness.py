@@ -74,7 +74,7 @@ def first_step_gradients(rank: int, world: int, argv: list[str]) -> dict | None:
     from megatron_adadpo import parallel
     from megatron_adadpo.config import check_world, load_config
     from megatron_adadpo.optimization import build_optimizer, wrap_ddp
-    from megatron_adadpo.step import _iterators, forward_step, get_forward_backward_func
+    from megatron_adadpo.step import forward_step, run_schedule
 
     args = train.parse_args(argv)
     c = load_config(args.config, args.set)
@@ -89,16 +89,7 @@ def first_step_gradients(rank: int, world: int, argv: list[str]) -> dict | None:
     batches = train.build_batches(c, dataset, dp, 0).next_step()
     if reference is not None:
         reference.attach(batches)
-    seq = batches[0]["tokens"].shape[1]
-    get_forward_backward_func()(
-        forward_step_func=partial(forward_step, c.loss),
-        data_iterator=_iterators(batches, len(policy)),
-        model=policy,
-        num_microbatches=len(batches),
-        seq_length=seq,
-        micro_batch_size=batches[0]["tokens"].shape[0],
-        forward_only=False,
-    )
+    run_schedule(policy, batches, partial(forward_step, c.loss), forward_only=False)
     return _gather_full_grads(policy, c.model.vocab_size)
 
 

@@ -14,15 +14,31 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.e2e
 
 TINY = [
-    "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128",
-    "data.max_length=64", "data.max_prompt_length=32", "eval.interval=0",
-    "train.global_batch_size=8", "train.micro_batch_size=2", "logging.progress=false",
+    "model.num_layers=2",
+    "model.hidden_size=64",
+    "model.ffn_hidden_size=128",
+    "data.max_length=64",
+    "data.max_prompt_length=32",
+    "eval.interval=0",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=2",
+    "logging.progress=false",
 ]
 
 
 def _cmd(run_dir, cache, *extra):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "megatron_adadpo.train", "--config", "examples/configs/quickstart.yaml"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "megatron_adadpo.train",
+        "--config",
+        "examples/configs/quickstart.yaml",
+    ]
     for item in [*TINY, f"logging.run_dir={run_dir}", f"data.cache_dir={cache}", *extra]:
         cmd += ["--set", item]
     return cmd
@@ -34,8 +50,14 @@ def _env():
 
 def test_torchrun_two_processes_trains_and_checkpoints(tmp_path):
     run_dir = tmp_path / "run"
-    out = subprocess.run(_cmd(run_dir, tmp_path / "cache", "train.train_iters=3"), cwd=REPO,
-                         env=_env(), capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        _cmd(run_dir, tmp_path / "cache", "train.train_iters=3"),
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "resolved config" in out.stdout
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -55,12 +77,19 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     """
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
-        _cmd(run_dir, tmp_path / "cache", "train.train_iters=100000"), cwd=REPO, env=_env(),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        _cmd(run_dir, tmp_path / "cache", "train.train_iters=100000"),
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+    while time.monotonic() < deadline and not (
+        metrics.exists() and metrics.read_text().count("\n") >= 2
+    ):
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGTERM)  # torchrun forwards it; Slurm signals every task
     output, _ = proc.communicate(timeout=240)

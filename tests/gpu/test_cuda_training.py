@@ -17,9 +17,14 @@ def test_trainer_runs_on_one_gpu(tmp_path, bf16):
 
     run_dir = tmp_path / f"run_bf16_{bf16}"
     sets = [
-        f"logging.run_dir={run_dir}", f"data.cache_dir={tmp_path / 'cache'}",
-        "execution.tp=1", f"execution.bf16={str(bf16).lower()}", "train.train_iters=4",
-        "eval.interval=0", "logging.progress=false", "checkpoint.save_at_end=true",
+        f"logging.run_dir={run_dir}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "execution.tp=1",
+        f"execution.bf16={str(bf16).lower()}",
+        "train.train_iters=4",
+        "eval.interval=0",
+        "logging.progress=false",
+        "checkpoint.save_at_end=true",
     ]
     argv = ["--config", str(REPO / "examples/configs/quickstart.yaml")]
     for item in sets:
