@@ -165,6 +165,28 @@ def _from_megatron() -> bool:
     return frame is not None and "megatron/core/" in frame.f_code.co_filename
 
 
+# Factory functions also wrapped at module level: a TorchFunctionMode is suspended while its
+# own handler runs, so code executed *inside* an intercepted call (``autograd.Function.apply``,
+# ``torch.autograd.backward``: activation recompute, Megatron's custom backward passes) would
+# otherwise reach CUDA.
+_FACTORIES = ("empty", "zeros", "ones", "full", "tensor", "arange", "rand", "randn", "randint")
+
+
+def _cpu_factory(impl):
+    def factory(*args, **kwargs):
+        if _is_cuda_device(kwargs.get("device")):
+            _record("device=cuda")
+            kwargs["device"] = "cpu"
+        if kwargs.get("pin_memory"):
+            _record("pin_memory")
+            kwargs["pin_memory"] = False
+        return impl(*args, **kwargs)
+
+    factory.__name__ = getattr(impl, "__name__", "factory")
+    factory.__doc__ = getattr(impl, "__doc__", None)
+    return factory
+
+
 def _counted(kind: str, impl):
     def wrapper(*args, **kwargs):
         _record(kind)
@@ -232,6 +254,8 @@ def activate(strict: bool = True) -> bool:
         setattr(torch.cuda, name, impl)
     torch.cuda.random.get_rng_state = torch.cuda.get_rng_state
     torch.cuda.random.set_rng_state = torch.cuda.set_rng_state
+    for name in _FACTORIES:
+        setattr(torch, name, _cpu_factory(getattr(torch, name)))
     mrandom._get_cuda_rng_state = _counted("megatron._get_cuda_rng_state", _cpu_rng_get)
     mrandom._set_cuda_rng_state = _counted("megatron._set_cuda_rng_state", _cpu_rng_set)
     _mode = _CudaToCpuMode()
