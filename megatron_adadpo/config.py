@@ -223,6 +223,14 @@ def validate(c: Config) -> None:
                 "evaluation with reference.mode=precomputed needs reference.eval_path "
                 "(tools/precompute_reference.py --eval --output DIR)"
             )
+    if c.logging.tensorboard:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError(
+                "logging.tensorboard: true needs the tensorboard package (pip install "
+                "tensorboard), or set logging.tensorboard: false (metrics.jsonl is always written)"
+            )
     if c.data is None:
         raise ConfigError("config section 'data' is required (inputs, tokenizer, max_length)")
     if c.loss.needs_reference and c.reference.mode == "none":
