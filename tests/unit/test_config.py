@@ -4,8 +4,8 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-import yaml
 import torch.distributed as dist
+import yaml
 
 from megatron_adadpo import train
 from megatron_adadpo.config import ConfigError, check_world, load_config
@@ -84,8 +84,13 @@ def test_world_size_and_batch_divisibility():
         check_world(c, 3)
     with pytest.raises(ConfigError, match="global_batch_size=16 must be divisible by"):
         check_world(cfg("execution.tp=1", "train.micro_batch_size=3"), 1)
-    vpp = cfg("execution.tp=1", "execution.pp=2", "execution.vpp=2",
-              "train.global_batch_size=12", "train.micro_batch_size=4")
+    vpp = cfg(
+        "execution.tp=1",
+        "execution.pp=2",
+        "execution.vpp=2",
+        "train.global_batch_size=12",
+        "train.micro_batch_size=4",
+    )
     with pytest.raises(ConfigError, match=r"micro-batches \(3\) to be a multiple of"):
         check_world(vpp, 2)
 
