@@ -27,6 +27,7 @@ CONSOLE_FIELDS = (
     ("ada/coef_mean", "coef", "{:.3f}"),
     ("ada/clip_frac", "clip", "{:.2f}"),
     ("ada/grad_balance", "gbal", "{:.3f}"),
+    ("ada/log_prob_balance", "log_pbal", "{:+.3f}"),
     ("grad_norm", "gnorm", "{:.3f}"),
     ("lr", "lr", "{:.2e}"),
     ("throughput/tokens_per_s", "tok/s", "{:.0f}"),

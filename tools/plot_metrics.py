@@ -17,7 +17,7 @@ PANELS = (
     ("logps/rejected_per_token", "rejected log-prob per token"),
     ("rewards/margins", "reward margin (beta * (h_w - h_l))"),
     ("rewards/accuracies", "reward accuracy"),
-    ("ada/grad_balance", "gradient balance |dL/dl_w| / |dL/dl_l|"),
+    ("ada/log_prob_balance", "log |dL/dpi_w| / |dL/dpi_l| (0 = balanced)"),
     ("loss", "loss"),
 )
 

@@ -36,6 +36,7 @@ MEAN_METRIC_NAMES = (
     "ada/log_rho_mean",
     "ada/clip_frac",
     "ada/grad_balance",
+    "ada/log_prob_balance",
     "lengths/chosen",
     "lengths/rejected",
 )
@@ -57,7 +58,10 @@ def pair_metrics(batch: PairBatch, out: FamilyOutput, losses: Tensor) -> dict[st
     """Metric tensors of one micro-batch (module docstring). No host sync.
 
     ``ada/coef_*`` is the effective ratio ``c = coef_chosen / coef_rejected``;
-    ``ada/grad_balance`` is ``|dL/dl_w| / |dL/dl_l|`` of the preference term, analytically.
+    ``ada/grad_balance`` is ``|dL/dl_w| / |dL/dl_l|`` of the preference term, analytically;
+    ``ada/log_prob_balance`` is the same balance in probability space at the geometric-mean
+    token, ``log(|dL/dpi_w| / |dL/dpi_l|) = log grad_balance + lbar_l - lbar_w`` (0 = balanced;
+    DPO drifts below 0 as the rejected response loses probability, ALGORITHM.md section 2).
 
     Shapes: batch/out/losses ``[b]`` per pair; every metric ``[2]``.
     """
@@ -78,6 +82,11 @@ def pair_metrics(batch: PairBatch, out: FamilyOutput, losses: Tensor) -> dict[st
             out.coefs.log_rho,
             out.coefs.clipped.to(losses.dtype),
             torch.exp(out.log_grad_balance),
+            (
+                out.log_grad_balance
+                + batch.rejected_logps / batch.rejected_lengths
+                - batch.chosen_logps / batch.chosen_lengths
+            ).clamp(-1e4, 1e4),  # c underflows to 0 in sequence mode: keep the sum finite
             batch.chosen_lengths,
             batch.rejected_lengths,
         ]

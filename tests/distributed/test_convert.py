@@ -61,6 +61,10 @@ def work(tmp_path_factory):
         dirs[name] = d
     jobs = [("to_megatron", d / "hf", d / "mg", None) for d in dirs.values()]
     jobs += [("to_hf", d / "mg", d / "hf_back", None) for d in dirs.values()]
+    # fp32 weights saved as bf16 (converted tensors are spilled to scratch files, not mapped)
+    dirs["llama3_to_bf16"] = cast = root / "llama3_to_bf16"
+    jobs += [("to_megatron", dirs["llama3"] / "hf", cast / "mg", "bf16")]
+    jobs += [("to_hf", cast / "mg", cast / "hf_back", None)]
     run_ranks(_convert_all, 1, jobs, timeout=240)
     return dirs
 
@@ -111,6 +115,13 @@ def test_round_trip_bit_identical(work, name):
     index = json.loads((d / "hf_back" / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(src)
     assert len(set(index["weight_map"].values())) > 1  # small max_shard_bytes -> several shards
+
+
+def test_dtype_conversion_round_trip(work):
+    src, back = _tensors(work["llama3"] / "hf"), _tensors(work["llama3_to_bf16"] / "hf_back")
+    assert sorted(src) == sorted(back)
+    for key, tensor in src.items():
+        assert back[key].dtype == torch.bfloat16 and torch.equal(back[key], tensor.bfloat16()), key
 
 
 def test_megatron_checkpoint_contents(work):

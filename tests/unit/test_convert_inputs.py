@@ -185,6 +185,19 @@ def copy_dir(hf_dir, tmp_path):
     return dst
 
 
+def test_mapped_and_spilled_tensors_are_file_backed_and_exact(hf_dir, tmp_path):
+    """The streaming HF -> Megatron path: no copy in memory, storages the writer won't clone."""
+    reader = hf_io.SafetensorsReader(hf_dir)
+    for name in reader.names():
+        mapped, read = reader.map(name), reader.get(name)
+        assert mapped.dtype == read.dtype and torch.equal(mapped, read), name
+        assert mapped.untyped_storage().nbytes() == read.numel() * read.element_size()
+    tensor = torch.randn(7, 5).bfloat16()
+    spilled = megatron_io.file_backed(tensor, tmp_path)
+    assert torch.equal(spilled, tensor) and spilled.untyped_storage().nbytes() == 70
+    assert list(tmp_path.iterdir()) == []  # the scratch file has no name
+
+
 def _edit_config(directory, **change):
     cfg = json.loads((directory / "config.json").read_text())
     cfg.update(change)

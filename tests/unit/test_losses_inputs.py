@@ -200,6 +200,10 @@ def test_metrics_against_hand_computation():
         "ada/log_rho_mean": sum(log_rho),
         "ada/clip_frac": 1.0,
         "ada/grad_balance": sum(c),
+        # log(c) + lbar_l - lbar_w per pair: the probability-space balance
+        "ada/log_prob_balance": sum(
+            math.log(c[i]) + [-2.0, -3.0, -2.0][i] - [-1.5, -1.0, -5.0][i] for i in range(3)
+        ),
         "lengths/chosen": 7.0,
         "lengths/rejected": 5.0,
     }
@@ -238,7 +242,7 @@ def test_accumulate_and_reduce_equal_whole_batch():
     assert means["loss"] == pytest.approx(whole["loss"][0].item() / 6)
     stacked = stack_metrics(whole)
     assert set(stacked) == {"sum", "min", "max"}
-    assert stacked["min"][0] == ["ada/coef_min"] and stacked["sum"][1].shape == (16, 2)
+    assert stacked["min"][0] == ["ada/coef_min"] and stacked["sum"][1].shape == (17, 2)
     back = unstack_metrics(stacked)
     assert all(torch.equal(back[n], whole[n]) for n in whole)
 
