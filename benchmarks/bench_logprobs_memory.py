@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -42,21 +41,11 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout
+from benchmarks.machine import machine_line  # noqa: E402
 from tests.launcher import run_ranks  # noqa: E402
 
 TP = 2
 MIB = 2**20
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _status_kib(field: str) -> int:
@@ -160,13 +149,7 @@ def main() -> None:
     args = parser.parse_args()
     padded = -(-args.vocab // TP) * TP
 
-    import megatron.core
-
-    print(
-        f"machine: nproc={os.cpu_count()} cpu={cpu_model()!r} torch={torch.__version__} "
-        f"megatron-core={megatron.core.__version__} python={platform.python_version()} "
-        f"ranks={TP} (gloo, fork) threads/rank={args.threads}"
-    )
+    print(f"machine: {machine_line()} ranks={TP} (gloo, fork) threads/rank={args.threads}")
     n = args.seq * args.batch
     shard_bytes = n * (padded // TP) * 4
     full_bytes = n * padded * 4

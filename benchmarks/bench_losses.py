@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -26,18 +25,8 @@ import torch
 sys.path.insert(
     0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 )  # run from a checkout
+from benchmarks.machine import machine_line  # noqa: E402
 from megatron_adadpo.losses import LossConfig, preference_loss  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def make_workload(kind: str, pairs: int, tokens: int, device: torch.device):
@@ -103,10 +92,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    print(
-        f"machine: nproc={os.cpu_count()} cpu={cpu_model()!r} torch={torch.__version__} "
-        f"threads={torch.get_num_threads()} device={device}"
-    )
+    print(f"machine: {machine_line()} threads={torch.get_num_threads()} run on={device}")
     configs = {"DPO": LossConfig(adaptive=False), "AdaDPO": LossConfig()}
     print(f"{'workload':<34} {'DPO ms':>9} {'AdaDPO ms':>10} {'ratio':>7}")
     for kind in ("pair-sums", "per-token"):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -116,18 +115,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--steps", type=int, default=2000)
     args = p.parse_args()
-    import torch
+    from benchmarks.machine import machine_line
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    print(
-        f"machine: nproc={os.cpu_count()}, cpu={cpu}, torch {torch.__version__}, "
-        f"python {platform.python_version()}"
-    )
+    print(f"machine: {machine_line()}")
     with tempfile.TemporaryDirectory() as tmp:
         bench_preprocess(tmp, args.pairs, args.tokenizer, args.repeats)
         bench_loading(tmp, args.tokenizer, args.steps)

@@ -31,6 +31,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.machine import machine_line  # noqa: E402
 from megatron_adadpo import parallel  # noqa: E402
 from megatron_adadpo.config import load_config  # noqa: E402
 from megatron_adadpo.data import collate_pairs, pad_multiple  # noqa: E402
@@ -171,8 +172,7 @@ def report(c, preset, batches, times, args) -> None:
     fwd = c.model.forward_flops(seq, c.execution.tp) * n_seqs
     result = {
         "preset": args.preset,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "torch": torch.__version__,
+        "machine": machine_line(),
         "seq_length": seq,
         "sequences_per_step": n_seqs,
         "params": c.model.num_parameters(),

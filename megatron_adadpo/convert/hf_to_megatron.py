@@ -97,16 +97,16 @@ def fill(sharded: dict, entry, model: ModelConfig, dtype, reader, scratch: Path)
         tensor = _stored(reader, entry.hf[0], dtype, scratch)
     else:  # fused QKV, padded vocab rows
         tensor = mapping.to_megatron(entry, [reader.get(n) for n in entry.hf], model)
-        tensor = megatron_io.file_backed(tensor.to(dtype), scratch)
+        tensor = megatron_io.file_backed(tensor, scratch, dtype)
     _check_shape(entry, tensor, expected, reader)
     target.data, target.dtype = tensor, dtype
 
 
 def _stored(reader, name: str, dtype: torch.dtype, scratch: Path) -> torch.Tensor:
-    """HF tensor ``name`` in ``dtype``: mapped from its file when stored in ``dtype``."""
+    """HF tensor ``name`` in ``dtype``: mapped from its file, else converted block by block."""
     if reader.torch_dtype(name) == dtype:
         return reader.map(name)
-    return megatron_io.file_backed(reader.get(name).to(dtype), scratch)
+    return megatron_io.file_backed(reader.map(name), scratch, dtype)
 
 
 def _check_shape(entry, tensor, expected: tuple, reader) -> None:

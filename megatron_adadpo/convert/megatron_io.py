@@ -27,6 +27,7 @@ from megatron_adadpo.model_config import ModelConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+BLOCK_BYTES = 64 << 20  # dtype conversion block (file_backed)
 
 
 def parse_dtype(name: str, flag: str = "--dtype") -> torch.dtype:
@@ -87,22 +88,26 @@ def expected_shape(value) -> tuple[int, ...]:
     return tuple(value.data.shape)
 
 
-def file_backed(tensor: torch.Tensor, directory: Path) -> torch.Tensor:
-    """``tensor``'s bytes written to an unnamed file in ``directory``, returned as a mapping of it.
+def file_backed(tensor: torch.Tensor, directory: Path, dtype: torch.dtype | None = None):
+    """``tensor.to(dtype)`` written to an unnamed file in ``directory``, returned as a map of it.
 
-    The in-memory tensor can then be freed: the result is clean file cache, read again only when
-    the checkpoint writer reaches it. The file has no name (``O_TMPFILE``, or unlinked at once)
-    and disappears with the last reference to the result.
+    The result is clean file cache, read again only when the checkpoint writer reaches it, so
+    the source can be freed. The conversion runs in blocks of ``BLOCK_BYTES``: a memory-mapped
+    source is never in memory whole, converted or not. The file has no name (``O_TMPFILE``, or
+    unlinked at once) and disappears with the last reference to the result.
     """
-    tensor = tensor.contiguous()
+    dtype = dtype or tensor.dtype
     if tensor.numel() == 0:
-        return tensor
-    raw = tensor.reshape(-1).view(torch.uint8).numpy()
+        return tensor.to(dtype)
+    flat = tensor.contiguous().reshape(-1)
+    step = max(1, BLOCK_BYTES // max(flat.element_size(), dtype.itemsize))
     with tempfile.TemporaryFile(dir=directory) as f:
-        f.write(raw.data)
+        for begin in range(0, flat.numel(), step):
+            f.write(flat[begin : begin + step].to(dtype).view(torch.uint8).numpy().data)
         f.flush()
-        mapped = np.memmap(f, np.uint8, "c", shape=raw.shape)  # the map keeps the file alive
-    return torch.from_numpy(mapped).view(tensor.dtype).reshape(tensor.shape)
+        size = flat.numel() * dtype.itemsize
+        mapped = np.memmap(f, np.uint8, "c", shape=(size,))  # the map keeps the file alive
+    return torch.from_numpy(mapped).view(dtype).reshape(tensor.shape)
 
 
 def save(sharded: dict, directory: Path, model: ModelConfig, bytes_per_writer: int = 0) -> None:

@@ -1,0 +1,35 @@
+"""One line describing the machine a benchmark ran on (recorded with every result)."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (``platform.processor()`` elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine_line() -> str:
+    """``nproc=.. cpu=.. python=.. torch=.. megatron-core=.. device=..``."""
+    import torch
+
+    try:
+        import megatron.core as mcore
+
+        mcore_version = mcore.__version__
+    except ImportError:
+        mcore_version = "absent"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return (
+        f"nproc={os.cpu_count()} cpu={cpu_model()!r} python={platform.python_version()} "
+        f"torch={torch.__version__} megatron-core={mcore_version} device={device!r}"
+    )
