@@ -157,25 +157,38 @@ def build_model(model: ModelConfig, run: ExecutionConfig) -> list[GPTModel]:
         stage = vp_stage if run.vpp else None
         pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
-        gpt = GPTModel(
-            config=config,
-            transformer_layer_spec=layer_spec(config, run, stage),
-            vocab_size=model.padded_vocab_size(run.tp),
-            max_sequence_length=model.max_position_embeddings,
-            pre_process=pre,
-            post_process=post,
-            parallel_output=True,
-            share_embeddings_and_output_weights=model.tie_word_embeddings,
-            position_embedding_type="rope",
-            rotary_base=int(model.rotary_base),
-            vp_stage=stage,
-        )
-        if model.rope_scaling is not None:
-            _apply_rope_scaling(gpt, model)
+        gpt = gpt_model(model, config, run, pre, post, stage)
         if torch.cuda.is_available():
             gpt.cuda(torch.cuda.current_device())
         chunks.append(gpt)
     return chunks
+
+
+def gpt_model(
+    model: ModelConfig,
+    config: TransformerConfig,
+    run: ExecutionConfig,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: int | None = None,
+) -> GPTModel:
+    """One Llama-family ``GPTModel`` chunk (RoPE, untied or tied embeddings, TP-padded vocab)."""
+    gpt = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(config, run, vp_stage),
+        vocab_size=model.padded_vocab_size(run.tp),
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=model.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(model.rotary_base),
+        vp_stage=vp_stage,
+    )
+    if model.rope_scaling is not None:
+        _apply_rope_scaling(gpt, model)
+    return gpt
 
 
 def _apply_rope_scaling(gpt: GPTModel, model: ModelConfig) -> None:

@@ -15,6 +15,8 @@ with enough writer processes that each maps at most about one HF shard's worth o
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import logging
 from pathlib import Path
@@ -109,6 +111,28 @@ def _stored(reader, name: str, dtype: torch.dtype, scratch: Path) -> torch.Tenso
     return megatron_io.file_backed(reader.map(name), scratch, dtype)
 
 
+def _return_freed_memory() -> None:
+    """Give the heap's freed pages back to the OS (glibc ``malloc_trim``; no-op elsewhere).
+
+    The transient copies of ``fill`` are freed, but glibc keeps most of them (below its mmap
+    threshold) in the heap, where they count in this process's RSS and in that of every
+    checkpoint writer forked from it.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()
+
+
 def _check_shape(entry, tensor, expected: tuple, reader) -> None:
     if tuple(tensor.shape) != expected:
         raise hf_io.HFCheckpointError(
@@ -134,6 +158,7 @@ def convert_hf_to_megatron(
     entries = mapping.tensor_map(model)
     for entry in tqdm(entries, desc="HF -> Megatron", unit="tensor", disable=not progress):
         fill(sharded, entry, model, out_dtype, reader, output)
+        _return_freed_memory()
     missing = [k for k, v in sharded.items() if megatron_io.is_tensor_entry(v) and v.data.is_meta]
     if missing:
         raise RuntimeError(f"internal: template entries left unfilled: {missing}")
