@@ -149,7 +149,7 @@ def main() -> None:
                 _sync()
                 start = time.perf_counter()
                 ref.attach(step_batches)
-                train_step(policy, optimizer, scheduler, step_batches, loss, n_pairs)
+                train_step(policy, optimizer, scheduler, step_batches, loss, vocab, n_pairs)
                 _sync()
                 if i >= args.warmup:
                     times[name].append(time.perf_counter() - start)

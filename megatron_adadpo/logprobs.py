@@ -16,13 +16,21 @@ from megatron_adadpo.megatron_api import vocab_parallel_cross_entropy
 
 
 def token_logprobs(
-    vocab_parallel_logits: torch.Tensor, labels: torch.Tensor, tp_group=None
+    vocab_parallel_logits: torch.Tensor,
+    labels: torch.Tensor,
+    tp_group=None,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """Log-probability of each label under the vocab-parallel logits, in fp32.
 
     Labels may hold ignore markers (< 0); they are replaced by 0 for the lookup and the returned
     values at those positions are meaningless: mask them with ``sequence_logprobs``. The caller's
     logits are never modified (Megatron's CE works in place, so fp32 input is copied).
+
+    ``vocab_size`` (the tokenizer's vocabulary) excludes the rows Megatron adds to make the
+    vocabulary divisible by ``make_vocab_size_divisible_by * TP``: their logits leave the
+    softmax, so log-probs do not depend on the TP size and equal the HF model's after
+    conversion (padded rows are zero, i.e. logit 0, which would otherwise take probability).
 
     Shapes:
         vocab_parallel_logits: ``[s, b, v/tp]`` (any float dtype), per token.
@@ -37,8 +45,25 @@ def token_logprobs(
     logits = vocab_parallel_logits.float().contiguous()
     if logits.data_ptr() == vocab_parallel_logits.data_ptr():
         logits = logits.clone()  # vocab_parallel_cross_entropy mutates its input in place
+    if vocab_size is not None:
+        _mask_vocab_padding(logits, vocab_size, tp_group)
     target = labels.clamp(min=0).transpose(0, 1).contiguous()
     return -vocab_parallel_cross_entropy(logits, target, tp_group).transpose(0, 1)
+
+
+def _mask_vocab_padding(logits: torch.Tensor, vocab_size: int, tp_group) -> None:
+    """In place: this shard's columns at global index >= ``vocab_size`` -> lowest float."""
+    shard = logits.shape[-1]
+    rank = dist.get_rank(tp_group) if tp_group is not None else _tp_rank()
+    first_padded = vocab_size - rank * shard  # local index of the first padded column
+    if first_padded < shard:
+        logits[..., max(first_padded, 0) :] = torch.finfo(logits.dtype).min
+
+
+def _tp_rank() -> int:
+    from megatron_adadpo.megatron_api import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_rank()
 
 
 def sequence_logprobs(

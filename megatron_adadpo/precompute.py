@@ -47,7 +47,7 @@ def precompute(argv: list[str] | None = None) -> None:
     ids, sums = [], []
     for _ in tqdm(range(steps), desc="reference log-probs", disable=not is_logging_rank()):
         step_batches = batches.next_step()
-        attach_resident_reference(model, step_batches)
+        attach_resident_reference(model, step_batches, c.model.vocab_size)
         for b in step_batches:
             if "reference_logps" in b:
                 ids.append(b["pair_ids"].cpu())

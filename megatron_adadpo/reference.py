@@ -26,6 +26,7 @@ class ResidentReference:
     """A frozen copy of the policy's initial weights with the same layout, forward-only."""
 
     def __init__(self, model: ModelConfig, run: ExecutionConfig, policy: list):
+        self.vocab_size = model.vocab_size
         self.chunks = build_model(model, run)
         with torch.no_grad():
             for ref, pol in zip(self.chunks, policy, strict=True):
@@ -35,7 +36,7 @@ class ResidentReference:
             chunk.requires_grad_(False)
 
     def attach(self, batches: list[dict]) -> None:
-        attach_resident_reference(self.chunks, batches)
+        attach_resident_reference(self.chunks, batches, self.vocab_size)
 
 
 class PrecomputedReference:

@@ -1,9 +1,10 @@
 """One preference-optimisation step inside Megatron-Core's schedules.
 
 ``forward_step`` / ``loss_func`` follow the ``get_forward_backward_func`` contract (no
-pipelining, 1F1B, interleaved). The policy's ``GPTModel`` is called with labels, so the last
-pipeline stage returns per-token cross-entropy from Megatron's vocab-parallel CE (no vocab
-gather); ``loss_func`` turns it into per-sequence log-prob sums (reduced over CP), splits the
+pipelining, 1F1B, interleaved). The policy's ``GPTModel`` returns vocab-parallel logits on the
+last pipeline stage; ``loss_func`` turns them into per-token log-probs with Megatron's
+vocab-parallel CE (no vocab gather, TP padding rows masked), sums completion tokens (reduced
+over CP), splits the
 interleaved ``[c0, r0, c1, r1, ...]`` rows into chosen / rejected, and applies the configured
 loss. It returns ``(loss_sum, n_valid_pairs, report)``: with ``calculate_per_token_loss`` the
 schedule sums ``n_valid_pairs`` over micro-batches and ``finalize_model_grads`` all-reduces it
@@ -20,7 +21,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from megatron_adadpo.logprobs import sequence_logprobs
+from megatron_adadpo.logprobs import sequence_logprobs, token_logprobs
 from megatron_adadpo.losses import (
     LossConfig,
     accumulate_metrics,
@@ -31,22 +32,29 @@ from megatron_adadpo.megatron_api import get_forward_backward_func, parallel_sta
 
 
 def policy_forward(model, batch: dict) -> torch.Tensor:
-    """Per-token CE ``[b, s]`` on the last stage (hidden states elsewhere).
+    """Vocab-parallel logits ``[2B, S, v/tp]`` on the last stage (hidden states elsewhere).
 
-    Shapes: tokens / labels / position_ids ``[2B, S]``.
+    Shapes: tokens / position_ids ``[2B, S]``.
     """
-    return model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"].clamp(min=0))
+    return model(batch["tokens"], batch["position_ids"], None)
 
 
-def sequence_sums(per_token_ce: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence completion log-prob sums and token counts, both ``[2B]`` fp32."""
+def sequence_sums(
+    logits: torch.Tensor, batch: dict, vocab_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence completion log-prob sums and token counts, both ``[2B]`` fp32.
+
+    Megatron's vocab-parallel CE over the true vocabulary (TP padding rows masked), summed over
+    completion tokens and reduced over the context-parallel group.
+    """
+    logps = token_logprobs(logits.transpose(0, 1), batch["labels"], vocab_size=vocab_size)
     cp_group = parallel_state.get_context_parallel_group()
-    return sequence_logprobs(-per_token_ce.float(), batch["loss_mask"], cp_group)
+    return sequence_logprobs(logps, batch["loss_mask"], cp_group)
 
 
-def loss_func(loss_config: LossConfig, batch: dict, per_token_ce: torch.Tensor):
+def loss_func(loss_config: LossConfig, vocab_size: int, batch: dict, logits: torch.Tensor):
     """``(sum of per-pair losses, number of valid pairs, report)`` for one micro-batch."""
-    sums, counts = sequence_sums(per_token_ce, batch)
+    sums, counts = sequence_sums(logits, batch, vocab_size)
     ref = batch.get("reference_logps")
     chosen_nll = None
     if loss_config.needs_chosen_nll:
@@ -68,22 +76,22 @@ def loss_func(loss_config: LossConfig, batch: dict, per_token_ce: torch.Tensor):
     return losses.sum(), n_valid, report
 
 
-def forward_step(loss_config: LossConfig, data_iterator: Iterator, model):
+def forward_step(loss_config: LossConfig, vocab_size: int, data_iterator: Iterator, model):
     batch = next(data_iterator)
-    return policy_forward(model, batch), partial(loss_func, loss_config, batch)
+    return policy_forward(model, batch), partial(loss_func, loss_config, vocab_size, batch)
 
 
-def _reference_loss_func(batch: dict, per_token_ce: torch.Tensor):
-    sums, _ = sequence_sums(per_token_ce, batch)
+def _reference_loss_func(vocab_size: int, batch: dict, logits: torch.Tensor):
+    sums, _ = sequence_sums(logits, batch, vocab_size)
     zero = torch.zeros((), device=sums.device)
     return zero, torch.zeros((), dtype=torch.int), {"reference_logps": sums.detach()}
 
 
-def _reference_forward_step(data_iterator: Iterator, model):
+def _reference_forward_step(vocab_size: int, data_iterator: Iterator, model):
     batch = next(data_iterator)
     with torch.no_grad():
         output = policy_forward(model, batch)
-    return output, partial(_reference_loss_func, batch)
+    return output, partial(_reference_loss_func, vocab_size, batch)
 
 
 def run_schedule(model: list, batches: list[dict], forward_step_func, forward_only: bool):
@@ -112,13 +120,14 @@ def reduce_reports(reports: list[dict]) -> dict:
     )
 
 
-def attach_resident_reference(reference: list, batches: list[dict]) -> None:
+def attach_resident_reference(reference: list, batches: list[dict], vocab_size: int) -> None:
     """Run the frozen reference forward-only on the same micro-batches; store its sums.
 
     Adds ``batch["reference_logps"]`` (``[2B]`` fp32) on the last pipeline stage, where the
     policy loss is computed.
     """
-    outputs = run_schedule(reference, batches, _reference_forward_step, forward_only=True)
+    step = partial(_reference_forward_step, vocab_size)
+    outputs = run_schedule(reference, batches, step, forward_only=True)
     for batch, out in zip(batches, outputs, strict=False):
         batch["reference_logps"] = out["reference_logps"]
 
@@ -140,6 +149,7 @@ def train_step(
     scheduler,
     batches: list[dict],
     loss_config: LossConfig,
+    vocab_size: int,
     global_batch_size: int,
     nan_policy: str = "stop",
     step: int = 0,
@@ -152,7 +162,8 @@ def train_step(
     for chunk in policy:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    reports = run_schedule(policy, batches, partial(forward_step, loss_config), False)
+    step_func = partial(forward_step, loss_config, vocab_size)
+    reports = run_schedule(policy, batches, step_func, forward_only=False)
     metrics = reduce_reports(reports)
     if not _all_finite(reports):
         if nan_policy == "stop":
@@ -164,11 +175,12 @@ def train_step(
     return StepResult(metrics, grad_norm, skipped=False)
 
 
-def evaluate(policy: list, batches: list[dict], loss_config: LossConfig) -> dict:
+def evaluate(policy: list, batches: list[dict], loss_config: LossConfig, vocab_size: int) -> dict:
     """Forward-only loss metrics of held-out micro-batches, reduced over DP (last stage)."""
     for chunk in policy:
         chunk.eval()
-    reports = run_schedule(policy, batches, partial(forward_step, loss_config), True)
+    step_func = partial(forward_step, loss_config, vocab_size)
+    reports = run_schedule(policy, batches, step_func, forward_only=True)
     for chunk in policy:
         chunk.train()
     return reduce_reports(reports)

@@ -196,7 +196,9 @@ class Evaluator:
             step_batches = batches.next_step()
             if self.reference is not None:
                 self.reference.attach(step_batches)
-            metrics.append(evaluate(self.policy, step_batches, self.c.loss))
+            metrics.append(
+                evaluate(self.policy, step_batches, self.c.loss, self.c.model.vocab_size)
+            )
         return accumulate_metrics(m for m in metrics if m)
 
 
@@ -233,6 +235,7 @@ def run_loop(
             scheduler,
             step_batches,
             c.loss,
+            c.model.vocab_size,
             c.train.global_batch_size,
             nan_policy=c.train.nan_policy,
             step=state["step"] + 1,

@@ -123,3 +123,31 @@ def test_context_parallel_sums_and_gradients_match_cp1():
         # backward all-reduces: each CP rank holds cp x the CP=1 gradient of its positions,
         # which Megatron's normaliser (pairs counted on every CP rank) divides back out.
         torch.testing.assert_close(grad, cp * token.grad[:, mine], atol=1e-6, rtol=0)
+
+
+def _padded_rank(rank, world, vocab_size):
+    parallel.init_model_parallel(parallel.Layout(tp=world))
+    logits, labels, mask, _ = _inputs()
+    labels = labels.clamp(max=vocab_size - 1)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    shard = logits.float().chunk(world, dim=-1)[tp_rank].clone().requires_grad_(True)
+    logps = token_logprobs(shard, labels, vocab_size=vocab_size)
+    (logps * mask).sum().backward()
+    return logps.detach(), shard.grad
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_vocab_padding_rows_leave_the_softmax(tp):
+    """Columns >= vocab_size (Megatron's TP padding) get no probability and no gradient."""
+    vocab_size = 27  # the second TP shard (32..63) is padding only, the first is partly
+    logits, labels, mask, _ = _inputs()
+    labels = labels.clamp(max=vocab_size - 1)
+    full = logits[..., :vocab_size].clone().requires_grad_(True)
+    ref = torch.log_softmax(full, -1).gather(-1, labels.clamp(min=0).t().unsqueeze(-1))
+    ref = ref.squeeze(-1).t()
+    (ref * mask).sum().backward()
+    for rank, (logps, grad) in enumerate(run_ranks(_padded_rank, tp, vocab_size)):
+        m = mask.bool()
+        torch.testing.assert_close(logps.double()[m], ref.detach()[m], atol=2e-6, rtol=0)
+        full_grad = torch.nn.functional.pad(full.grad, (0, V - vocab_size))
+        torch.testing.assert_close(grad.double(), full_grad.chunk(tp, -1)[rank], atol=2e-6, rtol=0)

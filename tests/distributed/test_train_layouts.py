@@ -97,6 +97,23 @@ def test_layout_matches_single_rank(layout, tmp_path, cache_dir, baseline):
         assert abs(a - b) <= 1e-4 * max(1.0, abs(b)), f"{layout}: step {step} loss {a} vs {b}"
 
 
+def test_padded_vocab_does_not_change_loss_or_gradients(tmp_path, cache_dir):
+    """Vocab 650 pads to 672 rows at TP1 and 704 at TP2: padding must not enter the softmax."""
+    extra = ["model.vocab_size=650", "train.train_iters=2"]
+    results = {}
+    for tp in (1, 2):
+        argv = _argv(tmp_path, cache_dir, [*extra, f"execution.tp={tp}"], f"tp{tp}")
+        grads = run_ranks(first_step_gradients, tp, argv, timeout=240)[0]
+        argv = _argv(tmp_path, cache_dir, [*extra, f"execution.tp={tp}"], f"traj{tp}")
+        run_ranks(run_trainer, tp, argv, timeout=240)
+        results[tp] = grads, [r["loss"] for r in read_metrics(tmp_path / f"traj{tp}")]
+    (g1, l1), (g2, l2) = results[1], results[2]
+    for name, ref in g1.items():
+        assert (g2[name] - ref).norm() <= 1e-5 * ref.norm(), name
+    assert l1[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert l2 == pytest.approx(l1, rel=1e-5)
+
+
 def test_baseline_learns(baseline):
     """Guards the equivalence tests against a degenerate trajectory (nothing would differ)."""
     traj = [r["loss"] for r in baseline[1]["gbs8"]]

@@ -89,7 +89,8 @@ def first_step_gradients(rank: int, world: int, argv: list[str]) -> dict | None:
     batches = train.build_batches(c, dataset, dp, 0).next_step()
     if reference is not None:
         reference.attach(batches)
-    run_schedule(policy, batches, partial(forward_step, c.loss), forward_only=False)
+    step_func = partial(forward_step, c.loss, c.model.vocab_size)
+    run_schedule(policy, batches, step_func, forward_only=False)
     return _gather_full_grads(policy, c.model.vocab_size)
 
 
