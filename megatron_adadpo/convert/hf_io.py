@@ -63,6 +63,7 @@ class _SafetensorsFile:
         header.pop("__metadata__", None)
         self.start = 8 + length
         self.header = header
+        self.map = None
 
     def keys(self) -> list[str]:
         return list(self.header)
@@ -91,7 +92,7 @@ class _SafetensorsFile:
         return torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
 
     def map_tensor(self, name: str) -> torch.Tensor:
-        """A read-only view of the tensor's bytes in the file (``mmap``, copy-on-write).
+        """A view of the tensor's bytes in the file (one copy-on-write ``mmap`` per file).
 
         Nothing is read until the data is accessed; the pages then stay resident (and count in
         the RSS of the process that read them) while the tensor lives, but they are clean file
@@ -102,9 +103,11 @@ class _SafetensorsFile:
         begin, end = info["data_offsets"]
         if end == begin:
             return self.get_tensor(name)
-        if self.start + end > self.path.stat().st_size:
+        if self.map is None:
+            self.map = np.memmap(self.path, np.uint8, "c")  # holds one descriptor
+        if self.start + end > len(self.map):
             raise HFCheckpointError(f"{self.path} is truncated (mapping {name!r})")
-        raw = np.memmap(self.path, np.uint8, "c", offset=self.start + begin, shape=(end - begin,))
+        raw = self.map[self.start + begin : self.start + end]
         return torch.from_numpy(raw).view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 

@@ -105,10 +105,14 @@ def fill(sharded: dict, entry, model: ModelConfig, dtype, reader, scratch: Path)
 
 
 def _stored(reader, name: str, dtype: torch.dtype, scratch: Path) -> torch.Tensor:
-    """HF tensor ``name`` in ``dtype``: mapped from its file, else converted block by block."""
+    """HF tensor ``name`` in ``dtype``: mapped from its file, else read and converted.
+
+    (Converting from the map would leave the pages read resident in this process: the file's
+    map lives until the save ends.)
+    """
     if reader.torch_dtype(name) == dtype:
         return reader.map(name)
-    return megatron_io.file_backed(reader.map(name), scratch, dtype)
+    return megatron_io.file_backed(reader.get(name), scratch, dtype)
 
 
 def _return_freed_memory() -> None:
@@ -155,6 +159,7 @@ def convert_hf_to_megatron(
     megatron_io.init_single_process()
     sharded = megatron_io.template(model, out_dtype)
     output.mkdir(parents=True, exist_ok=True)  # scratch files (unnamed) live in it
+    megatron_io.raise_open_file_limit()
     entries = mapping.tensor_map(model)
     for entry in tqdm(entries, desc="HF -> Megatron", unit="tensor", disable=not progress):
         fill(sharded, entry, model, out_dtype, reader, output)

@@ -92,9 +92,10 @@ def file_backed(tensor: torch.Tensor, directory: Path, dtype: torch.dtype | None
     """``tensor.to(dtype)`` written to an unnamed file in ``directory``, returned as a map of it.
 
     The result is clean file cache, read again only when the checkpoint writer reaches it, so
-    the source can be freed. The conversion runs in blocks of ``BLOCK_BYTES``: a memory-mapped
-    source is never in memory whole, converted or not. The file has no name (``O_TMPFILE``, or
-    unlinked at once) and disappears with the last reference to the result.
+    the source can be freed. The conversion runs in blocks of ``BLOCK_BYTES`` (one converted
+    copy of the tensor is never in memory whole). The file has no name (``O_TMPFILE``, or
+    unlinked at once) and disappears with the last reference to the result. Each result holds
+    one file descriptor (``raise_open_file_limit``).
     """
     dtype = dtype or tensor.dtype
     if tensor.numel() == 0:
@@ -106,8 +107,17 @@ def file_backed(tensor: torch.Tensor, directory: Path, dtype: torch.dtype | None
             f.write(flat[begin : begin + step].to(dtype).view(torch.uint8).numpy().data)
         f.flush()
         size = flat.numel() * dtype.itemsize
-        mapped = np.memmap(f, np.uint8, "c", shape=(size,))  # the map keeps the file alive
+        mapped = np.memmap(f, np.uint8, "c", shape=(size,))  # keeps a duplicate descriptor
     return torch.from_numpy(mapped).view(dtype).reshape(tensor.shape)
+
+
+def raise_open_file_limit() -> None:
+    """Soft ``ulimit -n`` -> the hard limit: each ``file_backed`` tensor holds a descriptor."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def save(sharded: dict, directory: Path, model: ModelConfig, bytes_per_writer: int = 0) -> None:
