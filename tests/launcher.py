@@ -15,6 +15,7 @@ import io
 import multiprocessing as mp
 import os
 import queue
+import signal
 import sys
 import tempfile
 import time
@@ -54,9 +55,17 @@ def run_ranks(fn: Callable, world_size: int, *args, timeout: float = 120.0, **kw
             return _collect(results, procs, world_size, timeout)
         finally:
             for p in procs:
-                if p.is_alive():
-                    p.kill()
-                p.join(5)
+                p.join(5 if p.exitcode is None else 0)
+                _kill_group(p.pid)
+
+
+def _kill_group(pid: int) -> None:
+    """Kill a rank's whole process group: the rank (if still running) and what it started
+    (dist_checkpointing's multiprocessing Manager outlives an ``os._exit``-ed rank)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _collect(results: mp.Queue, procs, world_size: int, timeout: float) -> list:
@@ -86,6 +95,7 @@ def _collect(results: mp.Queue, procs, world_size: int, timeout: float) -> list:
 def _rank_main(fn, rank, world_size, store, timeout, results, args, kwargs) -> None:
     code = 0
     try:
+        os.setsid()  # own process group, so the parent can reap everything this rank starts
         torch.set_num_threads(1)
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
         from megatron_adadpo import cpu
