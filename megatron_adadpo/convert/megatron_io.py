@@ -21,8 +21,8 @@ import torch.distributed as dist
 import yaml
 
 from megatron_adadpo.checkpointing import MODEL_CONFIG_FILE, read_model_config
-from megatron_adadpo.megatron_api import GPTModel, dist_checkpointing
-from megatron_adadpo.model import ExecutionConfig, layer_spec, transformer_config
+from megatron_adadpo.megatron_api import dist_checkpointing
+from megatron_adadpo.model import ExecutionConfig, gpt_model, transformer_config
 from megatron_adadpo.model_config import ModelConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -65,18 +65,7 @@ def template(model: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
         transformer_config(model, run), use_cpu_initialization=True, perform_initialization=False
     )
     with torch.device("meta"):
-        gpt = GPTModel(
-            config=config,
-            transformer_layer_spec=layer_spec(config, run, None),
-            vocab_size=model.padded_vocab_size(1),
-            max_sequence_length=model.max_position_embeddings,
-            pre_process=True,
-            post_process=True,
-            parallel_output=True,
-            share_embeddings_and_output_weights=model.tie_word_embeddings,
-            position_embedding_type="rope",
-            rotary_base=int(model.rotary_base),
-        )
+        gpt = gpt_model(model, config, run)
     return gpt.sharded_state_dict()
 
 
