@@ -75,6 +75,32 @@ PRESETS = {
         micro_batches=4,
         micro_batch_size=2,
     ),
+    # Llama-3.2-3B shape: the largest that fits one 80 GB H100 with a resident reference and
+    # the plain optimizer (planner: 62 GiB); full recompute, one pair per micro-batch.
+    "llama-3b": dict(
+        overrides=[
+            "model.num_layers=28",
+            "model.hidden_size=3072",
+            "model.ffn_hidden_size=8192",
+            "model.num_attention_heads=24",
+            "model.num_query_groups=8",
+            "model.vocab_size=128256",
+            "model.max_position_embeddings=4096",
+            "model.rotary_base=500000",
+            "model.make_vocab_size_divisible_by=128",
+            "model.tie_word_embeddings=true",
+            "execution.tp=1",
+            "execution.bf16=true",
+            "execution.recompute=full",
+            "execution.recompute_num_layers=1",
+            "optimizer.lr=1e-6",
+            "optimizer.min_lr=0",
+        ],
+        prompt=256,
+        completion=(512, 768),
+        micro_batches=8,
+        micro_batch_size=1,
+    ),
 }
 
 
