@@ -23,10 +23,10 @@ setup(
     extras_require={
         # Transformer Engine brings the TE layer spec and FP8; apex (fused Adam / norms) is
         # built from source: see README "GPU install".
-        "gpu": ["transformer-engine[pytorch]"],
+        "gpu": ["transformer-engine[pytorch]", "tensorboard"],
         "hf": ["transformers>=4.45", "safetensors", "tokenizers"],
         "plot": ["matplotlib"],
         "test": ["pytest>=8", "pytest-timeout", "ruff", "transformers>=4.45", "safetensors",
-                 "tokenizers", "matplotlib"],
+                 "tokenizers", "matplotlib", "tensorboard"],
     },
 )

@@ -194,8 +194,10 @@ def test_periodic_evaluation_on_held_out_pairs(tmp_path, cache_dir):
             "train.train_iters=2",
             "eval.interval=2",
             "eval.max_pairs=16",
+            "logging.tensorboard=true",
         ),
     )
+    assert list((tmp_path / "ev" / "tensorboard").glob("events.out.tfevents.*"))
     rows = [r for r in read_metrics(tmp_path / "ev") if r["split"] == "eval"]
     assert len(rows) == 1 and rows[0]["step"] == 2
     assert rows[0]["pairs/valid"] == 1.0 and 0.0 < rows[0]["loss"] < 1.0
