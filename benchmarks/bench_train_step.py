@@ -45,6 +45,18 @@ from megatron_adadpo.reference import (  # noqa: E402
 )
 from megatron_adadpo.step import train_step  # noqa: E402
 
+LLAMA3_VOCAB = [
+    "model.vocab_size=128256",
+    "model.max_position_embeddings=4096",
+    "model.rotary_base=500000",
+    "model.make_vocab_size_divisible_by=128",
+    "model.tie_word_embeddings=true",
+    "execution.tp=1",
+    "execution.bf16=true",
+    "optimizer.lr=1e-6",
+    "optimizer.min_lr=0",
+]
+
 PRESETS = {
     "tiny-cpu": dict(
         overrides=[],
@@ -53,22 +65,15 @@ PRESETS = {
         micro_batches=4,
         micro_batch_size=4,
     ),
+    # Llama-3.2-1B shape.
     "llama-1b": dict(
         overrides=[
+            *LLAMA3_VOCAB,
             "model.num_layers=16",
             "model.hidden_size=2048",
             "model.ffn_hidden_size=8192",
             "model.num_attention_heads=32",
             "model.num_query_groups=8",
-            "model.vocab_size=128256",
-            "model.max_position_embeddings=4096",
-            "model.rotary_base=500000",
-            "model.make_vocab_size_divisible_by=128",
-            "model.tie_word_embeddings=true",
-            "execution.tp=1",
-            "execution.bf16=true",
-            "optimizer.lr=1e-6",
-            "optimizer.min_lr=0",
         ],
         prompt=256,
         completion=(512, 768),
@@ -79,22 +84,14 @@ PRESETS = {
     # the plain optimizer (planner: 62 GiB); full recompute, one pair per micro-batch.
     "llama-3b": dict(
         overrides=[
+            *LLAMA3_VOCAB,
             "model.num_layers=28",
             "model.hidden_size=3072",
             "model.ffn_hidden_size=8192",
             "model.num_attention_heads=24",
             "model.num_query_groups=8",
-            "model.vocab_size=128256",
-            "model.max_position_embeddings=4096",
-            "model.rotary_base=500000",
-            "model.make_vocab_size_divisible_by=128",
-            "model.tie_word_embeddings=true",
-            "execution.tp=1",
-            "execution.bf16=true",
             "execution.recompute=full",
             "execution.recompute_num_layers=1",
-            "optimizer.lr=1e-6",
-            "optimizer.min_lr=0",
         ],
         prompt=256,
         completion=(512, 768),

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import yaml
 
-from megatron_adadpo.data.collate import pad_multiple
 from megatron_adadpo.data.config import DataConfig
+from megatron_adadpo.layout import pad_multiple
 from megatron_adadpo.losses import LossConfig
 from megatron_adadpo.model import ExecutionConfig
 from megatron_adadpo.model_config import ModelConfig
+from megatron_adadpo.yaml_config import read_yaml
 
 
 class ConfigError(ValueError):
@@ -165,33 +166,13 @@ def _coerce(cls, section: str, values: dict) -> dict:
     return out
 
 
-def apply_overrides(values: dict, overrides: list[str]) -> dict:
-    """Apply ``a.b=c`` overrides (``c`` parsed as YAML) to a nested dict, in order."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.seed=3")
-        key, raw = item.split("=", 1)
-        node = values
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: '{part}' is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
-    return values
-
-
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a YAML file, apply ``--set`` overrides, validate. ``path=None``: overrides only."""
-    values: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        values = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    return from_dict(apply_overrides(values, list(overrides)))
+    try:
+        values = read_yaml(path, overrides)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return from_dict(values)
 
 
 def validate(c: Config) -> None:

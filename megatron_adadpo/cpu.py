@@ -128,17 +128,23 @@ class _NullStream:
         return True
 
 
+def _cpu_kwargs(kwargs: dict) -> dict:
+    """``device="cuda"`` -> ``"cpu"`` and ``pin_memory=True`` -> ``False``, counted."""
+    kwargs = dict(kwargs)
+    if _is_cuda_device(kwargs.get("device")):
+        _record("device=cuda")
+        kwargs["device"] = "cpu"
+    if kwargs.get("pin_memory"):
+        _record("pin_memory")
+        kwargs["pin_memory"] = False
+    return kwargs
+
+
 class _CudaToCpuMode(TorchFunctionMode):
     """Rewrites CUDA device arguments to CPU in every torch call made while it is active."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if _is_cuda_device(kwargs.get("device")):
-            _record("device=cuda")
-            kwargs["device"] = "cpu"
-        if kwargs.get("pin_memory"):
-            _record("pin_memory")
-            kwargs["pin_memory"] = False
+        kwargs = _cpu_kwargs(kwargs or {})
         if func is torch.Tensor.cuda:
             _record("Tensor.cuda")
             return args[0]
@@ -174,13 +180,7 @@ _FACTORIES = ("empty", "zeros", "ones", "full", "tensor", "arange", "rand", "ran
 
 def _cpu_factory(impl):
     def factory(*args, **kwargs):
-        if _is_cuda_device(kwargs.get("device")):
-            _record("device=cuda")
-            kwargs["device"] = "cpu"
-        if kwargs.get("pin_memory"):
-            _record("pin_memory")
-            kwargs["pin_memory"] = False
-        return impl(*args, **kwargs)
+        return impl(*args, **_cpu_kwargs(kwargs))
 
     factory.__name__ = getattr(impl, "__name__", "factory")
     factory.__doc__ = getattr(impl, "__doc__", None)

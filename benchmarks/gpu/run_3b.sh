@@ -2,12 +2,7 @@
 # The largest Llama shape that fits one 80 GB GPU (Llama-3.2-3B, bf16, full recompute, resident
 # reference): step time, tokens/s, MFU, peak memory, and the planner's prediction beside it.
 set -uo pipefail
-OUT="${OUT:-gpu_out}"; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site:$PWD"
-fi
-export PYTHONPATH="${PYTHONPATH:-}:$PWD" PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+source "$(dirname "$0")/env.sh"
 timeout 280 python3 benchmarks/bench_train_step.py --preset llama-3b --steps 3 --warmup 1 \
   --json "$OUT/train_step_3b.json" 2>&1 | tail -30
 python3 tools/plan.py --recipe examples/configs/quickstart.yaml --gpu h100 --gpus 1 \

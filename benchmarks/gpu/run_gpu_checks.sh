@@ -4,12 +4,7 @@
 # the check that the plugin works on it). Results land in $OUT (or ./gpu_out).
 #   bash benchmarks/gpu/run_gpu_checks.sh
 set -uo pipefail
-OUT="${OUT:-gpu_out}"; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site:$PWD"
-fi
-export PYTHONPATH="${PYTHONPATH:-}:$PWD" PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+source "$(dirname "$0")/env.sh"
 python3 - <<'PY' 2>&1 | tee "$OUT/versions.txt"
 import torch, megatron.core as m
 print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())

@@ -12,10 +12,10 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from megatron_adadpo.hardware import GpuSpec, gpu_spec
+from megatron_adadpo.layout import pad_multiple
 from megatron_adadpo.model_config import ModelConfig
+from megatron_adadpo.yaml_config import read_yaml
 
 # Defaults of megatron_adadpo.model.ExecutionConfig (a unit test keeps them in sync).
 EXECUTION_DEFAULTS = dict(
@@ -94,21 +94,10 @@ class PlanInput:
 
 def read_recipe(path: str | Path | None, overrides: list[str] = ()) -> dict:
     """The recipe's YAML as nested dicts with ``--set a.b=c`` overrides applied."""
-    values: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise LayoutError(f"recipe {path} does not exist")
-        values = yaml.safe_load(path.read_text()) or {}
-    for item in overrides:
-        if "=" not in item:
-            raise LayoutError(f"--set {item!r}: expected KEY=VALUE, e.g. --set execution.tp=8")
-        key, raw = item.split("=", 1)
-        node = values
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        values = read_yaml(path, overrides)
+    except ValueError as err:
+        raise LayoutError(str(err)) from None
     if "model" not in values:
         raise LayoutError("the recipe has no 'model' section (num_layers, hidden_size, ...)")
     return values
@@ -235,8 +224,6 @@ def _world_errors(p: PlanInput, c: Cluster) -> list[str]:
 
 
 def _pad_multiple(p: PlanInput) -> int:
-    from megatron_adadpo.data.collate import pad_multiple
-
     return pad_multiple(p.tp, p.cp, p.sequence_parallel)
 
 
