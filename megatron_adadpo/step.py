@@ -137,6 +137,7 @@ class StepResult:
     metrics: dict  # name -> [2] tensor, reduced over DP (last pipeline stage only, else {})
     grad_norm: float | None
     skipped: bool
+    stop: bool = False  # some rank asked to stop after this step (SIGTERM)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -153,11 +154,13 @@ def train_step(
     global_batch_size: int,
     nan_policy: str = "stop",
     step: int = 0,
+    stop_requested: bool = False,
 ) -> StepResult:
     """Forward + backward over this rank's micro-batches, then the optimizer step.
 
-    One host sync per step: the agreement of all ranks on a finite loss (before the optimizer
-    steps). The optimizer's grad-norm computation syncs as Megatron's does.
+    One collective and host sync per step: all ranks agree on a finite loss (before the
+    optimizer steps) and on whether any rank asked to stop (``stop_requested``, e.g. SIGTERM).
+    The optimizer's grad-norm computation syncs as Megatron's does.
     """
     for chunk in policy:
         chunk.zero_grad_buffer()
@@ -165,14 +168,15 @@ def train_step(
     step_func = partial(forward_step, loss_config, vocab_size)
     reports = run_schedule(policy, batches, step_func, forward_only=False)
     metrics = reduce_reports(reports)
-    if not _all_finite(reports):
+    finite, stop = _agree(reports, stop_requested)
+    if not finite:
         if nan_policy == "stop":
             raise NonFiniteLoss(_describe_nonfinite(reports, step))
         scheduler.step(increment=global_batch_size)
-        return StepResult(metrics, None, skipped=True)
+        return StepResult(metrics, None, skipped=True, stop=stop)
     _, grad_norm, _ = optimizer.step()
     scheduler.step(increment=global_batch_size)
-    return StepResult(metrics, grad_norm, skipped=False)
+    return StepResult(metrics, grad_norm, skipped=False, stop=stop)
 
 
 def evaluate(policy: list, batches: list[dict], loss_config: LossConfig, vocab_size: int) -> dict:
@@ -186,15 +190,17 @@ def evaluate(policy: list, batches: list[dict], loss_config: LossConfig, vocab_s
     return reduce_reports(reports)
 
 
-def _all_finite(reports: list[dict]) -> bool:
-    """Every rank agrees whether all losses of the step are finite (one MIN all-reduce)."""
-    ok = torch.ones((), dtype=torch.float32)
-    for r in reports:
-        ok = ok * torch.isfinite(r["losses"]).all()
+def _agree(reports: list[dict], stop_requested: bool) -> tuple[bool, bool]:
+    """(all losses of the step finite on every rank, some rank asked to stop): one MIN
+    all-reduce of ``[finite, not stop]``."""
+    flags = torch.tensor([1.0, 0.0 if stop_requested else 1.0])
     if torch.cuda.is_available():
-        ok = ok.cuda()
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok.item())
+        flags = flags.cuda()
+    for r in reports:
+        flags[0] = flags[0] * torch.isfinite(r["losses"]).all()
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    finite, keep_going = flags.tolist()
+    return finite == 1.0, keep_going == 0.0
 
 
 def _describe_nonfinite(reports: list[dict], step: int) -> str:

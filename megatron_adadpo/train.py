@@ -130,13 +130,6 @@ class _Preemption:
     def _handle(self, signum, frame):
         self.requested = True
 
-    def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0])
-        if torch.cuda.is_available():
-            flag = flag.cuda()
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
@@ -239,6 +232,7 @@ def run_loop(
             c.train.global_batch_size,
             nan_policy=c.train.nan_policy,
             step=state["step"] + 1,
+            stop_requested=preemption.requested,
         )
         state["step"] += 1
         state["consumed_samples"] += c.train.global_batch_size
@@ -266,7 +260,7 @@ def run_loop(
                 values.pop("batch/tokens", None)
                 logger.log(state["step"], values, prefix="eval")
         interval = c.checkpoint.save_interval
-        if preemption.agreed():
+        if result.stop:
             save()
             if dist.get_rank() == 0:
                 print(f"[megatron_adadpo] SIGTERM: saved step {state['step']}, exiting", flush=True)
