@@ -12,9 +12,9 @@ section for the training config) and tokenizer/ (tokenizer files + generation_co
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
+
+from megatron_adadpo.convert import cli, convert_hf_to_megatron
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,25 +28,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("megatron_adadpo").setLevel(logging.INFO)
-    try:
-        from megatron_adadpo.convert import convert_hf_to_megatron
-    except ImportError:  # running from a checkout without `pip install -e .`
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        from megatron_adadpo.convert import convert_hf_to_megatron
-    try:
+
+    def convert() -> str:
         model = convert_hf_to_megatron(
             args.hf_dir, args.output, dtype=args.dtype, progress=not args.no_progress
         )
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(
-        f"wrote {args.output}: {model.hf_architecture}, {model.num_layers} layers, "
-        f"vocab {model.vocab_size}; use {args.output}/model.yaml as the model config"
-    )
-    return 0
+        return (
+            f"wrote {args.output}: {model.hf_architecture}, {model.num_layers} layers, "
+            f"vocab {model.vocab_size}; use {args.output}/model.yaml as the model config"
+        )
+
+    return cli.run(convert)
 
 
 if __name__ == "__main__":  # dist_checkpointing's save starts a multiprocessing Manager

@@ -14,9 +14,9 @@ files come from --tokenizer-dir, else the checkpoint's tokenizer/ or the run's c
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
+
+from megatron_adadpo.convert import cli, convert_megatron_to_hf
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,14 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("megatron_adadpo").setLevel(logging.INFO)
-    try:
-        from megatron_adadpo.convert import convert_megatron_to_hf
-    except ImportError:  # running from a checkout without `pip install -e .`
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        from megatron_adadpo.convert import convert_megatron_to_hf
-    try:
+
+    def convert() -> str:
         out = convert_megatron_to_hf(
             args.checkpoint,
             args.output,
@@ -48,11 +42,9 @@ def main(argv: list[str] | None = None) -> int:
             max_shard_bytes=int(args.max_shard_size_gb * 1024**3),
             progress=not args.no_progress,
         )
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+        return f"wrote {out}"
+
+    return cli.run(convert)
 
 
 if __name__ == "__main__":  # dist_checkpointing starts a multiprocessing Manager
