@@ -4,7 +4,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="megatron_adadpo",
-    version="0.1.0",
+    version="0.2.0",
     description="AdaDPO (balanced-gradient DPO) and the DPO family for Megatron-Core",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

@@ -102,9 +102,10 @@ VARIANTS = {"ours": ours, "naive": naive}
 def rank_fn(rank, world_size, variant, seq, batch, vocab, padded, reps, threads, out_dir):
     import torch.distributed as dist
 
-    from megatron_adadpo import parallel
+    from megatron_adadpo.layout import ExecutionConfig
+    from megatron_adadpo.platform.distributed import init_model_parallel
 
-    parallel.init_model_parallel(parallel.Layout(tp=TP))
+    init_model_parallel(ExecutionConfig(tp=TP))
     torch.set_num_threads(threads)
     fn = VARIANTS[variant]
     shard, labels, mask = make_inputs(rank, seq, batch, vocab, padded)

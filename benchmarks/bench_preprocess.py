@@ -100,10 +100,10 @@ def bench_loading(tmp: str, tokenizer: str, steps: int) -> tuple[float, float]:
         batch = collate_pairs([ds[i] for i in next(sampler)], ds.pad_id, fixed_length=seq)
     per_mb = (time.perf_counter() - start) / n
     assert batch["tokens"].shape == (2 * mbs, seq)
-    per_step = per_mb * gbs // mbs
+    per_step = per_mb * (gbs // mbs)
     print(
         f"data loading: {per_mb * 1e6:.0f} us per micro-batch ({mbs} pairs, seq {seq}); "
-        f"{per_mb * (gbs // mbs) * 1e3:.3f} ms per step (global batch {gbs} pairs, 1 rank)"
+        f"{per_step * 1e3:.3f} ms per step (global batch {gbs} pairs, 1 rank)"
     )
     return per_mb, per_step
 

@@ -29,21 +29,21 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO))  # the benchmarks package (not installed)
 
 from benchmarks.machine import machine_line  # noqa: E402
-from megatron_adadpo import parallel  # noqa: E402
 from megatron_adadpo.config import load_config  # noqa: E402
-from megatron_adadpo.data import collate_pairs, pad_multiple  # noqa: E402
+from megatron_adadpo.data import collate_pairs  # noqa: E402
 from megatron_adadpo.losses import LossConfig  # noqa: E402
-from megatron_adadpo.model import build_model  # noqa: E402
-from megatron_adadpo.optimization import build_optimizer, build_scheduler, wrap_ddp  # noqa: E402
-from megatron_adadpo.reference import (  # noqa: E402
+from megatron_adadpo.model.build import build_model  # noqa: E402
+from megatron_adadpo.platform import cpu, distributed  # noqa: E402
+from megatron_adadpo.run.optimizer import build_optimizer, build_scheduler, wrap_ddp  # noqa: E402
+from megatron_adadpo.run.reference import (  # noqa: E402
     PrecomputedReference,
     ResidentReference,
     write_precomputed,
 )
-from megatron_adadpo.step import train_step  # noqa: E402
+from megatron_adadpo.run.step import StepContext, train_step  # noqa: E402
 
 LLAMA3_VOCAB = [
     "model.vocab_size=128256",
@@ -146,38 +146,42 @@ def main() -> None:
         REPO / "examples/configs/quickstart.yaml",
         ["execution.tp=1", "eval.interval=0", *preset["overrides"], *args.set],
     )
-    parallel.init_distributed()
+    cpu.activate()
+    distributed.init_distributed()
     e = c.execution
-    parallel.init_model_parallel(parallel.Layout(e.tp, e.pp, e.vpp, e.cp), seed=1)
+    groups = distributed.init_model_parallel(e, seed=1)
     chunks = build_model(c.model, e)
-    resident = ResidentReference(c.model, e, chunks)
+    context = StepContext(c.loss, c.model.vocab_size, groups)
+    resident = ResidentReference(build_model(c.model, e), chunks, context)
     policy = wrap_ddp(chunks, c.optimizer)
     optimizer = build_optimizer(policy, c.optimizer, e.bf16)
     scheduler = build_scheduler(optimizer, c.optimizer, 10_000, 1)
     vocab = c.model.vocab_size
-    batches = synthetic_batches(vocab, preset, pad_multiple(e.tp, e.cp, e.sequence_parallel), 0)
+    batches = synthetic_batches(vocab, preset, e.pad_multiple, 0)
     n_pairs = preset["micro_batches"] * preset["micro_batch_size"]
     with tempfile.TemporaryDirectory() as tmp:
         write_precomputed(tmp, -50 * np.ones((n_pairs, 2), np.float32), "bench", {})
         precomputed = PrecomputedReference(tmp, "bench")
+        dpo = StepContext(LossConfig(adaptive=False), vocab, groups)
+        adadpo = StepContext(LossConfig(adaptive=True), vocab, groups)
         variants = {
-            "dpo": (LossConfig(adaptive=False), resident),
-            "adadpo": (LossConfig(adaptive=True), resident),
-            "adadpo_precomputed": (LossConfig(adaptive=True), precomputed),
+            "dpo": (dpo, resident),
+            "adadpo": (adadpo, resident),
+            "adadpo_precomputed": (adadpo, precomputed),
         }
         times = {name: [] for name in variants}
         for i in range(args.warmup + args.steps):
-            for name, (loss, ref) in variants.items():
+            for name, (step_context, ref) in variants.items():
                 step_batches = [dict(b) for b in batches]
                 _sync()
                 start = time.perf_counter()
                 ref.attach(step_batches)
-                train_step(policy, optimizer, scheduler, step_batches, loss, vocab, n_pairs)
+                train_step(policy, optimizer, scheduler, step_batches, step_context, n_pairs)
                 _sync()
                 if i >= args.warmup:
                     times[name].append(time.perf_counter() - start)
     report(c, preset, batches, times, args)
-    parallel.destroy()
+    distributed.destroy()
 
 
 def _sync() -> None:
@@ -186,7 +190,7 @@ def _sync() -> None:
 
 
 def report(c, preset, batches, times, args) -> None:
-    from megatron_adadpo.hardware import peak_flops_per_device
+    from megatron_adadpo.platform.hardware import peak_flops_per_device
 
     seq = batches[0]["tokens"].shape[1]
     n_seqs = sum(b["tokens"].shape[0] for b in batches)

@@ -1,9 +1,10 @@
 """Run configuration: YAML + ``--set a.b=c`` overrides -> frozen, validated dataclasses.
 
 Every check runs here, before any process group or tensor exists, and each error names the
-field and the fix. Sections: ``model`` (architecture), ``execution`` (layout, precision,
-recompute), ``loss``, ``data``, ``eval``, ``reference``, ``optimizer``, ``train``,
-``checkpoint``, ``logging``.
+field and the fix; the layout rules come from ``megatron_adadpo.layout`` (shared with the
+planner). Importing this module imports neither Megatron nor torch. Sections: ``model``
+(architecture), ``execution`` (layout, precision, recompute), ``loss``, ``data``, ``eval``,
+``reference``, ``optimizer``, ``train``, ``checkpoint``, ``logging``.
 """
 
 from __future__ import annotations
@@ -16,11 +17,9 @@ from pathlib import Path
 import yaml
 
 from megatron_adadpo.data.config import DataConfig
-from megatron_adadpo.layout import pad_multiple
-from megatron_adadpo.losses import LossConfig
-from megatron_adadpo.model import ExecutionConfig
-from megatron_adadpo.model_config import ModelConfig
-from megatron_adadpo.yaml_config import read_yaml
+from megatron_adadpo.layout import ExecutionConfig, layout_errors
+from megatron_adadpo.losses.config import LossConfig
+from megatron_adadpo.model.config import ModelConfig
 
 
 class ConfigError(ValueError):
@@ -100,6 +99,12 @@ class Config:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
 
+    @property
+    def reference_mode(self) -> str:
+        """The reference the run uses: ``reference.mode``, or "none" for a reference-free
+        loss (simpo, cpo, orpo), which never runs or reads a reference."""
+        return self.reference.mode if self.loss.needs_reference else "none"
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -166,45 +171,84 @@ def _coerce(cls, section: str, values: dict) -> dict:
     return out
 
 
+def read_yaml(path: str | Path | None, overrides: list[str] = ()) -> dict:
+    """The file's nested dicts (``{}`` for ``path=None``) with ``a.b=c`` overrides applied.
+
+    Raises ``ConfigError`` naming the file or the override and the fix.
+    """
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.seed=3")
+        key, raw = item.split("=", 1)
+        node = values
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: '{part}' is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return values
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a YAML file, apply ``--set`` overrides, validate. ``path=None``: overrides only."""
-    try:
-        values = read_yaml(path, overrides)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    return from_dict(values)
+    """Read a YAML file, apply ``--set`` overrides, validate (the environment too).
+
+    ``path=None``: overrides only.
+    """
+    config = from_dict(read_yaml(path, overrides))
+    check_environment(config)
+    return config
 
 
-def validate(c: Config) -> None:
+def validate(config: Config) -> None:
     """Cross-field checks: everything that would otherwise fail after allocation."""
-    _validate_execution(c.model, c.execution)
-    t, e = c.train, c.execution
-    if t.micro_batch_size <= 0 or t.global_batch_size <= 0:
-        raise ConfigError("train.micro_batch_size and train.global_batch_size must be positive")
-    if t.nan_policy not in ("stop", "skip"):
-        raise ConfigError(f"train.nan_policy={t.nan_policy!r}; accepted: 'stop', 'skip'")
-    if t.init_method not in ("megatron", "layout_invariant"):
-        raise ConfigError(
-            f"train.init_method={t.init_method!r}; accepted: 'megatron', 'layout_invariant'"
-        )
-    if c.reference.mode not in ("resident", "precomputed", "none"):
-        raise ConfigError(
-            f"reference.mode={c.reference.mode!r}; accepted: 'resident', 'precomputed', 'none'"
-        )
-    if c.reference.mode == "precomputed" and not c.reference.path:
-        raise ConfigError(
-            "reference.mode=precomputed needs reference.path (the output dir of "
-            "tools/precompute_reference.py)"
-        )
-    if c.eval.interval and not c.eval.inputs:
-        raise ConfigError("eval.interval > 0 needs eval.inputs (held-out preference pairs)")
-    if c.eval.interval and c.reference.mode == "precomputed" and c.loss.needs_reference:
-        if not c.reference.eval_path:
-            raise ConfigError(
-                "evaluation with reference.mode=precomputed needs reference.eval_path "
-                "(tools/precompute_reference.py --eval --output DIR)"
-            )
-    if c.logging.tensorboard:
+    if config.data is None:
+        raise ConfigError("config section 'data' is required (inputs, tokenizer, max_length)")
+    train = config.train
+    errors = layout_errors(
+        config.model,
+        config.execution,
+        micro_batch_size=train.micro_batch_size,
+        global_batch_size=train.global_batch_size,
+        max_length=config.data.max_length,
+    )
+    if errors:
+        raise ConfigError(errors[0])
+    for check in (_check_train, _check_reference, _check_optimizer):
+        check(config)
+
+
+def check_world_size(config: Config, world_size: int) -> None:
+    """Refuse a world size the layout and batch sizes cannot use (see ``layout_errors``)."""
+    errors = layout_errors(
+        config.model,
+        config.execution,
+        micro_batch_size=config.train.micro_batch_size,
+        global_batch_size=config.train.global_batch_size,
+        world_size=world_size,
+    )
+    if errors:
+        raise ConfigError(errors[0])
+
+
+def check_environment(config: Config) -> None:
+    """Refuse what this machine cannot run (Transformer Engine / CUDA needs, optional packages
+    the config asks for); no allocation. The planner, which plans for another machine, skips
+    it."""
+    from megatron_adadpo.platform.environment import environment_errors
+
+    errors = environment_errors(config.execution)
+    if errors:
+        raise ConfigError(errors[0])
+    if config.logging.tensorboard:
         import importlib.util
 
         if importlib.util.find_spec("tensorboard") is None:
@@ -212,102 +256,58 @@ def validate(c: Config) -> None:
                 "logging.tensorboard: true needs the tensorboard package (pip install "
                 "tensorboard), or set logging.tensorboard: false (metrics.jsonl is always written)"
             )
-    if c.data is None:
-        raise ConfigError("config section 'data' is required (inputs, tokenizer, max_length)")
-    if c.loss.needs_reference and c.reference.mode == "none":
+
+
+def _check_train(config: Config) -> None:
+    train = config.train
+    if train.nan_policy not in ("stop", "skip"):
+        raise ConfigError(f"train.nan_policy={train.nan_policy!r}; accepted: 'stop', 'skip'")
+    if train.init_method not in ("megatron", "layout_invariant"):
         raise ConfigError(
-            f"loss.name={c.loss.name!r} needs reference log-probs; set "
+            f"train.init_method={train.init_method!r}; accepted: 'megatron', 'layout_invariant'"
+        )
+
+
+def _check_reference(config: Config) -> None:
+    reference, loss = config.reference, config.loss
+    if reference.mode not in ("resident", "precomputed", "none"):
+        raise ConfigError(
+            f"reference.mode={reference.mode!r}; accepted: 'resident', 'precomputed', 'none'"
+        )
+    if reference.mode == "precomputed" and not reference.path:
+        raise ConfigError(
+            "reference.mode=precomputed needs reference.path (the output dir of "
+            "tools/precompute_reference.py)"
+        )
+    if loss.needs_reference and reference.mode == "none":
+        raise ConfigError(
+            f"loss.name={loss.name!r} needs reference log-probs; set "
             "reference.mode to 'resident' or 'precomputed'"
         )
-    if c.optimizer.decay_style not in ("cosine", "linear", "constant"):
+    evaluation = config.eval
+    if evaluation.interval and not evaluation.inputs:
+        raise ConfigError("eval.interval > 0 needs eval.inputs (held-out preference pairs)")
+    if evaluation.interval and reference.mode == "precomputed" and loss.needs_reference:
+        if not reference.eval_path:
+            raise ConfigError(
+                "evaluation with reference.mode=precomputed needs reference.eval_path "
+                "(tools/precompute_reference.py --eval --output DIR)"
+            )
+
+
+def _check_optimizer(config: Config) -> None:
+    opt = config.optimizer
+    if opt.decay_style not in ("cosine", "linear", "constant"):
         raise ConfigError(
-            f"optimizer.decay_style={c.optimizer.decay_style!r}; accepted: "
-            "'cosine', 'linear', 'constant'"
+            f"optimizer.decay_style={opt.decay_style!r}; accepted: 'cosine', 'linear', 'constant'"
         )
-    if not 0.0 <= c.optimizer.warmup_fraction < 1.0:
+    if not 0.0 <= opt.warmup_fraction < 1.0:
         raise ConfigError("optimizer.warmup_fraction must be in [0, 1)")
-    if c.optimizer.lr <= 0:
-        raise ConfigError(f"optimizer.lr={c.optimizer.lr} must be > 0")
-    if not 0 <= c.optimizer.min_lr <= c.optimizer.lr:
-        raise ConfigError(
-            f"optimizer.min_lr={c.optimizer.min_lr} must be in [0, optimizer.lr={c.optimizer.lr}]"
-        )
-    if c.optimizer.overlap_param_gather and not c.optimizer.use_distributed_optimizer:
+    if opt.lr <= 0:
+        raise ConfigError(f"optimizer.lr={opt.lr} must be > 0")
+    if not 0 <= opt.min_lr <= opt.lr:
+        raise ConfigError(f"optimizer.min_lr={opt.min_lr} must be in [0, optimizer.lr={opt.lr}]")
+    if opt.overlap_param_gather and not opt.use_distributed_optimizer:
         raise ConfigError(
             "optimizer.overlap_param_gather needs optimizer.use_distributed_optimizer"
         )
-    if c.data is not None and e.pp > 1 and c.data.max_length % _pad_multiple(e):
-        raise ConfigError(
-            f"data.max_length={c.data.max_length} must be a multiple of {_pad_multiple(e)} "
-            "(pipeline parallel runs at a fixed sequence length padded for TP/CP)"
-        )
-
-
-def check_world(c: Config, world_size: int) -> int:
-    """Data-parallel size for ``world_size`` processes; batch divisibility checks."""
-    e, t = c.execution, c.train
-    model = e.tp * e.pp * e.cp
-    if world_size % model:
-        raise ConfigError(
-            f"{world_size} processes are not divisible by execution.tp*pp*cp = {model}; launch a "
-            "multiple of it or change the layout"
-        )
-    dp = world_size // model
-    if t.global_batch_size % (t.micro_batch_size * dp):
-        raise ConfigError(
-            f"train.global_batch_size={t.global_batch_size} must be divisible by "
-            f"train.micro_batch_size*DP = {t.micro_batch_size}*{dp}"
-        )
-    num_micro = t.global_batch_size // (t.micro_batch_size * dp)
-    if e.vpp and num_micro % e.pp:
-        raise ConfigError(
-            f"the interleaved schedule needs the number of micro-batches ({num_micro}) to be a "
-            f"multiple of execution.pp={e.pp}; change train.global_batch_size"
-        )
-    return dp
-
-
-def _pad_multiple(e: ExecutionConfig) -> int:
-    return pad_multiple(e.tp, e.cp, e.sequence_parallel)
-
-
-def _validate_execution(m: ModelConfig, e: ExecutionConfig) -> None:
-    for name in ("tp", "pp", "cp"):
-        if getattr(e, name) < 1:
-            raise ConfigError(f"execution.{name} must be >= 1")
-    if m.num_attention_heads % e.tp or m.query_groups % e.tp:
-        raise ConfigError(
-            f"execution.tp={e.tp} must divide model.num_attention_heads="
-            f"{m.num_attention_heads} and model.num_query_groups={m.query_groups}"
-        )
-    stages = e.pp * (e.vpp or 1)
-    if m.num_layers % stages:
-        raise ConfigError(
-            f"model.num_layers={m.num_layers} must be divisible by execution.pp*vpp = {stages}"
-        )
-    if e.vpp is not None and (e.vpp < 2 or e.pp < 2):
-        raise ConfigError("execution.vpp (virtual stages) needs vpp >= 2 and pp >= 2, or null")
-    if e.sequence_parallel and e.tp == 1:
-        raise ConfigError("execution.sequence_parallel needs execution.tp > 1")
-    if e.recompute not in (None, "selective", "full"):
-        raise ConfigError(f"execution.recompute={e.recompute!r}; accepted: null, selective, full")
-    if e.transformer_impl not in ("auto", "local", "transformer_engine"):
-        raise ConfigError(
-            f"execution.transformer_impl={e.transformer_impl!r}; accepted: "
-            "auto, local, transformer_engine"
-        )
-    if e.fp8 not in (None, "hybrid", "e4m3"):
-        raise ConfigError(f"execution.fp8={e.fp8!r}; accepted: null, hybrid, e4m3")
-    if e.fp8 or e.transformer_impl == "transformer_engine":
-        import torch
-
-        from megatron_adadpo.megatron_api import te_available
-
-        if not (torch.cuda.is_available() and te_available()):
-            raise ConfigError(
-                "execution.fp8 / transformer_impl=transformer_engine need Transformer Engine on a "
-                "CUDA GPU (pip install 'megatron_adadpo[gpu]'); set execution.fp8=null and "
-                "execution.transformer_impl=local to run without it"
-            )
-    if e.cp > 1 and not e.use_te():
-        raise ConfigError("execution.cp > 1 needs Transformer Engine attention (GPU); set cp=1")

@@ -1,8 +1,49 @@
-"""Sequence-length padding a parallel layout needs (pure Python: the planner imports it)."""
+"""The run's parallel shape and every rule it must satisfy (pure Python: no torch import).
+
+``ExecutionConfig`` says how the model runs (TP / PP / VPP / CP, sequence parallel, precision,
+recompute, kernels). ``layout_errors`` holds every rule a layout must satisfy, for the config's
+validation (``megatron_adadpo.config``) and the planner (``megatron_adadpo.planner``) alike;
+``pad_multiple`` is the sequence-length multiple the layout needs.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from megatron_adadpo.model.config import ModelConfig
+
+RECOMPUTE_CHOICES = (None, "selective", "full")
+FP8_CHOICES = (None, "hybrid", "e4m3")
+TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
+
+
+@dataclass(frozen=True)
+class ExecutionConfig:
+    """How the model runs: parallel layout, precision, recompute, kernels."""
+
+    tp: int = 1
+    pp: int = 1
+    vpp: int | None = None  # virtual pipeline stages per pipeline rank (interleaved schedule)
+    cp: int = 1
+    sequence_parallel: bool = False
+    bf16: bool = False
+    fp8: str | None = None  # None | "hybrid" | "e4m3" (Transformer Engine)
+    fp8_recipe: str = "delayed"  # "delayed" | "tensorwise" | "mxfp8" | "blockwise"
+    recompute: str | None = None  # None | "selective" | "full"
+    recompute_num_layers: int = 1
+    transformer_impl: str = "auto"  # "auto" | "local" | "transformer_engine"
+
+    @property
+    def model_parallel_size(self) -> int:
+        """Ranks holding one copy of the model: ``tp * pp * cp``."""
+        return self.tp * self.pp * self.cp
+
+    @property
+    def pad_multiple(self) -> int:
+        return pad_multiple(self.tp, self.cp, self.sequence_parallel)
 
 
 def pad_multiple(tp: int = 1, cp: int = 1, sequence_parallel: bool = False) -> int:
@@ -18,3 +59,113 @@ def pad_multiple(tp: int = 1, cp: int = 1, sequence_parallel: bool = False) -> i
     if cp > 1:
         m = math.lcm(m, 2 * cp)
     return m
+
+
+def data_parallel_size(execution: ExecutionConfig, world_size: int) -> int:
+    """``world_size / (tp * pp * cp)``; call after ``layout_errors`` reported no world error."""
+    return world_size // execution.model_parallel_size
+
+
+def layout_errors(
+    model: ModelConfig,
+    execution: ExecutionConfig,
+    *,
+    micro_batch_size: int,
+    global_batch_size: int,
+    max_length: int | None = None,
+    world_size: int | None = None,
+) -> list[str]:
+    """Every reason the layout cannot run, each naming the field and the fix (``[]`` = fine).
+
+    Without ``world_size`` the rules that need it (divisibility of the world by TP*PP*CP, of
+    the global batch by micro-batch*DP, interleaved micro-batch count) are skipped.
+    """
+    sizes = {"execution.tp": execution.tp, "execution.pp": execution.pp}
+    sizes |= {"execution.cp": execution.cp}
+    sizes |= {"train.micro_batch_size": micro_batch_size}
+    sizes |= {"train.global_batch_size": global_batch_size}
+    bad = [f"{k}={v!r} must be a positive integer" for k, v in sizes.items() if not _positive(v)]
+    if bad:
+        return bad
+    errors = _model_errors(model, execution) + _choice_errors(execution)
+    pad = execution.pad_multiple
+    if max_length is not None and execution.pp > 1 and max_length % pad:
+        errors.append(
+            f"data.max_length={max_length} must be a multiple of {pad} (pipeline parallel runs "
+            "at a fixed sequence length padded for TP/CP)"
+        )
+    if world_size is not None:
+        errors += _world_errors(execution, world_size, micro_batch_size, global_batch_size)
+    return errors
+
+
+def _model_errors(model: ModelConfig, e: ExecutionConfig) -> list[str]:
+    errors = []
+    if model.num_attention_heads % e.tp or model.query_groups % e.tp:
+        errors.append(
+            f"execution.tp={e.tp} must divide model.num_attention_heads="
+            f"{model.num_attention_heads} and model.num_query_groups={model.query_groups}"
+        )
+    stages = e.pp * (e.vpp or 1)
+    if model.num_layers % stages:
+        errors.append(
+            f"model.num_layers={model.num_layers} must be divisible by execution.pp*vpp = {stages}"
+        )
+    return errors
+
+
+def _choice_errors(e: ExecutionConfig) -> list[str]:
+    errors = []
+    if e.vpp is not None and (e.vpp < 2 or e.pp < 2):
+        errors.append("execution.vpp (virtual stages) needs vpp >= 2 and pp >= 2, or null")
+    if e.sequence_parallel and e.tp == 1:
+        errors.append("execution.sequence_parallel needs execution.tp > 1")
+    if e.recompute not in RECOMPUTE_CHOICES:
+        errors.append(f"execution.recompute={e.recompute!r}; accepted: null, selective, full")
+    if e.recompute_num_layers < 1:
+        errors.append(f"execution.recompute_num_layers={e.recompute_num_layers} must be >= 1")
+    if e.transformer_impl not in TRANSFORMER_IMPLS:
+        errors.append(
+            f"execution.transformer_impl={e.transformer_impl!r}; accepted: "
+            "auto, local, transformer_engine"
+        )
+    if e.fp8 not in FP8_CHOICES:
+        errors.append(f"execution.fp8={e.fp8!r}; accepted: null, hybrid, e4m3")
+    if e.transformer_impl == "local":
+        if e.cp > 1:
+            errors.append(
+                "execution.cp > 1 needs Transformer Engine attention (transformer_impl auto or "
+                "transformer_engine); set execution.cp=1 for the local spec"
+            )
+        if e.fp8:
+            errors.append(
+                "execution.fp8 needs Transformer Engine (transformer_impl auto or "
+                "transformer_engine); set execution.fp8=null for the local spec"
+            )
+    return errors
+
+
+def _world_errors(e: ExecutionConfig, world: int, micro: int, global_batch: int) -> list[str]:
+    model = e.model_parallel_size
+    if world % model:
+        return [
+            f"{world} processes are not divisible by execution.tp*pp*cp = {model}; launch a "
+            "multiple of it or change the layout"
+        ]
+    dp = world // model
+    if global_batch % (micro * dp):
+        return [
+            f"train.global_batch_size={global_batch} must be divisible by "
+            f"train.micro_batch_size*DP = {micro}*{dp}"
+        ]
+    num_micro = global_batch // (micro * dp)
+    if e.vpp and num_micro % e.pp:
+        return [
+            f"the interleaved schedule needs the number of micro-batches ({num_micro}) to be a "
+            f"multiple of execution.pp={e.pp}; change train.global_batch_size"
+        ]
+    return []
+
+
+def _positive(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
 
-from megatron_adadpo.megatron_api import vocab_parallel_cross_entropy
+from megatron_adadpo.platform.megatron import parallel_state, vocab_parallel_cross_entropy
 
 
 def token_logprobs(
@@ -32,6 +33,9 @@ def token_logprobs(
     softmax, so log-probs do not depend on the TP size and equal the HF model's after
     conversion (padded rows are zero, i.e. logit 0, which would otherwise take probability).
 
+    ``tp_group``: the tensor-parallel group the vocabulary is split over (None: Megatron's
+    ``parallel_state`` TP group).
+
     Shapes:
         vocab_parallel_logits: ``[s, b, v/tp]`` (any float dtype), per token.
         labels: ``[b, s]`` token ids (global vocab indices).
@@ -45,25 +49,20 @@ def token_logprobs(
     logits = vocab_parallel_logits.float().contiguous()
     if logits.data_ptr() == vocab_parallel_logits.data_ptr():
         logits = logits.clone()  # vocab_parallel_cross_entropy mutates its input in place
+    if tp_group is None:
+        tp_group = parallel_state.get_tensor_model_parallel_group()
     if vocab_size is not None:
-        _mask_vocab_padding(logits, vocab_size, tp_group)
+        _mask_vocab_padding(logits, vocab_size, dist.get_rank(tp_group))
     target = labels.clamp(min=0).transpose(0, 1).contiguous()
     return -vocab_parallel_cross_entropy(logits, target, tp_group).transpose(0, 1)
 
 
-def _mask_vocab_padding(logits: torch.Tensor, vocab_size: int, tp_group) -> None:
+def _mask_vocab_padding(logits: torch.Tensor, vocab_size: int, tp_rank: int) -> None:
     """In place: this shard's columns at global index >= ``vocab_size`` -> lowest float."""
     shard = logits.shape[-1]
-    rank = dist.get_rank(tp_group) if tp_group is not None else _tp_rank()
-    first_padded = vocab_size - rank * shard  # local index of the first padded column
+    first_padded = vocab_size - tp_rank * shard  # local index of the first padded column
     if first_padded < shard:
         logits[..., max(first_padded, 0) :] = torch.finfo(logits.dtype).min
-
-
-def _tp_rank() -> int:
-    from megatron_adadpo.megatron_api import parallel_state
-
-    return parallel_state.get_tensor_model_parallel_rank()
 
 
 def sequence_logprobs(
@@ -85,23 +84,6 @@ def sequence_logprobs(
     sums = torch.where(mask, token_logps, torch.zeros_like(token_logps)).sum(dim=-1)
     counts = mask.sum(dim=-1).to(torch.float32)
     if cp_group is not None and dist.get_world_size(cp_group) > 1:
-        sums = _AllReduceSum.apply(sums, cp_group)
+        sums = differentiable_all_reduce(sums, group=cp_group)  # backward: all-reduced grads
         dist.all_reduce(counts, group=cp_group)
     return sums, counts
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """``y = sum over ranks of x``; backward all-reduces the gradient (the adjoint)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
-        ctx.group = group
-        y = x.clone()
-        dist.all_reduce(y, group=group)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grad = grad.clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None

@@ -126,7 +126,7 @@ def megatron_logits(chunks, ids: torch.Tensor, vocab: int) -> torch.Tensor | Non
     """
     import torch.distributed as dist
 
-    from megatron_adadpo.megatron_api import parallel_state, tensor_parallel
+    from megatron_adadpo.platform.megatron import parallel_state, tensor_parallel
 
     chunk = chunks[0]
     chunk.eval()

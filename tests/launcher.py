@@ -98,7 +98,7 @@ def _rank_main(fn, rank, world_size, store, timeout, results, args, kwargs) -> N
         os.setsid()  # own process group, so the parent can reap everything this rank starts
         torch.set_num_threads(1)
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-        from megatron_adadpo import cpu
+        from megatron_adadpo.platform import cpu
 
         cpu.activate()
         dist.init_process_group(
@@ -119,7 +119,7 @@ def _rank_main(fn, rank, world_size, store, timeout, results, args, kwargs) -> N
         code = 1
     finally:
         try:
-            from megatron_adadpo import parallel
+            from megatron_adadpo.platform import distributed as parallel
 
             parallel.destroy()
         except BaseException:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from megatron_adadpo import parallel
-from megatron_adadpo.init import init_layout_invariant
-from megatron_adadpo.model import ExecutionConfig, build_model
-from megatron_adadpo.model_config import ModelConfig
+from megatron_adadpo.layout import ExecutionConfig
+from megatron_adadpo.model.build import build_model
+from megatron_adadpo.model.config import ModelConfig
+from megatron_adadpo.model.initialization import init_layout_invariant
+from megatron_adadpo.platform import distributed as parallel
 
 TINY = ModelConfig(
     num_layers=4,
@@ -21,7 +22,7 @@ TINY = ModelConfig(
 
 def tiny_model(run: ExecutionConfig, model: ModelConfig = TINY, seed: int = 7):
     """Parallel state for ``run``'s layout + model chunks with layout-independent weights."""
-    parallel.init_model_parallel(parallel.Layout(tp=run.tp, pp=run.pp, vpp=run.vpp, cp=run.cp))
+    parallel.init_model_parallel(run)
     chunks = build_model(model, run)
     init_layout_invariant(chunks, seed=seed, vocab_size=model.vocab_size)
     return chunks

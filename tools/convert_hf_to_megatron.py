@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_adadpo.convert import cli, convert_hf_to_megatron
+from megatron_adadpo import cli
+from megatron_adadpo.convert import convert_hf_to_megatron
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,20 +27,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-
-    def convert() -> str:
-        model = convert_hf_to_megatron(
-            args.hf_dir, args.output, dtype=args.dtype, progress=not args.no_progress
-        )
-        return (
-            f"wrote {args.output}: {model.hf_architecture}, {model.num_layers} layers, "
-            f"vocab {model.vocab_size}; use {args.output}/model.yaml as the model config"
-        )
-
-    return cli.run(convert)
+    model = convert_hf_to_megatron(
+        args.hf_dir, args.output, dtype=args.dtype, progress=not args.no_progress
+    )
+    print(
+        f"wrote {args.output}: {model.hf_architecture}, {model.num_layers} layers, "
+        f"vocab {model.vocab_size}; use {args.output}/model.yaml as the model config"
+    )
 
 
 if __name__ == "__main__":  # dist_checkpointing's save starts a multiprocessing Manager
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_adadpo.convert import cli, convert_megatron_to_hf
+from megatron_adadpo import cli
+from megatron_adadpo.convert import convert_megatron_to_hf
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,22 +31,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-
-    def convert() -> str:
-        out = convert_megatron_to_hf(
-            args.checkpoint,
-            args.output,
-            dtype=args.dtype,
-            tokenizer_dir=args.tokenizer_dir,
-            max_shard_bytes=int(args.max_shard_size_gb * 1024**3),
-            progress=not args.no_progress,
-        )
-        return f"wrote {out}"
-
-    return cli.run(convert)
+    out = convert_megatron_to_hf(
+        args.checkpoint,
+        args.output,
+        dtype=args.dtype,
+        tokenizer_dir=args.tokenizer_dir,
+        max_shard_bytes=int(args.max_shard_size_gb * 1024**3),
+        progress=not args.no_progress,
+    )
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":  # dist_checkpointing starts a multiprocessing Manager
-    sys.exit(main())
+    sys.exit(cli.run(main))

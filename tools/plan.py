@@ -5,7 +5,9 @@
     python tools/plan.py --recipe R.yaml --gpu h200 --set execution.pp=2 --mfu 0.35 --json
 
 Exit status: 0 when the layout fits, 1 when it does not (suggestions are printed), 2 when the
-layout cannot run at all (the reasons are printed). Pure Python: no GPU or torch needed.
+layout cannot run at all (the reasons are printed: one ``error: layout refused: ...`` line, or
+``{"error": ..., "fits": false}`` with ``--json``). The recipe is validated as the trainer
+validates it, but for the cluster described here, not this machine: no GPU or Megatron needed.
 """
 
 from __future__ import annotations
@@ -13,14 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megatron_adadpo.hardware import GPUS  # noqa: E402
-from megatron_adadpo.planner import LayoutError, load, make_plan, suggest  # noqa: E402
-from megatron_adadpo.planner.report import render, suggestion_line  # noqa: E402
-from megatron_adadpo.planner.search import min_nodes  # noqa: E402
+from megatron_adadpo import cli
+from megatron_adadpo.planner import LayoutError, load, make_plan, suggest
+from megatron_adadpo.planner.report import render, suggestion_line
+from megatron_adadpo.planner.search import min_nodes
+from megatron_adadpo.platform.hardware import GPUS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -60,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         p, cluster = load(
@@ -69,12 +69,11 @@ def main(argv=None) -> int:
         if args.avg_seq_len:
             p = p.replace(avg_seq_length=args.avg_seq_len)
         plan = make_plan(p, cluster, args.mfu)
-    except (LayoutError, ValueError) as exc:
+    except ValueError as exc:  # LayoutError included; cli.run prints it and exits with 2
         if args.json:
             print(json.dumps({"error": str(exc), "fits": False}))
-        else:
-            print(f"plan: layout refused: {exc}", file=sys.stderr)
-        return 2
+            return 2
+        raise LayoutError(f"layout refused: {exc}") from None
     suggestions = [] if plan.fits or args.no_suggest else suggest(p, cluster, args.mfu)
     more_nodes = (None, None)
     if not plan.fits and not suggestions and not args.no_suggest:
@@ -119,4 +118,4 @@ def _epoch_hours(plan, pairs: int) -> float:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

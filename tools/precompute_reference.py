@@ -8,7 +8,8 @@ Then train with ``--set reference.mode=precomputed --set reference.path=DIR``.
 
 import sys
 
-from megatron_adadpo.precompute import precompute
+from megatron_adadpo import cli
+from megatron_adadpo.run.precompute import main
 
 if __name__ == "__main__":
-    precompute(sys.argv[1:])
+    sys.exit(cli.run(main))

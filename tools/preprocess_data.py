@@ -8,6 +8,10 @@ directories, or `hf:NAME[:SPLIT]` (datasets.load_dataset). Writes DIR/pairs.{bin
 DIR/pair_ids.npy, DIR/manifest.json and DIR/data_report.json (every dropped row with its file,
 line or row and reason). Re-running with unchanged tokenizer, settings and inputs is a no-op.
 Point training at DIR with `data.preprocessed: DIR`.
+
+Exit status: 0 when DIR is written or up to date; 1 when bad rows stop it (--on-error fail;
+they are listed in DIR/data_report.json); 2 on a bad argument, setting or file (one `error:`
+line).
 """
 
 from __future__ import annotations
@@ -16,14 +20,7 @@ import argparse
 import os
 import sys
 
-
-def _import_data():
-    try:
-        import megatron_adadpo.data as data
-    except ImportError:  # running from a checkout without `pip install -e .`
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        import megatron_adadpo.data as data
-    return data
+from megatron_adadpo import cli, data  # data's names import on first use: --help stays fast
 
 
 def _optional_int(text: str) -> int | None:
@@ -72,27 +69,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.max_prompt_length == -1:
         args.max_prompt_length = args.max_length // 2
-    data = _import_data()
+    config = data.DataConfig(
+        inputs=tuple(args.inputs),
+        prompt_field=args.prompt_field,
+        chosen_field=args.chosen_field,
+        rejected_field=args.rejected_field,
+        schema=args.schema,
+        tokenizer=args.tokenizer,
+        tokenizer_kind=args.tokenizer_kind,
+        max_length=args.max_length,
+        max_prompt_length=args.max_prompt_length,
+        overlength=args.overlength,
+        on_error=args.on_error,
+        num_workers=args.workers,
+        split=args.split,
+    )
     try:
-        config = data.DataConfig(
-            inputs=tuple(args.inputs),
-            prompt_field=args.prompt_field,
-            chosen_field=args.chosen_field,
-            rejected_field=args.rejected_field,
-            schema=args.schema,
-            tokenizer=args.tokenizer,
-            tokenizer_kind=args.tokenizer_kind,
-            max_length=args.max_length,
-            max_prompt_length=args.max_prompt_length,
-            overlength=args.overlength,
-            on_error=args.on_error,
-            num_workers=args.workers,
-            split=args.split,
-        )
         manifest, report = data.preprocess(
             config, args.output, progress=not args.quiet, force=args.force
         )
-    except ValueError as e:  # DataError (bad rows, listed in DIR/data_report.json) included
+    except data.DataError as e:  # bad rows, listed in DIR/data_report.json
         print(f"error: {e}", file=sys.stderr)
         return 1
     if report is None:
@@ -108,4 +104,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

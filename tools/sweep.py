@@ -8,14 +8,15 @@ Default grid (ALGORITHM.md section 7): lr in {3e-7, 5e-7, 6e-7, 1e-6} x beta in 
 0.05, 0.1}. ``--losses adadpo,dpo`` adds the DPO baseline (``loss.adaptive=false``) at every
 point, the comparison the paper reports. Each point gets its own ``logging.run_dir``. With
 ``--write DIR`` every point is also written as a complete YAML config (the recipe with its
-overrides applied) and the commands use those files. Nothing is launched: pipe the output to a
-shell, or submit the lines you want.
+overrides applied) and the commands use those files. The recipe is validated first (as the
+trainer's config, without its machine checks): a bad recipe prints one ``error: ...`` line and
+exits with status 2. Nothing is launched: pipe the output to a shell, or submit the lines you
+want.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import itertools
 import json
 import shlex
@@ -24,10 +25,8 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from megatron_adadpo.planner.inputs import read_recipe  # noqa: E402
+from megatron_adadpo import cli
+from megatron_adadpo.config import from_dict, read_yaml
 
 PAPER_LRS = (3e-7, 5e-7, 6e-7, 1e-6)
 PAPER_BETAS = (0.005, 0.01, 0.05, 0.1)
@@ -69,7 +68,7 @@ def command(launcher: str, recipe: str, point: dict, config_file: str | None = N
 
 
 def write_config(recipe: str, point: dict, out_dir: Path) -> Path:
-    values = copy.deepcopy(read_recipe(recipe, point["overrides"]))
+    values = read_yaml(recipe, point["overrides"])
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{point['name']}.yaml"
     header = f"# {point['name']}: {recipe} with {' '.join(point['overrides'])}\n"
@@ -81,7 +80,7 @@ def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x]
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--recipe", required=True)
     ap.add_argument("--lrs", type=_floats, default=list(PAPER_LRS), help="comma-separated")
@@ -98,7 +97,7 @@ def main(argv=None) -> int:
     bad = [x for x in losses if x not in LOSSES]
     if bad:
         ap.error(f"--losses {bad}: accepted {sorted(LOSSES)}")
-    read_recipe(args.recipe)  # fail early on a missing / malformed recipe
+    from_dict(read_yaml(args.recipe))  # fail early on a missing / invalid recipe (ConfigError)
     root = args.run_root or f"runs/sweep_{Path(args.recipe).stem}"
     points = grid_points(args.lrs, args.betas, losses, root)
     for p in points:
@@ -118,4 +117,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from megatron_adadpo.model_config import ModelConfig, RopeScaling
+from megatron_adadpo.model.config import ModelConfig, RopeScaling
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 from megatron_adadpo.convert import hf_io, mapping, megatron_io
 from megatron_adadpo.convert.hf_config import hf_to_model_config
-from megatron_adadpo.megatron_api import dist_checkpointing
-from megatron_adadpo.model_config import ModelConfig
+from megatron_adadpo.model.config import ModelConfig
+from megatron_adadpo.platform.megatron import dist_checkpointing
 
 log = logging.getLogger(__name__)
 TOKENIZER_DIR = "tokenizer"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_adadpo.model_config import ModelConfig
+from megatron_adadpo.model.config import ModelConfig
 
 
 @dataclass(frozen=True)

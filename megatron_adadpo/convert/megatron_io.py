@@ -20,10 +20,15 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from megatron_adadpo.checkpointing import MODEL_CONFIG_FILE, read_model_config
-from megatron_adadpo.megatron_api import dist_checkpointing
-from megatron_adadpo.model import ExecutionConfig, gpt_model, transformer_config
-from megatron_adadpo.model_config import ModelConfig
+from megatron_adadpo.layout import ExecutionConfig
+from megatron_adadpo.model.build import gpt_model, transformer_config
+from megatron_adadpo.model.config import (
+    MODEL_CONFIG_FILE,
+    ModelConfig,
+    read_model_config,
+    write_model_config,
+)
+from megatron_adadpo.platform.megatron import dist_checkpointing, save_strategy
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -38,12 +43,13 @@ def parse_dtype(name: str, flag: str = "--dtype") -> torch.dtype:
 
 def init_single_process() -> None:
     """A world of one gloo process + TP1 / PP1 Megatron state (CPU tensors, even on GPU hosts)."""
-    from megatron_adadpo import cpu, parallel
+    from megatron_adadpo.platform import cpu
+    from megatron_adadpo.platform.distributed import free_port, init_model_parallel
 
-    cpu.activate()  # no-op where CUDA exists
+    cpu.activate()  # conversion runs on the CPU; a no-op where CUDA exists
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(parallel._free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         dist.init_process_group("gloo", rank=0, world_size=1)
     if dist.get_world_size() != 1:
@@ -51,7 +57,7 @@ def init_single_process() -> None:
             f"checkpoint conversion runs in one process, found a world of {dist.get_world_size()}"
             "; run the tool with plain `python`, not torchrun"
         )
-    parallel.init_model_parallel(parallel.Layout())
+    init_model_parallel(ExecutionConfig())
 
 
 def template(model: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
@@ -127,11 +133,9 @@ def save(sharded: dict, directory: Path, model: ModelConfig, bytes_per_writer: i
             for t in (v if isinstance(v, list) else [v])
             if is_tensor_entry(t)
         )
-        default = dist_checkpointing.serialization.get_default_save_sharded_strategy()
-        writers = max(2, math.ceil(total / bytes_per_writer))
-        strategy = type(default)(default.backend, default.version, thread_count=writers)
+        strategy = save_strategy(thread_count=max(2, math.ceil(total / bytes_per_writer)))
     dist_checkpointing.save({"model": sharded}, str(directory), sharded_strategy=strategy)
-    (directory / MODEL_CONFIG_FILE).write_text(yaml.safe_dump(model.to_dict(), sort_keys=False))
+    write_model_config(directory, model)
 
 
 def load_subset(directory: Path, sharded: dict, names: list[str], dtype: torch.dtype) -> dict:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from megatron_adadpo.convert import hf_io, mapping, megatron_io
 from megatron_adadpo.convert.hf_config import model_config_to_hf
-from megatron_adadpo.model_config import ModelConfig
+from megatron_adadpo.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
 DEFAULT_SHARD_BYTES = 2 * 1024**3

@@ -1,6 +1,6 @@
 """Preference data pipeline: records -> tokenized pairs -> DP-aware sampler -> `[2B, S]` batches.
 
-Public API:
+Public API (imported on first use, so that `megatron_adadpo.data.config` imports nothing heavy):
     DataConfig                    settings (config.py)
     load_preference_dataset       preprocessed dir or raw inputs (cached) -> PreferenceDataset
     preprocess                    raw inputs -> on-disk pairs + manifest (tools/preprocess_data.py)
@@ -8,37 +8,36 @@ Public API:
     PreferenceSampler             per-rank micro-batches of pair indices, resumable
     collate_pairs, pad_multiple   interleaved [c0, r0, c1, r1, ...] micro-batch tensors
     load_tokenizer                HF tokenizer dir or sentencepiece model, one BOS/EOS policy
-    DataError, DataReport, RowIssue   bad rows and counts
+    RowRejected                   a row refused by a stage (reason, detail)
+    DataError, DataReport, RowIssue   bad rows (with their location) and counts
 """
 
-from .collate import collate_pairs, pad_multiple
-from .config import DataConfig
-from .indexed import PreferenceDataset, read_manifest
-from .pipeline import check_manifest, load_preference_dataset, preprocess
-from .records import PreferenceRecord, normalize_row
-from .report import DataError, DataReport, RowIssue
-from .sampler import PreferenceSampler
-from .tokenize import PairTokenizer, TokenizedPair, load_tokenizer, tokenize_record
-from .truncation import truncate_pair
+from __future__ import annotations
 
-__all__ = [
-    "DataConfig",
-    "DataError",
-    "DataReport",
-    "PairTokenizer",
-    "PreferenceDataset",
-    "PreferenceRecord",
-    "PreferenceSampler",
-    "RowIssue",
-    "TokenizedPair",
-    "check_manifest",
-    "collate_pairs",
-    "load_preference_dataset",
-    "load_tokenizer",
-    "normalize_row",
-    "pad_multiple",
-    "preprocess",
-    "read_manifest",
-    "tokenize_record",
-    "truncate_pair",
-]
+from megatron_adadpo.lazy import lazy_exports
+
+_EXPORTS = {
+    "collate_pairs": ".collate",
+    "pad_multiple": ".collate",
+    "DataConfig": ".config",
+    "PreferenceDataset": ".indexed",
+    "read_manifest": ".indexed",
+    "check_manifest": ".pipeline",
+    "load_preference_dataset": ".pipeline",
+    "preprocess": ".pipeline",
+    "PreferenceRecord": ".records",
+    "normalize_row": ".records",
+    "DataError": ".report",
+    "DataReport": ".report",
+    "RowIssue": ".report",
+    "RowRejected": ".report",
+    "PreferenceSampler": ".sampler",
+    "PairTokenizer": ".tokenize",
+    "TokenizedPair": ".tokenize",
+    "load_tokenizer": ".tokenize",
+    "tokenize_record": ".tokenize",
+    "truncate_pair": ".truncation",
+}
+
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

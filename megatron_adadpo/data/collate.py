@@ -16,7 +16,7 @@ def collate_pairs(
     pad_token_id: int,
     pad_to_multiple_of: int = 1,
     fixed_length: int | None = None,
-) -> dict[str, torch.Tensor | None]:
+) -> dict[str, torch.Tensor]:
     """Stack B pairs into an interleaved `[2B, S]` micro-batch, right-padded.
 
     Layout: rows are `[c0, r0, c1, r1, ...]` (chosen of pair i at row 2i, rejected at 2i+1),
@@ -25,16 +25,15 @@ def collate_pairs(
     - `labels[:, t] = tokens[:, t + 1]`; the last position and padding get `pad_token_id`.
     - `loss_mask[:, t] = 1.0` exactly where `labels[:, t]` is a completion token (the answer's
       tokens and its EOS); 0.0 for prompt tokens (BOS included) and padding.
-    - `attention_mask` is None: padding is on the right, so with Megatron's causal mask
-      (`AttnMaskType.causal`, local and TE attention) no real token attends to a pad, and pad
-      positions carry no loss.
+    - No attention mask (the step passes None): padding is on the right, so with Megatron's
+      causal mask (`AttnMaskType.causal`, local and TE attention) no real token attends to a
+      pad, and pad positions carry no loss.
     - `S` = longest row rounded up to `pad_to_multiple_of` (see `pad_multiple`), or
       `fixed_length` when given (pipeline parallel needs fixed shapes).
 
     Shapes:
         tokens, labels, position_ids: int64 `[2B, S]` (per token).
-        loss_mask: float32 `[2B, S]` (per token).
-        completion_lengths: int64 `[2B]` (per sequence, = loss_mask.sum(1)).
+        loss_mask: float32 `[2B, S]` (per token); `loss_mask.sum(1)` = completion lengths.
         pair_ids: int64 `[B]` (per pair).
 
     Example (pad id 0, BOS 1, EOS 2; prompt [1, 10, 11], chosen answer [20], rejected [30, 31]):
@@ -53,8 +52,8 @@ def collate_pairs(
             [0., 0., 1., 1., 1., 0., 0., 0.]])
     >>> b["position_ids"][0]
     tensor([0, 1, 2, 3, 4, 5, 6, 7])
-    >>> b["completion_lengths"], b["pair_ids"], b["attention_mask"]
-    (tensor([2, 3]), tensor([7]), None)
+    >>> b["loss_mask"].sum(1), b["pair_ids"], sorted(b)
+    (tensor([2., 3.]), tensor([7]), ['labels', 'loss_mask', 'pair_ids', 'position_ids', 'tokens'])
     """
     if not examples:
         raise ValueError("collate_pairs needs at least one pair")
@@ -89,13 +88,10 @@ def collate_pairs(
         loss_mask[i, p - 1 : len(ids) - 1] = 1.0  # labels[t] = ids[t + 1] is a completion token
     labels = np.full((n, seq), pad_token_id, dtype=np.int64)
     labels[:, :-1] = tokens[:, 1:]
-    loss_mask_t = torch.from_numpy(loss_mask)
     return {
         "tokens": torch.from_numpy(tokens),
         "labels": torch.from_numpy(labels),
-        "loss_mask": loss_mask_t,
+        "loss_mask": torch.from_numpy(loss_mask),
         "position_ids": torch.arange(seq, dtype=torch.int64).unsqueeze(0).expand(n, seq).clone(),
-        "attention_mask": None,
         "pair_ids": torch.tensor([int(ex["pair_id"]) for ex in examples], dtype=torch.int64),
-        "completion_lengths": loss_mask_t.sum(1).to(torch.int64),
     }

@@ -22,9 +22,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 
-from .tokenize import TokenizedPair
+from megatron_adadpo.platform.megatron import DType, IndexedDataset, IndexedDatasetBuilder
 
 FORMAT = "megatron_adadpo.preference_pairs"
 FORMAT_VERSION = 1
@@ -59,7 +58,11 @@ def read_manifest(directory: str) -> dict[str, Any] | None:
 
 
 class PairWriter:
-    """Append tokenized pairs, then `finalize` (writes everything but the manifest)."""
+    """Append tokenized pairs, then `finalize` (writes everything but the manifest).
+
+    Pair `i` is document `i` of a Megatron `IndexedDatasetBuilder` (public API only:
+    `add_document`, `finalize`), made of three sequences `[prompt, chosen, rejected]`.
+    """
 
     def __init__(self, directory: str, vocab_size: int):
         os.makedirs(directory, exist_ok=True)
@@ -70,20 +73,24 @@ class PairWriter:
         )
         self._pair_ids: list[int] = []
 
-    def add(self, pair: TokenizedPair) -> None:
-        ids = np.concatenate([pair.prompt, pair.chosen, pair.rejected])
-        lengths = [len(pair.prompt), len(pair.chosen), len(pair.rejected)]
-        self._builder.add_document(torch.from_numpy(ids), lengths)
-        self._pair_ids.append(pair.pair_id)
+    def add_pairs(self, tokens: np.ndarray, lengths: list[int], pair_ids: list[int]) -> None:
+        """Append `P = len(pair_ids)` pairs, in order.
 
-    def add_chunk(self, tokens: np.ndarray, lengths: list[int], pair_ids: list[int]) -> None:
-        """Append many pairs at once: `tokens` is their concatenated [prompt, chosen, rejected]
-        sequences, `lengths` the 3 sequence lengths per pair."""
-        b = self._builder  # one write per chunk instead of one per pair (same file layout)
-        b.data_file.write(np.asarray(tokens, dtype=self.dtype).tobytes(order="C"))
-        start = len(b.sequence_lengths)
-        b.sequence_lengths.extend(lengths)
-        b.document_indices.extend(range(start + 3, start + len(lengths) + 1, 3))
+        Args:
+            tokens: int `[sum(lengths)]`, the pairs' `[prompt, chosen, rejected]` sequences,
+                concatenated.
+            lengths: `[3 * P]`, the prompt, chosen and rejected lengths of each pair.
+            pair_ids: `[P]`, the stable row index of each pair.
+        """
+        if len(lengths) != 3 * len(pair_ids) or sum(lengths) != len(tokens):
+            raise ValueError(
+                f"{len(pair_ids)} pairs need 3 lengths each summing to the {len(tokens)} tokens; "
+                f"got {len(lengths)} lengths summing to {sum(lengths)}"
+            )
+        pair_sizes = [sum(lengths[k : k + 3]) for k in range(0, len(lengths), 3)]
+        documents = torch.from_numpy(np.asarray(tokens, dtype=np.int64)).split(pair_sizes)
+        for k, document in enumerate(documents):
+            self._builder.add_document(document, lengths[3 * k : 3 * k + 3])
         self._pair_ids.extend(pair_ids)
 
     def finalize(self) -> None:

@@ -2,9 +2,10 @@
 
 `preprocess` reads every source in order, tokenizes rows in `num_workers` processes (rows go to
 workers in chunks, results come back in order, so the output does not depend on the worker
-count), writes the pairs, the report and the manifest. `load_preference_dataset` opens a
-preprocessed directory (checking its manifest) or preprocesses raw inputs into a cache keyed by
-the identity hash.
+count), writes the pairs, the report and the manifest. A row refused by any stage raises
+`RowRejected`; `_process_chunk` turns it into a `RowIssue` at the row's location (the one place
+that does). `load_preference_dataset` opens a preprocessed directory (checking its manifest) or
+preprocesses raw inputs into a cache keyed by the identity hash.
 """
 
 from __future__ import annotations
@@ -30,52 +31,44 @@ from .indexed import (
     read_manifest,
     write_manifest,
 )
-from .records import Location, normalize_row
-from .report import DataError, DataReport, RowIssue
-from .sources import InputSource
-from .templates import TemplateError
-from .tokenize import PairTokenizer, PolicyError, load_tokenizer, tokenize_record
-from .truncation import truncate_pair
+from .records import normalize_row
+from .report import DataError, DataReport, RowIssue, RowRejected
+from .sources import InputSource, Location
+from .tokenize import PairTokenizer, load_tokenizer, tokenize_record
+from .truncation import Truncated, truncate_pair
 
 logger = logging.getLogger(__name__)
-CHUNK = 256
-_STATE: dict[str, Any] = {}
+ROWS_PER_CHUNK = 256
+_WORKER_STATE: dict[str, Any] = {}  # this process's config and tokenizer
 
 
 def _init_worker(config: DataConfig) -> None:
-    if _STATE.get("config") != config:  # forked workers inherit the parent's tokenizer
-        _STATE["config"] = config
-        _STATE["tok"] = load_tokenizer(config.tokenizer, config.tokenizer_kind)
+    """Pool initializer: the config and tokenizer `_process_chunk` uses in this process."""
+    if _WORKER_STATE.get("config") != config:  # forked workers inherit the parent's tokenizer
+        _WORKER_STATE["config"] = config
+        _WORKER_STATE["tok"] = load_tokenizer(config.tokenizer, config.tokenizer_kind)
 
 
-def _process_row(cfg: DataConfig, tok: PairTokenizer, pair_id: int, loc: Location, row: Any):
-    if isinstance(row, RowIssue):
-        return row
+def _process_row(cfg: DataConfig, tok: PairTokenizer, pair_id: int, row: Any) -> Truncated:
+    """One row -> its tokenized, truncated pair; raises RowRejected when a stage refuses it."""
+    if isinstance(row, RowRejected):  # refused while reading its source
+        raise row
     fields = (cfg.prompt_field, cfg.chosen_field, cfg.rejected_field)
-    rec = normalize_row(row, pair_id, loc, fields, cfg.schema)
-    if isinstance(rec, RowIssue):
-        return rec
-    try:
-        pair = tokenize_record(tok, rec)
-    except TemplateError as e:
-        return loc.issue("template_error", str(e))
-    except PolicyError as e:
-        return loc.issue(e.reason, e.detail)
-    out = truncate_pair(pair, cfg.max_length, cfg.max_prompt_length, cfg.overlength, tok.bos_id)
-    if out.pair is None:
-        return loc.issue(out.drop_reason, out.drop_detail)
-    return out
+    pair = tokenize_record(tok, normalize_row(row, pair_id, fields, cfg.schema))
+    return truncate_pair(pair, cfg.max_length, cfg.max_prompt_length, cfg.overlength, tok.bos_id)
 
 
 def _process_chunk(chunk: list[tuple[int, Location, Any]]) -> tuple[DataReport, tuple]:
     """Rows -> (chunk report, (flat tokens, sequence lengths [3 per pair], pair ids))."""
-    cfg, tok = _STATE["config"], _STATE["tok"]
+    cfg, tok = _WORKER_STATE["config"], _WORKER_STATE["tok"]
     report, parts, lengths, pair_ids = DataReport(), [], [], []
     for pid, loc, row in chunk:
         report.rows_read += 1
-        item = _process_row(cfg, tok, pid, loc, row)
-        if isinstance(item, RowIssue):
-            report.issues.append(item)
+        try:
+            item = _process_row(cfg, tok, pid, row)
+        except RowRejected as e:
+            issue = RowIssue(loc.source, loc.index, loc.index_kind, e.reason, e.detail)
+            report.issues.append(issue)
             continue
         pair = item.pair
         parts += [pair.prompt, pair.chosen, pair.rejected]
@@ -102,6 +95,8 @@ def _chunks(it: Iterator[Any], size: int) -> Iterator[list[Any]]:
 
 
 class _Plan(NamedTuple):
+    """What a preprocessing run reads, and the identity hash of what it would write."""
+
     sources: list[InputSource]
     tok: PairTokenizer
     identity: str
@@ -121,13 +116,20 @@ def _plan(cfg: DataConfig) -> _Plan:
     return _Plan(sources, tok, ident, tok_id, inputs)
 
 
-def _run(cfg: DataConfig, sources, tok, writer: PairWriter, progress: bool) -> DataReport:
+def _tokenize_into(
+    writer: PairWriter,
+    cfg: DataConfig,
+    sources: list[InputSource],
+    tok: PairTokenizer,
+    progress: bool,
+) -> DataReport:
+    """Every row of `sources` -> pairs appended to `writer` (in row order); returns the report."""
     from tqdm import tqdm
 
     report = DataReport()
-    chunks = _chunks(_numbered_rows(sources), CHUNK)
+    chunks = _chunks(_numbered_rows(sources), ROWS_PER_CHUNK)
     bar = tqdm(desc="tokenizing pairs", unit="row", disable=not progress, mininterval=0.5)
-    _STATE.update(config=cfg, tok=tok)
+    _WORKER_STATE.update(config=cfg, tok=tok)
     if cfg.num_workers > 1:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         pool = mp.get_context("fork").Pool(cfg.num_workers, _init_worker, (cfg,))
@@ -137,7 +139,7 @@ def _run(cfg: DataConfig, sources, tok, writer: PairWriter, progress: bool) -> D
     try:
         for chunk_report, (tokens, lengths, pair_ids) in results:
             report.merge(chunk_report)
-            writer.add_chunk(tokens, lengths, pair_ids)
+            writer.add_pairs(tokens, lengths, pair_ids)
             bar.update(chunk_report.rows_read)
     finally:
         bar.close()
@@ -173,7 +175,7 @@ def preprocess(
     partial = tempfile.mkdtemp(prefix=f"{name}.partial-", dir=parent)  # unique per writer
     writer = PairWriter(partial, tok.vocab_size)
     try:
-        report = _run(config, sources, tok, writer, progress)
+        report = _tokenize_into(writer, config, sources, tok, progress)
         writer.finalize()
         if report.bad_rows and config.on_error == "fail":
             os.makedirs(output_dir, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Rows -> `PreferenceRecord`, with every bad row reported by location and reason.
+"""Row (dict or JSON-line bytes) -> `PreferenceRecord`; a bad row raises `RowRejected`.
 
 Two schemas are accepted (field names come from `DataConfig`):
 
@@ -10,7 +10,9 @@ Two schemas are accepted (field names come from `DataConfig`):
     prefix up to the last assistant turn, which must be identical in both.
 
 A record's prompt is always a message list and its completions are the contents of the final
-assistant turn, so chosen and rejected are templated identically by construction.
+assistant turn, so chosen and rejected are templated identically by construction. A bad row
+raises `RowRejected(reason, detail)` (reason in `report.BAD_ROW_REASONS`); the pipeline adds
+its location.
 """
 
 from __future__ import annotations
@@ -20,23 +22,11 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .report import RowIssue
+from .report import RowRejected
 
 Message = dict[str, str]
 _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ ]?")
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
-
-
-@dataclass(frozen=True)
-class Location:
-    """Where a row comes from: source name, 1-based line (text files) or 0-based row index."""
-
-    source: str
-    index: int
-    index_kind: str  # "line" | "row"
-
-    def issue(self, reason: str, detail: str) -> RowIssue:
-        return RowIssue(self.source, self.index, self.index_kind, reason, detail)
 
 
 @dataclass(frozen=True)
@@ -59,25 +49,21 @@ class PreferenceRecord:
         return [{"role": r, "content": c} for r, c in self.prompt]
 
 
-class _Bad(Exception):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
-
-
 def parse_json_line(payload: bytes) -> dict[str, Any]:
-    """Decode one JSON-lines row; raises _Bad(undecodable_text | malformed_json | wrong_type)."""
+    """Bytes of one JSON-lines row -> dict; raises RowRejected (undecodable_text, malformed_json,
+    wrong_type)."""
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise _Bad("undecodable_text", f"invalid UTF-8 at byte {e.start} of the line") from None
+        raise RowRejected(
+            "undecodable_text", f"invalid UTF-8 at byte {e.start} of the line"
+        ) from None
     try:
         row = json.loads(text)
     except json.JSONDecodeError as e:
-        raise _Bad("malformed_json", f"{e.msg} at column {e.colno}") from None
+        raise RowRejected("malformed_json", f"{e.msg} at column {e.colno}") from None
     if not isinstance(row, dict):
-        raise _Bad("wrong_type", f"row is a JSON {type(row).__name__}, expected an object")
+        raise RowRejected("wrong_type", f"row is a JSON {type(row).__name__}, expected an object")
     return row
 
 
@@ -86,24 +72,28 @@ def _text(value: Any, where: str) -> str:
         try:
             value = bytes(value).decode("utf-8")
         except UnicodeDecodeError as e:
-            raise _Bad("undecodable_text", f"{where}: invalid UTF-8 at byte {e.start}") from None
+            raise RowRejected(
+                "undecodable_text", f"{where}: invalid UTF-8 at byte {e.start}"
+            ) from None
     if not isinstance(value, str):
-        raise _Bad("wrong_type", f"{where} is {type(value).__name__}, expected a string")
+        raise RowRejected("wrong_type", f"{where} is {type(value).__name__}, expected a string")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise _Bad("undecodable_text", f"{where}: unpaired surrogate at char {e.start}") from None
+        raise RowRejected(
+            "undecodable_text", f"{where}: unpaired surrogate at char {e.start}"
+        ) from None
     return value
 
 
 def _messages(value: Any, where: str) -> list[Message]:
     if not isinstance(value, (list, tuple)) or not value:
         kind = "empty list" if isinstance(value, (list, tuple)) else type(value).__name__
-        raise _Bad("wrong_type", f"{where} is {kind}, expected a string or chat messages")
+        raise RowRejected("wrong_type", f"{where} is {kind}, expected a string or chat messages")
     out = []
     for k, m in enumerate(value):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise _Bad("wrong_type", f"{where}[{k}] is not a {{'role', 'content'}} message")
+            raise RowRejected("wrong_type", f"{where}[{k}] is not a {{'role', 'content'}} message")
         out.append(
             {
                 "role": _text(m["role"], f"{where}[{k}].role"),
@@ -116,7 +106,7 @@ def _messages(value: Any, where: str) -> list[Message]:
 def _hh_transcript(text: str, where: str) -> list[Message]:
     turns = list(_HH_TURN.finditer(text))
     if not turns:
-        raise _Bad(
+        raise RowRejected(
             "wrong_type",
             f"{where} is a string without '\\n\\nHuman:' / '\\n\\nAssistant:' turns; give chat "
             "messages, or a prompt field with schema 'explicit'",
@@ -137,7 +127,7 @@ def _conversation(value: Any, where: str) -> list[Message]:
 def _field(row: dict[str, Any], name: str) -> Any:
     if name not in row or row[name] is None:
         present = ", ".join(sorted(map(str, row))[:8]) or "none"
-        raise _Bad("missing_field", f"no '{name}' field (fields present: {present})")
+        raise RowRejected("missing_field", f"no '{name}' field (fields present: {present})")
     return row[name]
 
 
@@ -147,9 +137,11 @@ def _answer(value: Any, prompt: list[Message], where: str) -> str:
         return _text(value, where)
     msgs = _messages(value, where)
     if msgs[-1]["role"] != "assistant":
-        raise _Bad("wrong_type", f"{where} must end with an assistant turn")
+        raise RowRejected("wrong_type", f"{where} must end with an assistant turn")
     if len(msgs) > 1 and msgs[:-1] != prompt:
-        raise _Bad("prompt_mismatch", f"{where}: turns before the answer differ from the prompt")
+        raise RowRejected(
+            "prompt_mismatch", f"{where}: turns before the answer differ from the prompt"
+        )
     return msgs[-1]["content"]
 
 
@@ -169,13 +161,13 @@ def _implicit(row: dict[str, Any], fields: tuple[str, str, str]) -> tuple[list, 
     rejected = _conversation(_field(row, rf), rf)
     for name, conv in ((cf, chosen), (rf, rejected)):
         if conv[-1]["role"] != "assistant":
-            raise _Bad("wrong_type", f"{name} must end with an assistant turn")
+            raise RowRejected("wrong_type", f"{name} must end with an assistant turn")
     if chosen[:-1] != rejected[:-1]:
         k = next(
             (i for i, (a, b) in enumerate(zip(chosen[:-1], rejected[:-1], strict=False)) if a != b),
             min(len(chosen), len(rejected)) - 1,
         )
-        raise _Bad(
+        raise RowRejected(
             "prompt_mismatch",
             f"{cf} and {rf} do not share the prompt: they differ at turn {k}; the prompt must be "
             "every turn before the last assistant turn",
@@ -186,22 +178,22 @@ def _implicit(row: dict[str, Any], fields: tuple[str, str, str]) -> tuple[list, 
 def normalize_row(
     row: dict[str, Any] | bytes,
     pair_id: int,
-    loc: Location,
     fields: tuple[str, str, str] = ("prompt", "chosen", "rejected"),
     schema: str = "auto",
-) -> PreferenceRecord | RowIssue:
-    """Validate one row (a dict, or the raw bytes of a JSON line) into a record or an issue."""
-    try:
-        if isinstance(row, (bytes, bytearray)):
-            row = parse_json_line(bytes(row))
-        explicit = schema == "explicit" or (schema == "auto" and row.get(fields[0]) is not None)
-        prompt, chosen, rejected = (_explicit if explicit else _implicit)(row, fields)
-        for name, text in ((fields[1], chosen), (fields[2], rejected)):
-            if not text.strip():
-                raise _Bad("empty_completion", f"{name}: the assistant answer is empty")
-        if chosen == rejected:
-            raise _Bad("chosen_equals_rejected", "chosen and rejected answers are identical")
-    except _Bad as e:
-        return loc.issue(e.reason, e.detail)
+) -> PreferenceRecord:
+    """Validate one row (a dict, or the raw bytes of a JSON line) into a record.
+
+    Raises:
+        RowRejected: the row is bad (reason in BAD_ROW_REASONS, detail names the field).
+    """
+    if isinstance(row, (bytes, bytearray)):
+        row = parse_json_line(bytes(row))
+    explicit = schema == "explicit" or (schema == "auto" and row.get(fields[0]) is not None)
+    prompt, chosen, rejected = (_explicit if explicit else _implicit)(row, fields)
+    for name, text in ((fields[1], chosen), (fields[2], rejected)):
+        if not text.strip():
+            raise RowRejected("empty_completion", f"{name}: the assistant answer is empty")
+    if chosen == rejected:
+        raise RowRejected("chosen_equals_rejected", "chosen and rejected answers are identical")
     prompt_t = tuple((m["role"], m["content"]) for m in prompt)
     return PreferenceRecord(prompt_t, chosen, rejected, pair_id)

@@ -1,8 +1,9 @@
 """Row-level problems and the counts of everything read, kept, truncated and dropped.
 
-Nothing leaves the pipeline silently: every skipped row is a `RowIssue` with its source, its
-line (text files, 1-based) or row index (0-based) and the reason; every truncation and policy
-drop is counted.
+Nothing leaves the pipeline silently. A stage that refuses a row (parsing and validation,
+template, BOS / EOS policy, truncation) raises `RowRejected(reason, detail)`; the pipeline turns
+it, once, into a `RowIssue` with the row's source, its line (text files, 1-based) or row index
+(0-based). Every issue and every truncation is counted in the `DataReport`.
 """
 
 from __future__ import annotations
@@ -27,9 +28,25 @@ BAD_ROW_REASONS = (
 POLICY_DROP_REASONS = ("overlength_dropped", "completion_emptied")
 
 
+class RowRejected(ValueError):
+    """One row refused: `reason` (one of BAD_ROW_REASONS or POLICY_DROP_REASONS) and a `detail`
+    that names the field and the fix; `str(err) == detail`. It does not know where the row is:
+    the pipeline adds the location (`RowIssue`)."""
+
+    def __init__(self, reason: str, detail: str):
+        if reason not in BAD_ROW_REASONS + POLICY_DROP_REASONS:
+            raise ValueError(f"unknown row rejection reason {reason!r}")
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+    def __reduce__(self):  # pickled from tokenizer worker processes
+        return type(self), (self.reason, self.detail)
+
+
 @dataclass(frozen=True)
 class RowIssue:
-    """One dropped row: where it is and why.
+    """One dropped row: where it is and why (one entry of `data_report.json`).
 
     Attributes:
         source: The file path or dataset spec.

@@ -122,6 +122,3 @@ class PreferenceSampler:
                 batch = order[lo : lo + self.micro_batch_size].tolist()
                 self.consumed_samples = start + step + epoch * self.samples_per_epoch
                 yield batch
-
-    def state_dict(self) -> dict[str, int]:
-        return {"consumed_samples": self.consumed_samples}

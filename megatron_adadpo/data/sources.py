@@ -2,7 +2,9 @@
 
 Each source yields raw rows with their location (1-based line for text files, 0-based row index
 otherwise) and has a content fingerprint, so that preprocessing can tell unchanged inputs.
-JSON-lines rows are yielded as raw bytes and parsed by the tokenizer workers (parallel).
+JSON-lines rows are yielded as raw bytes and parsed by the tokenizer workers (parallel). A row
+already known to be bad when read (a JSON array file that does not parse) is yielded as its
+`RowRejected`, which the pipeline reports like any other rejection.
 """
 
 from __future__ import annotations
@@ -11,13 +13,24 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from .records import Location
-from .report import RowIssue
+from .report import RowRejected
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
-Row = tuple[Location, dict[str, Any] | bytes | RowIssue]
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a row comes from: source name, 1-based line (text files) or 0-based row index."""
+
+    source: str
+    index: int
+    index_kind: str  # "line" | "row"
+
+
+Row = tuple[Location, dict[str, Any] | bytes | RowRejected]
 
 
 def _sha256_file(path: str, h: Any = None) -> str:
@@ -87,7 +100,8 @@ class InputSource:
 
     # ------------------------------------------------------------------ rows
     def rows(self) -> Iterator[Row]:
-        """Yield (location, row) for every row; a row is a dict or the bytes of a JSON line."""
+        """Yield (location, row) for every row: a dict, the bytes of a JSON line, or the
+        `RowRejected` of a row that is bad before parsing."""
         if self.kind == "file":
             yield from _file_rows(self.name)
         elif self.kind == "directory":
@@ -154,12 +168,13 @@ def _json_array_rows(path: str, data: bytes) -> Iterator[Row]:
     try:
         rows = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as e:
-        loc = Location(path, data[: e.start].count(b"\n") + 1, "line")
-        yield loc, loc.issue("undecodable_text", f"invalid UTF-8 in the JSON array: {e.reason}")
+        line = data[: e.start].count(b"\n") + 1
+        detail = f"invalid UTF-8 in the JSON array: {e.reason}"
+        yield Location(path, line, "line"), RowRejected("undecodable_text", detail)
         return
     except json.JSONDecodeError as e:
-        loc = Location(path, e.lineno, "line")
-        yield loc, loc.issue("malformed_json", f"{e.msg} at column {e.colno}; no row was read")
+        detail = f"{e.msg} at column {e.colno}; no row was read"
+        yield Location(path, e.lineno, "line"), RowRejected("malformed_json", detail)
         return
     for i, row in enumerate(rows):
         # Non-dict rows are re-encoded so the worker reports them as wrong_type.

@@ -6,8 +6,9 @@ Two templates exist:
   `apply_chat_template(prompt, add_generation_prompt=True)`, the full text is
   `apply_chat_template(prompt + [assistant answer])`; the completion text is what the full text
   adds after the prompt text, trailing whitespace removed (so a template that closes the turn
-  with EOS + "\\n" ends the completion exactly at EOS). A template that does not render the
-  prompt as a prefix of the conversation is refused.
+  with EOS + "\\n" ends the completion exactly at EOS). A template that fails on a conversation,
+  or does not render the prompt as a prefix of it, refuses the row:
+  `RowRejected("template_error", ...)`.
 - **plain template** `plain-v1` (sentencepiece models, and HF tokenizers without a chat
   template)::
 
@@ -24,12 +25,10 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from .report import RowRejected
+
 PLAIN_TEMPLATE = "plain-v1"
 PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
-
-
-class TemplateError(ValueError):
-    """The template cannot render this conversation as prompt + completion."""
 
 
 def render_plain(prompt: list[dict[str, str]], answer: str) -> tuple[str, str]:
@@ -44,7 +43,12 @@ def render_plain(prompt: list[dict[str, str]], answer: str) -> tuple[str, str]:
 def render_chat(
     tokenizer: Any, prompt: list[dict[str, str]], answer: str, prompt_text: str | None = None
 ) -> tuple[str, str]:
-    """HF chat template: returns (prompt_text, completion_text); `prompt_text` may be reused."""
+    """HF chat template: returns (prompt_text, completion_text); `prompt_text` may be reused.
+
+    Raises:
+        RowRejected("template_error"): the template cannot render this conversation as
+            prompt + completion.
+    """
     try:
         if prompt_text is None:
             prompt_text = tokenizer.apply_chat_template(
@@ -54,11 +58,13 @@ def render_chat(
             prompt + [{"role": "assistant", "content": answer}], tokenize=False
         )
     except Exception as e:  # jinja raises for unsupported roles / orderings
-        raise TemplateError(f"chat template failed: {type(e).__name__}: {e}") from None
+        detail = f"chat template failed: {type(e).__name__}: {e}"
+        raise RowRejected("template_error", detail) from None
     if not full.startswith(prompt_text):
-        raise TemplateError(
+        raise RowRejected(
+            "template_error",
             "the chat template does not render the prompt (with add_generation_prompt=True) as a "
-            "prefix of the conversation; fix the template or use the plain template"
+            "prefix of the conversation; fix the template or use the plain template",
         )
     completion = full[len(prompt_text) :].rstrip()
     return prompt_text, completion

@@ -9,7 +9,8 @@ Policy, for every pair and every tokenizer kind:
   rendered it (e.g. `{{ bos_token }}`), so there is exactly one. A tokenizer without a BOS token
   gets none. Refused as `double_bos`: the BOS string (e.g. `<s>`) inside the data, which an HF
   tokenizer would turn into a second BOS token, and a template that renders BOS twice at the
-  start. (A template may still place BOS before later turns, as Llama-2's does.)
+  start. (A template may still place BOS before later turns, as Llama-2's does.) A refused row
+  raises `RowRejected`.
 - EOS is appended to each completion unless the template already ended it with EOS.
 - The prompt is rendered and encoded once per pair and shared by chosen and rejected, and the
   shared prefix is checked token by token: both sequences start with exactly the same
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from .records import PreferenceRecord
+from .report import RowRejected
 from .templates import render_chat, render_plain, template_identity
 
 # Model weights next to a tokenizer are not part of its identity.
@@ -172,15 +174,6 @@ def load_tokenizer(path: str, kind: str = "auto") -> PairTokenizer:
     raise ValueError(f"data.tokenizer_kind={kind!r}: use auto, hf or sentencepiece")
 
 
-class PolicyError(ValueError):
-    """A pair that violates the BOS / EOS / shared-prefix policy (reason in `.reason`)."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
-
-
 def _check_bos(tok: PairTokenizer, rec: PreferenceRecord, prompt: list[int]) -> None:
     """Refuse a BOS string in the data, and a template that renders BOS twice in a row."""
     if tok.bos_id is None:
@@ -189,20 +182,24 @@ def _check_bos(tok: PairTokenizer, rec: PreferenceRecord, prompt: list[int]) -> 
         texts = [(f"prompt turn {k}", c) for k, (_, c) in enumerate(rec.prompt)]
         for where, text in texts + [("chosen", rec.chosen), ("rejected", rec.rejected)]:
             if tok.bos_text in text:
-                raise PolicyError(
+                raise RowRejected(
                     "double_bos",
                     f"{where} contains the BOS string {tok.bos_text!r}, which would add a second "
                     "BOS token; remove it from the data (BOS is added once by the pipeline)",
                 )
     if prompt[1:2] == [tok.bos_id]:
-        raise PolicyError(
+        raise RowRejected(
             "double_bos",
             "the chat template renders BOS twice at the start; remove one `{{ bos_token }}`",
         )
 
 
 def tokenize_record(tok: PairTokenizer, rec: PreferenceRecord) -> TokenizedPair:
-    """Apply template + policy to one record. Raises TemplateError or PolicyError."""
+    """Apply template + BOS / EOS policy to one record (see the module docstring).
+
+    Raises:
+        RowRejected: `template_error`, `double_bos` or `prompt_mismatch`.
+    """
     prompt_msgs = rec.prompt_messages()
     prompt_text, chosen_text = tok.render(prompt_msgs, rec.chosen)
     _, rejected_text = tok.render(prompt_msgs, rec.rejected, prompt_text)
@@ -220,5 +217,5 @@ def tokenize_record(tok: PairTokenizer, rec: PreferenceRecord) -> TokenizedPair:
     rejected = np.asarray(prompt + completions[1], dtype=np.int64)
     n = len(prompt)
     if not np.array_equal(chosen[:n], rejected[:n]):  # guards future changes of the above
-        raise PolicyError("prompt_mismatch", "chosen and rejected prompt tokens differ")
+        raise RowRejected("prompt_mismatch", "chosen and rejected prompt tokens differ")
     return TokenizedPair(chosen[:n], chosen[n:], rejected[n:], rec.pair_id)

@@ -6,10 +6,10 @@ Policy `truncate`:
   2. Each completion keeps its START, cut to `max_length - len(prompt)` tokens (a cut
      completion loses its EOS).
   3. If no room is left for a completion (the prompt alone reaches `max_length`, possible when
-     `max_prompt_length` is None or equals `max_length`), the pair is dropped as
-     `completion_emptied`.
+     `max_prompt_length` is None or equals `max_length`), the pair is dropped:
+     `RowRejected("completion_emptied", ...)`.
 Policy `drop`: a pair whose prompt exceeds `max_prompt_length` or whose prompt + longer
-completion exceeds `max_length` is dropped as `overlength_dropped`.
+completion exceeds `max_length` is dropped: `RowRejected("overlength_dropped", ...)`.
 Every truncation and drop is counted by the caller (see report.py).
 """
 
@@ -19,19 +19,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .report import RowRejected
 from .tokenize import TokenizedPair
 
 
 @dataclass(frozen=True)
 class Truncated:
-    """Result of `truncate_pair`: the pair (None when dropped) and what happened."""
+    """Result of `truncate_pair`: the pair that fits, and which of its parts were cut."""
 
-    pair: TokenizedPair | None
+    pair: TokenizedPair
     prompt_truncated: bool = False
     chosen_truncated: bool = False
     rejected_truncated: bool = False
-    drop_reason: str | None = None
-    drop_detail: str = ""
 
 
 def _keep_prompt_end(prompt: np.ndarray, limit: int, bos_id: int | None) -> np.ndarray:
@@ -49,15 +48,18 @@ def truncate_pair(
     overlength: str = "truncate",
     bos_id: int | None = None,
 ) -> Truncated:
-    """Apply the over-length policy to one pair (token counts include BOS and EOS)."""
+    """Apply the over-length policy to one pair (token counts include BOS and EOS).
+
+    Raises:
+        RowRejected: `overlength_dropped` or `completion_emptied` (see the module docstring).
+    """
     p, c, r = len(pair.prompt), len(pair.chosen), len(pair.rejected)
     prompt_over = max_prompt_length is not None and p > max_prompt_length
     if overlength == "drop":
         if prompt_over or p + max(c, r) > max_length:
-            return Truncated(
-                None,
-                drop_reason="overlength_dropped",
-                drop_detail=f"prompt {p} tokens (limit {max_prompt_length}), prompt + longer "
+            raise RowRejected(
+                "overlength_dropped",
+                f"prompt {p} tokens (limit {max_prompt_length}), prompt + longer "
                 f"completion {p + max(c, r)} tokens (limit {max_length})",
             )
         return Truncated(pair)
@@ -66,11 +68,9 @@ def truncate_pair(
         prompt = _keep_prompt_end(prompt, max_prompt_length, bos_id)
     room = max_length - len(prompt)
     if room <= 0:
-        return Truncated(
-            None,
-            prompt_truncated=prompt_over,
-            drop_reason="completion_emptied",
-            drop_detail=f"the prompt has {len(prompt)} tokens, leaving no room for a completion "
+        raise RowRejected(
+            "completion_emptied",
+            f"the prompt has {len(prompt)} tokens, leaving no room for a completion "
             f"under max_length={max_length}; lower max_prompt_length",
         )
     out = TokenizedPair(prompt, pair.chosen[:room], pair.rejected[:room], pair.pair_id)

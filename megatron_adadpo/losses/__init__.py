@@ -2,39 +2,38 @@
 
 Pure tensor functions (no Megatron import, no host syncs). One file per loss family, each
 registered in :data:`LOSSES`; the balancing coefficient shared by all of them lives in
-:mod:`megatron_adadpo.losses.adaptive`.
+:mod:`megatron_adadpo.losses.adaptive`. Names are imported on first use, so that
+``megatron_adadpo.losses.config`` (and the run config that uses it) imports no torch.
 """
 
-from megatron_adadpo.losses import cpo, dpo, ipo, orpo, rdpo, simpo  # noqa: F401 (register)
-from megatron_adadpo.losses.adaptive import Coefficients, balancing_coefficients
-from megatron_adadpo.losses.config import LossConfig
-from megatron_adadpo.losses.metrics import (
-    EXTREMA_METRIC_NAMES,
-    METRIC_NAMES,
-    accumulate_metrics,
-    all_reduce_metrics,
-    reduce_metrics,
-    reduce_op,
-    stack_metrics,
-    unstack_metrics,
-)
-from megatron_adadpo.losses.preference import preference_loss
-from megatron_adadpo.losses.registry import LOSSES, LossFamily, register_loss
+from __future__ import annotations
 
-__all__ = [
-    "EXTREMA_METRIC_NAMES",
-    "LOSSES",
-    "METRIC_NAMES",
-    "Coefficients",
-    "LossConfig",
-    "LossFamily",
-    "accumulate_metrics",
-    "all_reduce_metrics",
-    "balancing_coefficients",
-    "preference_loss",
-    "reduce_metrics",
-    "reduce_op",
-    "register_loss",
-    "stack_metrics",
-    "unstack_metrics",
-]
+from megatron_adadpo.lazy import lazy_exports
+
+_EXPORTS = {
+    "Coefficients": ".adaptive",
+    "balancing_coefficients": ".adaptive",
+    "LossConfig": ".config",
+    "EXTREMA_METRIC_NAMES": ".metrics",
+    "METRIC_NAMES": ".metrics",
+    "accumulate_metrics": ".metrics",
+    "all_reduce_metrics": ".metrics",
+    "reduce_metrics": ".metrics",
+    "reduce_op": ".metrics",
+    "stack_metrics": ".metrics",
+    "unstack_metrics": ".metrics",
+    "preference_loss": ".preference",
+    "LOSSES": ".registry",
+    "LossFamily": ".registry",
+    "register_loss": ".registry",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def _register_families(module) -> None:
+    if module.__name__.endswith(".registry"):
+        module.load_families()  # LOSSES is complete once every family module is imported
+
+
+__getattr__ = lazy_exports(__name__, _EXPORTS, on_import=_register_families)

@@ -66,7 +66,7 @@ def logistic_loss(z: Tensor, label_smoothing: float = 0.0) -> Tensor:
     return loss
 
 
-def section3_log_rho(batch: PairBatch, config: LossConfig) -> Tensor:
+def log_rho_from_config(batch: PairBatch, config: LossConfig) -> Tensor:
     """log rho of ALGORITHM.md section 3 (dpo, ipo, rdpo), per ``balance_space``/``normalize``."""
     if config.balance_space == "reference":
         chosen, rejected = batch.chosen_logratios, batch.rejected_logratios

@@ -92,9 +92,10 @@ class LossConfig:
         if not (_finite(self.label_smoothing) and 0.0 <= self.label_smoothing < 0.5):
             raise _bad("label_smoothing", self.label_smoothing, "a float in [0, 0.5)")
         if self.label_smoothing > 0 and not family.supports_label_smoothing:
-            from megatron_adadpo.losses.registry import LOSSES
+            from megatron_adadpo.losses.registry import load_families
 
-            ok_names = sorted(n for n, f in LOSSES.items() if f.supports_label_smoothing)
+            families = load_families()
+            ok_names = sorted(n for n, f in families.items() if f.supports_label_smoothing)
             raise _bad(
                 "label_smoothing",
                 self.label_smoothing,
@@ -109,11 +110,12 @@ class LossConfig:
                 raise _bad(field, getattr(self, field), "a finite float")
 
     def _family(self):
-        from megatron_adadpo.losses.registry import LOSSES
+        from megatron_adadpo.losses.registry import load_families
 
-        if self.name not in LOSSES:
-            raise _bad("name", self.name, str(sorted(LOSSES)))
-        return LOSSES[self.name]
+        families = load_families()
+        if self.name not in families:
+            raise _bad("name", self.name, str(sorted(families)))
+        return families[self.name]
 
     def _check_choice(self, field: str, accepted: tuple[str, ...]) -> None:
         if getattr(self, field) not in accepted:

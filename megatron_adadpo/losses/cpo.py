@@ -49,7 +49,6 @@ def cpo_loss(
     needs_reference=False,
     needs_chosen_nll=True,
     supports_label_smoothing=True,
-    uses_balance_options=False,
 )
 def cpo_family(batch: PairBatch, config: LossConfig) -> FamilyOutput:
     """CPO on a :class:`PairBatch`; ``log rho = lbar_w - lbar_l`` (``l_w - l_l`` if sequence).

@@ -13,8 +13,8 @@ from megatron_adadpo.losses.common import (
     PairBatch,
     config_coefficients,
     log_coef_ratio,
+    log_rho_from_config,
     logistic_loss,
-    section3_log_rho,
 )
 from megatron_adadpo.losses.config import LossConfig
 from megatron_adadpo.losses.registry import register_loss
@@ -47,7 +47,7 @@ def dpo_loss(
 @register_loss("dpo", needs_reference=True, supports_label_smoothing=True)
 def dpo_family(batch: PairBatch, config: LossConfig) -> FamilyOutput:
     """DPO / AdaDPO on a :class:`PairBatch`. ``|dL/dl_w| / |dL/dl_l| = a / b = c``."""
-    coefs = config_coefficients(section3_log_rho(batch, config), config)
+    coefs = config_coefficients(log_rho_from_config(batch, config), config)
     h_w, h_l = batch.chosen_logratios, batch.rejected_logratios
     losses = dpo_loss(
         h_w,

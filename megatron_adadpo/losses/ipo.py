@@ -14,7 +14,7 @@ from megatron_adadpo.losses.common import (
     PairBatch,
     config_coefficients,
     log_coef_ratio,
-    section3_log_rho,
+    log_rho_from_config,
 )
 from megatron_adadpo.losses.config import LossConfig
 from megatron_adadpo.losses.registry import register_loss
@@ -47,7 +47,7 @@ def ipo_family(batch: PairBatch, config: LossConfig) -> FamilyOutput:
 
     ``|dL/dl_w| / |dL/dl_l| = (a / n_w) / (b / n_l) = c * n_l / n_w``. Rewards: ``beta * h``.
     """
-    coefs = config_coefficients(section3_log_rho(batch, config), config)
+    coefs = config_coefficients(log_rho_from_config(batch, config), config)
     h_w, h_l = batch.chosen_logratios, batch.rejected_logratios
     n_w, n_l = batch.chosen_lengths, batch.rejected_lengths
     losses = ipo_loss(

@@ -68,7 +68,7 @@ def orpo_loss(
     return chosen_nll - lam * F.logsigmoid(z)
 
 
-@register_loss("orpo", needs_reference=False, needs_chosen_nll=True, uses_balance_options=False)
+@register_loss("orpo", needs_reference=False, needs_chosen_nll=True)
 def orpo_family(batch: PairBatch, config: LossConfig) -> FamilyOutput:
     """ORPO on a :class:`PairBatch`.
 

@@ -13,8 +13,8 @@ from megatron_adadpo.losses.common import (
     PairBatch,
     config_coefficients,
     log_coef_ratio,
+    log_rho_from_config,
     logistic_loss,
-    section3_log_rho,
 )
 from megatron_adadpo.losses.config import LossConfig
 from megatron_adadpo.losses.registry import register_loss
@@ -50,7 +50,7 @@ def rdpo_loss(
 @register_loss("rdpo", needs_reference=True, supports_label_smoothing=True)
 def rdpo_family(batch: PairBatch, config: LossConfig) -> FamilyOutput:
     """R-DPO on a :class:`PairBatch`; log rho as DPO. ``|dL/dl_w| / |dL/dl_l| = c``."""
-    coefs = config_coefficients(section3_log_rho(batch, config), config)
+    coefs = config_coefficients(log_rho_from_config(batch, config), config)
     h_w, h_l = batch.chosen_logratios, batch.rejected_logratios
     losses = rdpo_loss(
         h_w,

@@ -30,8 +30,6 @@ class LossFamily:
         needs_chosen_nll: the loss adds an NLL(y_w) term (``chosen_nll`` input required).
         supports_label_smoothing: the loss is a logistic loss ``-logsig(z)`` that can take
             robust/cDPO label smoothing.
-        uses_balance_options: ``balance_space``/``normalize`` select its log rho (section 3 of
-            ALGORITHM.md); families with their own log rho ignore ``balance_space``.
     """
 
     name: str
@@ -39,10 +37,21 @@ class LossFamily:
     needs_reference: bool
     needs_chosen_nll: bool
     supports_label_smoothing: bool
-    uses_balance_options: bool
 
 
 LOSSES: dict[str, LossFamily] = {}
+
+# The modules that register a family (a new loss is a new file, added here).
+FAMILY_MODULES = ("dpo", "ipo", "simpo", "rdpo", "cpo", "orpo")
+
+
+def load_families() -> dict[str, LossFamily]:
+    """Import every family module (each registers itself); returns :data:`LOSSES`."""
+    import importlib
+
+    for name in FAMILY_MODULES:
+        importlib.import_module(f"megatron_adadpo.losses.{name}")
+    return LOSSES
 
 
 def register_loss(
@@ -51,7 +60,6 @@ def register_loss(
     needs_reference: bool,
     needs_chosen_nll: bool = False,
     supports_label_smoothing: bool = False,
-    uses_balance_options: bool = True,
 ) -> Callable[[FamilyFn], FamilyFn]:
     """Decorator registering ``fn`` as loss family ``name`` in :data:`LOSSES`."""
 
@@ -64,7 +72,6 @@ def register_loss(
             needs_reference=needs_reference,
             needs_chosen_nll=needs_chosen_nll,
             supports_label_smoothing=supports_label_smoothing,
-            uses_balance_options=uses_balance_options,
         )
         return fn
 
@@ -74,6 +81,6 @@ def register_loss(
 def get_family(name: str) -> LossFamily:
     """The registered family ``name``; ValueError listing the accepted names otherwise."""
     try:
-        return LOSSES[name]
+        return load_families()[name]
     except KeyError:
         raise ValueError(f"unknown loss name {name!r}; accepted: {sorted(LOSSES)}") from None

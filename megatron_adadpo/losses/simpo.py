@@ -44,9 +44,7 @@ def simpo_loss(
     return logistic_loss(z, label_smoothing)
 
 
-@register_loss(
-    "simpo", needs_reference=False, supports_label_smoothing=True, uses_balance_options=False
-)
+@register_loss("simpo", needs_reference=False, supports_label_smoothing=True)
 def simpo_family(batch: PairBatch, config: LossConfig) -> FamilyOutput:
     """SimPO on a :class:`PairBatch`; ``log rho = lbar_w - lbar_l`` (``l_w - l_l`` if sequence).
 

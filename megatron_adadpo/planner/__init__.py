@@ -1,11 +1,14 @@
 """Memory and throughput planner: will this layout fit, and how fast will it go?
 
-Pure Python (no torch), so it runs on a login node before a job is queued. Entry points:
-``tools/plan.py`` (CLI), :func:`make_plan` (one layout) and :func:`suggest` (layouts that fit).
+No GPU or Megatron needed (torch is imported, for the config's loss validation), so it runs on
+a login node before a job is queued. It reads the recipe as the trainer does (the validated
+``megatron_adadpo.config.Config``) and checks layouts with the same rules
+(``megatron_adadpo.layout``). Entry points: ``tools/plan.py`` (CLI), :func:`make_plan` (one
+layout) and :func:`suggest` (layouts that fit).
 
     from megatron_adadpo.planner import load, make_plan
     p, cluster = load("examples/recipes/llama3_70b_adadpo.yaml", gpu="h100", nodes=8)
-    plan = make_plan(p, cluster)   # raises LayoutError with the reasons when it cannot run
+    plan = make_plan(p, cluster)   # both raise LayoutError with the reasons it cannot run
     plan.fits, plan.peak.reserved, plan.cost.tokens_per_s
 """
 

@@ -83,7 +83,7 @@ class StageMemory:
 
 
 def elem_bytes(p: PlanInput) -> int:
-    return 2 if p.bf16 else 4
+    return 2 if p.execution.bf16 else 4
 
 
 def layer_activation_bytes(p: PlanInput, stored: bool = True) -> float:
@@ -92,16 +92,16 @@ def layer_activation_bytes(p: PlanInput, stored: bool = True) -> float:
     ``stored=False`` gives the full activations (no recompute): the transient working set of
     the layer being recomputed or back-propagated.
     """
-    m, t = p.model, p.tp
-    e = elem_bytes(p)
-    lin = 1 if p.fp8 else e
-    s, b, h, f = p.seq_length / p.cp, 2 * p.micro_batch_size, m.hidden_size, m.ffn_hidden_size
+    m, x = p.model, p.execution
+    t, e = x.tp, elem_bytes(p)
+    lin = 1 if x.fp8 else e
+    s, b, h, f = p.seq_length / x.cp, 2 * p.micro_batch_size, m.hidden_size, m.ffn_hidden_size
     q = m.num_attention_heads * m.head_dim
     kv = m.query_groups * m.head_dim
-    t_sp = t if p.sequence_parallel else 1
-    recompute = p.recompute if stored else None
+    t_sp = t if x.sequence_parallel else 1
+    recompute = x.recompute if stored else None
     if recompute == "full":
-        return e * s * b * h / t_sp / max(1, p.recompute_num_layers)
+        return e * s * b * h / t_sp / max(1, x.recompute_num_layers)
     replicated = (2 * e + 2 * lin) * s * b * h / t_sp
     sharded = (e * (q + 2 * kv) + lin * q + 2 * e * f + lin * f) * s * b / t
     heads = m.num_attention_heads / t
@@ -116,31 +116,33 @@ def layer_activation_bytes(p: PlanInput, stored: bool = True) -> float:
 
 def in_flight_layers(p: PlanInput, num_micro: int, pp_rank: int) -> float:
     """Layer-micro-batches of activations held by ``pp_rank`` at its peak (1F1B schedules)."""
-    L, pp = p.model.num_layers, p.pp
-    if p.vpp:
-        chunks = min(num_micro * p.vpp, 2 * (pp - pp_rank - 1) + (p.vpp - 1) * pp + 1)
-        return chunks * L / (pp * p.vpp)
+    L, pp, vpp = p.model.num_layers, p.execution.pp, p.execution.vpp
+    if vpp:
+        chunks = min(num_micro * vpp, 2 * (pp - pp_rank - 1) + (vpp - 1) * pp + 1)
+        return chunks * L / (pp * vpp)
     return min(pp - pp_rank, num_micro) * L / pp
 
 
 def logits_bytes(p: PlanInput) -> float:
     """The last stage's ``[s, 2b, V_pad/t]`` logits for the log-prob path of one micro-batch."""
-    vocab = p.model.padded_vocab_size(p.tp) / p.tp
-    per_elem = 6 if p.bf16 else 8
-    return p.seq_length / p.cp * 2 * p.micro_batch_size * vocab * per_elem
+    x = p.execution
+    vocab = p.model.padded_vocab_size(x.tp) / x.tp
+    per_elem = 6 if x.bf16 else 8
+    return p.seq_length / x.cp * 2 * p.micro_batch_size * vocab * per_elem
 
 
 def stage_memory(p: PlanInput, dp: int, num_micro: int, pp_rank: int) -> StageMemory:
     """Memory of pipeline rank ``pp_rank`` for ``dp`` data-parallel replicas."""
-    sp = stage_params(p.model, p.tp, p.pp, pp_rank, p.vpp)
+    x = p.execution
+    sp = stage_params(p.model, x.tp, x.pp, pp_rank, x.vpp)
     n, e = sp.total, elem_bytes(p)
-    weights = e * n + (2 * sp.layers if p.fp8 else 0)
-    optimizer = ((4 if p.bf16 else 0) + 8) * n
+    weights = e * n + (2 * sp.layers if x.fp8 else 0)
+    optimizer = ((4 if x.bf16 else 0) + 8) * n
     if p.distributed_optimizer:
-        optimizer /= dp * p.cp
+        optimizer /= dp * x.cp
     layers = in_flight_layers(p, num_micro, pp_rank)
     workspace = layer_activation_bytes(p, stored=False) * (
-        p.recompute_num_layers if p.recompute == "full" else 1
+        x.recompute_num_layers if x.recompute == "full" else 1
     )
     return StageMemory(
         pp_rank=pp_rank,
@@ -151,7 +153,7 @@ def stage_memory(p: PlanInput, dp: int, num_micro: int, pp_rank: int) -> StageMe
         gradients=p.grad_bytes * n,
         optimizer=optimizer,
         activations=layers * layer_activation_bytes(p),
-        logits=logits_bytes(p) if pp_rank == p.pp - 1 else 0.0,
+        logits=logits_bytes(p) if pp_rank == x.pp - 1 else 0.0,
         workspace=workspace,
         reference=e * n if p.reference == "resident" else 0.0,
     )
@@ -159,4 +161,4 @@ def stage_memory(p: PlanInput, dp: int, num_micro: int, pp_rank: int) -> StageMe
 
 def memory_plan(p: PlanInput, dp: int, num_micro: int) -> list[StageMemory]:
     """Memory of every pipeline rank, first to last."""
-    return [stage_memory(p, dp, num_micro, r) for r in range(p.pp)]
+    return [stage_memory(p, dp, num_micro, r) for r in range(p.execution.pp)]

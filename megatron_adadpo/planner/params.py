@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_adadpo.model_config import ModelConfig
+from megatron_adadpo.model.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,8 @@ def layer_params(model: ModelConfig, tp: int = 1) -> int:
     return qkv + proj + mlp + 2 * h
 
 
-def layers_per_stage(model: ModelConfig, pp: int, vpp: int | None = None) -> int:
-    """Transformer layers on one pipeline rank (all its virtual stages together)."""
+def layers_per_stage(model: ModelConfig, pp: int) -> int:
+    """Transformer layers on one pipeline rank, ``L / PP`` (all its virtual stages together)."""
     return model.num_layers // pp
 
 
@@ -53,13 +53,14 @@ def stage_params(
 ) -> StageParams:
     """Parameters held by one rank at pipeline position ``pp_rank`` (any TP rank: all equal).
 
-    With virtual stages the first rank owns the embedding (virtual stage 0) and the last rank
-    owns the head (the last virtual stage): the same ranks as without them.
+    The count does not depend on ``vpp``: with virtual stages the first rank owns the embedding
+    (virtual stage 0) and the last rank owns the head (the last virtual stage), the same ranks
+    as without them, and each rank still holds ``L / PP`` layers.
     """
     h = model.hidden_size
     vocab = model.padded_vocab_size(tp) // tp * h
     first, last = pp_rank == 0, pp_rank == pp - 1
-    n = layers_per_stage(model, pp, vpp)
+    n = layers_per_stage(model, pp)
     tied_head_here = model.tie_word_embeddings and first
     return StageParams(
         embedding=vocab if first else 0,
@@ -68,11 +69,6 @@ def stage_params(
         final_norm=h if last else 0,
         output_layer=vocab if last and not tied_head_here else 0,
     )
-
-
-def max_stage_params(model: ModelConfig, tp: int, pp: int, vpp: int | None = None) -> int:
-    """The largest per-rank parameter count over pipeline ranks."""
-    return max(stage_params(model, tp, pp, r, vpp).total for r in range(pp))
 
 
 def total_params(model: ModelConfig, tp: int = 1) -> int:

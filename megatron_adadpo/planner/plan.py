@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from megatron_adadpo.layout import data_parallel_size
 from megatron_adadpo.planner.inputs import (
     Cluster,
     PlanInput,
     check_layout,
-    data_parallel_size,
     make_cluster,
     num_micro_batches,
     plan_input,
@@ -48,10 +48,11 @@ class Plan:
 
     @property
     def total_params(self) -> int:
-        return total_params(self.input.model, self.input.tp)
+        return total_params(self.input.model, self.input.execution.tp)
 
     def to_dict(self) -> dict:
         p, c = self.input, self.cluster
+        e = p.execution
         return {
             "model": p.model.to_dict() | {"total_params": self.total_params},
             "cluster": {
@@ -63,16 +64,16 @@ class Plan:
                 "memory_gib": c.gpu.memory_gib,
             },
             "layout": {
-                "tp": p.tp,
-                "pp": p.pp,
-                "vpp": p.vpp,
-                "cp": p.cp,
+                "tp": e.tp,
+                "pp": e.pp,
+                "vpp": e.vpp,
+                "cp": e.cp,
                 "dp": self.dp,
-                "sequence_parallel": p.sequence_parallel,
-                "recompute": p.recompute,
-                "recompute_num_layers": p.recompute_num_layers,
-                "bf16": p.bf16,
-                "fp8": p.fp8,
+                "sequence_parallel": e.sequence_parallel,
+                "recompute": e.recompute,
+                "recompute_num_layers": e.recompute_num_layers,
+                "bf16": e.bf16,
+                "fp8": e.fp8,
                 "distributed_optimizer": p.distributed_optimizer,
                 "reference": p.reference,
                 "micro_batch_size": p.micro_batch_size,
@@ -93,7 +94,7 @@ class Plan:
 def make_plan(p: PlanInput, cluster: Cluster, mfu: float | None = None) -> Plan:
     """Plan ``p`` on ``cluster``; raises ``LayoutError`` with every reason it cannot run."""
     warnings = check_layout(p, cluster)
-    dp = data_parallel_size(p, cluster)
+    dp = data_parallel_size(p.execution, cluster.world_size)
     micro = num_micro_batches(p, cluster)
     stages = memory_plan(p, dp, micro)
     cost = step_cost(p, cluster.gpu, cluster.world_size, micro, mfu)
@@ -115,7 +116,10 @@ def load(
     gpus_per_node: int = 8,
     gpus: int | None = None,
 ) -> tuple[PlanInput, Cluster]:
-    """Read a recipe (+ ``--set`` overrides) and describe the cluster."""
+    """Read and validate a recipe (+ ``--set`` overrides) and describe the cluster.
+
+    Raises ``LayoutError`` with the config's message when the recipe is invalid.
+    """
     return plan_input(read_recipe(recipe, list(overrides))), make_cluster(
         gpu, nodes, gpus_per_node, gpus
     )

@@ -17,11 +17,11 @@ _LABELS = {
 
 
 def layout_line(plan: Plan) -> str:
-    p = plan.input
+    p, x = plan.input, plan.input.execution
     bits = [f"{p.layout_str()} x DP{plan.dp}"]
-    bits.append("sequence parallel" if p.sequence_parallel else "no sequence parallel")
-    bits.append(f"{p.recompute} recompute" if p.recompute else "no recompute")
-    bits.append(f"fp8 ({p.fp8})" if p.fp8 else "bf16" if p.bf16 else "fp32")
+    bits.append("sequence parallel" if x.sequence_parallel else "no sequence parallel")
+    bits.append(f"{x.recompute} recompute" if x.recompute else "no recompute")
+    bits.append(f"fp8 ({x.fp8})" if x.fp8 else "bf16" if x.bf16 else "fp32")
     bits.append("distributed optimizer" if p.distributed_optimizer else "plain optimizer")
     bits.append(f"reference {p.reference}")
     return "; ".join(bits)
@@ -29,7 +29,7 @@ def layout_line(plan: Plan) -> str:
 
 def _stages_to_show(plan: Plan) -> list:
     """First, peak and last pipeline ranks (deduplicated, in order)."""
-    ranks = sorted({0, plan.peak.pp_rank, plan.input.pp - 1})
+    ranks = sorted({0, plan.peak.pp_rank, plan.input.execution.pp - 1})
     return [plan.stages[r] for r in ranks]
 
 
@@ -103,7 +103,7 @@ def render(plan: Plan, title: str = "") -> str:
         f"model: {plan.total_params / 1e9:.2f} B parameters ({m.num_layers} layers, "
         f"hidden {m.hidden_size}, ffn {m.ffn_hidden_size}, {m.num_attention_heads} "
         f"heads / {m.query_groups} groups, vocab {m.vocab_size} -> "
-        f"{m.padded_vocab_size(p.tp)})"
+        f"{m.padded_vocab_size(p.execution.tp)})"
     )
     lines.append(f"layout: {layout_line(plan)}")
     lines.append(memory_table(plan))
@@ -121,13 +121,13 @@ def render(plan: Plan, title: str = "") -> str:
 
 
 def suggestion_line(plan: Plan) -> str:
-    p = plan.input
+    p, x = plan.input, plan.input.execution
     sets = [
-        f"execution.tp={p.tp}",
-        f"execution.pp={p.pp}",
-        f"execution.vpp={p.vpp if p.vpp else 'null'}",
-        f"execution.sequence_parallel={str(p.sequence_parallel).lower()}",
-        f"execution.recompute={p.recompute or 'null'}",
+        f"execution.tp={x.tp}",
+        f"execution.pp={x.pp}",
+        f"execution.vpp={x.vpp if x.vpp else 'null'}",
+        f"execution.sequence_parallel={str(x.sequence_parallel).lower()}",
+        f"execution.recompute={x.recompute or 'null'}",
         f"train.micro_batch_size={p.micro_batch_size}",
         "optimizer.use_distributed_optimizer=true",
     ]

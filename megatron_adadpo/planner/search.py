@@ -13,6 +13,7 @@ fewer model-parallel GPUs, then to less memory. A heuristic ranking, not a measu
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from megatron_adadpo.planner.inputs import Cluster, LayoutError, PlanInput
@@ -20,11 +21,11 @@ from megatron_adadpo.planner.plan import Plan, make_plan
 
 
 def score(plan: Plan) -> float:
-    p = plan.input
+    x = plan.input.execution
     s = 1 + plan.cost.pipeline_bubble
-    s *= 1 + (1 / 3 if p.recompute == "full" else 0)
-    s *= 1 + 0.05 * math.log2(p.tp)
-    s *= 1 + 0.01 * ((p.vpp or 1) - 1)
+    s *= 1 + (1 / 3 if x.recompute == "full" else 0)
+    s *= 1 + 0.05 * math.log2(x.tp)
+    s *= 1 + 0.01 * ((x.vpp or 1) - 1)
     return s
 
 
@@ -34,22 +35,24 @@ def candidates(p: PlanInput, cluster: Cluster):
     tps = [t for t in (1, 2, 4, 8, 16) if t <= cluster.gpus_per_node]
     for tp in tps:
         for pp in (d for d in range(1, m.num_layers + 1) if m.num_layers % d == 0):
-            if world % (tp * pp * p.cp):
+            if world % (tp * pp * p.execution.cp):
                 continue
             per_stage = m.num_layers // pp
             vpps = [None] + [v for v in range(2, per_stage + 1) if per_stage % v == 0] * (pp > 1)
             for vpp in vpps:
                 for recompute in (None, "selective", "full"):
+                    execution = dataclasses.replace(
+                        p.execution,
+                        tp=tp,
+                        pp=pp,
+                        vpp=vpp,
+                        recompute=recompute,
+                        sequence_parallel=tp > 1,
+                        recompute_num_layers=1,
+                    )
                     for mbs in sorted({1, p.micro_batch_size}):
                         yield p.replace(
-                            tp=tp,
-                            pp=pp,
-                            vpp=vpp,
-                            recompute=recompute,
-                            micro_batch_size=mbs,
-                            sequence_parallel=tp > 1,
-                            distributed_optimizer=True,
-                            recompute_num_layers=1,
+                            execution=execution, micro_batch_size=mbs, distributed_optimizer=True
                         )
 
 
@@ -63,7 +66,10 @@ def suggest(p: PlanInput, cluster: Cluster, mfu: float | None = None, limit: int
             continue
         if plan.fits:
             fitting.append(plan)
-    fitting.sort(key=lambda pl: (score(pl), pl.input.tp * pl.input.pp, pl.peak.reserved))
+    # CP is the input's for every candidate, so TP*PP*CP orders as TP*PP.
+    fitting.sort(
+        key=lambda pl: (score(pl), pl.input.execution.model_parallel_size, pl.peak.reserved)
+    )
     return fitting[:limit]
 
 

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from megatron_adadpo.hardware import GpuSpec
+from megatron_adadpo.model.config import ModelConfig
 from megatron_adadpo.planner.inputs import PlanInput
+from megatron_adadpo.platform.hardware import GpuSpec
 
 # Planning defaults for a DPO step (seq 2048, 1 pair per micro-batch, a reference forward):
 # below NeMo's published pre-training numbers (H100 FP8, seq 8192: Llama-3-8B 711 and
@@ -57,11 +58,22 @@ class StepCost:
 
 def forward_flops(p: PlanInput, seq_length: float) -> float:
     """Forward FLOPs of one sequence (``ModelConfig.forward_flops``, shared with the trainer)."""
-    return p.model.forward_flops(seq_length, p.tp)
+    return p.model.forward_flops(seq_length, p.execution.tp)
+
+
+def step_model_flops(
+    model: ModelConfig, tp: int, seq_length: float, sequences: int, reference: str
+) -> float:
+    """Model FLOPs of one step over ``sequences`` sequences of ``seq_length`` tokens: policy
+    forward + backward ``3F`` each, plus ``F`` each for a resident reference's forward (the
+    trainer's MFU uses this too)."""
+    passes = 4 if reference == "resident" else 3
+    return passes * model.forward_flops(seq_length, tp) * sequences
 
 
 def default_mfu(p: PlanInput) -> float:
-    return DEFAULT_MFU["fp8" if p.fp8 else "bf16" if p.bf16 else "fp32"]
+    x = p.execution
+    return DEFAULT_MFU["fp8" if x.fp8 else "bf16" if x.bf16 else "fp32"]
 
 
 def step_cost(
@@ -71,13 +83,15 @@ def step_cost(
     mfu = default_mfu(p) if mfu is None else mfu
     if not 0 < mfu <= 1:
         raise ValueError(f"mfu={mfu} must be in (0, 1]")
+    x = p.execution
     s = p.avg_seq_length or p.seq_length
     seqs = 2 * p.global_batch_size
     fwd = forward_flops(p, s)
-    policy = 3 * fwd * seqs
-    reference = fwd * seqs if p.reference == "resident" else 0.0
-    recompute = fwd * seqs if p.recompute == "full" else 0.0
-    peak = gpu.bf16_tflops if p.bf16 or p.fp8 else gpu.bf16_tflops / 2  # fp32: TF32 tensor cores
+    policy = step_model_flops(p.model, x.tp, s, seqs, "none")
+    # F * 2G for a resident reference; else 0.0 (a float, as the JSON output always had it)
+    reference = step_model_flops(p.model, x.tp, s, seqs, p.reference) - policy or 0.0
+    recompute = fwd * seqs if x.recompute == "full" else 0.0
+    peak = gpu.bf16_tflops if x.bf16 or x.fp8 else gpu.bf16_tflops / 2  # fp32: TF32 tensor cores
     time = (policy + reference) / world_size / (mfu * peak * 1e12)
     tokens = seqs * s
     return StepCost(
@@ -94,5 +108,5 @@ def step_cost(
         tokens_per_s=tokens / time,
         tokens_per_s_per_gpu=tokens / time / world_size,
         model_tflops_per_gpu=mfu * peak,
-        pipeline_bubble=(p.pp - 1) / ((p.vpp or 1) * num_micro),
+        pipeline_bubble=(x.pp - 1) / ((x.vpp or 1) * num_micro),
     )

@@ -34,11 +34,13 @@ def _convert_all(rank, world, jobs):
 
 
 def _logits_all(rank, world, tp, pp, ckpts):
-    from megatron_adadpo import parallel
-    from megatron_adadpo.checkpointing import load_model, read_model_config
-    from megatron_adadpo.model import ExecutionConfig, build_model
+    from megatron_adadpo.layout import ExecutionConfig
+    from megatron_adadpo.model.build import build_model
+    from megatron_adadpo.model.config import read_model_config
+    from megatron_adadpo.platform import distributed as parallel
+    from megatron_adadpo.run.checkpoints import load_model
 
-    parallel.init_model_parallel(parallel.Layout(tp=tp, pp=pp))
+    parallel.init_model_parallel(ExecutionConfig(tp=tp, pp=pp))
     out = {}
     for name, ckpt in ckpts.items():
         model = read_model_config(ckpt)
@@ -149,16 +151,18 @@ def test_hf_export_loads_with_auto_model(work):
 
 def _train_tp2pp2(rank, world, ckpt, run_dir, steps):
     """SGD on next-token CE through Megatron's pipeline schedule; saves a training-style ckpt."""
-    from megatron_adadpo import parallel
-    from megatron_adadpo.checkpointing import read_model_config, save_model
-    from megatron_adadpo.megatron_api import get_forward_backward_func, parallel_state
-    from megatron_adadpo.model import ExecutionConfig, build_model
+    from megatron_adadpo.layout import ExecutionConfig
+    from megatron_adadpo.model.build import build_model
+    from megatron_adadpo.model.config import read_model_config
+    from megatron_adadpo.platform import distributed as parallel
+    from megatron_adadpo.platform.megatron import get_forward_backward_func, parallel_state
+    from megatron_adadpo.run.checkpoints import save_model
 
     tp, pp = 2, 2
-    parallel.init_model_parallel(parallel.Layout(tp=tp, pp=pp))
+    parallel.init_model_parallel(ExecutionConfig(tp=tp, pp=pp))
     model = read_model_config(ckpt)
     chunks = build_model(model, ExecutionConfig(tp=tp, pp=pp))
-    from megatron_adadpo.checkpointing import load_model
+    from megatron_adadpo.run.checkpoints import load_model
 
     load_model(chunks, ckpt, model)
     ids = cm.tokens(batch=4)

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from megatron_adadpo import cpu
-from megatron_adadpo.init import global_param_names
+from megatron_adadpo.layout import ExecutionConfig
 from megatron_adadpo.logprobs import sequence_logprobs, token_logprobs
 from megatron_adadpo.losses import LossConfig, preference_loss
-from megatron_adadpo.megatron_api import parallel_state
-from megatron_adadpo.model import ExecutionConfig
+from megatron_adadpo.model.initialization import global_param_names
+from megatron_adadpo.platform import cpu
+from megatron_adadpo.platform.megatron import parallel_state
 from tests.launcher import run_ranks
 from tests.megatron_helpers import TINY, tiny_model
 

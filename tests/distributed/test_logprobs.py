@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from megatron_adadpo import parallel
+from megatron_adadpo.layout import ExecutionConfig
 from megatron_adadpo.logprobs import sequence_logprobs, token_logprobs
-from megatron_adadpo.megatron_api import parallel_state
+from megatron_adadpo.platform import distributed as parallel
+from megatron_adadpo.platform.megatron import parallel_state
 from tests.launcher import run_ranks
 
 pytestmark = pytest.mark.distributed
@@ -24,7 +25,7 @@ def _inputs():
 
 
 def _tp_rank(rank, world, tp):
-    parallel.init_model_parallel(parallel.Layout(tp=tp))
+    parallel.init_model_parallel(ExecutionConfig(tp=tp))
     logits, labels, mask, weights = _inputs()
     shard = logits.float().chunk(tp, dim=-1)[parallel_state.get_tensor_model_parallel_rank()]
     shard = shard.clone().requires_grad_(True)
@@ -71,7 +72,7 @@ def test_tp_matches_full_vocab_fp64(tp):
 
 
 def _masked_rank(rank, world):
-    parallel.init_model_parallel(parallel.Layout())
+    parallel.init_model_parallel(ExecutionConfig())
     logits, labels, mask, _ = _inputs()
     logps = token_logprobs(logits.float(), labels)
     poisoned = logps.clone()
@@ -96,7 +97,7 @@ def test_bad_shapes_are_refused():
 
 def _cp_rank(rank, world, cp):
     """Each CP rank holds chunks (r, 2cp-1-r) of the sequence, as Megatron's CP load balancing."""
-    parallel.init_model_parallel(parallel.Layout(cp=1))  # groups built by hand below
+    parallel.init_model_parallel(ExecutionConfig(cp=1))  # groups built by hand below
     group = torch.distributed.new_group(list(range(cp)))
     logits, labels, mask, weights = _inputs()
     token = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0).t().unsqueeze(-1))
@@ -126,7 +127,7 @@ def test_context_parallel_sums_and_gradients_match_cp1():
 
 
 def _padded_rank(rank, world, vocab_size):
-    parallel.init_model_parallel(parallel.Layout(tp=world))
+    parallel.init_model_parallel(ExecutionConfig(tp=world))
     logits, labels, mask, _ = _inputs()
     labels = labels.clamp(max=vocab_size - 1)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()

@@ -8,7 +8,9 @@ import signal
 
 import pytest
 
-from megatron_adadpo import checkpointing, precompute, step, train
+from megatron_adadpo import train
+from megatron_adadpo.run import checkpoints as checkpointing
+from megatron_adadpo.run import precompute, step, trainer
 from tests.distributed.train_harness import REPO, losses, overrides, read_metrics, run_trainer
 from tests.launcher import RankFailed, run_ranks
 
@@ -33,7 +35,7 @@ def test_precomputed_reference_equals_resident(tmp_path, cache_dir):
     ref_dir = tmp_path / "ref"
     base = ["execution.tp=2", "train.train_iters=4"]
     run_ranks(
-        lambda r, w, a: precompute.precompute(a),
+        lambda r, w, a: precompute.main(a),
         2,
         argv(tmp_path / "pre", cache_dir, *base) + ["--output", str(ref_dir)],
     )
@@ -59,7 +61,7 @@ def test_precomputed_reference_equals_resident(tmp_path, cache_dir):
 def test_precomputed_reference_for_other_data_is_refused(tmp_path, cache_dir):
     ref_dir = tmp_path / "ref"
     run_ranks(
-        lambda r, w, a: precompute.precompute(a),
+        lambda r, w, a: precompute.main(a),
         1,
         argv(tmp_path / "pre", cache_dir, "data.max_length=48") + ["--output", str(ref_dir)],
     )
@@ -75,14 +77,14 @@ def test_precomputed_reference_for_other_data_is_refused(tmp_path, cache_dir):
 
 def _kill_in_step(rank, world, args, kill_step):
     """Run the trainer; SIGKILL this process in the middle of step ``kill_step``."""
-    real_train_step = train.train_step
+    real_train_step = trainer.train_step
 
     def dying_train_step(*a, **kw):
         if kw["step"] == kill_step:
             os.kill(os.getpid(), signal.SIGKILL)
         return real_train_step(*a, **kw)
 
-    train.train_step = dying_train_step
+    trainer.train_step = dying_train_step
     train.main(args)
 
 

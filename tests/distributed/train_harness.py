@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_adadpo import train
-from megatron_adadpo.init import global_param_names
-from megatron_adadpo.megatron_api import parallel_state
+from megatron_adadpo.model.initialization import global_param_names
+from megatron_adadpo.platform.megatron import parallel_state
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -71,27 +71,19 @@ def first_step_gradients(rank: int, world: int, argv: list[str]) -> dict | None:
     """
     from functools import partial
 
-    from megatron_adadpo import parallel
-    from megatron_adadpo.config import check_world, load_config
-    from megatron_adadpo.optimization import build_optimizer, wrap_ddp
-    from megatron_adadpo.step import forward_step, run_schedule
+    from megatron_adadpo.config import check_world_size, load_config
+    from megatron_adadpo.run.step import forward_step, run_schedule
+    from megatron_adadpo.run.trainer import Trainer
 
     args = train.parse_args(argv)
-    c = load_config(args.config, args.set)
-    dp = check_world(c, world)
-    e = c.execution
-    parallel.init_model_parallel(parallel.Layout(e.tp, e.pp, e.vpp, e.cp), seed=c.train.seed)
-    dataset = train.load_data(c)
-    chunks = train.build_policy(c)
-    reference, _ = train.build_reference(c, chunks, dataset)
-    policy = wrap_ddp(chunks, c.optimizer)
-    build_optimizer(policy, c.optimizer, e.bf16)  # installs finalize_model_grads
-    batches = train.build_batches(c, dataset, dp, 0).next_step()
-    if reference is not None:
-        reference.attach(batches)
-    step_func = partial(forward_step, c.loss, c.model.vocab_size)
-    run_schedule(policy, batches, step_func, forward_only=False)
-    return _gather_full_grads(policy, c.model.vocab_size)
+    config = load_config(args.config, args.set)
+    check_world_size(config, world)
+    trainer = Trainer(config)  # installs finalize_model_grads through the optimizer
+    batches = trainer.batches.next_step()
+    if trainer.reference is not None:
+        trainer.reference.attach(batches)
+    run_schedule(trainer.policy, batches, partial(forward_step, trainer.context), False)
+    return _gather_full_grads(trainer.policy, config.model.vocab_size)
 
 
 def _gather_full_grads(policy: list, vocab_size: int) -> dict | None:

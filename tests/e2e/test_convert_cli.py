@@ -51,11 +51,13 @@ def test_convert_clis_round_trip(tmp_path):
 
 
 def _megatron_logits(rank, world, ckpt, ids):
-    from megatron_adadpo import parallel
-    from megatron_adadpo.checkpointing import load_model, read_model_config
-    from megatron_adadpo.model import ExecutionConfig, build_model
+    from megatron_adadpo.layout import ExecutionConfig
+    from megatron_adadpo.model.build import build_model
+    from megatron_adadpo.model.config import read_model_config
+    from megatron_adadpo.platform import distributed as parallel
+    from megatron_adadpo.run.checkpoints import load_model
 
-    parallel.init_model_parallel(parallel.Layout(tp=2, pp=2))
+    parallel.init_model_parallel(ExecutionConfig(tp=2, pp=2))
     model = read_model_config(ckpt)
     chunks = build_model(model, ExecutionConfig(tp=2, pp=2))
     load_model(chunks, ckpt, model)

@@ -155,8 +155,12 @@ def test_recipes_dry_run_fit(script, recipe, env):
 @pytest.mark.parametrize(
     "sets,env,reason",
     [
-        (["execution.tp=3"], {}, "execution.tp=3 does not divide model.num_attention_heads=4"),
-        (["execution.pp=3"], {"GPUS_PER_NODE": "3"}, "execution.pp*vpp=3 does not divide model"),
+        (["execution.tp=3"], {}, "execution.tp=3 must divide model.num_attention_heads=4"),
+        (
+            ["execution.pp=3"],
+            {"GPUS_PER_NODE": "3"},
+            "model.num_layers=2 must be divisible by execution.pp*vpp = 3",
+        ),
         ([], {"GPUS": "4", "GPUS_PER_NODE": "2"}, "4 GPUs requested but 1 nodes x 2 GPUs"),
     ],
 )

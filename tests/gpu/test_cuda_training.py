@@ -13,7 +13,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_trainer_runs_on_one_gpu(tmp_path, bf16):
-    from megatron_adadpo import cpu, train
+    from megatron_adadpo import train
+    from megatron_adadpo.platform import cpu
 
     run_dir = tmp_path / f"run_bf16_{bf16}"
     sets = [

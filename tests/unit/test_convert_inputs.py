@@ -17,7 +17,7 @@ import yaml
 from megatron_adadpo.convert import hf_config, hf_io, mapping, megatron_io
 from megatron_adadpo.convert.hf_to_megatron import convert_hf_to_megatron
 from megatron_adadpo.convert.megatron_to_hf import convert_megatron_to_hf
-from megatron_adadpo.model_config import ModelConfig
+from megatron_adadpo.model.config import ModelConfig
 from tests import convert_models as cm
 
 LLAMA31 = {  # the spelling of meta-llama/Llama-3.1-8B's config.json (older transformers)

@@ -33,15 +33,7 @@ def test_docstring_example_runs():
 
 def test_example_tensors_written_by_hand():
     b = collate_pairs([EX, {**EX, "pair_id": 9}], pad_token_id=0, pad_to_multiple_of=4)
-    assert set(b) == {
-        "tokens",
-        "labels",
-        "loss_mask",
-        "position_ids",
-        "attention_mask",
-        "pair_ids",
-        "completion_lengths",
-    }
+    assert set(b) == {"tokens", "labels", "loss_mask", "position_ids", "pair_ids"}
     t = torch.tensor
     assert torch.equal(
         b["tokens"][:2], t([[1, 10, 11, 20, 2, 0, 0, 0], [1, 10, 11, 30, 31, 2, 0, 0]])
@@ -54,9 +46,9 @@ def test_example_tensors_written_by_hand():
     )
     assert torch.equal(b["tokens"][2:], b["tokens"][:2])  # pair 2 at rows 2, 3
     assert torch.equal(b["pair_ids"], t([7, 9]))
-    assert torch.equal(b["completion_lengths"], t([2, 3, 2, 3]))
+    assert torch.equal(b["loss_mask"].sum(1), t([2.0, 3, 2, 3]))  # completion lengths
     assert b["tokens"].dtype == b["labels"].dtype == b["position_ids"].dtype == torch.int64
-    assert b["loss_mask"].dtype == torch.float32 and b["attention_mask"] is None
+    assert b["loss_mask"].dtype == torch.float32 and "attention_mask" not in b
 
 
 def test_masks_on_bundled_data(tmp_path):
@@ -84,7 +76,12 @@ def test_masks_on_bundled_data(tmp_path):
             assert torch.equal(b["loss_mask"][row], expected)
             assert b["labels"][row, n - 2].item() == 2  # the last label with loss is EOS
             assert (b["tokens"][row, n:] == pad).all() and (b["labels"][row, n - 1 :] == pad).all()
-        assert torch.equal(b["completion_lengths"], b["loss_mask"].sum(1).long())
+        completion_lengths = [
+            len(ex[key]) - ex["prompt_length"]
+            for ex in exs
+            for key in ("chosen_ids", "rejected_ids")
+        ]
+        assert b["loss_mask"].sum(1).long().tolist() == completion_lengths
 
 
 def itertools_take(sampler, n):

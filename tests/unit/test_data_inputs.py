@@ -7,11 +7,18 @@ string and encoded with the raw `tokenizers.Tokenizer` (not transformers' apply_
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import pytest
 
-from megatron_adadpo.data import DataConfig, DataError, load_preference_dataset, preprocess
+from megatron_adadpo.data import (
+    DataConfig,
+    DataError,
+    RowRejected,
+    load_preference_dataset,
+    preprocess,
+)
 
 DATA = Path(__file__).resolve().parents[2] / "examples" / "data"
 TOK = str(DATA / "tokenizer")
@@ -211,6 +218,13 @@ def test_bad_rows_in_parquet_and_json_array_report_row_index(tmp_path):
         ("z.json", "line", 3, "malformed_json"),
     ]
     assert report.pairs_written == 2
+
+
+def test_row_rejected_carries_reason_and_detail_across_processes():
+    err = pickle.loads(pickle.dumps(RowRejected("missing_field", "no 'chosen' field")))
+    assert err.reason == "missing_field" and err.detail == str(err) == "no 'chosen' field"
+    with pytest.raises(ValueError, match="unknown row rejection reason 'typo'"):
+        RowRejected("typo", "detail")
 
 
 def test_config_validation_names_the_field():

@@ -9,10 +9,14 @@ import os
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from megatron_adadpo import cli
 from megatron_adadpo.data import DataConfig, PreferenceDataset, load_preference_dataset
 from megatron_adadpo.data import pipeline as pipeline_module
+from megatron_adadpo.data.indexed import PairWriter
+from megatron_adadpo.platform.megatron import IndexedDataset
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "examples" / "data"
@@ -82,6 +86,30 @@ def test_cli_fail_mode_exits_nonzero_with_report(tmp_path, tool):
     assert [(i["index"], i["reason"]) for i in report["issues"]] == [(2, "missing_field")]
     assert not (tmp_path / "o" / "manifest.json").exists()
     assert tool.main(argv) == 0  # default --on-error skip
+
+
+def test_cli_bad_setting_is_one_error_line_with_status_2(tmp_path, tool, capsys):
+    argv = ["--input", TRAIN, "--tokenizer", str(tmp_path / "none"), "--output", str(tmp_path)]
+    assert cli.run(tool.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: data.tokenizer:") and "none" in err[0]
+
+
+def test_pair_writer_layout(tmp_path):
+    """Pair i = document i of three sequences [prompt, chosen, rejected], any chunking."""
+    pairs = [([1, 5, 6], [7, 2], [8, 9, 2]), ([1, 4], [3], [639, 2]), ([1], [10, 11, 2], [12])]
+    writer = PairWriter(str(tmp_path), vocab_size=640)
+    for chunk, ids in ((pairs[:2], [4, 9]), ([], []), (pairs[2:], [11])):
+        tokens = np.asarray([t for pair in chunk for seq in pair for t in seq], np.int64)
+        writer.add_pairs(tokens, [len(seq) for pair in chunk for seq in pair], ids)
+    writer.finalize()
+    ds = IndexedDataset(str(tmp_path / "pairs"))
+    assert ds.document_indices.tolist() == [0, 3, 6, 9] and writer.token_dtype == "uint16"
+    assert [ds[k].tolist() for k in range(9)] == [list(seq) for pair in pairs for seq in pair]
+    assert ds.sequence_lengths.tolist() == [len(seq) for pair in pairs for seq in pair]
+    assert np.load(tmp_path / "pair_ids.npy").tolist() == [4, 9, 11]
+    with pytest.raises(ValueError, match="3 lengths each"):
+        writer.add_pairs(np.zeros(3, np.int64), [1, 2], [0])
 
 
 def test_two_workers_write_identical_output(tmp_path):

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_adadpo.data import PreferenceRecord, load_tokenizer, tokenize_record
-from megatron_adadpo.data.tokenize import PolicyError
+from megatron_adadpo.data import PreferenceRecord, RowRejected, load_tokenizer, tokenize_record
 
 DATA = Path(__file__).resolve().parents[2] / "examples" / "data"
 TOK = DATA / "tokenizer"
@@ -83,15 +82,17 @@ def test_exactly_one_bos_and_eos_whether_or_not_the_template_adds_them(tmp_path)
 
 def test_double_bos_is_refused(tmp_path):
     tok = load_tokenizer(str(TOK))
-    with pytest.raises(PolicyError, match="BOS") as err:
+    with pytest.raises(RowRejected, match="BOS") as err:
         tokenize_record(tok, record(prompt="<s>What is 2 + 2?"))
     assert err.value.reason == "double_bos"
     template = (TOK / "chat_template.jinja").read_text()
     doubled = load_tokenizer(tok_copy(tmp_path, "{{ bos_token }}" + template))
-    with pytest.raises(PolicyError, match="twice"):
+    with pytest.raises(RowRejected, match="twice") as err:
         tokenize_record(doubled, record())
-    with pytest.raises(PolicyError, match="chosen contains the BOS string"):
+    assert err.value.reason == "double_bos"
+    with pytest.raises(RowRejected, match="chosen contains the BOS string") as err:
         tokenize_record(tok, record(chosen="<s>4"))
+    assert err.value.reason == "double_bos"
     # sentencepiece never maps the text "<s>" to its BOS id: accepted, still one BOS.
     sp = tokenize_record(load_tokenizer(str(DATA / "spm" / "spm.model")), record(chosen="<s>4"))
     assert (sp.prompt.tolist() + sp.chosen.tolist()).count(1) == 1
@@ -109,14 +110,13 @@ def test_template_with_bos_before_each_turn_is_accepted(tmp_path):
 
 
 def test_template_that_does_not_prefix_the_prompt_is_refused(tmp_path):
-    from megatron_adadpo.data.templates import TemplateError
-
     odd = (
         "{% for m in messages %}{{ m['content'] }}|{% endfor %}"
         "{% if add_generation_prompt %}ANSWER:{% endif %}"
     )
-    with pytest.raises(TemplateError, match="prefix"):
+    with pytest.raises(RowRejected, match="prefix") as err:
         tokenize_record(load_tokenizer(tok_copy(tmp_path, odd)), record())
+    assert err.value.reason == "template_error"
 
 
 def test_chosen_and_rejected_share_the_prompt_prefix_on_bundled_data(tmp_path):

@@ -5,8 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from megatron_adadpo.data import DataConfig, TokenizedPair, load_preference_dataset, preprocess
+from megatron_adadpo.data import (
+    DataConfig,
+    RowRejected,
+    TokenizedPair,
+    load_preference_dataset,
+    preprocess,
+)
 from megatron_adadpo.data.truncation import truncate_pair
 
 DATA = Path(__file__).resolve().parents[2] / "examples" / "data"
@@ -47,16 +54,22 @@ def test_completions_keep_their_start():
 
 
 def test_completion_emptied_is_dropped():
-    out = truncate_pair(pair(P, C, R), max_length=len(P), max_prompt_length=None, bos_id=1)
-    assert out.pair is None and out.drop_reason == "completion_emptied"
-    out = truncate_pair(pair(P, C, R), max_length=4, max_prompt_length=4, bos_id=1)
-    assert out.pair is None and out.drop_reason == "completion_emptied" and out.prompt_truncated
+    with pytest.raises(RowRejected) as err:
+        truncate_pair(pair(P, C, R), max_length=len(P), max_prompt_length=None, bos_id=1)
+    assert err.value.reason == "completion_emptied"
+    assert err.value.detail.startswith(f"the prompt has {len(P)} tokens")
+    with pytest.raises(RowRejected) as err:
+        truncate_pair(pair(P, C, R), max_length=4, max_prompt_length=4, bos_id=1)
+    assert err.value.reason == "completion_emptied"
+    # The prompt was truncated first (6 -> 4 tokens), then left no room.
+    assert err.value.detail.startswith("the prompt has 4 tokens") and len(P) > 4
 
 
 def test_drop_policy():
     for max_len, mpl in ((20, 5), (len(P) + len(C) - 1, None)):
-        out = truncate_pair(pair(P, C, R), max_len, mpl, overlength="drop", bos_id=1)
-        assert out.pair is None and out.drop_reason == "overlength_dropped"
+        with pytest.raises(RowRejected) as err:
+            truncate_pair(pair(P, C, R), max_len, mpl, overlength="drop", bos_id=1)
+        assert err.value.reason == "overlength_dropped"
 
 
 def test_manifest_counts_match_lengths_counted_by_hand(tmp_path):

@@ -6,11 +6,13 @@ import dataclasses
 
 import pytest
 
-from megatron_adadpo.megatron_api import parallel_state
-from megatron_adadpo.model import ExecutionConfig, RMSNorm, build_model, transformer_config
-from megatron_adadpo.model_config import ModelConfig
-from megatron_adadpo.parallel import Layout, init_model_parallel
+from megatron_adadpo.layout import ExecutionConfig
+from megatron_adadpo.model.build import build_model, transformer_config
+from megatron_adadpo.model.config import ModelConfig
+from megatron_adadpo.model.norm import RMSNorm
 from megatron_adadpo.planner import layer_params, stage_params, total_params
+from megatron_adadpo.platform.distributed import init_model_parallel
+from megatron_adadpo.platform.megatron import parallel_state
 from tests.launcher import run_ranks
 
 TINY = ModelConfig(
@@ -34,8 +36,9 @@ LLAMA3_70B = ModelConfig(
 
 
 def _count_built(rank, world_size, model, tp, pp, vpp):
-    init_model_parallel(Layout(tp=tp, pp=pp, vpp=vpp))
-    chunks = build_model(model, ExecutionConfig(tp=tp, pp=pp, vpp=vpp))
+    execution = ExecutionConfig(tp=tp, pp=pp, vpp=vpp)
+    init_model_parallel(execution)
+    chunks = build_model(model, execution)
     n = sum(p.numel() for c in chunks for p in c.parameters())
     return parallel_state.get_pipeline_model_parallel_rank(), n
 

@@ -1,5 +1,7 @@
 """Reference log-probs: a resident frozen model, or values precomputed once to disk.
 
+Both attach ``batch["reference_logps"]`` (``[2B]`` fp32, ``[c0, r0, c1, r1, ...]``) to the
+micro-batches of a step, on the last pipeline stage where the policy loss is computed.
 Precomputed files (``tools/precompute_reference.py``) hold per-pair summed completion log-probs
 ``[N, 2]`` (chosen, rejected) indexed by ``pair_id``, tied to the dataset's manifest identity:
 a file made for other data or another tokenisation is refused.
@@ -8,35 +10,62 @@ a file made for other data or another tokenisation is refused.
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from megatron_adadpo.checkpointing import _unwrap
-from megatron_adadpo.model import ExecutionConfig, build_model
-from megatron_adadpo.model_config import ModelConfig
-from megatron_adadpo.step import attach_resident_reference
+from megatron_adadpo.platform.megatron import unwrap_model
+from megatron_adadpo.run.step import StepContext, policy_forward, run_schedule, sequence_sums
 
 VALUES_FILE = "reference_logps.npy"
 META_FILE = "meta.json"
 
 
+def _reference_loss_func(context: StepContext, batch: dict, logits: torch.Tensor):
+    sums, _ = sequence_sums(logits, batch, context)
+    zero = torch.zeros((), device=sums.device)
+    return zero, torch.zeros((), dtype=torch.int), {"reference_logps": sums.detach()}
+
+
+def _reference_forward_step(context: StepContext, data_iterator, model):
+    batch = next(data_iterator)
+    with torch.no_grad():
+        output = policy_forward(model, batch)
+    return output, partial(_reference_loss_func, context, batch)
+
+
+def attach_forward_logps(chunks: list, batches: list[dict], context: StepContext) -> None:
+    """Run ``chunks`` forward-only (no saved activations) on ``batches`` through Megatron's
+    schedule and store each micro-batch's sequence sums as ``batch["reference_logps"]``."""
+    step = partial(_reference_forward_step, context)
+    outputs = run_schedule(chunks, batches, step, forward_only=True)
+    for batch, out in zip(batches, outputs, strict=False):
+        batch["reference_logps"] = out["reference_logps"]
+
+
+def freeze(chunks: list) -> list:
+    """Eval mode, no gradients: a model that is only ever run forward."""
+    for chunk in chunks:
+        chunk.eval()
+        chunk.requires_grad_(False)
+    return chunks
+
+
 class ResidentReference:
     """A frozen copy of the policy's initial weights with the same layout, forward-only."""
 
-    def __init__(self, model: ModelConfig, run: ExecutionConfig, policy: list):
-        self.vocab_size = model.vocab_size
-        self.chunks = build_model(model, run)
+    def __init__(self, chunks: list, policy: list, context: StepContext):
+        """``chunks``: freshly built model chunks of the policy's layout (overwritten)."""
+        self.context = context
         with torch.no_grad():
-            for ref, pol in zip(self.chunks, policy, strict=True):
-                ref.load_state_dict(_unwrap(pol).state_dict(), strict=True)
-        for chunk in self.chunks:
-            chunk.eval()
-            chunk.requires_grad_(False)
+            for ref, pol in zip(chunks, policy, strict=True):
+                ref.load_state_dict(unwrap_model(pol).state_dict(), strict=True)
+        self.chunks = freeze(chunks)
 
     def attach(self, batches: list[dict]) -> None:
-        attach_resident_reference(self.chunks, batches, self.vocab_size)
+        attach_forward_logps(self.chunks, batches, self.context)
 
 
 class PrecomputedReference:

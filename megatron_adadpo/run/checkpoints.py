@@ -16,42 +16,22 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import yaml
 
-from megatron_adadpo.megatron_api import dist_checkpointing
-from megatron_adadpo.model_config import ModelConfig
-
-MODEL_CONFIG_FILE = "model.yaml"
-
-
-def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
+from megatron_adadpo.model.config import (
+    ModelConfig,
+    check_same_architecture,
+    read_model_config,
+    write_model_config,
+)
+from megatron_adadpo.platform.megatron import dist_checkpointing, tensor_parallel, unwrap_model
 
 
 def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
     """``{"model": sd}`` for one chunk, ``{"model0": sd0, ...}`` for virtual pipeline stages."""
-    chunks = [_unwrap(c) for c in chunks]
+    chunks = [unwrap_model(c) for c in chunks]
     if len(chunks) == 1:
         return {"model": chunks[0].sharded_state_dict()}
     return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
-
-
-def write_model_config(directory: str | Path, model: ModelConfig) -> None:
-    path = Path(directory) / MODEL_CONFIG_FILE
-    path.write_text(yaml.safe_dump(model.to_dict(), sort_keys=False))
-
-
-def read_model_config(directory: str | Path) -> ModelConfig:
-    """The ``ModelConfig`` stored with a checkpoint (clear error when absent)."""
-    path = Path(directory) / MODEL_CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: {directory} is not a megatron_adadpo checkpoint (convert an HF "
-            "model with tools/convert_hf_to_megatron.py, or point at a run's checkpoint)"
-        )
-    return ModelConfig.from_dict(yaml.safe_load(path.read_text()))
 
 
 def save_model(chunks: list[torch.nn.Module], directory: str | Path, model: ModelConfig) -> None:
@@ -74,32 +54,7 @@ def load_model(chunks: list[torch.nn.Module], directory: str | Path, model: Mode
     loaded = dist_checkpointing.load(sharded, str(directory))
     for i, chunk in enumerate(chunks):
         key = "model" if len(chunks) == 1 else f"model{i}"
-        _unwrap(chunk).load_state_dict(loaded[key], strict=False)
-
-
-def check_same_architecture(stored: ModelConfig, wanted: ModelConfig, where: str) -> None:
-    """Raise when a checkpoint's model shape differs from the configured one."""
-    fields = (
-        "num_layers",
-        "hidden_size",
-        "ffn_hidden_size",
-        "num_attention_heads",
-        "query_groups",
-        "head_dim",
-        "vocab_size",
-        "add_qkv_bias",
-        "tie_word_embeddings",
-    )
-    diff = [
-        f"{f}: checkpoint {getattr(stored, f)} vs config {getattr(wanted, f)}"
-        for f in fields
-        if getattr(stored, f) != getattr(wanted, f)
-    ]
-    if diff:
-        raise ValueError(
-            f"checkpoint {where} holds another model shape ({'; '.join(diff)}); use its "
-            f"{MODEL_CONFIG_FILE} as the model section or pick the matching checkpoint"
-        )
+        unwrap_model(chunk).load_state_dict(loaded[key], strict=False)
 
 
 def _rank() -> int:
@@ -190,7 +145,7 @@ def load_training(directory: Path, policy: list, optimizer, scheduler, model: Mo
     loaded = dist_checkpointing.load(state, str(directory))
     for i, chunk in enumerate(policy):
         key = "model" if len(policy) == 1 else f"model{i}"
-        _unwrap(chunk).load_state_dict(loaded[key], strict=False)
+        unwrap_model(chunk).load_state_dict(loaded[key], strict=False)
     optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
     _load_rng(directory)
@@ -199,8 +154,6 @@ def load_training(directory: Path, policy: list, optimizer, scheduler, model: Mo
 
 def _save_rng(directory: Path) -> None:
     """Per-rank RNG states (torch CPU/CUDA and Megatron's tracker) in ``rng/rank_N.pt``."""
-    from megatron_adadpo.megatron_api import tensor_parallel
-
     (directory / "rng").mkdir(exist_ok=True)
     state = {
         "world_size": dist.get_world_size() if dist.is_initialized() else 1,
@@ -213,8 +166,6 @@ def _save_rng(directory: Path) -> None:
 
 def _load_rng(directory: Path) -> None:
     """Restore this rank's RNG states when the checkpoint was written by the same world size."""
-    from megatron_adadpo.megatron_api import tensor_parallel
-
     path = directory / "rng" / f"rank_{_rank()}.pt"
     world = dist.get_world_size() if dist.is_initialized() else 1
     if not path.is_file():
@@ -226,3 +177,13 @@ def _load_rng(directory: Path) -> None:
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def check_resume_data(state: dict, dataset_identity: str, where) -> None:
+    """Refuse to resume on other data or another tokenisation (sample order would differ)."""
+    if state.get("dataset_identity") != dataset_identity:
+        raise ValueError(
+            f"checkpoint {where} was trained on dataset {str(state.get('dataset_identity'))[:16]}"
+            f"... but the configured data is {dataset_identity[:16]}... (other inputs, tokenizer "
+            "or truncation settings); use the original data, or a new logging.run_dir"
+        )

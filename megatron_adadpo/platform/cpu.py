@@ -94,7 +94,7 @@ def _call_site() -> str:
 def _record(kind: str) -> None:
     if kind not in KNOWN_REDIRECTS:
         raise RuntimeError(
-            f"megatron_adadpo.cpu: Megatron asked for an unknown CUDA feature {kind!r} at "
+            f"megatron_adadpo.platform.cpu: Megatron asked for an unknown CUDA feature {kind!r} at "
             f"{_call_site()}. The CPU compatibility layer was written for megatron-core "
             f"{SUPPORTED_MEGATRON}; extend KNOWN_REDIRECTS deliberately after checking it."
         )
@@ -238,13 +238,12 @@ def activate(strict: bool = True) -> bool:
         return False
     if _active:
         return True
-    from megatron.core import package_info
-    from megatron.core.tensor_parallel import random as mrandom
+    from megatron_adadpo.platform.megatron import MEGATRON_VERSION, megatron_rng_module
 
-    if not package_info.__version__.startswith(SUPPORTED_MEGATRON):
+    if not MEGATRON_VERSION.startswith(SUPPORTED_MEGATRON):
         print(
-            f"[megatron_adadpo.cpu] warning: written for megatron-core {SUPPORTED_MEGATRON}, "
-            f"found {package_info.__version__}",
+            f"[megatron_adadpo.platform.cpu] warning: written for megatron-core "
+            f"{SUPPORTED_MEGATRON}, found {MEGATRON_VERSION}",
             file=sys.stderr,
         )
     if not strict:
@@ -256,8 +255,9 @@ def activate(strict: bool = True) -> bool:
     torch.cuda.random.set_rng_state = torch.cuda.set_rng_state
     for name in _FACTORIES:
         setattr(torch, name, _cpu_factory(getattr(torch, name)))
-    mrandom._get_cuda_rng_state = _counted("megatron._get_cuda_rng_state", _cpu_rng_get)
-    mrandom._set_cuda_rng_state = _counted("megatron._set_cuda_rng_state", _cpu_rng_set)
+    rng = megatron_rng_module()
+    rng._get_cuda_rng_state = _counted("megatron._get_cuda_rng_state", _cpu_rng_get)
+    rng._set_cuda_rng_state = _counted("megatron._set_cuda_rng_state", _cpu_rng_set)
     _mode = _CudaToCpuMode()
     _mode.__enter__()
     _active = True

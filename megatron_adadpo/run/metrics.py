@@ -2,19 +2,19 @@
 
 Only the logging rank (last pipeline stage, first TP / CP / DP rank: where the reduced loss
 metrics live) writes. The loss metrics arrive as ``[sum, count]`` tensors already reduced over
-data-parallel ranks; ``reduce_metrics`` makes the single host copy per logged step.
+data-parallel ranks; ``reduce_metrics`` makes the single host copy per logged step. Progress
+(steps done, rate, ETA) is a ``tqdm`` bar below the metric lines.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sys
-import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 from megatron_adadpo.losses import reduce_metrics
-from megatron_adadpo.megatron_api import parallel_state
 
 CONSOLE_FIELDS = (
     ("loss", "loss", "{:.4f}"),
@@ -36,25 +36,23 @@ CONSOLE_FIELDS = (
 )
 
 
-def is_logging_rank() -> bool:
-    return (
-        parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-        and parallel_state.get_tensor_model_parallel_rank() == 0
-        and parallel_state.get_context_parallel_rank() == 0
-        and parallel_state.get_data_parallel_rank() == 0
-    )
-
-
 class MetricsLogger:
-    """Formats, prints and stores the metrics of each logged step (logging rank only)."""
+    """Formats, prints and stores the metrics of each logged step (``active`` rank only)."""
 
-    def __init__(self, run_dir: str, total_steps: int, tensorboard: bool, progress: bool):
-        self.active = is_logging_rank()
+    def __init__(
+        self,
+        run_dir: str,
+        total_steps: int,
+        tensorboard: bool,
+        progress: bool,
+        active: bool,
+        start_step: int = 0,
+    ):
+        self.active = active
         self.total_steps = total_steps
-        self.progress = progress
-        self.start = time.monotonic()
         self.jsonl = None
         self.writer = None
+        self.bar = None
         if not self.active:
             return
         Path(run_dir).mkdir(parents=True, exist_ok=True)
@@ -63,6 +61,13 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        if progress:
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def advance(self) -> None:
+        """One optimizer step done (moves the progress bar)."""
+        if self.bar is not None:
+            self.bar.update(1)
 
     def log(self, step: int, values: dict[str, float], prefix: str = "train") -> None:
         if not self.active:
@@ -72,21 +77,18 @@ class MetricsLogger:
         if self.writer is not None:
             for name, value in values.items():
                 self.writer.add_scalar(f"{prefix}/{name}", value, step)
-        print(self._line(step, values, prefix), file=sys.stdout, flush=True)
+        tqdm.write(self._line(step, values, prefix))
 
     def _line(self, step: int, values: dict[str, float], prefix: str) -> str:
         parts = [f"[{prefix}] step {step}/{self.total_steps}"]
         for key, short, fmt in CONSOLE_FIELDS:
             if key in values and not math.isnan(values[key]):
                 parts.append(f"{short} {fmt.format(values[key])}")
-        if prefix == "train" and self.progress and step > 0:
-            elapsed = time.monotonic() - self.start
-            eta = elapsed / step * (self.total_steps - step)
-            bar = _bar(step / max(self.total_steps, 1))
-            parts.append(f"{bar} eta {_hms(eta)}")
         return " | ".join(parts)
 
     def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
         if self.jsonl is not None:
             self.jsonl.close()
         if self.writer is not None:
@@ -118,13 +120,3 @@ def step_values(
     values["throughput/pairs_per_s"] = global_batch_size / step_time
     values["throughput/mfu"] = flops / step_time / peak if peak else float("nan")
     return values
-
-
-def _bar(fraction: float, width: int = 20) -> str:
-    done = int(round(fraction * width))
-    return "[" + "#" * done + "." * (width - done) + "]"
-
-
-def _hms(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -1,7 +1,7 @@
 """Accelerator facts in one place: memory and dense peak TFLOP/s per GPU kind.
 
-Used by the planner (``megatron_adadpo.planner``) and by the trainer's MFU logger. Pure Python
-(no torch import), so a login node can plan a job without a GPU stack.
+Used by the planner (``megatron_adadpo.planner``) and by the trainer's MFU logger
+(``peak_flops_per_device``). Pure Python (no torch import at module level).
 
 Peaks are NVIDIA datasheet *dense* (no 2:4 sparsity) tensor-core figures for the SXM parts.
 ``memory_gib`` is what ``torch.cuda.get_device_properties(i).total_memory`` reports (GiB).
@@ -47,13 +47,6 @@ GPUS: dict[str, GpuSpec] = {
     )
 }
 
-# The flat table the MFU logger can read: {"h100": {"bf16": 989.0, "fp8": 1979.0}, ...}.
-PEAK_TFLOPS: dict[str, dict[str, float]] = {
-    key: {"bf16": s.bf16_tflops, "fp16": s.bf16_tflops}
-    | ({"fp8": s.fp8_tflops} if s.fp8_tflops else {})
-    for key, s in GPUS.items()
-}
-
 
 def gpu_spec(name: str) -> GpuSpec:
     """The spec for a planner key (``h100``) or a device name (``NVIDIA H100 80GB HBM3``)."""
@@ -77,8 +70,8 @@ def find_gpu(name: str) -> GpuSpec | None:
 def peak_tflops(device_name: str, dtype: str = "bf16") -> float | None:
     """Dense peak TFLOP/s of a device (by key or device name) for ``dtype``; None if unknown.
 
-    The MFU logger calls ``peak_tflops(torch.cuda.get_device_name(), "bf16")``; MFU is
-    conventionally quoted against the bf16 peak even for FP8 runs.
+    ``peak_flops_per_device`` (the trainer's MFU) calls it with the current device's name; MFU
+    is conventionally quoted against the bf16 peak even for FP8 runs.
     """
     spec = find_gpu(device_name)
     if spec is None:
@@ -94,7 +87,7 @@ def peak_flops_per_device(dtype: str = "bf16") -> float:
 
     The trainer's MFU denominator (``logging.peak_tflops`` in the config overrides it).
     """
-    import torch  # lazy: the planner imports this module without torch
+    import torch  # lazy: importing this module needs no torch
 
     if not torch.cuda.is_available():
         return float("nan")

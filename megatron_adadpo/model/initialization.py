@@ -13,7 +13,7 @@ import zlib
 
 import torch
 
-from megatron_adadpo.megatron_api import parallel_state
+from megatron_adadpo.platform.megatron import parallel_state
 
 _LAYER = re.compile(r"(decoder\.layers\.)(\d+)(\.)")
 

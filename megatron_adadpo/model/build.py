@@ -1,69 +1,31 @@
 """Build Megatron-Core ``GPTModel`` chunks for a Llama-family ``ModelConfig``.
 
 Transformer Engine layer spec on GPUs when TE is installed (FP8 through TE's recipes); the local
-spec otherwise, with this module's ``RMSNorm`` (which, unlike ``WrappedTorchNorm``, supports
-sequence parallelism by marking its weight ``sequence_parallel`` as TE's and apex's norms do).
+spec otherwise, with the plugin's ``RMSNorm`` (``model/norm.py``: unlike ``WrappedTorchNorm`` it
+supports sequence parallelism).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-from dataclasses import dataclass
 
 import torch
 
-from megatron_adadpo.megatron_api import (
+from megatron_adadpo.layout import ExecutionConfig
+from megatron_adadpo.model.config import ModelConfig
+from megatron_adadpo.model.norm import RMSNorm
+from megatron_adadpo.platform.environment import uses_transformer_engine
+from megatron_adadpo.platform.megatron import (
     GPTModel,
     TransformerBlockSubmodules,
     TransformerConfig,
     get_gpt_layer_local_spec,
+    get_num_layers_to_build,
+    llama3_rope_scaling,
     parallel_state,
-    te_available,
     te_layer_spec,
 )
-from megatron_adadpo.model_config import ModelConfig
-
-
-@dataclass(frozen=True)
-class ExecutionConfig:
-    """How the model runs: parallel layout, precision, recompute, kernels."""
-
-    tp: int = 1
-    pp: int = 1
-    vpp: int | None = None  # virtual pipeline stages per pipeline rank (interleaved schedule)
-    cp: int = 1
-    sequence_parallel: bool = False
-    bf16: bool = False
-    fp8: str | None = None  # None | "hybrid" | "e4m3" (Transformer Engine)
-    fp8_recipe: str = "delayed"  # "delayed" | "tensorwise" | "mxfp8" | "blockwise"
-    recompute: str | None = None  # None | "selective" | "full"
-    recompute_num_layers: int = 1
-    transformer_impl: str = "auto"  # "auto" | "local" | "transformer_engine"
-
-    def use_te(self) -> bool:
-        if self.transformer_impl == "auto":
-            return torch.cuda.is_available() and te_available()
-        return self.transformer_impl == "transformer_engine"
-
-
-class RMSNorm(torch.nn.Module):
-    """``y = w * x / sqrt(mean(x^2) + eps)``, computed in fp32 as HF Llama does.
-
-    Shapes: ``[s, b, h]`` -> ``[s, b, h]``. The weight is marked ``sequence_parallel`` when the
-    config enables it, so ``finalize_model_grads`` all-reduces its gradient over the TP group.
-    """
-
-    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
-        self.weight.sequence_parallel = config.sequence_parallel
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
 
 
 def transformer_config(model: ModelConfig, run: ExecutionConfig) -> TransformerConfig:
@@ -133,10 +95,8 @@ def _importable(module: str) -> bool:
 
 def layer_spec(config: TransformerConfig, run: ExecutionConfig, vp_stage: int | None):
     """The decoder block spec for this pipeline stage (TE spec, or local spec + RMSNorm)."""
-    if run.use_te():
+    if uses_transformer_engine(run):
         return te_layer_spec(qk_layernorm=False)
-    from megatron.core.transformer.transformer_block import get_num_layers_to_build
-
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
     spec.submodules = dataclasses.replace(
         spec.submodules, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm
@@ -184,26 +144,10 @@ def gpt_model(
         share_embeddings_and_output_weights=model.tie_word_embeddings,
         position_embedding_type="rope",
         rotary_base=int(model.rotary_base),
+        rope_scaling=model.rope_scaling is not None,
+        rope_scaling_factor=model.rope_scaling.factor if model.rope_scaling else 8.0,
         vp_stage=vp_stage,
     )
     if model.rope_scaling is not None:
-        _apply_rope_scaling(gpt, model)
+        llama3_rope_scaling(gpt, model.rotary_base, **dataclasses.asdict(model.rope_scaling))
     return gpt
-
-
-def _apply_rope_scaling(gpt: GPTModel, model: ModelConfig) -> None:
-    """Llama-3 RoPE scaling with all four parameters (GPTModel exposes only ``factor``)."""
-    rope = gpt.rotary_pos_emb
-    s = model.rope_scaling
-    dim = rope.inv_freq.numel() * 2
-    base = 1.0 / (
-        model.rotary_base
-        ** (torch.arange(0, dim, 2, dtype=torch.float32, device=rope.inv_freq.device) / dim)
-    )
-    rope.inv_freq = rope._apply_scaling(
-        base,
-        factor=s.factor,
-        low_freq_factor=s.low_freq_factor,
-        high_freq_factor=s.high_freq_factor,
-        original_max_position_embeddings=s.original_max_position_embeddings,
-    )

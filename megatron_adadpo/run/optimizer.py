@@ -7,7 +7,7 @@ import math
 import torch
 
 from megatron_adadpo.config import OptimizerSection
-from megatron_adadpo.megatron_api import (
+from megatron_adadpo.platform.megatron import (
     DistributedDataParallel,
     DistributedDataParallelConfig,
     OptimizerConfig,

@@ -4,12 +4,15 @@
 pipelining, 1F1B, interleaved). The policy's ``GPTModel`` returns vocab-parallel logits on the
 last pipeline stage; ``loss_func`` turns them into per-token log-probs with Megatron's
 vocab-parallel CE (no vocab gather, TP padding rows masked), sums completion tokens (reduced
-over CP), splits the
-interleaved ``[c0, r0, c1, r1, ...]`` rows into chosen / rejected, and applies the configured
-loss. It returns ``(loss_sum, n_valid_pairs, report)``: with ``calculate_per_token_loss`` the
-schedule sums ``n_valid_pairs`` over micro-batches and ``finalize_model_grads`` all-reduces it
-over DP x CP and divides the gradients by it, so the loss is the mean over the valid pairs of
-the global batch whatever the micro-batch count, DP size or pipeline layout.
+over CP), splits the interleaved ``[c0, r0, c1, r1, ...]`` rows into chosen / rejected, and
+applies the configured loss. It returns ``(loss_sum, n_valid_pairs, report)``: with
+``calculate_per_token_loss`` the schedule sums ``n_valid_pairs`` over micro-batches and
+``finalize_model_grads`` all-reduces it over DP x CP and divides the gradients by it, so the
+loss is the mean over the valid pairs of the global batch whatever the micro-batch count, DP
+size or pipeline layout.
+
+The process groups (``ProcessGroupCollection``: ``tp``, ``cp``, ``dp``) are built once by
+``platform.distributed.init_model_parallel`` and passed in.
 """
 
 from __future__ import annotations
@@ -28,7 +31,16 @@ from megatron_adadpo.losses import (
     all_reduce_metrics,
     preference_loss,
 )
-from megatron_adadpo.megatron_api import get_forward_backward_func, parallel_state
+from megatron_adadpo.platform.megatron import ProcessGroupCollection, get_forward_backward_func
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What ``loss_func`` needs besides the batch: the loss, the true vocabulary, the groups."""
+
+    loss: LossConfig
+    vocab_size: int  # the tokenizer's vocabulary (TP padding rows beyond it are masked)
+    groups: ProcessGroupCollection
 
 
 def policy_forward(model, batch: dict) -> torch.Tensor:
@@ -40,27 +52,31 @@ def policy_forward(model, batch: dict) -> torch.Tensor:
 
 
 def sequence_sums(
-    logits: torch.Tensor, batch: dict, vocab_size: int
+    logits: torch.Tensor, batch: dict, context: StepContext
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence completion log-prob sums and token counts, both ``[2B]`` fp32.
 
     Megatron's vocab-parallel CE over the true vocabulary (TP padding rows masked), summed over
     completion tokens and reduced over the context-parallel group.
     """
-    logps = token_logprobs(logits.transpose(0, 1), batch["labels"], vocab_size=vocab_size)
-    cp_group = parallel_state.get_context_parallel_group()
-    return sequence_logprobs(logps, batch["loss_mask"], cp_group)
+    logps = token_logprobs(
+        logits.transpose(0, 1),
+        batch["labels"],
+        tp_group=context.groups.tp,
+        vocab_size=context.vocab_size,
+    )
+    return sequence_logprobs(logps, batch["loss_mask"], context.groups.cp)
 
 
-def loss_func(loss_config: LossConfig, vocab_size: int, batch: dict, logits: torch.Tensor):
+def loss_func(context: StepContext, batch: dict, logits: torch.Tensor):
     """``(sum of per-pair losses, number of valid pairs, report)`` for one micro-batch."""
-    sums, counts = sequence_sums(logits, batch, vocab_size)
+    sums, counts = sequence_sums(logits, batch, context)
     ref = batch.get("reference_logps")
     chosen_nll = None
-    if loss_config.needs_chosen_nll:
+    if context.loss.needs_chosen_nll:
         chosen_nll = -sums[0::2] / counts[0::2].clamp(min=1)
     losses, metrics = preference_loss(
-        loss_config,
+        context.loss,
         sums[0::2],
         sums[1::2],
         counts[0::2],
@@ -76,22 +92,9 @@ def loss_func(loss_config: LossConfig, vocab_size: int, batch: dict, logits: tor
     return losses.sum(), n_valid, report
 
 
-def forward_step(loss_config: LossConfig, vocab_size: int, data_iterator: Iterator, model):
+def forward_step(context: StepContext, data_iterator: Iterator, model):
     batch = next(data_iterator)
-    return policy_forward(model, batch), partial(loss_func, loss_config, vocab_size, batch)
-
-
-def _reference_loss_func(vocab_size: int, batch: dict, logits: torch.Tensor):
-    sums, _ = sequence_sums(logits, batch, vocab_size)
-    zero = torch.zeros((), device=sums.device)
-    return zero, torch.zeros((), dtype=torch.int), {"reference_logps": sums.detach()}
-
-
-def _reference_forward_step(vocab_size: int, data_iterator: Iterator, model):
-    batch = next(data_iterator)
-    with torch.no_grad():
-        output = policy_forward(model, batch)
-    return output, partial(_reference_loss_func, vocab_size, batch)
+    return policy_forward(model, batch), partial(loss_func, context, batch)
 
 
 def run_schedule(model: list, batches: list[dict], forward_step_func, forward_only: bool):
@@ -110,26 +113,11 @@ def run_schedule(model: list, batches: list[dict], forward_step_func, forward_on
     )
 
 
-def reduce_reports(reports: list[dict]) -> dict:
+def reduce_reports(reports: list[dict], dp_group) -> dict:
     """Micro-batch metrics summed (min/max for extrema), then reduced over DP once."""
     if not reports:
         return {}
-    return all_reduce_metrics(
-        accumulate_metrics(r["metrics"] for r in reports),
-        group=parallel_state.get_data_parallel_group(),
-    )
-
-
-def attach_resident_reference(reference: list, batches: list[dict], vocab_size: int) -> None:
-    """Run the frozen reference forward-only on the same micro-batches; store its sums.
-
-    Adds ``batch["reference_logps"]`` (``[2B]`` fp32) on the last pipeline stage, where the
-    policy loss is computed.
-    """
-    step = partial(_reference_forward_step, vocab_size)
-    outputs = run_schedule(reference, batches, step, forward_only=True)
-    for batch, out in zip(batches, outputs, strict=False):
-        batch["reference_logps"] = out["reference_logps"]
+    return all_reduce_metrics(accumulate_metrics(r["metrics"] for r in reports), group=dp_group)
 
 
 @dataclass
@@ -149,8 +137,7 @@ def train_step(
     optimizer,
     scheduler,
     batches: list[dict],
-    loss_config: LossConfig,
-    vocab_size: int,
+    context: StepContext,
     global_batch_size: int,
     nan_policy: str = "stop",
     step: int = 0,
@@ -165,9 +152,8 @@ def train_step(
     for chunk in policy:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    step_func = partial(forward_step, loss_config, vocab_size)
-    reports = run_schedule(policy, batches, step_func, forward_only=False)
-    metrics = reduce_reports(reports)
+    reports = run_schedule(policy, batches, partial(forward_step, context), forward_only=False)
+    metrics = reduce_reports(reports, context.groups.dp)
     finite, stop = _agree(reports, stop_requested)
     if not finite:
         if nan_policy == "stop":
@@ -179,15 +165,14 @@ def train_step(
     return StepResult(metrics, grad_norm, skipped=False, stop=stop)
 
 
-def evaluate(policy: list, batches: list[dict], loss_config: LossConfig, vocab_size: int) -> dict:
+def evaluate(policy: list, batches: list[dict], context: StepContext) -> dict:
     """Forward-only loss metrics of held-out micro-batches, reduced over DP (last stage)."""
     for chunk in policy:
         chunk.eval()
-    step_func = partial(forward_step, loss_config, vocab_size)
-    reports = run_schedule(policy, batches, step_func, forward_only=True)
+    reports = run_schedule(policy, batches, partial(forward_step, context), forward_only=True)
     for chunk in policy:
         chunk.train()
-    return reduce_reports(reports)
+    return reduce_reports(reports, context.groups.dp)
 
 
 def _agree(reports: list[dict], stop_requested: bool) -> tuple[bool, bool]:

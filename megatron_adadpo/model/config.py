@@ -9,6 +9,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+MODEL_CONFIG_FILE = "model.yaml"  # stored with every checkpoint
 
 
 @dataclass(frozen=True)
@@ -117,3 +122,44 @@ class ModelConfig:
 def _positive(name: str, value) -> None:
     if not isinstance(value, int) or value <= 0:
         raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+
+
+def write_model_config(directory: str | Path, model: ModelConfig) -> None:
+    path = Path(directory) / MODEL_CONFIG_FILE
+    path.write_text(yaml.safe_dump(model.to_dict(), sort_keys=False))
+
+
+def read_model_config(directory: str | Path) -> ModelConfig:
+    """The ``ModelConfig`` stored with a checkpoint (clear error when absent)."""
+    path = Path(directory) / MODEL_CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: {directory} is not a megatron_adadpo checkpoint (convert an HF "
+            "model with tools/convert_hf_to_megatron.py, or point at a run's checkpoint)"
+        )
+    return ModelConfig.from_dict(yaml.safe_load(path.read_text()))
+
+
+def check_same_architecture(stored: ModelConfig, wanted: ModelConfig, where: str) -> None:
+    """Raise when a checkpoint's model shape differs from the configured one."""
+    fields = (
+        "num_layers",
+        "hidden_size",
+        "ffn_hidden_size",
+        "num_attention_heads",
+        "query_groups",
+        "head_dim",
+        "vocab_size",
+        "add_qkv_bias",
+        "tie_word_embeddings",
+    )
+    diff = [
+        f"{f}: checkpoint {getattr(stored, f)} vs config {getattr(wanted, f)}"
+        for f in fields
+        if getattr(stored, f) != getattr(wanted, f)
+    ]
+    if diff:
+        raise ValueError(
+            f"checkpoint {where} holds another model shape ({'; '.join(diff)}); use its "
+            f"{MODEL_CONFIG_FILE} as the model section or pick the matching checkpoint"
+        )

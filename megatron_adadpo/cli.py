@@ -1,0 +1,39 @@
+"""The one shell of every command-line entry point (training, precompute, tools).
+
+``run(main, argv)`` calls ``main(argv)``; bad input (a config, data or file error: the message
+names the field or file and the fix) prints one ``error: ...`` line and exits with status 2
+instead of a traceback. A config error is the same on every rank of a torchrun launch, so only
+global rank 0 prints it; other errors are printed by each rank that hits them, with its rank.
+``MEGATRON_ADADPO_DEBUG=1`` re-raises, for the traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from megatron_adadpo.config import ConfigError
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError)
+
+
+def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:
+    """Exit status of ``main(argv)``: its return value (None = 0), or 2 on bad input."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("megatron_adadpo").setLevel(logging.INFO)
+    try:
+        status = main(sys.argv[1:] if argv is None else argv)
+    except USER_ERRORS as err:
+        if os.environ.get("MEGATRON_ADADPO_DEBUG") == "1":
+            raise
+        rank = os.environ.get("RANK")
+        if isinstance(err, ConfigError):
+            if rank in (None, "0"):
+                print(f"error: {err}", file=sys.stderr, flush=True)
+        else:
+            where = f"[rank {rank}] " if rank not in (None, "0") else ""
+            print(f"{where}error: {err}", file=sys.stderr, flush=True)
+        return 2
+    return 0 if status is None else int(status)

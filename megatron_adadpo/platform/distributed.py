@@ -1,0 +1,79 @@
+"""Start torch.distributed (nccl on GPUs, gloo on CPU) and Megatron's parallel state.
+
+On a machine without CUDA the entry point switches on the CPU compatibility layer first
+(``megatron_adadpo.platform.cpu.activate()``); nothing here does it implicitly.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+from megatron_adadpo.layout import ExecutionConfig
+from megatron_adadpo.platform.megatron import (
+    ProcessGroupCollection,
+    parallel_state,
+    process_groups,
+    tensor_parallel,
+)
+
+
+def init_distributed(timeout_s: float = 600.0) -> None:
+    """Initialise the default process group from torchrun's environment (idempotent).
+
+    NCCL with one GPU per local rank when CUDA is present, gloo otherwise. A plain ``python``
+    run (no ``RANK`` in the environment) is a world of one process.
+    """
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if dist.is_initialized():
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if "RANK" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def init_model_parallel(execution: ExecutionConfig, seed: int = 1234) -> ProcessGroupCollection:
+    """Create Megatron's TP/PP/CP/DP groups for ``execution``'s layout, seed its RNG tracker,
+    and return the groups (built once; passed to the step, log-prob and metric code)."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=execution.tp,
+        pipeline_model_parallel_size=execution.pp,
+        virtual_pipeline_model_parallel_size=execution.vpp,
+        context_parallel_size=execution.cp,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return process_groups()
+
+
+def destroy() -> None:
+    """Tear down Megatron's parallel state and the default process group."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_logging_rank() -> bool:
+    """Last pipeline stage, first TP / CP / DP rank: where the reduced loss metrics live."""
+    return (
+        parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        and parallel_state.get_tensor_model_parallel_rank() == 0
+        and parallel_state.get_context_parallel_rank() == 0
+        and parallel_state.get_data_parallel_rank() == 0
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,49 @@
+"""What this machine can run: CUDA, Transformer Engine, and the checks a config needs of them.
+
+No Megatron import: the config's environment check (``config.check_environment``) runs before
+anything is allocated, and the planner never calls it (it plans for another machine).
+"""
+
+from __future__ import annotations
+
+from megatron_adadpo.layout import ExecutionConfig
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def te_available() -> bool:
+    """True when Transformer Engine imports (it raises more than ImportError when broken)."""
+    try:
+        import transformer_engine  # noqa: F401
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def uses_transformer_engine(execution: ExecutionConfig) -> bool:
+    """``transformer_impl`` resolved: ``auto`` means TE on a CUDA machine that has it."""
+    if execution.transformer_impl == "auto":
+        return cuda_available() and te_available()
+    return execution.transformer_impl == "transformer_engine"
+
+
+def environment_errors(execution: ExecutionConfig) -> list[str]:
+    """Reasons this machine cannot run ``execution`` (each names the field and the fix)."""
+    errors = []
+    if execution.fp8 or execution.transformer_impl == "transformer_engine":
+        if not (cuda_available() and te_available()):
+            errors.append(
+                "execution.fp8 / transformer_impl=transformer_engine need Transformer Engine on "
+                "a CUDA GPU (pip install 'megatron_adadpo[gpu]'); set execution.fp8=null and "
+                "execution.transformer_impl=local to run without it"
+            )
+    if execution.cp > 1 and not uses_transformer_engine(execution):
+        errors.append(
+            "execution.cp > 1 needs Transformer Engine attention (GPU); set execution.cp=1"
+        )
+    return errors

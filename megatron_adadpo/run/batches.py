@@ -1,0 +1,74 @@
+"""The micro-batches of each step, in training order, on the training device.
+
+Order: ``PreferenceSampler`` (reshuffled per epoch by ``train.seed``, resumable from the number
+of consumed pairs, split over data-parallel ranks). Shapes: each micro-batch is padded to its
+longest row rounded up to the layout's ``pad_multiple``; with pipeline parallelism every
+micro-batch has ``data.max_length`` tokens, because Megatron's p2p buffers have a fixed shape.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_adadpo.config import Config
+from megatron_adadpo.data import PreferenceSampler, collate_pairs
+
+
+def training_device() -> torch.device:
+    """The current CUDA device, or the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class StepBatches:
+    """Turns sampler index lists into collated micro-batches on the training device."""
+
+    def __init__(self, dataset, sampler: PreferenceSampler, pad_multiple: int, fixed_length):
+        self.dataset = dataset
+        self.sampler = sampler
+        self.pad_multiple = pad_multiple
+        self.fixed_length = fixed_length
+        self.device = training_device()
+        self._indices = iter(sampler)
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.sampler.num_microbatches
+
+    def next_step(self) -> list[dict]:
+        """This rank's micro-batches of the next global batch (tensors on the device)."""
+        out = []
+        for _ in range(self.sampler.num_microbatches):
+            examples = [self.dataset[i] for i in next(self._indices)]
+            batch = collate_pairs(
+                examples, self.dataset.pad_id, self.pad_multiple, self.fixed_length
+            )
+            out.append({k: v.to(self.device) for k, v in batch.items() if v is not None})
+        return out
+
+
+def step_batches(
+    config: Config,
+    dataset,
+    dp_rank: int,
+    dp_size: int,
+    consumed_samples: int,
+    drop_last: bool = True,
+) -> StepBatches:
+    """Training order from ``consumed_samples`` on; ``drop_last=False`` visits every pair,
+    completing the last global batch by wrapping around (evaluation, reference precompute)."""
+    execution = config.execution
+    sampler = PreferenceSampler(
+        num_pairs=len(dataset),
+        global_batch_size=config.train.global_batch_size,
+        micro_batch_size=config.train.micro_batch_size,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        seed=config.train.seed,
+        consumed_samples=consumed_samples,
+        shuffle=True,
+        drop_last=drop_last,
+    )
+    fixed_length = config.data.max_length if execution.pp > 1 else None
+    return StepBatches(dataset, sampler, execution.pad_multiple, fixed_length)

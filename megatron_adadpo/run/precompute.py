@@ -1,0 +1,89 @@
+"""Precompute reference log-probs once: one forward-only pass of the reference model.
+
+Visits the pairs in epoch 0's training order (same seed, same micro-batches as training, so the
+values are bitwise those a resident reference would compute in the first epoch), completes the
+last global batch by wrap-around, and writes ``[N, 2]`` per-pair sums tied to the dataset's
+manifest identity (``reference.write_precomputed``). Training with ``reference.mode:
+precomputed`` then holds no reference model.
+
+    python tools/precompute_reference.py --config RUN.yaml --output DIR [--eval] [--set k=v]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from megatron_adadpo.config import Config, check_world_size, load_config
+from megatron_adadpo.platform import cpu
+from megatron_adadpo.platform.distributed import (
+    destroy,
+    init_distributed,
+    init_model_parallel,
+    is_logging_rank,
+)
+from megatron_adadpo.platform.megatron import parallel_state
+from megatron_adadpo.run.batches import step_batches
+from megatron_adadpo.run.reference import attach_forward_logps, freeze, write_precomputed
+from megatron_adadpo.run.step import StepContext
+from megatron_adadpo.run.trainer import build_policy, load_dataset
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Precompute reference log-probs to disk")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--output", required=True, help="directory for the reference values")
+    parser.add_argument("--eval", action="store_true", help="the eval.inputs pairs instead")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    config = load_config(args.config, [*args.set, "reference.mode=resident"])
+    cpu.activate()  # Megatron on a machine without CUDA; a no-op on GPU hosts
+    init_distributed()
+    check_world_size(config, dist.get_world_size())
+    groups = init_model_parallel(config.execution, seed=config.train.seed)
+    dataset = load_dataset(config, eval_split=args.eval)
+    model = freeze(build_policy(config))  # the reference is the initial policy
+    context = StepContext(config.loss, config.model.vocab_size, groups)
+    dp_rank, dp_size = dist.get_rank(groups.dp), dist.get_world_size(groups.dp)
+    batches = step_batches(config, dataset, dp_rank, dp_size, 0, drop_last=False)
+    steps = math.ceil(len(dataset) / config.train.global_batch_size)
+    ids, sums = [], []
+    for _ in tqdm(range(steps), desc="reference log-probs", disable=not is_logging_rank()):
+        micro = batches.next_step()
+        attach_forward_logps(model, micro, context)
+        for batch in micro:
+            if "reference_logps" in batch:
+                ids.append(batch["pair_ids"].cpu())
+                sums.append(batch["reference_logps"].view(-1, 2).cpu())
+    _gather_and_write(args.output, dataset, ids, sums, config, groups)
+    destroy()
+
+
+def _gather_and_write(output: str, dataset, ids: list, sums: list, config: Config, groups):
+    """Collect every DP rank's values on the logging rank and write them."""
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        dist.barrier()
+        return
+    local = (torch.cat(ids), torch.cat(sums)) if ids else None
+    parts = [None] * dist.get_world_size(groups.dp)
+    dist.all_gather_object(parts, local, group=groups.dp)
+    if is_logging_rank():
+        values = np.full((len(dataset), 2), np.nan, dtype=np.float32)
+        for pair_ids, pair_sums in parts:
+            values[pair_ids.numpy()] = pair_sums.numpy()
+        missing = int(np.isnan(values).any(axis=1).sum())
+        if missing:
+            raise RuntimeError(f"{missing} pairs received no reference value")
+        extra = {"init_checkpoint": config.train.init_checkpoint, "seed": config.train.seed}
+        write_precomputed(output, values, dataset.identity, extra)
+        print(f"[megatron_adadpo] wrote reference log-probs of {len(dataset)} pairs to {output}")
+    dist.barrier()

@@ -1,0 +1,231 @@
+"""The run: its pieces (data, policy, reference, DDP, optimizer, schedule) and its loop.
+
+``Trainer(config)`` builds everything inside an initialised process group and resumes from
+``<run_dir>/checkpoints/latest`` when asked; ``Trainer.train()`` runs the steps (micro-batches
+-> reference log-probs -> Megatron schedule forward / backward -> optimizer -> metrics -> eval ->
+checkpoint) and saves at the end. SIGTERM (Slurm preemption) saves at the next step boundary and
+stops. The module-level builders are shared with ``run/precompute.py``.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import torch.distributed as dist
+
+from megatron_adadpo.config import Config
+from megatron_adadpo.data import load_preference_dataset
+from megatron_adadpo.losses import reduce_metrics
+from megatron_adadpo.model.build import build_model
+from megatron_adadpo.model.initialization import init_layout_invariant
+from megatron_adadpo.planner.throughput import step_model_flops
+from megatron_adadpo.platform.distributed import init_model_parallel, is_logging_rank
+from megatron_adadpo.platform.hardware import peak_flops_per_device
+from megatron_adadpo.run import checkpoints
+from megatron_adadpo.run.batches import step_batches
+from megatron_adadpo.run.evaluation import Evaluator
+from megatron_adadpo.run.metrics import MetricsLogger, step_values
+from megatron_adadpo.run.optimizer import build_optimizer, build_scheduler, wrap_ddp
+from megatron_adadpo.run.reference import PrecomputedReference, ResidentReference
+from megatron_adadpo.run.step import StepContext, train_step
+
+
+def load_dataset(config: Config, eval_split: bool = False):
+    """Tokenize / load on rank 0 first (it fills the cache), then everyone else."""
+    data = config.data.replace(inputs=tuple(config.eval.inputs)) if eval_split else config.data
+    if dist.get_rank() == 0:
+        dataset = load_preference_dataset(data)
+    dist.barrier()
+    if dist.get_rank() != 0:
+        dataset = load_preference_dataset(data)
+    return dataset
+
+
+def build_policy(config: Config) -> list:
+    """The policy's model chunks with their initial weights (checkpoint or initialisation)."""
+    chunks = build_model(config.model, config.execution)
+    if config.train.init_checkpoint:
+        checkpoints.load_model(chunks, config.train.init_checkpoint, config.model)
+    elif config.train.init_method == "layout_invariant":
+        init_layout_invariant(chunks, config.train.seed, config.model.vocab_size)
+    return chunks
+
+
+def build_references(config: Config, policy_chunks: list, context: StepContext, datasets):
+    """(train reference, eval reference): resident model, precomputed values, or none."""
+    mode = config.reference_mode
+    if mode == "resident":
+        chunks = build_model(config.model, config.execution)
+        ref = ResidentReference(chunks, policy_chunks, context)
+        return ref, ref
+    if mode == "precomputed":
+        train_set, eval_set = datasets
+        train_ref = PrecomputedReference(config.reference.path, train_set.identity)
+        eval_ref = None
+        if eval_set is not None and config.reference.eval_path:
+            eval_ref = PrecomputedReference(config.reference.eval_path, eval_set.identity)
+        return train_ref, eval_ref
+    return None, None
+
+
+def total_steps(config: Config, dataset) -> int:
+    """``train.train_iters``, or ``train.epochs`` over the dataset's whole global batches."""
+    if config.train.train_iters is not None:
+        return config.train.train_iters
+    return config.train.epochs * (len(dataset) // config.train.global_batch_size)
+
+
+class Preemption:
+    """Remembers a SIGTERM so the loop can save and leave at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
+class Trainer:
+    """One training run inside an initialised default process group."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.groups = init_model_parallel(config.execution, seed=config.train.seed)
+        self.dp_rank = dist.get_rank(self.groups.dp)
+        self.dp_size = dist.get_world_size(self.groups.dp)
+        if dist.get_rank() == 0:
+            print(f"[megatron_adadpo] resolved config:\n{config.to_yaml()}", flush=True)
+        self.dataset = load_dataset(config)
+        eval_set = load_dataset(config, eval_split=True) if config.eval.interval else None
+        self.total_steps = total_steps(config, self.dataset)
+        self.context = StepContext(config.loss, config.model.vocab_size, self.groups)
+        chunks = build_policy(config)
+        self.reference, eval_reference = build_references(
+            config, chunks, self.context, (self.dataset, eval_set)
+        )
+        self.policy = wrap_ddp(chunks, config.optimizer)
+        self.optimizer = build_optimizer(self.policy, config.optimizer, config.execution.bf16)
+        self.scheduler = build_scheduler(
+            self.optimizer, config.optimizer, self.total_steps, config.train.global_batch_size
+        )
+        self.state = {"step": 0, "consumed_samples": 0, "dataset_identity": self.dataset.identity}
+        if config.checkpoint.resume:
+            self._resume()
+        self.batches = step_batches(
+            config, self.dataset, self.dp_rank, self.dp_size, self.state["consumed_samples"]
+        )
+        self.evaluator = None
+        if eval_set is not None:
+            self.evaluator = Evaluator(
+                config, self.policy, eval_reference, eval_set, self.context, *self._dp()
+            )
+
+    def _dp(self) -> tuple[int, int]:
+        return self.dp_rank, self.dp_size
+
+    def _resume(self) -> None:
+        where = checkpoints.latest_checkpoint(self.config.logging.run_dir)
+        if where is None:
+            return
+        self.state = checkpoints.load_training(
+            where, self.policy, self.optimizer, self.scheduler, self.config.model
+        )
+        checkpoints.check_resume_data(self.state, self.dataset.identity, where)
+        if dist.get_rank() == 0:
+            step = self.state["step"]
+            print(f"[megatron_adadpo] resumed from {where} at step {step}", flush=True)
+
+    def save(self) -> None:
+        checkpoints.save_training(
+            self.config.logging.run_dir,
+            self.state["step"],
+            self.policy,
+            self.optimizer,
+            self.scheduler,
+            self.state,
+            self.config.model,
+            self.config.to_yaml(),
+        )
+
+    def train(self) -> None:
+        """Run the remaining steps; save at the configured interval, on SIGTERM and at the end."""
+        config = self.config
+        logger = MetricsLogger(
+            config.logging.run_dir,
+            self.total_steps,
+            config.logging.tensorboard,
+            config.logging.progress,
+            active=is_logging_rank(),
+            start_step=self.state["step"],
+        )
+        preemption = Preemption()
+        stopped = False
+        while self.state["step"] < self.total_steps and not stopped:
+            stopped = self._step(logger, preemption.requested)
+            interval = config.checkpoint.save_interval
+            if stopped:
+                self.save()
+                if dist.get_rank() == 0:
+                    print(f"[megatron_adadpo] SIGTERM: saved step {self.state['step']}, exiting")
+            elif interval and self.state["step"] % interval == 0:
+                if self.state["step"] < self.total_steps:
+                    self.save()
+        if not stopped and config.checkpoint.save_at_end:
+            self.save()
+        logger.close()
+
+    def _step(self, logger: MetricsLogger, stop_requested: bool) -> bool:
+        """One optimizer step with its logging and evaluation; True when a rank asked to stop."""
+        config, state = self.config, self.state
+        start = time.monotonic()
+        batches = self.batches.next_step()
+        if self.reference is not None:
+            self.reference.attach(batches)
+        result = train_step(
+            self.policy,
+            self.optimizer,
+            self.scheduler,
+            batches,
+            self.context,
+            config.train.global_batch_size,
+            nan_policy=config.train.nan_policy,
+            step=state["step"] + 1,
+            stop_requested=stop_requested,
+        )
+        state["step"] += 1
+        state["consumed_samples"] += config.train.global_batch_size
+        logger.advance()
+        if state["step"] % config.logging.log_interval == 0 or state["step"] == self.total_steps:
+            values = self._throughput(result, time.monotonic() - start, batches)
+            logger.log(state["step"], values)
+        if self.evaluator is not None and state["step"] % config.eval.interval == 0:
+            eval_metrics = self.evaluator()
+            if eval_metrics:
+                values = reduce_metrics(eval_metrics)
+                values.pop("batch/tokens", None)
+                logger.log(state["step"], values, prefix="eval")
+        return result.stop
+
+    def _throughput(self, result, elapsed: float, batches: list[dict]) -> dict:
+        config = self.config
+        seq = batches[0]["tokens"].shape[1]
+        sequences = 2 * config.train.global_batch_size
+        flops = step_model_flops(
+            config.model, config.execution.tp, seq, sequences, config.reference_mode
+        )
+        peak_tflops = config.logging.peak_tflops
+        peak = peak_tflops * 1e12 if peak_tflops else peak_flops_per_device()
+        values = step_values(
+            result.metrics,
+            result.grad_norm,
+            self.optimizer.param_groups[0]["lr"],
+            elapsed,
+            config.train.global_batch_size,
+            self.batches.num_microbatches * self.dp_size,
+            flops,
+            peak * dist.get_world_size(),
+        )
+        values["skipped"] = float(result.skipped)
+        return values
