@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from megatron_adadpo.data.batching import batching_errors
 from megatron_adadpo.data.config import DataConfig
 from megatron_adadpo.layout import ExecutionConfig, layout_errors
 from megatron_adadpo.losses.config import LossConfig
@@ -213,12 +214,12 @@ def validate(config: Config) -> None:
     if config.data is None:
         raise ConfigError("config section 'data' is required (inputs, tokenizer, max_length)")
     train = config.train
-    errors = layout_errors(
+    errors = batching_errors(config.data, config.execution)  # before the layout: names data.*
+    errors += layout_errors(
         config.model,
         config.execution,
         micro_batch_size=train.micro_batch_size,
         global_batch_size=train.global_batch_size,
-        max_length=config.data.max_length,
     )
     if errors:
         raise ConfigError(errors[0])
@@ -243,9 +244,17 @@ def check_environment(config: Config) -> None:
     """Refuse what this machine cannot run (Transformer Engine / CUDA needs, optional packages
     the config asks for); no allocation. The planner, which plans for another machine, skips
     it."""
-    from megatron_adadpo.platform.environment import environment_errors
+    from megatron_adadpo.platform.environment import environment_errors, uses_transformer_engine
 
     errors = environment_errors(config.execution)
+    if config.data.batching == "packed" and config.execution.cp > 1:
+        if not uses_transformer_engine(config.execution):
+            errors.insert(
+                0,
+                "data.batching=packed with execution.cp > 1 needs Transformer "
+                "Engine's packed (THD) attention, which this machine lacks; use "
+                "data.batching=token_budget",
+            )
     if errors:
         raise ConfigError(errors[0])
     if config.logging.tensorboard:

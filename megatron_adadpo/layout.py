@@ -72,7 +72,6 @@ def layout_errors(
     *,
     micro_batch_size: int,
     global_batch_size: int,
-    max_length: int | None = None,
     world_size: int | None = None,
 ) -> list[str]:
     """Every reason the layout cannot run, each naming the field and the fix (``[]`` = fine).
@@ -88,12 +87,6 @@ def layout_errors(
     if bad:
         return bad
     errors = _model_errors(model, execution) + _choice_errors(execution)
-    pad = execution.pad_multiple
-    if max_length is not None and execution.pp > 1 and max_length % pad:
-        errors.append(
-            f"data.max_length={max_length} must be a multiple of {pad} (pipeline parallel runs "
-            "at a fixed sequence length padded for TP/CP)"
-        )
     if world_size is not None:
         errors += _world_errors(execution, world_size, micro_batch_size, global_batch_size)
     return errors

@@ -66,7 +66,11 @@ def _mask_vocab_padding(logits: torch.Tensor, vocab_size: int, tp_rank: int) -> 
 
 
 def sequence_logprobs(
-    token_logps: torch.Tensor, loss_mask: torch.Tensor, cp_group=None
+    token_logps: torch.Tensor,
+    loss_mask: torch.Tensor,
+    cp_group=None,
+    segment_ids: torch.Tensor | None = None,
+    num_sequences: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked per-sequence sums of token log-probs and completion token counts.
 
@@ -76,13 +80,25 @@ def sequence_logprobs(
     the gradient too, so with Megatron's per-token loss normaliser (which counts every CP rank)
     the weight gradients come out exactly as at CP = 1.
 
+    Packed rows (``data/packing.py``): a sequence is a segment of a row; ``segment_ids`` gives
+    each token's sequence index (``-1`` = padding, which the mask excludes) and the sums are
+    taken per segment: ``sum_k = sum_{b,t: seg[b, t] = k} mask[b, t] * logp[b, t]`` for
+    ``k < num_sequences``.
+
     Shapes:
-        token_logps: ``[b, s]`` fp32 per token; loss_mask: ``[b, s]`` (1 = completion token).
-        returns: (``[b]`` fp32 per-sequence sums, ``[b]`` fp32 token counts).
+        token_logps: ``[b, s]`` fp32 per token; loss_mask: ``[b, s]`` (1 = completion token);
+        segment_ids: int ``[b, s]`` or None.
+        returns: (``[n]`` fp32 per-sequence sums, ``[n]`` fp32 token counts); ``n = b``, or
+        ``num_sequences`` with segments.
     """
     mask = loss_mask > 0
-    sums = torch.where(mask, token_logps, torch.zeros_like(token_logps)).sum(dim=-1)
-    counts = mask.sum(dim=-1).to(torch.float32)
+    masked = torch.where(mask, token_logps, torch.zeros_like(token_logps))
+    if segment_ids is None:
+        sums, counts = masked.sum(dim=-1), mask.sum(dim=-1).to(torch.float32)
+    else:
+        index = segment_ids.clamp(min=0).flatten()  # padding adds its masked 0 to sequence 0
+        sums = masked.new_zeros(num_sequences).index_add(0, index, masked.flatten())
+        counts = masked.new_zeros(num_sequences).index_add(0, index, mask.flatten().float())
     if cp_group is not None and dist.get_world_size(cp_group) > 1:
         sums = differentiable_all_reduce(sums, group=cp_group)  # backward: all-reduced grads
         dist.all_reduce(counts, group=cp_group)

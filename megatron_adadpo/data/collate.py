@@ -35,6 +35,7 @@ def collate_pairs(
         tokens, labels, position_ids: int64 `[2B, S]` (per token).
         loss_mask: float32 `[2B, S]` (per token); `loss_mask.sum(1)` = completion lengths.
         pair_ids: int64 `[B]` (per pair).
+        real_tokens: int64 `[]`, the non-padding tokens (throughput metrics).
 
     Example (pad id 0, BOS 1, EOS 2; prompt [1, 10, 11], chosen answer [20], rejected [30, 31]):
 
@@ -52,24 +53,12 @@ def collate_pairs(
             [0., 0., 1., 1., 1., 0., 0., 0.]])
     >>> b["position_ids"][0]
     tensor([0, 1, 2, 3, 4, 5, 6, 7])
-    >>> b["loss_mask"].sum(1), b["pair_ids"], sorted(b)
-    (tensor([2., 3.]), tensor([7]), ['labels', 'loss_mask', 'pair_ids', 'position_ids', 'tokens'])
+    >>> b["loss_mask"].sum(1), b["pair_ids"], b["real_tokens"]
+    (tensor([2., 3.]), tensor([7]), tensor(11))
+    >>> sorted(b)
+    ['labels', 'loss_mask', 'pair_ids', 'position_ids', 'real_tokens', 'tokens']
     """
-    if not examples:
-        raise ValueError("collate_pairs needs at least one pair")
-    rows: list[np.ndarray] = []
-    prompt_lengths: list[int] = []
-    for ex in examples:
-        p = int(ex["prompt_length"])
-        for key in ("chosen_ids", "rejected_ids"):
-            ids = np.asarray(ex[key], dtype=np.int64)
-            if not 0 < p < len(ids):
-                raise ValueError(
-                    f"pair {ex.get('pair_id')}: {key} has {len(ids)} tokens and prompt_length "
-                    f"{p}; a sequence needs a prompt and at least one completion token"
-                )
-            rows.append(ids)
-            prompt_lengths.append(p)
+    rows, prompt_lengths = pair_sequences(examples)
     longest = max(len(r) for r in rows)
     if fixed_length is not None:
         if longest > fixed_length:
@@ -93,5 +82,32 @@ def collate_pairs(
         "labels": torch.from_numpy(labels),
         "loss_mask": torch.from_numpy(loss_mask),
         "position_ids": torch.arange(seq, dtype=torch.int64).unsqueeze(0).expand(n, seq).clone(),
-        "pair_ids": torch.tensor([int(ex["pair_id"]) for ex in examples], dtype=torch.int64),
+        "pair_ids": pair_ids(examples),
+        "real_tokens": torch.tensor(sum(len(r) for r in rows)),
     }
+
+
+def pair_sequences(examples: Sequence[dict[str, Any]]) -> tuple[list[np.ndarray], list[int]]:
+    """The pairs' sequences in interleaved order ``[c0, r0, c1, r1, ...]`` (int64 token ids)
+    and each one's prompt length; refuses a sequence without a prompt or a completion."""
+    if not examples:
+        raise ValueError("a micro-batch needs at least one pair")
+    rows: list[np.ndarray] = []
+    prompt_lengths: list[int] = []
+    for ex in examples:
+        p = int(ex["prompt_length"])
+        for key in ("chosen_ids", "rejected_ids"):
+            ids = np.asarray(ex[key], dtype=np.int64)
+            if not 0 < p < len(ids):
+                raise ValueError(
+                    f"pair {ex.get('pair_id')}: {key} has {len(ids)} tokens and prompt_length "
+                    f"{p}; a sequence needs a prompt and at least one completion token"
+                )
+            rows.append(ids)
+            prompt_lengths.append(p)
+    return rows, prompt_lengths
+
+
+def pair_ids(examples: Sequence[dict[str, Any]]) -> torch.Tensor:
+    """int64 ``[B]``: the stable id of each pair, in collate order."""
+    return torch.tensor([int(ex["pair_id"]) for ex in examples], dtype=torch.int64)

@@ -12,6 +12,7 @@ SCHEMAS = ("auto", "explicit", "implicit")
 TOKENIZER_KINDS = ("auto", "hf", "sentencepiece")
 OVERLENGTH = ("truncate", "drop")
 ON_ERROR = ("fail", "skip")
+BATCHING = ("fixed", "token_budget", "packed")  # data/batching.py
 
 # Settings that change the tokenized output; they enter the manifest identity.
 IDENTITY_FIELDS = (
@@ -59,6 +60,12 @@ class DataConfig:
         cache_dir: Where raw inputs tokenized on the fly are cached (None: default_cache_dir()).
         num_workers: Tokenizer processes for on-the-fly preprocessing.
         split: Split used for `hf:` specs and `DatasetDict` directories without one.
+        batching: How a step's pairs become micro-batches (`data/batching.py`): "fixed"
+            (`train.micro_batch_size` pairs each), "token_budget" (length-sorted pairs up to
+            `max_tokens_per_micro_batch` padded tokens each) or "packed" (several pairs per
+            row, attention confined to each sequence). The loss is the same in every mode.
+        max_tokens_per_micro_batch: Tokens per micro-batch, padding included, for
+            "token_budget" and "packed" (at least 2 x `max_length`: a pair is never split).
     """
 
     inputs: tuple[Any, ...] = ()
@@ -76,6 +83,8 @@ class DataConfig:
     cache_dir: str | None = None
     num_workers: int = 1
     split: str = "train"
+    batching: str = "fixed"
+    max_tokens_per_micro_batch: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.inputs, (str, os.PathLike, Mapping)):
@@ -90,6 +99,15 @@ class DataConfig:
         _choice("tokenizer_kind", self.tokenizer_kind, TOKENIZER_KINDS)
         _choice("overlength", self.overlength, OVERLENGTH)
         _choice("on_error", self.on_error, ON_ERROR)
+        _choice("batching", self.batching, BATCHING)
+        budget = self.max_tokens_per_micro_batch
+        if self.batching != "fixed" and (
+            not isinstance(budget, int) or isinstance(budget, bool) or budget < 1
+        ):
+            raise ValueError(
+                f"data.batching={self.batching} needs data.max_tokens_per_micro_batch (tokens "
+                f"per micro-batch, padding included; >= 2 x data.max_length); got {budget!r}"
+            )
         if not self.inputs and not self.preprocessed:
             raise ValueError("data.inputs is empty and data.preprocessed is unset: give one")
         if self.tokenizer is None and not self.preprocessed:

@@ -2,7 +2,11 @@
 
 Transformer Engine layer spec on GPUs when TE is installed (FP8 through TE's recipes); the local
 spec otherwise, with the plugin's ``RMSNorm`` (``model/norm.py``: unlike ``WrappedTorchNorm`` it
-supports sequence parallelism).
+supports sequence parallelism). Pipelines run with ``variable_seq_lengths`` (each micro-batch
+has its own length; Megatron exchanges shapes before each p2p transfer). For packed sequences
+on the local spec the attention's mask type is ``arbitrary``: the block-diagonal mask passed to
+``GPTModel`` is then the whole mask (with ``causal``, Megatron's fused softmax kernel builds its
+own causal mask and ignores a passed one).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from megatron_adadpo.model.config import ModelConfig
 from megatron_adadpo.model.norm import RMSNorm
 from megatron_adadpo.platform.environment import uses_transformer_engine
 from megatron_adadpo.platform.megatron import (
+    AttnMaskType,
     GPTModel,
     TransformerBlockSubmodules,
     TransformerConfig,
@@ -78,11 +83,33 @@ def transformer_config(model: ModelConfig, run: ExecutionConfig) -> TransformerC
         apply_rope_fusion=False,
         bias_dropout_fusion=False,
         cross_entropy_loss_fusion=False,
-        # Interleaved PP with batched p2p is silently wrong on gloo (Megatron-LM #750 / #1450).
-        batch_p2p_comm=on_gpu,
+        **_p2p_options(run, on_gpu),
+        # No MoE here; TransformerConfig refuses variable_seq_lengths with the default
+        # "allgather" MoE dispatcher (0.16.1 __post_init__), whether or not experts exist.
+        moe_token_dispatcher_type="alltoall",
         calculate_per_token_loss=True,
         **recompute,
         **fp8,
+    )
+
+
+def _p2p_options(run: ExecutionConfig, on_gpu: bool) -> dict:
+    """Pipeline p2p settings: variable micro-batch shapes, exchanged before each transfer.
+
+    ``variable_seq_lengths``: each micro-batch keeps its own length (Megatron sends the shape
+    first). The interleaved schedule overlaps its p2p (``overlap_p2p_comm``, Megatron-LM's
+    default with virtual stages), so no call sends two tensors to one peer: with
+    ``batch_p2p_comm`` at PP = 2 (next == prev rank) the shape exchange pairs the forward and
+    backward shapes crosswise (Megatron-LM #1450 / #5100). Without virtual stages, batched p2p
+    on GPUs; on gloo batched interleaved p2p is silently wrong (Megatron-LM #750).
+    """
+    if run.pp == 1:
+        return {}
+    interleaved = run.vpp is not None
+    return dict(
+        variable_seq_lengths=True,
+        overlap_p2p_comm=interleaved,
+        batch_p2p_comm=on_gpu and not interleaved,
     )
 
 
@@ -93,23 +120,38 @@ def _importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def layer_spec(config: TransformerConfig, run: ExecutionConfig, vp_stage: int | None):
-    """The decoder block spec for this pipeline stage (TE spec, or local spec + RMSNorm)."""
+def layer_spec(
+    config: TransformerConfig,
+    run: ExecutionConfig,
+    vp_stage: int | None,
+    packed_sequences: bool = False,
+):
+    """The decoder block spec for this pipeline stage (TE spec, or local spec + RMSNorm).
+
+    ``packed_sequences`` (local spec): attention mask type ``arbitrary``, so the block-diagonal
+    mask of a packed row (``data/packing.py``) is applied as given. TE takes packed rows through
+    ``PackedSeqParams`` (THD) with its causal spec.
+    """
     if uses_transformer_engine(run):
         return te_layer_spec(qk_layernorm=False)
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
     spec.submodules = dataclasses.replace(
         spec.submodules, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm
     )
+    if packed_sequences:
+        spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.arbitrary
     n_local = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[spec] * n_local, layer_norm=RMSNorm)
 
 
-def build_model(model: ModelConfig, run: ExecutionConfig) -> list[GPTModel]:
+def build_model(
+    model: ModelConfig, run: ExecutionConfig, packed_sequences: bool = False
+) -> list[GPTModel]:
     """One ``GPTModel`` per virtual pipeline stage of this rank (a list of one without VPP).
 
     Parallel state must be initialised for ``run``'s layout. Weights are on the current device
-    in ``params_dtype``; wrap them in Megatron DDP before training.
+    in ``params_dtype``; wrap them in Megatron DDP before training. ``packed_sequences``: the
+    run feeds packed rows (``data.batching: packed``), see ``layer_spec``.
     """
     config = transformer_config(model, run)
     chunks = []
@@ -117,7 +159,7 @@ def build_model(model: ModelConfig, run: ExecutionConfig) -> list[GPTModel]:
         stage = vp_stage if run.vpp else None
         pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
-        gpt = gpt_model(model, config, run, pre, post, stage)
+        gpt = gpt_model(model, config, run, pre, post, stage, packed_sequences)
         if torch.cuda.is_available():
             gpt.cuda(torch.cuda.current_device())
         chunks.append(gpt)
@@ -131,11 +173,12 @@ def gpt_model(
     pre_process: bool = True,
     post_process: bool = True,
     vp_stage: int | None = None,
+    packed_sequences: bool = False,
 ) -> GPTModel:
     """One Llama-family ``GPTModel`` chunk (RoPE, untied or tied embeddings, TP-padded vocab)."""
     gpt = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(config, run, vp_stage),
+        transformer_layer_spec=layer_spec(config, run, vp_stage, packed_sequences),
         vocab_size=model.padded_vocab_size(run.tp),
         max_sequence_length=model.max_position_embeddings,
         pre_process=pre_process,

@@ -115,7 +115,6 @@ def check_layout(p: PlanInput, cluster: Cluster) -> list[str]:
         e,
         micro_batch_size=p.micro_batch_size,
         global_batch_size=p.global_batch_size,
-        max_length=p.seq_length,
         world_size=None if errors else cluster.world_size,
     )
     if e.fp8 and cluster.gpu.fp8_tflops is None:

@@ -24,9 +24,11 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.package_info import __version__ as MEGATRON_VERSION
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
     get_num_layers_to_build,
@@ -37,6 +39,7 @@ from megatron_adadpo.platform.environment import te_available
 
 __all__ = [
     "MEGATRON_VERSION",
+    "AttnMaskType",
     "DType",
     "DistributedDataParallel",
     "DistributedDataParallelConfig",
@@ -45,6 +48,7 @@ __all__ = [
     "IndexedDatasetBuilder",
     "OptimizerConfig",
     "OptimizerParamScheduler",
+    "PackedSeqParams",
     "ProcessGroupCollection",
     "TransformerBlockSubmodules",
     "TransformerConfig",

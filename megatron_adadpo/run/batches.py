@@ -1,17 +1,26 @@
 """The micro-batches of each step, in training order, on the training device.
 
-Order: ``PreferenceSampler`` (reshuffled per epoch by ``train.seed``, resumable from the number
-of consumed pairs, split over data-parallel ranks). Shapes: each micro-batch is padded to its
-longest row rounded up to the layout's ``pad_multiple``; with pipeline parallelism every
-micro-batch has ``data.max_length`` tokens, because Megatron's p2p buffers have a fixed shape.
+Order: ``PreferenceSampler`` gives each step's global batch (reshuffled per epoch by
+``train.seed``, resumable from the number of consumed pairs); ``data/batching.py`` splits it
+over data-parallel ranks and micro-batches by ``data.batching`` (``fixed``, ``token_budget``,
+``packed``), the same way on every rank. Shapes: each micro-batch is padded to its own longest
+row rounded up to the layout's ``pad_multiple`` (pipelines too: ``variable_seq_lengths``), so the
+number of micro-batches and their shapes may change from step to step; a packed micro-batch is
+one row (``data/packing.py``) that reaches the attention as ``PackedSeqParams`` (Transformer
+Engine) or as a block-diagonal mask (local spec, ``run/packing.py``).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from megatron_adadpo.config import Config
 from megatron_adadpo.data import PreferenceSampler, collate_pairs
+from megatron_adadpo.data.batching import BatchingPolicy, batching_policy, plan_global_batch
+from megatron_adadpo.data.packing import collate_packed, split_packed_for_cp
+from megatron_adadpo.platform.environment import uses_transformer_engine
+from megatron_adadpo.run.packing import thd_params
 
 
 def training_device() -> torch.device:
@@ -21,54 +30,81 @@ def training_device() -> torch.device:
     return torch.device("cpu")
 
 
+def row_lengths(dataset) -> np.ndarray:
+    """int64 ``[N, 2]``: the chosen and rejected rows' token counts of every pair."""
+    prompt, chosen, rejected = dataset.lengths().T
+    return np.stack([prompt + chosen, prompt + rejected], axis=1)
+
+
 class StepBatches:
-    """Turns sampler index lists into collated micro-batches on the training device."""
+    """Turns each global batch of the sampler into this rank's collated micro-batches.
 
-    def __init__(self, dataset, sampler: PreferenceSampler, pad_multiple: int, fixed_length):
-        self.dataset = dataset
-        self.sampler = sampler
-        self.pad_multiple = pad_multiple
-        self.fixed_length = fixed_length
+    ``sampler`` yields whole global batches (``micro_batch_size = global_batch_size``, one DP
+    rank); ``step_lengths`` holds the row lengths ``[G, 2]`` of the last one (all ranks' pairs:
+    the step's useful FLOPs).
+    """
+
+    def __init__(
+        self,
+        dataset,
+        sampler: PreferenceSampler,
+        policy: BatchingPolicy,
+        dp: tuple[int, int],
+        cp: tuple[int, int] = (0, 1),
+        thd: bool = False,
+    ):
+        self.dataset, self.policy = dataset, policy
+        (self.dp_rank, self.dp_size), (self.cp_rank, self.cp_size) = dp, cp
+        self.thd = thd  # packed rows go to Transformer Engine as PackedSeqParams
+        self.lengths = row_lengths(dataset)
         self.device = training_device()
+        self.step_lengths = np.zeros((0, 2), dtype=np.int64)
         self._indices = iter(sampler)
-
-    @property
-    def num_microbatches(self) -> int:
-        return self.sampler.num_microbatches
 
     def next_step(self) -> list[dict]:
         """This rank's micro-batches of the next global batch (tensors on the device)."""
-        out = []
-        for _ in range(self.sampler.num_microbatches):
-            examples = [self.dataset[i] for i in next(self._indices)]
-            batch = collate_pairs(
-                examples, self.dataset.pad_id, self.pad_multiple, self.fixed_length
-            )
-            out.append({k: v.to(self.device) for k, v in batch.items() if v is not None})
-        return out
+        indices = next(self._indices)
+        self.step_lengths = self.lengths[indices]
+        plan = plan_global_batch(self.policy, self.step_lengths, self.dp_size)
+        return [self._collate([self.dataset[indices[p]] for p in m]) for m in plan[self.dp_rank]]
+
+    def _collate(self, examples: list[dict]) -> dict:
+        pad_id, multiple = self.dataset.pad_id, self.policy.pad_multiple
+        if self.policy.mode != "packed":
+            return _to_device(collate_pairs(examples, pad_id, multiple), self.device)
+        batch = collate_packed(examples, pad_id, multiple, self.policy.segment_multiple)
+        batch = _to_device(split_packed_for_cp(batch, self.cp_size, self.cp_rank), self.device)
+        if self.thd:
+            batch["packed_seq_params"] = thd_params(batch)
+        return batch
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def step_batches(
     config: Config,
     dataset,
-    dp_rank: int,
-    dp_size: int,
+    dp: tuple[int, int],
     consumed_samples: int,
     drop_last: bool = True,
+    cp: tuple[int, int] = (0, 1),
 ) -> StepBatches:
-    """Training order from ``consumed_samples`` on; ``drop_last=False`` visits every pair,
-    completing the last global batch by wrapping around (evaluation, reference precompute)."""
-    execution = config.execution
+    """Training order from ``consumed_samples`` on, for DP rank ``dp = (rank, size)`` and CP
+    rank ``cp = (rank, size)``; ``drop_last=False`` visits every pair, completing the last
+    global batch by wrapping around (evaluation, reference precompute)."""
     sampler = PreferenceSampler(
         num_pairs=len(dataset),
         global_batch_size=config.train.global_batch_size,
-        micro_batch_size=config.train.micro_batch_size,
-        dp_rank=dp_rank,
-        dp_size=dp_size,
+        micro_batch_size=config.train.global_batch_size,
+        dp_rank=0,
+        dp_size=1,
         seed=config.train.seed,
         consumed_samples=consumed_samples,
         shuffle=True,
         drop_last=drop_last,
     )
-    fixed_length = config.data.max_length if execution.pp > 1 else None
-    return StepBatches(dataset, sampler, execution.pad_multiple, fixed_length)
+    policy = batching_policy(config.data, config.execution, config.train.micro_batch_size)
+    thd = policy.mode == "packed" and uses_transformer_engine(config.execution)
+    return StepBatches(dataset, sampler, policy, dp, cp, thd)

@@ -18,20 +18,18 @@ class Evaluator:
         reference,
         dataset,
         context: StepContext,
-        dp_rank: int,
-        dp_size: int,
+        dp: tuple[int, int],
+        cp: tuple[int, int] = (0, 1),
     ):
         self.config, self.policy, self.reference = config, policy, reference
         self.dataset, self.context = dataset, context
-        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.dp, self.cp = dp, cp  # (rank, size)
         pairs = min(len(dataset), config.eval.max_pairs or len(dataset))
         self.steps = max(1, pairs // config.train.global_batch_size)
 
     def __call__(self) -> dict:
         """``[sum, count]`` metric tensors over the evaluated pairs (last stage; else {})."""
-        batches = step_batches(
-            self.config, self.dataset, self.dp_rank, self.dp_size, 0, drop_last=False
-        )
+        batches = step_batches(self.config, self.dataset, self.dp, 0, False, self.cp)
         metrics = []
         for _ in range(self.steps):
             micro = batches.next_step()

@@ -101,22 +101,25 @@ def step_values(
     lr: float,
     step_time: float,
     global_batch_size: int,
-    microbatches_per_step: int,
     flops: float,
     peak: float,
 ) -> dict[str, float]:
     """Host-side values of one step: loss metrics (means), grad norm, lr, throughput, MFU.
 
-    ``microbatches_per_step`` counts micro-batches over all DP ranks (``batch/tokens`` is a
-    per-micro-batch mean); ``flops`` is the model FLOPs of the whole global batch; ``peak`` the
-    summed peak FLOP/s of all devices.
+    ``batch/tokens`` and ``batch/real_tokens`` arrive as per-pair means (``token_metrics``):
+    times ``global_batch_size`` they are the step's processed and real (non-padding) tokens.
+    ``flops`` is the model FLOPs of the global batch's real tokens; ``peak`` the summed peak
+    FLOP/s of all devices.
     """
     values = reduce_metrics(metrics) if metrics else {}
-    tokens = values.pop("batch/tokens", float("nan")) * microbatches_per_step
+    tokens = values.pop("batch/tokens", float("nan")) * global_batch_size
+    real = values.pop("batch/real_tokens", float("nan")) * global_batch_size
     values["grad_norm"] = float("nan") if grad_norm is None else float(grad_norm)
     values["lr"] = lr
     values["step_time_s"] = step_time
     values["throughput/tokens_per_s"] = tokens / step_time
+    values["throughput/real_tokens_per_s"] = real / step_time
+    values["throughput/padding_fraction"] = 1.0 - real / tokens
     values["throughput/pairs_per_s"] = global_batch_size / step_time
     values["throughput/mfu"] = flops / step_time / peak if peak else float("nan")
     return values

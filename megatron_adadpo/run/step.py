@@ -32,6 +32,7 @@ from megatron_adadpo.losses import (
     preference_loss,
 )
 from megatron_adadpo.platform.megatron import ProcessGroupCollection, get_forward_backward_func
+from megatron_adadpo.run.packing import packed_attention
 
 
 @dataclass(frozen=True)
@@ -44,20 +45,22 @@ class StepContext:
 
 
 def policy_forward(model, batch: dict) -> torch.Tensor:
-    """Vocab-parallel logits ``[2B, S, v/tp]`` on the last stage (hidden states elsewhere).
+    """Vocab-parallel logits ``[b, S, v/tp]`` on the last stage (hidden states elsewhere).
 
-    Shapes: tokens / position_ids ``[2B, S]``.
+    Shapes: tokens / position_ids ``[b, S]``: ``b = 2B`` rows, or one packed row (``b = 1``)
+    whose attention is confined to each sequence (``run/packing.py``).
     """
-    return model(batch["tokens"], batch["position_ids"], None)
+    return model(batch["tokens"], batch["position_ids"], **packed_attention(batch))
 
 
 def sequence_sums(
     logits: torch.Tensor, batch: dict, context: StepContext
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence completion log-prob sums and token counts, both ``[2B]`` fp32.
+    """Per-sequence completion log-prob sums and token counts, both ``[2B]`` fp32
+    (``[c0, r0, c1, r1, ...]``, packed or not).
 
     Megatron's vocab-parallel CE over the true vocabulary (TP padding rows masked), summed over
-    completion tokens and reduced over the context-parallel group.
+    completion tokens (per segment of a packed row) and reduced over the context-parallel group.
     """
     logps = token_logprobs(
         logits.transpose(0, 1),
@@ -65,7 +68,13 @@ def sequence_sums(
         tp_group=context.groups.tp,
         vocab_size=context.vocab_size,
     )
-    return sequence_logprobs(logps, batch["loss_mask"], context.groups.cp)
+    return sequence_logprobs(
+        logps,
+        batch["loss_mask"],
+        context.groups.cp,
+        segment_ids=batch.get("segment_ids"),
+        num_sequences=2 * batch["pair_ids"].numel(),
+    )
 
 
 def loss_func(context: StepContext, batch: dict, logits: torch.Tensor):
@@ -85,11 +94,23 @@ def loss_func(context: StepContext, batch: dict, logits: torch.Tensor):
         reference_rejected_logps=None if ref is None else ref[1::2],
         chosen_nll=chosen_nll,
     )
-    tokens = torch.full_like(losses.detach().sum(), batch["tokens"].numel())  # incl. padding
-    metrics["batch/tokens"] = torch.stack([tokens, torch.ones_like(tokens)])
+    metrics.update(token_metrics(batch, losses, dist.get_world_size(context.groups.cp)))
     n_valid = metrics["pairs/valid"][0].to(torch.int)
     report = {"metrics": metrics, "losses": losses.detach(), "pair_ids": batch["pair_ids"]}
     return losses.sum(), n_valid, report
+
+
+def token_metrics(batch: dict, losses: torch.Tensor, cp_size: int) -> dict[str, torch.Tensor]:
+    """``batch/tokens`` (processed, padding included, all CP ranks) and ``batch/real_tokens``
+    (non-padding), each ``[tokens, pairs]``: summed over micro-batches and DP ranks, their mean
+    times the global batch size is the step's total whatever the micro-batch count."""
+    pairs = torch.full_like(losses.detach().sum(), losses.numel())
+    processed = torch.full_like(pairs, batch["tokens"].numel() * cp_size)
+    real = batch["real_tokens"].to(pairs)
+    return {
+        "batch/tokens": torch.stack([processed, pairs]),
+        "batch/real_tokens": torch.stack([real, pairs]),
+    }
 
 
 def forward_step(context: StepContext, data_iterator: Iterator, model):

@@ -42,9 +42,15 @@ def load_dataset(config: Config, eval_split: bool = False):
     return dataset
 
 
+def packed_sequences(config: Config) -> bool:
+    """The run feeds packed rows (``data.batching: packed``): the model's attention takes them
+    (``model/build.py``)."""
+    return config.data.batching == "packed"
+
+
 def build_policy(config: Config) -> list:
     """The policy's model chunks with their initial weights (checkpoint or initialisation)."""
-    chunks = build_model(config.model, config.execution)
+    chunks = build_model(config.model, config.execution, packed_sequences(config))
     if config.train.init_checkpoint:
         checkpoints.load_model(chunks, config.train.init_checkpoint, config.model)
     elif config.train.init_method == "layout_invariant":
@@ -56,7 +62,7 @@ def build_references(config: Config, policy_chunks: list, context: StepContext, 
     """(train reference, eval reference): resident model, precomputed values, or none."""
     mode = config.reference_mode
     if mode == "resident":
-        chunks = build_model(config.model, config.execution)
+        chunks = build_model(config.model, config.execution, packed_sequences(config))
         ref = ResidentReference(chunks, policy_chunks, context)
         return ref, ref
     if mode == "precomputed":
@@ -114,16 +120,19 @@ class Trainer:
         if config.checkpoint.resume:
             self._resume()
         self.batches = step_batches(
-            config, self.dataset, self.dp_rank, self.dp_size, self.state["consumed_samples"]
+            config, self.dataset, self._dp(), self.state["consumed_samples"], cp=self._cp()
         )
         self.evaluator = None
         if eval_set is not None:
             self.evaluator = Evaluator(
-                config, self.policy, eval_reference, eval_set, self.context, *self._dp()
+                config, self.policy, eval_reference, eval_set, self.context, self._dp(), self._cp()
             )
 
     def _dp(self) -> tuple[int, int]:
         return self.dp_rank, self.dp_size
+
+    def _cp(self) -> tuple[int, int]:
+        return dist.get_rank(self.groups.cp), dist.get_world_size(self.groups.cp)
 
     def _resume(self) -> None:
         where = checkpoints.latest_checkpoint(self.config.logging.run_dir)
@@ -198,23 +207,22 @@ class Trainer:
         state["consumed_samples"] += config.train.global_batch_size
         logger.advance()
         if state["step"] % config.logging.log_interval == 0 or state["step"] == self.total_steps:
-            values = self._throughput(result, time.monotonic() - start, batches)
+            values = self._throughput(result, time.monotonic() - start)
             logger.log(state["step"], values)
         if self.evaluator is not None and state["step"] % config.eval.interval == 0:
             eval_metrics = self.evaluator()
             if eval_metrics:
                 values = reduce_metrics(eval_metrics)
-                values.pop("batch/tokens", None)
+                for throughput_only in ("batch/tokens", "batch/real_tokens"):
+                    values.pop(throughput_only, None)
                 logger.log(state["step"], values, prefix="eval")
         return result.stop
 
-    def _throughput(self, result, elapsed: float, batches: list[dict]) -> dict:
+    def _throughput(self, result, elapsed: float) -> dict:
         config = self.config
-        seq = batches[0]["tokens"].shape[1]
-        sequences = 2 * config.train.global_batch_size
         flops = step_model_flops(
-            config.model, config.execution.tp, seq, sequences, config.reference_mode
-        )
+            config.model, config.execution.tp, self.batches.step_lengths, 1, config.reference_mode
+        ).sum()  # the real tokens' FLOPs, sequence by sequence: padding is not model work
         peak_tflops = config.logging.peak_tflops
         peak = peak_tflops * 1e12 if peak_tflops else peak_flops_per_device()
         values = step_values(
@@ -223,8 +231,7 @@ class Trainer:
             self.optimizer.param_groups[0]["lr"],
             elapsed,
             config.train.global_batch_size,
-            self.batches.num_microbatches * self.dp_size,
-            flops,
+            float(flops),
             peak * dist.get_world_size(),
         )
         values["skipped"] = float(result.skipped)

@@ -178,7 +178,11 @@ def test_time_scales_with_mfu_and_gpus():
         (["train.global_batch_size=127"], {}, "train.global_batch_size=127 must be divisible"),
         (["execution.sequence_parallel=true", "execution.tp=1"], {}, "needs execution.tp > 1"),
         (["execution.recompute=everything"], {}, "execution.recompute='everything'"),
-        (["data.max_length=2047"], {}, "data.max_length=2047 must be a multiple of 8"),
+        (
+            ["data.batching=token_budget", "data.max_tokens_per_micro_batch=4000"],
+            {},
+            "data.max_tokens_per_micro_batch=4000 is smaller than the longest pair",
+        ),
         (["execution.fp8=hybrid"], {"gpu": "a100"}, "needs FP8 tensor cores"),
     ],
 )
