@@ -94,10 +94,10 @@ def bench_loading(tmp: str, tokenizer: str, steps: int) -> tuple[float, float]:
     sampler = iter(PreferenceSampler(len(ds), gbs, mbs, dp_rank=0, dp_size=1, seed=0))
     n = steps * (gbs // mbs)
     for _ in range(50):  # warm-up
-        collate_pairs([ds[i] for i in next(sampler)], ds.pad_id, fixed_length=seq)
+        collate_pairs([ds[i] for i in next(sampler)], ds.pad_id, pad_to_multiple_of=seq)
     start = time.perf_counter()
     for _ in range(n):
-        batch = collate_pairs([ds[i] for i in next(sampler)], ds.pad_id, fixed_length=seq)
+        batch = collate_pairs([ds[i] for i in next(sampler)], ds.pad_id, pad_to_multiple_of=seq)
     per_mb = (time.perf_counter() - start) / n
     assert batch["tokens"].shape == (2 * mbs, seq)
     per_step = per_mb * (gbs // mbs)

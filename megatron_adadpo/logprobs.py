@@ -98,7 +98,8 @@ def sequence_logprobs(
     else:
         index = segment_ids.clamp(min=0).flatten()  # padding adds its masked 0 to sequence 0
         sums = masked.new_zeros(num_sequences).index_add(0, index, masked.flatten())
-        counts = masked.new_zeros(num_sequences).index_add(0, index, mask.flatten().float())
+        ones = mask.flatten().to(torch.float32)
+        counts = ones.new_zeros(num_sequences).index_add(0, index, ones)
     if cp_group is not None and dist.get_world_size(cp_group) > 1:
         sums = differentiable_all_reduce(sums, group=cp_group)  # backward: all-reduced grads
         dist.all_reduce(counts, group=cp_group)

@@ -15,7 +15,6 @@ def collate_pairs(
     examples: Sequence[dict[str, Any]],
     pad_token_id: int,
     pad_to_multiple_of: int = 1,
-    fixed_length: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Stack B pairs into an interleaved `[2B, S]` micro-batch, right-padded.
 
@@ -28,8 +27,8 @@ def collate_pairs(
     - No attention mask (the step passes None): padding is on the right, so with Megatron's
       causal mask (`AttnMaskType.causal`, local and TE attention) no real token attends to a
       pad, and pad positions carry no loss.
-    - `S` = longest row rounded up to `pad_to_multiple_of` (see `pad_multiple`), or
-      `fixed_length` when given (pipeline parallel needs fixed shapes).
+    - `S` = longest row rounded up to `pad_to_multiple_of` (see `pad_multiple`); pipelines
+      exchange each micro-batch's shape (`variable_seq_lengths`), so no fixed length is needed.
 
     Shapes:
         tokens, labels, position_ids: int64 `[2B, S]` (per token).
@@ -59,16 +58,7 @@ def collate_pairs(
     ['labels', 'loss_mask', 'pair_ids', 'position_ids', 'real_tokens', 'tokens']
     """
     rows, prompt_lengths = pair_sequences(examples)
-    longest = max(len(r) for r in rows)
-    if fixed_length is not None:
-        if longest > fixed_length:
-            raise ValueError(
-                f"a sequence has {longest} tokens, more than fixed_length={fixed_length}: "
-                "preprocess with max_length <= the model's sequence length"
-            )
-        seq = fixed_length
-    else:
-        seq = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    seq = -(-max(len(r) for r in rows) // pad_to_multiple_of) * pad_to_multiple_of
     n = len(rows)
     tokens = np.full((n, seq), pad_token_id, dtype=np.int64)
     loss_mask = np.zeros((n, seq), dtype=np.float32)

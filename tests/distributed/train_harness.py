@@ -86,6 +86,49 @@ def first_step_gradients(rank: int, world: int, argv: list[str]) -> dict | None:
     return _gather_full_grads(trainer.policy, config.model.vocab_size)
 
 
+def train_capturing_step_one(rank: int, world: int, argv: list[str]) -> dict:
+    """Run the real trainer to the end and capture step 1 on the way.
+
+    Returns ``{"grads": ...}`` (full step-1 gradients on rank 0 as ``first_step_gradients``
+    gives them, taken when the optimizer steps: after Megatron's grad finalisation, before
+    clipping) and ``"micro_batches"``: this rank's step-1 micro-batches as
+    ``(pair_ids, rows, segment_ids or None)`` on the host.
+    """
+    from megatron_adadpo.config import check_world_size, load_config
+    from megatron_adadpo.run.trainer import Trainer
+
+    args = train.parse_args(argv)
+    config = load_config(args.config, args.set)
+    check_world_size(config, world)
+    trainer = Trainer(config)
+    captured: dict = {}
+    next_step, optimizer_step = trainer.batches.next_step, trainer.optimizer.step
+
+    def capturing_next_step():
+        batches = next_step()
+        captured.setdefault("micro_batches", [_layout(b) for b in batches])
+        return batches
+
+    def capturing_optimizer_step(*a, **kw):
+        if "grads" not in captured:
+            captured["grads"] = _gather_full_grads(trainer.policy, config.model.vocab_size)
+        return optimizer_step(*a, **kw)
+
+    trainer.batches.next_step = capturing_next_step
+    trainer.optimizer.step = capturing_optimizer_step
+    trainer.train()
+    return captured
+
+
+def _layout(batch: dict) -> tuple:
+    segments = batch.get("segment_ids")
+    return (
+        batch["pair_ids"].tolist(),
+        batch["tokens"].shape[0],
+        None if segments is None else segments.cpu(),
+    )
+
+
 def _gather_full_grads(policy: list, vocab_size: int) -> dict | None:
     tp = parallel_state.get_tensor_model_parallel_world_size()
     tp_group = parallel_state.get_tensor_model_parallel_group()

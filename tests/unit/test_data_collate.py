@@ -33,7 +33,7 @@ def test_docstring_example_runs():
 
 def test_example_tensors_written_by_hand():
     b = collate_pairs([EX, {**EX, "pair_id": 9}], pad_token_id=0, pad_to_multiple_of=4)
-    assert set(b) == {"tokens", "labels", "loss_mask", "position_ids", "pair_ids"}
+    assert set(b) == {"tokens", "labels", "loss_mask", "position_ids", "pair_ids", "real_tokens"}
     t = torch.tensor
     assert torch.equal(
         b["tokens"][:2], t([[1, 10, 11, 20, 2, 0, 0, 0], [1, 10, 11, 30, 31, 2, 0, 0]])
@@ -89,11 +89,9 @@ def itertools_take(sampler, n):
     return [next(it) for _ in range(n)]
 
 
-def test_fixed_length_and_refusal():
-    b = collate_pairs([EX], pad_token_id=0, fixed_length=16)
+def test_padding_multiple_and_refusal():
+    b = collate_pairs([EX], pad_token_id=0, pad_to_multiple_of=16)
     assert b["tokens"].shape == (2, 16) and b["position_ids"][1, 15].item() == 15
-    with pytest.raises(ValueError, match="fixed_length=5"):
-        collate_pairs([EX], pad_token_id=0, fixed_length=5)
     with pytest.raises(ValueError, match="prompt_length"):
         collate_pairs([{**EX, "prompt_length": 5}], pad_token_id=0)
 
