@@ -3,6 +3,7 @@
 
     python tools/plan.py --recipe examples/recipes/llama3_70b_adadpo.yaml --gpu h100 --nodes 8
     python tools/plan.py --recipe R.yaml --gpu h200 --set execution.pp=2 --mfu 0.35 --json
+    python tools/plan.py --recipe R.yaml --lengths ultrafeedback   # batching on real lengths
 
 Exit status: 0 when the layout fits, 1 when it does not (suggestions are printed), 2 when the
 layout cannot run at all (the reasons are printed: one ``error: layout refused: ...`` line, or
@@ -53,6 +54,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="mean tokens per sequence for FLOPs (default: data.max_length)",
     )
     ap.add_argument(
+        "--lengths",
+        default=None,
+        metavar="PROFILE",
+        help="pair lengths to run the recipe's data.batching on: 'ultrafeedback' (synthetic, "
+        "published statistics) or a preprocessed data directory (its manifest's histogram); "
+        "default: every sequence is --avg-seq-len or data.max_length tokens",
+    )
+    ap.add_argument(
         "--pairs", type=int, default=None, help="training pairs, to print the time of one epoch"
     )
     ap.add_argument("--no-suggest", action="store_true", help="skip the layout search")
@@ -64,7 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         p, cluster = load(
-            args.recipe, args.overrides, args.gpu, args.nodes, args.gpus_per_node, args.gpus
+            args.recipe,
+            args.overrides,
+            args.gpu,
+            args.nodes,
+            args.gpus_per_node,
+            args.gpus,
+            lengths=args.lengths,
         )
         if args.avg_seq_len:
             p = p.replace(avg_seq_length=args.avg_seq_len)

@@ -187,15 +187,17 @@ def _check_budget(policy: BatchingPolicy, lengths: np.ndarray) -> None:
         )
 
 
-def batching_policy(data, execution, micro_batch_size: int) -> BatchingPolicy:
-    """The policy of a run's ``DataConfig``, ``ExecutionConfig`` and micro-batch size."""
-    packed_cp = data.batching == "packed" and execution.cp > 1
+def batching_policy(
+    mode: str, max_tokens: int | None, execution, micro_batch_size: int
+) -> BatchingPolicy:
+    """The policy of ``data.batching`` / ``data.max_tokens_per_micro_batch`` under a layout
+    (``ExecutionConfig``) and ``train.micro_batch_size``."""
     return BatchingPolicy(
-        mode=data.batching,
+        mode=mode,
         micro_batch_size=micro_batch_size,
-        max_tokens=data.max_tokens_per_micro_batch,
+        max_tokens=max_tokens,
         pad_multiple=execution.pad_multiple,
-        segment_multiple=2 * execution.cp if packed_cp else 1,
+        segment_multiple=2 * execution.cp if mode == "packed" and execution.cp > 1 else 1,
         microbatch_multiple=execution.pp if execution.vpp else 1,
     )
 
@@ -212,7 +214,7 @@ def batching_errors(data, execution) -> list[str]:
             "packed (THD) attention; the local spec has no context-parallel packing: use "
             "data.batching=token_budget, or execution.transformer_impl=transformer_engine"
         )
-    policy = batching_policy(data, execution, 1)
+    policy = batching_policy(data.batching, data.max_tokens_per_micro_batch, execution, 1)
     longest = policy.longest_pair_tokens(data.max_length)
     if data.max_tokens_per_micro_batch < longest:
         errors.append(

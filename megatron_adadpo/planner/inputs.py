@@ -16,7 +16,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from megatron_adadpo.config import Config, ConfigError, from_dict, read_yaml
+from megatron_adadpo.data.batching import BatchingPolicy, batching_policy
 from megatron_adadpo.layout import ExecutionConfig, data_parallel_size, layout_errors
 from megatron_adadpo.model.config import ModelConfig
 from megatron_adadpo.platform.hardware import GpuSpec, gpu_spec
@@ -45,9 +48,12 @@ class PlanInput:
     """One training run's shape: model, execution (layout, precision), batch, reference mode.
 
     ``micro_batch_size`` and ``global_batch_size`` count preference *pairs* (two sequences each).
-    ``seq_length`` is the padded length (``data.max_length``); ``avg_seq_length`` the mean tokens
-    per sequence for FLOPs (None: ``seq_length``, which pipeline-parallel runs always use).
-    ``reference`` is the effective reference mode (``Config.reference_mode``).
+    ``seq_length`` is the longest row (``data.max_length``); ``avg_seq_length`` the mean tokens
+    per sequence for FLOPs (None: ``seq_length``). ``reference`` is the effective reference mode
+    (``Config.reference_mode``). ``batching`` / ``max_tokens_per_micro_batch`` are the data
+    section's; ``row_lengths`` (int ``[n, 2]``, chosen and rejected rows of pairs drawn from a
+    length profile) lets the planner run the batching policy on realistic lengths
+    (``planner/batching.py``); without it every sequence is ``avg_seq_length`` tokens.
     """
 
     model: ModelConfig
@@ -59,6 +65,9 @@ class PlanInput:
     distributed_optimizer: bool = True
     reference: str = "resident"  # "resident" | "precomputed" | "none"
     grad_bytes: int = 4  # Megatron DDP main-grad buffer: fp32 (grads accumulated/reduced in fp32)
+    batching: str = "fixed"  # "fixed" | "token_budget" | "packed" (data.batching)
+    max_tokens_per_micro_batch: int | None = None
+    row_lengths: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def replace(self, **changes) -> PlanInput:
         return dataclasses.replace(self, **changes)
@@ -71,6 +80,24 @@ class PlanInput:
     def flash_attention(self) -> bool:
         """GPU runs use Transformer Engine's fused attention unless the local spec is forced."""
         return self.execution.transformer_impl != "local"
+
+    @property
+    def policy(self) -> BatchingPolicy:
+        """The trainer's batching policy for this layout (``data/batching.py``)."""
+        return batching_policy(
+            self.batching, self.max_tokens_per_micro_batch, self.execution, self.micro_batch_size
+        )
+
+    @property
+    def micro_batch_shape(self) -> tuple[float, float]:
+        """``(rows, tokens per row)`` of the largest micro-batch, for memory: ``fixed``
+        ``[2 x micro_batch_size, seq_length]``; ``token_budget`` at most ``max_tokens``, rows of
+        up to ``seq_length``; ``packed`` one row of ``max_tokens``."""
+        if self.batching == "packed":
+            return 1.0, float(self.max_tokens_per_micro_batch)
+        if self.batching == "token_budget":
+            return self.max_tokens_per_micro_batch / self.seq_length, float(self.seq_length)
+        return 2.0 * self.micro_batch_size, float(self.seq_length)
 
     def layout_str(self) -> str:
         e = self.execution
@@ -99,6 +126,8 @@ def plan_input(config: Config) -> PlanInput:
         seq_length=config.data.max_length,
         distributed_optimizer=config.optimizer.use_distributed_optimizer,
         reference=config.reference_mode,
+        batching=config.data.batching,
+        max_tokens_per_micro_batch=config.data.max_tokens_per_micro_batch,
     )
 
 

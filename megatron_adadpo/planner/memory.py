@@ -7,7 +7,7 @@ Model (bytes; ``e`` = 2 for bf16, 4 for fp32; ``P`` = parameters on the rank):
   and reduced in fp32), never sharded;
 - optimizer: fp32 master weights (bf16 runs) + Adam ``m``, ``v``: ``(4 + 8)*P``, divided by
   ``DP*CP`` with the distributed optimizer (Megatron shards over the data x context group);
-- activations: per layer and micro-batch (``s`` = seq/CP, ``b`` = 2 x pairs, ``t`` = TP, ``q`` =
+- activations: per layer and micro-batch (``s`` = seq/CP, ``b`` = rows, ``t`` = TP, ``q`` =
   heads*head_dim, ``kv`` = groups*head_dim, ``f`` = ffn):
   ``[2e*sbh (two RMSNorm inputs) + 2e'*sbh (QKV and fc1 inputs)] / t_sp``
   ``+ [e*sb(q + 2kv) + e'*sbq (proj input) + 2e*sbf (SwiGLU input) + e'*sbf (fc2 input)] / t``
@@ -20,6 +20,9 @@ Model (bytes; ``e`` = 2 for bf16, 4 for fp32; ``P`` = parameters on the rank):
 - in flight: rank ``r`` of 1F1B holds ``min(PP - r, M)`` micro-batches of its ``L/PP`` layers;
   the interleaved schedule holds ``min(M*V, 2(PP - r - 1) + (V - 1)*PP + 1)`` chunks of
   ``L/(PP*V)`` layers (rank 0: ``L*(1 + (PP-1)/(PP*V))`` layers, as in Korthikanti et al.);
+- the largest micro-batch's shape ``[b, s]`` (``PlanInput.micro_batch_shape``): ``[2 x pairs,
+  max_length]`` (fixed), at most ``max_tokens_per_micro_batch`` tokens in rows of up to
+  ``max_length`` (token_budget), one row of ``max_tokens_per_micro_batch`` (packed);
 - logits (last rank): ``[s, b, V_pad/t]`` bf16 logits + their fp32 copy kept by
   ``vocab_parallel_cross_entropy`` for backward (6 bytes/element; 8 in fp32 runs);
 - workspace: one more layer's full activations (backward / recompute of the current layer);
@@ -95,7 +98,8 @@ def layer_activation_bytes(p: PlanInput, stored: bool = True) -> float:
     m, x = p.model, p.execution
     t, e = x.tp, elem_bytes(p)
     lin = 1 if x.fp8 else e
-    s, b, h, f = p.seq_length / x.cp, 2 * p.micro_batch_size, m.hidden_size, m.ffn_hidden_size
+    rows, seq = p.micro_batch_shape
+    s, b, h, f = seq / x.cp, rows, m.hidden_size, m.ffn_hidden_size
     q = m.num_attention_heads * m.head_dim
     kv = m.query_groups * m.head_dim
     t_sp = t if x.sequence_parallel else 1
@@ -128,7 +132,8 @@ def logits_bytes(p: PlanInput) -> float:
     x = p.execution
     vocab = p.model.padded_vocab_size(x.tp) / x.tp
     per_elem = 6 if x.bf16 else 8
-    return p.seq_length / x.cp * 2 * p.micro_batch_size * vocab * per_elem
+    rows, seq = p.micro_batch_shape
+    return seq / x.cp * rows * vocab * per_elem
 
 
 def stage_memory(p: PlanInput, dp: int, num_micro: int, pp_rank: int) -> StageMemory:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from megatron_adadpo.data.length_profile import load_profile
 from megatron_adadpo.layout import data_parallel_size
+from megatron_adadpo.planner.batching import BatchingEstimate, estimate_batching
 from megatron_adadpo.planner.inputs import (
     Cluster,
     PlanInput,
@@ -28,10 +30,11 @@ class Plan:
     input: PlanInput
     cluster: Cluster
     dp: int
-    num_micro: int
+    num_micro: float  # micro-batches per DP rank and step (a mean under token budgets)
     stages: list[StageMemory]
     cost: StepCost
     warnings: list[str] = field(default_factory=list)
+    batching: BatchingEstimate | None = None  # the policy on the length profile, if given
 
     @property
     def peak(self) -> StageMemory:
@@ -87,6 +90,11 @@ class Plan:
             "peak_reserved_gib": self.peak.reserved / GIB,
             "fits": self.fits,
             "step": self.cost.to_dict(),
+            "batching": {
+                "mode": p.batching,
+                "max_tokens_per_micro_batch": p.max_tokens_per_micro_batch,
+                **(self.batching.to_dict() if self.batching else {}),
+            },
             "warnings": list(self.warnings),
         }
 
@@ -95,10 +103,16 @@ def make_plan(p: PlanInput, cluster: Cluster, mfu: float | None = None) -> Plan:
     """Plan ``p`` on ``cluster``; raises ``LayoutError`` with every reason it cannot run."""
     warnings = check_layout(p, cluster)
     dp = data_parallel_size(p.execution, cluster.world_size)
-    micro = num_micro_batches(p, cluster)
-    stages = memory_plan(p, dp, micro)
-    cost = step_cost(p, cluster.gpu, cluster.world_size, micro, mfu)
-    plan = Plan(p, cluster, dp, micro, stages, cost, warnings)
+    estimate = None
+    if p.row_lengths is not None:
+        estimate = estimate_batching(
+            p.policy, p.row_lengths, p.global_batch_size, dp, p.model, p.execution.tp,
+            flash=p.flash_attention,
+        )  # fmt: skip
+    micro = estimate.micro_batches if estimate else num_micro_batches(p, cluster)
+    stages = memory_plan(p, dp, max(1, round(micro)))
+    cost = step_cost(p, cluster.gpu, cluster.world_size, micro, mfu, estimate)
+    plan = Plan(p, cluster, dp, micro, stages, cost, warnings, estimate)
     used = plan.peak.reserved / plan.capacity
     if WARN_FRACTION < used <= 1:
         warnings.append(
@@ -108,6 +122,9 @@ def make_plan(p: PlanInput, cluster: Cluster, mfu: float | None = None) -> Plan:
     return plan
 
 
+PROFILE_STEPS = 8  # global batches drawn from a length profile
+
+
 def load(
     recipe: str | None,
     overrides: list[str] = (),
@@ -115,11 +132,18 @@ def load(
     nodes: int = 1,
     gpus_per_node: int = 8,
     gpus: int | None = None,
+    lengths: str | None = None,
 ) -> tuple[PlanInput, Cluster]:
     """Read and validate a recipe (+ ``--set`` overrides) and describe the cluster.
 
+    ``lengths``: a length profile (``data/length_profile.load_profile``: "ultrafeedback" or a
+    preprocessed data directory) whose pairs the recipe's batching policy is planned on.
     Raises ``LayoutError`` with the config's message when the recipe is invalid.
     """
-    return plan_input(read_recipe(recipe, list(overrides))), make_cluster(
-        gpu, nodes, gpus_per_node, gpus
-    )
+    config = read_recipe(recipe, list(overrides))
+    p = plan_input(config)
+    if lengths:
+        data = config.data
+        profile = load_profile(lengths, data.max_length, data.max_prompt_length)
+        p = p.replace(row_lengths=profile.row_lengths(PROFILE_STEPS * p.global_batch_size))
+    return p, make_cluster(gpu, nodes, gpus_per_node, gpus)

@@ -74,8 +74,8 @@ def cost_lines(plan: Plan) -> list[str]:
     )
     lines = [
         f"  step: {p.global_batch_size} pairs = {c.sequences} sequences x {c.seq_length:.0f} "
-        f"tokens = {c.tokens / 1e6:.2f} M tokens; {plan.num_micro} micro-batches of "
-        f"{p.micro_batch_size} pair(s) per DP rank; pipeline bubble {c.pipeline_bubble:.1%}",
+        f"tokens = {c.tokens / 1e6:.2f} M tokens; {_micro_batches(plan)} per DP rank; "
+        f"pipeline bubble {c.pipeline_bubble:.1%}",
         f"  FLOPs: policy fwd+bwd {c.policy_flops / 1e15:.1f} PFLOP, {ref}"
         + (
             f", full-recompute extra {c.recompute_flops / 1e15:.1f} PFLOP (not in MFU)"
@@ -87,6 +87,18 @@ def cost_lines(plan: Plan) -> list[str]:
         f"({c.tokens_per_s_per_gpu:,.0f} per GPU)",
     ]
     return lines
+
+
+def _micro_batches(plan: Plan) -> str:
+    p, e = plan.input, plan.batching
+    if e is None:
+        what = f"{p.micro_batch_size} pair(s)" if p.batching == "fixed" else "max_length rows"
+        return f"{plan.num_micro:g} {p.batching} micro-batches of {what}"
+    return (
+        f"{e.micro_batches:.1f} {p.batching} micro-batches of {e.tokens_per_micro_batch:,.0f} "
+        f"tokens (at most {e.max_tokens_per_micro_batch:,}; padding {e.padding_fraction:.1%}, "
+        f"FLOPs {e.flops_overhead:.2f}x the real tokens')"
+    )
 
 
 def render(plan: Plan, title: str = "") -> str:

@@ -12,7 +12,10 @@ resident reference forward ``F`` each (precomputed: 0 per step, ``F`` per pair o
 training). Full recompute adds one policy forward of hardware FLOPs, which MFU does not count.
 
 Time per step = model FLOPs per GPU / (MFU * dense bf16 peak); MFU is quoted against the bf16
-peak for FP8 runs too (as NVIDIA and Megatron report it).
+peak for FP8 runs too (as NVIDIA and Megatron report it). With a batching estimate on a length
+profile (``planner/batching.py``) the GPUs compute the *processed* FLOPs (padding included) at
+that utilisation, tokens/s counts real tokens, and the model TFLOP/s count the real tokens'
+FLOPs only (the trainer's MFU does the same).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from megatron_adadpo.model.config import ModelConfig
+from megatron_adadpo.planner.batching import BatchingEstimate
 from megatron_adadpo.planner.inputs import PlanInput
 from megatron_adadpo.platform.hardware import GpuSpec
 
@@ -47,6 +51,8 @@ class StepCost:
     tokens_per_s_per_gpu: float
     model_tflops_per_gpu: float
     pipeline_bubble: float  # idle fraction of a pipeline step, (PP-1)/(V*M)
+    useful_flops: float  # model FLOPs of the real tokens (== model_flops without a profile)
+    padding_fraction: float | None = None  # of processed tokens (None: no length profile)
 
     @property
     def model_flops(self) -> float:
@@ -77,23 +83,35 @@ def default_mfu(p: PlanInput) -> float:
 
 
 def step_cost(
-    p: PlanInput, gpu: GpuSpec, world_size: int, num_micro: int, mfu: float | None = None
+    p: PlanInput,
+    gpu: GpuSpec,
+    world_size: int,
+    num_micro: float,
+    mfu: float | None = None,
+    estimate: BatchingEstimate | None = None,
 ) -> StepCost:
-    """FLOPs and time of one step of ``p.global_batch_size`` pairs on ``world_size`` GPUs."""
+    """FLOPs and time of one step of ``p.global_batch_size`` pairs on ``world_size`` GPUs;
+    ``estimate``: the batching policy's cost on a length profile (else every sequence is
+    ``avg_seq_length or seq_length`` tokens)."""
     mfu = default_mfu(p) if mfu is None else mfu
     if not 0 < mfu <= 1:
         raise ValueError(f"mfu={mfu} must be in (0, 1]")
     x = p.execution
-    s = p.avg_seq_length or p.seq_length
     seqs = 2 * p.global_batch_size
+    s = estimate.real_tokens / seqs if estimate else p.avg_seq_length or p.seq_length
     fwd = forward_flops(p, s)
-    policy = step_model_flops(p.model, x.tp, s, seqs, "none")
-    # F * 2G for a resident reference; else 0.0 (a float, as the JSON output always had it)
-    reference = step_model_flops(p.model, x.tp, s, seqs, p.reference) - policy or 0.0
+    if estimate:
+        passes = 4 if p.reference == "resident" else 3
+        policy, reference = 3 * estimate.processed_flops, (passes - 3) * estimate.processed_flops
+        useful, tokens = passes * estimate.useful_flops, estimate.real_tokens
+    else:
+        policy = step_model_flops(p.model, x.tp, s, seqs, "none")
+        # F * 2G for a resident reference; else 0.0 (a float, as the JSON output always had it)
+        reference = step_model_flops(p.model, x.tp, s, seqs, p.reference) - policy or 0.0
+        useful, tokens = policy + reference, seqs * s
     recompute = fwd * seqs if x.recompute == "full" else 0.0
     peak = gpu.bf16_tflops if x.bf16 or x.fp8 else gpu.bf16_tflops / 2  # fp32: TF32 tensor cores
     time = (policy + reference) / world_size / (mfu * peak * 1e12)
-    tokens = seqs * s
     return StepCost(
         seq_length=s,
         sequences=seqs,
@@ -107,6 +125,8 @@ def step_cost(
         step_time_s=time,
         tokens_per_s=tokens / time,
         tokens_per_s_per_gpu=tokens / time / world_size,
-        model_tflops_per_gpu=mfu * peak,
+        model_tflops_per_gpu=useful / time / world_size / 1e12,
         pipeline_bubble=(x.pp - 1) / ((x.vpp or 1) * num_micro),
+        useful_flops=useful,
+        padding_fraction=estimate.padding_fraction if estimate else None,
     )

@@ -105,6 +105,12 @@ def step_batches(
         shuffle=True,
         drop_last=drop_last,
     )
-    policy = batching_policy(config.data, config.execution, config.train.micro_batch_size)
+    data = config.data
+    policy = batching_policy(
+        data.batching,
+        data.max_tokens_per_micro_batch,
+        config.execution,
+        config.train.micro_batch_size,
+    )
     thd = policy.mode == "packed" and uses_transformer_engine(config.execution)
     return StepBatches(dataset, sampler, policy, dp, cp, thd)
