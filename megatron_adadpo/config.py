@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from megatron_adadpo.data.batching import batching_errors
+from megatron_adadpo.data.batching import budget_errors, packing_errors
 from megatron_adadpo.data.config import DataConfig
 from megatron_adadpo.layout import ExecutionConfig, layout_errors
 from megatron_adadpo.losses.config import LossConfig
@@ -214,13 +214,14 @@ def validate(config: Config) -> None:
     if config.data is None:
         raise ConfigError("config section 'data' is required (inputs, tokenizer, max_length)")
     train = config.train
-    errors = batching_errors(config.data, config.execution)  # before the layout: names data.*
+    errors = packing_errors(config.data, config.execution)  # names data.batching, not CP
     errors += layout_errors(
         config.model,
         config.execution,
         micro_batch_size=train.micro_batch_size,
         global_batch_size=train.global_batch_size,
     )
+    errors += budget_errors(config.data, config.execution)  # padded for a valid layout
     if errors:
         raise ConfigError(errors[0])
     for check in (_check_train, _check_reference, _check_optimizer):

@@ -202,25 +202,31 @@ def batching_policy(
     )
 
 
-def batching_errors(data, execution) -> list[str]:
-    """Cross-field refusals of ``data.batching`` under a layout (each names the field and the
-    fix); ``DataConfig`` itself checks the choice and that a budget is given."""
-    if data.batching == "fixed":
-        return []
-    errors = []
+def packing_errors(data, execution) -> list[str]:
+    """Packing with context parallelism on the local spec (checked before the layout's own CP
+    rule, so the message names ``data.batching``)."""
     if data.batching == "packed" and execution.cp > 1 and execution.transformer_impl == "local":
-        errors.append(
+        return [
             f"data.batching=packed with execution.cp={execution.cp} needs Transformer Engine's "
             "packed (THD) attention; the local spec has no context-parallel packing: use "
             "data.batching=token_budget, or execution.transformer_impl=transformer_engine"
-        )
-    policy = batching_policy(data.batching, data.max_tokens_per_micro_batch, execution, 1)
-    longest = policy.longest_pair_tokens(data.max_length)
-    if data.max_tokens_per_micro_batch < longest:
-        errors.append(
-            f"data.max_tokens_per_micro_batch={data.max_tokens_per_micro_batch} is smaller than "
-            f"the longest pair data.max_length={data.max_length} allows ({longest} tokens: "
-            f"chosen and rejected rows, padded); a pair is never split, so raise it to >= "
-            f"{longest}"
-        )
-    return errors
+        ]
+    return []
+
+
+def budget_errors(data, execution) -> list[str]:
+    """A token budget below the longest pair ``data.max_length`` allows, padded for the layout
+    (``DataConfig`` itself checks that a budget is given)."""
+    if data.batching == "fixed":
+        return []
+    budget = data.max_tokens_per_micro_batch
+    longest = batching_policy(data.batching, budget, execution, 1).longest_pair_tokens(
+        data.max_length
+    )
+    if budget >= longest:
+        return []
+    return [
+        f"data.max_tokens_per_micro_batch={budget} is smaller than the longest pair "
+        f"data.max_length={data.max_length} allows ({longest} tokens: chosen and rejected rows, "
+        f"padded); a pair is never split, so raise it to >= {longest}"
+    ]

@@ -56,12 +56,12 @@ def test_recipe_plans_fit_their_clusters():
 
 
 def test_micro_batch_grows_activations_and_logits():
-    small = _plan(R8B, nodes=1)
-    big = _plan(R8B, ["train.micro_batch_size=2"], nodes=1)
+    small = _plan(R8B, ["data.batching=fixed"], nodes=1)
+    big = _plan(R8B, ["data.batching=fixed", "train.micro_batch_size=2"], nodes=1)
     assert big.peak.activations == pytest.approx(2 * small.peak.activations)  # PP1: 1 in flight
     assert big.peak.logits == pytest.approx(2 * small.peak.logits)
     assert big.peak.workspace == pytest.approx(2 * small.peak.workspace)
-    p, c = load(str(R70B), [], "h100", 8)
+    p, c = load(str(R70B), ["data.batching=fixed"], "h100", 8)
     last = [make_plan(p.replace(micro_batch_size=b), c).stages[-1] for b in (1, 2, 4)]
     assert last[0].reserved < last[1].reserved < last[2].reserved
 
@@ -102,6 +102,7 @@ def test_activation_formula_reduces_to_korthikanti_for_gpt_shapes():
         "model.num_attention_heads=48",
         "model.num_query_groups=48",
         "execution.transformer_impl=local",
+        "data.batching=fixed",
     ]
     p, _ = load(str(R70B), gpt)
     s, b, h, t, a = 2048, 2, 6144, 8, 48
