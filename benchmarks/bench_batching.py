@@ -54,6 +54,16 @@ MODEL = dict(
     max_position_embeddings=4096,
     make_vocab_size_divisible_by=64,
 )
+LLAMA_1B = dict(  # Llama-3.2-1B shape, for --model llama-1b on a GPU
+    num_layers=16,
+    hidden_size=2048,
+    ffn_hidden_size=8192,
+    num_attention_heads=32,
+    num_query_groups=8,
+    vocab_size=128256,
+    max_position_embeddings=4096,
+    make_vocab_size_divisible_by=128,
+)
 LLAMA3_8B = dict(
     num_layers=32,
     hidden_size=4096,
@@ -105,14 +115,14 @@ def profile_table(rows: np.ndarray, gbs: int, budget: int) -> dict:
     return out
 
 
-def write_dataset(directory: Path, pairs: np.ndarray, seed: int) -> None:
+def write_dataset(directory: Path, pairs: np.ndarray, seed: int, vocab_size: int) -> None:
     """A preprocessed set (``data/indexed.py`` format) of random tokens with these lengths."""
     from megatron_adadpo.data.indexed import PairWriter, write_manifest
 
     rng = np.random.default_rng(seed)
-    writer = PairWriter(str(directory), MODEL["vocab_size"])
+    writer = PairWriter(str(directory), vocab_size)
     for i, (p, c, r) in enumerate(pairs.tolist()):
-        tokens = rng.integers(3, MODEL["vocab_size"], p + c + r)
+        tokens = rng.integers(3, vocab_size, p + c + r)
         writer.add_pairs(tokens, [p, c, r], [i])
     writer.finalize()
     data = DataConfig(preprocessed=str(directory), max_length=MAX_LENGTH)
@@ -122,7 +132,7 @@ def write_dataset(directory: Path, pairs: np.ndarray, seed: int) -> None:
             "format": "megatron_adadpo.preference_pairs",
             "version": 1,
             "identity": f"bench-batching-{seed}-{len(pairs)}",
-            "tokenizer": {"pad_id": 0, "vocab_size": MODEL["vocab_size"], "path": None},
+            "tokenizer": {"pad_id": 0, "vocab_size": vocab_size, "path": None},
             "settings": data.replace(max_prompt_length=MAX_PROMPT).identity_settings(),
             "num_pairs": len(pairs),
             "length_histogram": {"bin_upper_edges": [MAX_LENGTH], "counts": [len(pairs)]},
@@ -131,9 +141,10 @@ def write_dataset(directory: Path, pairs: np.ndarray, seed: int) -> None:
 
 
 def run_config(run_dir: Path, data_dir: Path, args, batching: str, pp: int) -> dict:
+    model = LLAMA_1B if args.model == "llama-1b" else MODEL
     return {
-        "model": MODEL,
-        "execution": {"tp": 1, "pp": pp, "transformer_impl": "local"},
+        "model": model,
+        "execution": {"tp": 1, "pp": pp, "transformer_impl": args.impl, "bf16": args.bf16},
         "loss": {"name": "dpo", "adaptive": True},
         "data": {
             "preprocessed": str(data_dir),
@@ -174,9 +185,10 @@ def _collate_padded_to_max_length(self, examples):
 
 
 def measure(args, data_dir: Path, tmp: Path) -> dict:
-    samples = {name: [] for name in VARIANTS}
+    variants = [name for name in VARIANTS if VARIANTS[name][0] <= args.max_pp]
+    samples = {name: [] for name in variants}
     for round_ in range(args.rounds):
-        order = list(VARIANTS) if round_ % 2 == 0 else list(reversed(VARIANTS))
+        order = variants if round_ % 2 == 0 else variants[::-1]
         for name in order:
             pp, batching = VARIANTS[name]
             run_dir = tmp / f"{name.replace('/', '_')}_{round_}"
@@ -196,9 +208,10 @@ def measure(args, data_dir: Path, tmp: Path) -> dict:
             ]
             env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(args.threads)}
             subprocess.run(command, check=True, env=env, capture_output=not args.verbose)
-            rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().split()]
+            lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+            rows = [json.loads(line) for line in lines if line.strip()]
             samples[name] += [r for r in rows if r["split"] == "train" and r["step"] > 1]
-            print(f"round {round_} {name}: {len(rows)} steps", flush=True)
+            print(f"round {round_} {name}: {len(rows)} steps", file=sys.stderr, flush=True)
     return {name: _summary(rows) for name, rows in samples.items()}
 
 
@@ -224,6 +237,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="measured run length (1 warm-up)")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    ap.add_argument("--max-pp", type=int, default=2, help="1: skip the PP2 variants (1 GPU)")
+    ap.add_argument("--model", choices=["tiny", "llama-1b"], default="tiny")
+    ap.add_argument("--impl", default="local", help="execution.transformer_impl")
+    ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -242,14 +259,15 @@ def main() -> None:
         args.gbs = args.measure_gbs
         pairs = profile.sample(args.gbs * args.steps, seed=1)
         with tempfile.TemporaryDirectory() as tmp:
-            write_dataset(Path(tmp) / "data", pairs, seed=1)
+            vocab = (LLAMA_1B if args.model == "llama-1b" else MODEL)["vocab_size"]
+            write_dataset(Path(tmp) / "data", pairs, seed=1, vocab_size=vocab)
             rows = pairs[:, :1] + pairs[:, 1:]
             result["measured_profile"] = profile_table(rows, args.gbs, args.budget)
             result["measured"] = measure(args, Path(tmp) / "data", Path(tmp))
         m = result["measured"]
         for pp, base in (("pp2", "pp2/today"), ("pp1", "pp1/fixed")):
-            for name in VARIANTS:
-                if name.startswith(pp):
+            for name in m:
+                if name.startswith(pp) and base in m:
                     m[name]["speedup_vs_" + base] = (
                         m[name]["real_tokens_per_s"] / m[base]["real_tokens_per_s"]
                     )

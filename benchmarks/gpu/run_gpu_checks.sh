@@ -25,3 +25,6 @@ python3 tools/plan.py --recipe examples/configs/quickstart.yaml --gpu h100 --gpu
   --set train.global_batch_size=8 --set train.micro_batch_size=2 --set data.max_length=1024 \
   --set data.max_prompt_length=256 --set execution.transformer_impl=local \
   --json > "$OUT/plan_1b.json" 2> "$OUT/plan_1b.err"; echo "plan rc=$?"; head -c 1500 "$OUT/plan_1b.json"
+echo "== data.batching on one GPU: fixed vs token_budget vs packed (UltraFeedback lengths, 2048)"
+timeout 400 python3 benchmarks/bench_batching.py --measure --max-pp 1 --model llama-1b --bf16 \
+  --impl auto --measure-gbs 32 --steps 4 --threads 4 --json "$OUT/batching_1b.json" 2>&1 | tail -30
