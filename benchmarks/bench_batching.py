@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the benchmarks package (not installed)
 
 from benchmarks.machine import machine_line  # noqa: E402
+from megatron_adadpo.config import read_yaml  # noqa: E402
 from megatron_adadpo.data.batching import BatchingPolicy  # noqa: E402
 from megatron_adadpo.data.config import DataConfig  # noqa: E402
 from megatron_adadpo.data.length_profile import UltraFeedbackProfile  # noqa: E402
@@ -64,15 +65,7 @@ LLAMA_1B = dict(  # Llama-3.2-1B shape, for --model llama-1b on a GPU
     max_position_embeddings=4096,
     make_vocab_size_divisible_by=128,
 )
-LLAMA3_8B = dict(
-    num_layers=32,
-    hidden_size=4096,
-    ffn_hidden_size=14336,
-    num_attention_heads=32,
-    num_query_groups=8,
-    vocab_size=128256,
-    max_position_embeddings=8192,
-)
+RECIPE_8B = REPO / "examples/recipes/llama3_8b_adadpo.yaml"  # its model section
 # variant: (pipeline stages, data.batching); "today" pads every row to max_length.
 VARIANTS = {
     "pp1/fixed": (1, "fixed"),
@@ -98,7 +91,7 @@ def profile_table(rows: np.ndarray, gbs: int, budget: int) -> dict:
     """Per mode: padding, micro-batches, FLOPs overhead for the bench model and Llama-3-8B."""
     models = {
         "bench_model_local": (ModelConfig(**MODEL), False),
-        "llama3_8b_te": (ModelConfig(**LLAMA3_8B), True),
+        "llama3_8b_te": (ModelConfig(**read_yaml(RECIPE_8B)["model"]), True),
     }
     out = {}
     for name, policy in policies(budget).items():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from megatron_adadpo.data.length_profile import load_profile
 from megatron_adadpo.layout import data_parallel_size
 from megatron_adadpo.planner.batching import BatchingEstimate, estimate_batching
@@ -103,10 +105,13 @@ def make_plan(p: PlanInput, cluster: Cluster, mfu: float | None = None) -> Plan:
     """Plan ``p`` on ``cluster``; raises ``LayoutError`` with every reason it cannot run."""
     warnings = check_layout(p, cluster)
     dp = data_parallel_size(p.execution, cluster.world_size)
+    rows = p.row_lengths
+    if rows is None and p.batching != "fixed":  # no profile: every row avg_seq_length tokens
+        rows = np.full((p.global_batch_size, 2), p.avg_seq_length or p.seq_length)
     estimate = None
-    if p.row_lengths is not None:
+    if rows is not None:
         estimate = estimate_batching(
-            p.policy, p.row_lengths, p.global_batch_size, dp, p.model, p.execution.tp,
+            p.policy, rows, p.global_batch_size, dp, p.model, p.execution.tp,
             flash=p.flash_attention,
         )  # fmt: skip
     micro = estimate.micro_batches if estimate else num_micro_batches(p, cluster)

@@ -92,8 +92,7 @@ def cost_lines(plan: Plan) -> list[str]:
 def _micro_batches(plan: Plan) -> str:
     p, e = plan.input, plan.batching
     if e is None:
-        what = f"{p.micro_batch_size} pair(s)" if p.batching == "fixed" else "max_length rows"
-        return f"{plan.num_micro:g} {p.batching} micro-batches of {what}"
+        return f"{plan.num_micro:g} micro-batches of {p.micro_batch_size} pair(s)"
     return (
         f"{e.micro_batches:.1f} {p.batching} micro-batches of {e.tokens_per_micro_batch:,.0f} "
         f"tokens (at most {e.max_tokens_per_micro_batch:,}; padding {e.padding_fraction:.1%}, "
