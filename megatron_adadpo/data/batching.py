@@ -128,18 +128,22 @@ def deal_by_tokens(tokens: np.ndarray, dp_size: int, cap: int | None = None) -> 
 
 
 def _longest_first(policy: BatchingPolicy, lengths: np.ndarray, positions: list[int]):
+    """``(position, budget units)`` of the positions, longest first (ties: earlier first)."""
     need = policy.pair_tokens(lengths)
-    return sorted(positions, key=lambda p: (-int(need[p]), p))
+    return sorted(((p, int(need[p])) for p in positions), key=lambda pn: (-pn[1], pn[0]))
 
 
 def _fill_budget(policy: BatchingPolicy, lengths: np.ndarray, positions: list[int]):
-    """Consecutive longest-first pairs while ``2 * pairs * padded_longest <= max_tokens``."""
+    """Consecutive longest-first pairs while ``2 * pairs * padded_longest <= max_tokens`` (the
+    first pair of a micro-batch is its longest: ``need`` = its ``2 * padded_longest``)."""
     micro: list[tuple[int, ...]] = []
     current: list[int] = []
-    for p in _longest_first(policy, lengths, positions):
-        if current and policy.padded_tokens(lengths, (*current, p)) > policy.max_tokens:
+    row = 0  # 2 x the padded longest row of the current micro-batch
+    for p, need in _longest_first(policy, lengths, positions):
+        if current and (len(current) + 1) * row > policy.max_tokens:
             micro.append(tuple(current))
             current = []
+        row = row if current else need
         current.append(p)
     if current:
         micro.append(tuple(current))
@@ -149,13 +153,16 @@ def _fill_budget(policy: BatchingPolicy, lengths: np.ndarray, positions: list[in
 def _pack_rows(policy: BatchingPolicy, lengths: np.ndarray, positions: list[int]):
     """First-fit decreasing into rows of at most ``max_tokens`` (padding included)."""
     rows: list[list[int]] = []
-    for p in _longest_first(policy, lengths, positions):
-        for row in rows:
-            if policy.padded_tokens(lengths, (*row, p)) <= policy.max_tokens:
-                row.append(p)
+    used: list[int] = []  # segment-padded tokens of each row
+    for p, need in _longest_first(policy, lengths, positions):
+        for k in range(len(rows)):
+            if round_up(used[k] + need, policy.pad_multiple) <= policy.max_tokens:
+                rows[k].append(p)
+                used[k] += need
                 break
         else:
             rows.append([p])
+            used.append(need)
     return [tuple(row) for row in rows]
 
 
