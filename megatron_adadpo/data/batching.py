@@ -153,16 +153,14 @@ def _fill_budget(policy: BatchingPolicy, lengths: np.ndarray, positions: list[in
 def _pack_rows(policy: BatchingPolicy, lengths: np.ndarray, positions: list[int]):
     """First-fit decreasing into rows of at most ``max_tokens`` (padding included)."""
     rows: list[list[int]] = []
-    used: list[int] = []  # segment-padded tokens of each row
+    used = np.zeros(len(positions), dtype=np.int64)  # segment-padded tokens of each row
     for p, need in _longest_first(policy, lengths, positions):
-        for k in range(len(rows)):
-            if round_up(used[k] + need, policy.pad_multiple) <= policy.max_tokens:
-                rows[k].append(p)
-                used[k] += need
-                break
-        else:
-            rows.append([p])
-            used.append(need)
+        fits = round_up(used[: len(rows)] + need, policy.pad_multiple) <= policy.max_tokens
+        k = int(np.argmax(fits)) if fits.any() else len(rows)
+        if k == len(rows):
+            rows.append([])
+        rows[k].append(p)
+        used[k] += need
     return [tuple(row) for row in rows]
 
 
