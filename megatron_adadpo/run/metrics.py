@@ -2,14 +2,17 @@
 
 Only the logging rank (last pipeline stage, first TP / CP / DP rank: where the reduced loss
 metrics live) writes. The loss metrics arrive as ``[sum, count]`` tensors already reduced over
-data-parallel ranks; ``reduce_metrics`` makes the single host copy per logged step. Progress
-(steps done, rate, ETA) is a ``tqdm`` bar below the metric lines.
+data-parallel ranks; ``reduce_metrics`` makes the single host copy per logged step. Progress:
+each line ends with the ETA, and on a terminal a ``tqdm`` bar (steps, rate) sits below the
+lines (a log file, e.g. under Slurm, gets the lines only).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
+import time
 from pathlib import Path
 
 from tqdm import tqdm
@@ -50,6 +53,8 @@ class MetricsLogger:
     ):
         self.active = active
         self.total_steps = total_steps
+        self.progress = progress
+        self.start = (time.monotonic(), start_step)
         self.jsonl = None
         self.writer = None
         self.bar = None
@@ -61,7 +66,7 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-        if progress:
+        if progress and sys.stderr.isatty():
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def advance(self) -> None:
@@ -84,6 +89,10 @@ class MetricsLogger:
         for key, short, fmt in CONSOLE_FIELDS:
             if key in values and not math.isnan(values[key]):
                 parts.append(f"{short} {fmt.format(values[key])}")
+        started, first_step = self.start
+        if prefix == "train" and self.progress and step > first_step:
+            per_step = (time.monotonic() - started) / (step - first_step)
+            parts.append(f"eta {tqdm.format_interval(per_step * (self.total_steps - step))}")
         return " | ".join(parts)
 
     def close(self) -> None:
