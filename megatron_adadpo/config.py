@@ -105,6 +105,11 @@ class Config:
         loss (simpo, cpo, orpo), which never runs or reads a reference."""
         return self.reference.mode if self.loss.needs_reference else "none"
 
+    @property
+    def notices(self) -> tuple[str, ...]:
+        """One-line notices about settings whose default meaning changed (rank 0 prints them)."""
+        return self.loss.notices
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

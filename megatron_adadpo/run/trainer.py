@@ -97,6 +97,8 @@ class Trainer:
         self.dp_size = dist.get_world_size(self.groups.dp)
         if dist.get_rank() == 0:
             print(f"[megatron_adadpo] resolved config:\n{config.to_yaml()}", flush=True)
+            for notice in config.notices:
+                print(f"[megatron_adadpo] notice: {notice}", flush=True)
         self.dataset = load_dataset(config)
         eval_set = load_dataset(config, eval_split=True) if config.eval.interval else None
         self.total_steps = total_steps(config, self.dataset)
