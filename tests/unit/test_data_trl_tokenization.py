@@ -203,3 +203,42 @@ def test_conversational_rows_match_trl_with_the_template_tail_kept(tokenizers):
         # Documented switch: "strip" ends each completion at EOS, without the tail.
         stripped = project_ids(tok_dir, row, chat_template_tail="strip")
         assert stripped == (trl[0], trl[1][:-1], trl[2][:-1])
+
+
+# ----------------------------------------------------------------------------- truncation
+def trl_keep_start(prompt: list[int], completion: list[int], max_length: int):
+    """TRL 1.9: pairs whose prompt fills max_length are filtered out (``_prepare_dataset``);
+    ``DataCollatorForPreference`` cuts prompt + completion to its first max_length tokens.
+    Returns (ids, completion mask) or None for a dropped pair."""
+    if len(prompt) >= max_length:
+        return None
+    return (prompt + completion)[:max_length], ([0] * len(prompt) + [1] * len(completion))[
+        :max_length
+    ]
+
+
+def test_max_prompt_length_null_truncates_as_trls_keep_start(tokenizers):
+    from megatron_adadpo.data import RowRejected, truncate_pair
+
+    tok_dir, _ = tokenizers["adds_bos"]
+    tok = load_tokenizer(tok_dir)
+    rows = STANDARD + bundled_rows("standard") + bundled_rows("conversational")
+    outcomes = set()
+    for row in rows:
+        pair = tokenize_record(tok, normalize_row(row, 0))
+        prompt = pair.prompt.tolist()
+        for max_length in (14, 20):
+            want = [
+                trl_keep_start(prompt, c.tolist(), max_length) for c in (pair.chosen, pair.rejected)
+            ]
+            try:
+                got = truncate_pair(pair, max_length, None, "truncate", tok.bos_id).pair
+            except RowRejected as e:
+                assert e.reason == "completion_emptied" and want == [None, None]
+                outcomes.add("dropped")
+                continue
+            for completion, trl in zip((got.chosen, got.rejected), want, strict=True):
+                ids = got.prompt.tolist() + completion.tolist()
+                assert (ids, [0] * len(got.prompt) + [1] * len(completion)) == trl
+                outcomes.add("cut" if len(ids) == max_length else "kept")
+    assert outcomes == {"dropped", "cut", "kept"}  # every case occurred
