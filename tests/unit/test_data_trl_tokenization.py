@@ -242,3 +242,13 @@ def test_max_prompt_length_null_truncates_as_trls_keep_start(tokenizers):
                 assert (ids, [0] * len(got.prompt) + [1] * len(completion)) == trl
                 outcomes.add("cut" if len(ids) == max_length else "kept")
     assert outcomes == {"dropped", "cut", "kept"}  # every case occurred
+
+
+def test_bad_format_settings_name_the_field_and_the_fix():
+    from megatron_adadpo.data import DataConfig
+
+    base = {"inputs": ("x.jsonl",), "tokenizer": "tok"}
+    with pytest.raises(ValueError, match=r"data.chat_template='chatml'.*auto, always.*jinja"):
+        DataConfig(**base, chat_template="chatml")
+    with pytest.raises(ValueError, match=r"data.chat_template_tail='drop'.*keep, strip"):
+        DataConfig(**base, chat_template_tail="drop")
