@@ -75,15 +75,21 @@ def _mask_vocab_padding(logits: torch.Tensor, vocab_size: int, tp_rank: int) -> 
         logits[..., true_columns:] = torch.finfo(logits.dtype).min
 
 
+# fp32 elements upcast at a time by shard_logit_sums (128 MiB): a bf16 shard is never copied
+# whole to fp32.
+_UPCAST_ELEMENTS = 2**25
+
+
 def shard_logit_sums(
     vocab_parallel_logits: torch.Tensor, vocab_size: int | None = None, tp_group=None
 ) -> torch.Tensor:
     """Per-token sum of this TP rank's logits over its columns of the true vocabulary.
 
-    ``sum_{v in shard, v < vocab_size} logit[..., v]`` in fp32, detached (a metric). No
-    communication, so it works on any slice of tokens: the whole micro-batch, or one chunk
-    ``[c, b, v/tp]`` of a chunked output layer (concatenate the chunks' results along the token
-    dimension). :func:`sequence_mean_logits` adds the shards.
+    ``sum_{v in shard, v < vocab_size} logit[..., v]``, accumulated in fp32 a block of tokens at
+    a time (at most 128 MiB of fp32 at once), detached (a metric). No communication, so it works
+    on any slice of tokens: the whole micro-batch, or one chunk ``[c, b, v/tp]`` of a chunked
+    output layer (concatenate the chunks' results along the token dimension).
+    :func:`sequence_mean_logits` adds the shards.
 
     Shapes:
         vocab_parallel_logits: ``[s, b, v/tp]`` or ``[b, s, v/tp]`` (any leading dims).
@@ -93,7 +99,10 @@ def shard_logit_sums(
         tp_group = parallel_state.get_tensor_model_parallel_group()
     shard = vocab_parallel_logits.shape[-1]
     true_columns = _true_vocab_columns(shard, vocab_size, dist.get_rank(tp_group))
-    return vocab_parallel_logits.detach()[..., :true_columns].sum(dim=-1, dtype=torch.float32)
+    tokens = vocab_parallel_logits.detach()[..., :true_columns].flatten(0, -2)  # [n, columns]
+    rows = max(1, _UPCAST_ELEMENTS // max(true_columns, 1))
+    sums = [block.sum(dim=-1, dtype=torch.float32) for block in tokens.split(rows)]
+    return torch.cat(sums).view(vocab_parallel_logits.shape[:-1])
 
 
 @torch.no_grad()

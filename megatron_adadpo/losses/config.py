@@ -8,6 +8,9 @@ from dataclasses import dataclass
 BALANCE_SPACES = ("reference", "policy")
 NORMALIZE_MODES = ("token_mean", "sequence")
 PLACEMENTS = ("chosen", "rejected", "split")
+# Names that trained their adaptive form by default while ``adaptive`` defaulted to true: named
+# without ``adaptive`` they now train the base loss, with a notice (LossConfig.notices).
+ADAPTIVE_DEFAULT_NAMES = ("dpo", "ipo", "simpo", "rdpo", "cpo", "orpo")
 
 
 def _bad(field: str, value: object, accepted: str) -> ValueError:
@@ -158,7 +161,7 @@ class LossConfig:
     def notices(self) -> tuple[str, ...]:
         """One-line notices about defaults whose meaning changed (printed by the trainer)."""
         out = []
-        if self._adaptive_from_name and not self.adaptive:
+        if self._adaptive_from_name and self.name in ADAPTIVE_DEFAULT_NAMES:
             out.append(
                 f"loss.name={self.name!r} with loss.adaptive unset trains plain "
                 f"{self.name.upper()}; configs written when adaptive defaulted to true trained "

@@ -4,6 +4,7 @@ vocab-parallel mean logit (TRL's ``logits/*`` metrics) vs a full-vocabulary mean
 import pytest
 import torch
 
+import megatron_adadpo.logprobs as logprobs_module
 from megatron_adadpo.layout import ExecutionConfig
 from megatron_adadpo.logprobs import (
     sequence_logprobs,
@@ -166,6 +167,7 @@ def _mean_logit_rank(rank, world, vocab_size, chunk):
     logits[..., vocab_size:] = 1e4  # Megatron's TP padding columns: must not count
     shard = logits.float().chunk(world, dim=-1)[parallel_state.get_tensor_model_parallel_rank()]
     whole = shard_logit_sums(shard, vocab_size)  # [s, b], no communication
+    logprobs_module._UPCAST_ELEMENTS = 7  # fp32 upcast one token at a time (forked rank only)
     # a chunked output layer: the same per-token sums, one [c, b, v/tp] slice at a time
     chunks = torch.cat([shard_logit_sums(c, vocab_size) for c in shard.split(chunk)], dim=0)
     sums, counts = sequence_mean_logits(whole.t(), mask, vocab_size)

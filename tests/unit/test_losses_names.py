@@ -53,8 +53,13 @@ def test_old_configs_relying_on_the_adaptive_default_get_a_notice():
     (notice,) = unset.notices
     assert "loss.name='dpo'" in notice and "loss.name='adadpo'" in notice
     assert "loss.adaptive=false" in notice  # how to silence it
-    for quiet in (LossConfig(), LossConfig(name="dpo", adaptive=False), LossConfig(name="adadpo")):
-        assert quiet.notices == ()
+    quiet = (
+        LossConfig(),
+        LossConfig(name="dpo", adaptive=False),
+        LossConfig(name="adadpo"),
+        LossConfig(name="robust"),  # new: no old config could rely on the old default
+    )
+    assert all(cfg.notices == () for cfg in quiet)
     # the run config forwards it; the resolved config is explicit, so a reload is silent
     config = from_dict(_run_config({"name": "ipo"}))
     assert len(config.notices) == 1 and "plain IPO" in config.notices[0]
