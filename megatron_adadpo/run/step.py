@@ -5,11 +5,12 @@ pipelining, 1F1B, interleaved). The policy's ``GPTModel`` returns vocab-parallel
 last pipeline stage; ``loss_func`` turns them into per-token log-probs with Megatron's
 vocab-parallel CE (no vocab gather, TP padding rows masked), sums completion tokens (reduced
 over CP), splits the interleaved ``[c0, r0, c1, r1, ...]`` rows into chosen / rejected, and
-applies the configured loss. It returns ``(loss_sum, n_valid_pairs, report)``: with
-``calculate_per_token_loss`` the schedule sums ``n_valid_pairs`` over micro-batches and
-``finalize_model_grads`` all-reduces it over DP x CP and divides the gradients by it, so the
-loss is the mean over the valid pairs of the global batch whatever the micro-batch count, DP
-size or pipeline layout.
+applies the configured loss; TRL's ``logits/chosen`` / ``logits/rejected`` metrics come from the
+same vocab-parallel logits (TP shard sums, never gathered). It returns
+``(loss_sum, n_valid_pairs, report)``: with ``calculate_per_token_loss`` the schedule sums
+``n_valid_pairs`` over micro-batches and ``finalize_model_grads`` all-reduces it over DP x CP
+and divides the gradients by it, so the loss is the mean over the valid pairs of the global
+batch whatever the micro-batch count, DP size or pipeline layout.
 
 The process groups (``ProcessGroupCollection``: ``tp``, ``cp``, ``dp``) are built once by
 ``platform.distributed.init_model_parallel`` and passed in.
@@ -24,12 +25,18 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from megatron_adadpo.logprobs import sequence_logprobs, token_logprobs
+from megatron_adadpo.logprobs import (
+    sequence_logprobs,
+    sequence_mean_logits,
+    shard_logit_sums,
+    token_logprobs,
+)
 from megatron_adadpo.losses import (
     LossConfig,
     accumulate_metrics,
     all_reduce_metrics,
     preference_loss,
+    token_mean_metric,
 )
 from megatron_adadpo.platform.megatron import ProcessGroupCollection, get_forward_backward_func
 
@@ -68,6 +75,22 @@ def sequence_sums(
     return sequence_logprobs(logps, batch["loss_mask"], context.groups.cp)
 
 
+def mean_logit_metrics(logits: torch.Tensor, batch: dict, context: StepContext) -> dict:
+    """TRL's ``logits/chosen`` / ``logits/rejected``: the mean over completion tokens of the mean
+    logit over the true vocabulary, over valid pairs, as ``[sum, count]`` metrics.
+
+    Shapes: logits ``[2B, S, v/tp]`` (rows ``[c0, r0, c1, r1, ...]``).
+    """
+    tp, cp = context.groups.tp, context.groups.cp
+    shard = shard_logit_sums(logits, context.vocab_size, tp)  # [2B, S]
+    sums, counts = sequence_mean_logits(shard, batch["loss_mask"], context.vocab_size, tp, cp)
+    valid = (counts[0::2] > 0) & (counts[1::2] > 0)  # as the loss's valid pairs
+    return {
+        "logits/chosen": token_mean_metric(sums[0::2], counts[0::2], valid),
+        "logits/rejected": token_mean_metric(sums[1::2], counts[1::2], valid),
+    }
+
+
 def loss_func(context: StepContext, batch: dict, logits: torch.Tensor):
     """``(sum of per-pair losses, number of valid pairs, report)`` for one micro-batch."""
     sums, counts = sequence_sums(logits, batch, context)
@@ -85,6 +108,7 @@ def loss_func(context: StepContext, batch: dict, logits: torch.Tensor):
         reference_rejected_logps=None if ref is None else ref[1::2],
         chosen_nll=chosen_nll,
     )
+    metrics.update(mean_logit_metrics(logits, batch, context))
     tokens = torch.full_like(losses.detach().sum(), batch["tokens"].numel())  # incl. padding
     metrics["batch/tokens"] = torch.stack([tokens, torch.ones_like(tokens)])
     n_valid = metrics["pairs/valid"][0].to(torch.int)

@@ -25,7 +25,7 @@ from megatron_adadpo.platform.hardware import peak_flops_per_device
 from megatron_adadpo.run import checkpoints
 from megatron_adadpo.run.batches import step_batches
 from megatron_adadpo.run.evaluation import Evaluator
-from megatron_adadpo.run.metrics import MetricsLogger, step_values
+from megatron_adadpo.run.metrics import MetricsLogger, step_values, wandb_settings
 from megatron_adadpo.run.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from megatron_adadpo.run.reference import PrecomputedReference, ResidentReference
 from megatron_adadpo.run.step import StepContext, train_step
@@ -97,6 +97,8 @@ class Trainer:
         self.dp_size = dist.get_world_size(self.groups.dp)
         if dist.get_rank() == 0:
             print(f"[megatron_adadpo] resolved config:\n{config.to_yaml()}", flush=True)
+            for notice in config.notices:
+                print(f"[megatron_adadpo] notice: {notice}", flush=True)
         self.dataset = load_dataset(config)
         eval_set = load_dataset(config, eval_split=True) if config.eval.interval else None
         self.total_steps = total_steps(config, self.dataset)
@@ -152,13 +154,15 @@ class Trainer:
     def train(self) -> None:
         """Run the remaining steps; save at the configured interval, on SIGTERM and at the end."""
         config = self.config
+        active = is_logging_rank()
         logger = MetricsLogger(
             config.logging.run_dir,
             self.total_steps,
             config.logging.tensorboard,
             config.logging.progress,
-            active=is_logging_rank(),
+            active=active,
             start_step=self.state["step"],
+            wandb=wandb_settings(config.logging, config.to_dict()) if active else None,
         )
         preemption = Preemption()
         stopped = False

@@ -58,6 +58,8 @@ def test_masks_on_bundled_data(tmp_path):
         max_length=64,
         max_prompt_length=32,
         cache_dir=str(tmp_path),
+        chat_template="always",
+        chat_template_tail="strip",  # every completion ends at EOS
     )
     ds = load_preference_dataset(cfg)
     pad = ds.pad_id
