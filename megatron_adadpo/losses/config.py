@@ -29,7 +29,9 @@ class LossConfig:
     it now train the base loss: :attr:`notices` says so (the trainer prints it on rank 0).
 
     Attributes:
-        name: ``adadpo`` or a loss family (dpo, ipo, simpo, rdpo, cpo, orpo, robust).
+        name: ``adadpo`` or a loss family (dpo, ipo, simpo, rdpo, cpo, orpo, robust; sft: the
+            per-token mean NLL of the chosen completions, for a warm start, which has no
+            adaptive form and ignores the coefficient options).
         beta: inverse temperature (> 0). IPO's tau is ``ipo_tau`` when set, else ``beta``.
         adaptive: put the detached balancing coefficient ``c`` on the pair (AdaDPO); None:
             the name decides (see above). ``adadpo`` with ``adaptive=False`` is refused.
@@ -143,6 +145,13 @@ class LossConfig:
                 f"True or None for name={self.name!r}; for "
                 f"{family.upper()} without the coefficient use name={family!r}",
             )
+        if self.adaptive and not self._family().adaptive_form:
+            raise _bad(
+                "adaptive",
+                True,
+                f"False or None for name={self.name!r}: it has no pair term to balance (an NLL "
+                "term is left unweighted, ALGORITHM.md section 4)",
+            )
         object.__setattr__(self, "_adaptive_from_name", self.adaptive is None)
         if self.adaptive is None:
             object.__setattr__(self, "adaptive", named_adaptive)
@@ -187,8 +196,13 @@ class LossConfig:
 
     @property
     def needs_reference(self) -> bool:
-        """The loss uses reference log-probs (False for simpo, cpo, orpo)."""
+        """The loss uses reference log-probs (False for simpo, cpo, orpo, sft)."""
         return self._family().needs_reference
+
+    @property
+    def normalizer(self) -> str:
+        """What the summed losses are divided by: ``"pairs"``, or ``"tokens"`` (sft)."""
+        return self._family().normalizer
 
     @property
     def needs_chosen_nll(self) -> bool:

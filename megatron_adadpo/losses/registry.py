@@ -31,6 +31,11 @@ class LossFamily:
         needs_chosen_nll: the loss adds an NLL(y_w) term (``chosen_nll`` input required).
         supports_label_smoothing: the loss reads ``label_smoothing`` (cDPO's ``eps`` for the
             logistic families; the flip rate of ``robust``).
+        normalizer: what the global batch's summed per-pair losses are divided by (the count
+            the trainer hands Megatron's ``calculate_per_token_loss`` contract):
+            ``"pairs"`` (valid pairs: every preference loss) or ``"tokens"`` (valid chosen
+            completion tokens: sft, a per-token mean).
+        adaptive_form: the family has an adaptive form (``adaptive: true``); False for sft.
     """
 
     name: str
@@ -38,12 +43,15 @@ class LossFamily:
     needs_reference: bool
     needs_chosen_nll: bool
     supports_label_smoothing: bool
+    normalizer: str = "pairs"
+    adaptive_form: bool = True
 
 
+NORMALIZERS = ("pairs", "tokens")
 LOSSES: dict[str, LossFamily] = {}
 
 # The modules that register a family (a new loss is a new file, added here).
-FAMILY_MODULES = ("dpo", "ipo", "simpo", "rdpo", "cpo", "orpo", "robust")
+FAMILY_MODULES = ("dpo", "ipo", "simpo", "rdpo", "cpo", "orpo", "robust", "sft")
 
 # Names that select the adaptive form of a family: name -> family.
 ADAPTIVE_NAMES = {"adadpo": "dpo"}
@@ -64,8 +72,12 @@ def register_loss(
     needs_reference: bool,
     needs_chosen_nll: bool = False,
     supports_label_smoothing: bool = False,
+    normalizer: str = "pairs",
+    adaptive_form: bool = True,
 ) -> Callable[[FamilyFn], FamilyFn]:
     """Decorator registering ``fn`` as loss family ``name`` in :data:`LOSSES`."""
+    if normalizer not in NORMALIZERS:
+        raise ValueError(f"normalizer={normalizer!r}; accepted: {list(NORMALIZERS)}")
 
     def decorate(fn: FamilyFn) -> FamilyFn:
         if name in LOSSES:
@@ -76,6 +88,8 @@ def register_loss(
             needs_reference=needs_reference,
             needs_chosen_nll=needs_chosen_nll,
             supports_label_smoothing=supports_label_smoothing,
+            normalizer=normalizer,
+            adaptive_form=adaptive_form,
         )
         return fn
 

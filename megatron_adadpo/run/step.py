@@ -7,10 +7,12 @@ vocab-parallel CE (no vocab gather, TP padding rows masked), sums completion tok
 over CP), splits the interleaved ``[c0, r0, c1, r1, ...]`` rows into chosen / rejected, and
 applies the configured loss; TRL's ``logits/chosen`` / ``logits/rejected`` metrics come from the
 same vocab-parallel logits (TP shard sums, never gathered). It returns
-``(loss_sum, n_valid_pairs, report)``: with ``calculate_per_token_loss`` the schedule sums
-``n_valid_pairs`` over micro-batches and ``finalize_model_grads`` all-reduces it over DP x CP
-and divides the gradients by it, so the loss is the mean over the valid pairs of the global
-batch whatever the micro-batch count, DP size or pipeline layout.
+``(loss_sum, normaliser, report)``, the normaliser being the loss family's count: the valid
+pairs (preference losses) or their chosen completion tokens (sft, a per-token mean). With
+``calculate_per_token_loss`` the schedule sums it over micro-batches and
+``finalize_model_grads`` all-reduces it over DP x CP and divides the gradients by it, so the
+loss is the mean over the global batch whatever the micro-batch count, DP size or pipeline
+layout.
 
 The process groups (``ProcessGroupCollection``: ``tp``, ``cp``, ``dp``) are built once by
 ``platform.distributed.init_model_parallel`` and passed in.
@@ -92,7 +94,8 @@ def mean_logit_metrics(logits: torch.Tensor, batch: dict, context: StepContext) 
 
 
 def loss_func(context: StepContext, batch: dict, logits: torch.Tensor):
-    """``(sum of per-pair losses, number of valid pairs, report)`` for one micro-batch."""
+    """``(sum of per-pair losses, normaliser, report)`` for one micro-batch; the normaliser is
+    the family's count (valid pairs, or valid chosen tokens for sft: ``metrics["loss"][1]``)."""
     sums, counts = sequence_sums(logits, batch, context)
     ref = batch.get("reference_logps")
     chosen_nll = None
@@ -111,9 +114,9 @@ def loss_func(context: StepContext, batch: dict, logits: torch.Tensor):
     metrics.update(mean_logit_metrics(logits, batch, context))
     tokens = torch.full_like(losses.detach().sum(), batch["tokens"].numel())  # incl. padding
     metrics["batch/tokens"] = torch.stack([tokens, torch.ones_like(tokens)])
-    n_valid = metrics["pairs/valid"][0].to(torch.int)
+    normaliser = metrics["loss"][1].to(torch.int)
     report = {"metrics": metrics, "losses": losses.detach(), "pair_ids": batch["pair_ids"]}
-    return losses.sum(), n_valid, report
+    return losses.sum(), normaliser, report
 
 
 def forward_step(context: StepContext, data_iterator: Iterator, model):

@@ -84,6 +84,7 @@ def test_config_defaults_and_properties():
         "cpo": False,
         "orpo": False,
         "robust": True,
+        "sft": False,
     }
     needs_nll = {n for n in LOSSES if LossConfig(name=n).needs_chosen_nll}
     assert needs_nll == {"cpo", "orpo"}
