@@ -164,13 +164,20 @@ def _is_string(value: Any) -> bool:
     return isinstance(value, (str, bytes, bytearray))
 
 
+def prompt_messages(value: Any, where: str) -> list[Message]:
+    """An explicit prompt (a string: one user turn, or chat messages) as chat messages.
+
+    Raises:
+        RowRejected: not a string or a non-empty list of {"role", "content"} messages.
+    """
+    if _is_string(value):
+        return [{"role": "user", "content": _text(value, where)}]
+    return _messages(value, where)
+
+
 def _explicit(row: dict[str, Any], fields: tuple[str, str, str]) -> tuple[list, str, str, Any]:
     pf, cf, rf = fields
-    raw = _field(row, pf)
-    if _is_string(raw):
-        prompt = [{"role": "user", "content": _text(raw, pf)}]
-    else:
-        prompt = _messages(raw, pf)
+    prompt = prompt_messages(_field(row, pf), pf)
     chosen = _answer(_field(row, cf), prompt, cf)
     rejected = _answer(_field(row, rf), prompt, rf)
     standard = all(_is_string(row[f]) for f in fields)

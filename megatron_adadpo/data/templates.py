@@ -39,13 +39,35 @@ PLAIN_TEMPLATE = "plain-v1"
 PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 
 
-def render_plain(prompt: list[dict[str, str]], answer: str) -> tuple[str, str]:
-    """Plain template: returns (prompt_text, completion_text)."""
+def render_plain_prompt(prompt: list[dict[str, str]]) -> str:
+    """Plain template: the prompt text (it ends with "Assistant:")."""
     lines = []
     for m in prompt:
         role = PLAIN_ROLES.get(m["role"], m["role"].capitalize())
         lines.append(f"{role}: {m['content']}\n")
-    return "".join(lines) + "Assistant:", " " + answer
+    return "".join(lines) + "Assistant:"
+
+
+def render_plain(prompt: list[dict[str, str]], answer: str) -> tuple[str, str]:
+    """Plain template: returns (prompt_text, completion_text)."""
+    return render_plain_prompt(prompt), " " + answer
+
+
+def render_chat_prompt(tokenizer: Any, prompt: list[dict[str, str]]) -> str:
+    """HF chat template: the prompt text, with the generation prompt (the assistant header).
+
+    Raises:
+        RowRejected("template_error"): the template cannot render this conversation.
+    """
+    return _apply_template(tokenizer, prompt, add_generation_prompt=True)
+
+
+def _apply_template(tokenizer: Any, messages: list[dict[str, str]], **kwargs) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    except Exception as e:  # jinja raises for unsupported roles / orderings
+        detail = f"chat template failed: {type(e).__name__}: {e}"
+        raise RowRejected("template_error", detail) from None
 
 
 def render_chat(
@@ -64,17 +86,9 @@ def render_chat(
         RowRejected("template_error"): the template cannot render this conversation as
             prompt + completion.
     """
-    try:
-        if prompt_text is None:
-            prompt_text = tokenizer.apply_chat_template(
-                prompt, tokenize=False, add_generation_prompt=True
-            )
-        full = tokenizer.apply_chat_template(
-            prompt + [{"role": "assistant", "content": answer}], tokenize=False
-        )
-    except Exception as e:  # jinja raises for unsupported roles / orderings
-        detail = f"chat template failed: {type(e).__name__}: {e}"
-        raise RowRejected("template_error", detail) from None
+    if prompt_text is None:
+        prompt_text = render_chat_prompt(tokenizer, prompt)
+    full = _apply_template(tokenizer, prompt + [{"role": "assistant", "content": answer}])
     if not full.startswith(prompt_text):
         raise RowRejected(
             "template_error",
@@ -95,17 +109,28 @@ class PairTexts(NamedTuple):
     tail_kept: bool
 
 
+def is_raw_text(text: Any, chat_template: str) -> bool:
+    """A standard-format row (`text` not None: every field a string) under `auto` is raw text."""
+    return text is not None and chat_template == "auto"
+
+
 def render_pair(tok: Any, rec: Any, chat_template: str, tail: str) -> PairTexts:
     """The texts of `rec` (a PreferenceRecord) under `data.chat_template` / `_tail`.
 
     `tok` is a `PairTokenizer` (its `render` applies its chat template or plain-v1).
     """
-    if rec.text is not None and chat_template == "auto":
+    if is_raw_text(rec.text, chat_template):
         return PairTexts(*rec.text, tail_kept=False)
     messages = rec.prompt_messages()
     prompt, chosen = tok.render(messages, rec.chosen, tail=tail)
     _, rejected = tok.render(messages, rec.rejected, prompt, tail=tail)
     return PairTexts(prompt, chosen, rejected, tok.chat_template is not None and tail == "keep")
+
+
+def render_prompt_text(tok: Any, messages: list[dict[str, str]], text: Any, chat_template: str):
+    """A prompt alone (generation) rendered as `render_pair` renders a pair's prompt: `text` (a
+    standard-format prompt string, else None) raw under `auto`, else the template's prompt."""
+    return text if is_raw_text(text, chat_template) else tok.render_prompt(messages)
 
 
 def template_identity(chat_template: str | None) -> dict[str, str]:

@@ -31,7 +31,14 @@ import numpy as np
 
 from .records import PreferenceRecord
 from .report import RowRejected
-from .templates import render_chat, render_pair, render_plain, template_identity
+from .templates import (
+    render_chat,
+    render_chat_prompt,
+    render_pair,
+    render_plain,
+    render_plain_prompt,
+    template_identity,
+)
 
 # Model weights next to a tokenizer are not part of its identity.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".npz")
@@ -96,6 +103,12 @@ class PairTokenizer:
         if self.chat_template is None:
             return render_plain(prompt, answer)
         return render_chat(self._hf, prompt, answer, prompt_text, tail)
+
+    def render_prompt(self, prompt: list[dict[str, str]]) -> str:
+        """The prompt text a completion follows (chat template or plain template)."""
+        if self.chat_template is None:
+            return render_plain_prompt(prompt)
+        return render_chat_prompt(self._hf, prompt)
 
     def identity(self) -> dict[str, Any]:
         """Hash of the tokenizer files + template: recorded in and checked against manifests."""
@@ -203,6 +216,14 @@ def _check_bos(tok: PairTokenizer, rec: PreferenceRecord, prompt: list[int]) -> 
         )
 
 
+def encode_prompt(tok: PairTokenizer, prompt_text: str) -> list[int]:
+    """``[BOS] + prompt tokens`` of a rendered prompt (BOS once: see the module docstring)."""
+    prompt = tok.encode(prompt_text)
+    if tok.bos_id is not None and prompt[:1] != [tok.bos_id]:
+        prompt = [tok.bos_id] + prompt
+    return prompt
+
+
 def tokenize_record(
     tok: PairTokenizer,
     rec: PreferenceRecord,
@@ -216,9 +237,7 @@ def tokenize_record(
         RowRejected: `template_error`, `double_bos` or `prompt_mismatch`.
     """
     texts = render_pair(tok, rec, chat_template, chat_template_tail)
-    prompt = tok.encode(texts.prompt)
-    if tok.bos_id is not None and prompt[:1] != [tok.bos_id]:
-        prompt = [tok.bos_id] + prompt
+    prompt = encode_prompt(tok, texts.prompt)
     _check_bos(tok, rec, prompt)
     completions = []
     for text in (texts.chosen, texts.rejected):

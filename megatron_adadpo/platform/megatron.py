@@ -19,6 +19,7 @@ from megatron.core.distributed import (
     DistributedDataParallelConfig,
     finalize_model_grads,
 )
+from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -46,6 +47,7 @@ __all__ = [
     "OptimizerConfig",
     "OptimizerParamScheduler",
     "ProcessGroupCollection",
+    "StaticInferenceContext",
     "TransformerBlockSubmodules",
     "TransformerConfig",
     "dist_checkpointing",
