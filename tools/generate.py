@@ -10,7 +10,8 @@ PATH: a training checkpoint (<run_dir>/checkpoints/iter_NNNNNNN), a checkpoints 
 one TP1 / PP1 process. FILE: JSON lines or a .json list; each object has a `prompt` (string or
 chat messages, as in the training data) or an `instruction` (AlpacaEval). Prompts are rendered
 as training renders them (the tokenizer's chat template, or the plain template). The output has
-one AlpacaEval record per prompt: the input object with `instruction`, `output`, `generator`.
+one AlpacaEval record per prompt: the input object with `instruction`, `output`, `generator`
+(JSON lines; a .json output is one JSON list, the form `alpaca_eval --model_outputs` reads).
 --temperature 0 (default) is greedy; > 0 samples, reproducibly for a given --seed. The tokenizer
 is --tokenizer, else the run's data.tokenizer, else the checkpoint's tokenizer/ directory.
 """
@@ -28,7 +29,7 @@ from megatron_adadpo.generation.prompts import (
     output_records,
     prompt_token_ids,
     read_prompts,
-    write_jsonl,
+    write_records,
 )
 
 
@@ -36,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint / iter / checkpoints / run dir")
     p.add_argument("--prompts", required=True, help=".jsonl or .json prompts file")
-    p.add_argument("--output", required=True, help="AlpacaEval-style .jsonl to write")
+    p.add_argument("--output", required=True, help=".jsonl (or .json) records to write")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=1234, help="sampling seed")
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     outputs = [tokenizer.decode(g).strip() for g in generated]
     name = args.generator or Path(args.checkpoint).resolve().name
-    write_jsonl(args.output, output_records(prompts, outputs, name))
+    write_records(args.output, output_records(prompts, outputs, name))
     print(f"wrote {len(outputs)} records to {args.output}")
 
 

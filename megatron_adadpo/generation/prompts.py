@@ -97,9 +97,13 @@ def output_records(prompts: list[Prompt], outputs: list[str], generator: str) ->
     ]
 
 
-def write_jsonl(path: str | Path, records: list[dict]) -> None:
+def write_records(path: str | Path, records: list[dict]) -> None:
+    """JSON lines, or for a ``.json`` path one JSON list (what ``alpaca_eval`` reads)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
+        if path.suffix == ".json":
+            json.dump(records, f, ensure_ascii=False, indent=1)
+            return
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -151,3 +151,33 @@ def test_batching_eos_and_seeds(run_dir):
     assert out["with_eos"][row] == out["one_by_one"][row][:k] and k >= 1
     assert out["seed3"] == out["seed3_again"]
     assert out["seed3"] != out["seed4"]
+
+
+def bundled_answers(rank: int, world: int, prompts: list[str]) -> list[str]:
+    """Rank body: greedy answers of the bundled SFT checkpoint (its own tokenizer/ directory)."""
+    from megatron_adadpo.generation.decode import SamplingConfig, generate
+    from megatron_adadpo.generation.policy import checkpoint_tokenizer, load_policy
+    from megatron_adadpo.generation.prompts import Prompt, prompt_token_ids
+
+    model, config, directory = load_policy(REPO / "examples/checkpoints/sft_tiny")
+    tok = checkpoint_tokenizer(directory)
+    rows = [Prompt([{"role": "user", "content": p}], {}) for p in prompts]
+    ids = generate(
+        model,
+        prompt_token_ids(tok, rows),
+        tok.eos_id,
+        config.vocab_size,
+        SamplingConfig(max_new_tokens=24),
+    )
+    return [tok.decode(x).strip() for x in ids]
+
+
+def test_bundled_sft_checkpoint_answers_held_out_prompts():
+    """The quickstart's start (examples/miniature, --sft-only --bundle) loads with its tokenizer
+    and answers prompts it never trained on (held out by examples/miniature/data.py)."""
+    expected = {
+        "Is 62 even or odd?": "62 is even.",
+        "Repeat the word 'willow' two times.": "willow willow",
+        "Sort the letters of 'lchdp' alphabetically.": "In order: c d h l p.",
+    }
+    assert run_ranks(bundled_answers, 1, list(expected), timeout=300)[0] == list(expected.values())
