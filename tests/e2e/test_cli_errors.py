@@ -31,6 +31,8 @@ def _error_lines(stderr: str) -> list[str]:
         ["tools/precompute_reference.py", "--config", CONFIG, "--output", "x",
          "--set", "loss.beta=-1"],
         ["tools/plan.py", "--recipe", CONFIG, "--set", "execution.tp=3"],
+        ["tools/generate.py", "--checkpoint", "examples/checkpoints/sft_tiny",
+         "--prompts", "missing.jsonl", "--output", "x.jsonl"],
     ],
 )  # fmt: skip
 def test_config_error_is_one_line(args):
