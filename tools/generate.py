@@ -3,13 +3,16 @@
 
     python tools/generate.py --checkpoint PATH --prompts FILE --output FILE.jsonl \\
         [--max-new-tokens 256] [--temperature 0] [--seed 1234] [--batch-size 16] \\
-        [--tokenizer PATH] [--generator NAME]
+        [--tokenizer PATH] [--chat-template auto|always] [--generator NAME]
 
 PATH: a training checkpoint (<run_dir>/checkpoints/iter_NNNNNNN), a checkpoints root or run dir
 (its `latest`), or a checkpoint written by tools/convert_hf_to_megatron.py. It is loaded into
 one TP1 / PP1 process. FILE: JSON lines or a .json list; each object has a `prompt` (string or
-chat messages, as in the training data) or an `instruction` (AlpacaEval). Prompts are rendered
-as training renders them (the tokenizer's chat template, or the plain template). The output has
+chat messages, as in the training data) or an `instruction` (AlpacaEval: one user turn).
+Prompts are rendered as training renders them under --chat-template (default: the run's
+data.chat_template, else auto): a string `prompt` is raw text under auto (TRL's standard
+format) and a user turn under always; messages and instructions get the tokenizer's chat
+template (or the plain template). The output has
 one AlpacaEval record per prompt: the input object with `instruction`, `output`, `generator`
 (JSON lines; a .json output is one JSON list, the form `alpaca_eval --model_outputs` reads).
 --temperature 0 (default) is greedy; > 0 samples, reproducibly for a given --seed. The tokenizer
@@ -24,7 +27,11 @@ from pathlib import Path
 
 from megatron_adadpo import cli
 from megatron_adadpo.generation.decode import SamplingConfig, generate
-from megatron_adadpo.generation.policy import checkpoint_tokenizer, load_policy
+from megatron_adadpo.generation.policy import (
+    checkpoint_tokenizer,
+    load_policy,
+    training_data_settings,
+)
 from megatron_adadpo.generation.prompts import (
     output_records,
     prompt_token_ids,
@@ -43,6 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234, help="sampling seed")
     p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together")
     p.add_argument("--tokenizer", default=None, help="HF tokenizer dir or sentencepiece .model")
+    p.add_argument(
+        "--chat-template",
+        choices=["auto", "always"],
+        default=None,
+        help="which prompts get the chat template (default: the run's data.chat_template)",
+    )
     p.add_argument("--generator", default=None, help="record's generator (default: PATH name)")
     return p.parse_args(argv)
 
@@ -53,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     prompts = read_prompts(args.prompts)  # bad input fails before the model loads
     model, model_config, directory = load_policy(args.checkpoint)
     tokenizer = checkpoint_tokenizer(directory, args.tokenizer)
-    ids = prompt_token_ids(tokenizer, prompts)
+    mode = args.chat_template or training_data_settings(directory).get("chat_template", "auto")
+    ids = prompt_token_ids(tokenizer, prompts, mode)
     longest = max(len(p) for p in ids) + args.max_new_tokens
     if longest > model_config.max_position_embeddings:
         raise ValueError(

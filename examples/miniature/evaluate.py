@@ -35,7 +35,7 @@ class HeldOut:
         self.dataset = load_preference_dataset(config.data.replace(inputs=(str(path),)))
         self.prompts = read_prompts(path)
         self.tokenizer = load_tokenizer(config.data.tokenizer)
-        self.prompt_ids = prompt_token_ids(self.tokenizer, self.prompts)
+        self.prompt_ids = prompt_token_ids(self.tokenizer, self.prompts, config.data.chat_template)
         self.answers = [p.row["chosen"].strip() for p in self.prompts]
         self.tasks = [p.row["task"] for p in self.prompts]
 

@@ -41,16 +41,23 @@ def load_policy(checkpoint: str | Path) -> tuple[torch.nn.Module, ModelConfig, P
     return chunks[0].eval(), model_config, directory
 
 
+def training_data_settings(directory: Path) -> dict:
+    """The ``data`` section of the run that wrote the checkpoint (its ``config.yaml``, in the
+    checkpoint or two levels up), or ``{}`` (e.g. a checkpoint converted from HF)."""
+    for config in (directory / "config.yaml", directory.parent.parent / "config.yaml"):
+        if config.is_file():
+            return (yaml.safe_load(config.read_text()) or {}).get("data") or {}
+    return {}
+
+
 def checkpoint_tokenizer(directory: Path, explicit: str | None = None) -> PairTokenizer:
     """``explicit``, else the training run's ``data.tokenizer`` (its ``config.yaml``), else a
     tokenizer directory beside the checkpoint (HF conversions keep one in ``tokenizer/``)."""
     if explicit:
         return load_tokenizer(explicit)
-    for config in (directory / "config.yaml", directory.parent.parent / "config.yaml"):
-        if config.is_file():
-            data = (yaml.safe_load(config.read_text()) or {}).get("data") or {}
-            if data.get("tokenizer") and Path(data["tokenizer"]).exists():
-                return load_tokenizer(data["tokenizer"], data.get("tokenizer_kind", "auto"))
+    data = training_data_settings(directory)
+    if data.get("tokenizer") and Path(data["tokenizer"]).exists():
+        return load_tokenizer(data["tokenizer"], data.get("tokenizer_kind", "auto"))
     found = find_tokenizer(directory, None)
     if found is None:
         raise FileNotFoundError(

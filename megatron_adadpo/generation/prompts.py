@@ -2,10 +2,13 @@
 
 A prompts file is JSON lines, or a ``.json`` list of objects (AlpacaEval's evaluation set is
 one). Each object gives its prompt in ``prompt`` (a string or chat messages, as in the training
-data) or ``instruction`` (AlpacaEval). A prompt is rendered exactly as training renders it: the
-tokenizer's chat template with the generation prompt, or the plain template, then
-``[BOS] + tokens`` (``data.tokenize.encode_prompt``). Each output record is the input object
-with ``instruction``, ``output`` (the generated text) and ``generator`` set, so other fields
+data) or ``instruction`` (AlpacaEval: one user turn). A prompt is rendered exactly as training
+renders a pair's prompt (``data.templates.render_prompt_text``, under the run's
+``data.chat_template``): a string ``prompt`` is raw text under ``auto`` (TRL's standard format)
+and a user turn under ``always``; chat messages and instructions get the tokenizer's chat
+template with the generation prompt (or the plain template); then ``[BOS] + tokens``
+(``data.tokenize.encode_prompt``). Each output record is the input object with
+``instruction``, ``output`` (the generated text) and ``generator`` set, so other fields
 (``dataset``, a reference answer) travel along.
 """
 
@@ -17,6 +20,7 @@ from pathlib import Path
 
 from megatron_adadpo.data.records import prompt_messages
 from megatron_adadpo.data.report import RowRejected
+from megatron_adadpo.data.templates import render_prompt_text
 from megatron_adadpo.data.tokenize import PairTokenizer, encode_prompt
 
 PROMPT_FIELDS = ("prompt", "instruction")
@@ -24,10 +28,12 @@ PROMPT_FIELDS = ("prompt", "instruction")
 
 @dataclass(frozen=True)
 class Prompt:
-    """One prompt: its chat messages and the input object it came from."""
+    """One prompt: its chat messages, its raw text (a string ``prompt``: TRL's standard format;
+    else None) and the input object it came from."""
 
     messages: list[dict[str, str]]
     row: dict
+    text: str | None = None
 
     @property
     def instruction(self) -> str:
@@ -73,17 +79,23 @@ def _prompt(row, where: str) -> Prompt:
             "'instruction' (AlpacaEval) field"
         )
     try:
-        return Prompt(prompt_messages(row[field], field), row)
+        messages = prompt_messages(row[field], field)
     except RowRejected as e:
         raise ValueError(f"{where}: {e.detail}") from None
+    standard = field == "prompt" and isinstance(row[field], str)
+    return Prompt(messages, row, messages[0]["content"] if standard else None)
 
 
-def prompt_token_ids(tokenizer: PairTokenizer, prompts: list[Prompt]) -> list[list[int]]:
-    """``[BOS] + prompt tokens`` of each prompt, rendered as training renders prompts."""
+def prompt_token_ids(
+    tokenizer: PairTokenizer, prompts: list[Prompt], chat_template: str = "auto"
+) -> list[list[int]]:
+    """``[BOS] + prompt tokens`` of each prompt, rendered as training renders prompts under
+    ``data.chat_template`` (``auto`` or ``always``)."""
     ids = []
     for k, prompt in enumerate(prompts):
         try:
-            ids.append(encode_prompt(tokenizer, tokenizer.render_prompt(prompt.messages)))
+            text = render_prompt_text(tokenizer, prompt.messages, prompt.text, chat_template)
+            ids.append(encode_prompt(tokenizer, text))
         except RowRejected as e:
             raise ValueError(f"prompt {k}: {e.detail}") from None
     return ids
