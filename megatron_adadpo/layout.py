@@ -35,6 +35,9 @@ class ExecutionConfig:
     recompute: str | None = None  # None | "selective" | "full"
     recompute_num_layers: int = 1
     transformer_impl: str = "auto"  # "auto" | "local" | "transformer_engine"
+    # Output layer + log-probs over chunks of this many tokens (0: whole micro-batch; "auto":
+    # from AUTO_CHUNK_BUDGET_BYTES, see logprob_chunk_tokens)
+    logprob_chunk_tokens: int | str = 0
 
     @property
     def model_parallel_size(self) -> int:
@@ -59,6 +62,34 @@ def pad_multiple(tp: int = 1, cp: int = 1, sequence_parallel: bool = False) -> i
     if cp > 1:
         m = math.lcm(m, 2 * cp)
     return m
+
+
+AUTO_CHUNK_BUDGET_BYTES = 512 * 2**20  # one chunk's logit transients with "auto"
+AUTO_CHUNK_MULTIPLE = 256  # "auto" chunks are a multiple of this many tokens (and at least it)
+
+
+def chunk_bytes_per_logit(bf16: bool) -> int:
+    """Transient bytes per ``[chunk, v/tp]`` element of the chunked output layer: the fp32
+    logits (turned into the softmax, then the gradient, in place) plus the param-dtype logits
+    and their gradient: ``4 + 2e`` (8 in bf16, 12 in fp32)."""
+    return 4 + 2 * (2 if bf16 else 4)
+
+
+def logprob_chunk_tokens(execution: ExecutionConfig, padded_vocab_size: int) -> int:
+    """Tokens per chunk of the chunked output layer + log-prob path (0 = not chunked).
+
+    A number is used as given; ``"auto"`` takes the largest multiple of
+    ``AUTO_CHUNK_MULTIPLE`` tokens whose transients,
+    ``chunk * padded_vocab_size / tp * chunk_bytes_per_logit``, fit in
+    ``AUTO_CHUNK_BUDGET_BYTES`` (512 MiB), and at least ``AUTO_CHUNK_MULTIPLE``: a fixed
+    budget, not the device's free memory, so a run's numerics do not depend on the machine.
+    """
+    value = execution.logprob_chunk_tokens
+    if value != "auto":
+        return int(value)
+    per_token = padded_vocab_size // execution.tp * chunk_bytes_per_logit(execution.bf16)
+    tokens = AUTO_CHUNK_BUDGET_BYTES // per_token // AUTO_CHUNK_MULTIPLE * AUTO_CHUNK_MULTIPLE
+    return max(tokens, AUTO_CHUNK_MULTIPLE)
 
 
 def data_parallel_size(execution: ExecutionConfig, world_size: int) -> int:
@@ -88,6 +119,7 @@ def layout_errors(
     if bad:
         return bad
     errors = _model_errors(model, execution) + _choice_errors(execution)
+    errors += _chunk_errors(execution)
     pad = execution.pad_multiple
     if max_length is not None and execution.pp > 1 and max_length % pad:
         errors.append(
@@ -143,6 +175,16 @@ def _choice_errors(e: ExecutionConfig) -> list[str]:
                 "transformer_engine); set execution.fp8=null for the local spec"
             )
     return errors
+
+
+def _chunk_errors(e: ExecutionConfig) -> list[str]:
+    chunk = e.logprob_chunk_tokens
+    if chunk == "auto" or _positive(chunk) or (type(chunk) is int and chunk == 0):
+        return []
+    return [
+        f"execution.logprob_chunk_tokens={chunk!r}; accepted: 0 (off), a positive number of "
+        "tokens per chunk, or auto"
+    ]
 
 
 def _world_errors(e: ExecutionConfig, world: int, micro: int, global_batch: int) -> list[str]:

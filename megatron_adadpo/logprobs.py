@@ -49,20 +49,56 @@ def token_logprobs(
     logits = vocab_parallel_logits.float().contiguous()
     if logits.data_ptr() == vocab_parallel_logits.data_ptr():
         logits = logits.clone()  # vocab_parallel_cross_entropy mutates its input in place
+    target = labels.clamp(min=0).transpose(0, 1).contiguous()
+    return consume_logits(logits, target, tp_group, vocab_size).transpose(0, 1)
+
+
+def consume_logits(
+    logits: torch.Tensor, target: torch.Tensor, tp_group=None, vocab_size: int | None = None
+) -> torch.Tensor:
+    """``log p(target)`` from fp32 vocab-parallel logits that the caller gives up.
+
+    The logits are overwritten: TP padding columns (global index >= ``vocab_size``) are set to
+    the lowest float, then Megatron's ``vocab_parallel_cross_entropy`` turns them into the
+    softmax in place. The masking is not recorded by autograd: the masked columns get softmax
+    exactly 0, hence gradient exactly 0, either way. ``logits`` may be a leaf that requires
+    grad (its gradient is then the CE's).
+
+    Shapes: logits ``[..., v/tp]`` fp32, target ``[...]`` global ids >= 0 -> ``[...]`` fp32.
+    """
     if tp_group is None:
         tp_group = parallel_state.get_tensor_model_parallel_group()
     if vocab_size is not None:
-        _mask_vocab_padding(logits, vocab_size, dist.get_rank(tp_group))
-    target = labels.clamp(min=0).transpose(0, 1).contiguous()
-    return -vocab_parallel_cross_entropy(logits, target, tp_group).transpose(0, 1)
+        with torch.no_grad():
+            _mask_vocab_padding(logits, vocab_size, dist.get_rank(tp_group))
+    return -vocab_parallel_cross_entropy(logits, target, tp_group)
 
 
 def _mask_vocab_padding(logits: torch.Tensor, vocab_size: int, tp_rank: int) -> None:
     """In place: this shard's columns at global index >= ``vocab_size`` -> lowest float."""
-    shard = logits.shape[-1]
-    first_padded = vocab_size - tp_rank * shard  # local index of the first padded column
-    if first_padded < shard:
-        logits[..., max(first_padded, 0) :] = torch.finfo(logits.dtype).min
+    first_padded = _first_padded_column(logits.shape[-1], vocab_size, tp_rank)
+    if first_padded < logits.shape[-1]:
+        logits[..., first_padded:] = torch.finfo(logits.dtype).min
+
+
+def _first_padded_column(shard: int, vocab_size: int, tp_rank: int) -> int:
+    """Local index of this TP shard's first column at global index >= ``vocab_size``."""
+    return min(max(vocab_size - tp_rank * shard, 0), shard)
+
+
+def shard_logit_sums(logits: torch.Tensor, vocab_size: int | None, tp_rank: int) -> torch.Tensor:
+    """Per-token sum of the logits over this TP shard's real (unpadded) vocabulary, fp32.
+
+    All-reduced over TP and divided by ``vocab_size`` it is the mean logit over the vocabulary
+    (TRL's ``logits/chosen`` before averaging over tokens); never a vocab gather.
+    ``vocab_size`` None: every column is real.
+
+    Shapes: logits ``[..., v/tp]`` -> ``[...]`` fp32.
+    """
+    real = logits.shape[-1]
+    if vocab_size is not None:
+        real = _first_padded_column(real, vocab_size, tp_rank)
+    return logits[..., :real].sum(dim=-1, dtype=torch.float32)
 
 
 def sequence_logprobs(

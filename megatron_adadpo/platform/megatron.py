@@ -49,6 +49,7 @@ __all__ = [
     "TransformerBlockSubmodules",
     "TransformerConfig",
     "dist_checkpointing",
+    "final_hidden_states",
     "finalize_model_grads",
     "get_forward_backward_func",
     "get_gpt_layer_local_spec",
@@ -56,6 +57,7 @@ __all__ = [
     "get_num_layers_to_build",
     "llama3_rope_scaling",
     "megatron_rng_module",
+    "output_layer_weight",
     "parallel_state",
     "process_groups",
     "save_strategy",
@@ -93,6 +95,70 @@ def vocab_parallel_cross_entropy(
             "parallel_state's tensor-parallel group only; pass that group (or None)"
         )
     return tensor_parallel.vocab_parallel_cross_entropy(vocab_parallel_logits, target)
+
+
+_GPT_TAKES_OUTPUT_PROCESSOR = "output_processor" in inspect.signature(GPTModel.forward).parameters
+
+
+def _hidden_states_only(*, hidden_states: torch.Tensor, **_unused) -> torch.Tensor:
+    """A ``GPTModel`` ``output_processor`` that returns the decoder's output unchanged."""
+    return hidden_states
+
+
+def final_hidden_states(model, input_ids, position_ids, attention_mask) -> torch.Tensor:
+    """Run a (DDP-wrapped) ``GPTModel`` chunk without its output layer.
+
+    On the last pipeline stage: the decoder's output after the final norm, ``[s, b, h]``
+    (``[s/tp, b, h]`` with sequence parallelism), i.e. the output layer's input; elsewhere the
+    chunk's ordinary output (hidden states for the next stage).
+
+    megatron-core >= 0.18: ``GPTModel.forward``'s public ``output_processor`` hook receives
+    these hidden states in place of the output layer. 0.16 / 0.17 have no hook: the model's
+    ``post_process`` attribute is switched off for the call, so ``_postprocess`` returns the
+    hidden states before the output layer (the decoder's final norm belongs to the decoder and
+    still runs). Pinned by ``tests/unit/test_megatron_seam.py``.
+    """
+    if _GPT_TAKES_OUTPUT_PROCESSOR:
+        return model(input_ids, position_ids, attention_mask, output_processor=_hidden_states_only)
+    gpt = unwrap_model(model)
+    if not gpt.post_process:
+        return model(input_ids, position_ids, attention_mask)
+    gpt.post_process = False
+    try:
+        return model(input_ids, position_ids, attention_mask)
+    finally:
+        gpt.post_process = True
+
+
+def output_layer_weight(model) -> tuple[torch.Tensor, bool] | None:
+    """``(weight [v/tp, h], sequence_parallel)`` of a ``GPTModel`` chunk's output layer, or
+    None off the last pipeline stage.
+
+    The weight is the one ``GPTModel`` multiplies by: the shared embedding weight with tied
+    embeddings (``shared_embedding_or_output_weight``), else ``output_layer.weight``.
+    ``sequence_parallel`` is the output layer's own flag: it all-gathers its input over TP.
+    Refuses output layers the chunked log-prob path does not reproduce (a bias, a gathered
+    output, Transformer Engine's MXFP8 LM head, MuP logit scaling).
+    """
+    gpt = unwrap_model(model)
+    if not gpt.post_process:
+        return None
+    layer = gpt.output_layer
+    unsupported = (
+        not isinstance(layer, tensor_parallel.ColumnParallelLinear)
+        or layer.bias is not None
+        or layer.gather_output
+        or getattr(gpt.config, "use_mup", False)
+    )
+    if unsupported:
+        raise ValueError(
+            f"execution.logprob_chunk_tokens needs the plain vocab-parallel output layer "
+            f"(ColumnParallelLinear, no bias, parallel output, no MuP); got {type(layer).__name__}"
+            "; set execution.logprob_chunk_tokens=0"
+        )
+    if gpt.share_embeddings_and_output_weights:
+        return gpt.shared_embedding_or_output_weight(), layer.sequence_parallel
+    return layer.weight, layer.sequence_parallel
 
 
 def te_layer_spec(**kwargs):

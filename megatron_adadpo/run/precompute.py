@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     groups = init_model_parallel(config.execution, seed=config.train.seed)
     dataset = load_dataset(config, eval_split=args.eval)
     model = freeze(build_policy(config))  # the reference is the initial policy
-    context = StepContext(config.loss, config.model.vocab_size, groups)
+    context = StepContext.from_config(config, groups)
     dp_rank, dp_size = dist.get_rank(groups.dp), dist.get_world_size(groups.dp)
     batches = step_batches(config, dataset, dp_rank, dp_size, 0, drop_last=False)
     steps = math.ceil(len(dataset) / config.train.global_batch_size)

@@ -17,14 +17,20 @@ import numpy as np
 import torch
 
 from megatron_adadpo.platform.megatron import unwrap_model
-from megatron_adadpo.run.step import StepContext, policy_forward, run_schedule, sequence_sums
+from megatron_adadpo.run.step import (
+    StepContext,
+    output_layer_for,
+    policy_forward,
+    run_schedule,
+    sequence_sums,
+)
 
 VALUES_FILE = "reference_logps.npy"
 META_FILE = "meta.json"
 
 
-def _reference_loss_func(context: StepContext, batch: dict, logits: torch.Tensor):
-    sums, _ = sequence_sums(logits, batch, context)
+def _reference_loss_func(context: StepContext, batch: dict, output_layer, output: torch.Tensor):
+    sums, _ = sequence_sums(output, batch, context, output_layer)
     zero = torch.zeros((), device=sums.device)
     return zero, torch.zeros((), dtype=torch.int), {"reference_logps": sums.detach()}
 
@@ -32,8 +38,9 @@ def _reference_loss_func(context: StepContext, batch: dict, logits: torch.Tensor
 def _reference_forward_step(context: StepContext, data_iterator, model):
     batch = next(data_iterator)
     with torch.no_grad():
-        output = policy_forward(model, batch)
-    return output, partial(_reference_loss_func, context, batch)
+        output = policy_forward(model, batch, context)
+    layer = output_layer_for(model, context)
+    return output, partial(_reference_loss_func, context, batch, layer)
 
 
 def attach_forward_logps(chunks: list, batches: list[dict], context: StepContext) -> None:

@@ -24,6 +24,8 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from megatron_adadpo.chunked_logprobs import OutputLayer, chunked_token_logprobs, model_output_layer
+from megatron_adadpo.layout import logprob_chunk_tokens
 from megatron_adadpo.logprobs import sequence_logprobs, token_logprobs
 from megatron_adadpo.losses import (
     LossConfig,
@@ -31,46 +33,85 @@ from megatron_adadpo.losses import (
     all_reduce_metrics,
     preference_loss,
 )
-from megatron_adadpo.platform.megatron import ProcessGroupCollection, get_forward_backward_func
+from megatron_adadpo.platform.megatron import (
+    ProcessGroupCollection,
+    final_hidden_states,
+    get_forward_backward_func,
+)
 
 
 @dataclass(frozen=True)
 class StepContext:
-    """What ``loss_func`` needs besides the batch: the loss, the true vocabulary, the groups."""
+    """What ``loss_func`` needs besides the batch: the loss, the true vocabulary, the groups,
+    and whether the output layer and log-probs run in chunks."""
 
     loss: LossConfig
     vocab_size: int  # the tokenizer's vocabulary (TP padding rows beyond it are masked)
     groups: ProcessGroupCollection
+    logprob_chunk_tokens: int = 0  # > 0: chunked output layer + log-probs (chunked_logprobs)
+
+    @classmethod
+    def from_config(cls, config, groups: ProcessGroupCollection) -> StepContext:
+        """The context of a run's ``Config`` (``execution.logprob_chunk_tokens`` resolved)."""
+        padded = config.model.padded_vocab_size(config.execution.tp)
+        chunk = logprob_chunk_tokens(config.execution, padded)
+        return cls(config.loss, config.model.vocab_size, groups, chunk)
 
 
-def policy_forward(model, batch: dict) -> torch.Tensor:
-    """Vocab-parallel logits ``[2B, S, v/tp]`` on the last stage (hidden states elsewhere).
+def policy_forward(model, batch: dict, context: StepContext) -> torch.Tensor:
+    """The model chunk's output for ``sequence_sums`` (hidden states for the next stage off the
+    last stage).
+
+    Last stage: vocab-parallel logits ``[2B, S, v/tp]``; with chunked log-probs the output
+    layer's input instead, ``[S, 2B, h]`` (``[S/tp, 2B, h]`` with sequence parallelism).
 
     Shapes: tokens / position_ids ``[2B, S]``.
     """
-    return model(batch["tokens"], batch["position_ids"], None)
+    inputs = (batch["tokens"], batch["position_ids"], None)
+    if context.logprob_chunk_tokens:
+        return final_hidden_states(model, *inputs)
+    return model(*inputs)
 
 
 def sequence_sums(
-    logits: torch.Tensor, batch: dict, context: StepContext
+    output: torch.Tensor,
+    batch: dict,
+    context: StepContext,
+    output_layer: OutputLayer | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence completion log-prob sums and token counts, both ``[2B]`` fp32.
 
     Megatron's vocab-parallel CE over the true vocabulary (TP padding rows masked), summed over
-    completion tokens and reduced over the context-parallel group.
+    completion tokens and reduced over the context-parallel group. ``output`` is
+    ``policy_forward``'s: logits, or with ``output_layer`` the hidden states it is applied to
+    chunk by chunk (``chunked_logprobs``).
     """
-    logps = token_logprobs(
-        logits.transpose(0, 1),
-        batch["labels"],
-        tp_group=context.groups.tp,
-        vocab_size=context.vocab_size,
-    )
-    return sequence_logprobs(logps, batch["loss_mask"], context.groups.cp)
+    labels, mask, tp = batch["labels"], batch["loss_mask"], context.groups.tp
+    if output_layer is None:
+        logps = token_logprobs(output.transpose(0, 1), labels, tp, context.vocab_size)
+    else:
+        logps = chunked_token_logprobs(
+            output,
+            output_layer,
+            labels,
+            mask,
+            chunk_tokens=context.logprob_chunk_tokens,
+            tp_group=tp,
+            vocab_size=context.vocab_size,
+        )
+    return sequence_logprobs(logps, mask, context.groups.cp)
 
 
-def loss_func(context: StepContext, batch: dict, logits: torch.Tensor):
+def output_layer_for(model, context: StepContext) -> OutputLayer | None:
+    """The chunked path's output layer of a model chunk (None: unchunked or not last stage)."""
+    return model_output_layer(model) if context.logprob_chunk_tokens else None
+
+
+def loss_func(
+    context: StepContext, batch: dict, output: torch.Tensor, output_layer: OutputLayer = None
+):
     """``(sum of per-pair losses, number of valid pairs, report)`` for one micro-batch."""
-    sums, counts = sequence_sums(logits, batch, context)
+    sums, counts = sequence_sums(output, batch, context, output_layer)
     ref = batch.get("reference_logps")
     chosen_nll = None
     if context.loss.needs_chosen_nll:
@@ -94,7 +135,8 @@ def loss_func(context: StepContext, batch: dict, logits: torch.Tensor):
 
 def forward_step(context: StepContext, data_iterator: Iterator, model):
     batch = next(data_iterator)
-    return policy_forward(model, batch), partial(loss_func, context, batch)
+    output = policy_forward(model, batch, context)
+    return output, partial(loss_func, context, batch, output_layer=output_layer_for(model, context))
 
 
 def run_schedule(model: list, batches: list[dict], forward_step_func, forward_only: bool):

@@ -100,7 +100,7 @@ class Trainer:
         self.dataset = load_dataset(config)
         eval_set = load_dataset(config, eval_split=True) if config.eval.interval else None
         self.total_steps = total_steps(config, self.dataset)
-        self.context = StepContext(config.loss, config.model.vocab_size, self.groups)
+        self.context = StepContext.from_config(config, self.groups)
         chunks = build_policy(config)
         self.reference, eval_reference = build_references(
             config, chunks, self.context, (self.dataset, eval_set)

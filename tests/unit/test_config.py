@@ -65,6 +65,11 @@ def _flatten(d, prefix=""):
         (["execution.pp=2", "data.max_length=127"], None),  # TP1 no SP: multiple of 1 is fine
         (["data.max_length=0"], "data.max_length"),
         (["data.overlength=cut"], "data.overlength"),
+        (["execution.logprob_chunk_tokens=-8"], "execution.logprob_chunk_tokens=-8"),
+        (["execution.logprob_chunk_tokens=automatic"], "accepted: 0 \\(off\\)"),
+        (["execution.logprob_chunk_tokens=true"], "execution.logprob_chunk_tokens=True"),
+        (["execution.logprob_chunk_tokens=auto"], None),
+        (["execution.logprob_chunk_tokens=1000"], None),
     ],
 )
 def test_bad_values_name_the_field(overrides, message):
@@ -114,3 +119,22 @@ def test_missing_file_and_bad_override_syntax():
         load_config("no/such.yaml")
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         cfg("loss.beta")
+
+
+@pytest.mark.parametrize(
+    "tp, bf16, vocab, expected",
+    [
+        (1, True, 128256, 512),  # 512 MiB / (128256 x 8 B) = 523 tokens -> 512
+        (1, False, 128256, 256),  # 12 B per logit: 348 -> 256
+        (8, True, 128256, 4096),  # v/tp = 16032: 4186 -> 4096
+        (1, False, 1_000_064, 256),  # budget smaller than one multiple: the minimum
+    ],
+)
+def test_auto_logprob_chunk_follows_the_budget(tp, bf16, vocab, expected):
+    from megatron_adadpo.layout import ExecutionConfig, logprob_chunk_tokens
+
+    auto = ExecutionConfig(tp=tp, bf16=bf16, logprob_chunk_tokens="auto")
+    assert logprob_chunk_tokens(auto, vocab) == expected
+    fixed = ExecutionConfig(tp=tp, bf16=bf16, logprob_chunk_tokens=300)
+    assert logprob_chunk_tokens(fixed, vocab) == 300
+    assert logprob_chunk_tokens(ExecutionConfig(tp=tp), vocab) == 0
