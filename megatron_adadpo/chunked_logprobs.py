@@ -190,6 +190,9 @@ def _input_grad(grad_x: torch.Tensor, rows, hidden: torch.Tensor, plan: _Plan) -
     return full
 
 
+WGRAD_BLOCK_BYTES = 64 * 2**20  # largest param-dtype dW product held at once (bf16 runs)
+
+
 class _WeightGrad:
     """``dW`` summed over chunks: into Megatron DDP's ``main_grad`` when the weight has one
     (see the module docstring), else into an fp32 buffer returned as ``.grad``."""
@@ -205,10 +208,15 @@ class _WeightGrad:
             self.buffer = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
 
     def add(self, dlogits: torch.Tensor, x: torch.Tensor) -> None:
+        """``buffer += dlogits^T x``; ``[c, v/tp]``, ``[c, h]`` -> ``[v/tp, h]``."""
         if self.buffer.dtype == dlogits.dtype:
             self.buffer.addmm_(dlogits.t(), x)
-        else:  # bf16 chunk product (as the unchunked layer's dW), accumulated in fp32
-            self.buffer.add_(torch.matmul(dlogits.t(), x))
+            return
+        # bf16 products (as the unchunked layer's dW) summed in fp32, a block of vocabulary
+        # rows at a time: never a whole [v/tp, h] bf16 product besides the buffer
+        rows = max(1, WGRAD_BLOCK_BYTES // (x.shape[1] * x.element_size()))
+        for block in _chunks(self.buffer.shape[0], rows):
+            self.buffer[block].add_(torch.matmul(dlogits[:, block].t(), x))
 
     def result(self) -> torch.Tensor:
         weight = self.weight

@@ -70,9 +70,9 @@ AUTO_CHUNK_MULTIPLE = 256  # "auto" chunks are a multiple of this many tokens (a
 
 def chunk_bytes_per_logit(bf16: bool) -> int:
     """Transient bytes per ``[chunk, v/tp]`` element of the chunked output layer: the fp32
-    logits (turned into the softmax, then the gradient, in place) plus the param-dtype logits
-    and their gradient: ``4 + 2e`` (8 in bf16, 12 in fp32)."""
-    return 4 + 2 * (2 if bf16 else 4)
+    logits (turned into the softmax, then the gradient, in place), plus in bf16 the bf16
+    logits while they are cast and the bf16 gradient: 6 (4 in fp32)."""
+    return 6 if bf16 else 4
 
 
 def logprob_chunk_tokens(execution: ExecutionConfig, padded_vocab_size: int) -> int:

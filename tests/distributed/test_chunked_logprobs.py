@@ -91,6 +91,9 @@ def test_matches_full_vocab_fp64(tp, sequence_parallel, chunk, use_mask):
 
 
 def _main_grad_rank(rank, world, dtype, zero_out_wgrad):
+    from megatron_adadpo import chunked_logprobs
+
+    chunked_logprobs.WGRAD_BLOCK_BYTES = 5 * H * 2  # bf16 dW in blocks of 5 vocabulary rows
     groups = parallel.init_model_parallel(ExecutionConfig())
     hidden, weight, labels, mask, upstream = _inputs()
     w = weight.to(dtype).requires_grad_()

@@ -124,10 +124,10 @@ def test_missing_file_and_bad_override_syntax():
 @pytest.mark.parametrize(
     "tp, bf16, vocab, expected",
     [
-        (1, True, 128256, 512),  # 512 MiB / (128256 x 8 B) = 523 tokens -> 512
-        (1, False, 128256, 256),  # 12 B per logit: 348 -> 256
-        (8, True, 128256, 4096),  # v/tp = 16032: 4186 -> 4096
-        (1, False, 1_000_064, 256),  # budget smaller than one multiple: the minimum
+        (1, True, 128256, 512),  # 512 MiB / (128256 x 6 B) = 697 tokens -> 512
+        (1, False, 128256, 1024),  # 4 B per logit: 1046 -> 1024
+        (8, True, 128256, 5376),  # v/tp = 16032: 5581 -> 5376
+        (1, True, 1_000_064, 256),  # budget smaller than one multiple: the minimum
     ],
 )
 def test_auto_logprob_chunk_follows_the_budget(tp, bf16, vocab, expected):

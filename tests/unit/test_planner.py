@@ -56,14 +56,32 @@ def test_recipe_plans_fit_their_clusters():
 
 
 def test_micro_batch_grows_activations_and_logits():
-    small = _plan(R8B, nodes=1)
-    big = _plan(R8B, ["train.micro_batch_size=2"], nodes=1)
+    unchunked = "execution.logprob_chunk_tokens=0"
+    small = _plan(R8B, [unchunked], nodes=1)
+    big = _plan(R8B, [unchunked, "train.micro_batch_size=2"], nodes=1)
     assert big.peak.activations == pytest.approx(2 * small.peak.activations)  # PP1: 1 in flight
     assert big.peak.logits == pytest.approx(2 * small.peak.logits)
     assert big.peak.workspace == pytest.approx(2 * small.peak.workspace)
     p, c = load(str(R70B), [], "h100", 8)
     last = [make_plan(p.replace(micro_batch_size=b), c).stages[-1] for b in (1, 2, 4)]
     assert last[0].reserved < last[1].reserved < last[2].reserved
+
+
+def test_chunked_logprobs_hold_one_chunk_of_logits():
+    """8B recipe (TP2, bf16, seq 2048, one pair = 4096 tokens per micro-batch)."""
+    plans = {
+        c: _plan(R8B, [f"execution.logprob_chunk_tokens={c}"], nodes=1).stages[-1]
+        for c in (0, 1024, 1280, 100_000, "auto")
+    }
+    vocab, h, tokens = 128256 / 2, 4096, 2048 * 2  # 128256 divides 128 * TP: no padding
+    assert plans[0].logits == tokens * vocab * 6  # bf16 logits + their fp32 copy
+    hidden = 3 * 2 * tokens * h  # gathered input, selected tokens, their gradient
+    dummy_dw = 2 * vocab * h  # DDP's dummy weight gradient after the last chunk
+    assert plans[1024].logits == max(1024 * vocab * 6, dummy_dw) + hidden
+    assert plans[100_000].logits == tokens * vocab * 6 + hidden  # one chunk: all tokens
+    assert plans["auto"].logits == plans[1280].logits  # 512 MiB / (64128 x 6 B) = 1395 -> 1280
+    assert plans[1024].logits < 0.5 * plans[0].logits
+    assert plans[1024].activations == plans[0].activations
 
 
 def test_distributed_optimizer_divides_optimizer_state_by_dp():
