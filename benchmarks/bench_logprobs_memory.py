@@ -41,28 +41,16 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout
-from benchmarks.machine import machine_line  # noqa: E402
+from benchmarks.machine import machine_line, reset_peak_rss, status_kib  # noqa: E402
 from tests.launcher import run_ranks  # noqa: E402
 
 TP = 2
 MIB = 2**20
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_hwm() -> None:
-    with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-        f.write("5")
-
-
-def make_inputs(rank: int, seq: int, batch: int, vocab: int, padded: int):
-    """This rank's logits shard and the (rank-independent) labels and mask."""
+def completion_labels(seq: int, batch: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels ``[b, s]`` (ignore markers on prompt and padding) and the completion mask: each
+    row's prompt takes s/8 to s/2 tokens, its padding up to s/8 (rank-independent)."""
     g = torch.Generator().manual_seed(1234)
     labels = torch.randint(0, vocab, (batch, seq), generator=g)
     prompt = torch.randint(seq // 8, seq // 2 + 1, (batch,), generator=g)
@@ -70,10 +58,16 @@ def make_inputs(rank: int, seq: int, batch: int, vocab: int, padded: int):
     pos = torch.arange(seq)
     mask = (pos >= prompt[:, None]) & (pos < seq - pad[:, None])
     labels = torch.where(mask, labels, torch.full_like(labels, -100))
+    return labels, mask.float()
+
+
+def make_inputs(rank: int, seq: int, batch: int, vocab: int, padded: int):
+    """This rank's logits shard and the (rank-independent) labels and mask."""
+    labels, mask = completion_labels(seq, batch, vocab)
     per_rank = padded // TP
     g_rank = torch.Generator().manual_seed(1000 + rank)
     shard = torch.randn(seq, batch, per_rank, generator=g_rank).mul_(3.0)
-    return shard.requires_grad_(), labels, mask.float()
+    return shard.requires_grad_(), labels, mask
 
 
 def ours(shard: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -116,13 +110,13 @@ def rank_fn(rank, world_size, variant, seq, batch, vocab, padded, reps, threads,
         sums = None
         gc.collect()  # free any previous graph held by a reference cycle before the baseline
         dist.barrier()
-        _reset_hwm()
-        before = _status_kib("VmRSS")
+        reset_peak_rss()
+        before = status_kib("VmRSS")
         start = time.perf_counter()
         sums = fn(shard, labels, mask)
         sums.sum().backward()
         elapsed = time.perf_counter() - start
-        hwm = _status_kib("VmHWM")
+        hwm = status_kib("VmHWM")
         if r:
             peaks.append((hwm - before) * 1024)
             times.append(elapsed)

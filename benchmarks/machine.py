@@ -1,4 +1,5 @@
-"""One line describing the machine a benchmark ran on (recorded with every result)."""
+"""One line describing the machine a benchmark ran on (recorded with every result), and the
+process's resident-memory counters the memory benchmarks read (Linux ``/proc``)."""
 
 from __future__ import annotations
 
@@ -33,3 +34,18 @@ def machine_line() -> str:
         f"nproc={os.cpu_count()} cpu={cpu_model()!r} python={platform.python_version()} "
         f"torch={torch.__version__} megatron-core={mcore_version} device={device!r}"
     )
+
+
+def status_kib(field: str) -> int:
+    """A ``/proc/self/status`` memory field in KiB (``VmRSS``: now, ``VmHWM``: peak)."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    """Reset ``VmHWM`` (the peak resident set) to the current ``VmRSS``."""
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+        f.write("5")

@@ -120,12 +120,8 @@ class _ChunkedOutputLogprobs(torch.autograd.Function):
         logps = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
         n_sums = x.shape[0] if plan.with_logit_sums else 0
         sums = torch.empty(n_sums, dtype=torch.float32, device=x.device)
-        tp_rank = dist.get_rank(plan.tp_group)
         for chunk in _chunks(x.shape[0], plan.chunk_tokens):
-            logits = _chunk_logits(x[chunk], weight)
-            if plan.with_logit_sums:
-                sums[chunk] = shard_logit_sums(logits, plan.vocab_size, tp_rank)
-            logps[chunk] = consume_logits(logits, target[chunk], plan.tp_group, plan.vocab_size)
+            _chunk_forward(x[chunk], weight, target[chunk], plan, logps[chunk], sums[chunk])
         ctx.save_for_backward(hidden, weight, rows, target)
         ctx.plan = plan
         ctx.mark_non_differentiable(sums)
@@ -140,9 +136,9 @@ class _ChunkedOutputLogprobs(torch.autograd.Function):
         weight_grad = _WeightGrad(weight)
         for chunk in _chunks(x.shape[0], plan.chunk_tokens):
             dlogits = _logits_grad(x[chunk], weight, target[chunk], grad_logps[chunk], plan)
-            dlogits = dlogits.to(weight.dtype)
             torch.matmul(dlogits, weight, out=grad_x[chunk])
             weight_grad.add(dlogits, x[chunk])
+            del dlogits  # before the next chunk's logits exist
         grad_hidden = _input_grad(grad_x, rows, hidden, plan)
         return grad_hidden, weight_grad.result(), None, None, None
 
@@ -165,14 +161,22 @@ def _chunk_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.matmul(x, weight.t()).float()
 
 
+def _chunk_forward(x, weight, target, plan: _Plan, logps_out, sums_out) -> None:
+    """One chunk's log-probs (and logit sums) into the output slices; its logits die here."""
+    logits = _chunk_logits(x, weight)
+    if plan.with_logit_sums:
+        sums_out.copy_(shard_logit_sums(logits, plan.vocab_size, dist.get_rank(plan.tp_group)))
+    logps_out.copy_(consume_logits(logits, target, plan.tp_group, plan.vocab_size))
+
+
 def _logits_grad(x, weight, target, grad, plan: _Plan) -> torch.Tensor:
-    """``d(sum_t grad_t log p(y_t)) / d logits`` of one chunk, fp32 ``[c, v/tp]``: its logits
-    recomputed and Megatron's CE run forward and backward on them."""
+    """``d(sum_t grad_t log p(y_t)) / d logits`` of one chunk in the weight's dtype,
+    ``[c, v/tp]``: its logits recomputed and Megatron's CE run forward and backward on them."""
     logits = _chunk_logits(x, weight).requires_grad_()
     with torch.enable_grad():
         logps = consume_logits(logits, target, plan.tp_group, plan.vocab_size)
     (dlogits,) = torch.autograd.grad(logps, logits, grad)
-    return dlogits
+    return dlogits.to(weight.dtype)
 
 
 def _input_grad(grad_x: torch.Tensor, rows, hidden: torch.Tensor, plan: _Plan) -> torch.Tensor:

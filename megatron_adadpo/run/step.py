@@ -5,7 +5,9 @@ pipelining, 1F1B, interleaved). The policy's ``GPTModel`` returns vocab-parallel
 last pipeline stage; ``loss_func`` turns them into per-token log-probs with Megatron's
 vocab-parallel CE (no vocab gather, TP padding rows masked), sums completion tokens (reduced
 over CP), splits the interleaved ``[c0, r0, c1, r1, ...]`` rows into chosen / rejected, and
-applies the configured loss. It returns ``(loss_sum, n_valid_pairs, report)``: with
+applies the configured loss. With ``execution.logprob_chunk_tokens`` the model returns the output
+layer's input instead and ``loss_func`` applies the output layer chunk by chunk
+(``chunked_logprobs``). ``loss_func`` returns ``(loss_sum, n_valid_pairs, report)``: with
 ``calculate_per_token_loss`` the schedule sums ``n_valid_pairs`` over micro-batches and
 ``finalize_model_grads`` all-reduces it over DP x CP and divides the gradients by it, so the
 loss is the mean over the valid pairs of the global batch whatever the micro-batch count, DP
