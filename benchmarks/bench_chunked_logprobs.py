@@ -14,11 +14,13 @@ main-grad buffer exists before anything is measured, as in training. Per repetit
 
 Labels and completion mask as ``bench_logprobs_memory.py`` (prompt s/8..s/2 tokens, padding up
 to s/8); ``--full-mask`` makes every token a completion token (the chunked path then computes
-as many logits as the unchunked one, plus its backward recompute). Every variant runs in fresh
-forked gloo ranks (``tests/launcher.run_ranks``); per repetition the kernel's high-water mark
-is reset, ``VmRSS`` read, forward + backward run, ``VmHWM`` read: peak above the baseline =
-``VmHWM - VmRSS_before``. One warm-up repetition is not counted; medians over ``--reps``. The
-variants must give the same sums, ``x`` gradients and ``main_grad`` (asserted).
+as many logits as the unchunked one, plus its backward recompute). Memory: every variant runs
+in fresh forked gloo ranks (``tests/launcher.run_ranks``); per repetition the kernel's
+high-water mark is reset, ``VmRSS`` read, forward + backward run, ``VmHWM`` read: peak above the
+baseline = ``VmHWM - VmRSS_before`` (``benchmarks/machine.peak_rss_runs``). Time: one more set
+of ranks runs every variant, repetitions interleaved with the order alternating, so load on the
+shared machine hits them alike. One warm-up repetition is not counted; medians over
+``--reps``. The variants must give the same sums, ``x`` gradients and ``main_grad`` (asserted).
 
 Targets (issue 13): chunked peak <= 0.25x unchunked, time <= 1.05x.
 
@@ -28,7 +30,6 @@ Targets (issue 13): chunked peak <= 0.25x unchunked, time <= 1.05x.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import shutil
 import statistics
@@ -41,7 +42,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout
 from benchmarks.bench_logprobs_memory import completion_labels  # noqa: E402
-from benchmarks.machine import machine_line, reset_peak_rss, status_kib  # noqa: E402
+from benchmarks.machine import machine_line, peak_rss_runs  # noqa: E402
 from megatron_adadpo.platform import cpu  # noqa: E402
 from tests.launcher import run_ranks  # noqa: E402
 
@@ -99,42 +100,67 @@ def chunked(ddp, x, labels, mask, groups, vocab: int, chunk: int) -> torch.Tenso
     return sequence_logprobs(logps, mask)[0]
 
 
-def rank_fn(rank, world_size, chunk, args, padded, out_dir):
-    import torch.distributed as dist
-
+def _setup(args, padded: int):
+    """This rank's groups, DDP-wrapped output layer, input ``x`` and (labels, mask)."""
     from megatron_adadpo.layout import ExecutionConfig
     from megatron_adadpo.platform.distributed import init_model_parallel
 
     groups = init_model_parallel(ExecutionConfig(tp=TP))
     torch.set_num_threads(args.threads)
     ddp = build_output_layer(args.hidden, padded, groups.tp)
-    weight = ddp.module.weight
     labels, mask = completion_labels(args.seq, args.batch, args.vocab)
     if args.full_mask:
         mask = torch.ones_like(mask)
     g = torch.Generator().manual_seed(99)  # x is replicated over TP (no sequence parallel)
     x = torch.randn(args.seq, args.batch, args.hidden, generator=g).requires_grad_()
+    return groups, ddp, x, labels, mask
+
+
+def _runner(chunk: int, args, groups, ddp, x, labels, mask):
+    """``(prepare, step, state)`` of one variant for ``peak_rss_runs``."""
+    import torch.distributed as dist
+
     fn = chunked if chunk else unchunked
-    peaks, times = [], []
-    for r in range(args.reps + 1):  # repetition 0 is a warm-up
+    state = {}
+
+    def prepare():
         ddp.zero_grad_buffer()
         x.grad = None
-        sums = None
-        gc.collect()
+        state.clear()
         dist.barrier()
-        reset_peak_rss()
-        before = status_kib("VmRSS")
-        start = time.perf_counter()
-        sums = fn(ddp, x, labels, mask, groups, args.vocab, chunk)
-        sums.sum().backward()
-        elapsed = time.perf_counter() - start
-        hwm = status_kib("VmHWM")
-        if r:
-            peaks.append((hwm - before) * 1024)
-            times.append(elapsed)
+
+    def step():
+        state["sums"] = fn(ddp, x, labels, mask, groups, args.vocab, chunk)
+        state["sums"].sum().backward()
+
+    return prepare, step, state
+
+
+def memory_rank(rank, world_size, chunk, args, padded, out_dir):
+    """One variant in fresh processes: its peaks, sums and gradients (to a file)."""
+    groups, ddp, x, labels, mask = _setup(args, padded)
+    prepare, step, state = _runner(chunk, args, groups, ddp, x, labels, mask)
+    peaks, _, _ = peak_rss_runs(step, args.reps, prepare)
     path = os.path.join(out_dir, f"{chunk}-grads-{rank}.pt")
-    torch.save({"x": x.grad, "main_grad": weight.main_grad}, path)  # not through the launcher
-    return {"peaks": peaks, "times": times, "sums": sums.detach(), "grad_path": path}
+    torch.save({"x": x.grad, "main_grad": ddp.module.weight.main_grad}, path)
+    return {"peaks": peaks, "sums": state["sums"].detach(), "grad_path": path}
+
+
+def time_rank(rank, world_size, variants, args, padded):
+    """Every variant in the same processes, repetitions interleaved (order alternating), so
+    machine noise hits them alike: wall seconds per variant."""
+    setup = _setup(args, padded)
+    runners = {chunk: _runner(chunk, args, *setup) for chunk in variants}
+    times = {chunk: [] for chunk in variants}
+    for r in range(args.reps + 1):  # repetition 0 is a warm-up
+        for chunk in variants if r % 2 else variants[::-1]:
+            prepare, step, _ = runners[chunk]
+            prepare()
+            start = time.perf_counter()
+            step()
+            if r:
+                times[chunk].append(time.perf_counter() - start)
+    return times
 
 
 def check_same(results: dict, variants: list[int]) -> None:
@@ -151,7 +177,7 @@ def check_same(results: dict, variants: list[int]) -> None:
                 assert err < 1e-5, f"chunk={chunk} rank {rank}: {name} differs by {err:.2e}"
 
 
-def report(results: dict, variants: list[int], args, padded: int) -> None:
+def report(memory: dict, times: list[dict], variants: list[int], args, padded: int) -> None:
     tokens = args.seq * args.batch
     shard_bytes = tokens * (padded // TP) * 4
     print(
@@ -159,11 +185,11 @@ def report(results: dict, variants: list[int], args, padded: int) -> None:
         f"{'time s med':>10} {'mem ratio':>9} {'time ratio':>10}"
     )
     for rank in range(TP):
-        base_peak = statistics.median(results[0][rank]["peaks"])
-        base_time = statistics.median(results[0][rank]["times"])
+        base_peak = statistics.median(memory[0][rank]["peaks"])
+        base_time = statistics.median(times[rank][0])
         for chunk in variants:
-            res = results[chunk][rank]
-            peak, t = statistics.median(res["peaks"]), statistics.median(res["times"])
+            res = memory[chunk][rank]
+            peak, t = statistics.median(res["peaks"]), statistics.median(times[rank][chunk])
             name = f"chunk={chunk}" if chunk else "unchunked"
             print(
                 f"{rank:>4} {name:>10} {peak / MIB:12.1f} {max(res['peaks']) / MIB:8.1f} "
@@ -195,11 +221,14 @@ def main() -> None:
     )
     variants = [0, *args.chunks]
     out_dir = tempfile.mkdtemp(prefix="bench_chunked_")
-    results = {c: run_ranks(rank_fn, TP, c, args, padded, out_dir, timeout=3600) for c in variants}
-    check_same(results, variants)
+    memory = {
+        c: run_ranks(memory_rank, TP, c, args, padded, out_dir, timeout=3600) for c in variants
+    }
+    check_same(memory, variants)
     shutil.rmtree(out_dir, ignore_errors=True)
     print("check: per-sequence sums, x gradients and main_grad match the unchunked path")
-    report(results, variants, args, padded)
+    times = run_ranks(time_rank, TP, variants, args, padded, timeout=3600)
+    report(memory, times, variants, args, padded)
 
 
 if __name__ == "__main__":

@@ -29,19 +29,17 @@ the measurements. Target: ours <= 0.6x the naive peak per rank.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import shutil
 import statistics
 import sys
 import tempfile
-import time
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout
-from benchmarks.machine import machine_line, reset_peak_rss, status_kib  # noqa: E402
+from benchmarks.machine import machine_line, peak_rss_runs  # noqa: E402
 from tests.launcher import run_ranks  # noqa: E402
 
 TP = 2
@@ -103,23 +101,19 @@ def rank_fn(rank, world_size, variant, seq, batch, vocab, padded, reps, threads,
     torch.set_num_threads(threads)
     fn = VARIANTS[variant]
     shard, labels, mask = make_inputs(rank, seq, batch, vocab, padded)
-    peaks, times = [], []
-    sums = None
-    for r in range(reps + 1):  # repetition 0 is a warm-up
+    state = {}
+
+    def prepare():
         shard.grad = None
-        sums = None
-        gc.collect()  # free any previous graph held by a reference cycle before the baseline
+        state.clear()
         dist.barrier()
-        reset_peak_rss()
-        before = status_kib("VmRSS")
-        start = time.perf_counter()
-        sums = fn(shard, labels, mask)
-        sums.sum().backward()
-        elapsed = time.perf_counter() - start
-        hwm = status_kib("VmHWM")
-        if r:
-            peaks.append((hwm - before) * 1024)
-            times.append(elapsed)
+
+    def step():
+        state["sums"] = fn(shard, labels, mask)
+        state["sums"].sum().backward()
+
+    peaks, times, rss_base = peak_rss_runs(step, reps, prepare)
+    sums = state["sums"]
     assert shard.grad is not None
     # The gradient goes to a file, not back through the launcher: the parent forks the next
     # variant's ranks, which would otherwise inherit (and count in RSS) its pages.
@@ -130,7 +124,7 @@ def rank_fn(rank, world_size, variant, seq, batch, vocab, padded, reps, threads,
         "times": times,
         "sums": sums.detach(),
         "grad_path": grad_path,
-        "rss_base": before * 1024,
+        "rss_base": rss_base,
     }
 
 

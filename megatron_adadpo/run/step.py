@@ -110,7 +110,10 @@ def output_layer_for(model, context: StepContext) -> OutputLayer | None:
 
 
 def loss_func(
-    context: StepContext, batch: dict, output: torch.Tensor, output_layer: OutputLayer = None
+    context: StepContext,
+    batch: dict,
+    output: torch.Tensor,
+    output_layer: OutputLayer | None = None,
 ):
     """``(sum of per-pair losses, number of valid pairs, report)`` for one micro-batch."""
     sums, counts = sequence_sums(output, batch, context, output_layer)

@@ -150,13 +150,20 @@ def _final_hidden_states(rank, world, tied):
     hidden = final_hidden_states(gpt, tokens, positions, None)  # [s, b, h]
     weight, sequence_parallel = output_layer_weight(gpt)
     expected = gpt.embedding.word_embeddings.weight if tied else gpt.output_layer.weight
-    return {
+    out = {
         "logits": logits.detach(),
         "from_hidden": torch.einsum("sbh,vh->bsv", hidden, weight).detach(),
         "weight_is_expected": weight is expected,
         "sequence_parallel": sequence_parallel,
         "logits_after": gpt(tokens, positions, None).detach(),  # the model is left intact
     }
+    gpt.output_layer.gather_output = True  # a full-vocab output the chunked path cannot give
+    try:
+        output_layer_weight(gpt)
+        out["refusal"] = "accepted"
+    except ValueError as err:
+        out["refusal"] = str(err)
+    return out
 
 
 @pytest.mark.distributed
@@ -165,6 +172,7 @@ def test_final_hidden_states_are_the_output_layers_input(tied):
     out = run_ranks(_final_hidden_states, 1, tied)[0]
     torch.testing.assert_close(out["from_hidden"], out["logits"], rtol=1e-5, atol=1e-5)
     assert out["weight_is_expected"] and out["sequence_parallel"] is False
+    assert "set execution.logprob_chunk_tokens=0" in out["refusal"]
     assert torch.equal(out["logits_after"], out["logits"])
 
 
