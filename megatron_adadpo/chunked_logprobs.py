@@ -14,7 +14,8 @@ logits, runs the CE forward and backward on them and accumulates
     dx_c = dlogits_c W,        dW += dlogits_c^T x_c
 
 so at most one chunk's logits and their gradient exist at once. Tokens outside the loss mask
-get no logits at all: their log-prob is returned as 0 (gradient 0).
+get no logits at all: their log-prob is returned as 0 (gradient 0). Selecting them costs one
+host sync per micro-batch (their count sets the number of chunks).
 
 Parallelism as Megatron's ``ColumnParallelLinear`` output layer: with sequence parallelism
 ``x`` arrives as ``[s/tp, b, h]``, is all-gathered over TP (again in backward: only the shard

@@ -8,7 +8,7 @@
 set -uo pipefail
 source "$(dirname "$0")/env.sh"
 echo "== chunked vs unchunked on CUDA"
-timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/gpu \
+timeout 180 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/gpu \
   -k chunked 2>&1 | tail -8 | tee "$OUT/gpu_chunked_tests.txt"
 shapes=(1b)
 [ "${CHUNKED_3B:-0}" = 1 ] && shapes+=(3b)
@@ -16,7 +16,7 @@ for shape in "${shapes[@]}"; do
   plan="PLAN_${shape^^}[@]"
   for chunk in 0 auto; do
     echo "== llama-$shape step, execution.logprob_chunk_tokens=$chunk"
-    timeout 200 python3 benchmarks/bench_train_step.py --preset "llama-$shape" --steps 3 \
+    timeout 180 python3 benchmarks/bench_train_step.py --preset "llama-$shape" --steps 3 \
       --warmup 1 --set "execution.logprob_chunk_tokens=$chunk" \
       --json "$OUT/train_step_${shape}_chunk_$chunk.json" 2>&1 | tail -3
     python3 tools/plan.py "${!plan}" --set "execution.logprob_chunk_tokens=$chunk" \
