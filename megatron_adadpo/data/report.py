@@ -24,6 +24,7 @@ BAD_ROW_REASONS = (
     "prompt_mismatch",
     "template_error",
     "double_bos",
+    "control_token",
 )
 POLICY_DROP_REASONS = ("overlength_dropped", "completion_emptied")
 

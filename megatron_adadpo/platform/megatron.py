@@ -50,14 +50,19 @@ __all__ = [
     "TransformerConfig",
     "dist_checkpointing",
     "finalize_model_grads",
+    "force_param_sync",
     "get_forward_backward_func",
     "get_gpt_layer_local_spec",
     "get_megatron_optimizer",
     "get_num_layers_to_build",
+    "init_optimizer_state",
     "llama3_rope_scaling",
+    "load_sharded",
     "megatron_rng_module",
+    "optimizer_sharded_state_dict",
     "parallel_state",
     "process_groups",
+    "restore_adam_steps",
     "save_strategy",
     "te_layer_spec",
     "tensor_parallel",
@@ -167,3 +172,102 @@ def process_groups() -> ProcessGroupCollection:
     return ProcessGroupCollection.use_mpu_process_groups(
         required_pgs=["tp", "pp", "cp", "dp", "dp_cp"]
     )
+
+
+def load_sharded(sharded_state_dict: dict, directory: str) -> tuple[dict, set[str]]:
+    """``dist_checkpointing.load`` that also returns the keys requested but absent.
+
+    Uses ``dist_checkpointing.load``'s public ``strict`` argument with
+    ``StrictHandling.RETURN_UNEXPECTED`` (``dist_checkpointing/validation.py``, megatron-core
+    0.16.1 and 0.19): keys the state dict requests that the checkpoint lacks ("unexpected" in
+    Megatron's wording) are dropped from the load and returned, instead of the default
+    ``ASSUME_OK_UNEXPECTED``'s "Missing key" error from the storage reader. The caller decides
+    which absent keys are acceptable.
+    """
+    loaded, _, absent = dist_checkpointing.load(
+        sharded_state_dict, directory, strict="return_unexpected"
+    )
+    return loaded, set(absent)
+
+
+# Megatron-LM's choice for the distributed optimizer (``megatron/training/checkpointing.py``
+# ``_build_sharded_state_dict_metadata``, 0.16.1): the default ``fully_sharded_model_space``
+# fails at save with ``ShardedTensor.flattened_range is not supported`` on 0.16.1.
+OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def optimizer_sharded_state_dict(
+    optimizer, model_sharded_state_dict: dict, is_loading: bool = False
+) -> dict:
+    """The optimizer's sharded state dict in the ``dp_reshardable`` format
+    (``DistributedOptimizer.sharded_state_dict``'s ``metadata['distrib_optim_sharding_type']``;
+    other Megatron optimizers ignore it). ``dp_reshardable`` loads at any data-parallel size but
+    only at the TP / PP layout it was saved with."""
+    return optimizer.sharded_state_dict(
+        model_sharded_state_dict, is_loading=is_loading, metadata=dict(OPTIMIZER_SHARDING)
+    )
+
+
+def _torch_adams(optimizer) -> list:
+    """The torch ``Adam`` / ``AdamW`` instances inside a Megatron optimizer (chained or not):
+    megatron-core's fallback when neither Transformer Engine nor apex provides a fused Adam."""
+    inner = [getattr(o, "optimizer", None) for o in getattr(optimizer, "chained_optimizers", [])]
+    inner = inner or [getattr(optimizer, "optimizer", None)]
+    return [o for o in inner if isinstance(o, (torch.optim.Adam, torch.optim.AdamW))]
+
+
+def init_optimizer_state(optimizer) -> None:
+    """Give an unstepped torch Adam its state (``step`` 0, zero moments) before a load.
+
+    ``DistributedOptimizer.sharded_state_dict(is_loading=True)`` first calls
+    ``self.load_state_dict(self.state_dict())``, whose torch-Adam branch reads every
+    parameter's ``state["step"]`` (``distrib_optimizer.py`` 0.16.1 ``state_dict``): on a fresh
+    optimizer that is a bare ``AssertionError``. Fused Adams (TE / apex) keep ``step`` in the
+    param groups and need nothing. The values are overwritten by the load.
+    """
+    for adam in _torch_adams(optimizer):
+        for group in adam.param_groups:
+            for param in group["params"]:
+                if not adam.state[param]:
+                    adam.state[param] = {
+                        "step": torch.zeros((), dtype=torch.float32),
+                        "exp_avg": torch.zeros_like(param),
+                        "exp_avg_sq": torch.zeros_like(param),
+                    }
+
+
+def restore_adam_steps(optimizer) -> None:
+    """After a load, give each torch-Adam parameter its own ``step`` tensor from its group.
+
+    ``DistributedOptimizer.load_state_dict`` (0.16.1) assigns ONE step tensor to every
+    parameter's state; torch's foreach Adam then increments it once per parameter per step, so
+    bias correction after a resume would use a step count ``num_params`` times too large.
+    """
+    for adam in _torch_adams(optimizer):
+        for group in adam.param_groups:
+            if "step" not in group:
+                continue
+            for param in group["params"]:
+                state = adam.state.get(param)
+                if state and "step" in state:
+                    state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
+
+
+def force_param_sync(chunks: list, optimizer) -> None:
+    """Make every rank's parameters current before a checkpoint save.
+
+    With the distributed optimizer and ``overlap_param_gather`` the updated parameters are
+    all-gathered by the NEXT forward's pre-hooks, so right after ``optimizer.step()`` a rank
+    holds last step's values for the shards other ranks own. Megatron-LM forces the gather
+    before every save (``megatron/training/training.py`` ``save_checkpoint_and_time`` ->
+    ``force_param_sync``: 0.16.1 calls ``start_param_sync(force_sync=True)`` on each DDP chunk;
+    0.19 first calls ``optimizer.prepare_model_params_for_param_sync()``). Without overlapped
+    param gathering this is a no-op.
+    """
+    if not any(c.ddp_config.overlap_param_gather for c in chunks):
+        return
+    prepare = getattr(optimizer, "prepare_model_params_for_param_sync", None)
+    if prepare is not None:
+        prepare()
+    for chunk in chunks:
+        chunk.start_param_sync(force_sync=True)

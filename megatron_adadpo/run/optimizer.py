@@ -77,9 +77,18 @@ def _per_chunk(funcs: list):
 
 
 def build_scheduler(
-    optimizer, opt: OptimizerSection, train_iters: int, global_batch_size: int
+    optimizer,
+    opt: OptimizerSection,
+    train_iters: int,
+    global_batch_size: int,
+    override: bool = False,
 ) -> OptimizerParamScheduler:
-    """Warm-up then cosine (or linear / constant) decay, counted in samples (pairs)."""
+    """Warm-up then cosine (or linear / constant) decay, counted in samples (pairs).
+
+    ``override``: a loaded checkpoint keeps only its step count and this schedule applies from
+    there (Megatron's ``override_opt_param_scheduler``); otherwise ``run/resume.py`` refuses a
+    saved schedule that differs from this one.
+    """
     total = train_iters * global_batch_size
     warmup = int(math.floor(opt.warmup_fraction * train_iters)) * global_batch_size
     return OptimizerParamScheduler(
@@ -94,4 +103,23 @@ def build_scheduler(
         end_wd=opt.weight_decay,
         wd_incr_steps=max(total, 1),
         wd_incr_style="constant",
+        override_opt_param_scheduler=override,
+        use_checkpoint_opt_param_scheduler=not override,
     )
+
+
+# Per-param-group schedule values Megatron's optimizer carries (``get_megatron_optimizer``'s
+# param groups) and ``OptimizerParamScheduler.get_lr`` prefers over its own.
+GROUP_SCHEDULE_KEYS = ("max_lr", "min_lr")
+
+
+def group_schedules(optimizer) -> list[dict]:
+    """The schedule values of each param group (to keep the config's across a load)."""
+    return [{k: g[k] for k in GROUP_SCHEDULE_KEYS if k in g} for g in optimizer.param_groups]
+
+
+def set_group_schedules(optimizer, schedules: list[dict]) -> None:
+    """Put back ``group_schedules``' values: loading an optimizer state restores the saved
+    ones, which would keep the old learning rate under ``checkpoint.override_scheduler``."""
+    for group, values in zip(optimizer.param_groups, schedules, strict=True):
+        group.update(values)
