@@ -5,6 +5,10 @@ names the field or file and the fix) prints one ``error: ...`` line and exits wi
 instead of a traceback. A config error is the same on every rank of a torchrun launch, so only
 global rank 0 prints it; other errors are printed by each rank that hits them, with its rank.
 ``MEGATRON_ADADPO_DEBUG=1`` re-raises, for the traceback.
+
+Importing this module makes the ``multiprocessing`` children of the process (checkpoint
+writers, the writers' Manager, tokenizer workers) die with it
+(``platform.processes.children_die_with_parent``): a SIGKILL-ed save leaves no orphan behind.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ import sys
 from collections.abc import Callable
 
 from megatron_adadpo.config import ConfigError
+from megatron_adadpo.platform.processes import children_die_with_parent
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError)
+children_die_with_parent()  # at import: spawned children import the entry script, hence this
 
 
 def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:

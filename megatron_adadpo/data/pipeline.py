@@ -11,11 +11,11 @@ preprocesses raw inputs into a cache keyed by the identity hash.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import multiprocessing as mp
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -31,6 +31,7 @@ from .indexed import (
     read_manifest,
     write_manifest,
 )
+from .outputs import check_output_dir, new_partial
 from .records import normalize_row
 from .report import DataError, DataReport, RowIssue, RowRejected
 from .sources import InputSource, Location
@@ -154,11 +155,15 @@ def preprocess(
     progress: bool = True,
     force: bool = False,
     plan: _Plan | None = None,
+    guard_output: bool = False,
 ) -> tuple[dict[str, Any], DataReport | None]:
     """Tokenize `config.inputs` into `output_dir`; returns (manifest, report).
 
     A no-op returning (existing manifest, None) when `output_dir` already holds a manifest with
     the same identity (same tokenizer, template, settings and input contents), unless `force`.
+    `guard_output` (a user's `--output`): refuse a directory holding anything but a
+    preprocessed dataset, one of the inputs, or another dataset unless `force`
+    (`outputs.check_output_dir`).
 
     Raises:
         DataError: bad rows with `config.on_error == "fail"` (nothing is written).
@@ -166,13 +171,19 @@ def preprocess(
     """
     plan = plan or _plan(config)
     sources, tok, ident, tok_id, inputs = plan
+    if guard_output:
+        recipe = {
+            "inputs": list(config.inputs),
+            "names": [i["name"] for i in inputs],
+            "tokenizer": os.path.abspath(config.tokenizer),
+            "settings": json.loads(json.dumps(config.identity_settings())),  # as in manifests
+        }
+        check_output_dir(output_dir, recipe, replace=force)
     old = read_manifest(output_dir)
     if old is not None and old.get("identity") == ident and not force:
         return old, None
     start = time.perf_counter()
-    parent, name = os.path.split(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    partial = tempfile.mkdtemp(prefix=f"{name}.partial-", dir=parent)  # unique per writer
+    partial = new_partial(output_dir)  # unique per writer; dead writers' leftovers removed
     writer = PairWriter(partial, tok.vocab_size)
     try:
         report = _tokenize_into(writer, config, sources, tok, progress)
@@ -182,7 +193,8 @@ def preprocess(
             path = DataReport(issues=report.bad_rows).write(output_dir)
             raise DataError(report.bad_rows, report_path=path)
         if report.pairs_written == 0:
-            raise ValueError(f"no preference pair survived preprocessing: {report.summary()}")
+            os.makedirs(output_dir, exist_ok=True)
+            raise ValueError(report.nothing_survived(report.write(output_dir)))
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

@@ -140,6 +140,18 @@ class DataReport:
             )
         return path
 
+    def nothing_survived(self, report_path: str, limit: int = 5) -> str:
+        """The error of a run in which no pair survived: the counts, the first dropped rows
+        with their file and line, and where the full list is."""
+        if not self.rows_read:
+            return "no preference pair survived preprocessing: data.inputs hold no rows"
+        shown = "\n  ".join(str(i) for i in self.issues[:limit])
+        more = f"\n  ... and {len(self.issues) - limit} more" if len(self.issues) > limit else ""
+        return (
+            f"no preference pair survived preprocessing ({self.summary()}); first dropped rows:"
+            f"\n  {shown}{more}\nevery dropped row with its reason: {report_path}"
+        )
+
     def summary(self) -> str:
         c = self.counts()
         drops = ", ".join(f"{k[8:]}={v}" for k, v in c.items() if k.startswith("dropped_") and v)

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from megatron_adadpo.config import ConfigError
+from megatron_adadpo.platform.processes import pid_alive
 
 LOCK_FILE = "run.lock"
 log = logging.getLogger(__name__)
@@ -44,16 +45,13 @@ def _owner_record() -> dict:
 
 
 def _alive_here(owner: dict) -> bool:
-    """True when ``owner`` is a live process on this host."""
+    """True when ``owner`` is a live process on this host (an unreadable record counts)."""
     if owner.get("host") != socket.gethostname():
         return False
     try:
-        os.kill(int(owner["pid"]), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, KeyError, ValueError, TypeError):
-        return True  # exists (another user's) or unreadable record: assume alive
-    return True
+        return pid_alive(int(owner["pid"]))
+    except (KeyError, ValueError, TypeError):
+        return True
 
 
 def _is_self(owner: dict) -> bool:
