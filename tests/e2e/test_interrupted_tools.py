@@ -58,7 +58,8 @@ def test_sigkill_during_conversion_leaves_no_child_running(tmp_path):
 
 def test_nonpositive_shard_size_is_refused(tmp_path):
     cmd = [sys.executable, str(TOOLS / "convert_megatron_to_hf.py"), "--checkpoint",
-           str(tmp_path / "none"), "--output", str(tmp_path / "hf"), "--max-shard-size-gb", "0"]  # fmt: skip
+           str(tmp_path / "none"), "--output", str(tmp_path / "hf"),
+           "--max-shard-size-gb", "0"]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert out.returncode == 2 and "--max-shard-size-gb=0.0 must be > 0" in out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "hf").exists()
