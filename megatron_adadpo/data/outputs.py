@@ -11,26 +11,28 @@ writers on this host that are gone (a SIGKILL), never those of live writers.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import socket
 import tempfile
-from typing import Any
 
 from megatron_adadpo.platform.processes import pid_alive
 
+from .config import DataConfig
 from .indexed import FORMAT, MANIFEST, PREFIX, read_manifest
 
 OWN_FILES = {f"{PREFIX}.bin", f"{PREFIX}.idx", "pair_ids.npy", MANIFEST, "data_report.json"}
 
 
-def check_output_dir(output_dir: str, recipe: dict[str, Any], replace: bool) -> None:
+def check_output_dir(
+    output_dir: str, config: DataConfig, input_names: list[str], replace: bool
+) -> None:
     """Raise ``ValueError`` naming ``--output`` and the fix when writing there would overwrite
-    or read something that is not this tool's own output, or another dataset (``recipe``: the
-    ``inputs`` specs, their ``names``, ``tokenizer`` path and ``settings`` of this run)."""
+    or read something that is not this tool's own output, or another dataset."""
     out = os.path.realpath(output_dir)
-    for spec in recipe["inputs"]:
+    for spec in config.inputs:
         if isinstance(spec, (str, os.PathLike)) and os.path.exists(spec):
             path = os.path.realpath(spec)
             if path == out or path.startswith(out + os.sep):
@@ -54,6 +56,11 @@ def check_output_dir(output_dir: str, recipe: dict[str, Any], replace: bool) -> 
         )
     if manifest is None or replace:
         return
+    recipe = {
+        "names": list(input_names),
+        "tokenizer": os.path.abspath(config.tokenizer),
+        "settings": json.loads(json.dumps(config.identity_settings())),  # as in manifests
+    }
     stored = {
         "names": [i.get("name") for i in manifest.get("inputs", [])],
         "tokenizer": manifest.get("tokenizer", {}).get("path"),

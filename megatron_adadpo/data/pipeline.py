@@ -11,7 +11,6 @@ preprocesses raw inputs into a cache keyed by the identity hash.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import multiprocessing as mp
 import os
@@ -172,13 +171,7 @@ def preprocess(
     plan = plan or _plan(config)
     sources, tok, ident, tok_id, inputs = plan
     if guard_output:
-        recipe = {
-            "inputs": list(config.inputs),
-            "names": [i["name"] for i in inputs],
-            "tokenizer": os.path.abspath(config.tokenizer),
-            "settings": json.loads(json.dumps(config.identity_settings())),  # as in manifests
-        }
-        check_output_dir(output_dir, recipe, replace=force)
+        check_output_dir(output_dir, config, [i["name"] for i in inputs], replace=force)
     old = read_manifest(output_dir)
     if old is not None and old.get("identity") == ident and not force:
         return old, None
@@ -188,13 +181,7 @@ def preprocess(
     try:
         report = _tokenize_into(writer, config, sources, tok, progress)
         writer.finalize()
-        if report.bad_rows and config.on_error == "fail":
-            os.makedirs(output_dir, exist_ok=True)
-            path = DataReport(issues=report.bad_rows).write(output_dir)
-            raise DataError(report.bad_rows, report_path=path)
-        if report.pairs_written == 0:
-            os.makedirs(output_dir, exist_ok=True)
-            raise ValueError(report.nothing_survived(report.write(output_dir)))
+        _refuse_unusable(report, config, output_dir)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -228,6 +215,18 @@ def preprocess(
         return current, report
     publish(partial, output_dir)
     return manifest, report
+
+
+def _refuse_unusable(report: DataReport, config: DataConfig, output_dir: str) -> None:
+    """Bad rows with ``on_error: fail`` (``DataError``), or no pair left (``ValueError``); the
+    report goes to ``output_dir/data_report.json`` either way."""
+    if report.bad_rows and config.on_error == "fail":
+        os.makedirs(output_dir, exist_ok=True)
+        path = DataReport(issues=report.bad_rows).write(output_dir)
+        raise DataError(report.bad_rows, report_path=path)
+    if report.pairs_written == 0:
+        os.makedirs(output_dir, exist_ok=True)
+        raise ValueError(report.nothing_survived(report.write(output_dir)))
 
 
 def check_manifest(manifest: dict[str, Any], config: DataConfig, directory: str) -> None:

@@ -17,10 +17,9 @@ from megatron_adadpo.run.consistency import starting_model
 from megatron_adadpo.run.reference import write_precomputed
 from megatron_adadpo.run.run_dir import latest_checkpoint
 from tests.distributed.train_harness import (
-    REPO,
+    argv,
     kill_in_step,
     losses,
-    overrides,
     read_metrics,
     run_trainer,
 )
@@ -28,20 +27,12 @@ from tests.launcher import RankFailed, run_ranks
 
 pytestmark = pytest.mark.distributed
 
-CONFIG = str(REPO / "examples/configs/quickstart.yaml")
 SAVING = ["train.train_iters=4", "checkpoint.save_interval=2", "checkpoint.save_at_end=true"]
 
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("data_cache")
-
-
-def argv(run_dir, cache_dir, *extra):
-    out = ["--config", CONFIG]
-    for item in overrides(run_dir, cache_dir, list(extra)):
-        out += ["--set", item]
-    return out
 
 
 def _snapshot(run_dir):
@@ -145,6 +136,12 @@ def test_corrupt_tensor_file_names_checkpoint_and_fix(trained, tmp_path, cache_d
         run_dir, cache_dir, "train.train_iters=6", "checkpoint.override_scheduler=true"
     )
     assert "iter_0000004 cannot be loaded" in message and "echo iter_0000002 >" in message
+
+
+def test_unwritable_run_dir_is_refused_before_anything(tmp_path, cache_dir):
+    (tmp_path / "file").write_text("")  # a file in the way: what root's permissions allow here
+    with pytest.raises(RankFailed, match=r"logging.run_dir: cannot write to .*file/run"):
+        run_ranks(run_trainer, 1, argv(tmp_path / "file" / "run", cache_dir))
 
 
 def test_vocabulary_smaller_than_tokenizer_is_refused(tmp_path, cache_dir):

@@ -13,10 +13,9 @@ from megatron_adadpo.run import checkpoints as checkpointing
 from megatron_adadpo.run import precompute, step
 from megatron_adadpo.run.run_dir import latest_checkpoint
 from tests.distributed.train_harness import (
-    REPO,
+    argv,
     kill_in_step,
     losses,
-    overrides,
     read_metrics,
     run_trainer,
 )
@@ -24,19 +23,10 @@ from tests.launcher import RankFailed, run_ranks
 
 pytestmark = pytest.mark.distributed
 
-CONFIG = str(REPO / "examples/configs/quickstart.yaml")
-
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("data_cache")
-
-
-def argv(run_dir, cache_dir, *extra):
-    out = ["--config", CONFIG]
-    for item in overrides(run_dir, cache_dir, list(extra)):
-        out += ["--set", item]
-    return out
 
 
 def test_precomputed_reference_equals_resident(tmp_path, cache_dir):

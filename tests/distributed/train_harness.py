@@ -50,6 +50,17 @@ def overrides(run_dir: Path, cache_dir: Path, extra: list[str]) -> list[str]:
     ]
 
 
+QUICKSTART = str(REPO / "examples/configs/quickstart.yaml")
+
+
+def argv(run_dir: Path, cache_dir: Path, *extra: str) -> list[str]:
+    """The trainer's command line: the quickstart config, ``TINY_OVERRIDES`` and ``extra``."""
+    out = ["--config", QUICKSTART]
+    for item in overrides(run_dir, cache_dir, list(extra)):
+        out += ["--set", item]
+    return out
+
+
 def run_trainer(rank: int, world: int, argv: list[str]) -> None:
     """Rank body: the trainer's own ``main``."""
     train.main(argv)

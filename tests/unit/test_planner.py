@@ -287,16 +287,19 @@ def test_cli_text_json_and_exit_codes():
 def test_recipes_load_with_the_training_config():
     from megatron_adadpo.config import ConfigError, load_config
 
+    unset = ["train.init_checkpoint=null"]  # the recipes' placeholder path is refused here:
+    with pytest.raises(ConfigError, match=r"train.init_checkpoint=/path/to/.* does not exist"):
+        load_config(R8B)
     for recipe in (R8B, R70B):
-        c = load_config(recipe)
+        c = load_config(recipe, unset)
         assert c.train.global_batch_size == 128 and c.optimizer.warmup_fraction == 0.1
         assert c.data.max_length == 2048 and c.data.max_prompt_length == 1800
         assert c.loss.adaptive and c.loss.clip_max == 2.0 and c.optimizer.decay_style == "cosine"
-    assert load_config(R70B).reference.mode == "precomputed"
+    assert load_config(R70B, unset).reference.mode == "precomputed"
     # FP8 needs Transformer Engine on a GPU: refused here with the reason, loads without FP8.
     with pytest.raises(ConfigError, match="Transformer Engine"):
-        load_config(R70B_FP8)
-    c = load_config(R70B_FP8, ["execution.fp8=null", "execution.transformer_impl=auto"])
+        load_config(R70B_FP8, unset)
+    c = load_config(R70B_FP8, [*unset, "execution.fp8=null", "execution.transformer_impl=auto"])
     assert c.execution.tp == 8 and c.execution.vpp == 5
 
 
