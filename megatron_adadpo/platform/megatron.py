@@ -1,6 +1,7 @@
 """The one place that imports Megatron-Core.
 
-Tested with megatron-core 0.16.1 (Python 3.11, CPU) and 0.19.x (Python 3.12, GPU). When an
+Tested with megatron-core 0.16.1 (Python 3.11, CPU) and 0.19.x (Python 3.12, GPU; it needs
+``triton``, which CUDA torch brings: a failed import names the fix). When an
 import path or signature moves between releases, adapt it here and nowhere else. Public APIs
 only; where Megatron has none for what the plugin needs, one documented function below wraps
 the private one and a test pins its behaviour (``tests/unit/test_megatron_seam.py``).
@@ -11,7 +12,13 @@ from __future__ import annotations
 import inspect
 
 import torch
-from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+
+from megatron_adadpo.platform.environment import megatron_import_error, te_available
+
+try:
+    from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+except ModuleNotFoundError as err:  # megatron-core itself, or a dependency it does not declare
+    raise ImportError(megatron_import_error(err)) from err
 from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 from megatron.core.distributed import (
@@ -32,8 +39,6 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 from megatron.core.utils import unwrap_model
-
-from megatron_adadpo.platform.environment import te_available
 
 __all__ = [
     "MEGATRON_VERSION",

@@ -39,6 +39,7 @@ from megatron_adadpo.losses import (
     token_mean_metric,
 )
 from megatron_adadpo.platform.megatron import ProcessGroupCollection, get_forward_backward_func
+from megatron_adadpo.run.context_parallel import full_sequence_length
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,10 @@ def loss_func(context: StepContext, batch: dict, logits: torch.Tensor):
         chosen_nll=chosen_nll,
     )
     metrics.update(mean_logit_metrics(logits, batch, context))
-    tokens = torch.full_like(losses.detach().sum(), batch["tokens"].numel())  # incl. padding
+    # The whole micro-batch's tokens (padding included): a CP rank holds [2B, S/CP] of them.
+    tokens = torch.full_like(
+        losses.detach().sum(), batch["tokens"].numel() * context.groups.cp.size()
+    )
     metrics["batch/tokens"] = torch.stack([tokens, torch.ones_like(tokens)])
     n_valid = metrics["pairs/valid"][0].to(torch.int)
     report = {"metrics": metrics, "losses": losses.detach(), "pair_ids": batch["pair_ids"]}
@@ -123,7 +127,12 @@ def forward_step(context: StepContext, data_iterator: Iterator, model):
 
 def run_schedule(model: list, batches: list[dict], forward_step_func, forward_only: bool):
     """One pass of Megatron's schedule (no pipelining / 1F1B / interleaved by the layout) over
-    ``batches``; returns the loss reports of the last pipeline stage (``[]`` elsewhere)."""
+    ``batches``; returns the loss reports of the last pipeline stage (``[]`` elsewhere).
+
+    ``seq_length`` is the whole sequence: Megatron sizes the pipeline's p2p buffers
+    ``[S/CP (/TP with sequence parallel), 2B, h]`` itself (``schedules.get_tensor_shapes``),
+    while each CP rank's batches hold ``[2B, S/CP]`` tokens.
+    """
     iterators = [iter(batches) for _ in model]
     tokens = batches[0]["tokens"]
     return get_forward_backward_func()(
@@ -131,7 +140,7 @@ def run_schedule(model: list, batches: list[dict], forward_step_func, forward_on
         data_iterator=iterators if len(model) > 1 else iterators[0],
         model=model,
         num_microbatches=len(batches),
-        seq_length=tokens.shape[1],
+        seq_length=full_sequence_length(tokens, model[0].config.context_parallel_size),
         micro_batch_size=tokens.shape[0],
         forward_only=forward_only,
     )

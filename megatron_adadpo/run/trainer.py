@@ -24,6 +24,7 @@ from megatron_adadpo.platform.distributed import init_model_parallel, is_logging
 from megatron_adadpo.platform.hardware import peak_flops_per_device
 from megatron_adadpo.run import checkpoints
 from megatron_adadpo.run.batches import step_batches
+from megatron_adadpo.run.context_parallel import full_sequence_length
 from megatron_adadpo.run.evaluation import Evaluator
 from megatron_adadpo.run.metrics import MetricsLogger, step_values, wandb_settings
 from megatron_adadpo.run.optimizer import build_optimizer, build_scheduler, wrap_ddp
@@ -116,7 +117,12 @@ class Trainer:
         if config.checkpoint.resume:
             self._resume()
         self.batches = step_batches(
-            config, self.dataset, self.dp_rank, self.dp_size, self.state["consumed_samples"]
+            config,
+            self.dataset,
+            self.dp_rank,
+            self.dp_size,
+            self.state["consumed_samples"],
+            cp_rank=dist.get_rank(self.groups.cp),
         )
         self.evaluator = None
         if eval_set is not None:
@@ -214,7 +220,7 @@ class Trainer:
 
     def _throughput(self, result, elapsed: float, batches: list[dict]) -> dict:
         config = self.config
-        seq = batches[0]["tokens"].shape[1]
+        seq = full_sequence_length(batches[0]["tokens"], config.execution.cp)
         sequences = 2 * config.train.global_batch_size
         flops = step_model_flops(
             config.model, config.execution.tp, seq, sequences, config.reference_mode
