@@ -110,10 +110,9 @@ def loss_func(context: StepContext, batch: dict, logits: torch.Tensor):
         chosen_nll=chosen_nll,
     )
     metrics.update(mean_logit_metrics(logits, batch, context))
-    # The whole micro-batch's tokens (padding included): a CP rank holds [2B, S/CP] of them.
-    tokens = torch.full_like(
-        losses.detach().sum(), batch["tokens"].numel() * context.groups.cp.size()
-    )
+    # The whole micro-batch's tokens, padding included (a CP rank holds [2B, S/CP] of them).
+    seq = full_sequence_length(batch["tokens"], context.groups.cp.size())
+    tokens = torch.full_like(losses.detach().sum(), batch["tokens"].shape[0] * seq)
     metrics["batch/tokens"] = torch.stack([tokens, torch.ones_like(tokens)])
     n_valid = metrics["pairs/valid"][0].to(torch.int)
     report = {"metrics": metrics, "losses": losses.detach(), "pair_ids": batch["pair_ids"]}
