@@ -273,6 +273,7 @@ def body_param_sync(work: Path) -> None:
     sets += ["optimizer.use_distributed_optimizer=true", "optimizer.overlap_grad_reduce=true"]
     sets += ["optimizer.overlap_param_gather=true", "train.train_iters=2"]
     sets += ["checkpoint.save_at_end=true", "optimizer.lr=1e-2", "checkpoint.resume=false"]
+    sets += ["execution.bf16=true"]  # as the recipes: bf16 params, fp32 main params sharded
     config = load_config(QUICKSTART, sets)
     cpu.activate()
     init_distributed()
