@@ -27,6 +27,8 @@ from megatron.core.package_info import __version__ as MEGATRON_VERSION
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
     get_num_layers_to_build,
@@ -37,9 +39,11 @@ from megatron_adadpo.platform.environment import te_available
 
 __all__ = [
     "MEGATRON_VERSION",
+    "AttnMaskType",
     "DType",
     "DistributedDataParallel",
     "DistributedDataParallelConfig",
+    "DotProductAttention",
     "GPTModel",
     "IndexedDataset",
     "IndexedDatasetBuilder",
