@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from functools import partial
+
+import torch
+
 from megatron_adadpo.layout import ExecutionConfig
 from megatron_adadpo.model.build import build_model
 from megatron_adadpo.model.config import ModelConfig
@@ -26,3 +30,41 @@ def tiny_model(run: ExecutionConfig, model: ModelConfig = TINY, seed: int = 7):
     chunks = build_model(model, run)
     init_layout_invariant(chunks, seed=seed, vocab_size=model.vocab_size)
     return chunks
+
+
+def schedule_batches(vocab_size: int = TINY.vocab_size, seq: int = 24) -> list[dict]:
+    """Two micro-batches of 2 rows for ``run_schedule`` with ``weighted_logprob_step``: random
+    tokens, labels and per-token weights; the second packs two sequences per row (a
+    block-diagonal causal ``attention_mask``, bool ``[2, 1, s, s]``, True = masked out)."""
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, vocab_size, (4, seq), generator=g)
+    labels = torch.randint(0, vocab_size, (4, seq), generator=g)
+    weights = torch.randn(4, seq, generator=g)
+    positions = torch.arange(seq).expand(4, seq)
+    batches = [
+        dict(tokens=tokens[i : i + 2], labels=labels[i : i + 2], weights=weights[i : i + 2])
+        | dict(position_ids=positions[i : i + 2], attention_mask=None)
+        for i in (0, 2)
+    ]
+    segments = (torch.arange(seq) >= torch.tensor([[seq // 3], [2 * seq // 3]])).long()
+    same = segments[:, None, :, None] == segments[:, None, None, :]
+    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+    batches[1]["attention_mask"] = ~(same & causal)
+    return batches
+
+
+def weighted_logprob_step(records: list, data_iterator, model):
+    """A ``forward_step`` whose loss is ``sum(per-token log-prob * weight)``; appends the
+    last stage's logits and per-token log-probs to ``records``."""
+    from megatron_adadpo.logprobs import token_logprobs
+
+    batch = next(data_iterator)
+
+    def loss_func(logits):
+        records.append(("logits", logits.detach().clone()))
+        logps = token_logprobs(logits.transpose(0, 1), batch["labels"])
+        records.append(("logps", logps.detach()))
+        return (logps * batch["weights"]).sum(), torch.tensor(1), {}
+
+    logits = model(batch["tokens"], batch["position_ids"], batch["attention_mask"])
+    return logits, partial(loss_func)

@@ -23,9 +23,10 @@ Masks (the interface packed rows use):
   such rows are padding and carry no loss.
 
 GQA: with ``ng < np`` query groups, ``enable_gqa=True`` (torch >= 2.5) lets the kernel share
-K/V across the heads of a group without copies. On CUDA only the flash and math kernels take
-``enable_gqa`` (not the memory-efficient one), and flash takes no mask, so with a mask on CUDA
-K/V are repeated instead, which keeps the masked case on the memory-efficient kernel.
+K/V across the heads of a group without copies: always on CPU, and on CUDA without a mask (the
+flash kernel). With a mask on CUDA, flash is out and the memory-efficient kernel accepts
+``enable_gqa`` only in recent torch releases (never on ROCm; torch's ``sdp_utils.cpp``), so K/V
+are repeated there instead of risking the ``[b, np, s, s]`` math fallback.
 
 Shapes: ``query [sq, b, np, hn]``, ``key / value [sk, b, ng, hn]`` -> ``[sq, b, np * hn]``.
 """

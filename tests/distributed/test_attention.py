@@ -3,7 +3,9 @@
 The module alone against an fp64 formula (causal fast path, a given mask combined with
 causality, GQA, scale, dropout), then whole GPT models with GQA and Llama-3 RoPE scaling through
 Megatron's schedule at TP1, TP2, TP2 + SP and PP2: logits, per-token log-probs and gradients of
-the SDPA model equal those of the current local path (same layout, same weights) to 1e-5.
+the SDPA model equal those of the current local path (same layout, same weights) to 1e-5, with
+the causal fast path and with a block-diagonal mask given through ``GPTModel``'s
+``attention_mask`` (packed rows).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from megatron_adadpo.layout import ExecutionConfig
 from megatron_adadpo.model.config import RopeScaling
 from tests.launcher import run_ranks
-from tests.megatron_helpers import TINY
+from tests.megatron_helpers import TINY, schedule_batches, weighted_logprob_step
 
 pytestmark = pytest.mark.distributed
 
@@ -29,7 +31,6 @@ LLAMA3_TINY = dataclasses.replace(
         factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16
     ),
 )
-SEQ, ROWS = 24, 4
 
 
 def _attention_module(cls, heads=4, groups=2, dropout=0.0, softmax_scale=None):
@@ -134,37 +135,10 @@ def test_unknown_attention_choice_is_refused():
     assert any("execution.attention=auto" in e for e in errors)
 
 
-def _batches():
-    g = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, TINY.vocab_size, (ROWS, SEQ), generator=g)
-    labels = torch.randint(0, TINY.vocab_size, (ROWS, SEQ), generator=g)
-    weights = torch.randn(ROWS, SEQ, generator=g)
-    positions = torch.arange(SEQ).expand(ROWS, SEQ)
-    return [
-        dict(tokens=tokens[i : i + 2], labels=labels[i : i + 2], weights=weights[i : i + 2])
-        | dict(position_ids=positions[i : i + 2])
-        for i in (0, 2)
-    ]
-
-
-def _forward_step(records, data_iterator, model):
-    from functools import partial
-
-    from megatron_adadpo.logprobs import token_logprobs
-
-    batch = next(data_iterator)
-
-    def loss_func(logits):
-        records.append(("logits", logits.detach().clone()))
-        logps = token_logprobs(logits.transpose(0, 1), batch["labels"])
-        records.append(("logps", logps.detach()))
-        return (logps * batch["weights"]).sum(), torch.tensor(1), {}
-
-    return model(batch["tokens"], batch["position_ids"], None), partial(loss_func)
-
-
 def _model_outputs(rank, world, layout: dict):
     """Logits, log-probs (last stage) and this rank's gradient shards, per attention impl."""
+    from functools import partial
+
     from megatron_adadpo.model.build import build_model
     from megatron_adadpo.model.initialization import init_layout_invariant
     from megatron_adadpo.platform import distributed as parallel
@@ -176,7 +150,7 @@ def _model_outputs(rank, world, layout: dict):
         chunks = build_model(LLAMA3_TINY, ExecutionConfig(**layout, attention=attention))
         init_layout_invariant(chunks, seed=7, vocab_size=TINY.vocab_size)
         records = []
-        run_schedule(chunks, _batches(), lambda it, m: _forward_step(records, it, m), False)
+        run_schedule(chunks, schedule_batches(), partial(weighted_logprob_step, records), False)
         grads = {n: p.grad.clone() for c in chunks for n, p in c.named_parameters()}
         kinds = {type(layer.self_attention.core_attention).__name__ for layer in _layers(chunks)}
         out[attention] = records, grads, kinds
