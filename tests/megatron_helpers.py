@@ -68,3 +68,35 @@ def weighted_logprob_step(records: list, data_iterator, model):
 
     logits = model(batch["tokens"], batch["position_ids"], batch["attention_mask"])
     return logits, partial(loss_func)
+
+
+def core_attention_module(cls, heads=4, groups=2, head_dim=8, dropout=0.0, softmax_scale=None):
+    """A core-attention module (``DotProductAttention``'s constructor) of a one-layer config."""
+    from megatron_adadpo.platform.megatron import AttnMaskType, TransformerConfig
+
+    cfg = TransformerConfig(
+        num_layers=1,
+        hidden_size=heads * head_dim,
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        attention_dropout=dropout,
+        use_cpu_initialization=True,
+    )
+    return cls(
+        config=cfg,
+        layer_number=1,
+        attn_mask_type=AttnMaskType.causal,
+        attention_type="self",
+        softmax_scale=softmax_scale,
+    )
+
+
+def attention_reference(q, k, v, masked_out, scale):
+    """fp64 ``softmax(q k^T * scale, masked) v`` with K/V repeated per group; [sq, b, np*hn]."""
+    q, k, v = (t.double().permute(1, 2, 0, 3) for t in (q, k, v))
+    rep = q.size(1) // k.size(1)
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(masked_out, float("-inf"))
+    out = scores.softmax(-1) @ v
+    return out.permute(2, 0, 1, 3).reshape(q.size(2), q.size(0), -1)

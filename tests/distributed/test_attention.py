@@ -19,7 +19,13 @@ import torch
 from megatron_adadpo.layout import ExecutionConfig
 from megatron_adadpo.model.config import RopeScaling
 from tests.launcher import run_ranks
-from tests.megatron_helpers import TINY, schedule_batches, weighted_logprob_step
+from tests.megatron_helpers import (
+    TINY,
+    attention_reference,
+    core_attention_module,
+    schedule_batches,
+    weighted_logprob_step,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -31,37 +37,6 @@ LLAMA3_TINY = dataclasses.replace(
         factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16
     ),
 )
-
-
-def _attention_module(cls, heads=4, groups=2, dropout=0.0, softmax_scale=None):
-    from megatron_adadpo.platform.megatron import AttnMaskType, TransformerConfig
-
-    cfg = TransformerConfig(
-        num_layers=1,
-        hidden_size=heads * 8,
-        num_attention_heads=heads,
-        num_query_groups=groups,
-        attention_dropout=dropout,
-        use_cpu_initialization=True,
-    )
-    return cls(
-        config=cfg,
-        layer_number=1,
-        attn_mask_type=AttnMaskType.causal,
-        attention_type="self",
-        softmax_scale=softmax_scale,
-    )
-
-
-def _reference(q, k, v, masked_out, scale):
-    """fp64 ``softmax(q k^T * scale, masked) v`` with K/V repeated per group; [sq, b, np*hn]."""
-    q, k, v = (t.double().permute(1, 2, 0, 3) for t in (q, k, v))
-    rep = q.size(1) // k.size(1)
-    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    scores = (q @ k.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(masked_out, float("-inf"))
-    out = scores.softmax(-1) @ v
-    return out.permute(2, 0, 1, 3).reshape(q.size(2), q.size(0), -1)
 
 
 def _module_cases(rank, world):
@@ -77,14 +52,17 @@ def _module_cases(rank, world):
     # two packed sequences per row (lengths 4 + 6, 7 + 3, 10): block-diagonal, True = masked
     segments = torch.tensor([[0] * 4 + [1] * 6, [0] * 7 + [1] * 3, [0] * 10])
     packed = segments[:, None, :, None] != segments[:, None, None, :]  # [b, 1, s, s]
-    attn = _attention_module(SDPAttention)
+    attn = core_attention_module(SDPAttention)
     out = {
-        "causal": (attn(q, k, v, None), _reference(q, k, v, causal_out, 8**-0.5)),
+        "causal": (attn(q, k, v, None), attention_reference(q, k, v, causal_out, 8**-0.5)),
         # the given mask alone is not causal: the module adds causality
-        "packed": (attn(q, k, v, packed), _reference(q, k, v, packed | causal_out, 8**-0.5)),
+        "packed": (
+            attn(q, k, v, packed),
+            attention_reference(q, k, v, packed | causal_out, 8**-0.5),
+        ),
     }
-    scaled = _attention_module(SDPAttention, softmax_scale=0.3)
-    out["scale"] = (scaled(q, k, v, None), _reference(q, k, v, causal_out, 0.3))
+    scaled = core_attention_module(SDPAttention, softmax_scale=0.3)
+    out["scale"] = (scaled(q, k, v, None), attention_reference(q, k, v, causal_out, 0.3))
     try:
         attn(q, k, v, packed.float())
         out["float_mask"] = "accepted"
@@ -98,7 +76,7 @@ def _dropout_case(q, k, v):
     from megatron_adadpo.model.attention import SDPAttention
     from megatron_adadpo.platform.megatron import tensor_parallel
 
-    attn = _attention_module(SDPAttention, dropout=0.5)
+    attn = core_attention_module(SDPAttention, dropout=0.5)
     attn.eval()
     evaluated = attn(q, k, v, None)
     attn.train()
