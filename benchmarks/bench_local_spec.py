@@ -35,7 +35,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the benchmarks package (not installed)
 
-from benchmarks.bench_train_step import LLAMA3_VOCAB, synthetic_batches  # noqa: E402
+from benchmarks.bench_train_step import PRESETS as TRAIN_STEP_PRESETS  # noqa: E402
+from benchmarks.bench_train_step import synthetic_batches  # noqa: E402
 from benchmarks.machine import machine_line  # noqa: E402
 from megatron_adadpo.config import load_config  # noqa: E402
 from megatron_adadpo.model.build import build_model  # noqa: E402
@@ -62,20 +63,7 @@ PRESETS = {
         micro_batches=2,
         micro_batch_size=4,
     ),
-    "llama-1b": dict(
-        overrides=[
-            *LLAMA3_VOCAB,
-            "model.num_layers=16",
-            "model.hidden_size=2048",
-            "model.ffn_hidden_size=8192",
-            "model.num_attention_heads=32",
-            "model.num_query_groups=8",
-        ],
-        prompt=256,
-        completion=(512, 768),
-        micro_batches=4,
-        micro_batch_size=2,
-    ),
+    "llama-1b": TRAIN_STEP_PRESETS["llama-1b"],
 }
 
 

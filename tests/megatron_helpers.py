@@ -46,10 +46,8 @@ def schedule_batches(vocab_size: int = TINY.vocab_size, seq: int = 24) -> list[d
         | dict(position_ids=positions[i : i + 2], attention_mask=None)
         for i in (0, 2)
     ]
-    segments = (torch.arange(seq) >= torch.tensor([[seq // 3], [2 * seq // 3]])).long()
-    same = segments[:, None, :, None] == segments[:, None, None, :]
-    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
-    batches[1]["attention_mask"] = ~(same & causal)
+    causal_out = torch.ones(seq, seq, dtype=torch.bool).triu(1)
+    batches[1]["attention_mask"] = packed_rows_mask(seq, [seq // 3, 2 * seq // 3]) | causal_out
     return batches
 
 
@@ -68,6 +66,22 @@ def weighted_logprob_step(records: list, data_iterator, model):
 
     logits = model(batch["tokens"], batch["position_ids"], batch["attention_mask"])
     return logits, partial(loss_func)
+
+
+def packed_rows_mask(seq: int, second_starts: list[int]) -> torch.Tensor:
+    """Block-diagonal mask ``[b, 1, s, s]`` (bool, True = masked out, not causal): row ``i``
+    packs two sequences, the second from position ``second_starts[i]`` (``>= seq``: one)."""
+    segments = (torch.arange(seq) >= torch.tensor(second_starts)[:, None]).long()
+    return segments[:, None, :, None] != segments[:, None, None, :]
+
+
+def attention_inputs(seq: int, batch: int, heads: int, groups: int, head_dim: int):
+    """Random ``q [s, b, np, hn]``, ``k, v [s, b, ng, hn]`` and the causal mask ``[s, s]``
+    (True = masked out)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(seq, batch, heads, head_dim, generator=g)
+    k, v = (torch.randn(seq, batch, groups, head_dim, generator=g) for _ in range(2))
+    return q, k, v, torch.ones(seq, seq, dtype=torch.bool).triu(1)
 
 
 def core_attention_module(cls, heads=4, groups=2, head_dim=8, dropout=0.0, softmax_scale=None):

@@ -21,8 +21,10 @@ from megatron_adadpo.model.config import RopeScaling
 from tests.launcher import run_ranks
 from tests.megatron_helpers import (
     TINY,
+    attention_inputs,
     attention_reference,
     core_attention_module,
+    packed_rows_mask,
     schedule_batches,
     weighted_logprob_step,
 )
@@ -44,14 +46,9 @@ def _module_cases(rank, world):
     from megatron_adadpo.platform import distributed as parallel
 
     parallel.init_model_parallel(ExecutionConfig())
-    g = torch.Generator().manual_seed(0)
-    s, b = 10, 3
-    q = torch.randn(s, b, 4, 8, generator=g)
-    k, v = torch.randn(s, b, 2, 8, generator=g), torch.randn(s, b, 2, 8, generator=g)
-    causal_out = torch.ones(s, s, dtype=torch.bool).triu(1)
+    q, k, v, causal_out = attention_inputs(10, 3, heads=4, groups=2, head_dim=8)
     # two packed sequences per row (lengths 4 + 6, 7 + 3, 10): block-diagonal, True = masked
-    segments = torch.tensor([[0] * 4 + [1] * 6, [0] * 7 + [1] * 3, [0] * 10])
-    packed = segments[:, None, :, None] != segments[:, None, None, :]  # [b, 1, s, s]
+    packed = packed_rows_mask(10, [4, 7, 10])
     attn = core_attention_module(SDPAttention)
     out = {
         "causal": (attn(q, k, v, None), attention_reference(q, k, v, causal_out, 8**-0.5)),

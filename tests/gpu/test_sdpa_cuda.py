@@ -3,9 +3,13 @@ fast path (``enable_gqa``) and a packed-rows mask (K/V repeated for the memory-e
 against an fp64 formula; skipped without CUDA."""
 
 import pytest
-import torch
 
-from tests.megatron_helpers import attention_reference, core_attention_module
+from tests.megatron_helpers import (
+    attention_inputs,
+    attention_reference,
+    core_attention_module,
+    packed_rows_mask,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -17,13 +21,8 @@ def test_sdpa_bf16_on_cuda_matches_fp64():
 
     distributed.init_distributed()
     distributed.init_model_parallel(ExecutionConfig())
-    g = torch.Generator().manual_seed(0)
-    s, b = 256, 2
-    q = torch.randn(s, b, 8, 64, generator=g)
-    k, v = torch.randn(s, b, 2, 64, generator=g), torch.randn(s, b, 2, 64, generator=g)
-    causal = torch.ones(s, s, dtype=torch.bool).triu(1)
-    segments = (torch.arange(s) >= torch.tensor([[100], [180]])).long()
-    packed = segments[:, None, :, None] != segments[:, None, None, :]
+    q, k, v, causal = attention_inputs(256, 2, heads=8, groups=2, head_dim=64)
+    packed = packed_rows_mask(256, [100, 180])
     attn = core_attention_module(SDPAttention, heads=8, groups=2, head_dim=64).cuda()
     cuda = [t.cuda().bfloat16() for t in (q, k, v)]
     for mask, masked_out in ((None, causal), (packed, packed | causal)):
