@@ -9,7 +9,9 @@ step by step (the machine's noise hits them alike); each is the trainer's real `
   and softmax): ``execution.attention=megatron_local``, the local spec before SDPA;
 - ``sdpa``: ``model/attention.py``'s ``SDPAttention`` (the default without TE);
 - ``sdpa_compiled_swiglu`` (``--swiglu``): ``sdpa`` + Megatron's ``bias_activation_fusion``
-  (its fused SwiGLU autograd function, compiled by ``torch.compile``; compile time reported).
+  (its fused SwiGLU autograd function, compiled by ``torch.compile``; compile time reported);
+- ``sdpa_without_rope`` (``--rope``): ``sdpa`` with the rotary embedding switched off, which
+  bounds what any faster RoPE could save (a speed measurement only: not the same model).
 
 It also times the RMSNorm of ``model/norm.py`` (``torch.nn.functional.rms_norm`` in fp32)
 against the same formula in separate ops, forward + backward at the model's ``[s, b, h]``.
@@ -67,16 +69,18 @@ PRESETS = {
 }
 
 
-def build_variant(config, groups, swiglu: bool = False):
+def build_variant(config, groups, swiglu: bool = False, rope: bool = True):
     """Policy (DDP), optimizer, scheduler, step context and resident reference of ``config``."""
     e = config.execution
     chunks = build_model(config.model, e)
     reference_chunks = build_model(config.model, e)
     for c in (chunks, reference_chunks):
         init_layout_invariant(c, seed=3, vocab_size=config.model.vocab_size)
-        if swiglu:  # read by Megatron's MLP at forward time
-            for chunk in c:
+        for chunk in c:  # both read by GPTModel / its MLP at forward time
+            if swiglu:
                 chunk.config.bias_activation_fusion = True
+            if not rope:
+                chunk.position_embedding_type = "none"
     context = StepContext(config.loss, config.model.vocab_size, groups)
     reference = ResidentReference(reference_chunks, chunks, context)
     policy = wrap_ddp(chunks, config.optimizer)
@@ -142,6 +146,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--swiglu", action="store_true", help="add sdpa_compiled_swiglu")
+    parser.add_argument("--rope", action="store_true", help="add sdpa_without_rope")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     if args.threads:
@@ -158,6 +163,8 @@ def main() -> None:
     variants = {name: build_variant(c, groups) for name, c in configs.items()}
     if args.swiglu:
         variants["sdpa_compiled_swiglu"] = build_variant(configs["sdpa"], groups, swiglu=True)
+    if args.rope:
+        variants["sdpa_without_rope"] = build_variant(configs["sdpa"], groups, rope=False)
     c = configs["sdpa"]
     batches = synthetic_batches(c.model.vocab_size, preset, c.execution.pad_multiple, 0)
     measured = time_steps(variants, batches, args.steps, args.warmup)
@@ -193,6 +200,8 @@ def report(args, c, measured: dict, seq: int, rows: int, norm: dict) -> None:
     result["sdpa_speedup"] = v["megatron_local"]["median_s"] / v["sdpa"]["median_s"]
     if "sdpa_compiled_swiglu" in v:
         result["swiglu_speedup"] = v["sdpa"]["median_s"] / v["sdpa_compiled_swiglu"]["median_s"]
+    if "sdpa_without_rope" in v:
+        result["rope_share"] = 1 - v["sdpa_without_rope"]["median_s"] / v["sdpa"]["median_s"]
     result["rmsnorm_speedup"] = norm["separate_ops"] / norm["rms_norm"]
     if torch.cuda.is_available():
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
