@@ -78,7 +78,7 @@ class SDPAttention(DotProductAttention):
         allowed = _allowed_positions(attention_mask, causal, query.size(0), key.size(0))
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
         gqa = q.size(1) != k.size(1)
-        native_gqa = gqa and TORCH_HAS_ENABLE_GQA and (allowed is None or not q.is_cuda)
+        native_gqa = gqa and native_gqa_allowed(allowed is not None, q.device.type)
         if gqa and not native_gqa:
             k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
             v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
@@ -114,6 +114,12 @@ class SDPAttention(DotProductAttention):
         if dropout > 0.0 and not self.config.sequence_parallel:
             return tensor_parallel.get_cuda_rng_tracker().fork()
         return contextlib.nullcontext()
+
+
+def native_gqa_allowed(masked: bool, device_type: str) -> bool:
+    """Whether SDPA gets ``enable_gqa=True`` (else K/V are repeated per head): torch >= 2.5,
+    and on CUDA only without a mask (see the module docstring)."""
+    return TORCH_HAS_ENABLE_GQA and not (masked and device_type == "cuda")
 
 
 def _allowed_positions(

@@ -97,6 +97,18 @@ def test_module_matches_fp64_formula():
     assert not torch.allclose(first, evaluated)
 
 
+def test_gqa_without_copies_except_masked_on_cuda():
+    """torch's ``sdp_utils.cpp`` (CUDA): flash takes GQA but no mask; the memory-efficient
+    kernel takes a mask but GQA only in recent releases (never on ROCm), so masked CUDA
+    attention repeats K/V rather than fall back to the math kernel."""
+    from megatron_adadpo.model.attention import native_gqa_allowed
+
+    assert native_gqa_allowed(masked=False, device_type="cuda")
+    assert native_gqa_allowed(masked=False, device_type="cpu")
+    assert native_gqa_allowed(masked=True, device_type="cpu")
+    assert not native_gqa_allowed(masked=True, device_type="cuda")
+
+
 def test_unknown_attention_choice_is_refused():
     from megatron_adadpo.layout import layout_errors
 
