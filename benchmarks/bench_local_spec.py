@@ -90,27 +90,32 @@ def build_variant(config, groups, swiglu: bool = False, rope: bool = True):
 
 
 def time_steps(variants: dict, batches: list[dict], steps: int, warmup: int) -> dict:
-    """Interleaved steps; per variant the measured step times and the first step's time."""
+    """Interleaved steps; per variant the measured wall and process-CPU step times and the
+    first step's wall time (CPU time, all threads of this process, is what a step costs on a
+    machine that other jobs share; it equals wall time x threads on an idle one)."""
     times = {name: [] for name in variants}
+    cpu_times = {name: [] for name in variants}
     first = {}
     n_pairs = sum(b["tokens"].shape[0] for b in batches) // 2
     for i in range(warmup + steps):
         for name, (policy, optimizer, scheduler, context, reference) in variants.items():
             step_batches = [dict(b) for b in batches]
             _sync()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             reference.attach(step_batches)
             train_step(policy, optimizer, scheduler, step_batches, context, n_pairs)
             _sync()
-            elapsed = time.perf_counter() - start
+            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
             first.setdefault(name, elapsed)
             if i >= warmup:
                 times[name].append(elapsed)
-    return {"times": times, "first_step_s": first}
+                cpu_times[name].append(cpu)
+    return {"times": times, "cpu_times": cpu_times, "first_step_s": first}
 
 
 def time_norm(shape: tuple, dtype: torch.dtype, reps: int) -> dict:
-    """Median forward + backward seconds of the RMSNorm formula: separate ops vs ``F.rms_norm``."""
+    """Median forward + backward seconds of the RMSNorm formula: separate ops vs ``F.rms_norm``
+    (process CPU time on CPU, wall time on a GPU)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     x = torch.randn(shape, dtype=dtype, device=device, requires_grad=True)
     w = torch.nn.Parameter(torch.rand(shape[-1], dtype=dtype, device=device) + 0.5)
@@ -124,13 +129,14 @@ def time_norm(shape: tuple, dtype: torch.dtype, reps: int) -> dict:
         return w * torch.nn.functional.rms_norm(x.float(), (shape[-1],), eps=1e-5).to(dtype)
 
     out = {"separate_ops": [], "rms_norm": []}
+    clock = time.perf_counter if torch.cuda.is_available() else time.process_time
     for _ in range(reps):
         for name, fn in (("separate_ops", separate_ops), ("rms_norm", fused)):
             _sync()
-            start = time.perf_counter()
+            start = clock()
             fn().backward(grad)
             _sync()
-            out[name].append(time.perf_counter() - start)
+            out[name].append(clock() - start)
     return {name: statistics.median(ts[2:]) for name, ts in out.items()}
 
 
@@ -189,19 +195,27 @@ def report(args, c, measured: dict, seq: int, rows: int, norm: dict) -> None:
         "rmsnorm_fwd_bwd_s": norm,
     }
     for name, ts in measured["times"].items():
-        med = statistics.median(ts)
+        med, cpu = statistics.median(ts), statistics.median(measured["cpu_times"][name])
         result["variants"][name] = {
             "median_s": med,
+            "median_cpu_s": cpu,
             "tokens_per_s": seq * rows / med,
+            "tokens_per_cpu_s": seq * rows / cpu,
             "first_step_s": measured["first_step_s"][name],
             "mfu": flops / med / peak if peak == peak else None,
         }
     v = result["variants"]
-    result["sdpa_speedup"] = v["megatron_local"]["median_s"] / v["sdpa"]["median_s"]
-    if "sdpa_compiled_swiglu" in v:
-        result["swiglu_speedup"] = v["sdpa"]["median_s"] / v["sdpa_compiled_swiglu"]["median_s"]
-    if "sdpa_without_rope" in v:
-        result["rope_share"] = 1 - v["sdpa_without_rope"]["median_s"] / v["sdpa"]["median_s"]
+    for key, base, other in (
+        ("sdpa_speedup", "megatron_local", "sdpa"),
+        ("swiglu_speedup", "sdpa", "sdpa_compiled_swiglu"),
+        ("rope_share", "sdpa", "sdpa_without_rope"),
+    ):
+        if other in v:
+            wall, cpu = (v[base][k] / v[other][k] for k in ("median_s", "median_cpu_s"))
+            result[key] = {"wall": wall, "cpu": cpu}
+    for clock in ("wall", "cpu"):  # the share of the step that RoPE costs
+        if "rope_share" in result:
+            result["rope_share"][clock] = 1 - 1 / result["rope_share"][clock]
     result["rmsnorm_speedup"] = norm["separate_ops"] / norm["rms_norm"]
     if torch.cuda.is_available():
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30

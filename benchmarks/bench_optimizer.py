@@ -3,7 +3,8 @@
 
 One Llama-shaped model (default ~115 M parameters, vocabulary 32000), wrapped in Megatron's DDP,
 random gradients in its grad buffers; the timed region is ``optimizer.step()`` (Megatron's:
-gradient norm, clipping, the AdamW update, copies between grad buffer and parameters).
+gradient norm, clipping, the AdamW update, copies between grad buffer and parameters), on the
+wall clock and in process CPU time (robust on a shared machine).
 Variants, interleaved step by step:
 
 - ``megatron_plain``: what megatron-core builds (``torch.optim.AdamW`` with torch's defaults:
@@ -110,13 +111,15 @@ def main() -> None:
         "torch_fused": torch_variant(config),
     }
     times = {name: [] for name in variants}
+    cpu_times = {name: [] for name in variants}
     for i in range(args.warmup + args.steps):
         for name, (step, fill, _) in variants.items():
             fill(i)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             step()
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - start)
+                cpu_times[name].append(time.process_time() - cpu_start)
     result = dict(machine=machine_line(), threads=torch.get_num_threads(), variants={})
     result["params"] = variants["megatron_fused"][2]
     for name, ts in times.items():

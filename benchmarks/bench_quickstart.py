@@ -5,7 +5,9 @@ Runs the quickstart's training (``examples/configs/quickstart.yaml``: 2 processe
 gloo, AdaDPO) with the code of ``--before`` (a git revision, exported with ``git archive`` to a
 temporary directory) and with this working tree, alternating ``--repeats`` times (before,
 after; then after, before), and reports the median over steps and runs of each side's logged
-tokens/s (``metrics.jsonl``; the first ``--warmup`` steps of every run left out).
+tokens/s (``metrics.jsonl``; the first ``--warmup`` steps of every run left out) and the CPU
+seconds of each run's processes (robust on a machine that other jobs share; start-up, the
+same for both sides, included). The data is tokenized once beforehand, into one cache.
 
     python benchmarks/bench_quickstart.py --before main --steps 30 --repeats 2
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -34,12 +37,14 @@ def export(revision: str, target: Path) -> Path:
     return target
 
 
-def train(tree: Path, run_dir: Path, steps: int) -> list[dict]:
-    """One quickstart training with the code in ``tree``; its train rows of metrics.jsonl."""
+def train(tree: Path, run_dir: Path, steps: int, cache: Path) -> tuple[list[dict], float]:
+    """One quickstart training with the code in ``tree``: its train rows of metrics.jsonl and
+    the CPU seconds of all its processes (start-up included)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     cmd += ["-m", "megatron_adadpo.train", "--config", "examples/configs/quickstart.yaml"]
     for item in (
         f"logging.run_dir={run_dir}",
+        f"data.cache_dir={cache}",
         f"train.train_iters={steps}",
         "checkpoint.resume=false",
         "checkpoint.save_at_end=false",
@@ -48,11 +53,14 @@ def train(tree: Path, run_dir: Path, steps: int) -> list[dict]:
     ):
         cmd += ["--set", item]
     env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if out.returncode:
         raise RuntimeError(f"training in {tree} failed:\n{out.stderr[-3000:]}")
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["split"] == "train"]
+    return [r for r in rows if r["split"] == "train"], cpu
 
 
 def main() -> None:
@@ -64,14 +72,24 @@ def main() -> None:
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        trees = {"before": export(args.before, Path(tmp) / "before"), "after": REPO}
+        tmp = Path(tmp)
+        trees = {"before": export(args.before, tmp / "before"), "after": REPO}
+        train(REPO, tmp / "warm_cache", 1, tmp / "cache")  # tokenize once, for both sides
         rates = {"before": [], "after": []}
+        cpu = {"before": [], "after": []}
         for r in range(args.repeats):
             for side in ("before", "after") if r % 2 == 0 else ("after", "before"):
-                rows = train(trees[side], Path(tmp) / f"run_{side}_{r}", args.steps)
+                rows, seconds = train(
+                    trees[side], tmp / f"run_{side}_{r}", args.steps, tmp / "cache"
+                )
                 rates[side] += [row["throughput/tokens_per_s"] for row in rows[args.warmup :]]
-    result = {side: statistics.median(v) for side, v in rates.items()}
-    result["after_over_before"] = result["after"] / result["before"]
+                cpu[side].append(seconds)
+    result = {f"{side}_tokens_per_s": statistics.median(v) for side, v in rates.items()}
+    result |= {f"{side}_run_cpu_s": statistics.median(v) for side, v in cpu.items()}
+    result["tokens_per_s_after_over_before"] = (
+        result["after_tokens_per_s"] / result["before_tokens_per_s"]
+    )
+    result["run_cpu_s_after_over_before"] = result["after_run_cpu_s"] / result["before_run_cpu_s"]
     result["before_revision"] = args.before
     print(json.dumps(result, indent=2))
     if args.json:

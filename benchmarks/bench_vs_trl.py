@@ -14,7 +14,9 @@ reference model and with precomputed reference log-probs, each framework in a fr
   ``train_sampling_strategy="sequential"``, its batch size and gradient accumulation equal to
   ``train.micro_batch_size`` and ``global / micro``), so both pad the same micro-batches;
 - step time: the interval between consecutive step ends (data, forward, backward, optimizer,
-  logging), median over the measured steps; tokens/s = real (unpadded) tokens / step time;
+  logging), median over the measured steps; tokens/s = real (unpadded) tokens / step time, on
+  the wall clock and per second of the process's CPU time (the robust figure on a machine that
+  other jobs share: with one thread it equals the wall time of an idle machine);
 - peak RSS: ``ru_maxrss`` of each framework's process at its end (imports included); the
   precomputation of reference log-probs (TRL's in its ``__init__``, this trainer's with
   ``tools/precompute_reference.py`` before the run) is not timed.
@@ -181,11 +183,11 @@ def run_ours(work: Path, steps: int, mode: str) -> list[float]:
 
     def timed_step(*a, **kw):
         out = step(*a, **kw)
-        ends.append(time.perf_counter())
+        ends.append(_clocks())
         return out
 
     trainer._step = timed_step
-    ends.append(time.perf_counter())
+    ends.append(_clocks())
     trainer.train()
     return ends
 
@@ -207,7 +209,7 @@ def run_trl(work: Path, steps: int, mode: str, trl_path: str) -> list[float]:
 
     class StepEnds(transformers.TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            ends.append(time.perf_counter())
+            ends.append(_clocks())
 
     rows = json.loads((work / "trl_pairs.json").read_text())
     hf = str(work / "hf")
@@ -240,9 +242,14 @@ def run_trl(work: Path, steps: int, mode: str, trl_path: str) -> list[float]:
         processing_class=transformers.AutoTokenizer.from_pretrained(hf),
         callbacks=[StepEnds()],
     )
-    ends.append(time.perf_counter())
+    ends.append(_clocks())
     trainer.train()
     return ends
+
+
+def _clocks() -> tuple[float, float]:
+    """(wall time, CPU time of this process: what a step costs on a machine other jobs share)."""
+    return time.perf_counter(), time.process_time()
 
 
 def worker(args) -> None:
@@ -256,8 +263,9 @@ def worker(args) -> None:
     else:
         ends = run_trl(work, args.steps, args.mode, args.trl_path)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    times = [b - a for a, b in zip(ends[:-1], ends[1:], strict=False)]
-    print("RESULT " + json.dumps(dict(step_s=times, peak_rss_mib=peak_mib)), flush=True)
+    wall = [b[0] - a[0] for a, b in zip(ends[:-1], ends[1:], strict=False)]
+    cpu = [b[1] - a[1] for a, b in zip(ends[:-1], ends[1:], strict=False)]
+    print("RESULT " + json.dumps(dict(step_s=wall, cpu_s=cpu, peak_rss_mib=peak_mib)), flush=True)
 
 
 def spawn(work: Path, args, framework: str, mode: str) -> dict:
@@ -322,12 +330,15 @@ def report(runs: dict, tokens: float, args) -> None:
     for mode in ("resident", "precomputed"):
         entry = {}
         for framework in ("ours", "trl"):
-            times = [t for run in runs[framework, mode] for t in run["step_s"][args.warmup :]]
-            med = statistics.median(times)
-            rss = max(run["peak_rss_mib"] for run in runs[framework, mode])
-            entry[framework] = dict(median_step_s=med, tokens_per_s=tokens / med, peak_rss_mib=rss)
-        entry["tokens_per_s_ratio"] = entry["ours"]["tokens_per_s"] / entry["trl"]["tokens_per_s"]
-        entry["peak_rss_ratio"] = entry["ours"]["peak_rss_mib"] / entry["trl"]["peak_rss_mib"]
+            entry[framework] = dict(
+                peak_rss_mib=max(run["peak_rss_mib"] for run in runs[framework, mode])
+            )
+            for clock, key in (("step_s", "tokens_per_s"), ("cpu_s", "tokens_per_cpu_s")):
+                times = [t for run in runs[framework, mode] for t in run[clock][args.warmup :]]
+                entry[framework]["median_" + clock] = statistics.median(times)
+                entry[framework][key] = tokens / statistics.median(times)
+        for key in ("tokens_per_s", "tokens_per_cpu_s", "peak_rss_mib"):
+            entry[key + "_ratio"] = entry["ours"][key] / entry["trl"][key]
         result["modes"][mode] = entry
     print(json.dumps(result, indent=2))
     if args.json:
