@@ -123,11 +123,11 @@ def main() -> None:
     result = dict(machine=machine_line(), threads=torch.get_num_threads(), variants={})
     result["params"] = variants["megatron_fused"][2]
     for name, ts in times.items():
-        result["variants"][name] = dict(median_step_s=statistics.median(ts), steps_s=ts)
+        cpu_s = statistics.median(cpu_times[name])
+        result["variants"][name] = dict(median_step_s=statistics.median(ts), median_cpu_s=cpu_s)
     v = result["variants"]
-    result["plain_over_fused"] = (
-        v["megatron_plain"]["median_step_s"] / v["megatron_fused"]["median_step_s"]
-    )
+    for key in ("median_step_s", "median_cpu_s"):
+        result["plain_over_fused_" + key] = v["megatron_plain"][key] / v["megatron_fused"][key]
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
