@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 RECOMPUTE_CHOICES = (None, "selective", "full")
 FP8_CHOICES = (None, "hybrid", "e4m3")
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
+ATTENTION_CHOICES = ("auto", "sdpa", "megatron_local")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class ExecutionConfig:
     recompute: str | None = None  # None | "selective" | "full"
     recompute_num_layers: int = 1
     transformer_impl: str = "auto"  # "auto" | "local" | "transformer_engine"
+    # core attention: "auto" (TE's with the TE spec, else torch SDPA) | "sdpa" | "megatron_local"
+    attention: str = "auto"
 
     @property
     def model_parallel_size(self) -> int:
@@ -88,6 +91,7 @@ def layout_errors(
     if bad:
         return bad
     errors = _model_errors(model, execution) + _choice_errors(execution)
+    errors += _attention_errors(execution)
     pad = execution.pad_multiple
     if max_length is not None and execution.pp > 1 and max_length % pad:
         errors.append(
@@ -143,6 +147,17 @@ def _choice_errors(e: ExecutionConfig) -> list[str]:
                 "transformer_engine); set execution.fp8=null for the local spec"
             )
     return errors
+
+
+def _attention_errors(e: ExecutionConfig) -> list[str]:
+    if e.attention not in ATTENTION_CHOICES:
+        return [f"execution.attention={e.attention!r}; accepted: auto, sdpa, megatron_local"]
+    if e.attention != "auto" and e.cp > 1:
+        return [
+            f"execution.cp > 1 needs Transformer Engine attention; set execution.attention=auto "
+            f"(not {e.attention}) or execution.cp=1"
+        ]
+    return []
 
 
 def _world_errors(e: ExecutionConfig, world: int, micro: int, global_batch: int) -> list[str]:
