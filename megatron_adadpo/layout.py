@@ -25,6 +25,7 @@ TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
 # every FP8 GEMM operand needs prod(shape[:-1]) % 8 == 0 and shape[-1] % 16 == 0.
 FP8_ROWS_MULTIPLE = 8
 FP8_COLS_MULTIPLE = 16
+ATTENTION_CHOICES = ("auto", "sdpa", "megatron_local")
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,8 @@ class ExecutionConfig:
     fp8_amax_history_len: int = 1024
     fp8_amax_compute_algo: str = "max"  # "max" | "most_recent"
     fp8_margin: int = 0
+    # core attention: "auto" (TE's with the TE spec, else torch SDPA) | "sdpa" | "megatron_local"
+    attention: str = "auto"
 
     @property
     def model_parallel_size(self) -> int:
@@ -114,6 +117,7 @@ def layout_errors(
         return bad
     errors = _model_errors(model, execution) + _choice_errors(execution)
     errors += _fp8_errors(model, execution)
+    errors += _attention_errors(execution)
     pad = execution.pad_multiple
     if max_length is not None and execution.pp > 1 and max_length % pad:
         errors.append(
@@ -208,6 +212,17 @@ def _fp8_errors(model: ModelConfig, e: ExecutionConfig) -> list[str]:
             f"{FP8_ROWS_MULTIPLE} (Transformer Engine FP8 GEMM rule); use execution.fp8=null"
         )
     return errors
+
+
+def _attention_errors(e: ExecutionConfig) -> list[str]:
+    if e.attention not in ATTENTION_CHOICES:
+        return [f"execution.attention={e.attention!r}; accepted: auto, sdpa, megatron_local"]
+    if e.attention != "auto" and e.cp > 1:
+        return [
+            f"execution.cp > 1 needs Transformer Engine attention; set execution.attention=auto "
+            f"(not {e.attention}) or execution.cp=1"
+        ]
+    return []
 
 
 def _world_errors(e: ExecutionConfig, world: int, micro: int, global_batch: int) -> list[str]:

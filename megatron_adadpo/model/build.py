@@ -13,9 +13,14 @@ import dataclasses
 import torch
 
 from megatron_adadpo.layout import ExecutionConfig
+from megatron_adadpo.model.attention import core_attention_module, with_core_attention
 from megatron_adadpo.model.config import ModelConfig
 from megatron_adadpo.model.norm import RMSNorm
-from megatron_adadpo.platform.environment import module_available, uses_transformer_engine
+from megatron_adadpo.platform.environment import (
+    attention_impl,
+    module_available,
+    uses_transformer_engine,
+)
 from megatron_adadpo.platform.megatron import (
     GPTModel,
     TransformerBlockSubmodules,
@@ -123,13 +128,16 @@ def fp8_options(run: ExecutionConfig) -> dict:
 
 
 def layer_spec(config: TransformerConfig, run: ExecutionConfig, vp_stage: int | None):
-    """The decoder block spec for this pipeline stage (TE spec, or local spec + RMSNorm)."""
+    """The decoder block spec for this pipeline stage (TE spec, or local spec + RMSNorm), with
+    the core attention ``execution.attention`` resolves to (``model/attention.py``)."""
+    attention = core_attention_module(attention_impl(run))
     if uses_transformer_engine(run):
-        return te_layer_spec(qk_layernorm=False)
+        return with_core_attention(te_layer_spec(qk_layernorm=False), attention)
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
     spec.submodules = dataclasses.replace(
         spec.submodules, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm
     )
+    spec = with_core_attention(spec, attention)
     n_local = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[spec] * n_local, layer_norm=RMSNorm)
 

@@ -64,6 +64,14 @@ def uses_transformer_engine(execution: ExecutionConfig) -> bool:
     return execution.transformer_impl == "transformer_engine"
 
 
+def attention_impl(execution: ExecutionConfig) -> str:
+    """``execution.attention`` resolved: ``auto`` is Transformer Engine's attention with the TE
+    layer spec, torch's ``scaled_dot_product_attention`` ("sdpa") with the local spec."""
+    if execution.attention != "auto":
+        return execution.attention
+    return "transformer_engine" if uses_transformer_engine(execution) else "sdpa"
+
+
 def environment_errors(execution: ExecutionConfig) -> list[str]:
     """Reasons this machine cannot run ``execution`` (each names the field and the fix)."""
     errors = []
@@ -74,7 +82,7 @@ def environment_errors(execution: ExecutionConfig) -> list[str]:
                 "a CUDA GPU (pip install 'megatron_adadpo[gpu]'); set execution.fp8=null and "
                 "execution.transformer_impl=local to run without it"
             )
-    if execution.cp > 1 and not uses_transformer_engine(execution):
+    if execution.cp > 1 and attention_impl(execution) != "transformer_engine":
         errors.append(
             "execution.cp > 1 needs Transformer Engine attention (GPU); set execution.cp=1"
         )
