@@ -162,8 +162,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         write_precomputed(tmp, -50 * np.ones((n_pairs, 2), np.float32), "bench", {})
         precomputed = PrecomputedReference(tmp, "bench")
-        dpo = StepContext(LossConfig(adaptive=False), vocab, groups)
-        adadpo = StepContext(LossConfig(adaptive=True), vocab, groups)
+        dpo = StepContext(LossConfig(name="dpo"), vocab, groups)
+        adadpo = StepContext(LossConfig(name="adadpo"), vocab, groups)
         variants = {
             "dpo": (dpo, resident),
             "adadpo": (adadpo, resident),

@@ -79,6 +79,9 @@ class CheckpointSection:
     override_scheduler: bool = False  # on resume: the config's lr schedule, not the saved one
 
 
+WANDB_MODES = ("online", "offline", "disabled")
+
+
 @dataclass(frozen=True)
 class LoggingSection:
     run_dir: str = "runs/default"
@@ -86,6 +89,10 @@ class LoggingSection:
     tensorboard: bool = False
     progress: bool = True
     peak_tflops: float | None = None  # per-device peak for MFU; None = look up the device
+    wandb_project: str | None = None  # also log to this Weights & Biases project (pip wandb)
+    wandb_entity: str | None = None  # W&B team or user; None: the logged-in default
+    wandb_name: str | None = None  # W&B run name; None: the run_dir's last component
+    wandb_mode: str | None = None  # online | offline | disabled; None: wandb's ($WANDB_MODE)
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,11 @@ class Config:
         """The reference the run uses: ``reference.mode``, or "none" for a reference-free
         loss (simpo, cpo, orpo), which never runs or reads a reference."""
         return self.reference.mode if self.loss.needs_reference else "none"
+
+    @property
+    def notices(self) -> tuple[str, ...]:
+        """One-line notices about settings whose default meaning changed (rank 0 prints them)."""
+        return self.loss.notices
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -260,7 +272,7 @@ def validate(config: Config) -> None:
     )
     if errors:
         raise ConfigError(errors[0])
-    for check in (_check_ranges, _check_train, _check_reference, _check_optimizer):
+    for check in (_check_ranges, _check_train, _check_reference, _check_optimizer, _check_logging):
         check(config)
 
 
@@ -289,14 +301,18 @@ def check_environment(config: Config) -> None:
     errors = environment_errors(config.execution)
     if errors:
         raise ConfigError(errors[0])
-    if config.logging.tensorboard:
-        import importlib.util
+    import importlib.util
 
-        if importlib.util.find_spec("tensorboard") is None:
-            raise ConfigError(
-                "logging.tensorboard: true needs the tensorboard package (pip install "
-                "tensorboard), or set logging.tensorboard: false (metrics.jsonl is always written)"
-            )
+    if config.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError(
+            "logging.tensorboard: true needs the tensorboard package (pip install "
+            "tensorboard), or set logging.tensorboard: false (metrics.jsonl is always written)"
+        )
+    if config.logging.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            f"logging.wandb_project={config.logging.wandb_project!r} needs the wandb package "
+            "(pip install wandb), or unset logging.wandb_project (metrics.jsonl is always written)"
+        )
 
 
 def _ranges(config: Config) -> dict:
@@ -372,6 +388,12 @@ def _check_reference(config: Config) -> None:
                 "evaluation with reference.mode=precomputed needs reference.eval_path "
                 "(tools/precompute_reference.py --eval --output DIR)"
             )
+
+
+def _check_logging(config: Config) -> None:
+    mode = config.logging.wandb_mode
+    if mode is not None and mode not in WANDB_MODES:
+        raise ConfigError(f"logging.wandb_mode={mode!r}; accepted: {list(WANDB_MODES)} or null")
 
 
 def _check_optimizer(config: Config) -> None:

@@ -1,7 +1,8 @@
 """Tokenize preference data once into a memory-mapped directory for training.
 
     python tools/preprocess_data.py --input FILE_OR_DIR [...] --tokenizer PATH --output DIR \\
-        [--max-length N] [--max-prompt-length N] [--on-error fail|skip] [--workers N]
+        [--max-length N] [--max-prompt-length N] [--on-error fail|skip] [--workers N] \\
+        [--chat-template auto|always] [--chat-template-tail keep|strip]
 
 Inputs: .jsonl / .json / .parquet files, directories of them, `datasets.save_to_disk`
 directories, or `hf:NAME[:SPLIT]` (datasets.load_dataset). Writes DIR/pairs.{bin,idx},
@@ -51,6 +52,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--overlength", default="truncate", choices=["truncate", "drop"])
     p.add_argument(
+        "--chat-template",
+        default="auto",
+        choices=["auto", "always"],
+        help="auto (TRL): template conversational rows, string rows are raw text; always: both",
+    )
+    p.add_argument(
+        "--chat-template-tail",
+        default="keep",
+        choices=["keep", "strip"],
+        help="keep (TRL) or strip what the chat template renders after the answer's EOS",
+    )
+    p.add_argument(
         "--on-error",
         default="skip",
         choices=["fail", "skip"],
@@ -86,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         max_length=args.max_length,
         max_prompt_length=args.max_prompt_length,
         overlength=args.overlength,
+        chat_template=args.chat_template,
+        chat_template_tail=args.chat_template_tail,
         on_error=args.on_error,
         num_workers=args.workers,
         split=args.split,

@@ -54,7 +54,8 @@ def _process_row(cfg: DataConfig, tok: PairTokenizer, pair_id: int, row: Any) ->
     if isinstance(row, RowRejected):  # refused while reading its source
         raise row
     fields = (cfg.prompt_field, cfg.chosen_field, cfg.rejected_field)
-    pair = tokenize_record(tok, normalize_row(row, pair_id, fields, cfg.schema))
+    record = normalize_row(row, pair_id, fields, cfg.schema)
+    pair = tokenize_record(tok, record, cfg.chat_template, cfg.chat_template_tail)
     return truncate_pair(pair, cfg.max_length, cfg.max_prompt_length, cfg.overlength, tok.bos_id)
 
 

@@ -14,7 +14,10 @@ Policy, for every pair and every tokenizer kind:
 - Refused as `control_token`: any other special-token string of an HF tokenizer (EOS, role
   markers such as `<|user|>`, pad) inside the data. An HF tokenizer encodes such text as the
   control token itself, so an answer would end mid-way or carry an injected turn.
-- EOS is appended to each completion unless the template already ended it with EOS.
+- EOS is appended to each completion unless the template already ended it with EOS (or, with
+  `data.chat_template_tail: keep`, rendered EOS followed by its tail, e.g. `"</s>\\n"`).
+- Which text is encoded (raw text of standard-format rows, or a template) is templates.py's
+  `render_pair`.
 - The prompt is rendered and encoded once per pair and shared by chosen and rejected, and the
   shared prefix is checked token by token: both sequences start with exactly the same
   `prompt_length` tokens.
@@ -31,7 +34,7 @@ import numpy as np
 
 from .records import PreferenceRecord
 from .report import RowRejected
-from .templates import render_chat, render_plain, template_identity
+from .templates import render_chat, render_pair, render_plain, template_identity
 
 # Model weights next to a tokenizer are not part of its identity.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".npz")
@@ -87,10 +90,16 @@ class PairTokenizer:
     def decode(self, ids: Any) -> str:
         raise NotImplementedError
 
-    def render(self, prompt: list[dict[str, str]], answer: str, prompt_text: str | None = None):
+    def render(
+        self,
+        prompt: list[dict[str, str]],
+        answer: str,
+        prompt_text: str | None = None,
+        tail: str = "keep",
+    ):
         if self.chat_template is None:
             return render_plain(prompt, answer)
-        return render_chat(self._hf, prompt, answer, prompt_text)
+        return render_chat(self._hf, prompt, answer, prompt_text, tail)
 
     def identity(self) -> dict[str, Any]:
         """Hash of the tokenizer files + template: recorded in and checked against manifests."""
@@ -211,23 +220,28 @@ def _check_bos(tok: PairTokenizer, rec: PreferenceRecord, prompt: list[int]) -> 
         )
 
 
-def tokenize_record(tok: PairTokenizer, rec: PreferenceRecord) -> TokenizedPair:
-    """Apply template + BOS / EOS policy to one record (see the module docstring).
+def tokenize_record(
+    tok: PairTokenizer,
+    rec: PreferenceRecord,
+    chat_template: str = "auto",
+    chat_template_tail: str = "keep",
+) -> TokenizedPair:
+    """Apply raw text or template + BOS / EOS policy to one record (see the module docstring;
+    the two settings are `DataConfig`'s).
 
     Raises:
         RowRejected: `template_error`, `double_bos`, `control_token` or `prompt_mismatch`.
     """
-    prompt_msgs = rec.prompt_messages()
-    prompt_text, chosen_text = tok.render(prompt_msgs, rec.chosen)
-    _, rejected_text = tok.render(prompt_msgs, rec.rejected, prompt_text)
-    prompt = tok.encode(prompt_text)
+    texts = render_pair(tok, rec, chat_template, chat_template_tail)
+    prompt = tok.encode(texts.prompt)
     if tok.bos_id is not None and prompt[:1] != [tok.bos_id]:
         prompt = [tok.bos_id] + prompt
     _check_bos(tok, rec, prompt)
     completions = []
-    for text in (chosen_text, rejected_text):
+    for text in (texts.chosen, texts.rejected):
         ids = tok.encode(text)
-        if tok.eos_id is not None and ids[-1:] != [tok.eos_id]:
+        ended = ids[-1:] == [tok.eos_id] or (texts.tail_kept and tok.eos_id in ids)
+        if tok.eos_id is not None and not ended:
             ids.append(tok.eos_id)
         completions.append(ids)
     chosen = np.asarray(prompt + completions[0], dtype=np.int64)

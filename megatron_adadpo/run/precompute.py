@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     model = freeze(build_policy(config))  # the reference is the initial policy
     context = StepContext(config.loss, config.model.vocab_size, groups)
     dp_rank, dp_size = dist.get_rank(groups.dp), dist.get_world_size(groups.dp)
-    batches = step_batches(config, dataset, dp_rank, dp_size, 0, drop_last=False)
+    cp_rank = dist.get_rank(groups.cp)
+    batches = step_batches(config, dataset, dp_rank, dp_size, 0, drop_last=False, cp_rank=cp_rank)
     steps = math.ceil(len(dataset) / config.train.global_batch_size)
     ids, sums = [], []
     for _ in tqdm(range(steps), desc="reference log-probs", disable=not is_logging_rank()):

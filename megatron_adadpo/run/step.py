@@ -5,11 +5,12 @@ pipelining, 1F1B, interleaved). The policy's ``GPTModel`` returns vocab-parallel
 last pipeline stage; ``loss_func`` turns them into per-token log-probs with Megatron's
 vocab-parallel CE (no vocab gather, TP padding rows masked), sums completion tokens (reduced
 over CP), splits the interleaved ``[c0, r0, c1, r1, ...]`` rows into chosen / rejected, and
-applies the configured loss. It returns ``(loss_sum, n_valid_pairs, report)``: with
-``calculate_per_token_loss`` the schedule sums ``n_valid_pairs`` over micro-batches and
-``finalize_model_grads`` all-reduces it over DP x CP and divides the gradients by it, so the
-loss is the mean over the valid pairs of the global batch whatever the micro-batch count, DP
-size or pipeline layout.
+applies the configured loss; TRL's ``logits/chosen`` / ``logits/rejected`` metrics come from the
+same vocab-parallel logits (TP shard sums, never gathered). It returns
+``(loss_sum, n_valid_pairs, report)``: with ``calculate_per_token_loss`` the schedule sums
+``n_valid_pairs`` over micro-batches and ``finalize_model_grads`` all-reduces it over DP x CP
+and divides the gradients by it, so the loss is the mean over the valid pairs of the global
+batch whatever the micro-batch count, DP size or pipeline layout.
 
 The process groups (``ProcessGroupCollection``: ``tp``, ``cp``, ``dp``) are built once by
 ``platform.distributed.init_model_parallel`` and passed in.
@@ -24,14 +25,21 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from megatron_adadpo.logprobs import sequence_logprobs, token_logprobs
+from megatron_adadpo.logprobs import (
+    sequence_logprobs,
+    sequence_mean_logits,
+    shard_logit_sums,
+    token_logprobs,
+)
 from megatron_adadpo.losses import (
     LossConfig,
     accumulate_metrics,
     all_reduce_metrics,
     preference_loss,
+    token_mean_metric,
 )
 from megatron_adadpo.platform.megatron import ProcessGroupCollection, get_forward_backward_func
+from megatron_adadpo.run.context_parallel import full_sequence_length
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,22 @@ def sequence_sums(
     return sequence_logprobs(logps, batch["loss_mask"], context.groups.cp)
 
 
+def mean_logit_metrics(logits: torch.Tensor, batch: dict, context: StepContext) -> dict:
+    """TRL's ``logits/chosen`` / ``logits/rejected``: the mean over completion tokens of the mean
+    logit over the true vocabulary, over valid pairs, as ``[sum, count]`` metrics.
+
+    Shapes: logits ``[2B, S, v/tp]`` (rows ``[c0, r0, c1, r1, ...]``).
+    """
+    tp, cp = context.groups.tp, context.groups.cp
+    shard = shard_logit_sums(logits, context.vocab_size, tp)  # [2B, S]
+    sums, counts = sequence_mean_logits(shard, batch["loss_mask"], context.vocab_size, tp, cp)
+    valid = (counts[0::2] > 0) & (counts[1::2] > 0)  # as the loss's valid pairs
+    return {
+        "logits/chosen": token_mean_metric(sums[0::2], counts[0::2], valid),
+        "logits/rejected": token_mean_metric(sums[1::2], counts[1::2], valid),
+    }
+
+
 def loss_func(context: StepContext, batch: dict, logits: torch.Tensor):
     """``(sum of per-pair losses, number of valid pairs, report)`` for one micro-batch."""
     sums, counts = sequence_sums(logits, batch, context)
@@ -85,7 +109,10 @@ def loss_func(context: StepContext, batch: dict, logits: torch.Tensor):
         reference_rejected_logps=None if ref is None else ref[1::2],
         chosen_nll=chosen_nll,
     )
-    tokens = torch.full_like(losses.detach().sum(), batch["tokens"].numel())  # incl. padding
+    metrics.update(mean_logit_metrics(logits, batch, context))
+    # The whole micro-batch's tokens, padding included (a CP rank holds [2B, S/CP] of them).
+    seq = full_sequence_length(batch["tokens"], context.groups.cp.size())
+    tokens = torch.full_like(losses.detach().sum(), batch["tokens"].shape[0] * seq)
     metrics["batch/tokens"] = torch.stack([tokens, torch.ones_like(tokens)])
     n_valid = metrics["pairs/valid"][0].to(torch.int)
     report = {"metrics": metrics, "losses": losses.detach(), "pair_ids": batch["pair_ids"]}
@@ -99,7 +126,12 @@ def forward_step(context: StepContext, data_iterator: Iterator, model):
 
 def run_schedule(model: list, batches: list[dict], forward_step_func, forward_only: bool):
     """One pass of Megatron's schedule (no pipelining / 1F1B / interleaved by the layout) over
-    ``batches``; returns the loss reports of the last pipeline stage (``[]`` elsewhere)."""
+    ``batches``; returns the loss reports of the last pipeline stage (``[]`` elsewhere).
+
+    ``seq_length`` is the whole sequence: Megatron sizes the pipeline's p2p buffers
+    ``[S/CP (/TP with sequence parallel), 2B, h]`` itself (``schedules.get_tensor_shapes``),
+    while each CP rank's batches hold ``[2B, S/CP]`` tokens.
+    """
     iterators = [iter(batches) for _ in model]
     tokens = batches[0]["tokens"]
     return get_forward_backward_func()(
@@ -107,7 +139,7 @@ def run_schedule(model: list, batches: list[dict], forward_step_func, forward_on
         data_iterator=iterators if len(model) > 1 else iterators[0],
         model=model,
         num_microbatches=len(batches),
-        seq_length=tokens.shape[1],
+        seq_length=full_sequence_length(tokens, model[0].config.context_parallel_size),
         micro_batch_size=tokens.shape[0],
         forward_only=forward_only,
     )

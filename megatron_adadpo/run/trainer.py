@@ -28,10 +28,11 @@ from megatron_adadpo.run import checkpoints, resume
 from megatron_adadpo.run import run_dir as run_files
 from megatron_adadpo.run.batches import step_batches
 from megatron_adadpo.run.consistency import check_starting_model
+from megatron_adadpo.run.context_parallel import full_sequence_length
 from megatron_adadpo.run.datasets import load_dataset
 from megatron_adadpo.run.evaluation import Evaluator
 from megatron_adadpo.run.lock import claim_run_dir
-from megatron_adadpo.run.metrics import MetricsLogger, step_values
+from megatron_adadpo.run.metrics import MetricsLogger, step_values, wandb_settings
 from megatron_adadpo.run.optimizer import (
     build_optimizer,
     build_scheduler,
@@ -113,6 +114,8 @@ class Trainer:
         self.resume_from = run_files.resume_point(config.logging.run_dir, config.checkpoint.resume)
         if dist.get_rank() == 0:
             print(f"[megatron_adadpo] resolved config:\n{config.to_yaml()}", flush=True)
+            for notice in config.notices:
+                print(f"[megatron_adadpo] notice: {notice}", flush=True)
         self.dataset = load_dataset(config)
         eval_set = load_dataset(config, eval_split=True) if config.eval.interval else None
         self.total_steps = total_steps(config, self.dataset)
@@ -125,7 +128,12 @@ class Trainer:
             saved, saved_schedule = checkpoints.read_saved_state(self.resume_from, config.model)
         self.state = saved or resume.initial_state(config, self.dataset.identity)
         self.batches = step_batches(
-            config, self.dataset, self.dp_rank, self.dp_size, self.state["consumed_samples"]
+            config,
+            self.dataset,
+            self.dp_rank,
+            self.dp_size,
+            self.state["consumed_samples"],
+            cp_rank=dist.get_rank(self.groups.cp),
         )
         if saved is not None:
             per_epoch = self.batches.sampler.samples_per_epoch
@@ -214,13 +222,15 @@ class Trainer:
 
     def _train(self) -> None:
         config = self.config
+        active = is_logging_rank()
         logger = MetricsLogger(
             config.logging.run_dir,
             self.total_steps,
             config.logging.tensorboard,
             config.logging.progress,
-            active=is_logging_rank(),
+            active=active,
             start_step=self.state["step"],
+            wandb=wandb_settings(config.logging, config.to_dict()) if active else None,
         )
         preemption = Preemption()
         stopped = False
@@ -272,7 +282,7 @@ class Trainer:
 
     def _throughput(self, result, elapsed: float, batches: list[dict]) -> dict:
         config = self.config
-        seq = batches[0]["tokens"].shape[1]
+        seq = full_sequence_length(batches[0]["tokens"], config.execution.cp)
         sequences = 2 * config.train.global_batch_size
         flops = step_model_flops(
             config.model, config.execution.tp, seq, sequences, config.reference_mode

@@ -40,7 +40,7 @@ def tiny_config(tmp_path: Path, **sections) -> Path:
             make_vocab_size_divisible_by=64,
         ),
         "execution": dict(tp=1, transformer_impl="local"),
-        "loss": dict(name="dpo", beta=0.1, adaptive=True, clip_max=2.0),
+        "loss": dict(name="adadpo", beta=0.1, clip_max=2.0),
         "data": dict(
             inputs=[str(DATA / "prefs_train.jsonl")],
             tokenizer=str(DATA / "tokenizer"),

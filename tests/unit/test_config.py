@@ -20,7 +20,7 @@ def cfg(*overrides):
 
 def test_quickstart_loads_and_overrides_apply_in_order():
     c = cfg("loss.beta=0.05", "optimizer.lr=3e-4", "execution.tp=1", "loss.beta=0.2")
-    assert c.loss.beta == 0.2 and c.loss.adaptive is True and c.loss.name == "dpo"
+    assert c.loss.beta == 0.2 and c.loss.adaptive is True and c.loss.name == "adadpo"
     assert c.optimizer.lr == 3e-4 and isinstance(c.optimizer.lr, float)  # "3e-4" is a string
     assert c.execution.tp == 1 and c.model.num_layers == 4
     assert c.data.inputs == ("examples/data/prefs_train.jsonl",)

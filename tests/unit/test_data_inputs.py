@@ -2,6 +2,8 @@
 
 The expected token ids are built here by hand: the bundled chat template written out as a
 string and encoded with the raw `tokenizers.Tokenizer` (not transformers' apply_chat_template).
+Every row is templated and ends at EOS (`chat_template: always`, `chat_template_tail: strip`);
+the TRL conventions (`auto`, `keep`) are tested in test_data_trl_tokenization.py.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ def load(tmp_path, inputs, **kw):
         max_length=128,
         max_prompt_length=64,
         cache_dir=str(tmp_path / "cache"),
+        chat_template=kw.pop("chat_template", "always"),
+        chat_template_tail=kw.pop("chat_template_tail", "strip"),
         **kw,
     )
     return load_preference_dataset(cfg)

@@ -55,10 +55,16 @@ def test_cli_writes_manifest_and_rerun_is_a_noop(tmp_path, tool, capsys):
         "48",
         "--max-prompt-length",
         "24",
+        "--chat-template",
+        "always",
         "--quiet",
     ]
     assert tool.main(argv) == 0
     m = json.loads((out / "manifest.json").read_text())
+    assert (m["settings"]["chat_template"], m["settings"]["chat_template_tail"]) == (
+        "always",
+        "keep",
+    )
     sha = lambda p: hashlib.sha256(Path(p).read_bytes()).hexdigest()  # noqa: E731
     assert [i["sha256"] for i in m["inputs"]] == [sha(TRAIN), sha(EVAL)]
     assert m["num_pairs"] == 464 == m["counts"]["pairs_written"] == m["counts"]["rows_read"]
@@ -178,6 +184,10 @@ def test_preprocessed_dir_is_checked_against_the_config(tmp_path):
         assert all(str(pre[i][k]) == str(fly[i][k]) == str(copy[i][k]) for k in pre[i])
     with pytest.raises(ValueError, match="max_length=64.*data.max_length=128"):
         load_preference_dataset(cfg.replace(preprocessed=str(tmp_path / "pre"), max_length=128))
+    for key, value in (("chat_template", "always"), ("chat_template_tail", "strip")):
+        with pytest.raises(ValueError, match=f"{key}='.*data.{key}='{value}'"):
+            load_preference_dataset(cfg.replace(preprocessed=str(tmp_path / "pre"), **{key: value}))
+        assert cfg.replace(**{key: value}).identity_settings() != cfg.identity_settings()
     with pytest.raises(ValueError, match="tokenizer"):
         load_preference_dataset(
             cfg.replace(

@@ -85,9 +85,10 @@ def test_recompute_reduces_activations():
     sel = _plan(R70B, ["execution.recompute=selective"])
     full = _plan(R70B, ["execution.recompute=full"])
     assert full.peak.activations < sel.peak.activations <= none.peak.activations
-    # Without flash attention (local spec), selective recompute drops the s^2 attention scores.
-    local_none = _plan(R70B, ["execution.recompute=null", "execution.transformer_impl=local"])
-    local_sel = _plan(R70B, ["execution.transformer_impl=local"])
+    # Without fused attention (Megatron's local attention), selective recompute drops the s^2
+    # attention scores.
+    local_none = _plan(R70B, ["execution.recompute=null", "execution.attention=megatron_local"])
+    local_sel = _plan(R70B, ["execution.attention=megatron_local"])
     assert local_sel.peak.activations < 0.5 * local_none.peak.activations
     assert full.cost.recompute_flops > 0 and sel.cost.recompute_flops == 0
 
@@ -101,7 +102,7 @@ def test_activation_formula_reduces_to_korthikanti_for_gpt_shapes():
         "model.ffn_hidden_size=16384",
         "model.num_attention_heads=48",
         "model.num_query_groups=48",
-        "execution.transformer_impl=local",
+        "execution.attention=megatron_local",
     ]
     p, _ = load(str(R70B), gpt)
     s, b, h, t, a = 2048, 2, 6144, 8, 48
