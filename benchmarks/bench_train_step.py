@@ -163,8 +163,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         write_precomputed(tmp, -50 * np.ones((n_pairs, 2), np.float32), "bench", {})
         precomputed = PrecomputedReference(tmp, "bench")
-        dpo = dataclasses.replace(context, loss=LossConfig(adaptive=False))
-        adadpo = dataclasses.replace(context, loss=LossConfig(adaptive=True))
+        dpo = dataclasses.replace(context, loss=LossConfig(name="dpo"))
+        adadpo = dataclasses.replace(context, loss=LossConfig(name="adadpo"))
         variants = {
             "dpo": (dpo, resident),
             "adadpo": (adadpo, resident),

@@ -12,10 +12,10 @@ export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore
 for run in dpo:false adadpo:true; do
   name="${run%%:*}"; adaptive="${run##*:}"
   rm -rf "$OUT/$name"
-  echo "=== training ${name} (loss.adaptive=${adaptive}, ${STEPS} steps) ==="
+  echo "=== training ${name} (loss.name=${name}, ${STEPS} steps) ==="
   "$PY" -m torch.distributed.run --standalone --nproc-per-node 2 -m megatron_adadpo.train \
     --config examples/configs/quickstart.yaml \
-    --set loss.adaptive="$adaptive" --set logging.run_dir="$OUT/$name" \
+    --set loss.name="$name" --set loss.adaptive="$adaptive" --set logging.run_dir="$OUT/$name" \
     --set train.train_iters="$STEPS" --set checkpoint.resume=false \
     "$@" 2>&1 | grep -v -E "Warning|warnings.warn" || { echo "training $name failed" >&2; exit 1; }
 done

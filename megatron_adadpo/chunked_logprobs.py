@@ -166,7 +166,7 @@ def _chunk_forward(x, weight, target, plan: _Plan, logps_out, sums_out) -> None:
     """One chunk's log-probs (and logit sums) into the output slices; its logits die here."""
     logits = _chunk_logits(x, weight)
     if plan.with_logit_sums:
-        sums_out.copy_(shard_logit_sums(logits, plan.vocab_size, dist.get_rank(plan.tp_group)))
+        sums_out.copy_(shard_logit_sums(logits, plan.vocab_size, plan.tp_group))
     logps_out.copy_(consume_logits(logits, target, plan.tp_group, plan.vocab_size))
 
 

@@ -16,6 +16,9 @@ timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/gpu \
 echo "== Llama-1B-shaped training step, bf16, AdaDPO vs DPO, precomputed vs resident"
 timeout 300 python3 benchmarks/bench_train_step.py --preset llama-1b --steps 6 --warmup 2 \
   --json "$OUT/train_step_1b.json" 2>&1 | tail -40
+echo "== Llama-1B-shaped bf16 step without TE: torch SDPA vs Megatron's local attention (MFU)"
+timeout 300 python3 benchmarks/bench_local_spec.py --preset llama-1b --steps 4 --warmup 1 \
+  --json "$OUT/local_spec_1b.json" 2>&1 | tail -40
 echo "== planner prediction for the same configuration"
 python3 tools/plan.py "${PLAN_1B[@]}" \
   --json > "$OUT/plan_1b.json" 2> "$OUT/plan_1b.err"; echo "plan rc=$?"; head -c 1500 "$OUT/plan_1b.json"

@@ -1,14 +1,22 @@
-"""Turn a prompt (chat messages) and one answer into prompt text + completion text.
+"""Turn a record into prompt text + completion texts: raw text, or a template.
+
+Which rows are templated (`data.chat_template`, TRL's dataset formats):
+
+- `auto`: a standard-format row (every field a string; `PreferenceRecord.text`) is raw text,
+  prompt + completion concatenated with no template, as TRL's `DPOTrainer` treats it; a
+  conversational row (message lists) gets the template.
+- `always`: every row gets the template; a string prompt is one user turn.
 
 Two templates exist:
 
 - **chat template** (HF tokenizers that define one): the prompt text is
   `apply_chat_template(prompt, add_generation_prompt=True)`, the full text is
   `apply_chat_template(prompt + [assistant answer])`; the completion text is what the full text
-  adds after the prompt text, trailing whitespace removed (so a template that closes the turn
-  with EOS + "\\n" ends the completion exactly at EOS). A template that fails on a conversation,
-  or does not render the prompt as a prefix of it, refuses the row:
-  `RowRejected("template_error", ...)`.
+  adds after the prompt text. What the template renders after the assistant's end of turn (a
+  `"\\n"` after EOS, say) is the *tail*: `data.chat_template_tail: keep` keeps it in the
+  completion (TRL), `strip` removes trailing whitespace so the completion ends exactly at EOS.
+  A template that fails on a conversation, or does not render the prompt as a prefix of it,
+  refuses the row: `RowRejected("template_error", ...)`.
 - **plain template** `plain-v1` (sentencepiece models, and HF tokenizers without a chat
   template)::
 
@@ -23,7 +31,7 @@ BOS / EOS are not part of either text's policy: `tokenize.py` adds exactly one B
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, NamedTuple
 
 from .report import RowRejected
 
@@ -41,9 +49,16 @@ def render_plain(prompt: list[dict[str, str]], answer: str) -> tuple[str, str]:
 
 
 def render_chat(
-    tokenizer: Any, prompt: list[dict[str, str]], answer: str, prompt_text: str | None = None
+    tokenizer: Any,
+    prompt: list[dict[str, str]],
+    answer: str,
+    prompt_text: str | None = None,
+    tail: str = "keep",
 ) -> tuple[str, str]:
     """HF chat template: returns (prompt_text, completion_text); `prompt_text` may be reused.
+
+    `tail`: "keep" the text the template renders after the answer's end of turn, or "strip"
+    trailing whitespace.
 
     Raises:
         RowRejected("template_error"): the template cannot render this conversation as
@@ -66,8 +81,31 @@ def render_chat(
             "the chat template does not render the prompt (with add_generation_prompt=True) as a "
             "prefix of the conversation; fix the template or use the plain template",
         )
-    completion = full[len(prompt_text) :].rstrip()
-    return prompt_text, completion
+    completion = full[len(prompt_text) :]
+    return prompt_text, completion.rstrip() if tail == "strip" else completion
+
+
+class PairTexts(NamedTuple):
+    """The texts one pair is encoded from. `tail_kept`: the completions may hold text the
+    template rendered after its EOS (so EOS need not be their last token)."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+    tail_kept: bool
+
+
+def render_pair(tok: Any, rec: Any, chat_template: str, tail: str) -> PairTexts:
+    """The texts of `rec` (a PreferenceRecord) under `data.chat_template` / `_tail`.
+
+    `tok` is a `PairTokenizer` (its `render` applies its chat template or plain-v1).
+    """
+    if rec.text is not None and chat_template == "auto":
+        return PairTexts(*rec.text, tail_kept=False)
+    messages = rec.prompt_messages()
+    prompt, chosen = tok.render(messages, rec.chosen, tail=tail)
+    _, rejected = tok.render(messages, rec.rejected, prompt, tail=tail)
+    return PairTexts(prompt, chosen, rejected, tok.chat_template is not None and tail == "keep")
 
 
 def template_identity(chat_template: str | None) -> dict[str, str]:

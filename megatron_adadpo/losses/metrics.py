@@ -103,6 +103,18 @@ def pair_metrics(batch: PairBatch, out: FamilyOutput, losses: Tensor) -> dict[st
     return metrics
 
 
+def token_mean_metric(sums: Tensor, counts: Tensor, valid: Tensor) -> Tensor:
+    """``[sum of per-sequence sums, sum of token counts]`` over valid pairs: a per-token mean
+    (how TRL averages ``logits/chosen``), under the same SUM reduction as every mean metric.
+
+    Shapes: sums, counts ``[b]`` (per sequence of one side of each pair), valid ``[b]`` bool;
+    returns ``[2]``.
+    """
+    zero = torch.zeros((), dtype=sums.dtype, device=sums.device)
+    keep = lambda t: torch.where(valid, t.to(sums.dtype), zero).sum()  # noqa: E731
+    return torch.stack([keep(sums), keep(counts)]).detach()
+
+
 def accumulate_metrics(metrics_list: Iterable[Mapping[str, Tensor]]) -> dict[str, Tensor]:
     """Combine micro-batch metrics (SUM, or MIN/MAX for extrema). Shapes: ``[2]`` each."""
     total: dict[str, Tensor] = {}

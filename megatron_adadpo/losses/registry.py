@@ -2,7 +2,8 @@
 
 A new loss is a new file that decorates its compute function with :func:`register_loss`; the
 dispatcher (:func:`megatron_adadpo.losses.preference_loss`) looks the family up in
-:data:`LOSSES` and never branches on the name.
+:data:`LOSSES` and never branches on the name. :data:`ADAPTIVE_NAMES` are names that select a
+family's adaptive form (``adadpo`` = ``dpo`` with ``adaptive: true``).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ class LossFamily:
             adaptive coefficients, before invalid pairs are masked.
         needs_reference: the loss uses reference log-probs (``h = l - l_ref``).
         needs_chosen_nll: the loss adds an NLL(y_w) term (``chosen_nll`` input required).
-        supports_label_smoothing: the loss is a logistic loss ``-logsig(z)`` that can take
-            robust/cDPO label smoothing.
+        supports_label_smoothing: the loss reads ``label_smoothing`` (cDPO's ``eps`` for the
+            logistic families; the flip rate of ``robust``).
     """
 
     name: str
@@ -42,7 +43,10 @@ class LossFamily:
 LOSSES: dict[str, LossFamily] = {}
 
 # The modules that register a family (a new loss is a new file, added here).
-FAMILY_MODULES = ("dpo", "ipo", "simpo", "rdpo", "cpo", "orpo")
+FAMILY_MODULES = ("dpo", "ipo", "simpo", "rdpo", "cpo", "orpo", "robust")
+
+# Names that select the adaptive form of a family: name -> family.
+ADAPTIVE_NAMES = {"adadpo": "dpo"}
 
 
 def load_families() -> dict[str, LossFamily]:
@@ -78,9 +82,14 @@ def register_loss(
     return decorate
 
 
+def loss_names() -> list[str]:
+    """Every accepted ``LossConfig.name``: the families and :data:`ADAPTIVE_NAMES`."""
+    return sorted([*load_families(), *ADAPTIVE_NAMES])
+
+
 def get_family(name: str) -> LossFamily:
-    """The registered family ``name``; ValueError listing the accepted names otherwise."""
+    """The family ``name`` selects; ValueError listing the accepted names otherwise."""
     try:
-        return load_families()[name]
+        return load_families()[ADAPTIVE_NAMES.get(name, name)]
     except KeyError:
-        raise ValueError(f"unknown loss name {name!r}; accepted: {sorted(LOSSES)}") from None
+        raise ValueError(f"unknown loss name {name!r}; accepted: {loss_names()}") from None

@@ -11,6 +11,8 @@ Model (bytes; ``e`` = 2 for bf16, 4 for fp32; ``P`` = parameters on the rank):
   heads*head_dim, ``kv`` = groups*head_dim, ``f`` = ffn):
   ``[2e*sbh (two RMSNorm inputs) + 2e'*sbh (QKV and fc1 inputs)] / t_sp``
   ``+ [e*sb(q + 2kv) + e'*sbq (proj input) + 2e*sbf (SwiGLU input) + e'*sbf (fc2 input)] / t``
+  ``+ e*sbf/t`` when SwiGLU is not fused (``execution.fusions: false``; the trainer fuses it
+  on GPUs: unfused, autograd also keeps ``silu(gate)``; the fused op keeps only its input),
   plus ``2.5e * (a/t) * s^2 * b`` for the attention scores when they are stored (local spec
   without selective recompute) or ``4 * b * (a/t) * s`` (flash-attention softmax statistics).
   ``t_sp`` = t with sequence parallelism, else 1; ``e'`` = 1 for FP8 linear inputs. For GPT
@@ -110,7 +112,8 @@ def layer_activation_bytes(p: PlanInput, stored: bool = True) -> float:
     if recompute == "full":
         return e * s * b * h / t_sp / max(1, x.recompute_num_layers)
     replicated = (2 * e + 2 * lin) * s * b * h / t_sp
-    sharded = (e * (q + 2 * kv) + lin * q + 2 * e * f + lin * f) * s * b / t
+    swiglu = 2 * e * f if x.fusions else 3 * e * f  # fused SwiGLU saves only its input
+    sharded = (e * (q + 2 * kv) + lin * q + swiglu + lin * f) * s * b / t
     heads = m.num_attention_heads / t
     if p.flash_attention:
         core = 4 * b * heads * s

@@ -3,8 +3,9 @@
 Both attach ``batch["reference_logps"]`` (``[2B]`` fp32, ``[c0, r0, c1, r1, ...]``) to the
 micro-batches of a step, on the last pipeline stage where the policy loss is computed.
 Precomputed files (``tools/precompute_reference.py``) hold per-pair summed completion log-probs
-``[N, 2]`` (chosen, rejected) indexed by ``pair_id``, tied to the dataset's manifest identity:
-a file made for other data or another tokenisation is refused.
+``[N, 2]`` (chosen, rejected) indexed by ``pair_id``, tied to the dataset's manifest identity
+(a file made for other data or another tokenisation is refused here) and to the starting model
+(checked by the trainer: ``run/consistency.py``).
 """
 
 from __future__ import annotations

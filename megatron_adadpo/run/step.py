@@ -5,13 +5,14 @@ pipelining, 1F1B, interleaved). The policy's ``GPTModel`` returns vocab-parallel
 last pipeline stage; ``loss_func`` turns them into per-token log-probs with Megatron's
 vocab-parallel CE (no vocab gather, TP padding rows masked), sums completion tokens (reduced
 over CP), splits the interleaved ``[c0, r0, c1, r1, ...]`` rows into chosen / rejected, and
-applies the configured loss. With ``execution.logprob_chunk_tokens`` the model returns the output
-layer's input instead and ``loss_func`` applies the output layer chunk by chunk
-(``chunked_logprobs``). ``loss_func`` returns ``(loss_sum, n_valid_pairs, report)``: with
-``calculate_per_token_loss`` the schedule sums ``n_valid_pairs`` over micro-batches and
-``finalize_model_grads`` all-reduces it over DP x CP and divides the gradients by it, so the
-loss is the mean over the valid pairs of the global batch whatever the micro-batch count, DP
-size or pipeline layout.
+applies the configured loss; TRL's ``logits/chosen`` / ``logits/rejected`` metrics come from the
+same vocab-parallel logits (TP shard sums, never gathered). With
+``execution.logprob_chunk_tokens`` the model returns the output layer's input instead and
+``loss_func`` applies the output layer chunk by chunk (``chunked_logprobs``). ``loss_func``
+returns ``(loss_sum, n_valid_pairs, report)``: with ``calculate_per_token_loss`` the schedule
+sums ``n_valid_pairs`` over micro-batches and ``finalize_model_grads`` all-reduces it over DP x
+CP and divides the gradients by it, so the loss is the mean over the valid pairs of the global
+batch whatever the micro-batch count, DP size or pipeline layout.
 
 The process groups (``ProcessGroupCollection``: ``tp``, ``cp``, ``dp``) are built once by
 ``platform.distributed.init_model_parallel`` and passed in.
@@ -28,18 +29,25 @@ import torch.distributed as dist
 
 from megatron_adadpo.chunked_logprobs import OutputLayer, chunked_token_logprobs, model_output_layer
 from megatron_adadpo.layout import logprob_chunk_tokens
-from megatron_adadpo.logprobs import sequence_logprobs, token_logprobs
+from megatron_adadpo.logprobs import (
+    sequence_logprobs,
+    sequence_mean_logits,
+    shard_logit_sums,
+    token_logprobs,
+)
 from megatron_adadpo.losses import (
     LossConfig,
     accumulate_metrics,
     all_reduce_metrics,
     preference_loss,
+    token_mean_metric,
 )
 from megatron_adadpo.platform.megatron import (
     ProcessGroupCollection,
     final_hidden_states,
     get_forward_backward_func,
 )
+from megatron_adadpo.run.context_parallel import full_sequence_length
 
 
 @dataclass(frozen=True)
@@ -80,19 +88,23 @@ def sequence_sums(
     batch: dict,
     context: StepContext,
     output_layer: OutputLayer | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    with_logit_sums: bool = False,
+):
     """Per-sequence completion log-prob sums and token counts, both ``[2B]`` fp32.
 
     Megatron's vocab-parallel CE over the true vocabulary (TP padding rows masked), summed over
     completion tokens and reduced over the context-parallel group. ``output`` is
     ``policy_forward``'s: logits, or with ``output_layer`` the hidden states it is applied to
-    chunk by chunk (``chunked_logprobs``).
+    chunk by chunk (``chunked_logprobs``). ``with_logit_sums`` also returns this TP shard's
+    per-token logit sums ``[2B, S]`` (``logprobs.shard_logit_sums``, for
+    :func:`mean_logit_metrics`), taken from the same logits or chunks.
     """
     labels, mask, tp = batch["labels"], batch["loss_mask"], context.groups.tp
     if output_layer is None:
         logps = token_logprobs(output.transpose(0, 1), labels, tp, context.vocab_size)
+        logit_sums = shard_logit_sums(output, context.vocab_size, tp) if with_logit_sums else None
     else:
-        logps = chunked_token_logprobs(
+        logps, logit_sums = chunked_token_logprobs(
             output,
             output_layer,
             labels,
@@ -100,13 +112,32 @@ def sequence_sums(
             chunk_tokens=context.logprob_chunk_tokens,
             tp_group=tp,
             vocab_size=context.vocab_size,
+            with_logit_sums=True,
         )
-    return sequence_logprobs(logps, mask, context.groups.cp)
+    sums, counts = sequence_logprobs(logps, mask, context.groups.cp)
+    return (sums, counts, logit_sums) if with_logit_sums else (sums, counts)
 
 
 def output_layer_for(model, context: StepContext) -> OutputLayer | None:
     """The chunked path's output layer of a model chunk (None: unchunked or not last stage)."""
     return model_output_layer(model) if context.logprob_chunk_tokens else None
+
+
+def mean_logit_metrics(logit_sums: torch.Tensor, batch: dict, context: StepContext) -> dict:
+    """TRL's ``logits/chosen`` / ``logits/rejected``: the mean over completion tokens of the mean
+    logit over the true vocabulary, over valid pairs, as ``[sum, count]`` metrics.
+
+    Shapes: logit_sums ``[2B, S]``, this TP shard's per-token logit sums
+    (``logprobs.shard_logit_sums``; rows ``[c0, r0, c1, r1, ...]``).
+    """
+    tp, cp = context.groups.tp, context.groups.cp
+    mask = batch["loss_mask"]
+    sums, counts = sequence_mean_logits(logit_sums, mask, context.vocab_size, tp, cp)
+    valid = (counts[0::2] > 0) & (counts[1::2] > 0)  # as the loss's valid pairs
+    return {
+        "logits/chosen": token_mean_metric(sums[0::2], counts[0::2], valid),
+        "logits/rejected": token_mean_metric(sums[1::2], counts[1::2], valid),
+    }
 
 
 def loss_func(
@@ -116,7 +147,9 @@ def loss_func(
     output_layer: OutputLayer | None = None,
 ):
     """``(sum of per-pair losses, number of valid pairs, report)`` for one micro-batch."""
-    sums, counts = sequence_sums(output, batch, context, output_layer)
+    sums, counts, logit_sums = sequence_sums(
+        output, batch, context, output_layer, with_logit_sums=True
+    )
     ref = batch.get("reference_logps")
     chosen_nll = None
     if context.loss.needs_chosen_nll:
@@ -131,7 +164,10 @@ def loss_func(
         reference_rejected_logps=None if ref is None else ref[1::2],
         chosen_nll=chosen_nll,
     )
-    tokens = torch.full_like(losses.detach().sum(), batch["tokens"].numel())  # incl. padding
+    metrics.update(mean_logit_metrics(logit_sums, batch, context))
+    # The whole micro-batch's tokens, padding included (a CP rank holds [2B, S/CP] of them).
+    seq = full_sequence_length(batch["tokens"], context.groups.cp.size())
+    tokens = torch.full_like(losses.detach().sum(), batch["tokens"].shape[0] * seq)
     metrics["batch/tokens"] = torch.stack([tokens, torch.ones_like(tokens)])
     n_valid = metrics["pairs/valid"][0].to(torch.int)
     report = {"metrics": metrics, "losses": losses.detach(), "pair_ids": batch["pair_ids"]}
@@ -146,7 +182,12 @@ def forward_step(context: StepContext, data_iterator: Iterator, model):
 
 def run_schedule(model: list, batches: list[dict], forward_step_func, forward_only: bool):
     """One pass of Megatron's schedule (no pipelining / 1F1B / interleaved by the layout) over
-    ``batches``; returns the loss reports of the last pipeline stage (``[]`` elsewhere)."""
+    ``batches``; returns the loss reports of the last pipeline stage (``[]`` elsewhere).
+
+    ``seq_length`` is the whole sequence: Megatron sizes the pipeline's p2p buffers
+    ``[S/CP (/TP with sequence parallel), 2B, h]`` itself (``schedules.get_tensor_shapes``),
+    while each CP rank's batches hold ``[2B, S/CP]`` tokens.
+    """
     iterators = [iter(batches) for _ in model]
     tokens = batches[0]["tokens"]
     return get_forward_backward_func()(
@@ -154,7 +195,7 @@ def run_schedule(model: list, batches: list[dict], forward_step_func, forward_on
         data_iterator=iterators if len(model) > 1 else iterators[0],
         model=model,
         num_microbatches=len(batches),
-        seq_length=tokens.shape[1],
+        seq_length=full_sequence_length(tokens, model[0].config.context_parallel_size),
         micro_batch_size=tokens.shape[0],
         forward_only=forward_only,
     )

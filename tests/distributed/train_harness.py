@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import torch
@@ -48,8 +50,34 @@ def overrides(run_dir: Path, cache_dir: Path, extra: list[str]) -> list[str]:
     ]
 
 
+QUICKSTART = str(REPO / "examples/configs/quickstart.yaml")
+
+
+def argv(run_dir: Path, cache_dir: Path, *extra: str) -> list[str]:
+    """The trainer's command line: the quickstart config, ``TINY_OVERRIDES`` and ``extra``."""
+    out = ["--config", QUICKSTART]
+    for item in overrides(run_dir, cache_dir, list(extra)):
+        out += ["--set", item]
+    return out
+
+
 def run_trainer(rank: int, world: int, argv: list[str]) -> None:
     """Rank body: the trainer's own ``main``."""
+    train.main(argv)
+
+
+def kill_in_step(rank: int, world: int, argv: list[str], kill_step: int) -> None:
+    """Rank body: the trainer's ``main``, SIGKILL-ed in the middle of step ``kill_step``."""
+    from megatron_adadpo.run import trainer
+
+    real_train_step = trainer.train_step
+
+    def dying_train_step(*a, **kw):
+        if kw["step"] == kill_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_train_step(*a, **kw)
+
+    trainer.train_step = dying_train_step
     train.main(argv)
 
 

@@ -103,9 +103,10 @@ def test_recompute_reduces_activations():
     sel = _plan(R70B, ["execution.recompute=selective"])
     full = _plan(R70B, ["execution.recompute=full"])
     assert full.peak.activations < sel.peak.activations <= none.peak.activations
-    # Without flash attention (local spec), selective recompute drops the s^2 attention scores.
-    local_none = _plan(R70B, ["execution.recompute=null", "execution.transformer_impl=local"])
-    local_sel = _plan(R70B, ["execution.transformer_impl=local"])
+    # Without fused attention (Megatron's local attention), selective recompute drops the s^2
+    # attention scores.
+    local_none = _plan(R70B, ["execution.recompute=null", "execution.attention=megatron_local"])
+    local_sel = _plan(R70B, ["execution.attention=megatron_local"])
     assert local_sel.peak.activations < 0.5 * local_none.peak.activations
     assert full.cost.recompute_flops > 0 and sel.cost.recompute_flops == 0
 
@@ -119,7 +120,7 @@ def test_activation_formula_reduces_to_korthikanti_for_gpt_shapes():
         "model.ffn_hidden_size=16384",
         "model.num_attention_heads=48",
         "model.num_query_groups=48",
-        "execution.transformer_impl=local",
+        "execution.attention=megatron_local",
     ]
     p, _ = load(str(R70B), gpt)
     s, b, h, t, a = 2048, 2, 6144, 8, 48
@@ -305,16 +306,19 @@ def test_cli_text_json_and_exit_codes():
 def test_recipes_load_with_the_training_config():
     from megatron_adadpo.config import ConfigError, load_config
 
+    unset = ["train.init_checkpoint=null"]  # the recipes' placeholder path is refused here:
+    with pytest.raises(ConfigError, match=r"train.init_checkpoint=/path/to/.* does not exist"):
+        load_config(R8B)
     for recipe in (R8B, R70B):
-        c = load_config(recipe)
+        c = load_config(recipe, unset)
         assert c.train.global_batch_size == 128 and c.optimizer.warmup_fraction == 0.1
         assert c.data.max_length == 2048 and c.data.max_prompt_length == 1800
         assert c.loss.adaptive and c.loss.clip_max == 2.0 and c.optimizer.decay_style == "cosine"
-    assert load_config(R70B).reference.mode == "precomputed"
+    assert load_config(R70B, unset).reference.mode == "precomputed"
     # FP8 needs Transformer Engine on a GPU: refused here with the reason, loads without FP8.
     with pytest.raises(ConfigError, match="Transformer Engine"):
-        load_config(R70B_FP8)
-    c = load_config(R70B_FP8, ["execution.fp8=null", "execution.transformer_impl=auto"])
+        load_config(R70B_FP8, unset)
+    c = load_config(R70B_FP8, [*unset, "execution.fp8=null", "execution.transformer_impl=auto"])
     assert c.execution.tp == 8 and c.execution.vpp == 5
 
 
