@@ -143,6 +143,12 @@ def test_missing_file_and_bad_override_syntax(tmp_path):
         load_config("no/such.yaml")
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         cfg("loss.beta")
+    bad = tmp_path / "run.yaml"
+    bad.write_text("model:\n  num_layers: 2\n   hidden_size: 3\n")
+    with pytest.raises(ConfigError, match=rf"^{bad}: YAML syntax error at line 3, column 15: "):
+        load_config(bad)
+    with pytest.raises(ConfigError, match=r"^--set loss.beta=\[1: YAML syntax error at line 1"):
+        cfg("loss.beta=[1")
 
 
 @pytest.mark.parametrize(
@@ -162,12 +168,6 @@ def test_auto_logprob_chunk_follows_the_budget(tp, bf16, vocab, expected):
     fixed = ExecutionConfig(tp=tp, bf16=bf16, logprob_chunk_tokens=300)
     assert logprob_chunk_tokens(fixed, vocab) == 300
     assert logprob_chunk_tokens(ExecutionConfig(tp=tp), vocab) == 0
-    bad = tmp_path / "run.yaml"
-    bad.write_text("model:\n  num_layers: 2\n   hidden_size: 3\n")
-    with pytest.raises(ConfigError, match=rf"^{bad}: YAML syntax error at line 3, column 15: "):
-        load_config(bad)
-    with pytest.raises(ConfigError, match=r"^--set loss.beta=\[1: YAML syntax error at line 1"):
-        cfg("loss.beta=[1")
 
 
 def _checkpoint_dir(tmp_path, model, tokenizer_files: dict[str, bytes]):
