@@ -67,7 +67,13 @@ def test_first_step_equals_unchunked(case, tmp_path, cache_dir):
     assert ref_logps.numel() and torch.isfinite(ref_logps).all()
     assert _relative(torch.cat(got["reference_logps"]), ref_logps) <= 1e-6
     assert _relative(torch.cat(got["losses"]), torch.cat(ref["losses"])) <= 1e-6
-    for name in ("logps/chosen", "logps/rejected", "logps/chosen_per_token"):
+    for name in (
+        "logps/chosen",
+        "logps/rejected",
+        "logps/chosen_per_token",
+        "logits/chosen",
+        "logits/rejected",
+    ):
         assert _relative(got["metrics"][name], ref["metrics"][name]) <= 1e-6, name
 
 
