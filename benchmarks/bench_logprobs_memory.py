@@ -32,40 +32,26 @@ the measurements. Target: ours <= 0.6x the naive peak per rank.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import shutil
 import statistics
 import sys
 import tempfile
-import time
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout
-from benchmarks.machine import machine_line  # noqa: E402
+from benchmarks.machine import machine_line, peak_rss_runs  # noqa: E402
 from tests.launcher import run_ranks  # noqa: E402
 
 TP = 2
 MIB = 2**20
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_hwm() -> None:
-    with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-        f.write("5")
-
-
-def make_inputs(rank: int, seq: int, batch: int, vocab: int, padded: int):
-    """This rank's logits shard and the (rank-independent) labels and mask."""
+def completion_labels(seq: int, batch: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels ``[b, s]`` (ignore markers on prompt and padding) and the completion mask: each
+    row's prompt takes s/8 to s/2 tokens, its padding up to s/8 (rank-independent)."""
     g = torch.Generator().manual_seed(1234)
     labels = torch.randint(0, vocab, (batch, seq), generator=g)
     prompt = torch.randint(seq // 8, seq // 2 + 1, (batch,), generator=g)
@@ -73,10 +59,16 @@ def make_inputs(rank: int, seq: int, batch: int, vocab: int, padded: int):
     pos = torch.arange(seq)
     mask = (pos >= prompt[:, None]) & (pos < seq - pad[:, None])
     labels = torch.where(mask, labels, torch.full_like(labels, -100))
+    return labels, mask.float()
+
+
+def make_inputs(rank: int, seq: int, batch: int, vocab: int, padded: int):
+    """This rank's logits shard and the (rank-independent) labels and mask."""
+    labels, mask = completion_labels(seq, batch, vocab)
     per_rank = padded // TP
     g_rank = torch.Generator().manual_seed(1000 + rank)
     shard = torch.randn(seq, batch, per_rank, generator=g_rank).mul_(3.0)
-    return shard.requires_grad_(), labels, mask.float()
+    return shard.requires_grad_(), labels, mask
 
 
 def ours(shard: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -120,23 +112,19 @@ def rank_fn(rank, world_size, variant, seq, batch, vocab, padded, reps, threads,
     torch.set_num_threads(threads)
     fn = VARIANTS[variant]
     shard, labels, mask = make_inputs(rank, seq, batch, vocab, padded)
-    peaks, times = [], []
-    sums = None
-    for r in range(reps + 1):  # repetition 0 is a warm-up
+    state = {}
+
+    def prepare():
         shard.grad = None
-        sums = None
-        gc.collect()  # free any previous graph held by a reference cycle before the baseline
+        state.clear()
         dist.barrier()
-        _reset_hwm()
-        before = _status_kib("VmRSS")
-        start = time.perf_counter()
-        sums = fn(shard, labels, mask)
-        sums.sum().backward()
-        elapsed = time.perf_counter() - start
-        hwm = _status_kib("VmHWM")
-        if r:
-            peaks.append((hwm - before) * 1024)
-            times.append(elapsed)
+
+    def step():
+        state["sums"] = fn(shard, labels, mask)
+        state["sums"].sum().backward()
+
+    peaks, times, rss_base = peak_rss_runs(step, reps, prepare)
+    sums = state["sums"]
     assert shard.grad is not None
     # The gradient goes to a file, not back through the launcher: the parent forks the next
     # variant's ranks, which would otherwise inherit (and count in RSS) its pages.
@@ -147,7 +135,7 @@ def rank_fn(rank, world_size, variant, seq, batch, vocab, padded, reps, threads,
         "times": times,
         "sums": sums.detach(),
         "grad_path": grad_path,
-        "rss_base": before * 1024,
+        "rss_base": rss_base,
     }
 
 

@@ -52,12 +52,29 @@ def token_logprobs(
     logits = vocab_parallel_logits.float().contiguous()
     if logits.data_ptr() == vocab_parallel_logits.data_ptr():
         logits = logits.clone()  # vocab_parallel_cross_entropy mutates its input in place
+    target = labels.clamp(min=0).transpose(0, 1).contiguous()
+    return consume_logits(logits, target, tp_group, vocab_size).transpose(0, 1)
+
+
+def consume_logits(
+    logits: torch.Tensor, target: torch.Tensor, tp_group=None, vocab_size: int | None = None
+) -> torch.Tensor:
+    """``log p(target)`` from fp32 vocab-parallel logits that the caller gives up.
+
+    The logits are overwritten: TP padding columns (global index >= ``vocab_size``) are set to
+    the lowest float, then Megatron's ``vocab_parallel_cross_entropy`` turns them into the
+    softmax in place. The masking is not recorded by autograd: the masked columns get softmax
+    exactly 0, hence gradient exactly 0, either way. ``logits`` may be a leaf that requires
+    grad (its gradient is then the CE's).
+
+    Shapes: logits ``[..., v/tp]`` fp32, target ``[...]`` global ids >= 0 -> ``[...]`` fp32.
+    """
     if tp_group is None:
         tp_group = parallel_state.get_tensor_model_parallel_group()
     if vocab_size is not None:
-        _mask_vocab_padding(logits, vocab_size, dist.get_rank(tp_group))
-    target = labels.clamp(min=0).transpose(0, 1).contiguous()
-    return -vocab_parallel_cross_entropy(logits, target, tp_group).transpose(0, 1)
+        with torch.no_grad():
+            _mask_vocab_padding(logits, vocab_size, dist.get_rank(tp_group))
+    return -vocab_parallel_cross_entropy(logits, target, tp_group)
 
 
 def _true_vocab_columns(shard: int, vocab_size: int | None, tp_rank: int) -> int:

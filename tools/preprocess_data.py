@@ -8,6 +8,8 @@ Inputs: .jsonl / .json / .parquet files, directories of them, `datasets.save_to_
 directories, or `hf:NAME[:SPLIT]` (datasets.load_dataset). Writes DIR/pairs.{bin,idx},
 DIR/pair_ids.npy, DIR/manifest.json and DIR/data_report.json (every dropped row with its file,
 line or row and reason). Re-running with unchanged tokenizer, settings and inputs is a no-op.
+DIR must be new, empty or a preprocessed directory: another dataset there is replaced only with
+--force; the leftovers of a run killed half-way (DIR.partial-*) are removed by the next run.
 Point training at DIR with `data.preprocessed: DIR`.
 
 Exit status: 0 when DIR is written or up to date; 1 when bad rows stop it (--on-error fail;
@@ -73,7 +75,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chosen-field", default="chosen")
     p.add_argument("--rejected-field", default="rejected")
     p.add_argument("--split", default="train", help="split for hf: specs / DatasetDict dirs")
-    p.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="rebuild even if up to date, and replace another dataset in --output",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -101,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         manifest, report = data.preprocess(
-            config, args.output, progress=not args.quiet, force=args.force
+            config, args.output, progress=not args.quiet, force=args.force, guard_output=True
         )
     except data.DataError as e:  # bad rows, listed in DIR/data_report.json
         print(f"error: {e}", file=sys.stderr)

@@ -11,6 +11,9 @@ Policy, for every pair and every tokenizer kind:
   tokenizer would turn into a second BOS token, and a template that renders BOS twice at the
   start. (A template may still place BOS before later turns, as Llama-2's does.) A refused row
   raises `RowRejected`.
+- Refused as `control_token`: any other special-token string of an HF tokenizer (EOS, role
+  markers such as `<|user|>`, pad) inside the data. An HF tokenizer encodes such text as the
+  control token itself, so an answer would end mid-way or carry an injected turn.
 - EOS is appended to each completion unless the template already ended it with EOS (or, with
   `data.chat_template_tail: keep`, rendered EOS followed by its tail, e.g. `"</s>\\n"`).
 - Which text is encoded (raw text of standard-format rows, or a template) is templates.py's
@@ -85,6 +88,7 @@ class PairTokenizer:
     pad_id: int
     vocab_size: int
     bos_text: str | None = None  # the BOS string an encoder maps to bos_id (None: none does)
+    control_texts: tuple[str, ...] = ()  # strings the encoder maps to special tokens
     chat_template: str | None = None
 
     def encode(self, text: str) -> list[int]:
@@ -144,6 +148,8 @@ class HFPairTokenizer(PairTokenizer):
         pad = self._hf.pad_token_id
         self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
         self.vocab_size = len(self._hf)
+        special = [t.content for t in self._hf.added_tokens_decoder.values() if t.special]
+        self.control_texts = tuple(sorted(set(special) | set(self._hf.all_special_tokens)))
         self.chat_template = getattr(self._hf, "chat_template", None) or None
         self._fast = getattr(self._hf, "_tokenizer", None)
 
@@ -196,19 +202,30 @@ def load_tokenizer(path: str, kind: str = "auto") -> PairTokenizer:
     raise ValueError(f"data.tokenizer_kind={kind!r}: use auto, hf or sentencepiece")
 
 
+def _check_control_text(tok: PairTokenizer, rec: PreferenceRecord) -> None:
+    """Refuse data text that the tokenizer would encode as a special token."""
+    texts = [(f"prompt turn {k}", c) for k, (_, c) in enumerate(rec.prompt)]
+    for where, text in texts + [("chosen", rec.chosen), ("rejected", rec.rejected)]:
+        if tok.bos_id is not None and tok.bos_text and tok.bos_text in text:
+            raise RowRejected(
+                "double_bos",
+                f"{where} contains the BOS string {tok.bos_text!r}, which would add a second "
+                "BOS token; remove it from the data (BOS is added once by the pipeline)",
+            )
+        for control in tok.control_texts:
+            if control in text:
+                raise RowRejected(
+                    "control_token",
+                    f"{where} contains {control!r}, which the tokenizer encodes as a special "
+                    "(control) token, not as text; remove or rewrite it in the data",
+                )
+
+
 def _check_bos(tok: PairTokenizer, rec: PreferenceRecord, prompt: list[int]) -> None:
     """Refuse a BOS string in the data, and a template that renders BOS twice in a row."""
+    _check_control_text(tok, rec)
     if tok.bos_id is None:
         return
-    if tok.bos_text:
-        texts = [(f"prompt turn {k}", c) for k, (_, c) in enumerate(rec.prompt)]
-        for where, text in texts + [("chosen", rec.chosen), ("rejected", rec.rejected)]:
-            if tok.bos_text in text:
-                raise RowRejected(
-                    "double_bos",
-                    f"{where} contains the BOS string {tok.bos_text!r}, which would add a second "
-                    "BOS token; remove it from the data (BOS is added once by the pipeline)",
-                )
     if prompt[1:2] == [tok.bos_id]:
         raise RowRejected(
             "double_bos",
@@ -234,7 +251,7 @@ def tokenize_record(
     the two settings are `DataConfig`'s).
 
     Raises:
-        RowRejected: `template_error`, `double_bos` or `prompt_mismatch`.
+        RowRejected: `template_error`, `double_bos`, `control_token` or `prompt_mismatch`.
     """
     texts = render_pair(tok, rec, chat_template, chat_template_tail)
     prompt = encode_prompt(tok, texts.prompt)

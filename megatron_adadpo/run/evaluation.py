@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch.distributed as dist
+
 from megatron_adadpo.config import Config
 from megatron_adadpo.losses import accumulate_metrics
 from megatron_adadpo.run.batches import step_batches
@@ -30,7 +32,13 @@ class Evaluator:
     def __call__(self) -> dict:
         """``[sum, count]`` metric tensors over the evaluated pairs (last stage; else {})."""
         batches = step_batches(
-            self.config, self.dataset, self.dp_rank, self.dp_size, 0, drop_last=False
+            self.config,
+            self.dataset,
+            self.dp_rank,
+            self.dp_size,
+            0,
+            drop_last=False,
+            cp_rank=dist.get_rank(self.context.groups.cp),
         )
         metrics = []
         for _ in range(self.steps):

@@ -5,7 +5,10 @@ Only the logging rank (last pipeline stage, first TP / CP / DP rank: where the r
 metrics live) writes, and only it starts a W&B run. The loss metrics arrive as ``[sum, count]``
 tensors already reduced over data-parallel ranks; ``reduce_metrics`` makes the single host copy
 per logged step. Progress: each line ends with the ETA, and on a terminal a ``tqdm`` bar (steps,
-rate) sits below the lines (a log file, e.g. under Slurm, gets the lines only).
+rate) sits below the lines (a log file, e.g. under Slurm, gets the lines only). A run that
+starts at step ``k`` (resumed, or started afresh: ``k = 0``) first drops the rows after step
+``k`` that an interrupted run left in ``metrics.jsonl`` (they are re-trained), and TensorBoard
+purges its events after ``k``, so every step is recorded once.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from megatron_adadpo.losses import reduce_metrics
+from megatron_adadpo.run.run_dir import atomic_write_text
 
 CONSOLE_FIELDS = (
     ("loss", "loss", "{:.4f}"),
@@ -66,11 +70,15 @@ class MetricsLogger:
         if not self.active:
             return
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a", buffering=1)
+        path = Path(run_dir) / "metrics.jsonl"
+        drop_rows_after(path, start_step)
+        self.jsonl = open(path, "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            self.writer = SummaryWriter(
+                str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1
+            )
         if wandb is not None:
             import wandb as wandb_module
 
@@ -140,6 +148,24 @@ def wandb_settings(logging, run_config: dict) -> dict | None:
         "resume": "allow",
         "config": run_config,
     }
+
+
+def drop_rows_after(path: Path, step: int) -> None:
+    """Rewrite ``metrics.jsonl`` without the rows after ``step`` (and without a line cut short
+    by a kill), atomically; a no-op when there is nothing to drop."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            kept.append(line)
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def step_values(

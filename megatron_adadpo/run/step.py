@@ -6,9 +6,11 @@ last pipeline stage; ``loss_func`` turns them into per-token log-probs with Mega
 vocab-parallel CE (no vocab gather, TP padding rows masked), sums completion tokens (reduced
 over CP), splits the interleaved ``[c0, r0, c1, r1, ...]`` rows into chosen / rejected, and
 applies the configured loss; TRL's ``logits/chosen`` / ``logits/rejected`` metrics come from the
-same vocab-parallel logits (TP shard sums, never gathered). It returns
-``(loss_sum, normaliser, report)``, the normaliser being the loss family's count: the valid
-pairs (preference losses) or their chosen completion tokens (sft, a per-token mean). With
+same vocab-parallel logits (TP shard sums, never gathered). With
+``execution.logprob_chunk_tokens`` the model returns the output layer's input instead and
+``loss_func`` applies the output layer chunk by chunk (``chunked_logprobs``). ``loss_func``
+returns ``(loss_sum, normaliser, report)``, the normaliser being the loss family's count: the
+valid pairs (preference losses) or their chosen completion tokens (sft, a per-token mean). With
 ``calculate_per_token_loss`` the schedule sums it over micro-batches and
 ``finalize_model_grads`` all-reduces it over DP x CP and divides the gradients by it, so the
 loss is the mean over the global batch whatever the micro-batch count, DP size or pipeline
@@ -27,6 +29,8 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from megatron_adadpo.chunked_logprobs import OutputLayer, chunked_token_logprobs, model_output_layer
+from megatron_adadpo.layout import logprob_chunk_tokens
 from megatron_adadpo.logprobs import (
     sequence_logprobs,
     sequence_mean_logits,
@@ -40,52 +44,97 @@ from megatron_adadpo.losses import (
     preference_loss,
     token_mean_metric,
 )
-from megatron_adadpo.platform.megatron import ProcessGroupCollection, get_forward_backward_func
+from megatron_adadpo.platform.megatron import (
+    ProcessGroupCollection,
+    final_hidden_states,
+    get_forward_backward_func,
+)
+from megatron_adadpo.run.context_parallel import full_sequence_length
 
 
 @dataclass(frozen=True)
 class StepContext:
-    """What ``loss_func`` needs besides the batch: the loss, the true vocabulary, the groups."""
+    """What ``loss_func`` needs besides the batch: the loss, the true vocabulary, the groups,
+    and whether the output layer and log-probs run in chunks."""
 
     loss: LossConfig
     vocab_size: int  # the tokenizer's vocabulary (TP padding rows beyond it are masked)
     groups: ProcessGroupCollection
+    logprob_chunk_tokens: int = 0  # > 0: chunked output layer + log-probs (chunked_logprobs)
+
+    @classmethod
+    def from_config(cls, config, groups: ProcessGroupCollection) -> StepContext:
+        """The context of a run's ``Config`` (``execution.logprob_chunk_tokens`` resolved)."""
+        padded = config.model.padded_vocab_size(config.execution.tp)
+        chunk = logprob_chunk_tokens(config.execution, padded)
+        return cls(config.loss, config.model.vocab_size, groups, chunk)
 
 
-def policy_forward(model, batch: dict) -> torch.Tensor:
-    """Vocab-parallel logits ``[2B, S, v/tp]`` on the last stage (hidden states elsewhere).
+def policy_forward(model, batch: dict, context: StepContext) -> torch.Tensor:
+    """The model chunk's output for ``sequence_sums`` (hidden states for the next stage off the
+    last stage).
+
+    Last stage: vocab-parallel logits ``[2B, S, v/tp]``; with chunked log-probs the output
+    layer's input instead, ``[S, 2B, h]`` (``[S/tp, 2B, h]`` with sequence parallelism).
 
     Shapes: tokens / position_ids ``[2B, S]``.
     """
-    return model(batch["tokens"], batch["position_ids"], None)
+    inputs = (batch["tokens"], batch["position_ids"], None)
+    if context.logprob_chunk_tokens:
+        return final_hidden_states(model, *inputs)
+    return model(*inputs)
 
 
 def sequence_sums(
-    logits: torch.Tensor, batch: dict, context: StepContext
-) -> tuple[torch.Tensor, torch.Tensor]:
+    output: torch.Tensor,
+    batch: dict,
+    context: StepContext,
+    output_layer: OutputLayer | None = None,
+    with_logit_sums: bool = False,
+):
     """Per-sequence completion log-prob sums and token counts, both ``[2B]`` fp32.
 
     Megatron's vocab-parallel CE over the true vocabulary (TP padding rows masked), summed over
-    completion tokens and reduced over the context-parallel group.
+    completion tokens and reduced over the context-parallel group. ``output`` is
+    ``policy_forward``'s: logits, or with ``output_layer`` the hidden states it is applied to
+    chunk by chunk (``chunked_logprobs``). ``with_logit_sums`` also returns this TP shard's
+    per-token logit sums ``[2B, S]`` (``logprobs.shard_logit_sums``, for
+    :func:`mean_logit_metrics`), taken from the same logits or chunks.
     """
-    logps = token_logprobs(
-        logits.transpose(0, 1),
-        batch["labels"],
-        tp_group=context.groups.tp,
-        vocab_size=context.vocab_size,
-    )
-    return sequence_logprobs(logps, batch["loss_mask"], context.groups.cp)
+    labels, mask, tp = batch["labels"], batch["loss_mask"], context.groups.tp
+    if output_layer is None:
+        logps = token_logprobs(output.transpose(0, 1), labels, tp, context.vocab_size)
+        logit_sums = shard_logit_sums(output, context.vocab_size, tp) if with_logit_sums else None
+    else:
+        logps, logit_sums = chunked_token_logprobs(
+            output,
+            output_layer,
+            labels,
+            mask,
+            chunk_tokens=context.logprob_chunk_tokens,
+            tp_group=tp,
+            vocab_size=context.vocab_size,
+            with_logit_sums=True,
+        )
+    sums, counts = sequence_logprobs(logps, mask, context.groups.cp)
+    return (sums, counts, logit_sums) if with_logit_sums else (sums, counts)
 
 
-def mean_logit_metrics(logits: torch.Tensor, batch: dict, context: StepContext) -> dict:
+def output_layer_for(model, context: StepContext) -> OutputLayer | None:
+    """The chunked path's output layer of a model chunk (None: unchunked or not last stage)."""
+    return model_output_layer(model) if context.logprob_chunk_tokens else None
+
+
+def mean_logit_metrics(logit_sums: torch.Tensor, batch: dict, context: StepContext) -> dict:
     """TRL's ``logits/chosen`` / ``logits/rejected``: the mean over completion tokens of the mean
     logit over the true vocabulary, over valid pairs, as ``[sum, count]`` metrics.
 
-    Shapes: logits ``[2B, S, v/tp]`` (rows ``[c0, r0, c1, r1, ...]``).
+    Shapes: logit_sums ``[2B, S]``, this TP shard's per-token logit sums
+    (``logprobs.shard_logit_sums``; rows ``[c0, r0, c1, r1, ...]``).
     """
     tp, cp = context.groups.tp, context.groups.cp
-    shard = shard_logit_sums(logits, context.vocab_size, tp)  # [2B, S]
-    sums, counts = sequence_mean_logits(shard, batch["loss_mask"], context.vocab_size, tp, cp)
+    mask = batch["loss_mask"]
+    sums, counts = sequence_mean_logits(logit_sums, mask, context.vocab_size, tp, cp)
     valid = (counts[0::2] > 0) & (counts[1::2] > 0)  # as the loss's valid pairs
     return {
         "logits/chosen": token_mean_metric(sums[0::2], counts[0::2], valid),
@@ -93,10 +142,17 @@ def mean_logit_metrics(logits: torch.Tensor, batch: dict, context: StepContext) 
     }
 
 
-def loss_func(context: StepContext, batch: dict, logits: torch.Tensor):
+def loss_func(
+    context: StepContext,
+    batch: dict,
+    output: torch.Tensor,
+    output_layer: OutputLayer | None = None,
+):
     """``(sum of per-pair losses, normaliser, report)`` for one micro-batch; the normaliser is
     the family's count (valid pairs, or valid chosen tokens for sft: ``metrics["loss"][1]``)."""
-    sums, counts = sequence_sums(logits, batch, context)
+    sums, counts, logit_sums = sequence_sums(
+        output, batch, context, output_layer, with_logit_sums=True
+    )
     ref = batch.get("reference_logps")
     chosen_nll = None
     if context.loss.needs_chosen_nll:
@@ -111,8 +167,10 @@ def loss_func(context: StepContext, batch: dict, logits: torch.Tensor):
         reference_rejected_logps=None if ref is None else ref[1::2],
         chosen_nll=chosen_nll,
     )
-    metrics.update(mean_logit_metrics(logits, batch, context))
-    tokens = torch.full_like(losses.detach().sum(), batch["tokens"].numel())  # incl. padding
+    metrics.update(mean_logit_metrics(logit_sums, batch, context))
+    # The whole micro-batch's tokens, padding included (a CP rank holds [2B, S/CP] of them).
+    seq = full_sequence_length(batch["tokens"], context.groups.cp.size())
+    tokens = torch.full_like(losses.detach().sum(), batch["tokens"].shape[0] * seq)
     metrics["batch/tokens"] = torch.stack([tokens, torch.ones_like(tokens)])
     normaliser = metrics["loss"][1].to(torch.int)
     report = {"metrics": metrics, "losses": losses.detach(), "pair_ids": batch["pair_ids"]}
@@ -121,12 +179,18 @@ def loss_func(context: StepContext, batch: dict, logits: torch.Tensor):
 
 def forward_step(context: StepContext, data_iterator: Iterator, model):
     batch = next(data_iterator)
-    return policy_forward(model, batch), partial(loss_func, context, batch)
+    output = policy_forward(model, batch, context)
+    return output, partial(loss_func, context, batch, output_layer=output_layer_for(model, context))
 
 
 def run_schedule(model: list, batches: list[dict], forward_step_func, forward_only: bool):
     """One pass of Megatron's schedule (no pipelining / 1F1B / interleaved by the layout) over
-    ``batches``; returns the loss reports of the last pipeline stage (``[]`` elsewhere)."""
+    ``batches``; returns the loss reports of the last pipeline stage (``[]`` elsewhere).
+
+    ``seq_length`` is the whole sequence: Megatron sizes the pipeline's p2p buffers
+    ``[S/CP (/TP with sequence parallel), 2B, h]`` itself (``schedules.get_tensor_shapes``),
+    while each CP rank's batches hold ``[2B, S/CP]`` tokens.
+    """
     iterators = [iter(batches) for _ in model]
     tokens = batches[0]["tokens"]
     return get_forward_backward_func()(
@@ -134,7 +198,7 @@ def run_schedule(model: list, batches: list[dict], forward_step_func, forward_on
         data_iterator=iterators if len(model) > 1 else iterators[0],
         model=model,
         num_microbatches=len(batches),
-        seq_length=tokens.shape[1],
+        seq_length=full_sequence_length(tokens, model[0].config.context_parallel_size),
         micro_batch_size=tokens.shape[0],
         forward_only=forward_only,
     )

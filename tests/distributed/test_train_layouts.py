@@ -37,6 +37,16 @@ LAYOUTS = {
         2,
         ["optimizer.use_distributed_optimizer=true", "optimizer.overlap_grad_reduce=true"],
     ),
+    "pp2_vpp2_distributed_optimizer_param_gather": (  # align_param_gather: test_param_gather.py
+        2,
+        [
+            "execution.pp=2",
+            "execution.vpp=2",
+            "optimizer.use_distributed_optimizer=true",
+            "optimizer.overlap_grad_reduce=true",
+            "optimizer.overlap_param_gather=true",
+        ],
+    ),
 }
 
 

@@ -109,6 +109,14 @@ def test_single_node_dry_run_prints_command_and_plan(tmp_path):
     assert not (tmp_path / "run").exists()  # nothing launched
 
 
+@pytest.mark.parametrize("typo", [["--dryrun"], ["--conifg", "x.yaml"], ["extra"]])
+def test_mistyped_argument_is_refused_not_launched(tmp_path, typo):
+    cfg = tiny_config(tmp_path)
+    r = run_script("single_node.sh", "--config", cfg, *typo)
+    assert r.returncode == 64 and f"unknown argument '{typo[0]}'" in r.stderr, r.stderr
+    assert "torch.distributed.run" not in r.stdout and not (tmp_path / "run").exists()
+
+
 def test_multi_node_dry_run_and_missing_variables(tmp_path):
     cfg = tiny_config(tmp_path)
     r = run_script("multi_node.sh", "--dry-run", "--config", cfg)

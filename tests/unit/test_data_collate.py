@@ -105,5 +105,5 @@ def test_pad_multiple():
     assert pad_multiple(4, 1, False) == 1  # no sequence parallel: any length works
     assert pad_multiple(4, 1, True) == 4
     assert pad_multiple(2, 2, False) == 4
-    assert pad_multiple(4, 2, True) == 4
+    assert pad_multiple(4, 2, True) == 8  # (S/CP) % TP: tests/unit/test_layout_padding.py
     assert pad_multiple(6, 2, True) == 12
