@@ -24,9 +24,10 @@ setup(
         # Transformer Engine brings the TE layer spec and FP8; apex (fused Adam / norms) is
         # built from source: see README "GPU install".
         "gpu": ["transformer-engine[pytorch]", "tensorboard"],
+        "wandb": ["wandb"],
         "hf": ["transformers>=4.45", "safetensors", "tokenizers"],
         "plot": ["matplotlib"],
         "test": ["pytest>=8", "pytest-timeout", "ruff", "transformers>=4.45", "safetensors",
-                 "tokenizers", "matplotlib", "tensorboard"],
+                 "tokenizers", "matplotlib", "tensorboard", "wandb"],
     },
 )

@@ -9,7 +9,10 @@ per-sequence log-prob sums, each run forward + backward (``sums.sum().backward()
     then ``sequence_logprobs``;
   * ``naive``: ``gather_from_tensor_model_parallel_region`` (differentiable all-gather to the
     full vocab; its backward splits the gradient back to the shard), ``torch.log_softmax`` over
-    the full vocab, ``gather`` of the labels, then the same masked sum.
+    the full vocab, ``gather`` of the labels, then the same masked sum;
+  * ``+logits``: ``ours`` plus what the step adds for TRL's ``logits/*`` metrics
+    (``shard_logit_sums`` + ``sequence_mean_logits``: a per-token shard sum, one ``[b]``
+    all-reduce), to read its cost as the ratio ``+logits / ours``.
 
 Every variant runs in a fresh forked gloo process group (``tests/launcher.run_ranks``, one
 process per TP rank). Inside a rank the inputs are created first, then, for each repetition, the
@@ -29,40 +32,26 @@ the measurements. Target: ours <= 0.6x the naive peak per rank.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import shutil
 import statistics
 import sys
 import tempfile
-import time
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout
-from benchmarks.machine import machine_line  # noqa: E402
+from benchmarks.machine import machine_line, peak_rss_runs  # noqa: E402
 from tests.launcher import run_ranks  # noqa: E402
 
 TP = 2
 MIB = 2**20
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_hwm() -> None:
-    with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-        f.write("5")
-
-
-def make_inputs(rank: int, seq: int, batch: int, vocab: int, padded: int):
-    """This rank's logits shard and the (rank-independent) labels and mask."""
+def completion_labels(seq: int, batch: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels ``[b, s]`` (ignore markers on prompt and padding) and the completion mask: each
+    row's prompt takes s/8 to s/2 tokens, its padding up to s/8 (rank-independent)."""
     g = torch.Generator().manual_seed(1234)
     labels = torch.randint(0, vocab, (batch, seq), generator=g)
     prompt = torch.randint(seq // 8, seq // 2 + 1, (batch,), generator=g)
@@ -70,10 +59,16 @@ def make_inputs(rank: int, seq: int, batch: int, vocab: int, padded: int):
     pos = torch.arange(seq)
     mask = (pos >= prompt[:, None]) & (pos < seq - pad[:, None])
     labels = torch.where(mask, labels, torch.full_like(labels, -100))
+    return labels, mask.float()
+
+
+def make_inputs(rank: int, seq: int, batch: int, vocab: int, padded: int):
+    """This rank's logits shard and the (rank-independent) labels and mask."""
+    labels, mask = completion_labels(seq, batch, vocab)
     per_rank = padded // TP
     g_rank = torch.Generator().manual_seed(1000 + rank)
     shard = torch.randn(seq, batch, per_rank, generator=g_rank).mul_(3.0)
-    return shard.requires_grad_(), labels, mask.float()
+    return shard.requires_grad_(), labels, mask
 
 
 def ours(shard: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -96,7 +91,15 @@ def naive(shard: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torc
     return sums
 
 
-VARIANTS = {"ours": ours, "naive": naive}
+def ours_with_logits(shard: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor):
+    from megatron_adadpo.logprobs import sequence_mean_logits, shard_logit_sums
+
+    vocab = shard.shape[-1] * TP
+    sequence_mean_logits(shard_logit_sums(shard, vocab).t(), mask, vocab)
+    return ours(shard, labels, mask)
+
+
+VARIANTS = {"ours": ours, "naive": naive, "+logits": ours_with_logits}
 
 
 def rank_fn(rank, world_size, variant, seq, batch, vocab, padded, reps, threads, out_dir):
@@ -109,23 +112,19 @@ def rank_fn(rank, world_size, variant, seq, batch, vocab, padded, reps, threads,
     torch.set_num_threads(threads)
     fn = VARIANTS[variant]
     shard, labels, mask = make_inputs(rank, seq, batch, vocab, padded)
-    peaks, times = [], []
-    sums = None
-    for r in range(reps + 1):  # repetition 0 is a warm-up
+    state = {}
+
+    def prepare():
         shard.grad = None
-        sums = None
-        gc.collect()  # free any previous graph held by a reference cycle before the baseline
+        state.clear()
         dist.barrier()
-        _reset_hwm()
-        before = _status_kib("VmRSS")
-        start = time.perf_counter()
-        sums = fn(shard, labels, mask)
-        sums.sum().backward()
-        elapsed = time.perf_counter() - start
-        hwm = _status_kib("VmHWM")
-        if r:
-            peaks.append((hwm - before) * 1024)
-            times.append(elapsed)
+
+    def step():
+        state["sums"] = fn(shard, labels, mask)
+        state["sums"].sum().backward()
+
+    peaks, times, rss_base = peak_rss_runs(step, reps, prepare)
+    sums = state["sums"]
     assert shard.grad is not None
     # The gradient goes to a file, not back through the launcher: the parent forks the next
     # variant's ranks, which would otherwise inherit (and count in RSS) its pages.
@@ -136,7 +135,7 @@ def rank_fn(rank, world_size, variant, seq, batch, vocab, padded, reps, threads,
         "times": times,
         "sums": sums.detach(),
         "grad_path": grad_path,
-        "rss_base": before * 1024,
+        "rss_base": rss_base,
     }
 
 
@@ -214,12 +213,13 @@ def main() -> None:
             )
         mem_ratio = row["ours"][0] / row["naive"][0]
         time_ratio = row["ours"][1] / row["naive"][1]
-        summary.append((rank, mem_ratio, time_ratio))
-    for rank, mem_ratio, time_ratio in summary:
+        metric = (row["+logits"][0] / row["ours"][0], row["+logits"][1] / row["ours"][1])
+        summary.append((rank, mem_ratio, time_ratio, metric))
+    for rank, mem_ratio, time_ratio, metric in summary:
         verdict = "met" if mem_ratio <= 0.6 else "NOT met"
         print(
             f"rank {rank}: ours/naive peak memory = {mem_ratio:.3f} (target <= 0.6 {verdict}), "
-            f"time = {time_ratio:.3f}"
+            f"time = {time_ratio:.3f}; +logits/ours peak = {metric[0]:.3f}, time = {metric[1]:.3f}"
         )
 
 

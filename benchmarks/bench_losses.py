@@ -5,7 +5,7 @@ Two workloads on ``--pairs`` pairs (default 4096):
   * ``per-token``: per-token log-probs ``[b, --tokens]`` (default 512) for chosen and rejected
     that require grad, masked and summed inside the timed region, so the backward is non-trivial.
 
-DPO is ``LossConfig(adaptive=False)``, AdaDPO the project default ``LossConfig()``. Both
+DPO is ``LossConfig(name="dpo")``, AdaDPO ``LossConfig(name="adadpo")``. Both
 compute the same metrics. Repetitions are interleaved (order alternating) and the median is
 reported with the ratio AdaDPO / DPO (target <= 1.02).
 
@@ -93,7 +93,7 @@ def main() -> None:
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     print(f"machine: {machine_line()} threads={torch.get_num_threads()} run on={device}")
-    configs = {"DPO": LossConfig(adaptive=False), "AdaDPO": LossConfig()}
+    configs = {"DPO": LossConfig(name="dpo"), "AdaDPO": LossConfig(name="adadpo")}
     print(f"{'workload':<34} {'DPO ms':>9} {'AdaDPO ms':>10} {'ratio':>7}")
     for kind in ("pair-sums", "per-token"):
         workload = make_workload(kind, args.pairs, args.tokens, device)

@@ -18,6 +18,7 @@ shaped model, bf16 on one GPU: tokens/s, MFU and peak memory too).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -151,7 +152,7 @@ def main() -> None:
     e = c.execution
     groups = distributed.init_model_parallel(e, seed=1)
     chunks = build_model(c.model, e)
-    context = StepContext(c.loss, c.model.vocab_size, groups)
+    context = StepContext.from_config(c, groups)  # execution.logprob_chunk_tokens resolved
     resident = ResidentReference(build_model(c.model, e), chunks, context)
     policy = wrap_ddp(chunks, c.optimizer)
     optimizer = build_optimizer(policy, c.optimizer, e.bf16)
@@ -162,8 +163,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         write_precomputed(tmp, -50 * np.ones((n_pairs, 2), np.float32), "bench", {})
         precomputed = PrecomputedReference(tmp, "bench")
-        dpo = StepContext(LossConfig(adaptive=False), vocab, groups)
-        adadpo = StepContext(LossConfig(adaptive=True), vocab, groups)
+        dpo = dataclasses.replace(context, loss=LossConfig(name="dpo"))
+        adadpo = dataclasses.replace(context, loss=LossConfig(name="adadpo"))
         variants = {
             "dpo": (dpo, resident),
             "adadpo": (adadpo, resident),
@@ -180,7 +181,7 @@ def main() -> None:
                 _sync()
                 if i >= args.warmup:
                     times[name].append(time.perf_counter() - start)
-    report(c, preset, batches, times, args)
+    report(c, preset, batches, times, args, context.logprob_chunk_tokens)
     distributed.destroy()
 
 
@@ -189,7 +190,7 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def report(c, preset, batches, times, args) -> None:
+def report(c, preset, batches, times, args, logprob_chunk_tokens: int) -> None:
     from megatron_adadpo.platform.hardware import peak_flops_per_device
 
     seq = batches[0]["tokens"].shape[1]
@@ -203,6 +204,7 @@ def report(c, preset, batches, times, args) -> None:
         "seq_length": seq,
         "sequences_per_step": n_seqs,
         "params": c.model.num_parameters(),
+        "logprob_chunk_tokens": logprob_chunk_tokens,
         "variants": {},
     }
     for name, ts in times.items():

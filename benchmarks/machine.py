@@ -1,9 +1,13 @@
-"""One line describing the machine a benchmark ran on (recorded with every result)."""
+"""One line describing the machine a benchmark ran on (recorded with every result), and the
+process's resident-memory counters the memory benchmarks read (Linux ``/proc``)."""
 
 from __future__ import annotations
 
+import gc
 import os
 import platform
+import time
+from collections.abc import Callable
 
 
 def cpu_model() -> str:
@@ -33,3 +37,45 @@ def machine_line() -> str:
         f"nproc={os.cpu_count()} cpu={cpu_model()!r} python={platform.python_version()} "
         f"torch={torch.__version__} megatron-core={mcore_version} device={device!r}"
     )
+
+
+def status_kib(field: str) -> int:
+    """A ``/proc/self/status`` memory field in KiB (``VmRSS``: now, ``VmHWM``: peak)."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    """Reset ``VmHWM`` (the peak resident set) to the current ``VmRSS``."""
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+        f.write("5")
+
+
+def peak_rss_runs(
+    step: Callable[[], None], reps: int, prepare: Callable[[], None]
+) -> tuple[list[int], list[float], int]:
+    """Peak resident bytes above the baseline and wall seconds of ``reps`` runs of ``step``,
+    and the last baseline (resident bytes before the run).
+
+    ``reps + 1`` runs, the first a warm-up (not counted); before each, ``prepare()`` (drop the
+    previous run's outputs, synchronise ranks), a garbage collection (a previous graph held by
+    a reference cycle), ``VmHWM`` reset; peak = ``VmHWM - VmRSS`` before. Tensors this large
+    are ``mmap``-ed and go back to the kernel when freed, so every run starts from the same
+    baseline.
+    """
+    peaks, times = [], []
+    for r in range(reps + 1):
+        prepare()
+        gc.collect()
+        reset_peak_rss()
+        before = status_kib("VmRSS")
+        start = time.perf_counter()
+        step()
+        elapsed = time.perf_counter() - start
+        if r:
+            peaks.append((status_kib("VmHWM") - before) * 1024)
+            times.append(elapsed)
+    return peaks, times, before * 1024

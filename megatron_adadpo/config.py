@@ -67,6 +67,7 @@ class TrainSection:
     train_iters: int | None = None  # None: epochs * pairs // global_batch_size
     seed: int = 1234
     nan_policy: str = "stop"  # "stop" | "skip": on a non-finite loss
+    data_wait_minutes: float = 720.0  # how long other ranks wait for rank 0 to tokenize data
     init_checkpoint: str | None = None  # converted HF checkpoint (tools/convert_hf_to_megatron)
     init_method: str = "megatron"  # "megatron" | "layout_invariant" (tests, reproducible runs)
 
@@ -76,6 +77,10 @@ class CheckpointSection:
     save_interval: int = 0  # steps; 0 = only at the end
     resume: bool = True  # continue from <run_dir>/checkpoints/latest when present
     save_at_end: bool = True
+    override_scheduler: bool = False  # on resume: the config's lr schedule, not the saved one
+
+
+WANDB_MODES = ("online", "offline", "disabled")
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,10 @@ class LoggingSection:
     tensorboard: bool = False
     progress: bool = True
     peak_tflops: float | None = None  # per-device peak for MFU; None = look up the device
+    wandb_project: str | None = None  # also log to this Weights & Biases project (pip wandb)
+    wandb_entity: str | None = None  # W&B team or user; None: the logged-in default
+    wandb_name: str | None = None  # W&B run name; None: the run_dir's last component
+    wandb_mode: str | None = None  # online | offline | disabled; None: wandb's ($WANDB_MODE)
 
 
 @dataclass(frozen=True)
@@ -105,6 +114,11 @@ class Config:
         """The reference the run uses: ``reference.mode``, or "none" for a reference-free
         loss (simpo, cpo, orpo), which never runs or reads a reference."""
         return self.reference.mode if self.loss.needs_reference else "none"
+
+    @property
+    def notices(self) -> tuple[str, ...]:
+        """One-line notices about settings whose default meaning changed (rank 0 prints them)."""
+        return self.loss.notices
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -143,8 +157,11 @@ def from_dict(values: dict) -> Config:
             raise ConfigError(
                 f"unknown keys {[f'{name}.{k}' for k in bad]}; accepted: {sorted(known)}"
             )
+        coerced = _coerce(cls, name, value)
         try:
-            sections[name] = cls(**_coerce(cls, name, value))
+            sections[name] = cls(**coerced)
+        except ConfigError:
+            raise
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"in section '{name}': {exc}") from exc
     config = Config(**sections)
@@ -153,7 +170,8 @@ def from_dict(values: dict) -> Config:
 
 
 def _coerce(cls, section: str, values: dict) -> dict:
-    """Numbers written as YAML strings (``1e-3``) become floats; bad types name the field."""
+    """Numbers written as YAML strings (``1e-3``) become floats; a value of the wrong type
+    (``train_iters: abc``, ``seed: [1]``) is refused naming the field."""
     hints = typing.get_type_hints(cls)
     out = dict(values)
     for key, value in values.items():
@@ -167,9 +185,29 @@ def _coerce(cls, section: str, values: dict) -> dict:
             if not value.is_integer():
                 raise ConfigError(f"{section}.{key}={value!r} must be an integer")
             out[key] = int(value)
-        elif bool in kinds and not isinstance(value, bool) and value is not None:
-            raise ConfigError(f"{section}.{key}={value!r} must be true or false")
+        elif value is not None or type(None) not in kinds:
+            _check_type(f"{section}.{key}", value, kinds)
     return out
+
+
+# Plain field types the YAML value must have, and how the error names them.
+_TYPE_WORDS = {
+    bool: "true or false",
+    int: "an integer",
+    str: "a string",
+    dict: "a mapping",
+    list: "a list",
+}
+
+
+def _check_type(name: str, value, kinds: set) -> None:
+    checked = [k for k in kinds if k in _TYPE_WORDS]
+    if not checked or len(checked) != len(kinds - {type(None)}):
+        return  # a section's own type (e.g. RopeScaling) or a generic: checked where defined
+    if any(isinstance(value, k) and not (k is int and isinstance(value, bool)) for k in checked):
+        return
+    words = " or ".join(_TYPE_WORDS[k] for k in checked)
+    raise ConfigError(f"{name}={value!r} must be {words}")
 
 
 def read_yaml(path: str | Path | None, overrides: list[str] = ()) -> dict:
@@ -182,7 +220,7 @@ def read_yaml(path: str | Path | None, overrides: list[str] = ()) -> dict:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        values = yaml.safe_load(path.read_text()) or {}
+        values = _parse_yaml(path.read_text(), str(path)) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for item in overrides:
@@ -195,8 +233,20 @@ def read_yaml(path: str | Path | None, overrides: list[str] = ()) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: '{part}' is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = _parse_yaml(raw, f"--set {item}")
     return values
+
+
+def _parse_yaml(text: str, where: str):
+    """``yaml.safe_load`` whose syntax errors name ``where`` (the file, or the override), the
+    line and the column."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: YAML syntax error{at}: {problem}") from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -224,7 +274,7 @@ def validate(config: Config) -> None:
     errors += budget_errors(config.data, config.execution)  # padded for a valid layout
     if errors:
         raise ConfigError(errors[0])
-    for check in (_check_train, _check_reference, _check_optimizer):
+    for check in (_check_ranges, _check_train, _check_reference, _check_optimizer, _check_logging):
         check(config)
 
 
@@ -243,10 +293,13 @@ def check_world_size(config: Config, world_size: int) -> None:
 
 def check_environment(config: Config) -> None:
     """Refuse what this machine cannot run (Transformer Engine / CUDA needs, optional packages
-    the config asks for); no allocation. The planner, which plans for another machine, skips
+    the config asks for) and files that disagree with the config (``train.init_checkpoint``'s
+    model and tokenizer); no allocation. The planner, which plans for another machine, skips
     it."""
     from megatron_adadpo.platform.environment import environment_errors, uses_transformer_engine
+    from megatron_adadpo.run.consistency import check_init_checkpoint
 
+    check_init_checkpoint(config)
     errors = environment_errors(config.execution)
     if config.data.batching == "packed" and config.execution.cp > 1:
         if not uses_transformer_engine(config.execution):
@@ -258,14 +311,56 @@ def check_environment(config: Config) -> None:
             )
     if errors:
         raise ConfigError(errors[0])
-    if config.logging.tensorboard:
-        import importlib.util
+    import importlib.util
 
-        if importlib.util.find_spec("tensorboard") is None:
-            raise ConfigError(
-                "logging.tensorboard: true needs the tensorboard package (pip install "
-                "tensorboard), or set logging.tensorboard: false (metrics.jsonl is always written)"
-            )
+    if config.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError(
+            "logging.tensorboard: true needs the tensorboard package (pip install "
+            "tensorboard), or set logging.tensorboard: false (metrics.jsonl is always written)"
+        )
+    if config.logging.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            f"logging.wandb_project={config.logging.wandb_project!r} needs the wandb package "
+            "(pip install wandb), or unset logging.wandb_project (metrics.jsonl is always written)"
+        )
+
+
+def _ranges(config: Config) -> dict:
+    """``{field: (value, test, rule in words)}`` of every number with a range."""
+    train, opt, log = config.train, config.optimizer, config.logging
+    at_least_1 = (lambda v: v >= 1, "an integer >= 1")
+    at_least_0 = (lambda v: v >= 0, ">= 0")
+    positive = (lambda v: v > 0, "> 0")
+    optional = (lambda v: v is None or v >= 1, "an integer >= 1 (or unset)")
+    return {
+        "train.train_iters": (train.train_iters, *optional),
+        "train.epochs": (train.epochs, *at_least_1),
+        "train.seed": (train.seed, *at_least_0),
+        "train.data_wait_minutes": (train.data_wait_minutes, *positive),
+        "checkpoint.save_interval": (config.checkpoint.save_interval, *at_least_0),
+        "logging.log_interval": (log.log_interval, *at_least_1),
+        "logging.peak_tflops": (log.peak_tflops, lambda v: v is None or v > 0, "> 0 (or unset)"),
+        "eval.interval": (config.eval.interval, *at_least_0),
+        "eval.max_pairs": (config.eval.max_pairs, *optional),
+        "optimizer.weight_decay": (opt.weight_decay, *at_least_0),
+        "optimizer.clip_grad": (opt.clip_grad, *at_least_0),
+        "optimizer.adam_beta1": (opt.adam_beta1, lambda v: 0 <= v < 1, "in [0, 1)"),
+        "optimizer.adam_beta2": (opt.adam_beta2, lambda v: 0 <= v < 1, "in [0, 1)"),
+        "optimizer.adam_eps": (opt.adam_eps, *positive),
+    }
+
+
+def _check_ranges(config: Config) -> None:
+    for name, (value, ok, rule) in _ranges(config).items():
+        if not ok(value):
+            raise ConfigError(f"{name}={value!r} must be {rule}")
+    data, model = config.data, config.model
+    if data.max_length > model.max_position_embeddings:
+        raise ConfigError(
+            f"data.max_length={data.max_length} exceeds model.max_position_embeddings="
+            f"{model.max_position_embeddings} (positions the model was built for); lower "
+            "data.max_length"
+        )
 
 
 def _check_train(config: Config) -> None:
@@ -303,6 +398,12 @@ def _check_reference(config: Config) -> None:
                 "evaluation with reference.mode=precomputed needs reference.eval_path "
                 "(tools/precompute_reference.py --eval --output DIR)"
             )
+
+
+def _check_logging(config: Config) -> None:
+    mode = config.logging.wandb_mode
+    if mode is not None and mode not in WANDB_MODES:
+        raise ConfigError(f"logging.wandb_mode={mode!r}; accepted: {list(WANDB_MODES)} or null")
 
 
 def _check_optimizer(config: Config) -> None:

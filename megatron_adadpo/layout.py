@@ -17,7 +17,15 @@ if TYPE_CHECKING:
 
 RECOMPUTE_CHOICES = (None, "selective", "full")
 FP8_CHOICES = (None, "hybrid", "e4m3")
+# megatron/core/enums.py Fp8Recipe (0.16-0.19), less "custom" (a user-supplied TE recipe object)
+FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
+FP8_AMAX_ALGOS = ("max", "most_recent")  # TE DelayedScaling.amax_compute_algo
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
+# TE's FP8 GEMM rule (transformer_engine/pytorch/utils.py assert_dim_for_fp8_exec, v2.2 - v2.9):
+# every FP8 GEMM operand needs prod(shape[:-1]) % 8 == 0 and shape[-1] % 16 == 0.
+FP8_ROWS_MULTIPLE = 8
+FP8_COLS_MULTIPLE = 16
+ATTENTION_CHOICES = ("auto", "sdpa", "megatron_local")
 
 
 @dataclass(frozen=True)
@@ -35,6 +43,21 @@ class ExecutionConfig:
     recompute: str | None = None  # None | "selective" | "full"
     recompute_num_layers: int = 1
     transformer_impl: str = "auto"  # "auto" | "local" | "transformer_engine"
+    # Output layer + log-probs over chunks of this many tokens (0: whole micro-batch; "auto":
+    # from AUTO_CHUNK_BUDGET_BYTES, see logprob_chunk_tokens)
+    logprob_chunk_tokens: int | str = 0
+    # GPU kernels and FP8 scaling ---------------------------------------------------------------
+    # Megatron's fused GPU kernels where this machine has them (SwiGLU, bias-dropout-add, RoPE,
+    # masked softmax, gradient-accumulation GEMM; model/build.py ``kernel_fusions``); always off
+    # on CPU. The planner's activation model follows it (unfused SwiGLU stores one more tensor).
+    fusions: bool = True
+    # FP8 delayed scaling (fp8_recipe "delayed"): amax window and reduction, scaling margin.
+    # Defaults are Megatron-LM's Llama-3 FP8 example (examples/llama/train_llama3_8b_h100_fp8.sh).
+    fp8_amax_history_len: int = 1024
+    fp8_amax_compute_algo: str = "max"  # "max" | "most_recent"
+    fp8_margin: int = 0
+    # core attention: "auto" (TE's with the TE spec, else torch SDPA) | "sdpa" | "megatron_local"
+    attention: str = "auto"
 
     @property
     def model_parallel_size(self) -> int:
@@ -43,22 +66,58 @@ class ExecutionConfig:
 
     @property
     def pad_multiple(self) -> int:
-        return pad_multiple(self.tp, self.cp, self.sequence_parallel)
+        return pad_multiple(self.tp, self.cp, self.sequence_parallel, fp8=bool(self.fp8))
 
 
-def pad_multiple(tp: int = 1, cp: int = 1, sequence_parallel: bool = False) -> int:
-    """Multiple the sequence length must be padded to.
+def pad_multiple(
+    tp: int = 1, cp: int = 1, sequence_parallel: bool = False, fp8: bool = False
+) -> int:
+    """The multiple ``m`` the sequence length ``S`` is padded to: every ``S = k*m`` runs.
 
-    `tp` when sequence parallel (the sequence is split over TP ranks), times `2 * cp` when
-    context parallel (Megatron's load-balanced CP splits the sequence into 2 * CP chunks);
-    combined with lcm.
+    Rules, with ``t = tp`` under sequence parallelism (else 1):
+
+    - Megatron context parallelism cuts the sequence into ``2*cp`` equal chunks
+      (``get_batch_on_this_cp_rank``): ``S % (2*cp) == 0`` when ``cp > 1``;
+    - sequence parallelism scatters each rank's ``S/cp`` tokens over TP:
+      ``(S/cp) % t == 0``;
+    - FP8 (TE ``assert_dim_for_fp8_exec``): each GEMM input ``[S/cp/t, b, h]`` (the
+      rank-local tensor, before the sequence-parallel all-gather) needs
+      ``(S/cp/t) * b % 8 == 0``; this holds for every micro-batch size ``b`` (packed rows
+      have ``b = 1``) when ``(S/cp/t) % 8 == 0``.
+
+    Together: ``m = cp * lcm(2 if cp > 1 else 1, t * (8 if fp8 else 1))``, the smallest such
+    multiple. E.g. TP8+SP, CP2, FP8: 128; TP2+SP: 2; CP2: 4.
     """
-    m = 1
-    if sequence_parallel and tp > 1:
-        m = math.lcm(m, tp)
-    if cp > 1:
-        m = math.lcm(m, 2 * cp)
-    return m
+    local = (tp if sequence_parallel else 1) * (FP8_ROWS_MULTIPLE if fp8 else 1)
+    return cp * math.lcm(2 if cp > 1 else 1, local)
+
+
+AUTO_CHUNK_BUDGET_BYTES = 512 * 2**20  # one chunk's logit transients with "auto"
+AUTO_CHUNK_MULTIPLE = 256  # "auto" chunks are a multiple of this many tokens (and at least it)
+
+
+def chunk_bytes_per_logit(bf16: bool) -> int:
+    """Transient bytes per ``[chunk, v/tp]`` element of the chunked output layer: the fp32
+    logits (turned into the softmax, then the gradient, in place), plus in bf16 the bf16
+    logits while they are cast and the bf16 gradient: 6 (4 in fp32)."""
+    return 6 if bf16 else 4
+
+
+def logprob_chunk_tokens(execution: ExecutionConfig, padded_vocab_size: int) -> int:
+    """Tokens per chunk of the chunked output layer + log-prob path (0 = not chunked).
+
+    A number is used as given; ``"auto"`` takes the largest multiple of
+    ``AUTO_CHUNK_MULTIPLE`` tokens whose transients,
+    ``chunk * padded_vocab_size / tp * chunk_bytes_per_logit``, fit in
+    ``AUTO_CHUNK_BUDGET_BYTES`` (512 MiB), and at least ``AUTO_CHUNK_MULTIPLE``: a fixed
+    budget, not the device's free memory, so a run's numerics do not depend on the machine.
+    """
+    value = execution.logprob_chunk_tokens
+    if value != "auto":
+        return int(value)
+    per_token = padded_vocab_size // execution.tp * chunk_bytes_per_logit(execution.bf16)
+    tokens = AUTO_CHUNK_BUDGET_BYTES // per_token // AUTO_CHUNK_MULTIPLE * AUTO_CHUNK_MULTIPLE
+    return max(tokens, AUTO_CHUNK_MULTIPLE)
 
 
 def data_parallel_size(execution: ExecutionConfig, world_size: int) -> int:
@@ -87,6 +146,9 @@ def layout_errors(
     if bad:
         return bad
     errors = _model_errors(model, execution) + _choice_errors(execution)
+    errors += _chunk_errors(execution)
+    errors += _fp8_errors(model, execution)
+    errors += _attention_errors(execution)
     if world_size is not None:
         errors += _world_errors(execution, world_size, micro_batch_size, global_batch_size)
     return errors
@@ -136,6 +198,66 @@ def _choice_errors(e: ExecutionConfig) -> list[str]:
                 "transformer_engine); set execution.fp8=null for the local spec"
             )
     return errors
+
+
+def _chunk_errors(e: ExecutionConfig) -> list[str]:
+    chunk = e.logprob_chunk_tokens
+    if chunk == "auto" or _positive(chunk) or (type(chunk) is int and chunk == 0):
+        return []
+    return [
+        f"execution.logprob_chunk_tokens={chunk!r}; accepted: 0 (off), a positive number of "
+        "tokens per chunk, or auto"
+    ]
+
+
+def _fp8_errors(model: ModelConfig, e: ExecutionConfig) -> list[str]:
+    """FP8 options, and the model dimensions TE's FP8 GEMMs accept (``assert_dim_for_fp8_exec``
+    on each TE linear's input ``[rows, in]`` and weight ``[out/tp, in]``: ``in % 16``,
+    ``out % 8``)."""
+    errors = []
+    if e.fp8_recipe not in FP8_RECIPES:
+        errors.append(f"execution.fp8_recipe={e.fp8_recipe!r}; accepted: {', '.join(FP8_RECIPES)}")
+    if e.fp8_amax_compute_algo not in FP8_AMAX_ALGOS:
+        errors.append(
+            f"execution.fp8_amax_compute_algo={e.fp8_amax_compute_algo!r}; accepted: max, "
+            "most_recent"
+        )
+    if not _positive(e.fp8_amax_history_len):
+        errors.append(f"execution.fp8_amax_history_len={e.fp8_amax_history_len!r} must be >= 1")
+    if not isinstance(e.fp8_margin, int) or e.fp8_margin < 0:
+        errors.append(f"execution.fp8_margin={e.fp8_margin!r} must be an integer >= 0")
+    if not e.fp8 or model.num_attention_heads % e.tp or model.query_groups % e.tp:
+        return errors
+    h, d, t = model.hidden_size, model.head_dim, e.tp
+    gemm_inputs = {  # the last dim of each FP8 GEMM input: hidden (qkv, fc1), proj, fc2
+        "model.hidden_size": h,
+        "model.num_attention_heads*head_dim/tp": model.num_attention_heads * d // t,
+        "model.ffn_hidden_size/tp": model.ffn_hidden_size / t,
+    }
+    for name, value in gemm_inputs.items():
+        if value % FP8_COLS_MULTIPLE:
+            errors.append(
+                f"execution.fp8 needs {name} = {value:g} divisible by {FP8_COLS_MULTIPLE} "
+                "(Transformer Engine FP8 GEMM rule); use execution.fp8=null or another tp"
+            )
+    qkv_rows = (model.num_attention_heads + 2 * model.query_groups) * d // t
+    if qkv_rows % FP8_ROWS_MULTIPLE:
+        errors.append(
+            f"execution.fp8 needs the QKV weight's {qkv_rows} rows per TP rank divisible by "
+            f"{FP8_ROWS_MULTIPLE} (Transformer Engine FP8 GEMM rule); use execution.fp8=null"
+        )
+    return errors
+
+
+def _attention_errors(e: ExecutionConfig) -> list[str]:
+    if e.attention not in ATTENTION_CHOICES:
+        return [f"execution.attention={e.attention!r}; accepted: auto, sdpa, megatron_local"]
+    if e.attention != "auto" and e.cp > 1:
+        return [
+            f"execution.cp > 1 needs Transformer Engine attention; set execution.attention=auto "
+            f"(not {e.attention}) or execution.cp=1"
+        ]
+    return []
 
 
 def _world_errors(e: ExecutionConfig, world: int, micro: int, global_batch: int) -> list[str]:

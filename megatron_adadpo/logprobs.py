@@ -4,7 +4,10 @@
 tensor-parallel rank holds ``[s, b, v/tp]`` logits, and the log-sum-exp and the target logit are
 reduced across the TP group (two scalar all-reduces per token), never materialising ``[s, b, v]``.
 Sequence sums over completion tokens are then reduced across the context-parallel group when the
-sequence is split over CP ranks.
+sequence is split over CP ranks. The mean logit over the vocabulary (TRL's ``logits/chosen`` /
+``logits/rejected`` metrics) is computed the same way: each TP rank sums its shard of the true
+vocabulary, sums are taken over completion tokens, and one ``[b]`` all-reduce over TP adds the
+shards.
 """
 
 from __future__ import annotations
@@ -49,20 +52,103 @@ def token_logprobs(
     logits = vocab_parallel_logits.float().contiguous()
     if logits.data_ptr() == vocab_parallel_logits.data_ptr():
         logits = logits.clone()  # vocab_parallel_cross_entropy mutates its input in place
+    target = labels.clamp(min=0).transpose(0, 1).contiguous()
+    return consume_logits(logits, target, tp_group, vocab_size).transpose(0, 1)
+
+
+def consume_logits(
+    logits: torch.Tensor, target: torch.Tensor, tp_group=None, vocab_size: int | None = None
+) -> torch.Tensor:
+    """``log p(target)`` from fp32 vocab-parallel logits that the caller gives up.
+
+    The logits are overwritten: TP padding columns (global index >= ``vocab_size``) are set to
+    the lowest float, then Megatron's ``vocab_parallel_cross_entropy`` turns them into the
+    softmax in place. The masking is not recorded by autograd: the masked columns get softmax
+    exactly 0, hence gradient exactly 0, either way. ``logits`` may be a leaf that requires
+    grad (its gradient is then the CE's).
+
+    Shapes: logits ``[..., v/tp]`` fp32, target ``[...]`` global ids >= 0 -> ``[...]`` fp32.
+    """
     if tp_group is None:
         tp_group = parallel_state.get_tensor_model_parallel_group()
     if vocab_size is not None:
-        _mask_vocab_padding(logits, vocab_size, dist.get_rank(tp_group))
-    target = labels.clamp(min=0).transpose(0, 1).contiguous()
-    return -vocab_parallel_cross_entropy(logits, target, tp_group).transpose(0, 1)
+        with torch.no_grad():
+            _mask_vocab_padding(logits, vocab_size, dist.get_rank(tp_group))
+    return -vocab_parallel_cross_entropy(logits, target, tp_group)
+
+
+def _true_vocab_columns(shard: int, vocab_size: int | None, tp_rank: int) -> int:
+    """How many of this rank's ``shard`` columns lie inside the true vocabulary (the first ones;
+    Megatron's TP padding columns, global index >= ``vocab_size``, come last)."""
+    if vocab_size is None:
+        return shard
+    return min(max(vocab_size - tp_rank * shard, 0), shard)
 
 
 def _mask_vocab_padding(logits: torch.Tensor, vocab_size: int, tp_rank: int) -> None:
     """In place: this shard's columns at global index >= ``vocab_size`` -> lowest float."""
-    shard = logits.shape[-1]
-    first_padded = vocab_size - tp_rank * shard  # local index of the first padded column
-    if first_padded < shard:
-        logits[..., max(first_padded, 0) :] = torch.finfo(logits.dtype).min
+    true_columns = _true_vocab_columns(logits.shape[-1], vocab_size, tp_rank)
+    if true_columns < logits.shape[-1]:
+        logits[..., true_columns:] = torch.finfo(logits.dtype).min
+
+
+# fp32 elements upcast at a time by shard_logit_sums (128 MiB): a bf16 shard is never copied
+# whole to fp32.
+_UPCAST_ELEMENTS = 2**25
+
+
+def shard_logit_sums(
+    vocab_parallel_logits: torch.Tensor, vocab_size: int | None = None, tp_group=None
+) -> torch.Tensor:
+    """Per-token sum of this TP rank's logits over its columns of the true vocabulary.
+
+    ``sum_{v in shard, v < vocab_size} logit[..., v]``, accumulated in fp32 a block of tokens at
+    a time (at most 128 MiB of fp32 at once), detached (a metric). No communication, so it works
+    on any slice of tokens: the whole micro-batch, or one chunk ``[c, b, v/tp]`` of a chunked
+    output layer (concatenate the chunks' results along the token dimension).
+    :func:`sequence_mean_logits` adds the shards.
+
+    Shapes:
+        vocab_parallel_logits: ``[s, b, v/tp]`` or ``[b, s, v/tp]`` (any leading dims).
+        returns: the leading dims, e.g. ``[s, b]``, fp32, per token.
+    """
+    if tp_group is None:
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+    shard = vocab_parallel_logits.shape[-1]
+    true_columns = _true_vocab_columns(shard, vocab_size, dist.get_rank(tp_group))
+    tokens = vocab_parallel_logits.detach()[..., :true_columns].flatten(0, -2)  # [n, columns]
+    rows = max(1, _UPCAST_ELEMENTS // max(true_columns, 1))
+    sums = [block.sum(dim=-1, dtype=torch.float32) for block in tokens.split(rows)]
+    return torch.cat(sums).view(vocab_parallel_logits.shape[:-1])
+
+
+@torch.no_grad()
+def sequence_mean_logits(
+    shard_sums: torch.Tensor,
+    loss_mask: torch.Tensor,
+    vocab_size: int,
+    tp_group=None,
+    cp_group=None,
+    **segments,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence sums over completion tokens of the mean logit over the vocabulary.
+
+    ``sum_b = sum_t mask[b, t] * (1 / V) sum_v logit[b, t, v]`` with ``V = vocab_size`` (the
+    true vocabulary): the masked token sums of :func:`shard_logit_sums` are all-reduced over
+    TP (one ``[b]`` collective; never a vocab gather), and with the counts over CP.
+    ``sums.sum() / counts.sum()`` is TRL's ``logits/chosen`` (or ``/rejected``). ``segments``:
+    :func:`sequence_logprobs`' ``segment_ids`` / ``num_sequences`` for packed rows.
+
+    Shapes:
+        shard_sums: ``[b, s]`` fp32 per token; loss_mask: ``[b, s]`` (1 = completion token).
+        returns: (``[b]`` fp32 per-sequence sums of mean logits, ``[b]`` fp32 token counts).
+    """
+    if tp_group is None:
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+    sums, counts = sequence_logprobs(shard_sums, loss_mask, cp_group, **segments)  # masked, CP
+    if dist.get_world_size(tp_group) > 1:
+        dist.all_reduce(sums, group=tp_group)
+    return sums / vocab_size, counts
 
 
 def sequence_logprobs(

@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if not args.max_shard_size_gb > 0:
+        raise ValueError(f"--max-shard-size-gb={args.max_shard_size_gb} must be > 0 (e.g. 2)")
     out = convert_megatron_to_hf(
         args.checkpoint,
         args.output,

@@ -1,12 +1,15 @@
 """Tokenize preference data once into a memory-mapped directory for training.
 
     python tools/preprocess_data.py --input FILE_OR_DIR [...] --tokenizer PATH --output DIR \\
-        [--max-length N] [--max-prompt-length N] [--on-error fail|skip] [--workers N]
+        [--max-length N] [--max-prompt-length N] [--on-error fail|skip] [--workers N] \\
+        [--chat-template auto|always] [--chat-template-tail keep|strip]
 
 Inputs: .jsonl / .json / .parquet files, directories of them, `datasets.save_to_disk`
 directories, or `hf:NAME[:SPLIT]` (datasets.load_dataset). Writes DIR/pairs.{bin,idx},
 DIR/pair_ids.npy, DIR/manifest.json and DIR/data_report.json (every dropped row with its file,
 line or row and reason). Re-running with unchanged tokenizer, settings and inputs is a no-op.
+DIR must be new, empty or a preprocessed directory: another dataset there is replaced only with
+--force; the leftovers of a run killed half-way (DIR.partial-*) are removed by the next run.
 Point training at DIR with `data.preprocessed: DIR`.
 
 Exit status: 0 when DIR is written or up to date; 1 when bad rows stop it (--on-error fail;
@@ -49,6 +52,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--overlength", default="truncate", choices=["truncate", "drop"])
     p.add_argument(
+        "--chat-template",
+        default="auto",
+        choices=["auto", "always"],
+        help="auto (TRL): template conversational rows, string rows are raw text; always: both",
+    )
+    p.add_argument(
+        "--chat-template-tail",
+        default="keep",
+        choices=["keep", "strip"],
+        help="keep (TRL) or strip what the chat template renders after the answer's EOS",
+    )
+    p.add_argument(
         "--on-error",
         default="skip",
         choices=["fail", "skip"],
@@ -60,7 +75,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chosen-field", default="chosen")
     p.add_argument("--rejected-field", default="rejected")
     p.add_argument("--split", default="train", help="split for hf: specs / DatasetDict dirs")
-    p.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="rebuild even if up to date, and replace another dataset in --output",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -80,13 +99,15 @@ def main(argv: list[str] | None = None) -> int:
         max_length=args.max_length,
         max_prompt_length=args.max_prompt_length,
         overlength=args.overlength,
+        chat_template=args.chat_template,
+        chat_template_tail=args.chat_template_tail,
         on_error=args.on_error,
         num_workers=args.workers,
         split=args.split,
     )
     try:
         manifest, report = data.preprocess(
-            config, args.output, progress=not args.quiet, force=args.force
+            config, args.output, progress=not args.quiet, force=args.force, guard_output=True
         )
     except data.DataError as e:  # bad rows, listed in DIR/data_report.json
         print(f"error: {e}", file=sys.stderr)

@@ -5,7 +5,7 @@
     python tools/sweep.py --recipe R.yaml --launcher slurm --losses adadpo,dpo --write sweeps/8b
 
 Default grid (ALGORITHM.md section 7): lr in {3e-7, 5e-7, 6e-7, 1e-6} x beta in {0.005, 0.01,
-0.05, 0.1}. ``--losses adadpo,dpo`` adds the DPO baseline (``loss.adaptive=false``) at every
+0.05, 0.1}. ``--losses adadpo,dpo`` adds the DPO baseline (``loss.name=dpo``) at every
 point, the comparison the paper reports. Each point gets its own ``logging.run_dir``. With
 ``--write DIR`` every point is also written as a complete YAML config (the recipe with its
 overrides applied) and the commands use those files. The recipe is validated first (as the
@@ -30,7 +30,7 @@ from megatron_adadpo.config import from_dict, read_yaml
 
 PAPER_LRS = (3e-7, 5e-7, 6e-7, 1e-6)
 PAPER_BETAS = (0.005, 0.01, 0.05, 0.1)
-LOSSES = {"adadpo": True, "dpo": False}
+LOSSES = {"adadpo": True, "dpo": False}  # loss.name -> loss.adaptive (explicit: no notice)
 LAUNCHERS = {
     "single": "bash examples/launch/single_node.sh",
     "multi": (
@@ -51,6 +51,7 @@ def grid_points(lrs, betas, losses, run_root: str) -> list[dict]:
                 "overrides": [
                     f"optimizer.lr={lr:g}",
                     f"loss.beta={beta:g}",
+                    f"loss.name={loss}",
                     f"loss.adaptive={str(LOSSES[loss]).lower()}",
                     f"logging.run_dir={run_root}/{name}",
                 ],

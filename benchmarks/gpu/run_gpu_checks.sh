@@ -16,14 +16,11 @@ timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/gpu \
 echo "== Llama-1B-shaped training step, bf16, AdaDPO vs DPO, precomputed vs resident"
 timeout 300 python3 benchmarks/bench_train_step.py --preset llama-1b --steps 6 --warmup 2 \
   --json "$OUT/train_step_1b.json" 2>&1 | tail -40
+echo "== Llama-1B-shaped bf16 step without TE: torch SDPA vs Megatron's local attention (MFU)"
+timeout 300 python3 benchmarks/bench_local_spec.py --preset llama-1b --steps 4 --warmup 1 \
+  --json "$OUT/local_spec_1b.json" 2>&1 | tail -40
 echo "== planner prediction for the same configuration"
-python3 tools/plan.py --recipe examples/configs/quickstart.yaml --gpu h100 --gpus 1 \
-  --set model.num_layers=16 --set model.hidden_size=2048 --set model.ffn_hidden_size=8192 \
-  --set model.num_attention_heads=32 --set model.num_query_groups=8 \
-  --set model.vocab_size=128256 --set model.tie_word_embeddings=true \
-  --set model.make_vocab_size_divisible_by=128 --set execution.tp=1 --set execution.bf16=true \
-  --set train.global_batch_size=8 --set train.micro_batch_size=2 --set data.max_length=1024 \
-  --set data.max_prompt_length=256 --set execution.transformer_impl=local \
+python3 tools/plan.py "${PLAN_1B[@]}" \
   --json > "$OUT/plan_1b.json" 2> "$OUT/plan_1b.err"; echo "plan rc=$?"; head -c 1500 "$OUT/plan_1b.json"
 echo "== data.batching on one GPU: fixed vs token_budget vs packed (UltraFeedback lengths, 2048)"
 timeout 400 python3 benchmarks/bench_batching.py --measure --max-pp 1 --model llama-1b --bf16 \

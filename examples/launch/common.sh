@@ -1,6 +1,7 @@
 # Shared by the launch scripts in this directory (sourced, not run).
 #
-# Every script takes:   [--dry-run] [--config FILE.yaml] [--set KEY=VALUE ...] [train args ...]
+# Every script takes:   [--dry-run] [--config FILE.yaml] [--set KEY=VALUE ...] (nothing else:
+#                       a mistyped flag is refused, never passed on or ignored)
 # and these variables:  PYTHON (python with megatron_adadpo; default: python), GPU (planner GPU
 #                       kind: h100 | h200 | a100 | ...; default h100), GPUS_PER_NODE (default 8),
 #                       DRY_RUN=1 (same as --dry-run), PLAN_CHECK=0 (skip the pre-launch plan),
@@ -35,7 +36,7 @@ parse_args() {
             --config) (($# >= 2)) || die "--config needs a file"; CONFIG=$2; shift 2 ;;
             --set) (($# >= 2)) || die "--set needs KEY=VALUE"
                    TRAIN_ARGS+=(--set "$2"); PLAN_SETS+=(--set "$2"); shift 2 ;;
-            *) TRAIN_ARGS+=("$1"); shift ;;
+            *) die "unknown argument '$1'; accepted: --dry-run, --config FILE.yaml, --set KEY=VALUE" ;;
         esac
     done
     [[ -n "${CONFIG:-}" ]] || die "no config: pass --config FILE.yaml or set CONFIG"

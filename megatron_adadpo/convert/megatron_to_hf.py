@@ -132,6 +132,8 @@ def convert_megatron_to_hf(
     progress: bool = True,
 ) -> Path:
     """Convert; returns the output directory."""
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes={max_shard_bytes} must be > 0 (--max-shard-size-gb)")
     requested = megatron_io.parse_dtype(dtype) if dtype else None
     hf_io.require_empty_output(Path(output))
     ckpt = megatron_io.resolve_checkpoint(checkpoint)

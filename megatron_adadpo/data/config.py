@@ -13,6 +13,8 @@ TOKENIZER_KINDS = ("auto", "hf", "sentencepiece")
 OVERLENGTH = ("truncate", "drop")
 ON_ERROR = ("fail", "skip")
 BATCHING = ("fixed", "token_budget", "packed")  # data/batching.py
+CHAT_TEMPLATE_MODES = ("auto", "always")
+CHAT_TEMPLATE_TAILS = ("keep", "strip")
 
 # Settings that change the tokenized output; they enter the manifest identity.
 IDENTITY_FIELDS = (
@@ -23,6 +25,8 @@ IDENTITY_FIELDS = (
     "max_length",
     "max_prompt_length",
     "overlength",
+    "chat_template",
+    "chat_template_tail",
 )
 
 
@@ -55,6 +59,13 @@ class DataConfig:
         max_length: Longest prompt + completion, in tokens (BOS and EOS included).
         max_prompt_length: Longest prompt in tokens (None: only `max_length` limits it).
         overlength: "truncate" (prompt keeps its end, completions keep their start) or "drop".
+        chat_template: Which rows get the chat template (TRL's dataset formats, docs/data.md).
+            "auto": conversational rows (any field a message list) are templated; standard rows
+            (every field a string) are raw text, prompt + completion concatenated, as in TRL.
+            "always": standard rows too (a string prompt becomes a user turn).
+        chat_template_tail: What a chat template renders after the assistant's end-of-turn
+            (e.g. the "\n" after EOS). "keep": it stays in the completion and is trained, as
+            in TRL; "strip": trailing whitespace is dropped, so the completion ends at EOS.
         on_error: "fail" (raise before training, listing every bad row) or "skip" (report).
         preprocessed: Directory written by `tools/preprocess_data.py`; used instead of `inputs`.
         cache_dir: Where raw inputs tokenized on the fly are cached (None: default_cache_dir()).
@@ -78,6 +89,8 @@ class DataConfig:
     max_length: int = 1024
     max_prompt_length: int | None = 512
     overlength: str = "truncate"
+    chat_template: str = "auto"
+    chat_template_tail: str = "keep"
     on_error: str = "fail"
     preprocessed: str | None = None
     cache_dir: str | None = None
@@ -108,6 +121,8 @@ class DataConfig:
                 f"data.batching={self.batching} needs data.max_tokens_per_micro_batch (tokens "
                 f"per micro-batch, padding included; >= 2 x data.max_length); got {budget!r}"
             )
+        _choice("chat_template", self.chat_template, CHAT_TEMPLATE_MODES, _TEMPLATE_SOURCE)
+        _choice("chat_template_tail", self.chat_template_tail, CHAT_TEMPLATE_TAILS)
         if not self.inputs and not self.preprocessed:
             raise ValueError("data.inputs is empty and data.preprocessed is unset: give one")
         if self.tokenizer is None and not self.preprocessed:
@@ -143,6 +158,11 @@ class DataConfig:
         return {name: getattr(self, name) for name in IDENTITY_FIELDS}
 
 
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+_TEMPLATE_SOURCE = (
+    " (the template itself is the tokenizer's: chat_template.jinja in data.tokenizer)"
+)
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...], note: str = "") -> None:
     if value not in allowed:
-        raise ValueError(f"data.{name}={value!r}: use one of {', '.join(allowed)}")
+        raise ValueError(f"data.{name}={value!r}: use one of {', '.join(allowed)}{note}")

@@ -15,7 +15,6 @@ import logging
 import multiprocessing as mp
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -31,6 +30,7 @@ from .indexed import (
     read_manifest,
     write_manifest,
 )
+from .outputs import check_output_dir, new_partial
 from .records import normalize_row
 from .report import DataError, DataReport, RowIssue, RowRejected
 from .sources import InputSource, Location
@@ -54,7 +54,8 @@ def _process_row(cfg: DataConfig, tok: PairTokenizer, pair_id: int, row: Any) ->
     if isinstance(row, RowRejected):  # refused while reading its source
         raise row
     fields = (cfg.prompt_field, cfg.chosen_field, cfg.rejected_field)
-    pair = tokenize_record(tok, normalize_row(row, pair_id, fields, cfg.schema))
+    record = normalize_row(row, pair_id, fields, cfg.schema)
+    pair = tokenize_record(tok, record, cfg.chat_template, cfg.chat_template_tail)
     return truncate_pair(pair, cfg.max_length, cfg.max_prompt_length, cfg.overlength, tok.bos_id)
 
 
@@ -154,11 +155,15 @@ def preprocess(
     progress: bool = True,
     force: bool = False,
     plan: _Plan | None = None,
+    guard_output: bool = False,
 ) -> tuple[dict[str, Any], DataReport | None]:
     """Tokenize `config.inputs` into `output_dir`; returns (manifest, report).
 
     A no-op returning (existing manifest, None) when `output_dir` already holds a manifest with
     the same identity (same tokenizer, template, settings and input contents), unless `force`.
+    `guard_output` (a user's `--output`): refuse a directory holding anything but a
+    preprocessed dataset, one of the inputs, or another dataset unless `force`
+    (`outputs.check_output_dir`).
 
     Raises:
         DataError: bad rows with `config.on_error == "fail"` (nothing is written).
@@ -166,23 +171,18 @@ def preprocess(
     """
     plan = plan or _plan(config)
     sources, tok, ident, tok_id, inputs = plan
+    if guard_output:
+        check_output_dir(output_dir, config, [i["name"] for i in inputs], replace=force)
     old = read_manifest(output_dir)
     if old is not None and old.get("identity") == ident and not force:
         return old, None
     start = time.perf_counter()
-    parent, name = os.path.split(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    partial = tempfile.mkdtemp(prefix=f"{name}.partial-", dir=parent)  # unique per writer
+    partial = new_partial(output_dir)  # unique per writer; dead writers' leftovers removed
     writer = PairWriter(partial, tok.vocab_size)
     try:
         report = _tokenize_into(writer, config, sources, tok, progress)
         writer.finalize()
-        if report.bad_rows and config.on_error == "fail":
-            os.makedirs(output_dir, exist_ok=True)
-            path = DataReport(issues=report.bad_rows).write(output_dir)
-            raise DataError(report.bad_rows, report_path=path)
-        if report.pairs_written == 0:
-            raise ValueError(f"no preference pair survived preprocessing: {report.summary()}")
+        _refuse_unusable(report, config, output_dir)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -216,6 +216,18 @@ def preprocess(
         return current, report
     publish(partial, output_dir)
     return manifest, report
+
+
+def _refuse_unusable(report: DataReport, config: DataConfig, output_dir: str) -> None:
+    """Bad rows with ``on_error: fail`` (``DataError``), or no pair left (``ValueError``); the
+    report goes to ``output_dir/data_report.json`` either way."""
+    if report.bad_rows and config.on_error == "fail":
+        os.makedirs(output_dir, exist_ok=True)
+        path = DataReport(issues=report.bad_rows).write(output_dir)
+        raise DataError(report.bad_rows, report_path=path)
+    if report.pairs_written == 0:
+        os.makedirs(output_dir, exist_ok=True)
+        raise ValueError(report.nothing_survived(report.write(output_dir)))
 
 
 def check_manifest(manifest: dict[str, Any], config: DataConfig, directory: str) -> None:

@@ -10,7 +10,10 @@ Two schemas are accepted (field names come from `DataConfig`):
     prefix up to the last assistant turn, which must be identical in both.
 
 A record's prompt is always a message list and its completions are the contents of the final
-assistant turn, so chosen and rejected are templated identically by construction. A bad row
+assistant turn, so chosen and rejected are templated identically by construction. A row whose
+fields are all strings (TRL's "standard" format: (a) with string prompt and completions, or (b)
+as string transcripts) also keeps its raw text, `PreferenceRecord.text`, which is what it
+trains on unless `data.chat_template: always` (templates.py). A bad row
 raises `RowRejected(reason, detail)` (reason in `report.BAD_ROW_REASONS`); the pipeline adds
 its location.
 """
@@ -38,12 +41,17 @@ class PreferenceRecord:
         chosen: Content of the preferred assistant answer.
         rejected: Content of the dispreferred assistant answer.
         pair_id: Stable global index of the row across all inputs (in input order).
+        text: For a standard-format row, its raw text `(prompt, chosen, rejected)`:
+            prompt + chosen is the row's chosen text exactly (for a transcript, the prompt ends
+            at the last "Assistant:" and the completion keeps its leading space). None for a
+            conversational row.
     """
 
     prompt: tuple[tuple[str, str], ...]
     chosen: str
     rejected: str
     pair_id: int
+    text: tuple[str, str, str] | None = None
 
     def prompt_messages(self) -> list[Message]:
         return [{"role": r, "content": c} for r, c in self.prompt]
@@ -118,6 +126,13 @@ def _hh_transcript(text: str, where: str) -> list[Message]:
     ]
 
 
+def _hh_prompt_end(text: str) -> int:
+    """Index just after the colon of the last "Assistant:" marker (its space stays with the
+    completion, as in TRL's `extract_prompt`)."""
+    last = list(_HH_TURN.finditer(text))[-1]
+    return last.end(1) + 1
+
+
 def _conversation(value: Any, where: str) -> list[Message]:
     if isinstance(value, (str, bytes, bytearray)):
         return _hh_transcript(_text(value, where), where)
@@ -145,17 +160,32 @@ def _answer(value: Any, prompt: list[Message], where: str) -> str:
     return msgs[-1]["content"]
 
 
-def _explicit(row: dict[str, Any], fields: tuple[str, str, str]) -> tuple[list, str, str]:
+def _is_string(value: Any) -> bool:
+    return isinstance(value, (str, bytes, bytearray))
+
+
+def prompt_messages(value: Any, where: str) -> list[Message]:
+    """An explicit prompt (a string: one user turn, or chat messages) as chat messages.
+
+    Raises:
+        RowRejected: not a string or a non-empty list of {"role", "content"} messages.
+    """
+    if _is_string(value):
+        return [{"role": "user", "content": _text(value, where)}]
+    return _messages(value, where)
+
+
+def _explicit(row: dict[str, Any], fields: tuple[str, str, str]) -> tuple[list, str, str, Any]:
     pf, cf, rf = fields
-    raw = _field(row, pf)
-    if isinstance(raw, (str, bytes, bytearray)):
-        prompt = [{"role": "user", "content": _text(raw, pf)}]
-    else:
-        prompt = _messages(raw, pf)
-    return prompt, _answer(_field(row, cf), prompt, cf), _answer(_field(row, rf), prompt, rf)
+    prompt = prompt_messages(_field(row, pf), pf)
+    chosen = _answer(_field(row, cf), prompt, cf)
+    rejected = _answer(_field(row, rf), prompt, rf)
+    standard = all(_is_string(row[f]) for f in fields)
+    text = (prompt[0]["content"], chosen, rejected) if standard else None
+    return prompt, chosen, rejected, text
 
 
-def _implicit(row: dict[str, Any], fields: tuple[str, str, str]) -> tuple[list, str, str]:
+def _implicit(row: dict[str, Any], fields: tuple[str, str, str]) -> tuple[list, str, str, Any]:
     _, cf, rf = fields
     chosen = _conversation(_field(row, cf), cf)
     rejected = _conversation(_field(row, rf), rf)
@@ -172,7 +202,22 @@ def _implicit(row: dict[str, Any], fields: tuple[str, str, str]) -> tuple[list, 
             f"{cf} and {rf} do not share the prompt: they differ at turn {k}; the prompt must be "
             "every turn before the last assistant turn",
         )
-    return chosen[:-1], chosen[-1]["content"], rejected[-1]["content"]
+    text = None
+    if _is_string(row[cf]) and _is_string(row[rf]):
+        text = _transcript_text(_text(row[cf], cf), _text(row[rf], rf), (cf, rf))
+    return chosen[:-1], chosen[-1]["content"], rejected[-1]["content"], text
+
+
+def _transcript_text(chosen: str, rejected: str, names: tuple[str, str]) -> tuple[str, str, str]:
+    """Raw (prompt, chosen, rejected) of two string transcripts sharing their prompt."""
+    c_end, r_end = _hh_prompt_end(chosen), _hh_prompt_end(rejected)
+    if chosen[:c_end] != rejected[:r_end]:
+        raise RowRejected(
+            "prompt_mismatch",
+            f"{names[0]} and {names[1]} differ before the last 'Assistant:' (in their whitespace); "
+            "the raw text of the prompt must be identical",
+        )
+    return chosen[:c_end], chosen[c_end:], rejected[r_end:]
 
 
 def normalize_row(
@@ -189,11 +234,11 @@ def normalize_row(
     if isinstance(row, (bytes, bytearray)):
         row = parse_json_line(bytes(row))
     explicit = schema == "explicit" or (schema == "auto" and row.get(fields[0]) is not None)
-    prompt, chosen, rejected = (_explicit if explicit else _implicit)(row, fields)
+    prompt, chosen, rejected, raw = (_explicit if explicit else _implicit)(row, fields)
     for name, text in ((fields[1], chosen), (fields[2], rejected)):
         if not text.strip():
             raise RowRejected("empty_completion", f"{name}: the assistant answer is empty")
     if chosen == rejected:
         raise RowRejected("chosen_equals_rejected", "chosen and rejected answers are identical")
     prompt_t = tuple((m["role"], m["content"]) for m in prompt)
-    return PreferenceRecord(prompt_t, chosen, rejected, pair_id)
+    return PreferenceRecord(prompt_t, chosen, rejected, pair_id, raw)

@@ -24,6 +24,7 @@ BAD_ROW_REASONS = (
     "prompt_mismatch",
     "template_error",
     "double_bos",
+    "control_token",
 )
 POLICY_DROP_REASONS = ("overlength_dropped", "completion_emptied")
 
@@ -138,6 +139,18 @@ class DataReport:
                 ensure_ascii=False,
             )
         return path
+
+    def nothing_survived(self, report_path: str, limit: int = 5) -> str:
+        """The error of a run in which no pair survived: the counts, the first dropped rows
+        with their file and line, and where the full list is."""
+        if not self.rows_read:
+            return "no preference pair survived preprocessing: data.inputs hold no rows"
+        shown = "\n  ".join(str(i) for i in self.issues[:limit])
+        more = f"\n  ... and {len(self.issues) - limit} more" if len(self.issues) > limit else ""
+        return (
+            f"no preference pair survived preprocessing ({self.summary()}); first dropped rows:"
+            f"\n  {shown}{more}\nevery dropped row with its reason: {report_path}"
+        )
 
     def summary(self) -> str:
         c = self.counts()

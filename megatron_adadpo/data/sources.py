@@ -4,11 +4,13 @@ Each source yields raw rows with their location (1-based line for text files, 0-
 otherwise) and has a content fingerprint, so that preprocessing can tell unchanged inputs.
 JSON-lines rows are yielded as raw bytes and parsed by the tokenizer workers (parallel). A row
 already known to be bad when read (a JSON array file that does not parse) is yielded as its
-`RowRejected`, which the pipeline reports like any other rejection.
+`RowRejected`, which the pipeline reports like any other rejection. A UTF-8 byte-order mark at
+the start of a text file (Windows editors write one) is skipped.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -154,11 +156,13 @@ def _file_rows(path: str) -> Iterator[Row]:
                 index += 1
         return
     with open(path, "rb") as f:
+        start = len(codecs.BOM_UTF8) if f.read(3) == codecs.BOM_UTF8 else 0  # editors add one
+        f.seek(start)
         if path.endswith(".json") and f.read(4096).lstrip()[:1] == b"[":
-            f.seek(0)
+            f.seek(start)
             yield from _json_array_rows(path, f.read())
             return
-        f.seek(0)
+        f.seek(start)
         for n, line in enumerate(f, start=1):  # streamed: JSON-lines files may be large
             if line.strip():
                 yield Location(path, n, "line"), line.rstrip(b"\r\n")

@@ -11,7 +11,13 @@ Policy, for every pair and every tokenizer kind:
   tokenizer would turn into a second BOS token, and a template that renders BOS twice at the
   start. (A template may still place BOS before later turns, as Llama-2's does.) A refused row
   raises `RowRejected`.
-- EOS is appended to each completion unless the template already ended it with EOS.
+- Refused as `control_token`: any other special-token string of an HF tokenizer (EOS, role
+  markers such as `<|user|>`, pad) inside the data. An HF tokenizer encodes such text as the
+  control token itself, so an answer would end mid-way or carry an injected turn.
+- EOS is appended to each completion unless the template already ended it with EOS (or, with
+  `data.chat_template_tail: keep`, rendered EOS followed by its tail, e.g. `"</s>\\n"`).
+- Which text is encoded (raw text of standard-format rows, or a template) is templates.py's
+  `render_pair`.
 - The prompt is rendered and encoded once per pair and shared by chosen and rejected, and the
   shared prefix is checked token by token: both sequences start with exactly the same
   `prompt_length` tokens.
@@ -28,7 +34,14 @@ import numpy as np
 
 from .records import PreferenceRecord
 from .report import RowRejected
-from .templates import render_chat, render_plain, template_identity
+from .templates import (
+    render_chat,
+    render_chat_prompt,
+    render_pair,
+    render_plain,
+    render_plain_prompt,
+    template_identity,
+)
 
 # Model weights next to a tokenizer are not part of its identity.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".npz")
@@ -75,6 +88,7 @@ class PairTokenizer:
     pad_id: int
     vocab_size: int
     bos_text: str | None = None  # the BOS string an encoder maps to bos_id (None: none does)
+    control_texts: tuple[str, ...] = ()  # strings the encoder maps to special tokens
     chat_template: str | None = None
 
     def encode(self, text: str) -> list[int]:
@@ -83,10 +97,22 @@ class PairTokenizer:
     def decode(self, ids: Any) -> str:
         raise NotImplementedError
 
-    def render(self, prompt: list[dict[str, str]], answer: str, prompt_text: str | None = None):
+    def render(
+        self,
+        prompt: list[dict[str, str]],
+        answer: str,
+        prompt_text: str | None = None,
+        tail: str = "keep",
+    ):
         if self.chat_template is None:
             return render_plain(prompt, answer)
-        return render_chat(self._hf, prompt, answer, prompt_text)
+        return render_chat(self._hf, prompt, answer, prompt_text, tail)
+
+    def render_prompt(self, prompt: list[dict[str, str]]) -> str:
+        """The prompt text a completion follows (chat template or plain template)."""
+        if self.chat_template is None:
+            return render_plain_prompt(prompt)
+        return render_chat_prompt(self._hf, prompt)
 
     def identity(self) -> dict[str, Any]:
         """Hash of the tokenizer files + template: recorded in and checked against manifests."""
@@ -122,6 +148,8 @@ class HFPairTokenizer(PairTokenizer):
         pad = self._hf.pad_token_id
         self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
         self.vocab_size = len(self._hf)
+        special = [t.content for t in self._hf.added_tokens_decoder.values() if t.special]
+        self.control_texts = tuple(sorted(set(special) | set(self._hf.all_special_tokens)))
         self.chat_template = getattr(self._hf, "chat_template", None) or None
         self._fast = getattr(self._hf, "_tokenizer", None)
 
@@ -174,19 +202,30 @@ def load_tokenizer(path: str, kind: str = "auto") -> PairTokenizer:
     raise ValueError(f"data.tokenizer_kind={kind!r}: use auto, hf or sentencepiece")
 
 
+def _check_control_text(tok: PairTokenizer, rec: PreferenceRecord) -> None:
+    """Refuse data text that the tokenizer would encode as a special token."""
+    texts = [(f"prompt turn {k}", c) for k, (_, c) in enumerate(rec.prompt)]
+    for where, text in texts + [("chosen", rec.chosen), ("rejected", rec.rejected)]:
+        if tok.bos_id is not None and tok.bos_text and tok.bos_text in text:
+            raise RowRejected(
+                "double_bos",
+                f"{where} contains the BOS string {tok.bos_text!r}, which would add a second "
+                "BOS token; remove it from the data (BOS is added once by the pipeline)",
+            )
+        for control in tok.control_texts:
+            if control in text:
+                raise RowRejected(
+                    "control_token",
+                    f"{where} contains {control!r}, which the tokenizer encodes as a special "
+                    "(control) token, not as text; remove or rewrite it in the data",
+                )
+
+
 def _check_bos(tok: PairTokenizer, rec: PreferenceRecord, prompt: list[int]) -> None:
     """Refuse a BOS string in the data, and a template that renders BOS twice in a row."""
+    _check_control_text(tok, rec)
     if tok.bos_id is None:
         return
-    if tok.bos_text:
-        texts = [(f"prompt turn {k}", c) for k, (_, c) in enumerate(rec.prompt)]
-        for where, text in texts + [("chosen", rec.chosen), ("rejected", rec.rejected)]:
-            if tok.bos_text in text:
-                raise RowRejected(
-                    "double_bos",
-                    f"{where} contains the BOS string {tok.bos_text!r}, which would add a second "
-                    "BOS token; remove it from the data (BOS is added once by the pipeline)",
-                )
     if prompt[1:2] == [tok.bos_id]:
         raise RowRejected(
             "double_bos",
@@ -194,23 +233,34 @@ def _check_bos(tok: PairTokenizer, rec: PreferenceRecord, prompt: list[int]) -> 
         )
 
 
-def tokenize_record(tok: PairTokenizer, rec: PreferenceRecord) -> TokenizedPair:
-    """Apply template + BOS / EOS policy to one record (see the module docstring).
-
-    Raises:
-        RowRejected: `template_error`, `double_bos` or `prompt_mismatch`.
-    """
-    prompt_msgs = rec.prompt_messages()
-    prompt_text, chosen_text = tok.render(prompt_msgs, rec.chosen)
-    _, rejected_text = tok.render(prompt_msgs, rec.rejected, prompt_text)
+def encode_prompt(tok: PairTokenizer, prompt_text: str) -> list[int]:
+    """``[BOS] + prompt tokens`` of a rendered prompt (BOS once: see the module docstring)."""
     prompt = tok.encode(prompt_text)
     if tok.bos_id is not None and prompt[:1] != [tok.bos_id]:
         prompt = [tok.bos_id] + prompt
+    return prompt
+
+
+def tokenize_record(
+    tok: PairTokenizer,
+    rec: PreferenceRecord,
+    chat_template: str = "auto",
+    chat_template_tail: str = "keep",
+) -> TokenizedPair:
+    """Apply raw text or template + BOS / EOS policy to one record (see the module docstring;
+    the two settings are `DataConfig`'s).
+
+    Raises:
+        RowRejected: `template_error`, `double_bos`, `control_token` or `prompt_mismatch`.
+    """
+    texts = render_pair(tok, rec, chat_template, chat_template_tail)
+    prompt = encode_prompt(tok, texts.prompt)
     _check_bos(tok, rec, prompt)
     completions = []
-    for text in (chosen_text, rejected_text):
+    for text in (texts.chosen, texts.rejected):
         ids = tok.encode(text)
-        if tok.eos_id is not None and ids[-1:] != [tok.eos_id]:
+        ended = ids[-1:] == [tok.eos_id] or (texts.tail_kept and tok.eos_id in ids)
+        if tok.eos_id is not None and not ended:
             ids.append(tok.eos_id)
         completions.append(ids)
     chosen = np.asarray(prompt + completions[0], dtype=np.int64)

@@ -21,6 +21,7 @@ _EXPORTS = {
     "reduce_metrics": ".metrics",
     "reduce_op": ".metrics",
     "stack_metrics": ".metrics",
+    "token_mean_metric": ".metrics",
     "unstack_metrics": ".metrics",
     "preference_loss": ".preference",
     "LOSSES": ".registry",

@@ -59,7 +59,11 @@ class FamilyOutput(NamedTuple):
 
 
 def logistic_loss(z: Tensor, label_smoothing: float = 0.0) -> Tensor:
-    """``-(1 - eps) logsig(z) - eps logsig(-z)`` (robust/cDPO label smoothing). Shapes: ``[b]``."""
+    """``-(1 - eps) logsig(z) - eps logsig(-z)``: conservative DPO (cDPO) label smoothing.
+
+    cDPO: Mitchell, "A note on DPO with noisy preferences" (2023), TRL's ``sigmoid`` up to
+    0.28. Robust DPO (a different formula) is ``losses/robust.py``. Shapes: ``[b]``.
+    """
     loss = -F.logsigmoid(z)
     if label_smoothing > 0:
         loss = (1.0 - label_smoothing) * loss - label_smoothing * F.logsigmoid(-z)

@@ -34,7 +34,7 @@ def dpo_loss(
     DPO (Rafailov et al., https://arxiv.org/abs/2305.18290) has ``a = b = 1``; AdaDPO
     (https://arxiv.org/abs/2605.28440) uses the detached coefficients of
     :func:`~megatron_adadpo.losses.adaptive.balancing_coefficients` (``a / b = c``). Label
-    smoothing ``eps`` is robust/cDPO DPO.
+    smoothing ``eps`` gives conservative DPO (cDPO); robust DPO is ``losses/robust.py``.
 
     Shapes:
         chosen_logratios, rejected_logratios: ``[b]`` per pair, ``h = l - l_ref`` summed over
@@ -46,7 +46,10 @@ def dpo_loss(
 
 @register_loss("dpo", needs_reference=True, supports_label_smoothing=True)
 def dpo_family(batch: PairBatch, config: LossConfig) -> FamilyOutput:
-    """DPO / AdaDPO on a :class:`PairBatch`. ``|dL/dl_w| / |dL/dl_l| = a / b = c``."""
+    """DPO / AdaDPO (``name: adadpo``) on a :class:`PairBatch`.
+
+    ``|dL/dl_w| / |dL/dl_l| = a / b = c``.
+    """
     coefs = config_coefficients(log_rho_from_config(batch, config), config)
     h_w, h_l = batch.chosen_logratios, batch.rejected_logratios
     losses = dpo_loss(

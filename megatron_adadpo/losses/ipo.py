@@ -2,6 +2,9 @@
 
 IPO     L = (h_w/n_w - h_l/n_l - 1/(2 tau))^2          arXiv 2310.12036
 adapt.  L = (c * h_w/n_w - h_l/n_l - 1/(2 tau))^2      arXiv 2605.28440
+
+tau is ``LossConfig.tau``: ``loss.ipo_tau``, or ``loss.beta`` when ``ipo_tau`` is None (TRL's
+``loss_type="ipo"`` convention, where ``beta`` is the paper's tau).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ def ipo_loss(
 
 @register_loss("ipo", needs_reference=True)
 def ipo_family(batch: PairBatch, config: LossConfig) -> FamilyOutput:
-    """IPO on a :class:`PairBatch`; log rho as DPO.
+    """IPO on a :class:`PairBatch`; log rho as DPO; tau = ``config.tau``.
 
     ``|dL/dl_w| / |dL/dl_l| = (a / n_w) / (b / n_l) = c * n_l / n_w``. Rewards: ``beta * h``.
     """
@@ -53,7 +56,7 @@ def ipo_family(batch: PairBatch, config: LossConfig) -> FamilyOutput:
     losses = ipo_loss(
         h_w / n_w,
         h_l / n_l,
-        tau=config.ipo_tau,
+        tau=config.tau,
         coef_chosen=coefs.coef_chosen,
         coef_rejected=coefs.coef_rejected,
     )

@@ -8,6 +8,9 @@ Contract (ALGORITHM.md section 6):
   holds ``[+inf, 1]`` / ``[-inf, 1]``, the identities of those reductions.
 * Every other metric holds ``[sum over valid pairs, count]`` and is reduced with SUM; its
   value is ``sum / count``. ``pairs/valid`` holds ``[valid pairs, all pairs]``.
+* ``loss`` holds ``[sum of per-pair losses, normaliser]``, the normaliser being the family's
+  (``LossFamily.normalizer``): the valid pairs, or the valid pairs' chosen completion tokens
+  (sft). Summed over the global batch, it is the count the gradient is divided by.
 
 So one stacked SUM all-reduce plus one MIN and one MAX (:func:`all_reduce_metrics`) reduce
 everything; :func:`reduce_metrics` turns the result into floats once per step (host sync).
@@ -54,7 +57,9 @@ def reduce_op(name: str) -> str:
 
 
 @torch.no_grad()
-def pair_metrics(batch: PairBatch, out: FamilyOutput, losses: Tensor) -> dict[str, Tensor]:
+def pair_metrics(
+    batch: PairBatch, out: FamilyOutput, losses: Tensor, normalizer: str = "pairs"
+) -> dict[str, Tensor]:
     """Metric tensors of one micro-batch (module docstring). No host sync.
 
     ``ada/coef_*`` is the effective ratio ``c = coef_chosen / coef_rejected``;
@@ -95,12 +100,27 @@ def pair_metrics(batch: PairBatch, out: FamilyOutput, losses: Tensor) -> dict[st
     sums = torch.where(valid, per_pair, 0.0).sum(dim=-1)
     table = torch.stack([sums, count.expand_as(sums)], dim=-1)  # [k, 2]
     metrics = dict(zip(MEAN_METRIC_NAMES, table.unbind(0), strict=True))
+    if normalizer == "tokens":
+        tokens = torch.where(valid, batch.chosen_lengths, 0.0).sum()
+        metrics["loss"] = torch.stack([metrics["loss"][0], tokens])
     metrics["pairs/valid"] = torch.stack([count, torch.full_like(count, valid.numel())])
     one = count.new_ones(())
     c = c.detach()
     metrics["ada/coef_min"] = torch.stack([torch.where(valid, c, torch.inf).amin(), one])
     metrics["ada/coef_max"] = torch.stack([torch.where(valid, c, -torch.inf).amax(), one])
     return metrics
+
+
+def token_mean_metric(sums: Tensor, counts: Tensor, valid: Tensor) -> Tensor:
+    """``[sum of per-sequence sums, sum of token counts]`` over valid pairs: a per-token mean
+    (how TRL averages ``logits/chosen``), under the same SUM reduction as every mean metric.
+
+    Shapes: sums, counts ``[b]`` (per sequence of one side of each pair), valid ``[b]`` bool;
+    returns ``[2]``.
+    """
+    zero = torch.zeros((), dtype=sums.dtype, device=sums.device)
+    keep = lambda t: torch.where(valid, t.to(sums.dtype), zero).sum()  # noqa: E731
+    return torch.stack([keep(sums), keep(counts)]).detach()
 
 
 def accumulate_metrics(metrics_list: Iterable[Mapping[str, Tensor]]) -> dict[str, Tensor]:

@@ -41,7 +41,8 @@ def preference_loss(
 
     Returns:
         ``(per_pair_losses, metrics)``: the losses (compute dtype; sum them and divide by the
-        number of valid pairs of the global batch) and the metric dict described in
+        global batch's normaliser: its valid pairs, or for sft its valid chosen completion
+        tokens; ``metrics["loss"][1]`` is this micro-batch's share) and the metric dict in
         :mod:`megatron_adadpo.losses.metrics` (each ``[2]``: ``[sum, count]``, or
         ``[value, 1]`` for names ending in ``_min`` / ``_max``).
 
@@ -67,4 +68,4 @@ def preference_loss(
     )
     out = family.compute(batch, config)
     losses = torch.where(batch.valid, out.losses, 0.0)
-    return losses, pair_metrics(batch, out, losses)
+    return losses, pair_metrics(batch, out, losses, family.normalizer)

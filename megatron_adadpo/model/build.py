@@ -17,9 +17,14 @@ import dataclasses
 import torch
 
 from megatron_adadpo.layout import ExecutionConfig
+from megatron_adadpo.model.attention import core_attention_module, with_core_attention
 from megatron_adadpo.model.config import ModelConfig
 from megatron_adadpo.model.norm import RMSNorm
-from megatron_adadpo.platform.environment import uses_transformer_engine
+from megatron_adadpo.platform.environment import (
+    attention_impl,
+    module_available,
+    uses_transformer_engine,
+)
 from megatron_adadpo.platform.megatron import (
     AttnMaskType,
     GPTModel,
@@ -46,9 +51,6 @@ def transformer_config(model: ModelConfig, run: ExecutionConfig) -> TransformerC
             recompute_method="uniform",
             recompute_num_layers=run.recompute_num_layers,
         )
-    fp8 = {}
-    if run.fp8:
-        fp8 = dict(fp8=run.fp8, fp8_recipe=run.fp8_recipe)
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -76,20 +78,14 @@ def transformer_config(model: ModelConfig, run: ExecutionConfig) -> TransformerC
         autocast_dtype=dtype,
         use_cpu_initialization=not on_gpu,
         perform_initialization=True,
-        gradient_accumulation_fusion=False,
-        bias_activation_fusion=False,
-        masked_softmax_fusion=on_gpu and _importable("scaled_masked_softmax_cuda"),
-        persist_layer_norm=False,
-        apply_rope_fusion=False,
-        bias_dropout_fusion=False,
-        cross_entropy_loss_fusion=False,
         **_p2p_options(run, on_gpu),
         # No MoE here; TransformerConfig refuses variable_seq_lengths with the default
         # "allgather" MoE dispatcher (0.16.1 __post_init__), whether or not experts exist.
         moe_token_dispatcher_type="alltoall",
         calculate_per_token_loss=True,
+        **kernel_fusions(run, on_gpu),
         **recompute,
-        **fp8,
+        **fp8_options(run),
     )
 
 
@@ -113,11 +109,49 @@ def _p2p_options(run: ExecutionConfig, on_gpu: bool) -> dict:
     )
 
 
-def _importable(module: str) -> bool:
-    """Megatron's fused softmax needs a compiled extension that many installs lack."""
-    import importlib.util
+def kernel_fusions(run: ExecutionConfig, on_gpu: bool) -> dict:
+    """Megatron's fused kernels, on where this machine has them (Megatron-LM's defaults).
 
-    return importlib.util.find_spec(module) is not None
+    All off on CPU (``execution.fusions: false`` also turns them off): there Megatron would
+    route them through ``torch.compile`` or raise. On a GPU:
+
+    - ``bias_activation_fusion``: SwiGLU as one jit-fused op that saves only its input for
+      backward (``fusions/fused_bias_swiglu.py``); unfused, autograd also keeps ``silu(gate)``
+      (``[s, b, ffn/tp]`` per layer, which the planner counts);
+    - ``bias_dropout_fusion``: the fused residual bias-dropout-add;
+    - ``apply_rope_fusion``: Transformer Engine's fused RoPE (Megatron requires TE for it);
+    - ``masked_softmax_fusion``: the local spec's fused softmax, when its extension is built;
+    - ``gradient_accumulation_fusion``: weight-gradient GEMMs accumulate straight into DDP's
+      fp32 ``main_grad``; Megatron's own linear layers (the output layer, also under the TE
+      spec) need apex's ``fused_weight_gradient_mlp_cuda`` for it and raise without it.
+
+    ``persist_layer_norm`` stays off (apex LayerNorm only; Llama uses RMSNorm) and
+    ``cross_entropy_loss_fusion`` too (the plugin computes its own log-probs).
+    """
+    fused = on_gpu and run.fusions
+    return dict(
+        bias_activation_fusion=fused,
+        bias_dropout_fusion=fused,
+        apply_rope_fusion=fused and uses_transformer_engine(run),
+        masked_softmax_fusion=fused and module_available("scaled_masked_softmax_cuda"),
+        gradient_accumulation_fusion=fused and module_available("fused_weight_gradient_mlp_cuda"),
+        persist_layer_norm=False,
+        cross_entropy_loss_fusion=False,
+    )
+
+
+def fp8_options(run: ExecutionConfig) -> dict:
+    """FP8 format, recipe and delayed-scaling options (Megatron builds TE's recipe from them:
+    ``fp8_utils.get_fp8_recipe``); ``{}`` without FP8."""
+    if not run.fp8:
+        return {}
+    return dict(
+        fp8=run.fp8,
+        fp8_recipe=run.fp8_recipe,
+        fp8_amax_history_len=run.fp8_amax_history_len,
+        fp8_amax_compute_algo=run.fp8_amax_compute_algo,
+        fp8_margin=run.fp8_margin,
+    )
 
 
 def layer_spec(
@@ -126,18 +160,21 @@ def layer_spec(
     vp_stage: int | None,
     packed_sequences: bool = False,
 ):
-    """The decoder block spec for this pipeline stage (TE spec, or local spec + RMSNorm).
+    """The decoder block spec for this pipeline stage (TE spec, or local spec + RMSNorm), with
+    the core attention ``execution.attention`` resolves to (``model/attention.py``).
 
     ``packed_sequences`` (local spec): attention mask type ``arbitrary``, so the block-diagonal
     mask of a packed row (``data/packing.py``) is applied as given. TE takes packed rows through
     ``PackedSeqParams`` (THD) with its causal spec.
     """
+    attention = core_attention_module(attention_impl(run))
     if uses_transformer_engine(run):
-        return te_layer_spec(qk_layernorm=False)
+        return with_core_attention(te_layer_spec(qk_layernorm=False), attention)
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
     spec.submodules = dataclasses.replace(
         spec.submodules, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm
     )
+    spec = with_core_attention(spec, attention)
     if packed_sequences:
         spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.arbitrary
     n_local = get_num_layers_to_build(config, vp_stage=vp_stage)

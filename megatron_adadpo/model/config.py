@@ -68,7 +68,12 @@ class ModelConfig:
                 f"model.num_attention_heads={self.num_attention_heads}; set model.kv_channels"
             )
         if isinstance(self.rope_scaling, dict):  # from YAML
-            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+            object.__setattr__(self, "rope_scaling", _rope_scaling(self.rope_scaling))
+        if not isinstance(self.rope_scaling, (RopeScaling, type(None))):
+            raise ValueError(
+                f"model.rope_scaling={self.rope_scaling!r} must be a mapping (factor, "
+                "low_freq_factor, high_freq_factor, original_max_position_embeddings) or unset"
+            )
 
     @property
     def query_groups(self) -> int:
@@ -119,6 +124,17 @@ class ModelConfig:
         return cls(**values)
 
 
+def _rope_scaling(values: dict) -> RopeScaling:
+    known = [f.name for f in dataclasses.fields(RopeScaling)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"model.rope_scaling: unknown keys {unknown}; accepted: {known}")
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"model.rope_scaling.{key}={value!r} must be a number")
+    return RopeScaling(**values)
+
+
 def _positive(name: str, value) -> None:
     if not isinstance(value, int) or value <= 0:
         raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
@@ -141,7 +157,9 @@ def read_model_config(directory: str | Path) -> ModelConfig:
 
 
 def check_same_architecture(stored: ModelConfig, wanted: ModelConfig, where: str) -> None:
-    """Raise when a checkpoint's model shape differs from the configured one."""
+    """Raise when a checkpoint's model differs from the configured one: its shape, or a value
+    that changes what the weights compute (RoPE base and scaling, norm epsilon, positions) or
+    what an export writes to ``config.json``."""
     fields = (
         "num_layers",
         "hidden_size",
@@ -152,6 +170,11 @@ def check_same_architecture(stored: ModelConfig, wanted: ModelConfig, where: str
         "vocab_size",
         "add_qkv_bias",
         "tie_word_embeddings",
+        "rotary_base",
+        "rope_scaling",
+        "norm_epsilon",
+        "max_position_embeddings",
+        "hf_architecture",
     )
     diff = [
         f"{f}: checkpoint {getattr(stored, f)} vs config {getattr(wanted, f)}"
@@ -160,6 +183,6 @@ def check_same_architecture(stored: ModelConfig, wanted: ModelConfig, where: str
     ]
     if diff:
         raise ValueError(
-            f"checkpoint {where} holds another model shape ({'; '.join(diff)}); use its "
+            f"checkpoint {where} holds another model ({'; '.join(diff)}); use its "
             f"{MODEL_CONFIG_FILE} as the model section or pick the matching checkpoint"
         )

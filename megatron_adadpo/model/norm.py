@@ -21,6 +21,6 @@ class RMSNorm(torch.nn.Module):
         self.weight.sequence_parallel = config.sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # torch's rms_norm on the fp32 copy: the same formula (one kernel where torch fuses it)
+        normed = torch.nn.functional.rms_norm(x.float(), (x.size(-1),), eps=self.eps)
+        return self.weight * normed.to(x.dtype)

@@ -78,8 +78,9 @@ class PlanInput:
 
     @property
     def flash_attention(self) -> bool:
-        """GPU runs use Transformer Engine's fused attention unless the local spec is forced."""
-        return self.execution.transformer_impl != "local"
+        """Fused attention (TE's, or torch SDPA's flash kernel on the local spec) unless
+        ``execution.attention=megatron_local`` (Megatron's materialised ``s x s`` softmax)."""
+        return self.execution.attention != "megatron_local"
 
     @property
     def policy(self) -> BatchingPolicy:

@@ -11,6 +11,8 @@ Model (bytes; ``e`` = 2 for bf16, 4 for fp32; ``P`` = parameters on the rank):
   heads*head_dim, ``kv`` = groups*head_dim, ``f`` = ffn):
   ``[2e*sbh (two RMSNorm inputs) + 2e'*sbh (QKV and fc1 inputs)] / t_sp``
   ``+ [e*sb(q + 2kv) + e'*sbq (proj input) + 2e*sbf (SwiGLU input) + e'*sbf (fc2 input)] / t``
+  ``+ e*sbf/t`` when SwiGLU is not fused (``execution.fusions: false``; the trainer fuses it
+  on GPUs: unfused, autograd also keeps ``silu(gate)``; the fused op keeps only its input),
   plus ``2.5e * (a/t) * s^2 * b`` for the attention scores when they are stored (local spec
   without selective recompute) or ``4 * b * (a/t) * s`` (flash-attention softmax statistics).
   ``t_sp`` = t with sequence parallelism, else 1; ``e'`` = 1 for FP8 linear inputs. For GPT
@@ -24,7 +26,13 @@ Model (bytes; ``e`` = 2 for bf16, 4 for fp32; ``P`` = parameters on the rank):
   max_length]`` (fixed), at most ``max_tokens_per_micro_batch`` tokens in rows of up to
   ``max_length`` (token_budget), one row of ``max_tokens_per_micro_batch`` (packed);
 - logits (last rank): ``[s, b, V_pad/t]`` bf16 logits + their fp32 copy kept by
-  ``vocab_parallel_cross_entropy`` for backward (6 bytes/element; 8 in fp32 runs);
+  ``vocab_parallel_cross_entropy`` for backward (6 bytes/element; 8 in fp32 runs). With
+  chunked log-probs (``execution.logprob_chunk_tokens``) one chunk's ``[c, V_pad/t]``
+  transients instead (``c = min(chunk, s*b)``; 6 bytes/element in bf16: the fp32 logits turned
+  into the softmax and the gradient in place, the bf16 logits while cast and the bf16
+  gradient; 4 in fp32), or at the end of backward DDP's dummy ``e*(V_pad/t)*h`` weight
+  gradient, whichever is larger, plus the output layer's gathered input, its selected tokens
+  and their gradient (``3e*sbh``);
 - workspace: one more layer's full activations (backward / recompute of the current layer);
 - reference: resident = ``e*P`` frozen weights (its forward keeps no activations);
   precomputed / none = 0.
@@ -38,6 +46,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from megatron_adadpo.layout import chunk_bytes_per_logit, logprob_chunk_tokens
 from megatron_adadpo.planner.inputs import PlanInput
 from megatron_adadpo.planner.params import stage_params
 
@@ -107,7 +116,8 @@ def layer_activation_bytes(p: PlanInput, stored: bool = True) -> float:
     if recompute == "full":
         return e * s * b * h / t_sp / max(1, x.recompute_num_layers)
     replicated = (2 * e + 2 * lin) * s * b * h / t_sp
-    sharded = (e * (q + 2 * kv) + lin * q + 2 * e * f + lin * f) * s * b / t
+    swiglu = 2 * e * f if x.fusions else 3 * e * f  # fused SwiGLU saves only its input
+    sharded = (e * (q + 2 * kv) + lin * q + swiglu + lin * f) * s * b / t
     heads = m.num_attention_heads / t
     if p.flash_attention:
         core = 4 * b * heads * s
@@ -128,12 +138,19 @@ def in_flight_layers(p: PlanInput, num_micro: int, pp_rank: int) -> float:
 
 
 def logits_bytes(p: PlanInput) -> float:
-    """The last stage's ``[s, 2b, V_pad/t]`` logits for the log-prob path of one micro-batch."""
+    """The last stage's log-prob transients for one micro-batch: the ``[s, 2b, V_pad/t]``
+    logits, or with chunked log-probs one ``[chunk, V_pad/t]`` chunk (see the module doc)."""
     x = p.execution
-    vocab = p.model.padded_vocab_size(x.tp) / x.tp
-    per_elem = 6 if x.bf16 else 8
+    padded = p.model.padded_vocab_size(x.tp)
+    vocab = padded / x.tp
     rows, seq = p.micro_batch_shape
-    return seq / x.cp * rows * vocab * per_elem
+    tokens = seq / x.cp * rows
+    chunk = logprob_chunk_tokens(x, padded)
+    if not chunk:
+        return tokens * vocab * (6 if x.bf16 else 8)
+    e, h = elem_bytes(p), p.model.hidden_size
+    transients = min(chunk, tokens) * vocab * chunk_bytes_per_logit(x.bf16)
+    return max(transients, e * vocab * h) + 3 * e * tokens * h
 
 
 def stage_memory(p: PlanInput, dp: int, num_micro: int, pp_rank: int) -> StageMemory:

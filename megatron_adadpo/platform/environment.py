@@ -15,6 +15,38 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def megatron_import_error(err: ModuleNotFoundError) -> str:
+    """The message for a failed ``import megatron.core``, naming the fix.
+
+    megatron-core >= 0.17 imports ``triton`` unconditionally (0.19.2: ``megatron/core/__init__``
+    -> ``distributed`` -> ``pipeline_parallel.schedules`` -> ``transformer/moe/paged_stash`` ->
+    ``import triton``) without declaring it. CUDA builds of torch install triton; CPU-only torch
+    does not.
+    """
+    if err.name == "triton":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            found = version("megatron-core")
+        except PackageNotFoundError:
+            found = "?"
+        return (
+            f"megatron-core {found} needs the triton package, which CUDA builds of torch "
+            "install and CPU-only torch does not: on a GPU machine install CUDA torch (or pip "
+            "install triton); on a CPU-only machine use megatron-core==0.16.1 "
+            "(requirements/cpu.txt)"
+        )
+    return f"{err}: install megatron-core (pip install 'megatron-core>=0.16.1,<0.20')"
+
+
+def module_available(name: str) -> bool:
+    """True when ``name`` can be imported (a compiled extension such as apex's, probed without
+    importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
 def te_available() -> bool:
     """True when Transformer Engine imports (it raises more than ImportError when broken)."""
     try:
@@ -32,6 +64,14 @@ def uses_transformer_engine(execution: ExecutionConfig) -> bool:
     return execution.transformer_impl == "transformer_engine"
 
 
+def attention_impl(execution: ExecutionConfig) -> str:
+    """``execution.attention`` resolved: ``auto`` is Transformer Engine's attention with the TE
+    layer spec, torch's ``scaled_dot_product_attention`` ("sdpa") with the local spec."""
+    if execution.attention != "auto":
+        return execution.attention
+    return "transformer_engine" if uses_transformer_engine(execution) else "sdpa"
+
+
 def environment_errors(execution: ExecutionConfig) -> list[str]:
     """Reasons this machine cannot run ``execution`` (each names the field and the fix)."""
     errors = []
@@ -42,7 +82,7 @@ def environment_errors(execution: ExecutionConfig) -> list[str]:
                 "a CUDA GPU (pip install 'megatron_adadpo[gpu]'); set execution.fp8=null and "
                 "execution.transformer_impl=local to run without it"
             )
-    if execution.cp > 1 and not uses_transformer_engine(execution):
+    if execution.cp > 1 and attention_impl(execution) != "transformer_engine":
         errors.append(
             "execution.cp > 1 needs Transformer Engine attention (GPU); set execution.cp=1"
         )

@@ -1,6 +1,7 @@
 """The one place that imports Megatron-Core.
 
-Tested with megatron-core 0.16.1 (Python 3.11, CPU) and 0.19.x (Python 3.12, GPU). When an
+Tested with megatron-core 0.16.1 (Python 3.11, CPU) and 0.19.x (Python 3.12, GPU; it needs
+``triton``, which CUDA torch brings: a failed import names the fix). When an
 import path or signature moves between releases, adapt it here and nowhere else. Public APIs
 only; where Megatron has none for what the plugin needs, one documented function below wraps
 the private one and a test pins its behaviour (``tests/unit/test_megatron_seam.py``).
@@ -11,7 +12,13 @@ from __future__ import annotations
 import inspect
 
 import torch
-from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+
+from megatron_adadpo.platform.environment import megatron_import_error, te_available
+
+try:
+    from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+except ModuleNotFoundError as err:  # megatron-core itself, or a dependency it does not declare
+    raise ImportError(megatron_import_error(err)) from err
 from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 from megatron.core.distributed import (
@@ -19,15 +26,18 @@ from megatron.core.distributed import (
     DistributedDataParallelConfig,
     finalize_model_grads,
 )
+from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import OptimizerConfig
+from megatron.core.optimizer import get_megatron_optimizer as _get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.package_info import __version__ as MEGATRON_VERSION
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
@@ -35,14 +45,13 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.utils import unwrap_model
 
-from megatron_adadpo.platform.environment import te_available
-
 __all__ = [
     "MEGATRON_VERSION",
     "AttnMaskType",
     "DType",
     "DistributedDataParallel",
     "DistributedDataParallelConfig",
+    "DotProductAttention",
     "GPTModel",
     "IndexedDataset",
     "IndexedDatasetBuilder",
@@ -50,18 +59,26 @@ __all__ = [
     "OptimizerParamScheduler",
     "PackedSeqParams",
     "ProcessGroupCollection",
+    "StaticInferenceContext",
     "TransformerBlockSubmodules",
     "TransformerConfig",
     "dist_checkpointing",
+    "final_hidden_states",
     "finalize_model_grads",
+    "force_param_sync",
     "get_forward_backward_func",
     "get_gpt_layer_local_spec",
     "get_megatron_optimizer",
     "get_num_layers_to_build",
+    "init_optimizer_state",
     "llama3_rope_scaling",
+    "load_sharded",
     "megatron_rng_module",
+    "output_layer_weight",
+    "optimizer_sharded_state_dict",
     "parallel_state",
     "process_groups",
+    "restore_adam_steps",
     "save_strategy",
     "te_layer_spec",
     "tensor_parallel",
@@ -97,6 +114,128 @@ def vocab_parallel_cross_entropy(
             "parallel_state's tensor-parallel group only; pass that group (or None)"
         )
     return tensor_parallel.vocab_parallel_cross_entropy(vocab_parallel_logits, target)
+
+
+_GPT_TAKES_OUTPUT_PROCESSOR = "output_processor" in inspect.signature(GPTModel.forward).parameters
+
+
+def _hidden_states_only(*, hidden_states: torch.Tensor, **_unused) -> torch.Tensor:
+    """A ``GPTModel`` ``output_processor`` that returns the decoder's output unchanged."""
+    return hidden_states
+
+
+def final_hidden_states(
+    model, input_ids, position_ids, attention_mask, **forward_kwargs
+) -> torch.Tensor:
+    """Run a (DDP-wrapped) ``GPTModel`` chunk without its output layer.
+
+    On the last pipeline stage: the decoder's output after the final norm, ``[s, b, h]``
+    (``[s/tp, b, h]`` with sequence parallelism), i.e. the output layer's input; elsewhere the
+    chunk's ordinary output (hidden states for the next stage). ``forward_kwargs`` go to
+    ``GPTModel.forward`` (e.g. ``packed_seq_params``).
+
+    megatron-core >= 0.18: ``GPTModel.forward``'s public ``output_processor`` hook receives
+    these hidden states in place of the output layer. 0.16 / 0.17 have no hook: the model's
+    ``post_process`` attribute is switched off for the call, so ``_postprocess`` returns the
+    hidden states before the output layer (the decoder's final norm belongs to the decoder and
+    still runs). Pinned by ``tests/unit/test_megatron_seam.py``.
+    """
+    if _GPT_TAKES_OUTPUT_PROCESSOR:
+        return model(
+            input_ids,
+            position_ids,
+            attention_mask,
+            output_processor=_hidden_states_only,
+            **forward_kwargs,
+        )
+    gpt = unwrap_model(model)
+    if not gpt.post_process:
+        return model(input_ids, position_ids, attention_mask, **forward_kwargs)
+    gpt.post_process = False
+    try:
+        return model(input_ids, position_ids, attention_mask, **forward_kwargs)
+    finally:
+        gpt.post_process = True
+
+
+def output_layer_weight(model) -> tuple[torch.Tensor, bool] | None:
+    """``(weight [v/tp, h], sequence_parallel)`` of a ``GPTModel`` chunk's output layer, or
+    None off the last pipeline stage.
+
+    The weight is the one ``GPTModel`` multiplies by: the shared embedding weight with tied
+    embeddings (``shared_embedding_or_output_weight``), else ``output_layer.weight``.
+    ``sequence_parallel`` is the output layer's own flag: it all-gathers its input over TP.
+    Refuses output layers the chunked log-prob path does not reproduce (a bias, a gathered
+    output, Transformer Engine's MXFP8 LM head, MuP logit scaling).
+    """
+    gpt = unwrap_model(model)
+    if not gpt.post_process:
+        return None
+    layer = gpt.output_layer
+    unsupported = (
+        not isinstance(layer, tensor_parallel.ColumnParallelLinear)
+        or layer.bias is not None
+        or layer.gather_output
+        or getattr(gpt.config, "use_mup", False)
+    )
+    if unsupported:
+        raise ValueError(
+            f"execution.logprob_chunk_tokens needs the plain vocab-parallel output layer "
+            f"(ColumnParallelLinear, no bias, parallel output, no MuP); got {type(layer).__name__}"
+            "; set execution.logprob_chunk_tokens=0"
+        )
+    if gpt.share_embeddings_and_output_weights:
+        return gpt.shared_embedding_or_output_weight(), layer.sequence_parallel
+    return layer.weight, layer.sequence_parallel
+
+
+def get_megatron_optimizer(config: OptimizerConfig, model_chunks: list, **kwargs):
+    """Megatron's ``get_megatron_optimizer``; where it fell back to ``torch.optim.AdamW`` / ``Adam``
+    (no Transformer Engine or apex), the inner optimizers run torch's fused kernel.
+
+    Megatron constructs the fallback with torch's defaults and takes no implementation
+    argument (0.16.1 and 0.19 ``optimizer/__init__.py``). Torch's default is the per-tensor
+    for-loop on CPU (~20x slower than ``fused=True`` at 100M parameters) and ``foreach`` on CUDA;
+    torch's fused AdamW (CPU and CUDA, torch >= 2.4) computes the same update. A
+    ``load_state_dict`` post-hook keeps it after a checkpoint load, whose saved param groups
+    would otherwise bring back the saved implementation flags.
+    """
+    optimizer = _get_megatron_optimizer(config, model_chunks, **kwargs)
+    for inner in torch_optimizers(optimizer):
+        if type(inner) in (torch.optim.AdamW, torch.optim.Adam):
+            use_fast_adam(inner)
+            inner.register_load_state_dict_post_hook(use_fast_adam)
+    return optimizer
+
+
+def torch_optimizers(optimizer) -> list[torch.optim.Optimizer]:
+    """The torch optimizers inside a Megatron optimizer (chained or not; none on a stub)."""
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [
+        p.optimizer
+        for p in parts
+        if isinstance(getattr(p, "optimizer", None), torch.optim.Optimizer)
+    ]
+
+
+FUSED_ADAM_DEVICES = ("cpu", "cuda")  # torch >= 2.4
+
+
+def use_fast_adam(optimizer: torch.optim.Optimizer) -> None:
+    """Switch a torch Adam(W) to its fused kernel (``foreach`` on other devices), in place.
+
+    Each existing ``step`` moves to its parameter's device as fp32, one tensor per parameter,
+    as torch keeps it for the fused kernel (Megatron's distributed optimizer restores one
+    shared CPU ``step`` tensor for all parameters).
+    """
+    for group in optimizer.param_groups:
+        fused = all(p.device.type in FUSED_ADAM_DEVICES for p in group["params"])
+        group["fused"], group["foreach"] = fused, not fused
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if state and "step" in state and fused:
+                step = float(state["step"])
+                state["step"] = torch.tensor(step, dtype=torch.float32, device=p.device)
 
 
 def te_layer_spec(**kwargs):
@@ -171,3 +310,102 @@ def process_groups() -> ProcessGroupCollection:
     return ProcessGroupCollection.use_mpu_process_groups(
         required_pgs=["tp", "pp", "cp", "dp", "dp_cp"]
     )
+
+
+def load_sharded(sharded_state_dict: dict, directory: str) -> tuple[dict, set[str]]:
+    """``dist_checkpointing.load`` that also returns the keys requested but absent.
+
+    Uses ``dist_checkpointing.load``'s public ``strict`` argument with
+    ``StrictHandling.RETURN_UNEXPECTED`` (``dist_checkpointing/validation.py``, megatron-core
+    0.16.1 and 0.19): keys the state dict requests that the checkpoint lacks ("unexpected" in
+    Megatron's wording) are dropped from the load and returned, instead of the default
+    ``ASSUME_OK_UNEXPECTED``'s "Missing key" error from the storage reader. The caller decides
+    which absent keys are acceptable.
+    """
+    loaded, _, absent = dist_checkpointing.load(
+        sharded_state_dict, directory, strict="return_unexpected"
+    )
+    return loaded, set(absent)
+
+
+# Megatron-LM's choice for the distributed optimizer (``megatron/training/checkpointing.py``
+# ``_build_sharded_state_dict_metadata``, 0.16.1): the default ``fully_sharded_model_space``
+# fails at save with ``ShardedTensor.flattened_range is not supported`` on 0.16.1.
+OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def optimizer_sharded_state_dict(
+    optimizer, model_sharded_state_dict: dict, is_loading: bool = False
+) -> dict:
+    """The optimizer's sharded state dict in the ``dp_reshardable`` format
+    (``DistributedOptimizer.sharded_state_dict``'s ``metadata['distrib_optim_sharding_type']``;
+    other Megatron optimizers ignore it). ``dp_reshardable`` loads at any data-parallel size but
+    only at the TP / PP layout it was saved with."""
+    return optimizer.sharded_state_dict(
+        model_sharded_state_dict, is_loading=is_loading, metadata=dict(OPTIMIZER_SHARDING)
+    )
+
+
+def _torch_adams(optimizer) -> list:
+    """The torch ``Adam`` / ``AdamW`` instances inside a Megatron optimizer (chained or not):
+    megatron-core's fallback when neither Transformer Engine nor apex provides a fused Adam."""
+    inner = [getattr(o, "optimizer", None) for o in getattr(optimizer, "chained_optimizers", [])]
+    inner = inner or [getattr(optimizer, "optimizer", None)]
+    return [o for o in inner if isinstance(o, (torch.optim.Adam, torch.optim.AdamW))]
+
+
+def init_optimizer_state(optimizer) -> None:
+    """Give an unstepped torch Adam its state (``step`` 0, zero moments) before a load.
+
+    ``DistributedOptimizer.sharded_state_dict(is_loading=True)`` first calls
+    ``self.load_state_dict(self.state_dict())``, whose torch-Adam branch reads every
+    parameter's ``state["step"]`` (``distrib_optimizer.py`` 0.16.1 ``state_dict``): on a fresh
+    optimizer that is a bare ``AssertionError``. Fused Adams (TE / apex) keep ``step`` in the
+    param groups and need nothing. The values are overwritten by the load.
+    """
+    for adam in _torch_adams(optimizer):
+        for group in adam.param_groups:
+            for param in group["params"]:
+                if not adam.state[param]:
+                    adam.state[param] = {
+                        "step": torch.zeros((), dtype=torch.float32),
+                        "exp_avg": torch.zeros_like(param),
+                        "exp_avg_sq": torch.zeros_like(param),
+                    }
+
+
+def restore_adam_steps(optimizer) -> None:
+    """After a load, give each torch-Adam parameter its own ``step`` tensor from its group.
+
+    ``DistributedOptimizer.load_state_dict`` (0.16.1) assigns ONE step tensor to every
+    parameter's state; torch's foreach Adam then increments it once per parameter per step, so
+    bias correction after a resume would use a step count ``num_params`` times too large.
+    """
+    for adam in _torch_adams(optimizer):
+        for group in adam.param_groups:
+            if "step" not in group:
+                continue
+            for param in group["params"]:
+                state = adam.state.get(param)
+                if state and "step" in state:
+                    state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
+
+
+def force_param_sync(chunks: list, optimizer) -> None:
+    """Make every rank's parameters current before a checkpoint save.
+
+    With the distributed optimizer and ``overlap_param_gather`` the updated parameters are
+    all-gathered by the NEXT forward's pre-hooks, so right after ``optimizer.step()`` a rank
+    holds last step's values for the shards other ranks own. Megatron-LM forces the gather
+    before every save (``megatron/training/training.py`` ``save_checkpoint_and_time`` ->
+    ``force_param_sync``: 0.16.1 calls ``start_param_sync(force_sync=True)`` on each DDP chunk;
+    0.19 first calls ``optimizer.prepare_model_params_for_param_sync()``). Without overlapped
+    param gathering this is a no-op.
+    """
+    if not any(c.ddp_config.overlap_param_gather for c in chunks):
+        return
+    prepare = getattr(optimizer, "prepare_model_params_for_param_sync", None)
+    if prepare is not None:
+        prepare()
+    for chunk in chunks:
+        chunk.start_param_sync(force_sync=True)

@@ -8,6 +8,9 @@ row rounded up to the layout's ``pad_multiple`` (pipelines too: ``variable_seq_l
 number of micro-batches and their shapes may change from step to step; a packed micro-batch is
 one row (``data/packing.py``) that reaches the attention as ``PackedSeqParams`` (Transformer
 Engine) or as a block-diagonal mask (local spec, ``run/packing.py``).
+With context parallelism each rank keeps its zigzag share of every per-token tensor
+(``run/context_parallel.py`` for pair rows, ``data/packing.py`` for packed rows), ``[., S/CP]``;
+pair ids and reference values stay per pair.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from megatron_adadpo.data import PreferenceSampler, collate_pairs
 from megatron_adadpo.data.batching import BatchingPolicy, batching_policy, plan_global_batch
 from megatron_adadpo.data.packing import collate_packed, split_packed_for_cp
 from megatron_adadpo.platform.environment import uses_transformer_engine
+from megatron_adadpo.run.context_parallel import split_for_context_parallel
 from megatron_adadpo.run.packing import thd_params
 
 
@@ -59,6 +63,7 @@ class StepBatches:
         self.lengths = row_lengths(dataset)
         self.device = training_device()
         self.step_lengths = np.zeros((0, 2), dtype=np.int64)
+        self.sampler = sampler
         self._indices = iter(sampler)
 
     def next_step(self) -> list[dict]:
@@ -71,7 +76,8 @@ class StepBatches:
     def _collate(self, examples: list[dict]) -> dict:
         pad_id, multiple = self.dataset.pad_id, self.policy.pad_multiple
         if self.policy.mode != "packed":
-            return _to_device(collate_pairs(examples, pad_id, multiple), self.device)
+            batch = _to_device(collate_pairs(examples, pad_id, multiple), self.device)
+            return split_for_context_parallel(batch, self.cp_rank, self.cp_size)
         batch = collate_packed(examples, pad_id, multiple, self.policy.segment_multiple)
         batch = _to_device(split_packed_for_cp(batch, self.cp_size, self.cp_rank), self.device)
         if self.thd:
@@ -89,11 +95,13 @@ def step_batches(
     dp: tuple[int, int],
     consumed_samples: int,
     drop_last: bool = True,
-    cp: tuple[int, int] = (0, 1),
+    *,
+    cp: tuple[int, int],
 ) -> StepBatches:
     """Training order from ``consumed_samples`` on, for DP rank ``dp = (rank, size)`` and CP
-    rank ``cp = (rank, size)``; ``drop_last=False`` visits every pair, completing the last
-    global batch by wrapping around (evaluation, reference precompute)."""
+    rank ``cp = (rank, size)`` (required, so that no caller forgets the context-parallel split:
+    the same pairs, this rank's positions); ``drop_last=False`` visits every pair, completing
+    the last global batch by wrapping around (evaluation, reference precompute)."""
     sampler = PreferenceSampler(
         num_pairs=len(dataset),
         global_batch_size=config.train.global_batch_size,

@@ -3,19 +3,21 @@
 A checkpoint directory holds the ``dist_checkpointing`` files of a sharded state dict whose
 model part is ``{"model": chunk.sharded_state_dict()}`` (``"model0"``, ``"model1"``, ... with
 virtual pipeline stages) — the keys inside are global, so any TP / PP / VPP layout loads it —
-plus ``model.yaml`` (the ``ModelConfig``). Training checkpoints add the optimizer, scheduler and
-run state (see ``save_training`` / ``load_training``) and ``config.yaml`` (the resolved run
-config). A run's checkpoints live in ``<run_dir>/checkpoints/iter_NNNNNNN``; the ``latest``
-marker is written, atomically, only after a save completed on every rank.
+plus ``model.yaml`` (the ``ModelConfig``). Training checkpoints add the optimizer (the
+distributed optimizer in Megatron's ``dp_reshardable`` format: any DP size, the saved TP / PP),
+scheduler and run state (see ``save_training`` / ``load_training``), per-rank RNG states and
+``config.yaml`` (the resolved run config). Where they live and how a save is published
+atomically: ``run/run_dir.py``.
 """
 
 from __future__ import annotations
 
-import os
+import logging
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_adadpo.model.config import (
     ModelConfig,
@@ -23,7 +25,25 @@ from megatron_adadpo.model.config import (
     read_model_config,
     write_model_config,
 )
-from megatron_adadpo.platform.megatron import dist_checkpointing, tensor_parallel, unwrap_model
+from megatron_adadpo.platform.megatron import (
+    OPTIMIZER_SHARDING,
+    dist_checkpointing,
+    force_param_sync,
+    init_optimizer_state,
+    load_sharded,
+    optimizer_sharded_state_dict,
+    restore_adam_steps,
+    tensor_parallel,
+    unwrap_model,
+)
+from megatron_adadpo.run import run_dir as run_files
+
+log = logging.getLogger(__name__)
+EXTRA_STATE_SUFFIX = "_extra_state"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or lacks a tensor; the message names it and the fix."""
 
 
 def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
@@ -32,6 +52,12 @@ def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
     if len(chunks) == 1:
         return {"model": chunks[0].sharded_state_dict()}
     return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def _apply_model(chunks: list[torch.nn.Module], loaded: dict) -> None:
+    for i, chunk in enumerate(chunks):
+        key = "model" if len(chunks) == 1 else f"model{i}"
+        unwrap_model(chunk).load_state_dict(loaded[key], strict=False)
 
 
 def save_model(chunks: list[torch.nn.Module], directory: str | Path, model: ModelConfig) -> None:
@@ -47,14 +73,65 @@ def save_model(chunks: list[torch.nn.Module], directory: str | Path, model: Mode
 
 
 def load_model(chunks: list[torch.nn.Module], directory: str | Path, model: ModelConfig) -> None:
-    """Load weights saved at any layout into ``chunks``; refuses another model shape."""
+    """Load weights saved at any layout into ``chunks``; refuses another model."""
     stored = read_model_config(directory)
     check_same_architecture(stored, model, str(directory))
-    sharded = model_sharded_state_dict(chunks)
-    loaded = dist_checkpointing.load(sharded, str(directory))
-    for i, chunk in enumerate(chunks):
-        key = "model" if len(chunks) == 1 else f"model{i}"
-        unwrap_model(chunk).load_state_dict(loaded[key], strict=False)
+    fix = "re-create it (tools/convert_hf_to_megatron.py) or use another train.init_checkpoint"
+    loaded = load_tolerating_extra_state(model_sharded_state_dict(chunks), Path(directory), fix)
+    _apply_model(chunks, loaded)
+
+
+def load_tolerating_extra_state(sharded: dict, directory: Path, fix: str) -> dict:
+    """``dist_checkpointing.load`` of ``sharded`` that skips absent ``_extra_state`` objects.
+
+    A Transformer Engine model requests every TE module's ``_extra_state`` (FP8 metadata) as a
+    ``ShardedObject`` (megatron-core 0.16.1 / 0.19 ``megatron/core/transformer/utils.py``:
+    ``sharded_state_dict_default`` -> ``make_sharded_tensors_for_checkpoint`` ->
+    ``make_sharded_object_for_checkpoint`` for keys ending in ``_extra_state``). A checkpoint
+    written from the local spec (the HF converter's template) has none, and the default strict
+    load fails with "Missing key". These are skipped and logged, and TE keeps its freshly
+    initialised extra state; any other absent key (a real tensor) raises ``CheckpointError``
+    naming it. An unreadable file raises ``CheckpointError`` naming the directory and ``fix``.
+    """
+    try:
+        loaded, absent = load_sharded(sharded, str(directory))
+    except _LOAD_ERRORS as err:  # a truncated / corrupt file: EOFError, UnpicklingError, ...
+        raise unreadable(directory, err, fix) from err
+    real = sorted(k for k in absent if not k.endswith(EXTRA_STATE_SUFFIX))
+    if real:
+        shown = ", ".join(real[:5]) + (f" and {len(real) - 5} more" if len(real) > 5 else "")
+        raise CheckpointError(
+            f"checkpoint {directory} lacks {len(real)} tensor(s) the model needs: {shown}; it "
+            f"was written for another model or is incomplete: {fix}"
+        )
+    if absent and _rank() == 0:
+        log.info(
+            "%s has no %s for %s (a local-spec checkpoint loaded into a Transformer Engine "
+            "model): kept the modules' initial extra state",
+            directory,
+            EXTRA_STATE_SUFFIX,
+            ", ".join(sorted(absent)),
+        )
+    return loaded
+
+
+# What a damaged file raises while loading: torch.distributed.checkpoint gathers the ranks'
+# errors into a CheckpointException, which derives from BaseException.
+_LOAD_ERRORS = (Exception, CheckpointException)
+
+
+def unreadable(path: Path, err: BaseException, fix: str) -> CheckpointError:
+    """The error for a checkpoint ``path`` (its directory, or one file of it) that failed to
+    load with ``err`` (its first and last lines: a gathered traceback ends with the cause)."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    detail = type(err).__name__ + (f": {lines[0]}" if lines else "")
+    if len(lines) > 1:
+        detail += f" ... {lines[-1]}"
+    if len(detail) > 300:
+        detail = detail[:300] + "..."
+    return CheckpointError(
+        f"checkpoint {path} cannot be loaded ({detail}); if it is incomplete or corrupt, {fix}"
+    )
 
 
 def _rank() -> int:
@@ -64,32 +141,6 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old or the new file, never a part."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-LATEST_FILE = "latest"
-
-
-def checkpoints_root(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The directory named by ``<run_dir>/checkpoints/latest``, or None when there is none."""
-    marker = checkpoints_root(run_dir) / LATEST_FILE
-    if not marker.is_file():
-        return None
-    path = checkpoints_root(run_dir) / marker.read_text().strip()
-    return path if path.is_dir() else None
 
 
 def save_training(
@@ -104,52 +155,69 @@ def save_training(
 ) -> Path:
     """Save model, optimizer, scheduler, run state and RNG to ``iter_{step:07d}``.
 
-    Crash-safe: a partial directory of the same name (left by an interrupted save) is removed
-    first, and ``latest`` is replaced atomically only after every rank finished writing, so an
-    interruption at any point leaves the previous checkpoint loadable and pointed to.
+    Parameters are synchronised first (``force_param_sync``: with overlapped param gathering
+    they are stale until the next forward). Crash-safe: everything is written to
+    ``iter_N.partial``, which becomes ``iter_N`` and is named by ``latest`` only after every
+    rank finished (``run_dir.publish``), so an interruption at any point leaves the previous
+    checkpoint complete and pointed to.
     """
-    name = f"iter_{step:07d}"
-    directory = checkpoints_root(run_dir) / name
+    force_param_sync(policy, optimizer)
+    final = run_files.checkpoints_root(run_dir) / run_files.checkpoint_name(step)
+    partial = run_files.partial_path(final)
     if _rank() == 0:
-        if directory.exists():
-            import shutil
-
-            shutil.rmtree(directory)
-        directory.mkdir(parents=True)
+        run_files.start_partial(final)
     _barrier()
     model_sd = model_sharded_state_dict(policy)
     state = dict(model_sd)
-    state["optimizer"] = optimizer.sharded_state_dict(model_sd)
+    state["optimizer"] = optimizer_sharded_state_dict(optimizer, model_sd)
     state["scheduler"] = scheduler.state_dict()
     state["run"] = dict(run_state)
-    dist_checkpointing.save(state, str(directory))
-    _save_rng(directory)
+    dist_checkpointing.save(state, str(partial), content_metadata=dict(OPTIMIZER_SHARDING))
+    _save_rng(partial)
     if _rank() == 0:
-        write_model_config(directory, model)
-        (directory / "config.yaml").write_text(config_yaml)
+        write_model_config(partial, model)
+        (partial / "config.yaml").write_text(config_yaml)
     _barrier()
     if _rank() == 0:
-        atomic_write_text(checkpoints_root(run_dir) / LATEST_FILE, name + "\n")
+        run_files.publish(partial, final)
     _barrier()
-    return directory
+    return final
 
 
-def load_training(directory: Path, policy: list, optimizer, scheduler, model: ModelConfig) -> dict:
-    """Restore a ``save_training`` checkpoint (any layout for the model); returns run state."""
+def read_saved_state(directory: Path, model: ModelConfig) -> tuple[dict, dict]:
+    """(run state, scheduler state) of a training checkpoint, read without its tensors so that
+    they can be checked against the config before the model is built; refuses another model
+    (``model.yaml``)."""
     check_same_architecture(read_model_config(directory), model, str(directory))
-    model_sd = model_sharded_state_dict(policy)
-    state = dict(model_sd)
-    state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
-    state["scheduler"] = None
-    state["run"] = None
-    loaded = dist_checkpointing.load(state, str(directory))
-    for i, chunk in enumerate(policy):
-        key = "model" if len(policy) == 1 else f"model{i}"
-        unwrap_model(chunk).load_state_dict(loaded[key], strict=False)
-    optimizer.load_state_dict(loaded["optimizer"])
-    scheduler.load_state_dict(loaded["scheduler"])
-    _load_rng(directory)
-    return loaded["run"]
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(directory))
+    except _LOAD_ERRORS as err:
+        raise unreadable(directory, err, run_files.earlier_checkpoints_hint(directory)) from err
+    return common["run"], common["scheduler"]
+
+
+def load_training(directory: Path, policy: list, optimizer) -> None:
+    """Restore model, optimizer and RNG of a ``save_training`` checkpoint.
+
+    The model loads at any layout; the distributed optimizer's ``dp_reshardable`` state at any
+    DP size with the saved TP / PP (``run/resume.py`` refuses other layouts first). Exact
+    resume needs three things on megatron-core 0.16.1 with torch's Adam: state initialised
+    before the load (``init_optimizer_state``), the load under ``torch.no_grad()`` (it copies
+    into leaf parameters), and each parameter's own ``step`` (``restore_adam_steps``). The
+    scheduler is restored by the caller after its own check. Call ``read_saved_state`` first
+    (it checks the model).
+    """
+    init_optimizer_state(optimizer)
+    fix = run_files.earlier_checkpoints_hint(directory)
+    with torch.no_grad():
+        model_sd = model_sharded_state_dict(policy)
+        state = dict(model_sd)
+        state["optimizer"] = optimizer_sharded_state_dict(optimizer, model_sd, is_loading=True)
+        loaded = load_tolerating_extra_state(state, directory, fix)
+        _apply_model(policy, loaded)
+        optimizer.load_state_dict(loaded["optimizer"])
+    restore_adam_steps(optimizer)
+    _load_rng(directory, fix)
 
 
 def _save_rng(directory: Path) -> None:
@@ -164,26 +232,19 @@ def _save_rng(directory: Path) -> None:
     torch.save(state, directory / "rng" / f"rank_{_rank()}.pt")
 
 
-def _load_rng(directory: Path) -> None:
+def _load_rng(directory: Path, fix: str) -> None:
     """Restore this rank's RNG states when the checkpoint was written by the same world size."""
     path = directory / "rng" / f"rank_{_rank()}.pt"
     world = dist.get_world_size() if dist.is_initialized() else 1
     if not path.is_file():
         return
-    state = torch.load(path, weights_only=False)
+    try:
+        state = torch.load(path, weights_only=False)
+    except _LOAD_ERRORS as err:
+        raise unreadable(path, err, fix) from err
     if state["world_size"] != world:
         return  # another layout: RNG streams cannot be mapped; keep the fresh seeds
     torch.set_rng_state(state["cpu"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
-
-
-def check_resume_data(state: dict, dataset_identity: str, where) -> None:
-    """Refuse to resume on other data or another tokenisation (sample order would differ)."""
-    if state.get("dataset_identity") != dataset_identity:
-        raise ValueError(
-            f"checkpoint {where} was trained on dataset {str(state.get('dataset_identity'))[:16]}"
-            f"... but the configured data is {dataset_identity[:16]}... (other inputs, tokenizer "
-            "or truncation settings); use the original data, or a new logging.run_dir"
-        )

@@ -29,7 +29,7 @@ class Evaluator:
 
     def __call__(self) -> dict:
         """``[sum, count]`` metric tensors over the evaluated pairs (last stage; else {})."""
-        batches = step_batches(self.config, self.dataset, self.dp, 0, False, self.cp)
+        batches = step_batches(self.config, self.dataset, self.dp, 0, drop_last=False, cp=self.cp)
         metrics = []
         for _ in range(self.steps):
             micro = batches.next_step()

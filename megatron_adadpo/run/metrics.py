@@ -1,20 +1,29 @@
-"""Step metrics: one console line, ``metrics.jsonl``, optional TensorBoard, tokens/s and MFU.
+"""Step metrics: one console line, ``metrics.jsonl``, optional TensorBoard and Weights & Biases,
+tokens/s and MFU.
 
 Only the logging rank (last pipeline stage, first TP / CP / DP rank: where the reduced loss
-metrics live) writes. The loss metrics arrive as ``[sum, count]`` tensors already reduced over
-data-parallel ranks; ``reduce_metrics`` makes the single host copy per logged step. Progress
-(steps done, rate, ETA) is a ``tqdm`` bar below the metric lines.
+metrics live) writes, and only it starts a W&B run. The loss metrics arrive as ``[sum, count]``
+tensors already reduced over data-parallel ranks; ``reduce_metrics`` makes the single host copy
+per logged step. Progress: each line ends with the ETA, and on a terminal a ``tqdm`` bar (steps,
+rate) sits below the lines (a log file, e.g. under Slurm, gets the lines only). A run that
+starts at step ``k`` (resumed, or started afresh: ``k = 0``) first drops the rows after step
+``k`` that an interrupted run left in ``metrics.jsonl`` (they are re-trained), and TensorBoard
+purges its events after ``k``, so every step is recorded once.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
+import time
+import uuid
 from pathlib import Path
 
 from tqdm import tqdm
 
 from megatron_adadpo.losses import reduce_metrics
+from megatron_adadpo.run.run_dir import atomic_write_text
 
 CONSOLE_FIELDS = (
     ("loss", "loss", "{:.4f}"),
@@ -47,21 +56,34 @@ class MetricsLogger:
         progress: bool,
         active: bool,
         start_step: int = 0,
+        wandb: dict | None = None,
     ):
+        """``wandb``: ``wandb.init`` arguments (:func:`wandb_settings`), or None for no W&B."""
         self.active = active
         self.total_steps = total_steps
+        self.progress = progress
+        self.start = (time.monotonic(), start_step)
         self.jsonl = None
         self.writer = None
+        self.wandb_run = None
         self.bar = None
         if not self.active:
             return
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a", buffering=1)
+        path = Path(run_dir) / "metrics.jsonl"
+        drop_rows_after(path, start_step)
+        self.jsonl = open(path, "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-        if progress:
+            self.writer = SummaryWriter(
+                str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1
+            )
+        if wandb is not None:
+            import wandb as wandb_module
+
+            self.wandb_run = wandb_module.init(**wandb)
+        if progress and sys.stderr.isatty():
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def advance(self) -> None:
@@ -77,6 +99,8 @@ class MetricsLogger:
         if self.writer is not None:
             for name, value in values.items():
                 self.writer.add_scalar(f"{prefix}/{name}", value, step)
+        if self.wandb_run is not None:
+            self.wandb_run.log({f"{prefix}/{k}": v for k, v in values.items()}, step=step)
         tqdm.write(self._line(step, values, prefix))
 
     def _line(self, step: int, values: dict[str, float], prefix: str) -> str:
@@ -84,6 +108,10 @@ class MetricsLogger:
         for key, short, fmt in CONSOLE_FIELDS:
             if key in values and not math.isnan(values[key]):
                 parts.append(f"{short} {fmt.format(values[key])}")
+        started, first_step = self.start
+        if prefix == "train" and self.progress and step > first_step:
+            per_step = (time.monotonic() - started) / (step - first_step)
+            parts.append(f"eta {tqdm.format_interval(per_step * (self.total_steps - step))}")
         return " | ".join(parts)
 
     def close(self) -> None:
@@ -93,6 +121,51 @@ class MetricsLogger:
             self.jsonl.close()
         if self.writer is not None:
             self.writer.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def wandb_settings(logging, run_config: dict) -> dict | None:
+    """``wandb.init`` arguments for ``logging`` (the config's LoggingSection), or None.
+
+    The W&B run id is kept in ``<run_dir>/wandb_run_id``, so a resumed training run continues
+    the same W&B run (``resume="allow"``); files go under ``<run_dir>/wandb``.
+    """
+    if not logging.wandb_project:
+        return None
+    run_dir = Path(logging.run_dir)
+    id_file = run_dir / "wandb_run_id"
+    if not id_file.exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(uuid.uuid4().hex[:16])
+    return {
+        "project": logging.wandb_project,
+        "entity": logging.wandb_entity,
+        "name": logging.wandb_name or run_dir.name,
+        "mode": logging.wandb_mode,
+        "dir": str(run_dir),
+        "id": id_file.read_text().strip(),
+        "resume": "allow",
+        "config": run_config,
+    }
+
+
+def drop_rows_after(path: Path, step: int) -> None:
+    """Rewrite ``metrics.jsonl`` without the rows after ``step`` (and without a line cut short
+    by a kill), atomically; a no-op when there is nothing to drop."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            kept.append(line)
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def step_values(

@@ -21,12 +21,19 @@ def wrap_ddp(chunks: list[torch.nn.Module], opt: OptimizerSection) -> list:
     """Wrap each chunk in Megatron's DDP (contiguous fp32 grad buffers, bucketed reduce).
 
     The first chunk of a virtual pipeline owns bucketing; later chunks disable it, as in
-    Megatron-LM, so overlapped reduction follows the interleaved schedule.
+    Megatron-LM, so overlapped reduction follows the interleaved schedule. With
+    ``overlap_param_gather`` under the interleaved schedule the parameter all-gathers are
+    aligned across pipeline stages (``align_param_gather``): the schedule dispatches them
+    through ``param_sync_func`` (installed by ``build_optimizer``) and DDP's forward hooks then
+    only wait for them, as Megatron-LM sets both together (``megatron/training/arguments.py``
+    turns ``align_param_gather`` off without virtual stages; ``training.py`` installs
+    ``param_sync_func`` only with it).
     """
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=opt.overlap_grad_reduce,
         overlap_param_gather=opt.overlap_param_gather,
+        align_param_gather=opt.overlap_param_gather and len(chunks) > 1,
         use_distributed_optimizer=opt.use_distributed_optimizer,
         check_for_nan_in_grad=False,
         bucket_size=None if not opt.overlap_grad_reduce else 40_000_000,
@@ -66,7 +73,7 @@ def build_optimizer(policy: list, opt: OptimizerSection, bf16: bool):
     if opt.overlap_grad_reduce:  # let the schedule start grad reduction during backward
         model_config.no_sync_func = _per_chunk([c.no_sync for c in policy])
         model_config.grad_sync_func = _per_chunk([c.start_grad_sync for c in policy])
-    if opt.overlap_param_gather:
+    if policy[0].ddp_config.align_param_gather:  # the schedule dispatches the all-gathers
         model_config.param_sync_func = _per_chunk([c.start_param_sync for c in policy])
     return optimizer
 
@@ -77,9 +84,18 @@ def _per_chunk(funcs: list):
 
 
 def build_scheduler(
-    optimizer, opt: OptimizerSection, train_iters: int, global_batch_size: int
+    optimizer,
+    opt: OptimizerSection,
+    train_iters: int,
+    global_batch_size: int,
+    override: bool = False,
 ) -> OptimizerParamScheduler:
-    """Warm-up then cosine (or linear / constant) decay, counted in samples (pairs)."""
+    """Warm-up then cosine (or linear / constant) decay, counted in samples (pairs).
+
+    ``override``: a loaded checkpoint keeps only its step count and this schedule applies from
+    there (Megatron's ``override_opt_param_scheduler``); otherwise ``run/resume.py`` refuses a
+    saved schedule that differs from this one.
+    """
     total = train_iters * global_batch_size
     warmup = int(math.floor(opt.warmup_fraction * train_iters)) * global_batch_size
     return OptimizerParamScheduler(
@@ -94,4 +110,23 @@ def build_scheduler(
         end_wd=opt.weight_decay,
         wd_incr_steps=max(total, 1),
         wd_incr_style="constant",
+        override_opt_param_scheduler=override,
+        use_checkpoint_opt_param_scheduler=not override,
     )
+
+
+# Per-param-group schedule values Megatron's optimizer carries (``get_megatron_optimizer``'s
+# param groups) and ``OptimizerParamScheduler.get_lr`` prefers over its own.
+GROUP_SCHEDULE_KEYS = ("max_lr", "min_lr")
+
+
+def group_schedules(optimizer) -> list[dict]:
+    """The schedule values of each param group (to keep the config's across a load)."""
+    return [{k: g[k] for k in GROUP_SCHEDULE_KEYS if k in g} for g in optimizer.param_groups]
+
+
+def set_group_schedules(optimizer, schedules: list[dict]) -> None:
+    """Put back ``group_schedules``' values: loading an optimizer state restores the saved
+    ones, which would keep the old learning rate under ``checkpoint.override_scheduler``."""
+    for group, values in zip(optimizer.param_groups, schedules, strict=True):
+        group.update(values)

@@ -3,8 +3,9 @@
 Both attach ``batch["reference_logps"]`` (``[2B]`` fp32, ``[c0, r0, c1, r1, ...]``) to the
 micro-batches of a step, on the last pipeline stage where the policy loss is computed.
 Precomputed files (``tools/precompute_reference.py``) hold per-pair summed completion log-probs
-``[N, 2]`` (chosen, rejected) indexed by ``pair_id``, tied to the dataset's manifest identity:
-a file made for other data or another tokenisation is refused.
+``[N, 2]`` (chosen, rejected) indexed by ``pair_id``, tied to the dataset's manifest identity
+(a file made for other data or another tokenisation is refused here) and to the starting model
+(checked by the trainer: ``run/consistency.py``).
 """
 
 from __future__ import annotations
@@ -17,14 +18,20 @@ import numpy as np
 import torch
 
 from megatron_adadpo.platform.megatron import unwrap_model
-from megatron_adadpo.run.step import StepContext, policy_forward, run_schedule, sequence_sums
+from megatron_adadpo.run.step import (
+    StepContext,
+    output_layer_for,
+    policy_forward,
+    run_schedule,
+    sequence_sums,
+)
 
 VALUES_FILE = "reference_logps.npy"
 META_FILE = "meta.json"
 
 
-def _reference_loss_func(context: StepContext, batch: dict, logits: torch.Tensor):
-    sums, _ = sequence_sums(logits, batch, context)
+def _reference_loss_func(context: StepContext, batch: dict, output_layer, output: torch.Tensor):
+    sums, _ = sequence_sums(output, batch, context, output_layer)
     zero = torch.zeros((), device=sums.device)
     return zero, torch.zeros((), dtype=torch.int), {"reference_logps": sums.detach()}
 
@@ -32,8 +39,9 @@ def _reference_loss_func(context: StepContext, batch: dict, logits: torch.Tensor
 def _reference_forward_step(context: StepContext, data_iterator, model):
     batch = next(data_iterator)
     with torch.no_grad():
-        output = policy_forward(model, batch)
-    return output, partial(_reference_loss_func, context, batch)
+        output = policy_forward(model, batch, context)
+    layer = output_layer_for(model, context)
+    return output, partial(_reference_loss_func, context, batch, layer)
 
 
 def attach_forward_logps(chunks: list, batches: list[dict], context: StepContext) -> None:

@@ -5,11 +5,16 @@ pipelining, 1F1B, interleaved). The policy's ``GPTModel`` returns vocab-parallel
 last pipeline stage; ``loss_func`` turns them into per-token log-probs with Megatron's
 vocab-parallel CE (no vocab gather, TP padding rows masked), sums completion tokens (reduced
 over CP), splits the interleaved ``[c0, r0, c1, r1, ...]`` rows into chosen / rejected, and
-applies the configured loss. It returns ``(loss_sum, n_valid_pairs, report)``: with
-``calculate_per_token_loss`` the schedule sums ``n_valid_pairs`` over micro-batches and
+applies the configured loss; TRL's ``logits/chosen`` / ``logits/rejected`` metrics come from the
+same vocab-parallel logits (TP shard sums, never gathered). With
+``execution.logprob_chunk_tokens`` the model returns the output layer's input instead and
+``loss_func`` applies the output layer chunk by chunk (``chunked_logprobs``). ``loss_func``
+returns ``(loss_sum, normaliser, report)``, the normaliser being the loss family's count: the
+valid pairs (preference losses) or their chosen completion tokens (sft, a per-token mean). With
+``calculate_per_token_loss`` the schedule sums it over micro-batches and
 ``finalize_model_grads`` all-reduces it over DP x CP and divides the gradients by it, so the
-loss is the mean over the valid pairs of the global batch whatever the micro-batch count, DP
-size or pipeline layout.
+loss is the mean over the global batch whatever the micro-batch count, DP size or pipeline
+layout.
 
 The process groups (``ProcessGroupCollection``: ``tp``, ``cp``, ``dp``) are built once by
 ``platform.distributed.init_model_parallel`` and passed in.
@@ -24,62 +29,143 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from megatron_adadpo.logprobs import sequence_logprobs, token_logprobs
+from megatron_adadpo.chunked_logprobs import OutputLayer, chunked_token_logprobs, model_output_layer
+from megatron_adadpo.layout import logprob_chunk_tokens
+from megatron_adadpo.logprobs import (
+    sequence_logprobs,
+    sequence_mean_logits,
+    shard_logit_sums,
+    token_logprobs,
+)
 from megatron_adadpo.losses import (
     LossConfig,
     accumulate_metrics,
     all_reduce_metrics,
     preference_loss,
+    token_mean_metric,
 )
-from megatron_adadpo.platform.megatron import ProcessGroupCollection, get_forward_backward_func
+from megatron_adadpo.platform.megatron import (
+    ProcessGroupCollection,
+    final_hidden_states,
+    get_forward_backward_func,
+)
+from megatron_adadpo.run.context_parallel import full_sequence_length
 from megatron_adadpo.run.packing import packed_attention
 
 
 @dataclass(frozen=True)
 class StepContext:
-    """What ``loss_func`` needs besides the batch: the loss, the true vocabulary, the groups."""
+    """What ``loss_func`` needs besides the batch: the loss, the true vocabulary, the groups,
+    and whether the output layer and log-probs run in chunks."""
 
     loss: LossConfig
     vocab_size: int  # the tokenizer's vocabulary (TP padding rows beyond it are masked)
     groups: ProcessGroupCollection
+    logprob_chunk_tokens: int = 0  # > 0: chunked output layer + log-probs (chunked_logprobs)
+
+    @classmethod
+    def from_config(cls, config, groups: ProcessGroupCollection) -> StepContext:
+        """The context of a run's ``Config`` (``execution.logprob_chunk_tokens`` resolved)."""
+        padded = config.model.padded_vocab_size(config.execution.tp)
+        chunk = logprob_chunk_tokens(config.execution, padded)
+        return cls(config.loss, config.model.vocab_size, groups, chunk)
 
 
-def policy_forward(model, batch: dict) -> torch.Tensor:
-    """Vocab-parallel logits ``[b, S, v/tp]`` on the last stage (hidden states elsewhere).
+def policy_forward(model, batch: dict, context: StepContext) -> torch.Tensor:
+    """The model chunk's output for ``sequence_sums`` (hidden states for the next stage off the
+    last stage).
+
+    Last stage: vocab-parallel logits ``[b, S, v/tp]``; with chunked log-probs the output
+    layer's input instead, ``[S, b, h]`` (``[S/tp, b, h]`` with sequence parallelism).
 
     Shapes: tokens / position_ids ``[b, S]``: ``b = 2B`` rows, or one packed row (``b = 1``)
     whose attention is confined to each sequence (``run/packing.py``).
     """
-    return model(batch["tokens"], batch["position_ids"], **packed_attention(batch))
+    inputs = (batch["tokens"], batch["position_ids"])
+    attention = packed_attention(batch)
+    if context.logprob_chunk_tokens:
+        return final_hidden_states(model, *inputs, **attention)
+    return model(*inputs, **attention)
 
 
 def sequence_sums(
-    logits: torch.Tensor, batch: dict, context: StepContext
-) -> tuple[torch.Tensor, torch.Tensor]:
+    output: torch.Tensor,
+    batch: dict,
+    context: StepContext,
+    output_layer: OutputLayer | None = None,
+    with_logit_sums: bool = False,
+):
     """Per-sequence completion log-prob sums and token counts, both ``[2B]`` fp32
     (``[c0, r0, c1, r1, ...]``, packed or not).
 
     Megatron's vocab-parallel CE over the true vocabulary (TP padding rows masked), summed over
     completion tokens (per segment of a packed row) and reduced over the context-parallel group.
+    ``output`` is ``policy_forward``'s: logits, or with ``output_layer`` the hidden states it is
+    applied to chunk by chunk (``chunked_logprobs``). ``with_logit_sums`` also returns this TP
+    shard's per-token logit sums ``[b, S]`` (``logprobs.shard_logit_sums``, for
+    :func:`mean_logit_metrics`), taken from the same logits or chunks.
     """
-    logps = token_logprobs(
-        logits.transpose(0, 1),
-        batch["labels"],
-        tp_group=context.groups.tp,
-        vocab_size=context.vocab_size,
-    )
-    return sequence_logprobs(
-        logps,
-        batch["loss_mask"],
-        context.groups.cp,
-        segment_ids=batch.get("segment_ids"),
-        num_sequences=2 * batch["pair_ids"].numel(),
-    )
+    labels, mask, tp = batch["labels"], batch["loss_mask"], context.groups.tp
+    if output_layer is None:
+        logps = token_logprobs(output.transpose(0, 1), labels, tp, context.vocab_size)
+        logit_sums = shard_logit_sums(output, context.vocab_size, tp) if with_logit_sums else None
+    else:
+        logps, logit_sums = chunked_token_logprobs(
+            output,
+            output_layer,
+            labels,
+            mask,
+            chunk_tokens=context.logprob_chunk_tokens,
+            tp_group=tp,
+            vocab_size=context.vocab_size,
+            with_logit_sums=True,
+        )
+    sums, counts = sequence_logprobs(logps, mask, context.groups.cp, **segments(batch))
+    return (sums, counts, logit_sums) if with_logit_sums else (sums, counts)
 
 
-def loss_func(context: StepContext, batch: dict, logits: torch.Tensor):
-    """``(sum of per-pair losses, number of valid pairs, report)`` for one micro-batch."""
-    sums, counts = sequence_sums(logits, batch, context)
+def segments(batch: dict) -> dict:
+    """``sequence_logprobs``' per-segment arguments for a packed row (``{}`` otherwise)."""
+    if "segment_ids" not in batch:
+        return {}
+    return {"segment_ids": batch["segment_ids"], "num_sequences": 2 * batch["pair_ids"].numel()}
+
+
+def output_layer_for(model, context: StepContext) -> OutputLayer | None:
+    """The chunked path's output layer of a model chunk (None: unchunked or not last stage)."""
+    return model_output_layer(model) if context.logprob_chunk_tokens else None
+
+
+def mean_logit_metrics(logit_sums: torch.Tensor, batch: dict, context: StepContext) -> dict:
+    """TRL's ``logits/chosen`` / ``logits/rejected``: the mean over completion tokens of the mean
+    logit over the true vocabulary, over valid pairs, as ``[sum, count]`` metrics.
+
+    Shapes: logit_sums ``[2B, S]``, this TP shard's per-token logit sums
+    (``logprobs.shard_logit_sums``; rows ``[c0, r0, c1, r1, ...]``).
+    """
+    tp, cp = context.groups.tp, context.groups.cp
+    mask = batch["loss_mask"]
+    sums, counts = sequence_mean_logits(
+        logit_sums, mask, context.vocab_size, tp, cp, **segments(batch)
+    )
+    valid = (counts[0::2] > 0) & (counts[1::2] > 0)  # as the loss's valid pairs
+    return {
+        "logits/chosen": token_mean_metric(sums[0::2], counts[0::2], valid),
+        "logits/rejected": token_mean_metric(sums[1::2], counts[1::2], valid),
+    }
+
+
+def loss_func(
+    context: StepContext,
+    batch: dict,
+    output: torch.Tensor,
+    output_layer: OutputLayer | None = None,
+):
+    """``(sum of per-pair losses, normaliser, report)`` for one micro-batch; the normaliser is
+    the family's count (valid pairs, or valid chosen tokens for sft: ``metrics["loss"][1]``)."""
+    sums, counts, logit_sums = sequence_sums(
+        output, batch, context, output_layer, with_logit_sums=True
+    )
     ref = batch.get("reference_logps")
     chosen_nll = None
     if context.loss.needs_chosen_nll:
@@ -94,10 +180,11 @@ def loss_func(context: StepContext, batch: dict, logits: torch.Tensor):
         reference_rejected_logps=None if ref is None else ref[1::2],
         chosen_nll=chosen_nll,
     )
+    metrics.update(mean_logit_metrics(logit_sums, batch, context))
     metrics.update(token_metrics(batch, losses, dist.get_world_size(context.groups.cp)))
-    n_valid = metrics["pairs/valid"][0].to(torch.int)
+    normaliser = metrics["loss"][1].to(torch.int)
     report = {"metrics": metrics, "losses": losses.detach(), "pair_ids": batch["pair_ids"]}
-    return losses.sum(), n_valid, report
+    return losses.sum(), normaliser, report
 
 
 def token_metrics(batch: dict, losses: torch.Tensor, cp_size: int) -> dict[str, torch.Tensor]:
@@ -115,12 +202,18 @@ def token_metrics(batch: dict, losses: torch.Tensor, cp_size: int) -> dict[str, 
 
 def forward_step(context: StepContext, data_iterator: Iterator, model):
     batch = next(data_iterator)
-    return policy_forward(model, batch), partial(loss_func, context, batch)
+    output = policy_forward(model, batch, context)
+    return output, partial(loss_func, context, batch, output_layer=output_layer_for(model, context))
 
 
 def run_schedule(model: list, batches: list[dict], forward_step_func, forward_only: bool):
     """One pass of Megatron's schedule (no pipelining / 1F1B / interleaved by the layout) over
-    ``batches``; returns the loss reports of the last pipeline stage (``[]`` elsewhere)."""
+    ``batches``; returns the loss reports of the last pipeline stage (``[]`` elsewhere).
+
+    ``seq_length`` is the whole sequence: Megatron sizes the pipeline's p2p buffers
+    ``[S/CP (/TP with sequence parallel), 2B, h]`` itself (``schedules.get_tensor_shapes``),
+    while each CP rank's batches hold ``[2B, S/CP]`` tokens.
+    """
     iterators = [iter(batches) for _ in model]
     tokens = batches[0]["tokens"]
     return get_forward_backward_func()(
@@ -128,7 +221,7 @@ def run_schedule(model: list, batches: list[dict], forward_step_func, forward_on
         data_iterator=iterators if len(model) > 1 else iterators[0],
         model=model,
         num_microbatches=len(batches),
-        seq_length=tokens.shape[1],
+        seq_length=full_sequence_length(tokens, model[0].config.context_parallel_size),
         micro_batch_size=tokens.shape[0],
         forward_only=forward_only,
     )

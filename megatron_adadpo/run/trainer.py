@@ -1,10 +1,13 @@
 """The run: its pieces (data, policy, reference, DDP, optimizer, schedule) and its loop.
 
-``Trainer(config)`` builds everything inside an initialised process group and resumes from
-``<run_dir>/checkpoints/latest`` when asked; ``Trainer.train()`` runs the steps (micro-batches
--> reference log-probs -> Megatron schedule forward / backward -> optimizer -> metrics -> eval ->
-checkpoint) and saves at the end. SIGTERM (Slurm preemption) saves at the next step boundary and
-stops. The module-level builders are shared with ``run/precompute.py``.
+``Trainer(config)`` claims the run directory (``run/lock.py``), decides where the run starts
+(``run/run_dir.py``: fresh, resumed from ``checkpoints/latest``, or already finished), checks a
+resumed run against its checkpoint (``run/resume.py``) and builds everything inside an
+initialised process group; ``Trainer.train()`` runs the steps (micro-batches -> reference
+log-probs -> Megatron schedule forward / backward -> optimizer -> metrics -> eval -> checkpoint)
+and saves at the end. SIGTERM (Slurm preemption) saves at the next step boundary and stops. A
+re-launched finished run says so and touches nothing. The module-level builders are shared
+with ``run/precompute.py``.
 """
 
 from __future__ import annotations
@@ -15,31 +18,29 @@ import time
 import torch.distributed as dist
 
 from megatron_adadpo.config import Config
-from megatron_adadpo.data import load_preference_dataset
 from megatron_adadpo.losses import reduce_metrics
 from megatron_adadpo.model.build import build_model
 from megatron_adadpo.model.initialization import init_layout_invariant
 from megatron_adadpo.planner.throughput import step_model_flops
 from megatron_adadpo.platform.distributed import init_model_parallel, is_logging_rank
 from megatron_adadpo.platform.hardware import peak_flops_per_device
-from megatron_adadpo.run import checkpoints
+from megatron_adadpo.run import checkpoints, resume
+from megatron_adadpo.run import run_dir as run_files
 from megatron_adadpo.run.batches import step_batches
+from megatron_adadpo.run.consistency import check_starting_model
+from megatron_adadpo.run.datasets import load_dataset
 from megatron_adadpo.run.evaluation import Evaluator
-from megatron_adadpo.run.metrics import MetricsLogger, step_values
-from megatron_adadpo.run.optimizer import build_optimizer, build_scheduler, wrap_ddp
+from megatron_adadpo.run.lock import claim_run_dir
+from megatron_adadpo.run.metrics import MetricsLogger, step_values, wandb_settings
+from megatron_adadpo.run.optimizer import (
+    build_optimizer,
+    build_scheduler,
+    group_schedules,
+    set_group_schedules,
+    wrap_ddp,
+)
 from megatron_adadpo.run.reference import PrecomputedReference, ResidentReference
 from megatron_adadpo.run.step import StepContext, train_step
-
-
-def load_dataset(config: Config, eval_split: bool = False):
-    """Tokenize / load on rank 0 first (it fills the cache), then everyone else."""
-    data = config.data.replace(inputs=tuple(config.eval.inputs)) if eval_split else config.data
-    if dist.get_rank() == 0:
-        dataset = load_preference_dataset(data)
-    dist.barrier()
-    if dist.get_rank() != 0:
-        dataset = load_preference_dataset(data)
-    return dataset
 
 
 def packed_sequences(config: Config) -> bool:
@@ -68,9 +69,12 @@ def build_references(config: Config, policy_chunks: list, context: StepContext, 
     if mode == "precomputed":
         train_set, eval_set = datasets
         train_ref = PrecomputedReference(config.reference.path, train_set.identity)
+        check_starting_model(train_ref.meta.get("starting_model"), config, config.reference.path)
         eval_ref = None
         if eval_set is not None and config.reference.eval_path:
             eval_ref = PrecomputedReference(config.reference.eval_path, eval_set.identity)
+            path = config.reference.eval_path
+            check_starting_model(eval_ref.meta.get("starting_model"), config, path)
         return train_ref, eval_ref
     return None, None
 
@@ -101,12 +105,42 @@ class Trainer:
         self.groups = init_model_parallel(config.execution, seed=config.train.seed)
         self.dp_rank = dist.get_rank(self.groups.dp)
         self.dp_size = dist.get_world_size(self.groups.dp)
+        run_dir = config.logging.run_dir
+        run_files.check_writable(run_dir)  # before anything is built or trained
+        self.lock = claim_run_dir(run_dir)
+        try:
+            self._prepare(config)
+        except BaseException:
+            self.close()
+            raise
+
+    def _prepare(self, config: Config) -> None:
+        """Everything but the lock: where to start, data, model, optimizer, resumed state."""
+        self.resume_from = run_files.resume_point(config.logging.run_dir, config.checkpoint.resume)
         if dist.get_rank() == 0:
             print(f"[megatron_adadpo] resolved config:\n{config.to_yaml()}", flush=True)
+            for notice in config.notices:
+                print(f"[megatron_adadpo] notice: {notice}", flush=True)
         self.dataset = load_dataset(config)
         eval_set = load_dataset(config, eval_split=True) if config.eval.interval else None
         self.total_steps = total_steps(config, self.dataset)
-        self.context = StepContext(config.loss, config.model.vocab_size, self.groups)
+        start = run_files.step_of(self.resume_from.name) if self.resume_from else 0
+        self.finished = start >= self.total_steps
+        if self.finished:
+            return
+        saved, saved_schedule = None, None
+        if self.resume_from is not None:
+            saved, saved_schedule = checkpoints.read_saved_state(self.resume_from, config.model)
+        self.state = saved or resume.initial_state(config, self.dataset.identity)
+        self.batches = step_batches(
+            config, self.dataset, self._dp(), self.state["consumed_samples"], cp=self._cp()
+        )
+        if saved is not None:
+            per_epoch = self.batches.sampler.samples_per_epoch
+            resume.check_run_state(
+                saved, config, self.dataset.identity, per_epoch, self.resume_from
+            )
+        self.context = StepContext.from_config(config, self.groups)
         chunks = build_policy(config)
         self.reference, eval_reference = build_references(
             config, chunks, self.context, (self.dataset, eval_set)
@@ -114,14 +148,14 @@ class Trainer:
         self.policy = wrap_ddp(chunks, config.optimizer)
         self.optimizer = build_optimizer(self.policy, config.optimizer, config.execution.bf16)
         self.scheduler = build_scheduler(
-            self.optimizer, config.optimizer, self.total_steps, config.train.global_batch_size
+            self.optimizer,
+            config.optimizer,
+            self.total_steps,
+            config.train.global_batch_size,
+            override=config.checkpoint.override_scheduler,
         )
-        self.state = {"step": 0, "consumed_samples": 0, "dataset_identity": self.dataset.identity}
-        if config.checkpoint.resume:
-            self._resume()
-        self.batches = step_batches(
-            config, self.dataset, self._dp(), self.state["consumed_samples"], cp=self._cp()
-        )
+        if saved is not None:
+            self._resume(saved_schedule)
         self.evaluator = None
         if eval_set is not None:
             self.evaluator = Evaluator(
@@ -134,17 +168,28 @@ class Trainer:
     def _cp(self) -> tuple[int, int]:
         return dist.get_rank(self.groups.cp), dist.get_world_size(self.groups.cp)
 
-    def _resume(self) -> None:
-        where = checkpoints.latest_checkpoint(self.config.logging.run_dir)
-        if where is None:
-            return
-        self.state = checkpoints.load_training(
-            where, self.policy, self.optimizer, self.scheduler, self.config.model
-        )
-        checkpoints.check_resume_data(self.state, self.dataset.identity, where)
+    def _resume(self, saved_schedule: dict) -> None:
+        """Load the checked checkpoint (model, optimizer, RNG) and its schedule."""
+        where, config = self.resume_from, self.config
+        if not config.checkpoint.override_scheduler:
+            resume.check_schedule(
+                saved_schedule, self.scheduler.state_dict(), where, self.state["step"]
+            )
+        configured = group_schedules(self.optimizer)
+        checkpoints.load_training(where, self.policy, self.optimizer)
+        if config.checkpoint.override_scheduler:
+            set_group_schedules(self.optimizer, configured)
+        self.scheduler.load_state_dict(saved_schedule)
+        self.state.update(seed=config.train.seed, optimizer_layout=resume.optimizer_layout(config))
         if dist.get_rank() == 0:
             step = self.state["step"]
             print(f"[megatron_adadpo] resumed from {where} at step {step}", flush=True)
+
+    def close(self) -> None:
+        """Release the run directory (idempotent)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def save(self) -> None:
         checkpoints.save_training(
@@ -160,14 +205,35 @@ class Trainer:
 
     def train(self) -> None:
         """Run the remaining steps; save at the configured interval, on SIGTERM and at the end."""
+        try:
+            if self.finished:
+                self._report_finished()
+            else:
+                self._train()
+        finally:
+            self.close()
+
+    def _report_finished(self) -> None:
+        if dist.get_rank() == 0:
+            print(
+                f"[megatron_adadpo] {self.config.logging.run_dir} is finished: its latest "
+                f"checkpoint {self.resume_from.name} is at or past the last step "
+                f"({self.total_steps}); nothing to train, no file changed (to train further, "
+                "raise train.train_iters or train.epochs with checkpoint.override_scheduler=true)",
+                flush=True,
+            )
+
+    def _train(self) -> None:
         config = self.config
+        active = is_logging_rank()
         logger = MetricsLogger(
             config.logging.run_dir,
             self.total_steps,
             config.logging.tensorboard,
             config.logging.progress,
-            active=is_logging_rank(),
+            active=active,
             start_step=self.state["step"],
+            wandb=wandb_settings(config.logging, config.to_dict()) if active else None,
         )
         preemption = Preemption()
         stopped = False

@@ -1,10 +1,17 @@
-"""Vocab-parallel log-probs vs a full-vocab fp64 log_softmax; CP split vs CP = 1."""
+"""Vocab-parallel log-probs vs a full-vocab fp64 log_softmax; CP split vs CP = 1; the
+vocab-parallel mean logit (TRL's ``logits/*`` metrics) vs a full-vocabulary mean."""
 
 import pytest
 import torch
 
+import megatron_adadpo.logprobs as logprobs_module
 from megatron_adadpo.layout import ExecutionConfig
-from megatron_adadpo.logprobs import sequence_logprobs, token_logprobs
+from megatron_adadpo.logprobs import (
+    sequence_logprobs,
+    sequence_mean_logits,
+    shard_logit_sums,
+    token_logprobs,
+)
 from megatron_adadpo.platform import distributed as parallel
 from megatron_adadpo.platform.megatron import parallel_state
 from tests.launcher import run_ranks
@@ -152,3 +159,34 @@ def test_vocab_padding_rows_leave_the_softmax(tp):
         torch.testing.assert_close(logps.double()[m], ref.detach()[m], atol=2e-6, rtol=0)
         full_grad = torch.nn.functional.pad(full.grad, (0, V - vocab_size))
         torch.testing.assert_close(grad.double(), full_grad.chunk(tp, -1)[rank], atol=2e-6, rtol=0)
+
+
+def _mean_logit_rank(rank, world, vocab_size, chunk):
+    parallel.init_model_parallel(ExecutionConfig(tp=world))
+    logits, _, mask, _ = _inputs()
+    logits[..., vocab_size:] = 1e4  # Megatron's TP padding columns: must not count
+    shard = logits.float().chunk(world, dim=-1)[parallel_state.get_tensor_model_parallel_rank()]
+    whole = shard_logit_sums(shard, vocab_size)  # [s, b], no communication
+    logprobs_module._UPCAST_ELEMENTS = 7  # fp32 upcast one token at a time (forked rank only)
+    # a chunked output layer: the same per-token sums, one [c, b, v/tp] slice at a time
+    chunks = torch.cat([shard_logit_sums(c, vocab_size) for c in shard.split(chunk)], dim=0)
+    sums, counts = sequence_mean_logits(whole.t(), mask, vocab_size)
+    chunked_sums, _ = sequence_mean_logits(chunks.t(), mask, vocab_size)
+    return sums, counts, chunked_sums
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_mean_logit_is_vocab_parallel_and_excludes_padding(tp):
+    """TP2: shard 1 is half padding; TP4 (vocab 40 of 64): rank 3 holds only padding."""
+    vocab_size = 40
+    logits, _, mask, _ = _inputs()
+    mean_logit = logits[..., :vocab_size].mean(-1).t()  # [b, s], full vocabulary, fp64
+    ref_sums = (mean_logit * mask).sum(-1)
+    for sums, counts, chunked in run_ranks(_mean_logit_rank, tp, vocab_size, 5):
+        torch.testing.assert_close(sums.double(), ref_sums, atol=1e-5, rtol=1e-6)
+        torch.testing.assert_close(chunked, sums, atol=1e-6, rtol=0)
+        assert torch.equal(counts, mask.sum(-1).float())
+    # TRL's logits/chosen over a batch: the token-weighted mean
+    assert float(ref_sums.sum() / mask.sum()) == pytest.approx(
+        float(mean_logit[mask.bool()].mean()), rel=1e-12
+    )

@@ -10,25 +10,23 @@ import pytest
 
 from megatron_adadpo import train
 from megatron_adadpo.run import checkpoints as checkpointing
-from megatron_adadpo.run import precompute, step, trainer
-from tests.distributed.train_harness import REPO, losses, overrides, read_metrics, run_trainer
+from megatron_adadpo.run import precompute, step
+from megatron_adadpo.run.run_dir import latest_checkpoint
+from tests.distributed.train_harness import (
+    argv,
+    kill_in_step,
+    losses,
+    read_metrics,
+    run_trainer,
+)
 from tests.launcher import RankFailed, run_ranks
 
 pytestmark = pytest.mark.distributed
-
-CONFIG = str(REPO / "examples/configs/quickstart.yaml")
 
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("data_cache")
-
-
-def argv(run_dir, cache_dir, *extra):
-    out = ["--config", CONFIG]
-    for item in overrides(run_dir, cache_dir, list(extra)):
-        out += ["--set", item]
-    return out
 
 
 def test_precomputed_reference_equals_resident(tmp_path, cache_dir):
@@ -75,26 +73,13 @@ def test_precomputed_reference_for_other_data_is_refused(tmp_path, cache_dir):
         )
 
 
-def _kill_in_step(rank, world, args, kill_step):
-    """Run the trainer; SIGKILL this process in the middle of step ``kill_step``."""
-    real_train_step = trainer.train_step
-
-    def dying_train_step(*a, **kw):
-        if kw["step"] == kill_step:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real_train_step(*a, **kw)
-
-    trainer.train_step = dying_train_step
-    train.main(args)
-
-
 def test_resume_after_sigkill_matches_uninterrupted(tmp_path, cache_dir):
     common = ["execution.tp=2", "train.train_iters=6", "checkpoint.save_interval=3"]
     run_ranks(run_trainer, 2, argv(tmp_path / "full", cache_dir, *common))
     run_dir = tmp_path / "killed"
     with pytest.raises(RankFailed):
-        run_ranks(_kill_in_step, 2, argv(run_dir, cache_dir, *common), 4)
-    assert checkpointing.latest_checkpoint(run_dir).name == "iter_0000003"
+        run_ranks(kill_in_step, 2, argv(run_dir, cache_dir, *common), 4)
+    assert latest_checkpoint(run_dir).name == "iter_0000003"
     run_ranks(run_trainer, 2, argv(run_dir, cache_dir, *common))
     full = losses(tmp_path / "full")
     resumed = [r["loss"] for r in read_metrics(run_dir) if r["split"] == "train"]
@@ -103,10 +88,11 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path, cache_dir):
 
 
 def _kill_during_save(rank, world, args, kill_at):
+    """Run the trainer; SIGKILL this process half-way through writing ``iter_{kill_at}``."""
     real_save = checkpointing.dist_checkpointing.save
 
     def dying_save(state, directory, *a, **kw):
-        if directory.endswith(f"iter_{kill_at:07d}"):
+        if os.path.basename(directory).startswith(f"iter_{kill_at:07d}"):
             os.makedirs(directory, exist_ok=True)
             open(os.path.join(directory, "partial"), "w").write("half written")
             os.kill(os.getpid(), signal.SIGKILL)
@@ -116,17 +102,33 @@ def _kill_during_save(rank, world, args, kill_at):
     train.main(args)
 
 
-def test_crash_during_save_keeps_previous_checkpoint(tmp_path, cache_dir):
-    common = ["train.train_iters=6", "checkpoint.save_interval=2"]
-    run_dir = tmp_path / "run"
+def _files(directory):
+    return {
+        str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()
+    }
+
+
+def test_crash_during_save_keeps_every_complete_checkpoint(tmp_path, cache_dir):
+    common = ["train.train_iters=4", "checkpoint.save_interval=2", "checkpoint.save_at_end=true"]
+    run_dir, root = tmp_path / "run", tmp_path / "run" / "checkpoints"
     with pytest.raises(RankFailed):
         run_ranks(_kill_during_save, 1, argv(run_dir, cache_dir, *common), 4)
-    latest = checkpointing.latest_checkpoint(run_dir)
-    assert latest.name == "iter_0000002"
+    assert latest_checkpoint(run_dir).name == "iter_0000002"
     run_ranks(run_trainer, 1, argv(run_dir, cache_dir, *common))  # resumes from step 2
     steps = [r["step"] for r in read_metrics(run_dir) if r["split"] == "train"]
-    assert steps == [1, 2, 3, 4, 3, 4, 5, 6]
-    assert checkpointing.latest_checkpoint(run_dir).name == "iter_0000004"
+    assert steps == [1, 2, 3, 4]  # steps 3-4 of the killed run are not logged twice
+    assert latest_checkpoint(run_dir).name == "iter_0000004"
+    # A user points latest back at step 2; the re-save of the complete iter_4 is killed.
+    complete = _files(root / "iter_0000004")
+    (root / "latest").write_text("iter_0000002\n")
+    with pytest.raises(RankFailed):
+        run_ranks(_kill_during_save, 1, argv(run_dir, cache_dir, *common), 4)
+    assert _files(root / "iter_0000004") == complete
+    assert latest_checkpoint(run_dir).name == "iter_0000002"
+    run_ranks(run_trainer, 1, argv(run_dir, cache_dir, *common))
+    assert latest_checkpoint(run_dir).name == "iter_0000004"
+    names = sorted(p.name for p in root.iterdir())
+    assert names == ["iter_0000002", "iter_0000004", "latest"]  # no .partial / .replaced left
 
 
 def test_checkpoint_of_another_model_shape_is_refused(tmp_path, cache_dir):
@@ -136,7 +138,7 @@ def test_checkpoint_of_another_model_shape_is_refused(tmp_path, cache_dir):
         1,
         argv(run_dir, cache_dir, "train.train_iters=1", "checkpoint.save_at_end=true"),
     )
-    with pytest.raises(RankFailed, match="another model shape"):
+    with pytest.raises(RankFailed, match="holds another model"):
         run_ranks(
             run_trainer,
             1,

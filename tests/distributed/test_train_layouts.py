@@ -37,6 +37,16 @@ LAYOUTS = {
         2,
         ["optimizer.use_distributed_optimizer=true", "optimizer.overlap_grad_reduce=true"],
     ),
+    "pp2_vpp2_distributed_optimizer_param_gather": (  # align_param_gather: test_param_gather.py
+        2,
+        [
+            "execution.pp=2",
+            "execution.vpp=2",
+            "optimizer.use_distributed_optimizer=true",
+            "optimizer.overlap_grad_reduce=true",
+            "optimizer.overlap_param_gather=true",
+        ],
+    ),
 }
 
 
@@ -95,6 +105,9 @@ def test_layout_matches_single_rank(layout, tmp_path, cache_dir, baseline):
     assert abs(norm - ref_norm) <= 1e-5 * ref_norm, f"{layout}: grad norm {norm} vs {ref_norm}"
     for step, (a, b) in enumerate(zip(traj, ref_traj, strict=True), start=1):
         assert abs(a - b) <= 1e-4 * max(1.0, abs(b)), f"{layout}: step {step} loss {a} vs {b}"
+    for key in ("logits/chosen", "logits/rejected"):  # step 1: the same weights everywhere
+        a, b = rows[0][key], ref_rows[0][key]
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), f"{layout}: {key} {a} vs {b}"
 
 
 def test_padded_vocab_does_not_change_loss_or_gradients(tmp_path, cache_dir):
@@ -106,12 +119,15 @@ def test_padded_vocab_does_not_change_loss_or_gradients(tmp_path, cache_dir):
         grads = run_ranks(first_step_gradients, tp, argv, timeout=240)[0]
         argv = _argv(tmp_path, cache_dir, [*extra, f"execution.tp={tp}"], f"traj{tp}")
         run_ranks(run_trainer, tp, argv, timeout=240)
-        results[tp] = grads, [r["loss"] for r in read_metrics(tmp_path / f"traj{tp}")]
-    (g1, l1), (g2, l2) = results[1], results[2]
+        results[tp] = grads, read_metrics(tmp_path / f"traj{tp}")
+    (g1, rows1), (g2, rows2) = results[1], results[2]
     for name, ref in g1.items():
         assert (g2[name] - ref).norm() <= 1e-5 * ref.norm(), name
+    l1, l2 = [r["loss"] for r in rows1], [r["loss"] for r in rows2]
     assert l1[0] == pytest.approx(math.log(2), abs=1e-6)
     assert l2 == pytest.approx(l1, rel=1e-5)
+    for key in ("logits/chosen", "logits/rejected"):  # mean over the true 650, not 672 / 704
+        assert [r[key] for r in rows2] == pytest.approx([r[key] for r in rows1], rel=1e-5)
 
 
 def test_baseline_learns(baseline):

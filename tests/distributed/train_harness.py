@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import torch
@@ -48,8 +50,34 @@ def overrides(run_dir: Path, cache_dir: Path, extra: list[str]) -> list[str]:
     ]
 
 
+QUICKSTART = str(REPO / "examples/configs/quickstart.yaml")
+
+
+def argv(run_dir: Path, cache_dir: Path, *extra: str) -> list[str]:
+    """The trainer's command line: the quickstart config, ``TINY_OVERRIDES`` and ``extra``."""
+    out = ["--config", QUICKSTART]
+    for item in overrides(run_dir, cache_dir, list(extra)):
+        out += ["--set", item]
+    return out
+
+
 def run_trainer(rank: int, world: int, argv: list[str]) -> None:
     """Rank body: the trainer's own ``main``."""
+    train.main(argv)
+
+
+def kill_in_step(rank: int, world: int, argv: list[str], kill_step: int) -> None:
+    """Rank body: the trainer's ``main``, SIGKILL-ed in the middle of step ``kill_step``."""
+    from megatron_adadpo.run import trainer
+
+    real_train_step = trainer.train_step
+
+    def dying_train_step(*a, **kw):
+        if kw["step"] == kill_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_train_step(*a, **kw)
+
+    trainer.train_step = dying_train_step
     train.main(argv)
 
 
@@ -69,10 +97,18 @@ def first_step_gradients(rank: int, world: int, argv: list[str]) -> dict | None:
     gated fc1's ``[gate; up]`` halves handled), collected over pipeline stages, keyed by global
     parameter name, in fp64 — comparable across every layout.
     """
+    result = first_step(rank, world, argv)
+    return None if result is None else result["grads"]
+
+
+def first_step(rank: int, world: int, argv: list[str]) -> dict | None:
+    """``first_step_gradients`` plus, on rank 0, the step's per-sequence values: ``{"grads",
+    "losses" (per pair, every micro-batch of the last stage's DP ranks), "metrics" (the step's
+    reduced metrics), "reference_logps" (per sequence, or None)}``."""
     from functools import partial
 
     from megatron_adadpo.config import check_world_size, load_config
-    from megatron_adadpo.run.step import forward_step, run_schedule
+    from megatron_adadpo.run.step import forward_step, reduce_reports, run_schedule
     from megatron_adadpo.run.trainer import Trainer
 
     args = train.parse_args(argv)
@@ -82,8 +118,24 @@ def first_step_gradients(rank: int, world: int, argv: list[str]) -> dict | None:
     batches = trainer.batches.next_step()
     if trainer.reference is not None:
         trainer.reference.attach(batches)
-    run_schedule(trainer.policy, batches, partial(forward_step, trainer.context), False)
-    return _gather_full_grads(trainer.policy, config.model.vocab_size)
+    reports = run_schedule(trainer.policy, batches, partial(forward_step, trainer.context), False)
+    metrics = reduce_reports(reports, trainer.groups.dp)
+    local = {
+        "losses": [r["losses"] for r in reports],
+        "metrics": {k: v.double() for k, v in metrics.items()},
+        "reference_logps": [b.get("reference_logps") for b in batches] if reports else [],
+    }
+    grads = _gather_full_grads(trainer.policy, config.model.vocab_size)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    if dist.get_rank() != 0:
+        return None
+    merged = {"grads": grads, "losses": [], "metrics": {}, "reference_logps": []}
+    for part in gathered:
+        merged["losses"] += part["losses"]
+        merged["metrics"] = merged["metrics"] or part["metrics"]
+        merged["reference_logps"] += part["reference_logps"]
+    return merged
 
 
 def train_capturing_step_one(rank: int, world: int, argv: list[str]) -> dict:

@@ -31,6 +31,8 @@ def _error_lines(stderr: str) -> list[str]:
         ["tools/precompute_reference.py", "--config", CONFIG, "--output", "x",
          "--set", "loss.beta=-1"],
         ["tools/plan.py", "--recipe", CONFIG, "--set", "execution.tp=3"],
+        ["tools/generate.py", "--checkpoint", "examples/checkpoints/sft_tiny",
+         "--prompts", "missing.jsonl", "--output", "x.jsonl"],
     ],
 )  # fmt: skip
 def test_config_error_is_one_line(args):
@@ -40,11 +42,32 @@ def test_config_error_is_one_line(args):
     assert len(_error_lines(out.stderr)) == 1, out.stderr
 
 
-def test_config_error_under_torchrun_is_printed_once():
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (["execution.tp=3"], "execution.tp=3 must divide"),
+        (
+            ["train.train_iters=abc"],
+            "train.train_iters='abc' must be an integer",
+        ),  # was a traceback
+        (["model.rope_scaling={factr: 8}"], "model.rope_scaling: unknown keys ['factr']"),
+    ],
+)
+def test_config_error_under_torchrun_is_printed_once(sets, message):
     args = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    args += ["-m", "megatron_adadpo.train", "--config", CONFIG, "--set", "execution.tp=3"]
-    out = _run(args)
+    args += ["-m", "megatron_adadpo.train", "--config", CONFIG]
+    out = _run(args + [x for s in sets for x in ("--set", s)])
     assert out.returncode != 0
     lines = _error_lines(out.stderr)
-    assert len(lines) == 1 and "execution.tp=3 must divide" in lines[0], out.stderr
+    assert len(lines) == 1 and message in lines[0], out.stderr
     assert "megatron_adadpo/" not in out.stderr  # no traceback through the package
+
+
+def test_yaml_syntax_error_names_the_file(tmp_path):
+    bad = tmp_path / "run.yaml"
+    bad.write_text("model:\n  num_layers: 2\n   hidden_size: 3\n")
+    out = _run(["-m", "megatron_adadpo.train", "--config", str(bad)])
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert _error_lines(out.stderr) == [
+        f"error: {bad}: YAML syntax error at line 3, column 15: mapping values are not allowed here"
+    ]

@@ -40,7 +40,7 @@ def tiny_config(tmp_path: Path, **sections) -> Path:
             make_vocab_size_divisible_by=64,
         ),
         "execution": dict(tp=1, transformer_impl="local"),
-        "loss": dict(name="dpo", beta=0.1, adaptive=True, clip_max=2.0),
+        "loss": dict(name="adadpo", beta=0.1, clip_max=2.0),
         "data": dict(
             inputs=[str(DATA / "prefs_train.jsonl")],
             tokenizer=str(DATA / "tokenizer"),
@@ -107,6 +107,14 @@ def test_single_node_dry_run_prints_command_and_plan(tmp_path):
     assert "--set loss.beta=0.05" in r.stdout
     assert "layout: TP1 x PP1 x CP1 x DP2" in r.stdout and "verdict: FITS" in r.stdout
     assert not (tmp_path / "run").exists()  # nothing launched
+
+
+@pytest.mark.parametrize("typo", [["--dryrun"], ["--conifg", "x.yaml"], ["extra"]])
+def test_mistyped_argument_is_refused_not_launched(tmp_path, typo):
+    cfg = tiny_config(tmp_path)
+    r = run_script("single_node.sh", "--config", cfg, *typo)
+    assert r.returncode == 64 and f"unknown argument '{typo[0]}'" in r.stderr, r.stderr
+    assert "torch.distributed.run" not in r.stdout and not (tmp_path / "run").exists()
 
 
 def test_multi_node_dry_run_and_missing_variables(tmp_path):

@@ -2,7 +2,9 @@
 
 HF Llama (transformers, random weights, the bundled tokenizer) -> tools/convert_hf_to_megatron.py
 -> ``train.init_checkpoint`` loaded at TP=2 -> the first step's mean chosen / rejected
-completion log-probs equal the same pairs scored by ``LlamaForCausalLM`` in fp64 on the host.
+completion log-probs, and TRL's ``logits/*`` (mean logit over the full vocabulary per completion
+token, here computed from TP shards), equal the same pairs scored by ``LlamaForCausalLM`` in
+fp64 on the host.
 """
 
 import shutil
@@ -61,6 +63,14 @@ def _completion_logps(model, ids: list, prompt_length: int) -> float:
     return float(token[prompt_length - 1 :].sum())  # labels of completion tokens (EOS too)
 
 
+@torch.no_grad()
+def _completion_logit_sum(model, ids: list, prompt_length: int) -> tuple[float, int]:
+    """(sum over completion-token positions of the mean logit over the vocabulary, count)."""
+    logits = model(input_ids=torch.tensor([ids])).logits.double()[0, :-1]
+    mean = logits.mean(-1)[prompt_length - 1 :]
+    return float(mean.sum()), mean.numel()
+
+
 def test_step1_logprobs_from_converted_hf_equal_hf_model(tmp_path):
     hf_dir = tmp_path / "hf"
     hf_dir.mkdir()
@@ -113,6 +123,7 @@ def test_step1_logprobs_from_converted_hf_equal_hf_model(tmp_path):
         max_length=64,
         max_prompt_length=32,
         cache_dir=str(tmp_path / "cache"),
+        chat_template="always",  # as the quickstart config
     )
     dataset = load_preference_dataset(data)
     sampler = iter(PreferenceSampler(len(dataset), 8, 2, 0, 1, seed=1234))
@@ -121,3 +132,7 @@ def test_step1_logprobs_from_converted_hf_equal_hf_model(tmp_path):
     rejected = [_completion_logps(hf, list(p["rejected_ids"]), p["prompt_length"]) for p in pairs]
     assert row["logps/chosen"] == pytest.approx(sum(chosen) / 8, rel=1e-5)
     assert row["logps/rejected"] == pytest.approx(sum(rejected) / 8, rel=1e-5)
+    for key in ("chosen", "rejected"):
+        sums = [_completion_logit_sum(hf, list(p[f"{key}_ids"]), p["prompt_length"]) for p in pairs]
+        tokens = sum(n for _, n in sums)
+        assert row[f"logits/{key}"] == pytest.approx(sum(s for s, _ in sums) / tokens, abs=1e-6)

@@ -48,16 +48,30 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
-def test_torchrun_two_processes_trains_and_checkpoints(tmp_path):
-    run_dir = tmp_path / "run"
-    out = subprocess.run(
-        _cmd(run_dir, tmp_path / "cache", "train.train_iters=3"),
+def _launch(run_dir, cache, *extra):
+    return subprocess.run(
+        _cmd(run_dir, cache, *extra),
         cwd=REPO,
         env=_env(),
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+def _files(directory: Path) -> dict:
+    return {
+        str(p.relative_to(directory)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in directory.rglob("*")
+        if p.is_file() and p.name != "run.lock"
+    }
+
+
+def test_torchrun_two_processes_trains_and_checkpoints(tmp_path):
+    """Trains and saves; the same command again (a Slurm requeue) says the run is finished,
+    exits 0 and changes nothing."""
+    run_dir = tmp_path / "run"
+    out = _launch(run_dir, tmp_path / "cache", "train.train_iters=3")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "resolved config" in out.stdout
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -67,6 +81,11 @@ def test_torchrun_two_processes_trains_and_checkpoints(tmp_path):
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     assert latest == "iter_0000003"
     assert (run_dir / "checkpoints" / latest / "config.yaml").is_file()
+    before = _files(run_dir)
+    again = _launch(run_dir, tmp_path / "cache", "train.train_iters=3")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"{run_dir} is finished" in again.stdout and "nothing to train" in again.stdout
+    assert _files(run_dir) == before
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):

@@ -9,7 +9,8 @@ import torch
 
 from megatron_adadpo.losses import LossConfig, preference_loss
 
-FAMILIES = ("dpo", "ipo", "simpo", "rdpo", "cpo", "orpo")
+FAMILIES = ("dpo", "ipo", "simpo", "rdpo", "cpo", "orpo", "robust")
+REFERENCE_FAMILIES = ("dpo", "ipo", "rdpo", "robust")
 SPACES = ("reference", "policy")
 NORMALIZES = ("token_mean", "sequence")
 PLACEMENTS = ("chosen", "rejected", "split")
@@ -33,7 +34,7 @@ def ref_log_rho(name, x, space="reference", normalize="token_mean"):
     if name == "orpo":
         bw, bl = lw / nw, ll / nl
         return (bw + ref_log1mexp(bw)) - (bl + ref_log1mexp(bl))
-    if name in ("dpo", "ipo", "rdpo") and space == "reference":
+    if name in REFERENCE_FAMILIES and space == "reference":
         sw, sl = lw - x["rw"], ll - x["rl"]
     else:
         sw, sl = lw, ll
@@ -61,16 +62,21 @@ def ref_loss(name, x, a=1.0, b=1.0, cfg=None):
     cfg = cfg or LossConfig(name=name)
     lw, ll, nw, nl = x["lw"], x["ll"], x["nw"].to(F64), x["nl"].to(F64)
     beta = cfg.beta
-    if name in ("dpo", "rdpo", "ipo"):
+    if name in REFERENCE_FAMILIES:
         hw, hl = lw - x["rw"], ll - x["rl"]
     if name == "dpo":
         z = beta * (a * hw - b * hl)
         eps = cfg.label_smoothing
         return -(1 - eps) * ref_logsig(z) - eps * ref_logsig(-z)
+    if name == "robust":  # TRL's loss_type="robust" (Chowdhury et al. 2024)
+        z = beta * (a * hw - b * hl)
+        eps = cfg.label_smoothing
+        return (-(1 - eps) * ref_logsig(z) + eps * ref_logsig(-z)) / (1 - 2 * eps)
     if name == "rdpo":
         return -ref_logsig(beta * (a * hw - b * hl) + cfg.rdpo_alpha * (nw - nl))
     if name == "ipo":
-        return (a * hw / nw - b * hl / nl - 1 / (2 * cfg.ipo_tau)) ** 2
+        tau = beta if cfg.ipo_tau is None else cfg.ipo_tau  # None: TRL's beta-as-tau
+        return (a * hw / nw - b * hl / nl - 1 / (2 * tau)) ** 2
     if name == "simpo":
         return -ref_logsig(beta * (a * lw / nw - b * ll / nl) - cfg.simpo_gamma)
     if name == "cpo":

@@ -58,6 +58,8 @@ def test_masks_on_bundled_data(tmp_path):
         max_length=64,
         max_prompt_length=32,
         cache_dir=str(tmp_path),
+        chat_template="always",
+        chat_template_tail="strip",  # every completion ends at EOS
     )
     ds = load_preference_dataset(cfg)
     pad = ds.pad_id
@@ -101,5 +103,5 @@ def test_pad_multiple():
     assert pad_multiple(4, 1, False) == 1  # no sequence parallel: any length works
     assert pad_multiple(4, 1, True) == 4
     assert pad_multiple(2, 2, False) == 4
-    assert pad_multiple(4, 2, True) == 4
+    assert pad_multiple(4, 2, True) == 8  # (S/CP) % TP: tests/unit/test_layout_padding.py
     assert pad_multiple(6, 2, True) == 12

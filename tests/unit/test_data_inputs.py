@@ -2,6 +2,8 @@
 
 The expected token ids are built here by hand: the bundled chat template written out as a
 string and encoded with the raw `tokenizers.Tokenizer` (not transformers' apply_chat_template).
+Every row is templated and ends at EOS (`chat_template: always`, `chat_template_tail: strip`);
+the TRL conventions (`auto`, `keep`) are tested in test_data_trl_tokenization.py.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ def load(tmp_path, inputs, **kw):
         max_length=128,
         max_prompt_length=64,
         cache_dir=str(tmp_path / "cache"),
+        chat_template=kw.pop("chat_template", "always"),
+        chat_template_tail=kw.pop("chat_template_tail", "strip"),
         **kw,
     )
     return load_preference_dataset(cfg)
@@ -159,6 +163,7 @@ BAD_LINES = [
     (b"", None),  # blank lines are not rows
     (b'{"prompt": "x", "chosen": "\\ud800", "rejected": "b"}', "undecodable_text"),
     (b'{"prompt": "<s>x", "chosen": "a", "rejected": "b"}', "double_bos"),
+    (b'{"prompt": "x", "chosen": "a</s>b", "rejected": "b"}', "control_token"),
     (
         b'{"chosen": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "a"}], '
         b'"rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]}',
@@ -218,6 +223,18 @@ def test_bad_rows_in_parquet_and_json_array_report_row_index(tmp_path):
         ("z.json", "line", 3, "malformed_json"),
     ]
     assert report.pairs_written == 2
+
+
+def test_utf8_byte_order_mark_costs_no_row(tmp_path):
+    """Windows editors start UTF-8 files with a BOM; every row must still be read."""
+    rows = string_rows(3)
+    bom = "\ufeff"
+    (tmp_path / "a.jsonl").write_text(bom + "".join(json.dumps(r) + "\n" for r in rows), "utf-8")
+    (tmp_path / "b.json").write_text(bom + json.dumps(rows), "utf-8")
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), "utf-8")
+    with_bom = load(tmp_path, [tmp_path / "a.jsonl", tmp_path / "b.json"])
+    without = load(tmp_path, [tmp_path / "c.jsonl", tmp_path / "c.jsonl"])
+    assert len(with_bom) == 6 and as_lists(with_bom) == as_lists(without)
 
 
 def test_row_rejected_carries_reason_and_detail_across_processes():

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -54,10 +55,16 @@ def test_cli_writes_manifest_and_rerun_is_a_noop(tmp_path, tool, capsys):
         "48",
         "--max-prompt-length",
         "24",
+        "--chat-template",
+        "always",
         "--quiet",
     ]
     assert tool.main(argv) == 0
     m = json.loads((out / "manifest.json").read_text())
+    assert (m["settings"]["chat_template"], m["settings"]["chat_template_tail"]) == (
+        "always",
+        "keep",
+    )
     sha = lambda p: hashlib.sha256(Path(p).read_bytes()).hexdigest()  # noqa: E731
     assert [i["sha256"] for i in m["inputs"]] == [sha(TRAIN), sha(EVAL)]
     assert m["num_pairs"] == 464 == m["counts"]["pairs_written"] == m["counts"]["rows_read"]
@@ -70,11 +77,51 @@ def test_cli_writes_manifest_and_rerun_is_a_noop(tmp_path, tool, capsys):
     assert tool.main(argv) == 0
     assert "up to date" in capsys.readouterr().out
     assert {n: os.stat(out / n).st_mtime_ns for n in os.listdir(out)} == before
-    # A changed input is rebuilt.
-    changed = tmp_path / "train.jsonl"
-    changed.write_text(Path(TRAIN).read_text().splitlines()[0] + "\n")
-    assert tool.main(argv[:1] + [str(changed)] + argv[3:]) == 0
+
+
+def test_cli_output_rules(tmp_path, tool, capsys):
+    """--output is rebuilt when its inputs' contents changed; another dataset is replaced only
+    with --force; a user's files, an input directory and a dead run's partial are handled."""
+    data = tmp_path / "data"
+    data.mkdir()
+    train = data / "train.jsonl"
+    train.write_text(Path(TRAIN).read_text())
+    out = tmp_path / "out"
+    argv = ["--input", str(train), "--tokenizer", TOK, "--output", str(out), "--quiet"]
+    stale = tmp_path / f"out.partial-{os.uname().nodename}-{_dead_pid()}-abc"
+    stale.mkdir()
+    live = tmp_path / f"out.partial-{os.uname().nodename}-{os.getpid()}-abc"
+    live.mkdir()
+    assert tool.main(argv) == 0
+    assert not stale.exists() and live.exists()  # a dead writer's leftovers only
+    train.write_text(Path(TRAIN).read_text().splitlines()[0] + "\n")  # same input, edited
+    assert tool.main(argv) == 0
     assert json.loads((out / "manifest.json").read_text())["num_pairs"] == 1
+    other = argv[:1] + [EVAL] + argv[2:]
+    for args, message in [
+        (other, "holds another preprocessed dataset (its names differ"),
+        (argv[:5] + [str(data)] + argv[6:], "is (or contains) the input"),
+        (argv[:1] + [str(data)] + argv[2:5] + [str(data)] + argv[6:], "is (or contains)"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            tool.main(args)
+    assert json.loads((out / "manifest.json").read_text())["num_pairs"] == 1
+    assert tool.main(other + ["--force"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["num_pairs"] == 64
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "manifest.json").write_text('{"mine": true}')
+    with pytest.raises(ValueError, match="holds files that are not|not a preprocessed"):
+        tool.main(argv[:5] + [str(user)] + argv[6:])
+    assert (user / "manifest.json").read_text() == '{"mine": true}'
+
+
+def _dead_pid() -> int:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return pid
 
 
 def test_cli_fail_mode_exits_nonzero_with_report(tmp_path, tool):
@@ -137,6 +184,10 @@ def test_preprocessed_dir_is_checked_against_the_config(tmp_path):
         assert all(str(pre[i][k]) == str(fly[i][k]) == str(copy[i][k]) for k in pre[i])
     with pytest.raises(ValueError, match="max_length=64.*data.max_length=128"):
         load_preference_dataset(cfg.replace(preprocessed=str(tmp_path / "pre"), max_length=128))
+    for key, value in (("chat_template", "always"), ("chat_template_tail", "strip")):
+        with pytest.raises(ValueError, match=f"{key}='.*data.{key}='{value}'"):
+            load_preference_dataset(cfg.replace(preprocessed=str(tmp_path / "pre"), **{key: value}))
+        assert cfg.replace(**{key: value}).identity_settings() != cfg.identity_settings()
     with pytest.raises(ValueError, match="tokenizer"):
         load_preference_dataset(
             cfg.replace(
@@ -159,3 +210,17 @@ def test_on_the_fly_cache_is_reused(tmp_path, monkeypatch):
     assert again.directory == first.directory and len(again) == 64
     with pytest.raises(AssertionError):  # other settings -> another cache entry
         load_preference_dataset(cfg.replace(max_length=65))
+
+
+def test_no_surviving_pair_names_the_rows_and_writes_the_report(tmp_path, tool):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p"}\n\n{"prompt": "p", "chosen": "a", "rejected": "a"}\n')
+    argv = ["--input", str(bad), "--tokenizer", TOK, "--output", str(tmp_path / "o"), "--quiet"]
+    with pytest.raises(ValueError, match="no preference pair survived") as err:
+        tool.main(argv)
+    assert f"{bad}:line 1: missing_field" in str(err.value)
+    assert f"{bad}:line 3: chosen_equals_rejected" in str(err.value)
+    report = json.loads((tmp_path / "o" / "data_report.json").read_text())
+    assert [i["index"] for i in report["issues"]] == [1, 3]
+    assert str(tmp_path / "o" / "data_report.json") in str(err.value)
+    assert not (tmp_path / "o" / "manifest.json").exists()

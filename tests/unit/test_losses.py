@@ -54,7 +54,7 @@ def test_coefficient_one_equals_base_form(name, space):
     x["lw"] = (m_pol * x["nw"]).requires_grad_()
     x["ll"] = (m_pol * x["nl"]).requires_grad_()
     x["rw"], x["rl"] = m_ref * x["nw"], m_ref * x["nl"]
-    cfg = LossConfig(name=name, balance_space=space)
+    cfg = LossConfig(name=name, adaptive=True, balance_space=space)
     loss, metrics = call(cfg, x)
     expected = ref_loss(name, x, cfg=cfg)
     close(loss, expected)
@@ -82,6 +82,7 @@ def test_adaptive_forms_match_formula(name, placement):
         x = make_inputs(seed=3)
         cfg = LossConfig(
             name=name,
+            adaptive=True,
             balance_space=space,
             normalize=normalize,
             placement=placement,
@@ -98,7 +99,7 @@ def test_adaptive_forms_match_formula(name, placement):
 
 def test_label_smoothing_formula():
     x = make_inputs()
-    cfg = LossConfig(label_smoothing=0.2, adaptive=False)
+    cfg = LossConfig(name="dpo", label_smoothing=0.2, adaptive=False)
     loss, _ = call(cfg, x)
     z = cfg.beta * ((x["lw"] - x["rw"]) - (x["ll"] - x["rl"]))
     close(loss, -0.8 * ref_logsig(z) - 0.2 * ref_logsig(-z))
@@ -111,6 +112,7 @@ def test_sequence_policy_gradient_balance(name, placement):
     x = make_inputs(scale=0.1)  # |l_w - l_l| of a few nats
     cfg = LossConfig(
         name=name,
+        adaptive=True,
         balance_space="policy",
         normalize="sequence",
         clip_max=None,
@@ -139,7 +141,9 @@ def test_per_token_gradient_balance(space, placement, name):
     pw, pl, rw, rl, nw, nl, mw, ml = per_token_inputs()
     lw, ll = (pw * mw).sum(-1), (pl * ml).sum(-1)
     ref_w, ref_l = (rw * mw).sum(-1), (rl * ml).sum(-1)
-    cfg = LossConfig(name=name, balance_space=space, clip_max=None, placement=placement)
+    cfg = LossConfig(
+        name=name, adaptive=True, balance_space=space, clip_max=None, placement=placement
+    )
     loss, _ = preference_loss(cfg, lw, ll, nw, nl, ref_w, ref_l)
     tok_gw, tok_gl = torch.autograd.grad(loss.sum(), [pw, pl])
     g_w, g_l = tok_gw[:, 0], tok_gl[:, 0]  # every row has >= 1 token
@@ -155,7 +159,7 @@ def test_per_token_gradient_balance(space, placement, name):
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_grad_balance_metric_matches_autograd(name, placement):
     x = make_inputs(seed=7)
-    loss, metrics = call(LossConfig(name=name, placement=placement), x)
+    loss, metrics = call(LossConfig(name=name, adaptive=True, placement=placement), x)
     g_w, g_l, _ = grads(loss, x)
     ratio = g_w.abs() / g_l.abs()
     close(metrics["ada/grad_balance"], torch.stack([ratio.sum(), torch.tensor(6.0, dtype=F64)]))
@@ -247,6 +251,7 @@ def test_long_sequences_finite_in_every_mode(name, dtype):
         lw, ll = sums[0].clone().requires_grad_(), sums[1].clone().requires_grad_()
         cfg = LossConfig(
             name=name,
+            adaptive=True,
             balance_space=space,
             normalize=normalize,
             placement=placement,
@@ -272,7 +277,7 @@ def test_zero_length_pairs_are_excluded_and_counted(name):
         x["lw"][bad] = torch.nan
         x["ll"][bad] = -torch.inf
         x["nll"][bad] = torch.inf
-    cfg = LossConfig(name=name)
+    cfg = LossConfig(name=name, adaptive=True)
     loss, metrics = call(cfg, x)
     assert torch.isfinite(loss).all() and (loss[bad] == 0).all()
     for g in grads(loss, x):
@@ -296,7 +301,7 @@ def test_permutation_permutes_losses_and_coefficients(name):
     x = make_inputs(b=8, seed=2)
     perm = torch.randperm(8, generator=torch.Generator().manual_seed(0))
     xp = {k: v[perm] for k, v in x.items()}
-    cfg = LossConfig(name=name)
+    cfg = LossConfig(name=name, adaptive=True)
     close(call(cfg, x)[0][perm], call(cfg, xp)[0])
 
     def coefs(d):
@@ -348,7 +353,7 @@ def test_orpo_near_zero_avg_logp_is_finite():
     ll = torch.tensor([-2.0, -1e-12, -1.0, -3.0], dtype=F64, requires_grad=True)
     n = torch.ones(4, dtype=torch.long)
     nll = torch.ones(4, dtype=F64)
-    cfg = LossConfig(name="orpo")
+    cfg = LossConfig(name="orpo", adaptive=True)
     loss, _ = preference_loss(cfg, lw, ll, n, n, chosen_nll=nll)
     gw, gl = torch.autograd.grad(loss.sum(), [lw, ll])
     assert torch.isfinite(loss).all() and torch.isfinite(gw).all() and torch.isfinite(gl).all()

@@ -42,7 +42,9 @@ def inputs(device, dtype, b=64, seed=0):
 
 def run_mode(mode, device, dtype, args=None):
     name, space, normalize, placement = mode
-    cfg = LossConfig(name=name, balance_space=space, normalize=normalize, placement=placement)
+    cfg = LossConfig(
+        name=name, adaptive=True, balance_space=space, normalize=normalize, placement=placement
+    )
     args = args if args is not None else inputs(device, dtype)
     losses, metrics = preference_loss(cfg, *args[:6], chosen_nll=args[6])
     losses.sum().backward()

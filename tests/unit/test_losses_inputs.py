@@ -49,6 +49,8 @@ F64 = torch.float64
         ({"simpo_gamma": float("inf")}, "simpo_gamma"),
         ({"rdpo_alpha": float("nan")}, "rdpo_alpha"),
         ({"adaptive": "yes"}, "adaptive"),
+        ({"name": "adadpo", "adaptive": False}, "adaptive"),
+        ({"name": "robust", "label_smoothing": 0.5}, "label_smoothing"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, field):
@@ -62,7 +64,7 @@ def test_config_rejects_bad_values(kwargs, field):
 def test_config_defaults_and_properties():
     cfg = LossConfig()
     assert (cfg.name, cfg.adaptive, cfg.balance_space, cfg.normalize) == (
-        "dpo",
+        "adadpo",
         True,
         "reference",
         "token_mean",
@@ -81,6 +83,8 @@ def test_config_defaults_and_properties():
         "simpo": False,
         "cpo": False,
         "orpo": False,
+        "robust": True,
+        "sft": False,
     }
     needs_nll = {n for n in LOSSES if LossConfig(name=n).needs_chosen_nll}
     assert needs_nll == {"cpo", "orpo"}

@@ -133,3 +133,58 @@ def test_save_strategy_sets_writer_threads():
     strategy = save_strategy(thread_count=7)
     assert type(strategy) is type(default) and strategy.thread_count == 7
     assert (strategy.backend, strategy.version) == (default.backend, default.version)
+
+
+def _final_hidden_states(rank, world, tied):
+    import dataclasses
+
+    from megatron_adadpo.layout import ExecutionConfig
+    from megatron_adadpo.platform.megatron import final_hidden_states, output_layer_weight
+    from tests.megatron_helpers import TINY, tiny_model
+
+    model = dataclasses.replace(TINY, tie_word_embeddings=tied)
+    gpt = tiny_model(ExecutionConfig(transformer_impl="local"), model)[0]
+    tokens = torch.randint(0, model.vocab_size, (2, 10), generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(10).expand(2, -1)
+    logits = gpt(tokens, positions, None)  # [b, s, v]
+    hidden = final_hidden_states(gpt, tokens, positions, None)  # [s, b, h]
+    weight, sequence_parallel = output_layer_weight(gpt)
+    expected = gpt.embedding.word_embeddings.weight if tied else gpt.output_layer.weight
+    out = {
+        "logits": logits.detach(),
+        "from_hidden": torch.einsum("sbh,vh->bsv", hidden, weight).detach(),
+        "weight_is_expected": weight is expected,
+        "sequence_parallel": sequence_parallel,
+        "logits_after": gpt(tokens, positions, None).detach(),  # the model is left intact
+    }
+    gpt.output_layer.gather_output = True  # a full-vocab output the chunked path cannot give
+    try:
+        output_layer_weight(gpt)
+        out["refusal"] = "accepted"
+    except ValueError as err:
+        out["refusal"] = str(err)
+    return out
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("tied", [False, True])
+def test_final_hidden_states_are_the_output_layers_input(tied):
+    out = run_ranks(_final_hidden_states, 1, tied)[0]
+    torch.testing.assert_close(out["from_hidden"], out["logits"], rtol=1e-5, atol=1e-5)
+    assert out["weight_is_expected"] and out["sequence_parallel"] is False
+    assert "set execution.logprob_chunk_tokens=0" in out["refusal"]
+    assert torch.equal(out["logits_after"], out["logits"])
+
+
+def test_hidden_states_processor_takes_gpt_model_0_19_arguments():
+    """megatron-core 0.19.0 ``gpt_model.py`` ``_postprocess`` calls ``output_processor`` with
+    these keyword arguments only; the seam's processor must return ``hidden_states`` as is."""
+    from megatron_adadpo.platform.megatron import _hidden_states_only
+
+    names = (
+        "output_layer output_weight labels loss_mask input_ids position_ids attention_mask "
+        "decoder_input inference_context packed_seq_params runtime_gather_output context "
+        "compute_language_model_loss scale_logits config"
+    ).split()
+    hidden = torch.randn(3, 2, 4)
+    assert _hidden_states_only(hidden_states=hidden, **dict.fromkeys(names)) is hidden

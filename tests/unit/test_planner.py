@@ -56,14 +56,32 @@ def test_recipe_plans_fit_their_clusters():
 
 
 def test_micro_batch_grows_activations_and_logits():
-    small = _plan(R8B, ["data.batching=fixed"], nodes=1)
-    big = _plan(R8B, ["data.batching=fixed", "train.micro_batch_size=2"], nodes=1)
+    unchunked = ["data.batching=fixed", "execution.logprob_chunk_tokens=0"]
+    small = _plan(R8B, unchunked, nodes=1)
+    big = _plan(R8B, [*unchunked, "train.micro_batch_size=2"], nodes=1)
     assert big.peak.activations == pytest.approx(2 * small.peak.activations)  # PP1: 1 in flight
     assert big.peak.logits == pytest.approx(2 * small.peak.logits)
     assert big.peak.workspace == pytest.approx(2 * small.peak.workspace)
     p, c = load(str(R70B), ["data.batching=fixed"], "h100", 8)
     last = [make_plan(p.replace(micro_batch_size=b), c).stages[-1] for b in (1, 2, 4)]
     assert last[0].reserved < last[1].reserved < last[2].reserved
+
+
+def test_chunked_logprobs_hold_one_chunk_of_logits():
+    """8B recipe (TP2, bf16, seq 2048, one pair = 4096 tokens per micro-batch)."""
+    plans = {
+        c: _plan(R8B, [f"execution.logprob_chunk_tokens={c}"], nodes=1).stages[-1]
+        for c in (0, 1024, 1280, 100_000, "auto")
+    }
+    vocab, h, tokens = 128256 / 2, 4096, 2048 * 2  # 128256 divides 128 * TP: no padding
+    assert plans[0].logits == tokens * vocab * 6  # bf16 logits + their fp32 copy
+    hidden = 3 * 2 * tokens * h  # gathered input, selected tokens, their gradient
+    dummy_dw = 2 * vocab * h  # DDP's dummy weight gradient after the last chunk
+    assert plans[1024].logits == max(1024 * vocab * 6, dummy_dw) + hidden
+    assert plans[100_000].logits == tokens * vocab * 6 + hidden  # one chunk: all tokens
+    assert plans["auto"].logits == plans[1280].logits  # 512 MiB / (64128 x 6 B) = 1395 -> 1280
+    assert plans[1024].logits < 0.5 * plans[0].logits
+    assert plans[1024].activations == plans[0].activations
 
 
 def test_distributed_optimizer_divides_optimizer_state_by_dp():
@@ -85,9 +103,10 @@ def test_recompute_reduces_activations():
     sel = _plan(R70B, ["execution.recompute=selective"])
     full = _plan(R70B, ["execution.recompute=full"])
     assert full.peak.activations < sel.peak.activations <= none.peak.activations
-    # Without flash attention (local spec), selective recompute drops the s^2 attention scores.
-    local_none = _plan(R70B, ["execution.recompute=null", "execution.transformer_impl=local"])
-    local_sel = _plan(R70B, ["execution.transformer_impl=local"])
+    # Without fused attention (Megatron's local attention), selective recompute drops the s^2
+    # attention scores.
+    local_none = _plan(R70B, ["execution.recompute=null", "execution.attention=megatron_local"])
+    local_sel = _plan(R70B, ["execution.attention=megatron_local"])
     assert local_sel.peak.activations < 0.5 * local_none.peak.activations
     assert full.cost.recompute_flops > 0 and sel.cost.recompute_flops == 0
 
@@ -103,6 +122,7 @@ def test_activation_formula_reduces_to_korthikanti_for_gpt_shapes():
         "model.num_query_groups=48",
         "execution.transformer_impl=local",
         "data.batching=fixed",
+        "execution.attention=megatron_local",
     ]
     p, _ = load(str(R70B), gpt)
     s, b, h, t, a = 2048, 2, 6144, 8, 48
@@ -292,16 +312,19 @@ def test_cli_text_json_and_exit_codes():
 def test_recipes_load_with_the_training_config():
     from megatron_adadpo.config import ConfigError, load_config
 
+    unset = ["train.init_checkpoint=null"]  # the recipes' placeholder path is refused here:
+    with pytest.raises(ConfigError, match=r"train.init_checkpoint=/path/to/.* does not exist"):
+        load_config(R8B)
     for recipe in (R8B, R70B):
-        c = load_config(recipe)
+        c = load_config(recipe, unset)
         assert c.train.global_batch_size == 128 and c.optimizer.warmup_fraction == 0.1
         assert c.data.max_length == 2048 and c.data.max_prompt_length == 1800
         assert c.loss.adaptive and c.loss.clip_max == 2.0 and c.optimizer.decay_style == "cosine"
-    assert load_config(R70B).reference.mode == "precomputed"
+    assert load_config(R70B, unset).reference.mode == "precomputed"
     # FP8 needs Transformer Engine on a GPU: refused here with the reason, loads without FP8.
     with pytest.raises(ConfigError, match="Transformer Engine"):
-        load_config(R70B_FP8)
-    c = load_config(R70B_FP8, ["execution.fp8=null", "execution.transformer_impl=auto"])
+        load_config(R70B_FP8, unset)
+    c = load_config(R70B_FP8, [*unset, "execution.fp8=null", "execution.transformer_impl=auto"])
     assert c.execution.tp == 8 and c.execution.vpp == 5
 
 

@@ -66,8 +66,9 @@ def test_sweep_with_dpo_baseline_writes_loadable_configs(tmp_path):
     assert len(points) == 4
     assert points[0]["command"].startswith("sbatch --job-name adadpo-adadpo_lr5e-07_beta0.01 ")
     for p in points:
-        c = load_config(p["config"])
+        c = load_config(p["config"], ["train.init_checkpoint=null"])  # the recipe's placeholder
         assert c.optimizer.lr == 5e-7 and c.loss.adaptive == p["name"].startswith("adadpo")
+        assert c.loss.name == p["name"].split("_lr")[0] and c.notices == ()
         assert c.logging.run_dir.endswith(p["name"])
 
 

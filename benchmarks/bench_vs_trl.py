@@ -1,0 +1,349 @@
+#!/usr/bin/env python
+"""This trainer vs TRL's ``DPOTrainer``: same tiny Llama, same token ids, same micro-batches.
+
+DPO (beta 0.1, AdamW, constant learning rate, gradient clipping 1.0) on CPU, with a resident
+reference model and with precomputed reference log-probs, each framework in a fresh process:
+
+- the model: a Llama-shaped ``LlamaForCausalLM`` with random weights, built offline from a
+  ``LlamaConfig`` (no download), converted to Megatron with ``tools/convert_hf_to_megatron.py``
+  for this trainer (``train.init_checkpoint``); TRL trains the HF model itself;
+- the data: random word pairs (prompt 40-100, completions 60-180 tokens: sequences of ~150-280
+  tokens) with a word-level tokenizer; this trainer tokenizes them (BOS + prompt, completion +
+  EOS), and TRL gets exactly those token ids (``prompt_ids`` / ``chosen_ids`` /
+  ``rejected_ids``, its pre-tokenized format), in this trainer's micro-batch order (TRL's
+  ``train_sampling_strategy="sequential"``, its batch size and gradient accumulation equal to
+  ``train.micro_batch_size`` and ``global / micro``), so both pad the same micro-batches;
+- step time: the interval between consecutive step ends (data, forward, backward, optimizer,
+  logging), median over the measured steps; tokens/s = real (unpadded) tokens / step time, on
+  the wall clock and per second of the process's CPU time (the robust figure on a machine that
+  other jobs share: with one thread it equals the wall time of an idle machine);
+- peak RSS: ``ru_maxrss`` of each framework's process at its end (imports included); the
+  precomputation of reference log-probs (TRL's in its ``__init__``, this trainer's with
+  ``tools/precompute_reference.py`` before the run) is not timed.
+
+Runs alternate (this trainer, TRL; then TRL first) for ``--repeats`` rounds, so the machine's
+noise hits both alike. TRL is installed only for this benchmark, never as a dependency and never
+into the project environment: check first that it changes nothing there, then install it into
+its own directory, which this script puts on ``sys.path`` (``--trl-path``, default
+``/work/extra/trl``)::
+
+    pip install --dry-run trl accelerate        # "Would install accelerate-X trl-Y" only
+    pip install --target /work/extra/trl --no-deps trl==1.16.0 accelerate==1.15.0
+
+    python benchmarks/bench_vs_trl.py --steps 8 --repeats 2 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = dict(
+    vocab_size=8000,
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+)
+LR, BETA, MICRO, GLOBAL = 1e-5, 0.1, 4, 8
+
+
+def make_inputs(work: Path, pairs: int) -> None:
+    """Word-level tokenizer + random HF Llama in ``work/hf``, ``work/pairs.jsonl``, and the
+    Megatron conversion in ``work/mg``."""
+    import random
+
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    special = dict(pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    vocab = {name: i for i, name in enumerate(special.values())}
+    vocab |= {f"w{i}": i for i in range(len(vocab), MODEL["vocab_size"])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **special)
+    fast.save_pretrained(str(work / "hf"))
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**MODEL, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    transformers.LlamaForCausalLM(config).save_pretrained(str(work / "hf"))
+    rng = random.Random(0)
+    words = lambda lo, hi: " ".join(
+        f"w{rng.randrange(4, 8000)}" for _ in range(rng.randint(lo, hi))
+    )
+    with open(work / "pairs.jsonl", "w") as f:
+        for _ in range(pairs):
+            row = dict(prompt=words(40, 100), chosen=words(60, 180), rejected=words(60, 180))
+            f.write(json.dumps(row) + "\n")
+    convert = [sys.executable, "tools/convert_hf_to_megatron.py", "--hf-dir", str(work / "hf")]
+    convert += ["--output", str(work / "mg"), "--dtype", "fp32", "--no-progress"]
+    subprocess.run(convert, cwd=REPO, check=True, capture_output=True)
+
+
+def our_config(work: Path, steps: int, mode: str) -> list[str]:
+    """``--config`` / ``--set`` arguments of this trainer's run."""
+    sets = [
+        "execution.tp=1",
+        "loss.name=dpo",
+        "loss.adaptive=false",
+        f"loss.beta={BETA}",
+        f"data.inputs=[{work / 'pairs.jsonl'}]",
+        f"data.tokenizer={work / 'hf'}",
+        f"data.cache_dir={work / 'cache'}",
+        "data.max_length=512",
+        "data.max_prompt_length=256",
+        "eval.interval=0",
+        f"optimizer.lr={LR}",
+        f"optimizer.min_lr={LR}",
+        "optimizer.warmup_fraction=0.0",
+        "optimizer.decay_style=constant",
+        "optimizer.weight_decay=0.0",
+        f"train.global_batch_size={GLOBAL}",
+        f"train.micro_batch_size={MICRO}",
+        f"train.train_iters={steps}",
+        "train.init_method=megatron",
+        f"train.init_checkpoint={work / 'mg'}",
+        "checkpoint.save_at_end=false",
+        "checkpoint.resume=false",
+        f"logging.run_dir={work / 'run'}",
+        "logging.progress=false",
+        f"reference.mode={mode}",
+    ]
+    if mode == "precomputed":
+        sets.append(f"reference.path={work / 'ref'}")
+    model = yaml_model(work / "mg")
+    sets += [f"model.{k}={v}" for k, v in model.items()]
+    args = ["--config", str(REPO / "examples/configs/quickstart.yaml")]
+    for item in sets:
+        args += ["--set", item]
+    return args
+
+
+def yaml_model(directory: Path) -> dict:
+    import yaml
+
+    model = yaml.safe_load((directory / "model.yaml").read_text())
+    return {k: json.dumps(v) for k, v in model.items() if v is not None}
+
+
+def trl_pairs(work: Path, steps: int) -> None:
+    """This trainer's token ids in its training order -> ``work/trl_pairs.json``."""
+    sys.path.insert(0, str(REPO))
+    from megatron_adadpo.config import load_config
+    from megatron_adadpo.data import PreferenceSampler, load_preference_dataset
+
+    args = our_config(work, steps, "resident")
+    config = load_config(args[1], args[3::2])
+    dataset = load_preference_dataset(config.data)
+    sampler = iter(PreferenceSampler(len(dataset), GLOBAL, MICRO, 0, 1, config.train.seed))
+    rows = []
+    for _ in range(steps * GLOBAL // MICRO):
+        for i in next(sampler):
+            pair = dataset[i]
+            n = pair["prompt_length"]
+            rows.append(
+                dict(
+                    prompt_ids=pair["chosen_ids"][:n].tolist(),
+                    chosen_ids=pair["chosen_ids"][n:].tolist(),
+                    rejected_ids=pair["rejected_ids"][n:].tolist(),
+                )
+            )
+    (work / "trl_pairs.json").write_text(json.dumps(rows))
+
+
+def run_ours(work: Path, steps: int, mode: str) -> list[float]:
+    """This trainer's ``Trainer.train()``; step-end times."""
+    sys.path.insert(0, str(REPO))
+    from megatron_adadpo import train
+    from megatron_adadpo.config import load_config
+    from megatron_adadpo.platform import cpu
+    from megatron_adadpo.platform.distributed import init_distributed
+    from megatron_adadpo.run.trainer import Trainer
+
+    args = train.parse_args(our_config(work, steps, mode))
+    config = load_config(args.config, args.set)
+    cpu.activate()
+    init_distributed()
+    trainer = Trainer(config)
+    ends, step = [], trainer._step
+
+    def timed_step(*a, **kw):
+        out = step(*a, **kw)
+        ends.append(_clocks())
+        return out
+
+    trainer._step = timed_step
+    ends.append(_clocks())
+    trainer.train()
+    return ends
+
+
+def run_trl(work: Path, steps: int, mode: str, trl_path: str) -> list[float]:
+    """TRL's ``DPOTrainer`` on the same token ids and micro-batches; step-end times."""
+    if os.path.isdir(trl_path):
+        sys.path.insert(0, trl_path)
+    import datasets
+    import torch
+    import transformers
+    from trl import DPOConfig, DPOTrainer
+
+    class PreTokenizedDPOTrainer(DPOTrainer):
+        def _prepare_dataset(self, dataset, *args, **kwargs):
+            return dataset  # already prompt_ids / chosen_ids / rejected_ids
+
+    ends = []
+
+    class StepEnds(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            ends.append(_clocks())
+
+    rows = json.loads((work / "trl_pairs.json").read_text())
+    hf = str(work / "hf")
+    config = DPOConfig(
+        output_dir=str(work / "trl_out"),
+        per_device_train_batch_size=MICRO,
+        gradient_accumulation_steps=GLOBAL // MICRO,
+        max_steps=steps,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        beta=BETA,
+        loss_type=["sigmoid"],
+        max_length=None,
+        precompute_ref_log_probs=mode == "precomputed",
+        train_sampling_strategy="sequential",
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    trainer = PreTokenizedDPOTrainer(
+        model=transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32),
+        args=config,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=transformers.AutoTokenizer.from_pretrained(hf),
+        callbacks=[StepEnds()],
+    )
+    ends.append(_clocks())
+    trainer.train()
+    return ends
+
+
+def _clocks() -> tuple[float, float]:
+    """(wall time, CPU time of this process: what a step costs on a machine other jobs share)."""
+    return time.perf_counter(), time.process_time()
+
+
+def worker(args) -> None:
+    """One framework, one mode, in this (fresh) process: prints one JSON line."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    if args.worker == "ours":
+        ends = run_ours(work, args.steps, args.mode)
+    else:
+        ends = run_trl(work, args.steps, args.mode, args.trl_path)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    wall = [b[0] - a[0] for a, b in zip(ends[:-1], ends[1:], strict=False)]
+    cpu = [b[1] - a[1] for a, b in zip(ends[:-1], ends[1:], strict=False)]
+    print("RESULT " + json.dumps(dict(step_s=wall, cpu_s=cpu, peak_rss_mib=peak_mib)), flush=True)
+
+
+def spawn(work: Path, args, framework: str, mode: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", framework, "--mode", mode, "--work", str(work)]
+    cmd += ["--steps", str(args.steps), "--threads", str(args.threads)]
+    cmd += ["--trl-path", args.trl_path]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if out.returncode or not lines:
+        raise RuntimeError(
+            f"{framework}/{mode} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+        )
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def real_tokens_per_step(work: Path) -> float:
+    rows = json.loads((work / "trl_pairs.json").read_text())
+    total = sum(
+        2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows
+    )
+    return total / (len(rows) / GLOBAL)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=8, help="measured steps per run")
+    parser.add_argument("--warmup", type=int, default=2, help="steps not measured")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--trl-path", default=os.environ.get("TRL_PATH", "/work/extra/trl"))
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=["resident", "precomputed"], help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+    total = args.steps + args.warmup
+    args.steps = total
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        make_inputs(work, pairs=total * GLOBAL)
+        trl_pairs(work, total)
+        precompute = [sys.executable, "tools/precompute_reference.py"]
+        precompute += our_config(work, total, "resident") + ["--output", str(work / "ref")]
+        subprocess.run(precompute, cwd=REPO, check=True, capture_output=True)
+        runs = {(f, m): [] for f in ("ours", "trl") for m in ("resident", "precomputed")}
+        for r in range(args.repeats):
+            for mode in ("resident", "precomputed"):
+                for framework in ("ours", "trl") if r % 2 == 0 else ("trl", "ours"):
+                    runs[framework, mode].append(spawn(work, args, framework, mode))
+        report(runs, real_tokens_per_step(work), args)
+
+
+def report(runs: dict, tokens: float, args) -> None:
+    sys.path.insert(0, str(REPO))
+    from benchmarks.machine import machine_line
+
+    result = dict(machine=machine_line(), threads=args.threads, tokens_per_step=tokens, modes={})
+    result["model"] = MODEL
+    for mode in ("resident", "precomputed"):
+        entry = {}
+        for framework in ("ours", "trl"):
+            entry[framework] = dict(
+                peak_rss_mib=max(run["peak_rss_mib"] for run in runs[framework, mode])
+            )
+            for clock, key in (("step_s", "tokens_per_s"), ("cpu_s", "tokens_per_cpu_s")):
+                times = [t for run in runs[framework, mode] for t in run[clock][args.warmup :]]
+                entry[framework]["median_" + clock] = statistics.median(times)
+                entry[framework][key] = tokens / statistics.median(times)
+        for key in ("tokens_per_s", "tokens_per_cpu_s", "peak_rss_mib"):
+            entry[key + "_ratio"] = entry["ours"][key] / entry["trl"][key]
+        result["modes"][mode] = entry
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

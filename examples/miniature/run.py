@@ -1,0 +1,136 @@
+#!/usr/bin/env python
+"""The paper in miniature, in one command: SFT warm start, then DPO / AdaDPO / SimPO /
+adaptive SimPO from that start, judged by ground truth on held-out prompts.
+
+    python examples/miniature/run.py [--out runs/miniature] [--workers 2]
+    python examples/miniature/run.py --sft-only --bundle examples/checkpoints/sft_tiny
+
+1. data: the bundled generator's tasks (examples/data/make_prefs.py), held-out prompts apart
+   (examples/miniature/data.py);
+2. SFT of the quickstart's model on the chosen answers (``loss.name: sft``), saved as a model
+   checkpoint; the start's held-out log-probs and greedy answers;
+3. the grid of jobs.py (4 methods x 3 betas x 2 seeds) from that checkpoint, in ``--workers``
+   processes, one line per finished run;
+4. ``OUT/report.md`` (tables), ``OUT/results.json``, ``OUT/miniature.png``.
+
+Prints the wall time, the CPU time of the runs and the machine's load. ``--sft-only`` stops after
+step 2; ``--bundle DIR`` copies the SFT checkpoint and its tokenizer to DIR (the quickstart's
+start, examples/checkpoints/sft_tiny, is made this way). docs/miniature.md has the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+
+DATA_SEED, SFT_PAIRS, PREF_PAIRS, HELDOUT = 7, 4000, 2000, 500
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def _jobs(out: Path, *args: str, log: Path | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, str(HERE / "jobs.py"), *args, "--out", str(out)]
+    stdout = log.open("w") if log else None
+    return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=stdout, stderr=subprocess.STDOUT)
+
+
+def _wait(proc: subprocess.Popen, what: str, log: Path | None = None) -> None:
+    if proc.wait() != 0:
+        tail = "".join(log.read_text().splitlines(True)[-20:]) if log else ""
+        raise SystemExit(f"{what} failed (exit {proc.returncode})\n{tail}")
+
+
+def _line(result: dict) -> str:
+    return (
+        f"Δ chosen {result['delta_chosen']:+.3f}  Δ rejected {result['delta_rejected']:+.3f}  "
+        f"both fell {result['both_fell']:.0%}  reward acc {result['reward_accuracy']:.0%}  "
+        f"exact match {result['exact_match']['all']:.1%}  ({result['seconds']:.0f} s)"
+    )
+
+
+def run_grid(out: Path, workers: int) -> None:
+    import json
+
+    from jobs import grid
+
+    names = [r["name"] for r in grid()]
+    logs = [out / f"logs/grid_{k}.log" for k in range(workers)]
+    procs = [
+        _jobs(out, "grid", "--part", str(k), "--parts", str(workers), log=log)
+        for k, log in enumerate(logs)
+    ]
+    shown: set[str] = set()
+    while len(shown) < len(names):
+        for name in names:
+            path = out / f"results/{name}.json"
+            if name not in shown and path.is_file():
+                shown.add(name)
+                line = _line(json.loads(path.read_text()))
+                print(f"[{len(shown):2d}/{len(names)}] {name:26s} {line}", flush=True)
+        for proc, log in zip(procs, logs, strict=True):
+            if proc.poll() not in (None, 0):
+                _wait(proc, f"grid worker ({log})", log)
+        if all(p.poll() == 0 for p in procs) and len(shown) < len(names):
+            raise SystemExit(f"the workers finished without results for {set(names) - shown}")
+        time.sleep(1.0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=REPO / "runs/miniature")
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--sft-only", action="store_true")
+    parser.add_argument("--bundle", type=Path, help="copy the SFT checkpoint here")
+    args = parser.parse_args(argv)
+    if args.bundle and args.bundle.exists():
+        raise SystemExit(f"--bundle {args.bundle} exists: remove it first (never overwritten)")
+    import data
+
+    begin, load_begin = time.monotonic(), os.getloadavg()
+    out = args.out.resolve()
+    for sub in ("results", "runs", "sft", "logs"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    (out / "logs").mkdir(parents=True)
+    paths = data.write_data(out / "data", DATA_SEED, SFT_PAIRS, PREF_PAIRS, HELDOUT)
+    print(f"data: {', '.join(f'{k} {sum(1 for _ in open(p))}' for k, p in paths.items())}")
+    print("SFT warm start (trainer log: sft/train.log)", flush=True)
+    _wait(_jobs(out, "sft"), "SFT")
+    import json
+
+    sft = json.loads((out / "results/SFT.json").read_text())
+    print(f"SFT start: exact match {sft['exact_match']}  ({sft['seconds']:.0f} s)", flush=True)
+    if args.bundle:
+        shutil.copytree(out / "sft/checkpoint", args.bundle)  # refuses an existing directory
+        shutil.copytree(REPO / "examples/data/tokenizer", args.bundle / "tokenizer")
+        print(f"copied the SFT checkpoint to {args.bundle}")
+    if not args.sft_only:
+        run_grid(out, args.workers)
+        from report import write_report
+
+        print(f"wrote {write_report(out)}, {out / 'miniature.png'}")
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = used.ru_utime + used.ru_stime
+    print(
+        f"wall {time.monotonic() - begin:.0f} s, CPU of the runs {cpu_s:.0f}"
+        f" s on {os.cpu_count()} cores; load average (1 min) {load_begin[0]:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end"
+    )
+
+
+if __name__ == "__main__":
+    main()

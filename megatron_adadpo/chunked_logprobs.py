@@ -1,0 +1,233 @@
+"""The output layer and the vocab-parallel log-probs over chunks of tokens.
+
+The micro-batch's ``[s, b, v/tp]`` logits never exist: for the tokens of the loss mask, ``c`` at
+a time (``x`` = the output layer's input, ``W`` = its ``[v/tp, h]`` weight shard, or the tied
+embedding's),
+
+    logits_c = x_c W^T                                   [c, v/tp]
+    log p(y_t) = -vocab_parallel_cross_entropy(logits_c)  (TP padding columns masked)
+
+(``logprobs.consume_logits``: Megatron's CE, two scalar all-reduces per token, no vocab
+gather). Forward keeps only ``x`` and the per-token results; backward recomputes each chunk's
+logits, runs the CE forward and backward on them and accumulates
+
+    dx_c = dlogits_c W,        dW += dlogits_c^T x_c
+
+so at most one chunk's logits and their gradient exist at once. Tokens outside the loss mask
+get no logits at all: their log-prob is returned as 0 (gradient 0). Selecting them costs one
+host sync per micro-batch (their count sets the number of chunks).
+
+Parallelism as Megatron's ``ColumnParallelLinear`` output layer: with sequence parallelism
+``x`` arrives as ``[s/tp, b, h]``, is all-gathered over TP (again in backward: only the shard
+is saved) and its gradient reduce-scattered; without, the gradient is all-reduced over TP.
+Context parallelism needs nothing here (each CP rank has its slice of ``x`` and of the labels;
+``sequence_logprobs`` reduces the sums). The weight gradient follows Megatron DDP's contract
+for layers that accumulate into the fp32 grad buffer themselves (``ColumnParallelLinear`` with
+gradient-accumulation fusion): each chunk's ``dW`` is added to ``weight.main_grad``,
+``grad_added_to_main_grad`` is set and a dummy gradient is returned — zeros when
+``zero_out_wgrad`` (tied embeddings on one stage: the embedding's own gradient arrives through
+``.grad`` and DDP's hook adds it). Without ``main_grad`` (no DDP) it is returned as ``.grad``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_adadpo.logprobs import consume_logits, shard_logit_sums
+from megatron_adadpo.platform.megatron import output_layer_weight, tensor_parallel
+
+
+@dataclass(frozen=True)
+class OutputLayer:
+    """What the chunked path needs of a model's output layer."""
+
+    weight: torch.Tensor  # [v/tp, h]: the output layer's shard (or the tied embedding's)
+    sequence_parallel: bool = False  # its input is [s/tp, b, h], all-gathered over TP
+
+
+def model_output_layer(model) -> OutputLayer | None:
+    """The output layer of a (DDP-wrapped) ``GPTModel`` chunk; None off the last stage."""
+    found = output_layer_weight(model)
+    return None if found is None else OutputLayer(*found)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    chunk_tokens: int
+    tp_group: object
+    vocab_size: int | None
+    sequence_parallel: bool
+    with_logit_sums: bool
+
+
+def chunked_token_logprobs(
+    hidden: torch.Tensor,
+    layer: OutputLayer,
+    labels: torch.Tensor,
+    loss_mask: torch.Tensor | None,
+    *,
+    chunk_tokens: int,
+    tp_group,
+    vocab_size: int | None = None,
+    with_logit_sums: bool = False,
+):
+    """Per-token log-probs of ``labels`` under ``hidden``'s logits, ``chunk_tokens`` at a time.
+
+    Equal to ``token_logprobs(output_layer(hidden), labels, tp_group, vocab_size)`` on the loss
+    mask (0 elsewhere), with the memory of one ``[chunk_tokens, v/tp]`` chunk. Labels may hold
+    ignore markers (< 0). ``with_logit_sums`` also returns each token's sum of logits over this
+    TP shard's real vocabulary (``logprobs.shard_logit_sums``; no gradient; all-reduce it over
+    TP for the full vocabulary).
+
+    Shapes:
+        hidden: ``[s, b, h]`` (``[s/tp, b, h]`` with sequence parallelism), per token.
+        labels, loss_mask: ``[b, s]`` (mask None: every token).
+        returns: ``[b, s]`` fp32 per-token log-probs; with ``with_logit_sums`` a pair of them.
+    """
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    tp = dist.get_world_size(tp_group) if layer.sequence_parallel else 1
+    seq = hidden.shape[0] * tp
+    if hidden.dim() != 3 or labels.shape != (hidden.shape[1], seq):
+        raise ValueError(
+            f"hidden must be [s, b, h] ([s/tp, b, h] with sequence parallel) and labels [b, s]; "
+            f"got hidden {tuple(hidden.shape)} (TP gather x{tp}) and labels {tuple(labels.shape)}"
+        )
+    keep = torch.ones_like(labels, dtype=torch.bool) if loss_mask is None else loss_mask > 0
+    rows = keep.t().reshape(-1).nonzero().squeeze(1)  # flat [s * b] indices, s-major as hidden
+    target = labels.t().reshape(-1).index_select(0, rows).clamp(min=0)
+    plan = _Plan(chunk_tokens, tp_group, vocab_size, layer.sequence_parallel, with_logit_sums)
+    logps, sums = _ChunkedOutputLogprobs.apply(hidden, layer.weight, rows, target, plan)
+    logps = _to_batch_major(logps, rows, labels.shape)
+    return (logps, _to_batch_major(sums, rows, labels.shape)) if with_logit_sums else logps
+
+
+def _to_batch_major(values: torch.Tensor, rows: torch.Tensor, shape) -> torch.Tensor:
+    """``[n]`` values at flat s-major ``rows`` -> ``[b, s]`` with 0 elsewhere."""
+    b, s = shape
+    full = values.new_zeros(s * b).index_copy(0, rows, values)
+    return full.view(s, b).t()
+
+
+class _ChunkedOutputLogprobs(torch.autograd.Function):
+    """``(hidden, weight, rows, target) -> (log-probs [n], logit sums [n] or [0])``."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, rows, target, plan: _Plan):
+        x = _tokens(hidden, rows, plan)  # [n, h]
+        logps = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+        n_sums = x.shape[0] if plan.with_logit_sums else 0
+        sums = torch.empty(n_sums, dtype=torch.float32, device=x.device)
+        for chunk in _chunks(x.shape[0], plan.chunk_tokens):
+            _chunk_forward(x[chunk], weight, target[chunk], plan, logps[chunk], sums[chunk])
+        ctx.save_for_backward(hidden, weight, rows, target)
+        ctx.plan = plan
+        ctx.mark_non_differentiable(sums)
+        return logps, sums
+
+    @staticmethod
+    def backward(ctx, grad_logps, _grad_sums):
+        hidden, weight, rows, target = ctx.saved_tensors
+        plan = ctx.plan
+        x = _tokens(hidden, rows, plan)  # re-gathered over TP with sequence parallelism
+        grad_x = torch.empty_like(x)
+        weight_grad = _WeightGrad(weight)
+        for chunk in _chunks(x.shape[0], plan.chunk_tokens):
+            dlogits = _logits_grad(x[chunk], weight, target[chunk], grad_logps[chunk], plan)
+            torch.matmul(dlogits, weight, out=grad_x[chunk])
+            weight_grad.add(dlogits, x[chunk])
+            del dlogits  # before the next chunk's logits exist
+        grad_hidden = _input_grad(grad_x, rows, hidden, plan)
+        return grad_hidden, weight_grad.result(), None, None, None
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _tokens(hidden: torch.Tensor, rows: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """The output layer's input at ``rows``: ``[n, h]`` (all-gathered over TP with SP)."""
+    if plan.sequence_parallel:
+        hidden = tensor_parallel.gather_from_sequence_parallel_region(
+            hidden, tensor_parallel_output_grad=True, group=plan.tp_group
+        )
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
+
+
+def _chunk_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``[c, v/tp]`` fp32 logits of ``c`` tokens (matmul in the weight's dtype)."""
+    return torch.matmul(x, weight.t()).float()
+
+
+def _chunk_forward(x, weight, target, plan: _Plan, logps_out, sums_out) -> None:
+    """One chunk's log-probs (and logit sums) into the output slices; its logits die here."""
+    logits = _chunk_logits(x, weight)
+    if plan.with_logit_sums:
+        sums_out.copy_(shard_logit_sums(logits, plan.vocab_size, plan.tp_group))
+    logps_out.copy_(consume_logits(logits, target, plan.tp_group, plan.vocab_size))
+
+
+def _logits_grad(x, weight, target, grad, plan: _Plan) -> torch.Tensor:
+    """``d(sum_t grad_t log p(y_t)) / d logits`` of one chunk in the weight's dtype,
+    ``[c, v/tp]``: its logits recomputed and Megatron's CE run forward and backward on them."""
+    logits = _chunk_logits(x, weight).requires_grad_()
+    with torch.enable_grad():
+        logps = consume_logits(logits, target, plan.tp_group, plan.vocab_size)
+    (dlogits,) = torch.autograd.grad(logps, logits, grad)
+    return dlogits.to(weight.dtype)
+
+
+def _input_grad(grad_x: torch.Tensor, rows, hidden: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """``[n, h]`` token gradients -> the gradient of ``hidden``, reduced over TP as the output
+    layer's input gradient is (reduce-scatter with SP, all-reduce without)."""
+    h = hidden.shape[-1]
+    tp = dist.get_world_size(plan.tp_group)
+    seq = hidden.shape[0] * (tp if plan.sequence_parallel else 1)
+    full = grad_x.new_zeros(seq * hidden.shape[1], h).index_copy_(0, rows, grad_x)
+    full = full.view(seq, hidden.shape[1], h)
+    if plan.sequence_parallel:
+        return tensor_parallel.reduce_scatter_to_sequence_parallel_region(full, group=plan.tp_group)
+    if tp > 1:
+        return tensor_parallel.reduce_from_tensor_model_parallel_region(full, group=plan.tp_group)
+    return full
+
+
+WGRAD_BLOCK_BYTES = 64 * 2**20  # largest param-dtype dW product held at once (bf16 runs)
+
+
+class _WeightGrad:
+    """``dW`` summed over chunks: into Megatron DDP's ``main_grad`` when the weight has one
+    (see the module docstring), else into an fp32 buffer returned as ``.grad``."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+        self.to_main_grad = hasattr(weight, "main_grad") and hasattr(
+            weight, "grad_added_to_main_grad"
+        )
+        if self.to_main_grad:
+            self.buffer = weight.main_grad
+        else:
+            self.buffer = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+
+    def add(self, dlogits: torch.Tensor, x: torch.Tensor) -> None:
+        """``buffer += dlogits^T x``; ``[c, v/tp]``, ``[c, h]`` -> ``[v/tp, h]``."""
+        if self.buffer.dtype == dlogits.dtype:
+            self.buffer.addmm_(dlogits.t(), x)
+            return
+        # bf16 products (as the unchunked layer's dW) summed in fp32, a block of vocabulary
+        # rows at a time: never a whole [v/tp, h] bf16 product besides the buffer
+        rows = max(1, WGRAD_BLOCK_BYTES // (x.shape[1] * x.element_size()))
+        for block in _chunks(self.buffer.shape[0], rows):
+            self.buffer[block].add_(torch.matmul(dlogits[:, block].t(), x))
+
+    def result(self) -> torch.Tensor:
+        weight = self.weight
+        if not self.to_main_grad:
+            return self.buffer.to(weight.dtype)
+        weight.grad_added_to_main_grad = True
+        if getattr(weight, "zero_out_wgrad", False):
+            return torch.zeros_like(weight)
+        return torch.empty_like(weight)

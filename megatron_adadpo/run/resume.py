@@ -1,0 +1,110 @@
+"""What a resumed run must agree on with the checkpoint it continues. Torch-free.
+
+The run state saved with every checkpoint (``initial_state``) records the data, the seed and
+the optimizer's layout; ``check_run_state`` compares it with the config before any tensor is
+loaded, and ``check_schedule`` compares the saved learning-rate schedule with the config's.
+Each refusal names the field, both values and the fix, instead of training on something other
+than what ``config.yaml`` says.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from megatron_adadpo.config import Config, ConfigError
+
+# Megatron's OptimizerParamScheduler state -> the config fields that set it.
+SCHEDULE_FIELDS = {
+    "max_lr": "optimizer.lr",
+    "min_lr": "optimizer.min_lr",
+    "lr_warmup_steps": "optimizer.warmup_fraction",
+    "lr_decay_steps": "train.train_iters / train.epochs / train.global_batch_size",
+    "lr_decay_style": "optimizer.decay_style",
+    "start_wd": "optimizer.weight_decay",
+    "end_wd": "optimizer.weight_decay",
+    "wd_incr_steps": "train.train_iters / train.epochs / train.global_batch_size",
+}
+
+
+def optimizer_layout(config: Config) -> dict:
+    """What the distributed optimizer's ``dp_reshardable`` state depends on: the model
+    parallel layout and the gradient buckets (not the data-parallel size)."""
+    e, opt = config.execution, config.optimizer
+    return {
+        "distributed_optimizer": opt.use_distributed_optimizer,
+        "tp": e.tp,
+        "pp": e.pp,
+        "vpp": e.vpp,
+        "overlap_grad_reduce": opt.overlap_grad_reduce,
+    }
+
+
+def initial_state(config: Config, dataset_identity: str) -> dict:
+    """The run state of a fresh run (saved with every checkpoint as ``run``)."""
+    return {
+        "step": 0,
+        "consumed_samples": 0,
+        "dataset_identity": dataset_identity,
+        "seed": config.train.seed,
+        "optimizer_layout": optimizer_layout(config),
+    }
+
+
+def check_run_state(
+    saved: dict, config: Config, dataset_identity: str, samples_per_epoch: int, where: Path
+) -> None:
+    """Refuse to resume ``saved`` (a checkpoint's run state) with this config: other data or
+    tokenisation, another seed in the middle of an epoch, or an optimizer layout the saved
+    optimizer state cannot be loaded into."""
+    if saved.get("dataset_identity") != dataset_identity:
+        raise ConfigError(
+            f"checkpoint {where} was trained on dataset {str(saved.get('dataset_identity'))[:16]}"
+            f"... but the configured data is {dataset_identity[:16]}... (other inputs, tokenizer "
+            "or truncation settings); use the original data, or a new logging.run_dir"
+        )
+    seed, consumed = saved.get("seed", config.train.seed), saved["consumed_samples"]
+    if seed != config.train.seed and consumed % samples_per_epoch:
+        raise ConfigError(
+            f"checkpoint {where} stopped in the middle of an epoch with train.seed={seed}; "
+            f"train.seed={config.train.seed} would re-order the rest of the epoch (pairs seen "
+            f"twice or never): restore train.seed={seed} (a new seed is safe at an epoch boundary)"
+        )
+    _check_optimizer_layout(saved.get("optimizer_layout"), optimizer_layout(config), where)
+
+
+def _check_optimizer_layout(saved: dict | None, current: dict, where: Path) -> None:
+    if saved is None or saved == current:
+        return
+    was_distributed = saved["distributed_optimizer"]
+    if was_distributed != current["distributed_optimizer"]:
+        kind = "distributed" if was_distributed else "plain"
+        raise ConfigError(
+            f"checkpoint {where} holds the {kind} optimizer's state; restore "
+            f"optimizer.use_distributed_optimizer={str(was_distributed).lower()} (the two store "
+            "their state differently)"
+        )
+    if not current["distributed_optimizer"]:
+        return  # the plain optimizer's state reshards with the model
+    diff = ", ".join(f"{k}={saved[k]}" for k in saved if saved[k] != current[k])
+    raise ConfigError(
+        f"checkpoint {where} holds distributed-optimizer state in Megatron's dp_reshardable "
+        f"format, which loads at any data-parallel size but only with the layout it was saved "
+        f"with: set execution / optimizer back to {diff}"
+    )
+
+
+def check_schedule(saved: dict, configured: dict, where: Path, step: int) -> None:
+    """Refuse a saved learning-rate schedule that differs from the config's (Megatron would
+    silently keep the saved one: a new ``optimizer.lr``, or a longer ``train.train_iters``
+    running flat at ``min_lr``). ``checkpoint.override_scheduler: true`` takes the config's."""
+    diff = [
+        f"{SCHEDULE_FIELDS[k]}: checkpoint {k}={saved[k]!r}, config {k}={configured[k]!r}"
+        for k in SCHEDULE_FIELDS
+        if k in saved and saved[k] != configured[k]
+    ]
+    if diff:
+        raise ConfigError(
+            f"checkpoint {where} has another learning-rate schedule ({'; '.join(diff)}); "
+            "restore the saved values, or set checkpoint.override_scheduler=true to continue "
+            f"from step {step} on the config's schedule"
+        )
