@@ -16,7 +16,6 @@ optimizer).
 from __future__ import annotations
 
 import dataclasses
-
 import inspect
 import math
 from pathlib import Path

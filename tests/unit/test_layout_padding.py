@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 
-from megatron_adadpo.config import ConfigError, from_dict, read_yaml
 from megatron_adadpo.layout import ExecutionConfig, layout_errors, pad_multiple
 from megatron_adadpo.model.config import ModelConfig
 
@@ -88,27 +87,13 @@ def test_layouts_the_old_multiple_broke():
 TINY = dict(num_layers=4, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4)
 
 
-def _errors(max_length, **execution):
+def _errors(**execution):
     return layout_errors(
         ModelConfig(**TINY, num_query_groups=2, vocab_size=256),
         ExecutionConfig(**execution),
         micro_batch_size=1,
         global_batch_size=8,
-        max_length=max_length,
     )
-
-
-def test_fixed_pipeline_length_must_satisfy_the_multiple():
-    assert _errors(40, tp=2, pp=2, sequence_parallel=True) == []
-    (error,) = _errors(40, tp=2, pp=2, sequence_parallel=True, fp8="hybrid")
-    assert "data.max_length=40 must be a multiple of 16" in error
-    assert _errors(48, tp=2, pp=2, sequence_parallel=True, fp8="hybrid") == []
-    assert _errors(40, tp=2, sequence_parallel=True, fp8="hybrid") == []  # PP1: padded per batch
-    sets = ["execution.pp=2", "execution.cp=2", "execution.transformer_impl=auto"]
-    values = read_yaml(QUICKSTART, sets)
-    values["data"]["max_length"] = 66  # even, but not a multiple of 2*CP = 4
-    with pytest.raises(ConfigError, match="data.max_length=66 must be a multiple of 4"):
-        from_dict(values)
 
 
 @pytest.mark.parametrize(
@@ -123,7 +108,7 @@ def test_fixed_pipeline_length_must_satisfy_the_multiple():
     ],
 )
 def test_bad_fp8_options_name_the_field(execution, message):
-    errors = _errors(None, **execution)
+    errors = _errors(**execution)
     assert any(message in e for e in errors), errors
 
 

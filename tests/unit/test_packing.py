@@ -176,8 +176,10 @@ def _packed_vs_unpacked(rank, world, filler: int):
     packed, unpacked = collate_packed(examples, 0), collate_pairs(examples, 0)
     with torch.no_grad():
         out = {
-            "packed": sequence_sums(policy_forward(models[True], packed), packed, context),
-            "unpacked": sequence_sums(policy_forward(models[False], unpacked), unpacked, context),
+            "packed": sequence_sums(policy_forward(models[True], packed, context), packed, context),
+            "unpacked": sequence_sums(
+                policy_forward(models[False], unpacked, context), unpacked, context
+            ),
             "unmasked": sequence_sums(  # one causal sequence across the whole row
                 models[True](packed["tokens"], packed["position_ids"], None), packed, context
             ),

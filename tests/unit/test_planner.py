@@ -70,7 +70,9 @@ def test_micro_batch_grows_activations_and_logits():
 def test_chunked_logprobs_hold_one_chunk_of_logits():
     """8B recipe (TP2, bf16, seq 2048, one pair = 4096 tokens per micro-batch)."""
     plans = {
-        c: _plan(R8B, [f"execution.logprob_chunk_tokens={c}"], nodes=1).stages[-1]
+        c: _plan(
+            R8B, ["data.batching=fixed", f"execution.logprob_chunk_tokens={c}"], nodes=1
+        ).stages[-1]
         for c in (0, 1024, 1280, 100_000, "auto")
     }
     vocab, h, tokens = 128256 / 2, 4096, 2048 * 2  # 128256 divides 128 * TP: no padding

@@ -46,7 +46,10 @@ def test_packed_memory_is_one_row_of_the_budget():
     assert fixed.micro_batch_shape == (2.0, 2048.0)
     # TE (flash): activations are linear in tokens, 2 x 2048 == 1 x 4096
     assert layer_activation_bytes(packed) == pytest.approx(layer_activation_bytes(fixed))
-    local = [p.with_execution(transformer_impl="local", recompute=None) for p in (fixed, packed)]
+    local = [
+        p.with_execution(transformer_impl="local", attention="megatron_local", recompute=None)
+        for p in (fixed, packed)
+    ]
     assert layer_activation_bytes(local[1]) > layer_activation_bytes(local[0])  # 4096^2 scores
 
 
