@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from megatron_adadpo.run import checkpoints
-from tests.distributed.test_train_features import _kill_in_step
 from tests.distributed.train_harness import (
     REPO,
+    kill_in_step,
     overrides,
     read_metrics,
     run_trainer,
@@ -125,7 +125,7 @@ def test_resume_after_sigkill_is_exact(mode, world, layout, tmp_path, cache_dir)
     run_ranks(run_trainer, world, argv(tmp_path / "full", cache_dir, *common), timeout=240)
     killed = tmp_path / "killed"
     with pytest.raises(RankFailed):
-        run_ranks(_kill_in_step, world, argv(killed, cache_dir, *common), 4, timeout=240)
+        run_ranks(kill_in_step, world, argv(killed, cache_dir, *common), 4, timeout=240)
     assert checkpoints.latest_checkpoint(killed).name == "iter_0000003"
     run_ranks(run_trainer, world, argv(killed, cache_dir, *common), timeout=240)
     full = [r["loss"] for r in read_metrics(tmp_path / "full")]

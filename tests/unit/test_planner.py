@@ -311,6 +311,22 @@ def test_cli_text_json_and_exit_codes():
     assert "layouts that fit" in tight.stdout and "--set execution.tp=" in tight.stdout
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--nodes", "0"], "nodes=0 and gpus_per_node=8 must be >= 1"),
+        (["--gpus-per-node", "-2"], "nodes=1 and gpus_per_node=-2 must be >= 1"),
+        (["--gpus", "0"], "gpus=0 must be >= 1"),
+        (["--gpus", "16"], "16 GPUs requested but 1 nodes x 8 GPUs per node = 8"),
+    ],
+)
+def test_cli_refuses_impossible_clusters_in_one_line(args, message):
+    out = _cli("--recipe", str(R8B), *args)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    (line,) = [x for x in out.stderr.splitlines() if x.startswith("error:")]
+    assert message in line, out.stderr
+
+
 def test_recipes_load_with_the_training_config():
     from megatron_adadpo.config import ConfigError, load_config
 
