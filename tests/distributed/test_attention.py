@@ -172,3 +172,23 @@ def test_sdpa_model_equals_local_path(layout):
             err = (sdpa_grads[name] - ref).norm() / ref.norm().clamp(min=1e-30)
             assert err <= TOL, f"{name}: {err:.2e}"
         assert not math.isnan(sum(float(g.norm()) for g in sdpa_grads.values()))
+
+
+def _default_attention_kinds(rank, world):
+    from megatron_adadpo.model.build import build_model
+    from megatron_adadpo.platform import distributed as parallel
+
+    parallel.init_model_parallel(ExecutionConfig())
+    chunks = build_model(TINY, ExecutionConfig())  # execution.attention: auto
+    return {type(layer.self_attention.core_attention).__name__ for layer in _layers(chunks)}
+
+
+def test_auto_attention_is_sdpa_without_transformer_engine():
+    """``execution.attention: auto`` on a machine without TE (this one): the local spec with
+    torch SDPA in every layer, not Megatron's ``DotProductAttention``."""
+    from megatron_adadpo.platform.environment import te_available
+
+    if te_available():
+        pytest.skip("Transformer Engine installed: auto is TE's attention")
+    (kinds,) = run_ranks(_default_attention_kinds, 1, timeout=120)
+    assert kinds == {"SDPAttention"}
