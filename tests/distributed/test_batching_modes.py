@@ -10,7 +10,7 @@ relative positions it has alone (block-diagonal mask, no position reset on the l
 import pytest
 import torch
 
-from megatron_adadpo.run import checkpoints
+from megatron_adadpo.run.run_dir import latest_checkpoint
 from tests.distributed.train_harness import (
     REPO,
     kill_in_step,
@@ -126,7 +126,7 @@ def test_resume_after_sigkill_is_exact(mode, world, layout, tmp_path, cache_dir)
     killed = tmp_path / "killed"
     with pytest.raises(RankFailed):
         run_ranks(kill_in_step, world, argv(killed, cache_dir, *common), 4, timeout=240)
-    assert checkpoints.latest_checkpoint(killed).name == "iter_0000003"
+    assert latest_checkpoint(killed).name == "iter_0000003"
     run_ranks(run_trainer, world, argv(killed, cache_dir, *common), timeout=240)
     full = [r["loss"] for r in read_metrics(tmp_path / "full")]
     resumed = [r["loss"] for r in read_metrics(killed)]

@@ -117,3 +117,38 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     assert latest == f"iter_{steps[-1]:07d}"
+
+
+def test_sigkill_then_same_command_resumes_exactly(tmp_path):
+    """A node failure: SIGKILL to torchrun and every rank after a checkpoint, mid-run; the same
+    command (a requeue) resumes from ``latest`` and its losses equal an uninterrupted run's
+    exactly; ``metrics.jsonl`` holds every step once."""
+    steps = ["train.train_iters=12", "checkpoint.save_interval=4"]
+    full = _launch(tmp_path / "full", tmp_path / "cache", *steps)
+    assert full.returncode == 0, full.stderr[-3000:]
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen(
+        _cmd(run_dir, tmp_path / "cache", *steps),
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    latest = run_dir / "checkpoints" / "latest"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not latest.exists() and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    killed_at = latest.read_text().strip()
+    assert killed_at in ("iter_0000004", "iter_0000008"), killed_at  # killed before the end
+    again = _launch(run_dir, tmp_path / "cache", *steps)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints' / killed_at}" in again.stdout
+
+    def losses(d):
+        return [(r["step"], r["loss"]) for r in map(json.loads, open(d / "metrics.jsonl"))]
+
+    assert losses(run_dir) == losses(tmp_path / "full")
+    assert [s for s, _ in losses(run_dir)] == list(range(1, 13))
