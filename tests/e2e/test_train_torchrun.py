@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -139,8 +140,11 @@ def test_sigkill_then_same_command_resumes_exactly(tmp_path):
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and not latest.exists() and proc.poll() is None:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
+    launcher = psutil.Process(proc.pid)
+    tree = [launcher, *launcher.children(recursive=True)]  # torchrun and its worker ranks
+    for process in tree:  # a node failure: every process at once, no handler runs
+        process.kill()
+    psutil.wait_procs(tree, timeout=60)
     killed_at = latest.read_text().strip()
     assert killed_at in ("iter_0000004", "iter_0000008"), killed_at  # killed before the end
     again = _launch(run_dir, tmp_path / "cache", *steps)
