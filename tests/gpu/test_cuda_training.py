@@ -1,35 +1,12 @@
 """The trainer on a CUDA GPU (NCCL, bf16, Megatron's fused CUDA paths); skipped without CUDA."""
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 
+from tests.gpu_runs import train_on_one_gpu
+
 pytestmark = pytest.mark.gpu
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _train(tmp_path, name: str, extra: list[str]) -> list[dict]:
-    """Four steps of the quickstart model on one GPU; the metrics rows."""
-    from megatron_adadpo import train
-
-    run_dir = tmp_path / name
-    sets = [
-        f"logging.run_dir={run_dir}",
-        f"data.cache_dir={tmp_path / 'cache'}",
-        "execution.tp=1",
-        "train.train_iters=4",
-        "eval.interval=0",
-        "logging.progress=false",
-        *extra,
-    ]
-    argv = ["--config", str(REPO / "examples/configs/quickstart.yaml")]
-    for item in sets:
-        argv += ["--set", item]
-    train.main(argv)
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("bf16", [False, True])
@@ -37,7 +14,7 @@ def test_trainer_runs_on_one_gpu(tmp_path, bf16):
     from megatron_adadpo.platform import cpu
 
     extra = [f"execution.bf16={str(bf16).lower()}", "checkpoint.save_at_end=true"]
-    rows = _train(tmp_path, f"run_bf16_{bf16}", extra)
+    rows = train_on_one_gpu(tmp_path, f"run_bf16_{bf16}", extra)
     run_dir = tmp_path / f"run_bf16_{bf16}"
     assert not cpu.is_active()  # the CPU layer never runs on a GPU host
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
@@ -55,6 +32,6 @@ def test_chunked_logprobs_follow_the_unchunked_run(tmp_path, bf16, rel):
     runs = {}
     for chunk in (0, 37):
         extra = [f"execution.bf16={str(bf16).lower()}", f"execution.logprob_chunk_tokens={chunk}"]
-        runs[chunk] = [r["loss"] for r in _train(tmp_path, f"chunk{chunk}_{bf16}", extra)]
+        runs[chunk] = [r["loss"] for r in train_on_one_gpu(tmp_path, f"chunk{chunk}_{bf16}", extra)]
     assert runs[0][-1] < runs[0][0]
     assert runs[37] == pytest.approx(runs[0], rel=rel)
