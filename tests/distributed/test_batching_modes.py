@@ -51,11 +51,6 @@ def argv(run_dir, cache_dir, *extra):
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("data_cache")
-
-
-@pytest.fixture(scope="module")
 def fixed(tmp_path_factory, cache_dir):
     """``data.batching: fixed`` on one rank: step-1 gradients and the 5 steps' metrics."""
     run_dir = tmp_path_factory.mktemp("fixed")

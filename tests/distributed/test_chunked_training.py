@@ -33,11 +33,6 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("data_cache")
-
-
 def _argv(run_dir, cache_dir, extra):
     argv = ["--config", CONFIG]
     for item in overrides(run_dir, cache_dir, extra):

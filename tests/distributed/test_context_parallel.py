@@ -148,12 +148,15 @@ class Pairs:
 
     def lengths(self):
         """``[N, 3]`` prompt, chosen and rejected completion lengths (as the datasets')."""
-        return np.array(
-            [
-                [r["prompt_length"], len(r["chosen_ids"]), len(r["rejected_ids"])]
-                for r in self.rows
-            ]
-        ) - np.array([0, 1, 1])[None] * np.array([r["prompt_length"] for r in self.rows])[:, None]
+        return (
+            np.array(
+                [
+                    [r["prompt_length"], len(r["chosen_ids"]), len(r["rejected_ids"])]
+                    for r in self.rows
+                ]
+            )
+            - np.array([0, 1, 1])[None] * np.array([r["prompt_length"] for r in self.rows])[:, None]
+        )
 
 
 def _train_rank(rank, world, cp, steps):

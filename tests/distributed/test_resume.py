@@ -30,11 +30,6 @@ pytestmark = pytest.mark.distributed
 SAVING = ["train.train_iters=4", "checkpoint.save_interval=2", "checkpoint.save_at_end=true"]
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("data_cache")
-
-
 def _snapshot(run_dir):
     """Every file of a run directory but its lock: relative path -> (bytes, mtime)."""
     return {

@@ -24,11 +24,6 @@ from tests.launcher import RankFailed, run_ranks
 pytestmark = pytest.mark.distributed
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("data_cache")
-
-
 def test_precomputed_reference_equals_resident(tmp_path, cache_dir):
     ref_dir = tmp_path / "ref"
     base = ["execution.tp=2", "train.train_iters=4"]

@@ -50,11 +50,6 @@ LAYOUTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("data_cache")
-
-
 def _argv(tmp_path, cache_dir, extra, name):
     return ["--config", CONFIG, "--set", *_flat(overrides(tmp_path / name, cache_dir, extra))]
 

@@ -51,11 +51,6 @@ def reference_gradients(rank: int, world: int, argv: list[str]) -> dict:
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("sft_cache")
-
-
-@pytest.fixture(scope="module")
 def tp1_gradients(tmp_path_factory, cache_dir):
     tmp = tmp_path_factory.mktemp("sft_tp1")
     return run_ranks(first_step_gradients, 1, _argv(tmp, cache_dir, []), timeout=240)[0]
