@@ -42,18 +42,23 @@ def _tool(*args: str) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A checkpoint written by the trainer at TP=2 after one step at a tiny lr: near the random
-    init, whose greedy outputs are diverse (a few steps at lr 1e-3 collapse them onto a token)."""
-    tmp = tmp_path_factory.mktemp("generate")
-    extra = ["execution.tp=2", "train.train_iters=1", "checkpoint.save_at_end=true"]
+def _trained(tmp, layout: str):
+    """A checkpoint written by the trainer with 2 ranks at ``layout`` after one step at a tiny
+    lr: near the random init, whose greedy outputs are diverse (a few steps at lr 1e-3 collapse
+    them onto a token)."""
+    extra = [layout, "train.train_iters=1", "checkpoint.save_at_end=true"]
     extra += ["optimizer.lr=1e-6", "optimizer.min_lr=0"]
     argv = ["--config", str(REPO / "examples/configs/quickstart.yaml")]
     for item in overrides(tmp / "run", tmp / "cache", extra):
         argv += ["--set", item]
     run_ranks(run_trainer, 2, argv, timeout=300)
     return tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """Saved at TP=2."""
+    return _trained(tmp_path_factory.mktemp("generate"), "execution.tp=2")
 
 
 def _hf_greedy(hf_dir, row) -> str:
@@ -79,6 +84,16 @@ def _hf_greedy(hf_dir, row) -> str:
 
 
 def test_greedy_equals_transformers_generate(run_dir, tmp_path):
+    _assert_greedy_equals_hf(run_dir, tmp_path)
+
+
+def test_pipeline_parallel_checkpoint_generates_like_its_hf_export(tmp_path):
+    """Saved at PP=2 (each stage's layers under their global numbers): read whole into one
+    process as well."""
+    _assert_greedy_equals_hf(_trained(tmp_path, "execution.pp=2"), tmp_path)
+
+
+def _assert_greedy_equals_hf(run_dir, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
     output = tmp_path / "out.jsonl"
