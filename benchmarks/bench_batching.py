@@ -36,7 +36,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the benchmarks package (not installed)
 
-from benchmarks.machine import machine_line  # noqa: E402
+from benchmarks.machine import emit_result, machine_line  # noqa: E402
 from megatron_adadpo.config import read_yaml  # noqa: E402
 from megatron_adadpo.data.batching import BatchingPolicy  # noqa: E402
 from megatron_adadpo.data.config import DataConfig  # noqa: E402
@@ -264,9 +264,7 @@ def main() -> None:
                     m[name]["speedup_vs_" + base] = (
                         m[name]["real_tokens_per_s"] / m[base]["real_tokens_per_s"]
                     )
-    print(json.dumps(result, indent=1))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+    emit_result(result, args.json)
 
 
 if __name__ == "__main__":

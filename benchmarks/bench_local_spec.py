@@ -26,7 +26,6 @@ Presets: ``cpu`` (Llama-shaped, 4 layers, GQA, vocab 8000, sequences of 160-288 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -39,7 +38,7 @@ sys.path.insert(0, str(REPO))  # the benchmarks package (not installed)
 
 from benchmarks.bench_train_step import PRESETS as TRAIN_STEP_PRESETS  # noqa: E402
 from benchmarks.bench_train_step import synthetic_batches  # noqa: E402
-from benchmarks.machine import machine_line  # noqa: E402
+from benchmarks.machine import emit_result, machine_line  # noqa: E402
 from megatron_adadpo.config import load_config  # noqa: E402
 from megatron_adadpo.model.build import build_model  # noqa: E402
 from megatron_adadpo.model.initialization import init_layout_invariant  # noqa: E402
@@ -217,11 +216,7 @@ def report(args, c, measured: dict, seq: int, rows: int, norm: dict) -> None:
         if "rope_share" in result:
             result["rope_share"][clock] = 1 - 1 / result["rope_share"][clock]
     result["rmsnorm_speedup"] = norm["separate_ops"] / norm["rms_norm"]
-    if torch.cuda.is_available():
-        result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    print(json.dumps(result, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    emit_result(result, args.json)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ Variants, interleaved step by step:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -30,7 +29,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the benchmarks package (not installed)
 
-from benchmarks.machine import machine_line  # noqa: E402
+from benchmarks.machine import emit_result, machine_line  # noqa: E402
 from megatron_adadpo.config import load_config  # noqa: E402
 from megatron_adadpo.model.build import build_model  # noqa: E402
 from megatron_adadpo.platform import cpu, distributed  # noqa: E402
@@ -128,9 +127,7 @@ def main() -> None:
     v = result["variants"]
     for key in ("median_step_s", "median_cpu_s"):
         result["plain_over_fused_" + key] = v["megatron_plain"][key] / v["megatron_fused"][key]
-    print(json.dumps(result, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    emit_result(result, args.json)
     distributed.destroy()
 
 

@@ -25,6 +25,8 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the benchmarks package (not installed)
+from benchmarks.machine import emit_result  # noqa: E402
 
 
 def export(revision: str, target: Path) -> Path:
@@ -91,9 +93,7 @@ def main() -> None:
     )
     result["run_cpu_s_after_over_before"] = result["after_run_cpu_s"] / result["before_run_cpu_s"]
     result["before_revision"] = args.before
-    print(json.dumps(result, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    emit_result(result, args.json)
 
 
 if __name__ == "__main__":

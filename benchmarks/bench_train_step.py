@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 import tempfile
@@ -32,7 +31,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the benchmarks package (not installed)
 
-from benchmarks.machine import machine_line  # noqa: E402
+from benchmarks.machine import emit_result, machine_line  # noqa: E402
 from megatron_adadpo.config import load_config  # noqa: E402
 from megatron_adadpo.data import collate_pairs  # noqa: E402
 from megatron_adadpo.losses import LossConfig  # noqa: E402
@@ -220,11 +219,7 @@ def report(c, preset, batches, times, args, logprob_chunk_tokens: int) -> None:
     result["ratio_precomputed_over_resident"] = (
         v["adadpo_precomputed"]["median_s"] / v["adadpo"]["median_s"]
     )
-    if torch.cuda.is_available():
-        result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    print(json.dumps(result, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    emit_result(result, args.json)
 
 
 if __name__ == "__main__":

@@ -340,9 +340,7 @@ def report(runs: dict, tokens: float, args) -> None:
         for key in ("tokens_per_s", "tokens_per_cpu_s", "peak_rss_mib"):
             entry[key + "_ratio"] = entry["ours"][key] / entry["trl"][key]
         result["modes"][mode] = entry
-    print(json.dumps(result, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    emit_result(result, args.json)
 
 
 if __name__ == "__main__":

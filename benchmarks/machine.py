@@ -4,10 +4,12 @@ process's resident-memory counters the memory benchmarks read (Linux ``/proc``).
 from __future__ import annotations
 
 import gc
+import json
 import os
 import platform
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 
 def cpu_model() -> str:
@@ -79,3 +81,16 @@ def peak_rss_runs(
             peaks.append((status_kib("VmHWM") - before) * 1024)
             times.append(elapsed)
     return peaks, times, before * 1024
+
+
+def emit_result(result: dict, json_path: str | None) -> None:
+    """Print a benchmark's result as JSON, and write it to ``json_path`` when given (with the
+    CUDA peak memory when the run used a GPU)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated():
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    text = json.dumps(result, indent=2)
+    print(text)
+    if json_path:
+        Path(json_path).write_text(text)
