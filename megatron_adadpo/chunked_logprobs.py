@@ -8,8 +8,15 @@ embedding's),
     log p(y_t) = -vocab_parallel_cross_entropy(logits_c)  (TP padding columns masked)
 
 (``logprobs.consume_logits``: Megatron's CE, two scalar all-reduces per token, no vocab
-gather). Forward keeps only ``x`` and the per-token results; backward recomputes each chunk's
-logits, runs the CE forward and backward on them and accumulates
+gather). Forward keeps only ``x``, the per-token results and each token's log-sum-exp over the
+true vocabulary, ``lse_t = logit_t[y_t] - log p(y_t)`` (``[n]`` fp32; the target logit is taken
+from the shard that holds it before the CE overwrites the logits, and summed over TP in one
+``[n]`` all-reduce). Backward recomputes each chunk's logits and applies the CE's gradient in
+closed form, with no collective,
+
+    d log p(y_t) / d logits_t = onehot(y_t) - exp(logits_t - lse_t)   (0 on TP padding columns)
+
+(what Megatron's CE backward computes from its saved softmax), and accumulates
 
     dx_c = dlogits_c W,        dW += dlogits_c^T x_c
 
@@ -36,7 +43,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_adadpo.logprobs import consume_logits, shard_logit_sums
+from megatron_adadpo.logprobs import consume_logits, shard_logit_sums, true_vocab_columns
 from megatron_adadpo.platform.megatron import output_layer_weight, tensor_parallel
 
 
@@ -118,25 +125,31 @@ class _ChunkedOutputLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, rows, target, plan: _Plan):
         x = _tokens(hidden, rows, plan)  # [n, h]
-        logps = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-        n_sums = x.shape[0] if plan.with_logit_sums else 0
-        sums = torch.empty(n_sums, dtype=torch.float32, device=x.device)
-        for chunk in _chunks(x.shape[0], plan.chunk_tokens):
-            _chunk_forward(x[chunk], weight, target[chunk], plan, logps[chunk], sums[chunk])
-        ctx.save_for_backward(hidden, weight, rows, target)
+        n = x.shape[0]
+        logps = torch.empty(n, dtype=torch.float32, device=x.device)
+        target_logits = torch.empty_like(logps)  # this shard's logit of y_t, 0 elsewhere
+        sums = torch.empty(n if plan.with_logit_sums else 0, dtype=torch.float32, device=x.device)
+        for chunk in _chunks(n, plan.chunk_tokens):
+            outputs = logps[chunk], target_logits[chunk], sums[chunk]
+            _chunk_forward(x[chunk], weight, target[chunk], plan, *outputs)
+        if dist.get_world_size(plan.tp_group) > 1:
+            dist.all_reduce(target_logits, group=plan.tp_group)
+        ctx.save_for_backward(hidden, weight, rows, target, target_logits - logps)  # lse [n]
         ctx.plan = plan
         ctx.mark_non_differentiable(sums)
         return logps, sums
 
     @staticmethod
     def backward(ctx, grad_logps, _grad_sums):
-        hidden, weight, rows, target = ctx.saved_tensors
+        hidden, weight, rows, target, lse = ctx.saved_tensors
         plan = ctx.plan
         x = _tokens(hidden, rows, plan)  # re-gathered over TP with sequence parallelism
         grad_x = torch.empty_like(x)
         weight_grad = _WeightGrad(weight)
         for chunk in _chunks(x.shape[0], plan.chunk_tokens):
-            dlogits = _logits_grad(x[chunk], weight, target[chunk], grad_logps[chunk], plan)
+            dlogits = _logits_grad(
+                x[chunk], weight, target[chunk], lse[chunk], grad_logps[chunk], plan
+            )
             torch.matmul(dlogits, weight, out=grad_x[chunk])
             weight_grad.add(dlogits, x[chunk])
             del dlogits  # before the next chunk's logits exist
@@ -145,7 +158,10 @@ class _ChunkedOutputLogprobs(torch.autograd.Function):
 
 
 def _chunks(n: int, size: int) -> list[slice]:
-    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+    """``ceil(n / size)`` slices of ``[0, n)`` of near-equal length (none longer than ``size``;
+    no short tail chunk, whose matmuls would run below full speed)."""
+    count = -(-n // size)
+    return [slice(n * i // count, n * (i + 1) // count) for i in range(count)]
 
 
 def _tokens(hidden: torch.Tensor, rows: torch.Tensor, plan: _Plan) -> torch.Tensor:
@@ -162,21 +178,35 @@ def _chunk_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.matmul(x, weight.t()).float()
 
 
-def _chunk_forward(x, weight, target, plan: _Plan, logps_out, sums_out) -> None:
-    """One chunk's log-probs (and logit sums) into the output slices; its logits die here."""
+def _shard_targets(target: torch.Tensor, shard: int, plan: _Plan):
+    """``(rows, columns)``: the tokens whose target lies in this rank's ``shard`` vocabulary
+    columns (Megatron's ``[rank * shard, (rank + 1) * shard)``) and its local column. ``[k]``."""
+    local = target - dist.get_rank(plan.tp_group) * shard
+    rows = ((local >= 0) & (local < shard)).nonzero().squeeze(1)
+    return rows, local.index_select(0, rows)
+
+
+def _chunk_forward(x, weight, target, plan: _Plan, logps_out, target_out, sums_out) -> None:
+    """One chunk's log-probs, this shard's target logits (0 where another rank holds the
+    target) and logit sums into the output slices; its logits die here."""
     logits = _chunk_logits(x, weight)
     if plan.with_logit_sums:
         sums_out.copy_(shard_logit_sums(logits, plan.vocab_size, plan.tp_group))
+    rows, columns = _shard_targets(target, logits.shape[-1], plan)
+    target_out.zero_().index_copy_(0, rows, logits[rows, columns])
     logps_out.copy_(consume_logits(logits, target, plan.tp_group, plan.vocab_size))
 
 
-def _logits_grad(x, weight, target, grad, plan: _Plan) -> torch.Tensor:
-    """``d(sum_t grad_t log p(y_t)) / d logits`` of one chunk in the weight's dtype,
-    ``[c, v/tp]``: its logits recomputed and Megatron's CE run forward and backward on them."""
-    logits = _chunk_logits(x, weight).requires_grad_()
-    with torch.enable_grad():
-        logps = consume_logits(logits, target, plan.tp_group, plan.vocab_size)
-    (dlogits,) = torch.autograd.grad(logps, logits, grad)
+def _logits_grad(x, weight, target, lse, grad, plan: _Plan) -> torch.Tensor:
+    """``d(sum_t grad_t log p(y_t)) / d logits = grad_t (onehot(y_t) - exp(logits_t - lse_t))``
+    of one chunk, its logits recomputed; TP padding columns (outside the softmax) get 0.
+    ``[c, h]`` x, ``[c]`` target, lse, grad -> ``[c, v/tp]`` in the weight's dtype."""
+    dlogits = _chunk_logits(x, weight)
+    dlogits.sub_(lse.unsqueeze(1)).exp_().mul_(grad.neg().unsqueeze(1))
+    shard = dlogits.shape[-1]
+    dlogits[:, true_vocab_columns(shard, plan.vocab_size, dist.get_rank(plan.tp_group)) :] = 0
+    rows, columns = _shard_targets(target, shard, plan)
+    dlogits.index_put_((rows, columns), grad.index_select(0, rows), accumulate=True)
     return dlogits.to(weight.dtype)
 
 

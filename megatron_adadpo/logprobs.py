@@ -77,7 +77,7 @@ def consume_logits(
     return -vocab_parallel_cross_entropy(logits, target, tp_group)
 
 
-def _true_vocab_columns(shard: int, vocab_size: int | None, tp_rank: int) -> int:
+def true_vocab_columns(shard: int, vocab_size: int | None, tp_rank: int) -> int:
     """How many of this rank's ``shard`` columns lie inside the true vocabulary (the first ones;
     Megatron's TP padding columns, global index >= ``vocab_size``, come last)."""
     if vocab_size is None:
@@ -87,7 +87,7 @@ def _true_vocab_columns(shard: int, vocab_size: int | None, tp_rank: int) -> int
 
 def _mask_vocab_padding(logits: torch.Tensor, vocab_size: int, tp_rank: int) -> None:
     """In place: this shard's columns at global index >= ``vocab_size`` -> lowest float."""
-    true_columns = _true_vocab_columns(logits.shape[-1], vocab_size, tp_rank)
+    true_columns = true_vocab_columns(logits.shape[-1], vocab_size, tp_rank)
     if true_columns < logits.shape[-1]:
         logits[..., true_columns:] = torch.finfo(logits.dtype).min
 
@@ -115,7 +115,7 @@ def shard_logit_sums(
     if tp_group is None:
         tp_group = parallel_state.get_tensor_model_parallel_group()
     shard = vocab_parallel_logits.shape[-1]
-    true_columns = _true_vocab_columns(shard, vocab_size, dist.get_rank(tp_group))
+    true_columns = true_vocab_columns(shard, vocab_size, dist.get_rank(tp_group))
     tokens = vocab_parallel_logits.detach()[..., :true_columns].flatten(0, -2)  # [n, columns]
     rows = max(1, _UPCAST_ELEMENTS // max(true_columns, 1))
     sums = [block.sum(dim=-1, dtype=torch.float32) for block in tokens.split(rows)]

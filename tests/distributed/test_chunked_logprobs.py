@@ -87,6 +87,8 @@ def test_matches_full_vocab_fp64(tp, sequence_parallel, chunk, use_mask):
         dx_ref = ref_dx.chunk(tp, dim=0)[rank] if sequence_parallel else ref_dx
         torch.testing.assert_close(dx.double(), dx_ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(dw.double(), ref_dw.chunk(tp, dim=0)[rank], atol=1e-5, rtol=1e-5)
+        padding = dw[max(VOCAB - rank * (PADDED // tp), 0) :]  # this shard's TP padding rows
+        assert torch.equal(padding, torch.zeros_like(padding))
     assert ref_dw[VOCAB:].abs().max() == 0  # the padding rows: no gradient in the reference
 
 
