@@ -323,7 +323,7 @@ def main() -> None:
 
 def report(runs: dict, tokens: float, args) -> None:
     sys.path.insert(0, str(REPO))
-    from benchmarks.machine import machine_line
+    from benchmarks.machine import emit_result, machine_line
 
     result = dict(machine=machine_line(), threads=args.threads, tokens_per_step=tokens, modes={})
     result["model"] = MODEL
