@@ -2,7 +2,7 @@
 # The main job: a small CPU AdaDPO training on the bundled data (2 processes, TP=2, gloo).
 # Trains DPO and AdaDPO from the same start, a bundled SFT checkpoint of the model (made by
 # `python examples/miniature/run.py --sft-only --bundle DIR`, docs/miniature.md), and plots
-# their log-prob trajectories: at the same margin AdaDPO keeps the chosen answers more likely.
+# their log-prob trajectories: DPO's chosen log-prob falls, AdaDPO's holds.
 # Creates / reuses .venv (tools/venv.sh). On a CUDA machine it runs the same on the GPUs.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
