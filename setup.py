@@ -27,7 +27,16 @@ setup(
         "wandb": ["wandb"],
         "hf": ["transformers>=4.45", "safetensors", "tokenizers"],
         "plot": ["matplotlib"],
-        "test": ["pytest>=8", "pytest-timeout", "ruff", "transformers>=4.45", "safetensors",
-                 "tokenizers", "matplotlib", "tensorboard", "wandb"],
+        "test": [
+            "pytest>=8",
+            "pytest-timeout",
+            "ruff",
+            "transformers>=4.45",
+            "safetensors",
+            "tokenizers",
+            "matplotlib",
+            "tensorboard",
+            "wandb",
+        ],
     },
 )
