@@ -42,7 +42,6 @@ from megatron_adadpo.data.batching import round_up
 from megatron_adadpo.data.collate import pair_ids, pair_sequences
 
 # Per-token tensors of a packed micro-batch (split along the sequence for context parallelism).
-TOKEN_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "segment_ids")
 
 
 def collate_packed(
@@ -122,35 +121,3 @@ def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).tril()
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
     return ~(same & causal)[:, None]
-
-
-def thd_partition_index(cu_seqlens_padded: torch.Tensor, cp_size: int, cp_rank: int):
-    """Positions of a packed row that context-parallel rank ``cp_rank`` holds (THD layout).
-
-    Every padded sequence is cut into ``2 * cp_size`` equal chunks; rank ``r`` takes chunks
-    ``r`` and ``2 * cp_size - 1 - r`` of each (the load-balanced causal split, per sequence),
-    as Transformer Engine's ``thd_get_partitioned_indices``.
-
-    Shapes: cu_seqlens_padded int ``[n + 1]`` -> int64 ``[T / cp_size]``.
-    """
-    bounds = cu_seqlens_padded.tolist()
-    parts = []
-    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-        if (end - start) % (2 * cp_size):
-            raise ValueError(
-                f"a packed sequence of padded length {end - start} is not a multiple of "
-                f"2 x CP = {2 * cp_size} (collate_packed(segment_multiple=2 * CP))"
-            )
-        chunk = (end - start) // (2 * cp_size)
-        for c in (cp_rank, 2 * cp_size - 1 - cp_rank):
-            parts.append(torch.arange(start + c * chunk, start + (c + 1) * chunk))
-    return torch.cat(parts)
-
-
-def split_packed_for_cp(batch: dict[str, Any], cp_size: int, cp_rank: int) -> dict[str, Any]:
-    """This context-parallel rank's share of a packed micro-batch (per-token tensors only;
-    ``cu_seqlens*`` and ``max_seqlen`` stay global, as Megatron's THD attention wants them)."""
-    if cp_size == 1:
-        return batch
-    index = thd_partition_index(batch["cu_seqlens_padded"], cp_size, cp_rank)
-    return {k: v[:, index] if k in TOKEN_KEYS else v for k, v in batch.items()}

@@ -9,7 +9,7 @@ number of micro-batches and their shapes may change from step to step; a packed 
 one row (``data/packing.py``) that reaches the attention as ``PackedSeqParams`` (Transformer
 Engine) or as a block-diagonal mask (local spec, ``run/packing.py``).
 With context parallelism each rank keeps its zigzag share of every per-token tensor
-(``run/context_parallel.py`` for pair rows, ``data/packing.py`` for packed rows), ``[., S/CP]``;
+(``run/context_parallel.py``: of the whole row, or of each sequence of a packed row), ``[., S/CP]``;
 pair ids and reference values stay per pair.
 """
 
@@ -21,7 +21,7 @@ import torch
 from megatron_adadpo.config import Config
 from megatron_adadpo.data import PreferenceSampler, collate_pairs
 from megatron_adadpo.data.batching import BatchingPolicy, batching_policy, plan_global_batch
-from megatron_adadpo.data.packing import collate_packed, split_packed_for_cp
+from megatron_adadpo.data.packing import collate_packed
 from megatron_adadpo.platform.environment import uses_transformer_engine
 from megatron_adadpo.run.context_parallel import split_for_context_parallel
 from megatron_adadpo.run.packing import thd_params
@@ -75,11 +75,12 @@ class StepBatches:
 
     def _collate(self, examples: list[dict]) -> dict:
         pad_id, multiple = self.dataset.pad_id, self.policy.pad_multiple
-        if self.policy.mode != "packed":
-            batch = _to_device(collate_pairs(examples, pad_id, multiple), self.device)
-            return split_for_context_parallel(batch, self.cp_rank, self.cp_size)
-        batch = collate_packed(examples, pad_id, multiple, self.policy.segment_multiple)
-        batch = _to_device(split_packed_for_cp(batch, self.cp_size, self.cp_rank), self.device)
+        if self.policy.mode == "packed":
+            batch = collate_packed(examples, pad_id, multiple, self.policy.segment_multiple)
+        else:
+            batch = collate_pairs(examples, pad_id, multiple)
+        batch = split_for_context_parallel(batch, self.cp_rank, self.cp_size)
+        batch = _to_device(batch, self.device)
         if self.thd:
             batch["packed_seq_params"] = thd_params(batch)
         return batch

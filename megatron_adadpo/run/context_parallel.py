@@ -36,18 +36,43 @@ def zigzag_positions(seq_length: int, cp_rank: int, cp_size: int) -> torch.Tenso
     return chunks[[cp_rank, 2 * cp_size - 1 - cp_rank]].reshape(-1)
 
 
+def thd_partition_index(cu_seqlens_padded: torch.Tensor, cp_size: int, cp_rank: int):
+    """Positions of a packed row (THD layout, ``data/packing.py``) that CP rank ``cp_rank``
+    holds: the zigzag share of every padded sequence, as Transformer Engine's
+    ``thd_get_partitioned_indices`` (Megatron-Core 0.16.1 ``utils.get_thd_batch_on_this_cp_rank``).
+
+    Shapes: cu_seqlens_padded int ``[n + 1]`` -> int64 ``[T / cp_size]``.
+    """
+    bounds = cu_seqlens_padded.tolist()
+    parts = []
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        if (end - start) % (2 * cp_size):
+            raise ValueError(
+                f"a packed sequence of padded length {end - start} is not a multiple of "
+                f"2 x CP = {2 * cp_size} (collate_packed(segment_multiple=2 * CP))"
+            )
+        parts.append(start + zigzag_positions(end - start, cp_rank, cp_size))
+    return torch.cat(parts)
+
+
 def split_for_context_parallel(batch: dict, cp_rank: int, cp_size: int) -> dict:
-    """This CP rank's micro-batch: every per-token ``[2B, S, ...]`` tensor cut to its
-    ``[2B, S/CP, ...]`` zigzag share; everything else unchanged. ``cp_size == 1``: the batch
+    """This CP rank's micro-batch: every per-token ``[b, S, ...]`` tensor cut to its
+    ``[b, S/CP, ...]`` zigzag share (of the whole row; of each sequence for a packed row, which
+    carries ``cu_seqlens_padded``); everything else unchanged (a packed row's ``cu_seqlens*``
+    and ``max_seqlen`` stay global, as THD attention wants them). ``cp_size == 1``: the batch
     itself.
 
-    Shapes: tokens, labels, loss_mask, position_ids ``[2B, S]`` -> ``[2B, S/CP]``;
+    Shapes: tokens, labels, loss_mask, position_ids (segment_ids) ``[b, S]`` -> ``[b, S/CP]``;
     pair_ids ``[B]`` and reference_logps ``[2B]`` (per pair / per sequence) unchanged.
     """
     if cp_size == 1:
         return batch
     rows, seq = batch["tokens"].shape[:2]
-    keep = zigzag_positions(seq, cp_rank, cp_size).to(batch["tokens"].device)
+    if "cu_seqlens_padded" in batch:
+        keep = thd_partition_index(batch["cu_seqlens_padded"], cp_size, cp_rank)
+    else:
+        keep = zigzag_positions(seq, cp_rank, cp_size)
+    keep = keep.to(batch["tokens"].device)
     out = dict(batch)
     for key, value in batch.items():
         if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[:2] == (rows, seq):

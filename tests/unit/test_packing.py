@@ -14,14 +14,10 @@ import torch
 
 import megatron_adadpo.data.packing as packing_module
 from megatron_adadpo.data import collate_pairs
-from megatron_adadpo.data.packing import (
-    block_causal_mask,
-    collate_packed,
-    split_packed_for_cp,
-    thd_partition_index,
-)
+from megatron_adadpo.data.packing import block_causal_mask, collate_packed
 from megatron_adadpo.logprobs import sequence_logprobs
 from megatron_adadpo.model.config import RopeScaling
+from megatron_adadpo.run.context_parallel import split_for_context_parallel, thd_partition_index
 from tests.launcher import run_ranks
 
 
@@ -123,7 +119,7 @@ def test_thd_context_parallel_split_is_megatrons_split_per_sequence():
     expected = run_ranks(_megatron_cp_split, 1, cu_padded, 4)[0]
     for rank in range(4):
         assert torch.equal(thd_partition_index(batch["cu_seqlens_padded"], 4, rank), expected[rank])
-        shard = split_packed_for_cp(batch, 4, rank)
+        shard = split_for_context_parallel(batch, rank, 4)
         assert torch.equal(shard["tokens"][0], batch["tokens"][0, expected[rank]])
         assert torch.equal(shard["cu_seqlens"], batch["cu_seqlens"])  # boundaries stay global
     with pytest.raises(ValueError, match="not a multiple of 2 x CP = 8"):
