@@ -148,15 +148,10 @@ class Pairs:
 
     def lengths(self):
         """``[N, 3]`` prompt, chosen and rejected completion lengths (as the datasets')."""
-        return (
-            np.array(
-                [
-                    [r["prompt_length"], len(r["chosen_ids"]), len(r["rejected_ids"])]
-                    for r in self.rows
-                ]
-            )
-            - np.array([0, 1, 1])[None] * np.array([r["prompt_length"] for r in self.rows])[:, None]
-        )
+        p = [r["prompt_length"] for r in self.rows]
+        chosen = [len(r["chosen_ids"]) - n for r, n in zip(self.rows, p, strict=True)]
+        rejected = [len(r["rejected_ids"]) - n for r, n in zip(self.rows, p, strict=True)]
+        return np.array([p, chosen, rejected]).T
 
 
 def _train_rank(rank, world, cp, steps):
