@@ -57,6 +57,9 @@ class OptimizerSection:
     use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
+    # Parameters per DDP gradient bucket with overlap_grad_reduce (the unit of overlapped
+    # reduce-scatter / all-gather); None: Megatron's default, max(40M, 1M * data-parallel size)
+    ddp_bucket_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -347,6 +350,7 @@ def _ranges(config: Config) -> dict:
         "optimizer.adam_beta1": (opt.adam_beta1, lambda v: 0 <= v < 1, "in [0, 1)"),
         "optimizer.adam_beta2": (opt.adam_beta2, lambda v: 0 <= v < 1, "in [0, 1)"),
         "optimizer.adam_eps": (opt.adam_eps, *positive),
+        "optimizer.ddp_bucket_size": (opt.ddp_bucket_size, *optional),
     }
 
 
@@ -421,4 +425,10 @@ def _check_optimizer(config: Config) -> None:
     if opt.overlap_param_gather and not opt.use_distributed_optimizer:
         raise ConfigError(
             "optimizer.overlap_param_gather needs optimizer.use_distributed_optimizer"
+        )
+    if opt.ddp_bucket_size is not None and not opt.overlap_grad_reduce:
+        raise ConfigError(
+            "optimizer.ddp_bucket_size applies only with optimizer.overlap_grad_reduce: true "
+            "(without it Megatron DDP keeps one bucket per model chunk); set "
+            "optimizer.overlap_grad_reduce: true or unset optimizer.ddp_bucket_size"
         )

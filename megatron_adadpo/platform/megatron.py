@@ -138,24 +138,49 @@ def final_hidden_states(
     these hidden states in place of the output layer. 0.16 / 0.17 have no hook: the model's
     ``post_process`` attribute is switched off for the call, so ``_postprocess`` returns the
     hidden states before the output layer (the decoder's final norm belongs to the decoder and
-    still runs). Pinned by ``tests/unit/test_megatron_seam.py``.
+    still runs). Pinned by ``tests/unit/test_megatron_seam.py``. The skipped output layer's
+    forward pre-hooks still run (``run_forward_pre_hooks``: DDP's parameter all-gather wait).
     """
+    gpt = unwrap_model(model)
     if _GPT_TAKES_OUTPUT_PROCESSOR:
-        return model(
+        hidden = model(
             input_ids,
             position_ids,
             attention_mask,
             output_processor=_hidden_states_only,
             **forward_kwargs,
         )
-    gpt = unwrap_model(model)
-    if not gpt.post_process:
+    elif not gpt.post_process:
         return model(input_ids, position_ids, attention_mask, **forward_kwargs)
-    gpt.post_process = False
-    try:
-        return model(input_ids, position_ids, attention_mask, **forward_kwargs)
-    finally:
-        gpt.post_process = True
+    else:
+        gpt.post_process = False
+        try:
+            hidden = model(input_ids, position_ids, attention_mask, **forward_kwargs)
+        finally:
+            gpt.post_process = True
+    if gpt.post_process:
+        run_forward_pre_hooks(gpt.output_layer)
+    return hidden
+
+
+def run_forward_pre_hooks(module: torch.nn.Module) -> None:
+    """Run ``module``'s forward pre-hooks without its forward: the caller uses its weights.
+
+    Megatron DDP with ``overlap_param_gather`` waits for a bucket's parameter all-gather only
+    in the forward pre-hook of a module owning a parameter of it
+    (``distributed_data_parallel.py`` ``_make_forward_pre_hook`` -> ``finish_param_sync``);
+    a bucket dispatched but never waited for fails the next step's
+    ``assert self.param_gather_handle is None``, and its weights may be read before they
+    arrive. Megatron does the same for modules a fused path skips (``transformer/cuda_graphs.py``
+    ``call_ddp_preforward_hook``, ``transformer/moe/experts.py``): each hook is called with no
+    input and must return None. A no-op without hooks (no DDP, or no overlapped gather).
+    """
+    for hook in list(module._forward_pre_hooks.values()):
+        if hook(module, ()) is not None:
+            raise RuntimeError(
+                f"a forward pre-hook of {type(module).__name__} changes its input; the chunked "
+                "output layer path runs only DDP's parameter all-gather hooks"
+            )
 
 
 def output_layer_weight(model) -> tuple[torch.Tensor, bool] | None:

@@ -27,7 +27,9 @@ def wrap_ddp(chunks: list[torch.nn.Module], opt: OptimizerSection) -> list:
     through ``param_sync_func`` (installed by ``build_optimizer``) and DDP's forward hooks then
     only wait for them, as Megatron-LM sets both together (``megatron/training/arguments.py``
     turns ``align_param_gather`` off without virtual stages; ``training.py`` installs
-    ``param_sync_func`` only with it).
+    ``param_sync_func`` only with it). ``optimizer.ddp_bucket_size`` is Megatron's
+    ``bucket_size`` (parameters per bucket; None: its default ``max(40M, 1M * dp)``, and one
+    bucket per chunk without ``overlap_grad_reduce``).
     """
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
@@ -36,7 +38,7 @@ def wrap_ddp(chunks: list[torch.nn.Module], opt: OptimizerSection) -> list:
         align_param_gather=opt.overlap_param_gather and len(chunks) > 1,
         use_distributed_optimizer=opt.use_distributed_optimizer,
         check_for_nan_in_grad=False,
-        bucket_size=None if not opt.overlap_grad_reduce else 40_000_000,
+        bucket_size=opt.ddp_bucket_size,  # None: Megatron's default (one bucket without overlap)
     )
     wrapped = []
     for i, chunk in enumerate(chunks):

@@ -36,6 +36,7 @@ def optimizer_layout(config: Config) -> dict:
         "pp": e.pp,
         "vpp": e.vpp,
         "overlap_grad_reduce": opt.overlap_grad_reduce,
+        "ddp_bucket_size": opt.ddp_bucket_size,
     }
 
 
@@ -73,6 +74,8 @@ def check_run_state(
 
 
 def _check_optimizer_layout(saved: dict | None, current: dict, where: Path) -> None:
+    if saved is not None:
+        saved = {"ddp_bucket_size": None, **saved}  # checkpoints from before the option
     if saved is None or saved == current:
         return
     was_distributed = saved["distributed_optimizer"]
