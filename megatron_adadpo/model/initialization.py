@@ -57,7 +57,8 @@ def init_layout_invariant(
 
     Weights ~ N(0, std) (norm weights = 1, biases = 0), drawn per full tensor on CPU in fp32.
     Embedding and output rows past the true ``vocab_size`` (TP padding, whose amount depends
-    on TP) are zero.
+    on TP) are zero. With tied embeddings the last pipeline stage's own copy of the output
+    weight is drawn as the word embedding (the one tensor it is on a single stage).
     """
     tp = parallel_state.get_tensor_model_parallel_world_size()
     for chunk in chunks:
@@ -75,7 +76,7 @@ def init_layout_invariant(
             shape = list(param.shape)
             if getattr(param, "tensor_model_parallel", False):
                 shape[param.partition_dim] *= tp
-            gen = torch.Generator().manual_seed(seed ^ zlib.crc32(name.encode()))
+            gen = torch.Generator().manual_seed(seed ^ zlib.crc32(_drawn_as(chunk, name).encode()))
             vocab_rows = "word_embeddings" in name or "output_layer" in name
             draw = [vocab_size, *shape[1:]] if vocab_rows else shape
             full = torch.randn(draw, generator=gen, dtype=torch.float32) * std
@@ -83,3 +84,15 @@ def init_layout_invariant(
                 full = torch.nn.functional.pad(full, (0, 0, 0, shape[0] - vocab_size))
             shard = shard_of_full(full, param, gated_fc1="linear_fc1.weight" in name)
             param.copy_(shard.to(param.dtype))
+
+
+TIED_OUTPUT = ("output_layer.weight", "embedding.word_embeddings.weight")
+
+
+def _drawn_as(chunk: torch.nn.Module, name: str) -> str:
+    """The name whose seed draws ``name``: with tied embeddings (``GPTModel``'s
+    ``share_embeddings_and_output_weights``), a pipeline's last stage holds ``output_layer.weight``
+    as a copy of the first stage's word embedding (Megatron keeps their gradients summed)."""
+    if name == TIED_OUTPUT[0] and getattr(chunk, "share_embeddings_and_output_weights", False):
+        return TIED_OUTPUT[1]
+    return name

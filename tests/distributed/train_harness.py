@@ -7,6 +7,7 @@ import os
 import signal
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -181,13 +182,78 @@ def _layout(batch: dict) -> tuple:
     )
 
 
+def train_checked(rank: int, world: int, argv: list[str]) -> dict:
+    """Run the real trainer to the end; check Megatron DDP's parameter all-gathers after every
+    step and return the final parameters.
+
+    Returns ``{"pending": [(step, chunk, bucket group)] whose all-gather was dispatched and
+    never waited for (``param_gather_handle`` set after the step: the next step's
+    ``start_param_sync`` asserts on it), "own_bucket": whether the untied output layer sits in a
+    DDP bucket group of its own (None where it has none on this rank), "params": the full
+    parameters on rank 0 as ``first_step_gradients`` gives gradients (after Megatron's
+    ``force_param_sync``)}``.
+    """
+    from megatron_adadpo.config import check_world_size, load_config
+    from megatron_adadpo.platform.megatron import force_param_sync
+    from megatron_adadpo.run import trainer as trainer_module
+
+    args = train.parse_args(argv)
+    config = load_config(args.config, args.set)
+    check_world_size(config, world)
+    trainer = trainer_module.Trainer(config)
+    pending: list = []
+    real_train_step = trainer_module.train_step
+
+    def checked_train_step(*a, **kw):
+        result = real_train_step(*a, **kw)
+        pending.extend((kw["step"], *where) for where in pending_param_gathers(trainer.policy))
+        return result
+
+    trainer_module.train_step = checked_train_step
+    try:
+        trainer.train()
+    finally:
+        trainer_module.train_step = real_train_step
+    own_bucket = _output_layer_alone(trainer.policy)
+    force_param_sync(trainer.policy, trainer.optimizer)
+    params = _gather_full(trainer.policy, config.model.vocab_size, lambda p: p)
+    return {"pending": pending, "own_bucket": own_bucket, "params": params}
+
+
+def pending_param_gathers(policy: list) -> list[tuple[int, int]]:
+    """``(chunk, bucket group)`` of every DDP bucket group with an all-gather in flight."""
+    return [
+        (c, g)
+        for c, chunk in enumerate(policy)
+        for g, group in enumerate(chunk.bucket_groups)
+        if group.param_gather_handle is not None
+    ]
+
+
+def _output_layer_alone(policy: list) -> bool | None:
+    """Whether the output layer's own weight is the only parameter of its bucket group."""
+    for chunk in policy:
+        layer = getattr(chunk.module, "output_layer", None)
+        weight = None if layer is None else layer.weight
+        if weight is not None and weight in chunk.param_to_bucket_group:
+            params = [p for b in chunk.param_to_bucket_group[weight].buckets for p in b.params]
+            return len(params) == 1 and params[0] is weight
+    return None
+
+
 def _gather_full_grads(policy: list, vocab_size: int) -> dict | None:
+    return _gather_full(policy, vocab_size, lambda p: p.main_grad)
+
+
+def _gather_full(policy: list, vocab_size: int, tensor_of) -> dict | None:
+    """``tensor_of(param)`` of every parameter, un-sharded over TP (see
+    ``first_step_gradients``) and collected over pipeline stages, fp64, on rank 0."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
     tp_group = parallel_state.get_tensor_model_parallel_group()
     local = {}
     for chunk in policy:
         for name, param in global_param_names(chunk.module).items():
-            grad = param.main_grad.detach().double()
+            grad = tensor_of(param).detach().double()
             if getattr(param, "tensor_model_parallel", False) and tp > 1:
                 parts = [torch.empty_like(grad) for _ in range(tp)]
                 dist.all_gather(parts, grad.contiguous(), group=tp_group)
@@ -209,3 +275,27 @@ def _gather_full_grads(policy: list, vocab_size: int) -> dict | None:
         for name, grad in part.items():
             merged.setdefault(name, grad)
     return merged
+
+
+# metrics.jsonl keys that depend on how a step ran (speed, padding), not on what it computed
+NOT_COMPARED = ("throughput/", "step_time_s", "step", "split", "skipped")
+
+
+def assert_same_run(got: dict, want: dict, rows: list, want_rows: list, label: str) -> None:
+    """A run equals the plain run: every logged metric of every step (rtol = atol = 1e-5) and
+    every final parameter (relative norm error <= 1e-5); ``got`` / ``want`` are
+    ``train_checked``'s rank-0 results."""
+    assert len(rows) == len(want_rows), f"{label}: {len(rows)} steps vs {len(want_rows)}"
+    for step, (row, ref) in enumerate(zip(rows, want_rows, strict=True), start=1):
+        for key, value in ref.items():
+            if key.startswith(NOT_COMPARED) or key in NOT_COMPARED:
+                continue
+            if step == 1 and key == "rewards/accuracies":
+                continue  # policy == reference: compares rounding noise (test_batching_modes)
+            assert row[key] == pytest.approx(value, rel=1e-5, abs=1e-5), (
+                f"{label}: step {step} {key} {row[key]} vs {value}"
+            )
+    assert set(got["params"]) == set(want["params"])
+    for name, ref in want["params"].items():
+        err = float((got["params"][name] - ref).norm() / ref.norm().clamp(min=1e-30))
+        assert err <= 1e-5, f"{label}: final {name} differs by {err:.2e}"
