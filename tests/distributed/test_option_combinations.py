@@ -70,6 +70,9 @@ RECIPE_8B = {
 BUCKET = 20_000  # parameters per DDP bucket: below the output layer's 40,960
 CHUNK = 16  # tokens per chunk of the chunked output layer
 STEPS = 3
+# lr 1e-4: each step moves a weight by ~0.5 % (Adam: ~lr per element, weights ~N(0, 0.02)), so
+# a wrong update shows far above 1e-5; rounding through Adam stayed <= 1.2e-6 (at 1e-3: 1.2e-5)
+LR = "optimizer.lr=1e-4"
 BUDGET = 160  # tokens per micro-batch under token_budget / packed (pairs are <= 128)
 
 
@@ -114,7 +117,8 @@ def covering_set() -> list[dict]:
 
 def overrides_of(combo: dict) -> list[str]:
     """``--set`` items of a combination (on ``train_harness``'s tiny quickstart model)."""
-    out = [f"train.train_iters={STEPS}", f"model.tie_word_embeddings={combo['tied_embeddings']}"]
+    out = [f"train.train_iters={STEPS}", LR]
+    out.append(f"model.tie_word_embeddings={combo['tied_embeddings']}")
     out.append(f"optimizer.use_distributed_optimizer={combo['distributed_optimizer']}")
     out.append(f"optimizer.overlap_param_gather={combo['overlap_param_gather']}")
     if combo["overlap_grad_reduce"]:
@@ -179,7 +183,7 @@ def plain(tmp_path_factory, cache_dir):
     out = {}
     for tied in (False, True):
         tmp = tmp_path_factory.mktemp(f"plain_tied{tied}")
-        base = [f"train.train_iters={STEPS}", f"model.tie_word_embeddings={tied}"]
+        base = [f"train.train_iters={STEPS}", LR, f"model.tie_word_embeddings={tied}"]
         result = run_ranks(train_checked, 1, argv(tmp / "run", cache_dir, *base), timeout=240)
         pre = argv(tmp / "pre", cache_dir, *base) + ["--output", str(tmp / "ref")]
         run_ranks(lambda r, w, a: precompute.main(a), 1, pre, timeout=240)
