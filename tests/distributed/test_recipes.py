@@ -194,23 +194,34 @@ def test_every_recipe_has_a_miniature(recipe, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def plain_runs():
-    return {}  # plain config (as YAML) -> (train_checked result, metrics rows)
+def runs() -> dict:
+    """Runs by config: recipes whose miniatures are the same config (e.g. a recipe and its FP8
+    variant, FP8 replaced) share one run, as they would share its result."""
+    return {}
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
-def test_miniature_trains_resumes_and_equals_plain_run(recipe, tmp_path, cache_dir, plain_runs):
-    world, mini = miniature(yaml.safe_load(recipe.read_text()), tmp_path / "run", cache_dir)
-    print(f"\n[{recipe.name}] world {world}; replaced: {json.dumps(REPLACED, indent=1)}")
-    key = yaml.safe_dump(plain(mini))
-    if key not in plain_runs:
-        base = plain(mini) | {"logging": {**mini["logging"], "run_dir": str(tmp_path / "plain")}}
-        result = run_ranks(train_checked, 1, _write(base, tmp_path / "plain.yaml"), timeout=240)
-        plain_runs[key] = result[0], read_metrics(tmp_path / "plain")
-    if mini["reference"]["mode"] == "precomputed":
+def _once(runs: dict, values: dict, name: str, run):
+    key = yaml.safe_dump({**values, "logging": {}})  # run_dir apart
+    if key not in runs:
+        runs[key] = name, run()
+    elif runs[key][0] != name:
+        print(f"[{name}] the same config as {runs[key][0]}'s: its run is reused")
+    return runs[key][1]
+
+
+def _plain_run(values: dict, tmp_path: Path) -> tuple[dict, list]:
+    values = values | {"logging": {**values["logging"], "run_dir": str(tmp_path / "plain")}}
+    result = run_ranks(train_checked, 1, _write(values, tmp_path / "plain.yaml"), timeout=240)
+    return result[0], read_metrics(tmp_path / "plain")
+
+
+def _resumed_run(world: int, mini: dict, tmp_path: Path) -> tuple[dict, list]:
+    """The miniature trained, SIGKILL-ed in step ``KILLED_IN`` after the checkpoint of step
+    ``SAVE_EVERY``, and resumed to the end: rank 0's ``train_checked`` result and the rows."""
+    if mini["reference"]["mode"] == "precomputed":  # tools/precompute_reference.py's main
         pre = _write(mini, tmp_path / "pre.yaml") + ["--output", str(tmp_path / "ref")]
         run_ranks(lambda r, w, a: precompute.main(a), world, pre, timeout=240)
-        mini["reference"]["path"] = str(tmp_path / "ref")
+        mini = mini | {"reference": {**mini["reference"], "path": str(tmp_path / "ref")}}
     args = _write(mini, tmp_path / "mini.yaml")
     with pytest.raises(RankFailed):
         run_ranks(kill_in_step, world, args, KILLED_IN, timeout=240)
@@ -219,5 +230,31 @@ def test_miniature_trains_resumes_and_equals_plain_run(recipe, tmp_path, cache_d
     assert all(r["pending"] == [] for r in results), f"gathers in flight: {results}"
     rows = read_metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-    want, want_rows = plain_runs[key]
-    assert_same_run(results[0], want, rows, want_rows, recipe.name)
+    return results[0], rows
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_miniature_trains_resumes_and_equals_plain_run(recipe, tmp_path, cache_dir, runs):
+    world, mini = miniature(yaml.safe_load(recipe.read_text()), tmp_path / "run", cache_dir)
+    print(f"\n[{recipe.name}] world {world}; replaced: {json.dumps(REPLACED, indent=1)}")
+    base = plain(mini)
+    want, want_rows = _once(runs, base, recipe.name, lambda: _plain_run(base, tmp_path))
+    got, rows = _once(runs, mini, recipe.name, lambda: _resumed_run(world, mini, tmp_path))
+    assert_same_run(got, want, rows, want_rows, recipe.name)
+
+
+@pytest.mark.parametrize(
+    "section, field, value",
+    [
+        ("execution", "cp", 2),  # no CPU counterpart
+        ("execution", "new_kernel", True),  # a new execution field: keep it or rule it
+        ("data", "new_sampler", "x"),
+        ("eval", "interval", 10),  # a section with no rule
+    ],
+)
+def test_a_recipe_field_without_a_rule_fails(section, field, value, tmp_path):
+    """A new recipe (or a new field in one) that ``miniature`` cannot shrink fails, naming it."""
+    values = yaml.safe_load(RECIPES[0].read_text())
+    values.setdefault(section, {})[field] = value
+    with pytest.raises(KeyError, match=section):
+        miniature(values, tmp_path / "run", tmp_path / "cache")
