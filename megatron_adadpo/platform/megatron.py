@@ -164,23 +164,17 @@ def final_hidden_states(
 
 
 def run_forward_pre_hooks(module: torch.nn.Module) -> None:
-    """Run ``module``'s forward pre-hooks without its forward: the caller uses its weights.
+    """Run ``module``'s forward pre-hooks without its forward (the caller uses its weights).
 
-    Megatron DDP with ``overlap_param_gather`` waits for a bucket's parameter all-gather only
-    in the forward pre-hook of a module owning a parameter of it
-    (``distributed_data_parallel.py`` ``_make_forward_pre_hook`` -> ``finish_param_sync``);
-    a bucket dispatched but never waited for fails the next step's
-    ``assert self.param_gather_handle is None``, and its weights may be read before they
-    arrive. Megatron does the same for modules a fused path skips (``transformer/cuda_graphs.py``
-    ``call_ddp_preforward_hook``, ``transformer/moe/experts.py``): each hook is called with no
-    input and must return None. A no-op without hooks (no DDP, or no overlapped gather).
+    Megatron DDP waits for a bucket's overlapped parameter all-gather only in the forward
+    pre-hook of a module owning one of its parameters (``_make_forward_pre_hook``); one never
+    waited for fails the next step's ``assert self.param_gather_handle is None``. Megatron does
+    the same for modules its fused paths skip (``transformer/cuda_graphs.py``
+    ``call_ddp_preforward_hook``): hooks get no input and must return None.
     """
     for hook in list(module._forward_pre_hooks.values()):
         if hook(module, ()) is not None:
-            raise RuntimeError(
-                f"a forward pre-hook of {type(module).__name__} changes its input; the chunked "
-                "output layer path runs only DDP's parameter all-gather hooks"
-            )
+            raise RuntimeError(f"a forward pre-hook of {type(module).__name__} changes its input")
 
 
 def output_layer_weight(model) -> tuple[torch.Tensor, bool] | None:
