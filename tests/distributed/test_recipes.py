@@ -57,7 +57,7 @@ KEPT = {
         "attention",
     },
     "loss": None,  # None: every field
-    "data": {"chat_template", "batching", "max_prompt_length", "overlength", "on_error"},
+    "data": {"chat_template", "batching", "overlength", "on_error"},
     "reference": {"mode"},
     "optimizer": None,  # lr, min_lr and ddp_bucket_size then shrunk (SHRUNK)
     "train": {"micro_batch_size", "epochs", "seed", "nan_policy"},
@@ -74,6 +74,7 @@ SHRUNK = {
     "checkpoint at this size)",
     "checkpoint.save_interval": "every 2 steps (killed in step 3, resumed)",
     "optimizer.lr": "1e-4: the recipe's rate would not move a tiny random model in 4 steps",
+    "optimizer.min_lr": "at most 1e-4",
     "optimizer.ddp_bucket_size": f"{BUCKET} parameters with overlap_grad_reduce",
     "reference.path": "precomputed by tools/precompute_reference.py's main for the miniature",
     "logging": "run_dir in the test's directory, no progress bar",
@@ -92,8 +93,8 @@ RULED = {
     "model": "*",
     "execution": {"tp", "pp", "vpp", "cp", "bf16", "transformer_impl", "fp8", "fp8_recipe"}
     | {"fp8_amax_history_len", "fp8_amax_compute_algo", "fp8_margin"},
-    "data": {"preprocessed", "inputs", "tokenizer", "max_length", "max_tokens_per_micro_batch"}
-    | {"cache_dir"},
+    "data": {"preprocessed", "inputs", "tokenizer", "max_length", "max_prompt_length"}
+    | {"max_tokens_per_micro_batch", "cache_dir"},
     "reference": {"path", "eval_path"},
     "optimizer": set(),
     "train": {"global_batch_size", "train_iters", "init_checkpoint", "init_method"},
