@@ -126,8 +126,9 @@ def unreadable(path: Path, err: BaseException, fix: str) -> CheckpointError:
     load with ``err`` (its first and last lines: a gathered traceback ends with the cause), or
     that holds code which loading would run (``UnsafeFileError``, whose message names the file)."""
     unsafe = find_unsafe(err)
-    if unsafe is not None:
-        return CheckpointError(f"checkpoint {path}: {unsafe}")
+    if unsafe is not None:  # its message names the file (a bytes item: within ``path``)
+        named = str(path) in str(unsafe)
+        return CheckpointError(str(unsafe) if named else f"checkpoint {path}: {unsafe}")
     lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
     detail = type(err).__name__ + (f": {lines[0]}" if lines else "")
     if len(lines) > 1:

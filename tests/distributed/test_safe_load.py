@@ -45,6 +45,9 @@ def _metadata(ckpt, marker):
 
 
 def _common(ckpt, marker):
+    if not (ckpt / "common.pt").exists():  # megatron-core 0.19: a bytes item of the DCP files
+        key = payloads.plant_bytes_item(ckpt, "common_state", marker)
+        return f"bytes item '{key}' in __0_"
     common = torch.load(ckpt / "common.pt", weights_only=True)
     common["run"]["planted"] = payloads.Payload(marker)
     torch.save(common, ckpt / "common.pt")
