@@ -5,7 +5,7 @@ project can be handed is read by one of these, never by plain ``pickle`` /
 ``torch.load(weights_only=False)`` / ``np.load(allow_pickle=True)``:
 
 - ``torch_load``: ``torch.load(weights_only=True)`` (tensors, numbers, strings and containers;
-  also ``io.BytesIO``, which Transformer Engine's older releases stored as ``_extra_state``).
+  also ``io.BytesIO``, which Transformer Engine before 2.0 stored as ``_extra_state``).
 - ``MetadataUnpickler``: torch DCP's ``.metadata`` (torch reads it with plain ``pickle.load``,
   ``torch/distributed/checkpoint/filesystem.py`` ``FileSystemReader.read_metadata``). It admits
   DCP's own metadata classes (the dataclasses and enums of ``torch.distributed.checkpoint``'s
@@ -22,8 +22,10 @@ finds it behind the errors that wrap it (torch DCP gathers each rank's failures)
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import enum
+import functools
 import importlib
 import io
 import pathlib
@@ -66,8 +68,13 @@ def find_unsafe(err: BaseException) -> UnsafeFileError | None:
     return None
 
 
-# Allowed in torch files besides weights_only's defaults (Transformer Engine < 1.6 extra state).
+# Allowed in torch files besides weights_only's defaults (Transformer Engine < 2.0 extra state).
 _TORCH_FILE_GLOBALS = [io.BytesIO]
+if hasattr(torch.serialization, "safe_globals"):  # torch >= 2.5: for the call only
+    _extra_globals = functools.partial(torch.serialization.safe_globals, _TORCH_FILE_GLOBALS)
+else:  # torch 2.4: process-wide (constructing a BytesIO runs nothing)
+    torch.serialization.add_safe_globals(_TORCH_FILE_GLOBALS)
+    _extra_globals = contextlib.nullcontext
 
 
 def torch_load(source: str | Path | IO[bytes], name: str | None = None) -> Any:
@@ -79,7 +86,7 @@ def torch_load(source: str | Path | IO[bytes], name: str | None = None) -> Any:
     """
     name = str(source) if name is None else name
     try:
-        with torch.serialization.safe_globals(_TORCH_FILE_GLOBALS):
+        with _extra_globals():
             return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "Weights only load failed" not in str(err):
