@@ -24,8 +24,9 @@ and ``SafeLoadPlanner`` (bytes items by ``torch_load``, i.e. ``weights_only=True
   module's ``load_common_state_dict``; ``load`` below is that function rebound to
   ``common_state_dict``.
 
-Tested (``tests/unit/test_safe_load.py``) by planting code-running payloads in each kind of file
-and loading through these functions: if a Megatron release stops using a rebound name,
+Tested by planting code-running payloads in each kind of file and loading them through these
+functions (``tests/distributed/test_safe_checkpoint_load.py``, at both versions) and the CLIs
+(``tests/e2e/test_safe_load_cli.py``); if a Megatron release stops looking up a rebound name,
 ``_rebound`` raises at import and names it.
 """
 

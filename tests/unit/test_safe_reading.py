@@ -1,7 +1,7 @@
 """Loading never executes (``platform/safe_pickle.py``): the precomputed reference, the
 preprocessed data / cache, HF weights and DCP metadata holding a code-running payload are
 refused naming the file, and the payload never runs; genuine files still load. Checkpoints
-through the trainer: ``tests/distributed/test_safe_load.py``."""
+through the trainer: ``tests/distributed/test_safe_checkpoint_load.py``."""
 
 from __future__ import annotations
 
