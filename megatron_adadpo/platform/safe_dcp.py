@@ -156,8 +156,12 @@ if _COMMON_STRATEGY_ARGUMENT:  # megatron-core 0.16
             return _common_file(checkpoint_dir)
 
     def common_state_dict(directory: str | Path) -> dict:
-        """The checkpoint's common (non-sharded) state: ``common.pt``."""
-        return _common_file(directory)
+        """0.16's ``load_common_state_dict`` (checks ``metadata.json``, reads ``common.pt``)
+        with ``SafeCommonLoadStrategy``."""
+        _, common = serialization.verify_checkpoint_and_load_strategy(
+            str(directory), SafeLoadStrategy(), SafeCommonLoadStrategy()
+        )
+        return common.load_common(str(directory))
 
     def _load(sharded_state_dict, checkpoint_dir, **kwargs):
         return serialization.load(
@@ -171,7 +175,10 @@ if _COMMON_STRATEGY_ARGUMENT:  # megatron-core 0.16
 else:  # megatron-core 0.19: common state in common.pt (legacy) or a DCP bytes item
 
     def common_state_dict(directory: str | Path) -> dict:
-        """0.19's ``serialization.load_common_state_dict`` with the safe reader and planner."""
+        """0.19's ``serialization.load_common_state_dict`` (checks ``metadata.json``, reads the
+        legacy ``common.pt`` or the ``common_state`` bytes item) with the safe reader and
+        planner."""
+        serialization.verify_checkpoint(str(directory))
         if (Path(directory) / COMMON_FILE).is_file():
             return _common_file(directory)
         key = ShardedObject("common_state", None, (1,), (0,)).unique_key

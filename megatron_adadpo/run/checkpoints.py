@@ -7,7 +7,8 @@ plus ``model.yaml`` (the ``ModelConfig``). Training checkpoints add the optimize
 distributed optimizer in Megatron's ``dp_reshardable`` format: any DP size, the saved TP / PP),
 scheduler and run state (see ``save_training`` / ``load_training``), per-rank RNG states and
 ``config.yaml`` (the resolved run config). Where they live and how a save is published
-atomically: ``run/run_dir.py``.
+atomically: ``run/run_dir.py``. Every file is read without running code
+(``platform/safe_dcp.py``, ``platform/safe_pickle.py``); one that would is refused, named.
 """
 
 from __future__ import annotations
