@@ -5,6 +5,7 @@ through the trainer: ``tests/distributed/test_safe_checkpoint_load.py``."""
 
 from __future__ import annotations
 
+import io
 import pickle
 import shutil
 from pathlib import Path
@@ -23,6 +24,12 @@ DATA = ROOT / "examples" / "data"
 BUNDLED = ROOT / "examples" / "checkpoints" / "sft_tiny"
 
 
+def _assert_refused(call, error, match: str, marker: Path) -> None:
+    with pytest.raises(error, match=match):
+        call()
+    assert not marker.exists(), "the payload ran"
+
+
 def _object_npy(path: Path, marker: Path) -> None:
     np.save(path, np.array([payloads.Payload(marker)], dtype=object), allow_pickle=True)
 
@@ -33,9 +40,12 @@ def test_precomputed_reference_payload_is_refused(tmp_path):
     write_precomputed(tmp_path / "ref", values, "identity", {})
     assert np.array_equal(PrecomputedReference(tmp_path / "ref", "identity").values, values)
     _object_npy(tmp_path / "ref" / VALUES_FILE, marker)
-    with pytest.raises(UnsafeFileError, match=f"{tmp_path / 'ref' / VALUES_FILE} would run code"):
-        PrecomputedReference(tmp_path / "ref", "identity")
-    assert not marker.exists()
+    _assert_refused(
+        lambda: PrecomputedReference(tmp_path / "ref", "identity"),
+        UnsafeFileError,
+        f"{tmp_path / 'ref' / VALUES_FILE} would run code",
+        marker,
+    )
 
 
 @pytest.mark.parametrize("where", ["preprocessed", "cache"])
@@ -54,31 +64,26 @@ def test_preprocessed_data_and_cache_payloads_are_refused(where, tmp_path):
         cfg, directory = cfg.replace(preprocessed=str(tmp_path / "pre")), str(tmp_path / "pre")
     assert len(load_preference_dataset(cfg)) == 64
     _object_npy(Path(directory) / "pair_ids.npy", marker)
-    with pytest.raises(UnsafeFileError, match=f"{directory}/pair_ids.npy would run code"):
-        load_preference_dataset(cfg)
-    assert not marker.exists()
+    match = f"{directory}/pair_ids.npy would run code"
+    _assert_refused(lambda: load_preference_dataset(cfg), UnsafeFileError, match, marker)
 
 
 def test_hf_pickle_weights_are_never_unpickled(tmp_path):
     marker = tmp_path / "payload_ran"
     (tmp_path / "pytorch_model.bin").write_bytes(payloads.torch_file(marker))
-    with pytest.raises(HFCheckpointError, match=r"pytorch_model.bin.*safe_serialization=True"):
-        SafetensorsReader(tmp_path)
-    assert not marker.exists()
+    match = r"pytorch_model.bin.*safe_serialization=True"
+    _assert_refused(lambda: SafetensorsReader(tmp_path), HFCheckpointError, match, marker)
 
 
 def test_torch_files_load_tensors_and_refuse_code(tmp_path):
     marker = tmp_path / "payload_ran"
     (tmp_path / "rank_0.pt").write_bytes(payloads.torch_file(marker))
-    with pytest.raises(UnsafeFileError, match=rf"{tmp_path}/rank_0.pt would run code .*system"):
-        torch_load(tmp_path / "rank_0.pt")
-    assert not marker.exists()
+    match = rf"{tmp_path}/rank_0.pt would run code .*system"
+    _assert_refused(lambda: torch_load(tmp_path / "rank_0.pt"), UnsafeFileError, match, marker)
     assert torch_load(BUNDLED / "common.pt") == {}
 
 
 def _unpickle(data: bytes, name: str = "f"):
-    import io
-
     return MetadataUnpickler(io.BytesIO(data), name).load()
 
 
@@ -89,9 +94,9 @@ def test_metadata_unpickler_admits_dcp_metadata_only(tmp_path):
     assert mine.state_dict_metadata == genuine.state_dict_metadata
     assert mine.storage_data == genuine.storage_data
     marker = tmp_path / "payload_ran"
-    with pytest.raises(UnsafeFileError, match=r"x/.metadata would run code .*names posix.system"):
-        _unpickle(payloads.pickled(marker), "x/.metadata")
-    assert not marker.exists()
+    payload = payloads.pickled(marker)
+    match = r"x/.metadata would run code .*names posix.system"
+    _assert_refused(lambda: _unpickle(payload, "x/.metadata"), UnsafeFileError, match, marker)
     refused = [
         ("torch.distributed.checkpoint.filesystem", "FileSystemReader"),  # not a dataclass
         ("torch.distributed.checkpoint.metadata", "Metadata.__init__"),  # dotted: attributes
