@@ -28,6 +28,7 @@ from megatron_adadpo.model.config import (
     read_model_config,
     write_model_config,
 )
+from megatron_adadpo.platform import safe_dcp
 from megatron_adadpo.platform.megatron import dist_checkpointing, save_strategy
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -148,9 +149,7 @@ def load_subset(directory: Path, sharded: dict, names: list[str], dtype: torch.d
     """
     requests = {name: _region_request(sharded[name], dtype) for name in names}
     # Partial reads of stacked tensors: skip the "every element accessed exactly once" check.
-    loaded = dist_checkpointing.load(
-        {"model": requests}, str(directory), validate_access_integrity=False
-    )["model"]
+    loaded = safe_dcp.load({"model": requests}, directory, validate_access_integrity=False)["model"]
     return {name: loaded[name].reshape(expected_shape(sharded[name])) for name in names}
 
 
@@ -174,7 +173,7 @@ def _region_request(value, dtype: torch.dtype):
 
 def stored_dtype(directory: Path) -> torch.dtype:
     """dtype of the model tensors in a checkpoint (from its metadata; nothing is loaded)."""
-    meta = dist_checkpointing.load_tensors_metadata(str(directory))
+    meta = safe_dcp.tensors_metadata(directory)
     key = "embedding.word_embeddings.weight"
     if key in meta:
         return meta[key].dtype

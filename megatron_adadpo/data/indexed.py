@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from megatron_adadpo.platform.megatron import DType, IndexedDataset, IndexedDatasetBuilder
+from megatron_adadpo.platform.safe_pickle import load_npy
 
 FORMAT = "megatron_adadpo.preference_pairs"
 FORMAT_VERSION = 1
@@ -147,7 +148,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         self.directory = directory
         self.manifest = manifest
         self._ds = IndexedDataset(os.path.join(directory, PREFIX))
-        self._pair_ids = np.load(os.path.join(directory, "pair_ids.npy"))
+        self._pair_ids = load_npy(os.path.join(directory, "pair_ids.npy"))
         if len(self._ds) != 3 * len(self._pair_ids):
             raise ValueError(f"{directory}: .idx and pair_ids.npy disagree; re-run preprocessing")
 

@@ -72,7 +72,6 @@ __all__ = [
     "get_num_layers_to_build",
     "init_optimizer_state",
     "llama3_rope_scaling",
-    "load_sharded",
     "megatron_rng_module",
     "output_layer_weight",
     "optimizer_sharded_state_dict",
@@ -329,22 +328,6 @@ def process_groups() -> ProcessGroupCollection:
     return ProcessGroupCollection.use_mpu_process_groups(
         required_pgs=["tp", "pp", "cp", "dp", "dp_cp"]
     )
-
-
-def load_sharded(sharded_state_dict: dict, directory: str) -> tuple[dict, set[str]]:
-    """``dist_checkpointing.load`` that also returns the keys requested but absent.
-
-    Uses ``dist_checkpointing.load``'s public ``strict`` argument with
-    ``StrictHandling.RETURN_UNEXPECTED`` (``dist_checkpointing/validation.py``, megatron-core
-    0.16.1 and 0.19): keys the state dict requests that the checkpoint lacks ("unexpected" in
-    Megatron's wording) are dropped from the load and returned, instead of the default
-    ``ASSUME_OK_UNEXPECTED``'s "Missing key" error from the storage reader. The caller decides
-    which absent keys are acceptable.
-    """
-    loaded, _, absent = dist_checkpointing.load(
-        sharded_state_dict, directory, strict="return_unexpected"
-    )
-    return loaded, set(absent)
 
 
 # Megatron-LM's choice for the distributed optimizer (``megatron/training/checkpointing.py``

@@ -7,7 +7,8 @@ plus ``model.yaml`` (the ``ModelConfig``). Training checkpoints add the optimize
 distributed optimizer in Megatron's ``dp_reshardable`` format: any DP size, the saved TP / PP),
 scheduler and run state (see ``save_training`` / ``load_training``), per-rank RNG states and
 ``config.yaml`` (the resolved run config). Where they live and how a save is published
-atomically: ``run/run_dir.py``.
+atomically: ``run/run_dir.py``. Every file is read without running code
+(``platform/safe_dcp.py``, ``platform/safe_pickle.py``); one that would is refused, named.
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ from megatron_adadpo.platform.megatron import (
     dist_checkpointing,
     force_param_sync,
     init_optimizer_state,
-    load_sharded,
     optimizer_sharded_state_dict,
     restore_adam_steps,
     tensor_parallel,
     unwrap_model,
 )
+from megatron_adadpo.platform.safe_dcp import common_state_dict, load_sharded
+from megatron_adadpo.platform.safe_pickle import find_unsafe, torch_load
 from megatron_adadpo.run import run_dir as run_files
 
 log = logging.getLogger(__name__)
@@ -122,7 +124,12 @@ _LOAD_ERRORS = (Exception, CheckpointException)
 
 def unreadable(path: Path, err: BaseException, fix: str) -> CheckpointError:
     """The error for a checkpoint ``path`` (its directory, or one file of it) that failed to
-    load with ``err`` (its first and last lines: a gathered traceback ends with the cause)."""
+    load with ``err`` (its first and last lines: a gathered traceback ends with the cause), or
+    that holds code which loading would run (``UnsafeFileError``, whose message names the file)."""
+    unsafe = find_unsafe(err)
+    if unsafe is not None:  # its message names the file (a bytes item: within ``path``)
+        named = str(path) in str(unsafe)
+        return CheckpointError(str(unsafe) if named else f"checkpoint {path}: {unsafe}")
     lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
     detail = type(err).__name__ + (f": {lines[0]}" if lines else "")
     if len(lines) > 1:
@@ -190,7 +197,7 @@ def read_saved_state(directory: Path, model: ModelConfig) -> tuple[dict, dict]:
     (``model.yaml``)."""
     check_same_architecture(read_model_config(directory), model, str(directory))
     try:
-        common = dist_checkpointing.load_common_state_dict(str(directory))
+        common = common_state_dict(directory)
     except _LOAD_ERRORS as err:
         raise unreadable(directory, err, run_files.earlier_checkpoints_hint(directory)) from err
     return common["run"], common["scheduler"]
@@ -239,7 +246,7 @@ def _load_rng(directory: Path, fix: str) -> None:
     if not path.is_file():
         return
     try:
-        state = torch.load(path, weights_only=False)
+        state = torch_load(path)
     except _LOAD_ERRORS as err:
         raise unreadable(path, err, fix) from err
     if state["world_size"] != world:

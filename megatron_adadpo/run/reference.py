@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from megatron_adadpo.platform.megatron import unwrap_model
+from megatron_adadpo.platform.safe_pickle import load_npy
 from megatron_adadpo.run.step import (
     StepContext,
     output_layer_for,
@@ -94,7 +95,7 @@ class PrecomputedReference:
                 "truncation setting); re-run tools/precompute_reference.py for this data"
             )
         self.meta = meta
-        self.values = np.load(path / VALUES_FILE, mmap_mode="r")
+        self.values = load_npy(path / VALUES_FILE, mmap_mode="r")
 
     def attach(self, batches: list[dict]) -> None:
         for batch in batches:
