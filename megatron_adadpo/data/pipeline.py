@@ -31,7 +31,7 @@ from .indexed import (
     publish,
     write_manifest,
 )
-from .integrity import DataIntegrityError, seal
+from .integrity import DataIntegrityError, seal, verify
 from .outputs import check_output_dir, manifest_or_none, new_partial
 from .records import normalize_row
 from .report import DataError, DataReport, RowIssue, RowRejected
@@ -162,7 +162,8 @@ def preprocess(
     """Tokenize `config.inputs` into `output_dir`; returns (manifest, report).
 
     A no-op returning (existing manifest, None) when `output_dir` already holds a manifest with
-    the same identity (same tokenizer, template, settings and input contents), unless `force`.
+    the same identity (same tokenizer, template, settings and input contents) and files that
+    match its checksums, unless `force`.
     `guard_output` (a user's `--output`): refuse a directory holding anything but a
     preprocessed dataset, one of the inputs, or another dataset unless `force`
     (`outputs.check_output_dir`).
@@ -176,7 +177,7 @@ def preprocess(
     if guard_output:
         check_output_dir(output_dir, config, [i["name"] for i in inputs], replace=force)
     old = manifest_or_none(output_dir)
-    if old is not None and old.get("identity") == ident and "integrity" in old and not force:
+    if old is not None and old.get("identity") == ident and not force and _intact(output_dir, old):
         return old, None
     start = time.perf_counter()
     partial = new_partial(output_dir)  # unique per writer; dead writers' leftovers removed
@@ -215,11 +216,21 @@ def preprocess(
             os.path.join(output_dir, "data_report.json"),
         )
     current = manifest_or_none(output_dir)
-    if current is not None and current.get("identity") == ident and not force:
+    if current not in (None, old) and current.get("identity") == ident and not force:
         shutil.rmtree(partial, ignore_errors=True)  # a concurrent writer finished first
         return current, report
     publish(partial, output_dir)
     return manifest, report
+
+
+def _intact(directory: str, manifest: dict[str, Any]) -> bool:
+    """Whether the files of ``directory`` verify against ``manifest`` (warns when not)."""
+    try:
+        verify(directory, manifest, fix="")
+    except DataIntegrityError as err:
+        logger.warning("%s %s: writing %s again", err.path, err.problem, directory)
+        return False
+    return True
 
 
 def _refuse_unusable(report: DataReport, config: DataConfig, output_dir: str) -> None:
