@@ -1,0 +1,156 @@
+"""What verifying a preprocessed dataset's checksums costs at open, against its size.
+
+    python benchmarks/bench_data_checksum.py [--gib 0.25 1 4] [--dir /tmp] [--out FILE.json]
+
+For each size: a dataset in the real format (``PairWriter``: Megatron ``IndexedDataset``,
+uint16 tokens, pairs of 300 + 350 + 350 tokens on average) is written and sealed
+(``integrity.seal``, the write-side cost), then opened
+
+- without verification (Megatron's ``IndexedDataset`` + ``pair_ids.npy``: the open before
+  checksums existed),
+- with it (``PreferenceDataset``: sizes + xxh3_128 of the three files, then the same open),
+
+warm (files in the page cache, as right after preprocessing or on the second rank of a node)
+and cold (the files dropped from the page cache with ``posix_fadvise(DONTNEED)``: disk-bound).
+Also the throughput of other checksums over the same files (warm) and of a plain read.
+Prints one JSON line per size: seconds, MB/s, and verification as a % of the open time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import zlib
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.machine import machine_line  # noqa: E402
+from megatron_adadpo.data.indexed import PairWriter, PreferenceDataset, write_manifest  # noqa: E402
+from megatron_adadpo.data.integrity import CHECKED_FILES, CHUNK_BYTES, file_digest, seal  # noqa: E402
+from megatron_adadpo.platform.megatron import IndexedDataset  # noqa: E402
+
+PAIRS_PER_CHUNK = 4096
+
+
+def write_dataset(directory: str, gib: float, seed: int = 0) -> float:
+    """A sealed dataset of about ``gib`` GiB of tokens; returns the sealing seconds."""
+    rng = np.random.default_rng(seed)
+    writer = PairWriter(directory, vocab_size=32000)
+    target, written, pair_id = int(gib * (1 << 30)) // 2, 0, 0
+    while written < target:
+        lengths = rng.integers([200, 250, 250], [400, 450, 450], size=(PAIRS_PER_CHUNK, 3))
+        tokens = rng.integers(0, 32000, size=int(lengths.sum()), dtype=np.int64)
+        ids = list(range(pair_id, pair_id + PAIRS_PER_CHUNK))
+        writer.add_pairs(tokens, lengths.ravel().tolist(), ids)
+        written, pair_id = written + len(tokens), pair_id + PAIRS_PER_CHUNK
+    writer.finalize()
+    start = time.perf_counter()
+    integrity = seal(directory, writer.max_token_id)
+    sealing = time.perf_counter() - start
+    manifest = {"format": "megatron_adadpo.preference_pairs", "version": 1, "identity": "bench"}
+    write_manifest(directory, manifest | {"tokenizer": {}, "integrity": integrity})
+    return sealing
+
+
+def drop_cache(directory: str) -> None:
+    for name in CHECKED_FILES:
+        fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
+
+def open_plain(directory: str) -> None:
+    IndexedDataset(os.path.join(directory, "pairs"))
+    np.load(os.path.join(directory, "pair_ids.npy"))
+
+
+def timed(fn, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def _stream(path: str, update) -> None:
+    buffer = bytearray(CHUNK_BYTES)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            update(view[:n])
+
+
+def other_checksums(directory: str) -> dict[str, float]:
+    """Warm seconds over the three files for other algorithms and for a plain read."""
+
+    def crc32(path: str) -> None:
+        state = [0]
+        _stream(path, lambda b: state.__setitem__(0, zlib.crc32(b, state[0])))
+
+    algorithms = {
+        "read_only": lambda p: _stream(p, lambda b: None),
+        "crc32": crc32,
+        "blake2b": lambda p: _stream(p, hashlib.blake2b().update),
+        "sha256": lambda p: _stream(p, hashlib.sha256().update),
+        "xxh3_128": file_digest,
+    }
+    paths = [os.path.join(directory, n) for n in CHECKED_FILES]
+    return {name: sum(timed(fn, p) for p in paths) for name, fn in algorithms.items()}
+
+
+def bench(root: str, gib: float, repeats: int) -> dict:
+    directory = tempfile.mkdtemp(prefix="checksum-", dir=root)
+    try:
+        sealing = write_dataset(directory, gib)
+        size = sum(os.path.getsize(os.path.join(directory, n)) for n in CHECKED_FILES)
+        row = {"dataset_mb": round(size / 1e6, 1), "seal_s": round(sealing, 3)}
+        for cache in ("warm", "cold"):
+            plain, full = [], []
+            for _ in range(repeats):
+                if cache == "cold":
+                    drop_cache(directory)
+                plain.append(timed(open_plain, directory))
+                if cache == "cold":
+                    drop_cache(directory)
+                full.append(timed(PreferenceDataset, directory))
+            plain_s, full_s = min(plain), min(full)
+            row[cache] = {
+                "open_without_verify_s": round(plain_s, 4),
+                "open_with_verify_s": round(full_s, 3),
+                "verify_mb_per_s": round(size / 1e6 / max(full_s - plain_s, 1e-9)),
+                "verify_pct_of_open": round(100 * (full_s - plain_s) / full_s, 1),
+            }
+        others = other_checksums(directory)
+        row["warm_mb_per_s"] = {k: round(size / 1e6 / s) for k, s in others.items()}
+        return row
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gib", type=float, nargs="+", default=[0.25, 1.0, 4.0])
+    parser.add_argument("--dir", default=tempfile.gettempdir(), help="where datasets are written")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", help="also write the results to this JSON file")
+    args = parser.parse_args()
+    results = {"machine": machine_line(), "sizes": []}
+    print(results["machine"], flush=True)
+    for gib in args.gib:
+        row = bench(args.dir, gib, args.repeats)
+        results["sizes"].append(row)
+        print(json.dumps(row), flush=True)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
