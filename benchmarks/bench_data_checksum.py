@@ -1,6 +1,7 @@
 """What verifying a preprocessed dataset's checksums costs at open, against its size.
 
-    python benchmarks/bench_data_checksum.py [--gib 0.25 1 4] [--dir /tmp] [--out FILE.json]
+    python benchmarks/bench_data_checksum.py [--gib 0.25 1 4] [--dir /tmp] [--repeats 3]
+        [--memory-mb 256] [--out FILE.json]
 
 For each size: a dataset in the real format (``PairWriter``: Megatron ``IndexedDataset``,
 uint16 tokens, pairs of 300 + 350 + 350 tokens on average) is written and sealed
@@ -12,7 +13,8 @@ uint16 tokens, pairs of 300 + 350 + 350 tokens on average) is written and sealed
 
 warm (files in the page cache, as right after preprocessing or on the second rank of a node)
 and cold (the files dropped from the page cache with ``posix_fadvise(DONTNEED)``: disk-bound).
-Also the throughput of other checksums over the same files (warm) and of a plain read, and
+First, each checksum's speed over bytes in memory (no I/O). Then, per size, the throughput of
+other checksums over the same files (warm) and of a plain read, and
 each as a multiple of the plain read's time (a ratio that survives a busy machine). Prints one
 JSON line per size: seconds, MB/s, and verification as a % of the open time. Best of
 ``--repeats``.
@@ -107,6 +109,30 @@ def other_checksums(directory: str) -> dict[str, float]:
     return {name: sum(timed(fn, p) for p in paths) for name, fn in algorithms.items()}
 
 
+def in_memory(megabytes: int, repeats: int) -> dict[str, int]:
+    """MB/s of each checksum over random bytes already in memory (no I/O), in 8 MiB chunks."""
+    data = memoryview(np.random.default_rng(0).bytes(megabytes << 20))
+
+    def chunked(update) -> None:
+        for k in range(0, len(data), CHUNK_BYTES):
+            update(data[k : k + CHUNK_BYTES])
+
+    def crc32() -> None:
+        state = [0]
+        chunked(lambda b: state.__setitem__(0, zlib.crc32(b, state[0])))
+
+    import xxhash
+
+    algorithms = {
+        "crc32": crc32,
+        "blake2b": lambda: chunked(hashlib.blake2b().update),
+        "sha256": lambda: chunked(hashlib.sha256().update),
+        "xxh3_128": lambda: chunked(xxhash.xxh3_128().update),
+    }
+    best = {k: min(timed(fn) for _ in range(repeats)) for k, fn in algorithms.items()}
+    return {k: round(len(data) / 1e6 / s) for k, s in best.items()}
+
+
 def bench(root: str, gib: float, repeats: int) -> dict:
     directory = tempfile.mkdtemp(prefix="checksum-", dir=root)
     try:
@@ -140,13 +166,16 @@ def bench(root: str, gib: float, repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--gib", type=float, nargs="+", default=[0.25, 1.0, 4.0])
+    parser.add_argument("--gib", type=float, nargs="*", default=[0.25, 1.0, 4.0])
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="where datasets are written")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--memory-mb", type=int, default=256, help="in-memory hashing buffer")
     parser.add_argument("--out", help="also write the results to this JSON file")
     args = parser.parse_args()
     results = {"machine": machine_line(), "sizes": []}
     print(results["machine"], flush=True)
+    results["in_memory_mb_per_s"] = in_memory(args.memory_mb, args.repeats)
+    print(json.dumps({"in_memory_mb_per_s": results["in_memory_mb_per_s"]}), flush=True)
     for gib in args.gib:
         row = bench(args.dir, gib, args.repeats)
         results["sizes"].append(row)

@@ -13,9 +13,10 @@ as written::
 missing, shorter or longer than written (a partial copy: Megatron's reader would fail with a
 bare numpy error naming no file), or holds other bytes (bit rot, in-range corruption that no
 other check sees), and when the manifest records no checksums (written before they existed).
-xxh3_128 runs at memory speed (30 GB/s here against 1.2 GB/s for blake2b and 4 GB/s for
-crc32), so verifying costs about one read of the files: ``benchmarks/bench_data_checksum.py``,
-``BENCHMARKS.md``. It detects accidental damage, not a forger (who could rewrite the manifest).
+xxh3_128 runs near memory speed, so verifying costs 1.2-1.7x one plain read of the files
+(crc32 4-7x, sha256 8-15x, blake2b 14-27x; ``benchmarks/bench_data_checksum.py``,
+``BENCHMARKS.md`` "Data checksums"). It detects accidental damage, not a forger (who could
+rewrite the manifest).
 """
 
 from __future__ import annotations
