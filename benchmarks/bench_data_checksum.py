@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.machine import machine_line  # noqa: E402
 from megatron_adadpo.data.indexed import PairWriter, PreferenceDataset, write_manifest  # noqa: E402
-from megatron_adadpo.data.integrity import CHECKED_FILES, CHUNK_BYTES, file_digest, seal  # noqa: E402
+from megatron_adadpo.data.integrity import CHECKED_FILES, CHUNK_BYTES, read_chunks, seal  # noqa: E402
 from megatron_adadpo.platform.megatron import IndexedDataset  # noqa: E402
 
 PAIRS_PER_CHUNK = 4096
@@ -83,30 +83,34 @@ def timed(fn, *args) -> float:
     return time.perf_counter() - start
 
 
-def _stream(path: str, update) -> None:
-    buffer = bytearray(CHUNK_BYTES)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buffer):
-            update(view[:n])
+def _crc32():
+    state = [0]
+
+    def update(chunk) -> None:
+        state[0] = zlib.crc32(chunk, state[0])
+
+    return update
+
+
+def _updaters() -> dict:
+    """name -> a function returning a fresh ``update(chunk)`` of that checksum."""
+    import xxhash
+
+    return {
+        "crc32": _crc32,
+        "blake2b": lambda: hashlib.blake2b().update,
+        "sha256": lambda: hashlib.sha256().update,
+        "xxh3_128": lambda: xxhash.xxh3_128().update,
+    }
 
 
 def other_checksums(directory: str) -> dict[str, float]:
-    """Warm seconds over the three files for other algorithms and for a plain read."""
-
-    def crc32(path: str) -> None:
-        state = [0]
-        _stream(path, lambda b: state.__setitem__(0, zlib.crc32(b, state[0])))
-
-    algorithms = {
-        "read_only": lambda p: _stream(p, lambda b: None),
-        "crc32": crc32,
-        "blake2b": lambda p: _stream(p, hashlib.blake2b().update),
-        "sha256": lambda p: _stream(p, hashlib.sha256().update),
-        "xxh3_128": file_digest,
-    }
+    """Warm seconds over the three files for each checksum and for a plain read."""
     paths = [os.path.join(directory, n) for n in CHECKED_FILES]
-    return {name: sum(timed(fn, p) for p in paths) for name, fn in algorithms.items()}
+    updaters = {"read_only": lambda: lambda chunk: None} | _updaters()
+    return {
+        name: sum(timed(read_chunks, p, make()) for p in paths) for name, make in updaters.items()
+    }
 
 
 def in_memory(megabytes: int, repeats: int) -> dict[str, int]:
@@ -117,19 +121,10 @@ def in_memory(megabytes: int, repeats: int) -> dict[str, int]:
         for k in range(0, len(data), CHUNK_BYTES):
             update(data[k : k + CHUNK_BYTES])
 
-    def crc32() -> None:
-        state = [0]
-        chunked(lambda b: state.__setitem__(0, zlib.crc32(b, state[0])))
-
-    import xxhash
-
-    algorithms = {
-        "crc32": crc32,
-        "blake2b": lambda: chunked(hashlib.blake2b().update),
-        "sha256": lambda: chunked(hashlib.sha256().update),
-        "xxh3_128": lambda: chunked(xxhash.xxh3_128().update),
+    best = {
+        name: min(timed(chunked, make()) for _ in range(repeats))
+        for name, make in _updaters().items()
     }
-    best = {k: min(timed(fn) for _ in range(repeats)) for k, fn in algorithms.items()}
     return {k: round(len(data) / 1e6 / s) for k, s in best.items()}
 
 

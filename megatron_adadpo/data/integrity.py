@@ -22,6 +22,7 @@ rewrite the manifest).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 CHUNK_BYTES = 8 << 20
@@ -50,14 +51,19 @@ def _hasher(algorithm: str):
     raise ValueError(f"unknown checksum algorithm {algorithm!r}")
 
 
-def file_digest(path: str, algorithm: str = ALGORITHM) -> str:
-    """Hex digest of the bytes of ``path``."""
-    hasher = _hasher(algorithm)
+def read_chunks(path: str, update: Callable[[memoryview], Any]) -> None:
+    """Call ``update`` on the bytes of ``path``, ``CHUNK_BYTES`` at a time (one buffer)."""
     buffer = bytearray(CHUNK_BYTES)
     view = memoryview(buffer)
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(buffer):
-            hasher.update(view[:n])
+            update(view[:n])
+
+
+def file_digest(path: str, algorithm: str = ALGORITHM) -> str:
+    """Hex digest of the bytes of ``path``."""
+    hasher = _hasher(algorithm)
+    read_chunks(path, hasher.update)
     return hasher.hexdigest()
 
 
