@@ -40,8 +40,10 @@ def _preprocess(out: Path, *extra: str) -> subprocess.CompletedProcess:
     )
 
 
-def _train(run_dir: Path, *sets: str) -> subprocess.CompletedProcess:
-    args = ["-m", "megatron_adadpo.train", "--config", QUICKSTART]
+def _train(run_dir: Path, *sets: str, ranks: int = 1) -> subprocess.CompletedProcess:
+    """``python -m megatron_adadpo.train`` (TP1), or under torchrun with ``ranks`` ranks."""
+    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+    args = (launch if ranks > 1 else []) + ["-m", "megatron_adadpo.train", "--config", QUICKSTART]
     for item in [f"logging.run_dir={run_dir}", *TINY, *sets]:
         args += ["--set", item]
     return _run(args)
@@ -95,9 +97,10 @@ def test_damaged_dataset_is_refused_before_any_step(pristine, tmp_path, name, da
         assert (data / name).read_bytes() == (pristine / name).read_bytes()
 
 
-def test_out_of_range_token_id_is_refused_at_tp1(pristine, tmp_path):
+@pytest.mark.parametrize("tp", [1, 2])
+def test_out_of_range_token_id_is_refused(pristine, tmp_path, tp):
     """Ids that pass their checksum (a writer sealed them) but reach past the model's
-    vocabulary: today a bare IndexError at TP1 (and silently wrong at TP > 1)."""
+    vocabulary: were a bare IndexError at TP 1 and silently wrong training at TP 2."""
     data = Path(shutil.copytree(pristine, tmp_path / "prefs"))
     tokens = np.memmap(data / "pairs.bin", dtype=np.uint16, mode="r+")
     tokens[5] = 700
@@ -106,9 +109,10 @@ def test_out_of_range_token_id_is_refused_at_tp1(pristine, tmp_path):
     manifest = json.loads((data / "manifest.json").read_text())
     manifest["integrity"] = seal(str(data), 700)
     (data / "manifest.json").write_text(json.dumps(manifest))
-    out = _train(tmp_path / "run", f"data.preprocessed={data}")
-    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
-    assert _errors(out.stderr) == [
+    out = _train(tmp_path / "run", f"data.preprocessed={data}", f"execution.tp={tp}", ranks=tp)
+    assert out.returncode == (2 if tp == 1 else 1), out.stderr  # torchrun: a rank failed
+    assert "megatron_adadpo/" not in out.stderr, out.stderr
+    assert _errors(out.stderr) == [  # once, from rank 0; no traceback through the package
         f"error: {data} holds token id 700 but model.vocab_size=640: ids >= 640 have no embedding"
         " row; re-run tools/preprocess_data.py --force with this model's tokenizer (or train the"
         " model its data was made for)"
