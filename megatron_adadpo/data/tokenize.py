@@ -205,7 +205,9 @@ def resolve_tokenizer(path: str, kind: str = "auto") -> tuple[str, str]:
     if not os.path.isdir(path):
         return ("sentencepiece" if kind == "auto" else kind), path
     names = set(os.listdir(path))
-    models = sorted(n for n in names if n.endswith(".model") and os.path.isfile(f"{path}/{n}"))
+    models = sorted(
+        n for n in names if n.endswith(".model") and os.path.isfile(os.path.join(path, n))
+    )
     if kind == "hf" or (kind == "auto" and (names & set(HF_TOKENIZER_FILES) or not models)):
         return "hf", path
     if len(models) != 1:
