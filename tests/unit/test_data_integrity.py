@@ -35,7 +35,8 @@ def pristine(tmp_path_factory):
 
 
 def _config(**kw) -> DataConfig:
-    base = dict(inputs=(EVAL,), tokenizer=str(DATA / "tokenizer"), max_length=64, max_prompt_length=32)
+    base = dict(inputs=(EVAL,), tokenizer=str(DATA / "tokenizer"), max_length=64)
+    base["max_prompt_length"] = 32
     return DataConfig(**(base | kw))
 
 
