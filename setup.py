@@ -18,6 +18,7 @@ setup(
         "pyyaml",
         "sentencepiece",
         "datasets",
+        "xxhash",  # checksums of preprocessed data (also a dependency of datasets)
         "tqdm",
     ],
     extras_require={

@@ -40,7 +40,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         dest="inputs",
         help="files, directories or hf:NAME[:SPLIT] specs, read in order",
     )
-    p.add_argument("--tokenizer", required=True, help="HF tokenizer dir or sentencepiece .model")
+    p.add_argument(
+        "--tokenizer",
+        required=True,
+        help="HF tokenizer dir, sentencepiece .model, or a directory holding one .model",
+    )
     p.add_argument("--tokenizer-kind", default="auto", choices=["auto", "hf", "sentencepiece"])
     p.add_argument("--output", required=True, help="output directory")
     p.add_argument("--max-length", type=int, default=1024)

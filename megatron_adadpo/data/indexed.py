@@ -7,8 +7,10 @@ A preprocessed directory holds:
   (the prompt is stored once, so chosen and rejected share it by construction).
 - `pair_ids.npy`: int64 `[num_pairs]`, the stable row index of each pair in the inputs.
 - `manifest.json`: format version, `identity` (sha256 over the tokenizer files and template,
-  the settings that change tokens, and the input content hashes), counts, length histogram.
-  It is written last: a directory without it is incomplete.
+  the settings that change tokens, and the input content hashes), counts, length histogram,
+  and `integrity`: the checksum and size of each file above and the largest token id
+  (integrity.py), verified at every open. It is written last: a directory without it is
+  incomplete.
 - `data_report.json`: every dropped row with its location and reason.
 """
 
@@ -25,6 +27,8 @@ import torch
 
 from megatron_adadpo.platform.megatron import DType, IndexedDataset, IndexedDatasetBuilder
 from megatron_adadpo.platform.safe_pickle import load_npy
+
+from .integrity import DataIntegrityError, verify
 
 FORMAT = "megatron_adadpo.preference_pairs"
 FORMAT_VERSION = 1
@@ -73,6 +77,7 @@ class PairWriter:
             os.path.join(directory, PREFIX + ".bin"), dtype=self.dtype
         )
         self._pair_ids: list[int] = []
+        self.max_token_id = -1  # over every pair added so far
 
     def add_pairs(self, tokens: np.ndarray, lengths: list[int], pair_ids: list[int]) -> None:
         """Append `P = len(pair_ids)` pairs, in order.
@@ -88,6 +93,8 @@ class PairWriter:
                 f"{len(pair_ids)} pairs need 3 lengths each summing to the {len(tokens)} tokens; "
                 f"got {len(lengths)} lengths summing to {sum(lengths)}"
             )
+        if len(tokens):
+            self.max_token_id = max(self.max_token_id, int(np.max(tokens)))
         pair_sizes = [sum(lengths[k : k + 3]) for k in range(0, len(lengths), 3)]
         documents = torch.from_numpy(np.asarray(tokens, dtype=np.int64)).split(pair_sizes)
         for k, document in enumerate(documents):
@@ -133,8 +140,23 @@ class PreferenceDataset(torch.utils.data.Dataset):
         pair_id: int, stable row index in the inputs
     """
 
-    def __init__(self, directory: str):
-        manifest = read_manifest(directory)
+    def __init__(self, directory: str, fix: str | None = None):
+        """Open ``directory`` after verifying its files against the manifest's checksums.
+
+        Raises:
+            DataIntegrityError: a file is missing, truncated or damaged, or the manifest records
+                no checksums; the message ends with ``fix`` (default: re-preprocess with --force).
+            ValueError: not a preprocessed directory, or another format version.
+        """
+        fix = fix or (
+            f"re-run tools/preprocess_data.py --force --output {directory} with the inputs, "
+            "tokenizer and settings its manifest.json lists"
+        )
+        try:
+            manifest = read_manifest(directory)
+        except ValueError as err:  # not JSON: a damaged or half-copied manifest
+            path = os.path.join(directory, MANIFEST)
+            raise DataIntegrityError(path, f"is damaged ({err})", fix) from None
         if manifest is None or manifest.get("format") != FORMAT:
             raise ValueError(
                 f"{directory} is not a complete preprocessed directory (no {MANIFEST}); run "
@@ -145,6 +167,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
                 f"{directory}: format version {manifest.get('version')}, this code reads "
                 f"{FORMAT_VERSION}; re-run tools/preprocess_data.py"
             )
+        verify(directory, manifest, fix)  # before Megatron maps a file that may be truncated
         self.directory = directory
         self.manifest = manifest
         self._ds = IndexedDataset(os.path.join(directory, PREFIX))
@@ -166,6 +189,11 @@ class PreferenceDataset(torch.utils.data.Dataset):
     def vocab_size(self) -> int:
         """Tokenizer vocabulary size, added tokens included (the model may pad it further)."""
         return self.manifest["tokenizer"]["vocab_size"]
+
+    @property
+    def max_token_id(self) -> int:
+        """The largest token id of the pairs (recorded when written, the files verified)."""
+        return self.manifest["integrity"]["max_token_id"]
 
     def __len__(self) -> int:
         return len(self._pair_ids)

@@ -48,8 +48,10 @@ def check_output_dir(
             f"--output {output_dir} holds files that are not a preprocessed dataset's "
             f"({', '.join(foreign[:5])}); use an empty or new directory"
         )
-    manifest = _manifest_or_none(out)
+    manifest = manifest_or_none(out)
     if os.path.exists(os.path.join(out, MANIFEST)) and manifest is None:
+        if replace and not _parses(out):  # our damaged manifest: --force rewrites it
+            return
         raise ValueError(
             f"--output {output_dir} holds a {MANIFEST} that is not a preprocessed dataset's; "
             "use an empty or new directory"
@@ -75,12 +77,21 @@ def check_output_dir(
         )
 
 
-def _manifest_or_none(directory: str) -> dict | None:
+def manifest_or_none(directory: str) -> dict | None:
+    """The manifest of a preprocessed ``directory``; None when absent, damaged or foreign."""
     try:
         manifest = read_manifest(directory)
     except (ValueError, OSError):  # not JSON, unreadable
         return None
     return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
+
+
+def _parses(directory: str) -> bool:
+    try:
+        read_manifest(directory)
+    except ValueError:  # not JSON (UnicodeDecodeError included)
+        return False
+    return True
 
 
 def new_partial(output_dir: str) -> str:

@@ -4,8 +4,9 @@
 workers in chunks, results come back in order, so the output does not depend on the worker
 count), writes the pairs, the report and the manifest. A row refused by any stage raises
 `RowRejected`; `_process_chunk` turns it into a `RowIssue` at the row's location (the one place
-that does). `load_preference_dataset` opens a preprocessed directory (checking its manifest) or
-preprocesses raw inputs into a cache keyed by the identity hash.
+that does). `load_preference_dataset` opens a preprocessed directory (checking its manifest and
+its files' checksums: a damaged one is refused) or preprocesses raw inputs into a cache keyed by
+the identity hash (a damaged cache entry is rebuilt, with a warning).
 """
 
 from __future__ import annotations
@@ -23,14 +24,15 @@ import numpy as np
 
 from .config import DataConfig, default_cache_dir
 from .indexed import (
+    MANIFEST,
     PairWriter,
     PreferenceDataset,
     compute_identity,
     publish,
-    read_manifest,
     write_manifest,
 )
-from .outputs import check_output_dir, new_partial
+from .integrity import DataIntegrityError, seal, verify
+from .outputs import check_output_dir, manifest_or_none, new_partial
 from .records import normalize_row
 from .report import DataError, DataReport, RowIssue, RowRejected
 from .sources import InputSource, Location
@@ -160,7 +162,8 @@ def preprocess(
     """Tokenize `config.inputs` into `output_dir`; returns (manifest, report).
 
     A no-op returning (existing manifest, None) when `output_dir` already holds a manifest with
-    the same identity (same tokenizer, template, settings and input contents), unless `force`.
+    the same identity (same tokenizer, template, settings and input contents) and files that
+    match its checksums, unless `force`.
     `guard_output` (a user's `--output`): refuse a directory holding anything but a
     preprocessed dataset, one of the inputs, or another dataset unless `force`
     (`outputs.check_output_dir`).
@@ -173,8 +176,8 @@ def preprocess(
     sources, tok, ident, tok_id, inputs = plan
     if guard_output:
         check_output_dir(output_dir, config, [i["name"] for i in inputs], replace=force)
-    old = read_manifest(output_dir)
-    if old is not None and old.get("identity") == ident and not force:
+    old = manifest_or_none(output_dir)
+    if old is not None and old.get("identity") == ident and not force and _intact(output_dir, old):
         return old, None
     start = time.perf_counter()
     partial = new_partial(output_dir)  # unique per writer; dead writers' leftovers removed
@@ -183,6 +186,7 @@ def preprocess(
         report = _tokenize_into(writer, config, sources, tok, progress)
         writer.finalize()
         _refuse_unusable(report, config, output_dir)
+        integrity = seal(partial, writer.max_token_id)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -200,6 +204,7 @@ def preprocess(
         "token_dtype": writer.token_dtype,
         "seconds": round(time.perf_counter() - start, 3),
         "num_workers": config.num_workers,
+        "integrity": integrity,
     }
     report.write(partial)
     write_manifest(partial, manifest)
@@ -210,12 +215,22 @@ def preprocess(
             report.summary(),
             os.path.join(output_dir, "data_report.json"),
         )
-    current = read_manifest(output_dir)
-    if current is not None and current.get("identity") == ident and not force:
+    current = manifest_or_none(output_dir)
+    if current not in (None, old) and current.get("identity") == ident and not force:
         shutil.rmtree(partial, ignore_errors=True)  # a concurrent writer finished first
         return current, report
     publish(partial, output_dir)
     return manifest, report
+
+
+def _intact(directory: str, manifest: dict[str, Any]) -> bool:
+    """Whether the files of ``directory`` verify against ``manifest`` (warns when not)."""
+    try:
+        verify(directory, manifest, fix="")
+    except DataIntegrityError as err:
+        logger.warning("%s %s: writing %s again", err.path, err.problem, directory)
+        return False
+    return True
 
 
 def _refuse_unusable(report: DataReport, config: DataConfig, output_dir: str) -> None:
@@ -232,7 +247,7 @@ def _refuse_unusable(report: DataReport, config: DataConfig, output_dir: str) ->
 
 def check_manifest(manifest: dict[str, Any], config: DataConfig, directory: str) -> None:
     """Refuse a preprocessed directory whose settings or tokenizer differ from `config`."""
-    from .tokenize import tokenizer_files_sha256
+    from .tokenize import resolve_tokenizer, tokenizer_files_sha256
 
     fix = f"re-run tools/preprocess_data.py for {directory} or change the data config"
     for key, want in config.identity_settings().items():
@@ -243,7 +258,8 @@ def check_manifest(manifest: dict[str, Any], config: DataConfig, directory: str)
                 f"data.{key}={want!r}: {fix}"
             )
     if config.tokenizer is not None:
-        if tokenizer_files_sha256(config.tokenizer) != manifest["tokenizer"]["sha256"]:
+        source = resolve_tokenizer(config.tokenizer, config.tokenizer_kind)[1]
+        if tokenizer_files_sha256(source) != manifest["tokenizer"]["sha256"]:
             raise ValueError(
                 f"{directory} was preprocessed with tokenizer {manifest['tokenizer']['path']}, "
                 f"whose files differ from data.tokenizer={config.tokenizer}: {fix}"
@@ -254,11 +270,12 @@ def load_preference_dataset(config: DataConfig, split: str | None = None) -> Pre
     """The tokenized pairs for training.
 
     Uses `config.preprocessed` when set (its manifest must match the config's tokenizer and
-    settings); otherwise tokenizes `config.inputs` once into
+    settings, its files their checksums); otherwise tokenizes `config.inputs` once into
     `<cache_dir>/<identity[:16]>/` and reuses that cache while tokenizer, settings and inputs
-    are unchanged. Safe when several ranks call it at once (each may preprocess; the first to
-    finish publishes), but calling it on rank 0 first and then on the others after a barrier
-    avoids the duplicate work.
+    are unchanged. A cache entry whose files fail their checksums (or that has none) is
+    rebuilt, with a warning naming it. Safe when several ranks call it at once (each may
+    preprocess; the first to finish publishes), but calling it on rank 0 first and then on the
+    others after a barrier avoids the duplicate work.
 
     Args:
         config: The data settings (on_error applies to the raw inputs).
@@ -271,8 +288,21 @@ def load_preference_dataset(config: DataConfig, split: str | None = None) -> Pre
         check_manifest(ds.manifest, config, config.preprocessed)
         return ds
     plan = _plan(config)
-    directory = os.path.join(config.cache_dir or default_cache_dir(), plan.identity[:16])
-    manifest = read_manifest(directory)
-    if manifest is None or manifest.get("identity") != plan.identity:
-        preprocess(config, directory, progress=False, plan=plan)
+    cache_dir = config.cache_dir or default_cache_dir()
+    directory = os.path.join(cache_dir, plan.identity[:16])
+    if os.path.isfile(os.path.join(directory, MANIFEST)):
+        try:
+            dataset = PreferenceDataset(directory)
+        except DataIntegrityError as err:
+            logger.warning(
+                "%s %s: rebuilding this entry of the data cache %s (data.cache_dir)",
+                err.path,
+                err.problem,
+                cache_dir,
+            )
+            preprocess(config, directory, progress=False, force=True, plan=plan)
+            return PreferenceDataset(directory)
+        if dataset.identity == plan.identity:
+            return dataset
+    preprocess(config, directory, progress=False, plan=plan)
     return PreferenceDataset(directory)

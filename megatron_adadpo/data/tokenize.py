@@ -43,6 +43,7 @@ from .templates import (
     template_identity,
 )
 
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # Model weights next to a tokenizer are not part of its identity.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".npz")
 
@@ -189,17 +190,43 @@ class SentencePiecePairTokenizer(PairTokenizer):
         return self._sp.decode([int(i) for i in ids])
 
 
-def load_tokenizer(path: str, kind: str = "auto") -> PairTokenizer:
-    """Load an HF tokenizer directory or a sentencepiece model (`kind` "auto" decides by path)."""
+def resolve_tokenizer(path: str, kind: str = "auto") -> tuple[str, str]:
+    """``(kind, file or directory to load)`` for ``data.tokenizer`` / ``data.tokenizer_kind``.
+
+    A file is a sentencepiece model. A directory is an HF tokenizer when it holds one of
+    ``HF_TOKENIZER_FILES``; otherwise (or with ``kind="sentencepiece"``) it is a sentencepiece
+    directory, and its one ``*.model`` file is loaded with sentencepiece (transformers would guess
+    a slow-tokenizer class and fail with "need sentencepiece installed" for any other name).
+    """
+    if kind not in ("auto", "hf", "sentencepiece"):
+        raise ValueError(f"data.tokenizer_kind={kind!r}: use auto, hf or sentencepiece")
     if not os.path.exists(path):
         raise ValueError(f"data.tokenizer: {path} does not exist (HF dir or sentencepiece .model)")
-    if kind == "auto":
-        kind = "hf" if os.path.isdir(path) else "sentencepiece"
+    if not os.path.isdir(path):
+        return ("sentencepiece" if kind == "auto" else kind), path
+    names = set(os.listdir(path))
+    models = sorted(
+        n for n in names if n.endswith(".model") and os.path.isfile(os.path.join(path, n))
+    )
+    if kind == "hf" or (kind == "auto" and (names & set(HF_TOKENIZER_FILES) or not models)):
+        return "hf", path
+    if len(models) != 1:
+        found = f"{len(models)} sentencepiece .model files ({', '.join(models)})" if models else ""
+        raise ValueError(
+            f"data.tokenizer={path} is a directory with no HF tokenizer files "
+            f"({' / '.join(HF_TOKENIZER_FILES)}) and {found or 'no sentencepiece .model file'}: "
+            "set data.tokenizer to the sentencepiece .model file itself, or to an HF tokenizer "
+            "directory"
+        )
+    return "sentencepiece", os.path.join(path, models[0])
+
+
+def load_tokenizer(path: str, kind: str = "auto") -> PairTokenizer:
+    """Load an HF tokenizer directory or a sentencepiece model (``resolve_tokenizer``)."""
+    kind, source = resolve_tokenizer(path, kind)
     if kind == "hf":
-        return HFPairTokenizer(path)
-    if kind == "sentencepiece":
-        return SentencePiecePairTokenizer(path)
-    raise ValueError(f"data.tokenizer_kind={kind!r}: use auto, hf or sentencepiece")
+        return HFPairTokenizer(source)
+    return SentencePiecePairTokenizer(source)
 
 
 def _check_control_text(tok: PairTokenizer, rec: PreferenceRecord) -> None:

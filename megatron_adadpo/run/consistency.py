@@ -3,8 +3,10 @@
 - ``train.init_checkpoint`` against the ``model`` section (``model.yaml``: shape, RoPE, norm
   epsilon, positions) and against ``data.tokenizer`` (the tokenizer files the converter stored
   in ``<init_checkpoint>/tokenizer``): checked with the config, before anything is allocated.
-- The tokenizer's vocabulary against ``model.vocab_size`` (after the data is loaded, before
-  the model is built): a larger tokenizer produces ids outside every embedding shard.
+- The tokenizer's vocabulary and the data's largest token id against ``model.vocab_size``
+  (after the data is loaded and its checksums verified, before the model is built): an id past
+  the vocabulary has no embedding row (an ``IndexError`` at TP 1; at TP > 1 it falls outside
+  every shard, or on a padding row, and trains silently wrong).
 - A precomputed reference against the run's starting model (``starting_model``).
 """
 
@@ -36,35 +38,58 @@ def check_init_checkpoint(config: Config) -> None:
         check_same_architecture(read_model_config(path), config.model, path)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(f"train.init_checkpoint: {err}") from None
-    _check_tokenizer(Path(path) / TOKENIZER_SUBDIR, config.data.tokenizer)
+    data = config.data
+    _check_tokenizer(Path(path) / TOKENIZER_SUBDIR, data.tokenizer, data.tokenizer_kind)
 
 
-def _check_tokenizer(stored: Path, tokenizer: str | None) -> None:
-    """Every tokenizer file stored with the checkpoint must be in ``data.tokenizer``, equal."""
+def _check_tokenizer(stored: Path, tokenizer: str | None, kind: str) -> None:
+    """``data.tokenizer`` must be the tokenizer stored with the checkpoint: an HF directory
+    holds each stored file, equal; a sentencepiece model equals the stored ``tokenizer.model``
+    (a checkpoint with an HF tokenizer and no such file has another tokenizer)."""
+    from megatron_adadpo.data.tokenize import resolve_tokenizer
+
     if tokenizer is None or not stored.is_dir():
         return
+    try:
+        given = Path(resolve_tokenizer(tokenizer, kind)[1])
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     files = sorted(p for p in stored.iterdir() if p.is_file() and p.name not in _NOT_TOKENIZER)
-    given = Path(tokenizer)
+    if given.is_file():  # a sentencepiece model
+        files = [stored / "tokenizer.model"]
     for file in files:
         other = given if given.is_file() else given / file.name
-        if given.is_file() and file.name != "tokenizer.model":
-            continue
-        if not other.is_file() or other.read_bytes() != file.read_bytes():
+        if not file.is_file() or not other.is_file() or other.read_bytes() != file.read_bytes():
+            held = ", ".join(sorted(p.name for p in stored.iterdir())) or "nothing"
             raise ConfigError(
                 f"data.tokenizer={tokenizer} is not the tokenizer of train.init_checkpoint "
-                f"({file} differs or is missing): the token ids would not match the weights; "
-                f"set data.tokenizer: {stored}"
+                f"{stored} (holds {held}; {file.name} differs or is missing): the token ids "
+                f"would not match the weights; set data.tokenizer: {stored}"
             )
 
 
-def check_vocab(config: Config, tokenizer_vocab_size: int, tokenizer: str | None) -> None:
-    """Refuse a model vocabulary smaller than the tokenizer's (ids past the embedding)."""
-    if tokenizer_vocab_size > config.model.vocab_size:
+def check_vocab(
+    config: Config,
+    tokenizer_vocab_size: int,
+    tokenizer: str | None,
+    max_token_id: int = -1,
+    data_dir: str | None = None,
+) -> None:
+    """Refuse a model vocabulary smaller than the tokenizer's, or than the largest token id
+    + 1 of the data in ``data_dir`` (``max_token_id``, from its verified manifest)."""
+    vocab = config.model.vocab_size
+    if tokenizer_vocab_size > vocab:
         raise ConfigError(
             f"data.tokenizer={tokenizer} has {tokenizer_vocab_size} tokens but "
-            f"model.vocab_size={config.model.vocab_size}: ids {config.model.vocab_size}.."
-            f"{tokenizer_vocab_size - 1} have no embedding row; set model.vocab_size >= "
-            f"{tokenizer_vocab_size} (the converted model.yaml has the right value)"
+            f"model.vocab_size={vocab}: ids {vocab}..{tokenizer_vocab_size - 1} have no "
+            f"embedding row; set model.vocab_size >= {tokenizer_vocab_size} (the converted "
+            "model.yaml has the right value)"
+        )
+    if max_token_id >= vocab:
+        raise ConfigError(
+            f"{data_dir} holds token id {max_token_id} but model.vocab_size={vocab}: ids >= "
+            f"{vocab} have no embedding row; re-run tools/preprocess_data.py --force with this "
+            "model's tokenizer (or train the model its data was made for)"
         )
 
 

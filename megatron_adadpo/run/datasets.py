@@ -3,7 +3,8 @@
 Tokenizing raw ``data.inputs`` on the fly can take longer than the process group's timeout, so
 the other ranks wait on a gloo group of their own with ``train.data_wait_minutes`` as its
 timeout; running out of it is an error that says what rank 0 was doing and the fix. The
-tokenizer's vocabulary is checked against the model's before any model exists.
+tokenizer's vocabulary and the data's largest token id are checked against the model's before
+any model exists (the files' checksums were verified when the dataset was opened).
 """
 
 from __future__ import annotations
@@ -42,5 +43,6 @@ def load_dataset(config: Config, eval_split: bool = False):
         dist.destroy_process_group(group)
     if dist.get_rank() != 0:
         dataset = load_preference_dataset(data)
-    check_vocab(config, dataset.vocab_size, data.tokenizer or data.preprocessed)
+    tokenizer = data.tokenizer or data.preprocessed
+    check_vocab(config, dataset.vocab_size, tokenizer, dataset.max_token_id, dataset.directory)
     return dataset
