@@ -57,12 +57,16 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"--prompts {path} is not UTF-8 text ({e.reason} at byte {e.start})")
+        raise ValueError(
+            f"--prompts {path} is not UTF-8 text ({e.reason} at byte {e.start})"
+        ) from None
     if path.suffix == ".json":
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: not JSON ({e.msg}); a .json file holds one list")
+            raise ValueError(
+                f"{path}:{e.lineno}: not JSON ({e.msg}); a .json file holds one list"
+            ) from None
         if not isinstance(rows, list):
             raise ValueError(f"{path}: a .json prompts file must hold a list of objects")
         where = [f"{path} item {k}" for k in range(len(rows))]
