@@ -314,13 +314,28 @@ def test_cli_text_json_and_exit_codes():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--nodes", "0"], "nodes=0 and gpus_per_node=8 must be >= 1"),
-        (["--gpus-per-node", "-2"], "nodes=1 and gpus_per_node=-2 must be >= 1"),
-        (["--gpus", "0"], "gpus=0 must be >= 1"),
+        (["--nodes", "0"], "--nodes=0 must be an integer >= 1"),
+        (["--gpus-per-node", "-2"], "--gpus-per-node=-2 must be an integer >= 1"),
+        (["--gpus", "0"], "--gpus=0 must be an integer >= 1"),
         (["--gpus", "16"], "16 GPUs requested but 1 nodes x 8 GPUs per node = 8"),
+        # one rule for every numeric option (were: negative FLOPs and "FITS", a -1 pair epoch)
+        (["--avg-seq-len", "-5"], "--avg-seq-len=-5 must be an integer >= 1"),
+        (["--avg-seq-len", "0"], "--avg-seq-len=0 must be an integer >= 1"),  # was: ignored
+        (["--avg-seq-len", "4096"], "--avg-seq-len=4096 is more than data.max_length=2048"),
+        (["--pairs", "-1"], "--pairs=-1 must be an integer >= 1"),
+        (["--mfu", "nan"], "--mfu=nan must be a fraction in (0, 1]"),
+        (["--mfu", "1.5"], "--mfu=1.5 must be a fraction in (0, 1]"),
+        # were tracebacks: a 14.6 TiB array, a KeyError
+        (["--set", "train.global_batch_size=1000000000000"],
+         "train.global_batch_size=1000000000000 is more pairs than the planner simulates"),
+        (["--lengths", "{jsonl}"], "length profile {jsonl} is not a data manifest (not one JSON"),
     ],
-)
-def test_cli_refuses_impossible_clusters_in_one_line(args, message):
+)  # fmt: skip
+def test_cli_refuses_impossible_clusters_and_bad_numbers_in_one_line(args, message, tmp_path):
+    jsonl = tmp_path / "lengths.jsonl"
+    jsonl.write_text('{"chosen": 12, "rejected": 20}\n{"chosen": 7, "rejected": 9}\n')
+    args = [a.format(jsonl=jsonl) for a in args]
+    message = message.format(jsonl=jsonl)
     out = _cli("--recipe", str(R8B), *args)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     (line,) = [x for x in out.stderr.splitlines() if x.startswith("error:")]
