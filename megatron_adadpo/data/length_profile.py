@@ -93,7 +93,9 @@ class HistogramProfile:
                 reason = err.strerror or str(err)
             else:
                 reason = "no length_histogram with bin_upper_edges and counts"
-            raise ValueError(f"length profile {file} is not a data manifest ({reason}); {fix}")
+            raise ValueError(
+                f"length profile {file} is not a data manifest ({reason}); {fix}"
+            ) from None
         if len(profile.upper_edges) != len(profile.counts) or not profile.counts:
             raise ValueError(f"length profile {file}: a malformed length histogram; {fix}")
         return profile
