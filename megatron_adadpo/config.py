@@ -220,7 +220,7 @@ def read_yaml(path: str | Path | None, overrides: list[str] = ()) -> dict:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        values = _parse_yaml(path.read_text(), str(path)) or {}
+        values = _parse_yaml(_read_text(path), str(path)) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for item in overrides:
@@ -235,6 +235,20 @@ def read_yaml(path: str | Path | None, overrides: list[str] = ()) -> dict:
                 raise ConfigError(f"--set {key}: '{part}' is not a section")
         node[parts[-1]] = _parse_yaml(raw, f"--set {item}")
     return values
+
+
+def _read_text(path: Path) -> str:
+    """The UTF-8 text of a config file; ``ConfigError`` naming it when it is not text (a binary
+    file, another encoding)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}: not a UTF-8 YAML file (byte {err.start}, line {line}: {err.reason}); pass "
+            "the run's YAML config (a binary file or another encoding was given)"
+        ) from None
 
 
 def _parse_yaml(text: str, where: str):
