@@ -290,6 +290,18 @@ def validate(config: Config) -> None:
         raise ConfigError(errors[0])
     for check in (_check_ranges, _check_train, _check_reference, _check_optimizer, _check_logging):
         check(config)
+    _check_rejected_optional(config)
+
+
+CHOSEN_ONLY_LOSSES = ("sft",)  # train on the chosen answers: their rows need no rejected one
+
+
+def _check_rejected_optional(config: Config) -> None:
+    if config.data.rejected_optional and config.loss.name not in CHOSEN_ONLY_LOSSES:
+        raise ConfigError(
+            f"data.rejected_optional=true (rows without a rejected answer) is for loss.name=sft; "
+            f"loss.name={config.loss.name} needs every row's rejected answer: remove it"
+        )
 
 
 def check_world_size(config: Config, world_size: int) -> None:
