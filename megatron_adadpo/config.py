@@ -284,6 +284,7 @@ def validate(config: Config) -> None:
         config.execution,
         micro_batch_size=train.micro_batch_size,
         global_batch_size=train.global_batch_size,
+        batching=config.data.batching,
     )
     errors += budget_errors(config.data, config.execution)  # padded for a valid layout
     if errors:
@@ -312,6 +313,7 @@ def check_world_size(config: Config, world_size: int) -> None:
         micro_batch_size=config.train.micro_batch_size,
         global_batch_size=config.train.global_batch_size,
         world_size=world_size,
+        batching=config.data.batching,
     )
     if errors:
         raise ConfigError(errors[0])

@@ -127,6 +127,12 @@ class DataConfig:
                 f"data.batching={self.batching} needs data.max_tokens_per_micro_batch (tokens "
                 f"per micro-batch, padding included; >= 2 x data.max_length); got {budget!r}"
             )
+        if self.batching == "fixed" and budget is not None:
+            raise ValueError(
+                f"data.max_tokens_per_micro_batch={budget!r} has no effect under "
+                "data.batching=fixed (train.micro_batch_size pairs per micro-batch): set "
+                "data.batching=token_budget or packed, or remove it (null)"
+            )
         _choice("chat_template", self.chat_template, CHAT_TEMPLATE_MODES, _TEMPLATE_SOURCE)
         _choice("chat_template_tail", self.chat_template_tail, CHAT_TEMPLATE_TAILS)
         if not self.inputs and not self.preprocessed:

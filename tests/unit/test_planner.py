@@ -56,13 +56,19 @@ def test_recipe_plans_fit_their_clusters():
 
 
 def test_micro_batch_grows_activations_and_logits():
-    unchunked = ["data.batching=fixed", "execution.logprob_chunk_tokens=0"]
+    unchunked = [
+        "data.batching=fixed",
+        "data.max_tokens_per_micro_batch=null",
+        "execution.logprob_chunk_tokens=0",
+    ]
     small = _plan(R8B, unchunked, nodes=1)
     big = _plan(R8B, [*unchunked, "train.micro_batch_size=2"], nodes=1)
     assert big.peak.activations == pytest.approx(2 * small.peak.activations)  # PP1: 1 in flight
     assert big.peak.logits == pytest.approx(2 * small.peak.logits)
     assert big.peak.workspace == pytest.approx(2 * small.peak.workspace)
-    p, c = load(str(R70B), ["data.batching=fixed"], "h100", 8)
+    p, c = load(
+        str(R70B), ["data.batching=fixed", "data.max_tokens_per_micro_batch=null"], "h100", 8
+    )
     last = [make_plan(p.replace(micro_batch_size=b), c).stages[-1] for b in (1, 2, 4)]
     assert last[0].reserved < last[1].reserved < last[2].reserved
 
@@ -71,7 +77,13 @@ def test_chunked_logprobs_hold_one_chunk_of_logits():
     """8B recipe (TP2, bf16, seq 2048, one pair = 4096 tokens per micro-batch)."""
     plans = {
         c: _plan(
-            R8B, ["data.batching=fixed", f"execution.logprob_chunk_tokens={c}"], nodes=1
+            R8B,
+            [
+                "data.batching=fixed",
+                "data.max_tokens_per_micro_batch=null",
+                f"execution.logprob_chunk_tokens={c}",
+            ],
+            nodes=1,
         ).stages[-1]
         for c in (0, 1024, 1280, 100_000, "auto")
     }
@@ -124,6 +136,7 @@ def test_activation_formula_reduces_to_korthikanti_for_gpt_shapes():
         "model.num_query_groups=48",
         "execution.transformer_impl=local",
         "data.batching=fixed",
+        "data.max_tokens_per_micro_batch=null",
         "execution.attention=megatron_local",
     ]
     p, _ = load(str(R70B), gpt)
