@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli import one_error_line
+
 REPO = Path(__file__).resolve().parents[2]
 CHECKPOINT = REPO / "examples" / "checkpoints" / "sft_tiny"
 pytestmark = pytest.mark.e2e
@@ -20,12 +22,6 @@ def _generate(prompts, output, cwd) -> subprocess.CompletedProcess:
            "--prompts", str(prompts), "--output", str(output), "--max-new-tokens", "2"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-
-
-def _error(out: subprocess.CompletedProcess) -> str:
-    lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
-    assert out.returncode == 2 and len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
-    return lines[0]
 
 
 def test_jsonl_with_line_separator_characters_is_read_as_json(tmp_path):
@@ -44,11 +40,11 @@ def test_jsonl_with_line_separator_characters_is_read_as_json(tmp_path):
 def test_empty_prompt_is_refused_naming_the_line(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "Is 4 even?"}\n\n{"prompt": "  "}\n')
-    assert _error(_generate(prompts, tmp_path / "a.jsonl", tmp_path)) == (
+    assert one_error_line(_generate(prompts, tmp_path / "a.jsonl", tmp_path)) == (
         f"error: {prompts}:3: the prompt is empty; give every row a non-empty prompt"
     )
     prompts.write_text('{"instruction": ""}\n')
-    assert f"{prompts}:1: the instruction is empty" in _error(
+    assert f"{prompts}:1: the instruction is empty" in one_error_line(
         _generate(prompts, tmp_path / "a.jsonl", tmp_path)
     )
     assert not (tmp_path / "a.jsonl").exists()
@@ -66,7 +62,7 @@ def test_output_that_is_the_prompts_file_is_refused(tmp_path):
         (tmp_path / "link.jsonl", tmp_path),  # a symlink to it
         (tmp_path / "hard.jsonl", tmp_path),  # a hard link to it
     ]:
-        error = _error(_generate(prompts, output, cwd))
+        error = one_error_line(_generate(prompts, output, cwd))
         assert f"--output {output} is the --prompts file" in error
         assert "choose another --output" in error
     assert prompts.read_text() == content
