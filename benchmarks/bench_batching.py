@@ -144,7 +144,7 @@ def run_config(run_dir: Path, data_dir: Path, args, batching: str, pp: int) -> d
             "max_length": MAX_LENGTH,
             "max_prompt_length": MAX_PROMPT,
             "batching": batching,
-            "max_tokens_per_micro_batch": args.budget,
+            "max_tokens_per_micro_batch": None if batching == "fixed" else args.budget,
         },
         "reference": {"mode": "resident"},
         "optimizer": {"lr": 1e-4, "warmup_fraction": 0.0, "decay_style": "constant"},

@@ -223,7 +223,7 @@ def read_yaml(path: str | Path | None, overrides: list[str] = ()) -> dict:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        values = _parse_yaml(path.read_text(), str(path)) or {}
+        values = _parse_yaml(_read_text(path), str(path)) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for item in overrides:
@@ -238,6 +238,20 @@ def read_yaml(path: str | Path | None, overrides: list[str] = ()) -> dict:
                 raise ConfigError(f"--set {key}: '{part}' is not a section")
         node[parts[-1]] = _parse_yaml(raw, f"--set {item}")
     return values
+
+
+def _read_text(path: Path) -> str:
+    """The UTF-8 text of a config file; ``ConfigError`` naming it when it is not text (a binary
+    file, another encoding)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}: not a UTF-8 YAML file (byte {err.start}, line {line}: {err.reason}); pass "
+            "the run's YAML config (a binary file or another encoding was given)"
+        ) from None
 
 
 def _parse_yaml(text: str, where: str):
@@ -273,12 +287,25 @@ def validate(config: Config) -> None:
         config.execution,
         micro_batch_size=train.micro_batch_size,
         global_batch_size=train.global_batch_size,
+        batching=config.data.batching,
     )
     errors += budget_errors(config.data, config.execution)  # padded for a valid layout
     if errors:
         raise ConfigError(errors[0])
     for check in (_check_ranges, _check_train, _check_reference, _check_optimizer, _check_logging):
         check(config)
+    _check_rejected_optional(config)
+
+
+CHOSEN_ONLY_LOSSES = ("sft",)  # train on the chosen answers: their rows need no rejected one
+
+
+def _check_rejected_optional(config: Config) -> None:
+    if config.data.rejected_optional and config.loss.name not in CHOSEN_ONLY_LOSSES:
+        raise ConfigError(
+            f"data.rejected_optional=true (rows without a rejected answer) is for loss.name=sft; "
+            f"loss.name={config.loss.name} needs every row's rejected answer: remove it"
+        )
 
 
 def check_world_size(config: Config, world_size: int) -> None:
@@ -289,6 +316,7 @@ def check_world_size(config: Config, world_size: int) -> None:
         micro_batch_size=config.train.micro_batch_size,
         global_batch_size=config.train.global_batch_size,
         world_size=world_size,
+        batching=config.data.batching,
     )
     if errors:
         raise ConfigError(errors[0])

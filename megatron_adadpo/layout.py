@@ -132,11 +132,20 @@ def layout_errors(
     micro_batch_size: int,
     global_batch_size: int,
     world_size: int | None = None,
+    batching: str = "fixed",
 ) -> list[str]:
     """Every reason the layout cannot run, each naming the field and the fix (``[]`` = fine).
 
-    Without ``world_size`` the rules that need it (divisibility of the world by TP*PP*CP, of
-    the global batch by micro-batch*DP, interleaved micro-batch count) are skipped.
+    Without ``world_size`` the rules that need it (divisibility of the world by TP*PP*CP, the
+    global batch's rule, interleaved micro-batch count) are skipped. The global batch's rule
+    depends on ``batching`` (``data.batching``): ``fixed`` runs ``G / (micro_batch_size * DP)``
+    micro-batches per rank (Megatron's ``MegatronPretrainingSampler`` layout), so ``G`` must be
+    divisible by ``micro_batch_size * DP`` (and the count by PP when interleaved);
+    ``token_budget`` / ``packed`` ignore ``micro_batch_size`` and hand each step's own
+    micro-batch count to the schedule (``num_microbatches``, no Megatron num-microbatches
+    calculator), so ``G >= DP`` (every rank gets a pair: ``data/batching.deal_by_tokens``), and
+    ``G`` divisible by ``DP * PP`` when interleaved (equal pair counts per rank, a multiple of
+    PP, so that ``_split_to_multiple`` can always reach a multiple of PP micro-batches).
     """
     sizes = {"execution.tp": execution.tp, "execution.pp": execution.pp}
     sizes |= {"execution.cp": execution.cp}
@@ -150,7 +159,9 @@ def layout_errors(
     errors += _fp8_errors(model, execution)
     errors += _attention_errors(execution)
     if world_size is not None:
-        errors += _world_errors(execution, world_size, micro_batch_size, global_batch_size)
+        errors += _world_errors(
+            execution, world_size, micro_batch_size, global_batch_size, batching
+        )
     return errors
 
 
@@ -260,7 +271,9 @@ def _attention_errors(e: ExecutionConfig) -> list[str]:
     return []
 
 
-def _world_errors(e: ExecutionConfig, world: int, micro: int, global_batch: int) -> list[str]:
+def _world_errors(
+    e: ExecutionConfig, world: int, micro: int, global_batch: int, batching: str
+) -> list[str]:
     model = e.model_parallel_size
     if world % model:
         return [
@@ -268,6 +281,8 @@ def _world_errors(e: ExecutionConfig, world: int, micro: int, global_batch: int)
             "multiple of it or change the layout"
         ]
     dp = world // model
+    if batching != "fixed":
+        return _budget_batch_errors(e, dp, global_batch, batching)
     if global_batch % (micro * dp):
         return [
             f"train.global_batch_size={global_batch} must be divisible by "
@@ -278,6 +293,22 @@ def _world_errors(e: ExecutionConfig, world: int, micro: int, global_batch: int)
         return [
             f"the interleaved schedule needs the number of micro-batches ({num_micro}) to be a "
             f"multiple of execution.pp={e.pp}; change train.global_batch_size"
+        ]
+    return []
+
+
+def _budget_batch_errors(e: ExecutionConfig, dp: int, global_batch: int, mode: str) -> list:
+    """The global batch's rule under ``token_budget`` / ``packed`` (see ``layout_errors``)."""
+    if e.vpp and global_batch % (dp * e.pp):
+        return [
+            f"train.global_batch_size={global_batch} must be divisible by DP*execution.pp = "
+            f"{dp}*{e.pp} under data.batching={mode} with the interleaved schedule (each "
+            "data-parallel rank's pairs form a multiple of PP micro-batches)"
+        ]
+    if global_batch < dp:
+        return [
+            f"train.global_batch_size={global_batch} must be at least DP = {dp} under "
+            f"data.batching={mode} (every data-parallel rank needs a pair)"
         ]
     return []
 

@@ -33,6 +33,7 @@ from megatron_adadpo.generation.policy import (
     training_data_settings,
 )
 from megatron_adadpo.generation.prompts import (
+    check_output,
     output_records,
     prompt_token_ids,
     read_prompts,
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.seed, args.batch_size)
     prompts = read_prompts(args.prompts)  # bad input fails before the model loads
+    check_output(args.output, args.prompts)
     model, model_config, directory = load_policy(args.checkpoint)
     tokenizer = checkpoint_tokenizer(directory, args.tokenizer)
     mode = args.chat_template or training_data_settings(directory).get("chat_template", "auto")

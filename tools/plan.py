@@ -69,9 +69,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+COUNTS = ("nodes", "gpus_per_node", "gpus", "avg_seq_len", "pairs")  # integers >= 1 when given
+
+
+class ArgumentError(ValueError):
+    """A numeric option out of its range; the message names the option and its range."""
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """One rule for the numeric options: every count and length is an integer >= 1, --mfu a
+    fraction in (0, 1] (NaN fails both comparisons)."""
+    for name in COUNTS:
+        value = getattr(args, name)
+        if value is not None and not value >= 1:
+            raise ArgumentError(f"--{name.replace('_', '-')}={value} must be an integer >= 1")
+    if args.mfu is not None and not 0 < args.mfu <= 1:
+        raise ArgumentError(f"--mfu={args.mfu} must be a fraction in (0, 1], e.g. 0.4")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        check_numbers(args)
         p, cluster = load(
             args.recipe,
             args.overrides,
@@ -82,12 +101,19 @@ def main(argv: list[str] | None = None) -> int:
             lengths=args.lengths,
         )
         if args.avg_seq_len:
+            if args.avg_seq_len > p.seq_length:
+                raise ArgumentError(
+                    f"--avg-seq-len={args.avg_seq_len} is more than data.max_length="
+                    f"{p.seq_length}, the longest a sequence can be; give the mean length"
+                )
             p = p.replace(avg_seq_length=args.avg_seq_len)
         plan = make_plan(p, cluster, args.mfu)
     except ValueError as exc:  # LayoutError included; cli.run prints it and exits with 2
         if args.json:
             print(json.dumps({"error": str(exc), "fits": False}))
             return 2
+        if isinstance(exc, ArgumentError):
+            raise
         raise LayoutError(f"layout refused: {exc}") from None
     suggestions = [] if plan.fits or args.no_suggest else suggest(p, cluster, args.mfu)
     more_nodes = (None, None)

@@ -78,6 +78,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-field", default="prompt")
     p.add_argument("--chosen-field", default="chosen")
     p.add_argument("--rejected-field", default="rejected")
+    p.add_argument(
+        "--rejected-optional",
+        action="store_true",
+        help="rows may lack the rejected field (SFT data, for loss.name=sft only)",
+    )
     p.add_argument("--split", default="train", help="split for hf: specs / DatasetDict dirs")
     p.add_argument(
         "--force",
@@ -108,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         on_error=args.on_error,
         num_workers=args.workers,
         split=args.split,
+        rejected_optional=args.rejected_optional,
     )
     try:
         manifest, report = data.preprocess(

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import struct
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -188,6 +193,38 @@ def require_empty_output(path: Path) -> None:
         )
 
 
+@contextlib.contextmanager
+def staged_output(path: Path) -> Iterator[Path]:
+    """A hidden sibling directory to write ``path``'s contents into, renamed to ``path`` when the
+    block succeeds; on failure it is removed with any parent directories this call created, so a
+    failed conversion leaves no output folder (an empty ``path`` that existed stays as it was).
+    An ``OSError`` in the block (a full disk) becomes a ``ValueError`` naming the file.
+    """
+    require_empty_output(path)
+    created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    stage.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; give it a plain mkdir's mode
+    try:
+        try:
+            yield stage
+        except OSError as err:  # a full disk, a quota
+            where = str(err.filename or stage).replace(str(stage), str(path))  # stage is gone
+            raise ValueError(
+                f"cannot write {where} ({err.strerror or err}); free space there or choose "
+                "another --output"
+            ) from err
+        os.replace(stage, path)  # rename(2) replaces an empty directory
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        for parent in created:  # innermost first
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        raise
+
+
 def shard_file_name(index: int, count: int) -> str:
     return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
 
@@ -195,7 +232,11 @@ def shard_file_name(index: int, count: int) -> str:
 def write_shard(out_dir: Path, file: str, tensors: dict[str, torch.Tensor]) -> int:
     """Write one safetensors shard; returns its payload bytes."""
     tensors = {k: t.contiguous() for k, t in tensors.items()}
-    save_file(tensors, str(out_dir / file), metadata={"format": "pt"})
+    try:
+        save_file(tensors, str(out_dir / file), metadata={"format": "pt"})
+    except SafetensorError as err:  # e.g. "I/O error: No space left on device (os error 28)"
+        reason = str(err).removeprefix("Error while serializing: ")
+        raise OSError(None, reason, str(out_dir / file)) from err
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 

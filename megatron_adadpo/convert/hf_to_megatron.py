@@ -158,18 +158,23 @@ def convert_hf_to_megatron(
     out_dtype = megatron_io.parse_dtype(dtype) if dtype else default_dtype(reader)
     megatron_io.init_single_process()
     sharded = megatron_io.template(model, out_dtype)
-    output.mkdir(parents=True, exist_ok=True)  # scratch files (unnamed) live in it
     megatron_io.raise_open_file_limit()
+    with hf_io.staged_output(output) as stage:  # scratch files (unnamed) live in it too
+        _write(stage, sharded, model, out_dtype, reader, progress)
+        sharded.clear()  # frees the file-backed tensors
+        copied = hf_io.copy_tokenizer_files(hf_dir, stage / TOKENIZER_DIR)
+    log.info("wrote %s (%s); tokenizer files: %s", output, out_dtype, copied)
+    return model
+
+
+def _write(out: Path, sharded: dict, model: ModelConfig, dtype, reader, progress: bool) -> None:
+    """Fill the template from the HF tensors and save it as a checkpoint in ``out``."""
     entries = mapping.tensor_map(model)
     for entry in tqdm(entries, desc="HF -> Megatron", unit="tensor", disable=not progress):
-        fill(sharded, entry, model, out_dtype, reader, output)
+        fill(sharded, entry, model, dtype, reader, out)
         _return_freed_memory()
     missing = [k for k, v in sharded.items() if megatron_io.is_tensor_entry(v) and v.data.is_meta]
     if missing:
         raise RuntimeError(f"internal: template entries left unfilled: {missing}")
     largest_shard = max(f.stat().st_size for f in {reader.file_of(n) for n in reader.names()})
-    megatron_io.save(sharded, output, model, bytes_per_writer=int(WRITER_SHARE * largest_shard))
-    del sharded
-    copied = hf_io.copy_tokenizer_files(hf_dir, output / TOKENIZER_DIR)
-    log.info("wrote %s (%s); tokenizer files: %s", output, out_dtype, copied)
-    return model
+    megatron_io.save(sharded, out, model, bytes_per_writer=int(WRITER_SHARE * largest_shard))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import pickle
 import tempfile
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_adadpo.layout import ExecutionConfig
 from megatron_adadpo.model.build import gpt_model, transformer_config
@@ -30,6 +32,7 @@ from megatron_adadpo.model.config import (
 )
 from megatron_adadpo.platform import safe_dcp
 from megatron_adadpo.platform.megatron import dist_checkpointing, save_strategy
+from megatron_adadpo.run.checkpoints import CheckpointError, unreadable
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -139,8 +142,11 @@ def save(sharded: dict, directory: Path, model: ModelConfig, bytes_per_writer: i
     write_model_config(directory, model)
 
 
-def load_subset(directory: Path, sharded: dict, names: list[str], dtype: torch.dtype) -> dict:
-    """Load only ``names`` of a checkpoint: ``{name: full TP1 tensor}`` (CPU, ``dtype``).
+def load_subset(
+    directory: Path, sharded: dict, names: list[str], dtype: torch.dtype, fix: str
+) -> dict:
+    """Load only ``names`` of a checkpoint: ``{name: full TP1 tensor}`` (CPU, ``dtype``); a file
+    that cannot be read raises ``CheckpointError`` naming it and ``fix``.
 
     Each request covers one layer's slice of a layer-stacked tensor. Megatron's own (regular
     grid) requests assume every slice of a key is requested by some rank, so each is re-expressed
@@ -148,8 +154,13 @@ def load_subset(directory: Path, sharded: dict, names: list[str], dtype: torch.d
     reads on its own (``linear_fc1``'s factory halves [gate; up] are one contiguous region).
     """
     requests = {name: _region_request(sharded[name], dtype) for name in names}
-    # Partial reads of stacked tensors: skip the "every element accessed exactly once" check.
-    loaded = safe_dcp.load({"model": requests}, directory, validate_access_integrity=False)["model"]
+    try:  # partial reads of stacked tensors: skip the "every element accessed once" check
+        loaded = safe_dcp.load({"model": requests}, directory, validate_access_integrity=False)[
+            "model"
+        ]
+    except (Exception, CheckpointException) as err:  # a damaged file: EOFError, ...
+        check_files(directory, fix)
+        raise unreadable(directory, err, fix) from err
     return {name: loaded[name].reshape(expected_shape(sharded[name])) for name in names}
 
 
@@ -169,6 +180,37 @@ def _region_request(value, dtype: torch.dtype):
         prepend_axis_num=0,
         allow_shape_mismatch=first.allow_shape_mismatch,
     )
+
+
+def check_files(directory: Path, fix: str) -> None:
+    """Raise ``CheckpointError`` naming each ``.distcp`` file of a ``torch_dist`` checkpoint that
+    is missing or ends before the last byte its ``.metadata`` records for it (a partial copy or
+    a save cut short): ``size(file) >= max(offset + length)`` over its storage entries.
+
+    Reads the ``.metadata`` that ``dist_checkpointing.load`` itself reads first, with the same
+    data-only reader (``safe_dcp.SafeFileSystemReader``); a checkpoint without one is left to
+    the load.
+    """
+    try:
+        storage = safe_dcp.SafeFileSystemReader(str(directory)).read_metadata().storage_data
+    except (OSError, EOFError, pickle.UnpicklingError):
+        return
+    ends: dict[str, int] = {}
+    for info in storage.values():
+        end = info.offset + info.length
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), end)
+    damaged = []
+    for name, end in sorted(ends.items()):
+        path = directory / name
+        size = path.stat().st_size if path.is_file() else None
+        if size is None or size < end:
+            held = "missing" if size is None else f"{size} of its {end} bytes"
+            damaged.append(f"{path} ({held})")
+    if damaged:
+        raise CheckpointError(
+            f"checkpoint file {'; '.join(damaged)} is incomplete (a partial copy or an "
+            f"interrupted save): {fix}"
+        )
 
 
 def stored_dtype(directory: Path) -> torch.dtype:

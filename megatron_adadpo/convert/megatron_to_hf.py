@@ -22,6 +22,7 @@ from megatron_adadpo.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
 DEFAULT_SHARD_BYTES = 2 * 1024**3
+EXPORT_FIX = "copy the checkpoint again, or pass an earlier iter_* directory with --checkpoint"
 _HF_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
@@ -137,6 +138,7 @@ def convert_megatron_to_hf(
     requested = megatron_io.parse_dtype(dtype) if dtype else None
     hf_io.require_empty_output(Path(output))
     ckpt = megatron_io.resolve_checkpoint(checkpoint)
+    megatron_io.check_files(ckpt, EXPORT_FIX)
     model = megatron_io.checkpoint_model_config(ckpt)
     tok_dir = find_tokenizer(ckpt, tokenizer_dir)
     if tok_dir is None:
@@ -145,12 +147,18 @@ def convert_megatron_to_hf(
             "config.yaml); pass --tokenizer-dir DIR (the HF model directory it started from)"
         )
     hf_io.check_tokenizer_vocab(tok_dir, model.vocab_size, f"vocab_size in {ckpt}/model.yaml")
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
     megatron_io.init_single_process()
     stored = megatron_io.stored_dtype(ckpt)
     out_dtype = output_dtype(model, stored, requested)
-    shards = plan_shards(model, out_dtype.itemsize, max_shard_bytes)
+    with hf_io.staged_output(Path(output)) as stage:
+        count = _write(stage, ckpt, model, stored, out_dtype, tok_dir, max_shard_bytes, progress)
+    log.info("wrote %s (%s, %d shards) from %s", output, out_dtype, count, ckpt)
+    return Path(output)
+
+
+def _write(out: Path, ckpt: Path, model, stored, out_dtype, tok_dir, max_bytes, progress) -> int:
+    """The HF files into ``out``, shard by shard; returns the number of shards."""
+    shards = plan_shards(model, out_dtype.itemsize, max_bytes)
     weight_map, total = {}, 0
     bar = tqdm(
         total=sum(len(s) for s in shards),
@@ -160,7 +168,8 @@ def convert_megatron_to_hf(
     )
     sharded = megatron_io.template(model, stored)
     for i, entries in enumerate(shards):
-        loaded = megatron_io.load_subset(ckpt, sharded, [e.megatron for e in entries], stored)
+        names = [e.megatron for e in entries]
+        loaded = megatron_io.load_subset(ckpt, sharded, names, stored, EXPORT_FIX)
         tensors = {}
         for entry in entries:
             parts = mapping.to_hf(entry, loaded.pop(entry.megatron), model)
@@ -173,5 +182,4 @@ def convert_megatron_to_hf(
     bar.close()
     hf_io.write_index(out, weight_map, total)
     write_side_files(out, model, tok_dir, out_dtype)
-    log.info("wrote %s (%s, %d shards) from %s", out, out_dtype, len(shards), ckpt)
-    return out
+    return len(shards)

@@ -16,6 +16,7 @@ BATCHING = ("fixed", "token_budget", "packed")  # data/batching.py
 CHAT_TEMPLATE_MODES = ("auto", "always")
 CHAT_TEMPLATE_TAILS = ("keep", "strip")
 
+REJECTED_OPTIONAL = "rejected_optional"
 # Settings that change the tokenized output; they enter the manifest identity.
 IDENTITY_FIELDS = (
     "prompt_field",
@@ -77,6 +78,10 @@ class DataConfig:
             row, attention confined to each sequence). The loss is the same in every mode.
         max_tokens_per_micro_batch: Tokens per micro-batch, padding included, for
             "token_budget" and "packed" (at least 2 x `max_length`: a pair is never split).
+        rejected_optional: Rows may lack the rejected column (set for `loss.name: sft`, which
+            trains on the chosen answers only, and by `tools/preprocess_data.py
+            --rejected-optional`): such a row's rejected completion is a copy of its chosen
+            one, scored but carrying no loss. Enters the identity only when set.
     """
 
     inputs: tuple[Any, ...] = ()
@@ -98,6 +103,7 @@ class DataConfig:
     split: str = "train"
     batching: str = "fixed"
     max_tokens_per_micro_batch: int | None = None
+    rejected_optional: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.inputs, (str, os.PathLike, Mapping)):
@@ -120,6 +126,12 @@ class DataConfig:
             raise ValueError(
                 f"data.batching={self.batching} needs data.max_tokens_per_micro_batch (tokens "
                 f"per micro-batch, padding included; >= 2 x data.max_length); got {budget!r}"
+            )
+        if self.batching == "fixed" and budget is not None:
+            raise ValueError(
+                f"data.max_tokens_per_micro_batch={budget!r} has no effect under "
+                "data.batching=fixed (train.micro_batch_size pairs per micro-batch): set "
+                "data.batching=token_budget or packed, or remove it (null)"
             )
         _choice("chat_template", self.chat_template, CHAT_TEMPLATE_MODES, _TEMPLATE_SOURCE)
         _choice("chat_template_tail", self.chat_template_tail, CHAT_TEMPLATE_TAILS)
@@ -155,7 +167,10 @@ class DataConfig:
 
     def identity_settings(self) -> dict[str, Any]:
         """The settings that change tokenized output (compared against a manifest)."""
-        return {name: getattr(self, name) for name in IDENTITY_FIELDS}
+        settings = {name: getattr(self, name) for name in IDENTITY_FIELDS}
+        if self.rejected_optional:  # only when set: earlier caches and manifests keep theirs
+            settings[REJECTED_OPTIONAL] = True
+        return settings
 
 
 _TEMPLATE_SOURCE = (

@@ -77,9 +77,28 @@ class HistogramProfile:
     def from_manifest(cls, path: str | Path) -> HistogramProfile:
         """``path``: a preprocessed directory or its ``manifest.json``."""
         path = Path(path)
-        manifest = json.loads((path / "manifest.json" if path.is_dir() else path).read_text())
-        histogram = manifest["length_histogram"]
-        return cls(tuple(histogram["bin_upper_edges"]), tuple(histogram["counts"]))
+        file = path / "manifest.json" if path.is_dir() else path
+        fix = (
+            "pass a directory written by tools/preprocess_data.py (its manifest.json holds the "
+            "length histogram) or 'ultrafeedback'"
+        )
+        try:
+            histogram = json.loads(file.read_text(encoding="utf-8"))["length_histogram"]
+            edges, counts = histogram["bin_upper_edges"], histogram["counts"]
+            profile = cls(tuple(int(e) for e in edges), tuple(int(c) for c in counts))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            if isinstance(err, json.JSONDecodeError):
+                reason = f"not one JSON object: {err.msg} at line {err.lineno}"
+            elif isinstance(err, OSError):
+                reason = err.strerror or str(err)
+            else:
+                reason = "no length_histogram with bin_upper_edges and counts"
+            raise ValueError(
+                f"length profile {file} is not a data manifest ({reason}); {fix}"
+            ) from None
+        if len(profile.upper_edges) != len(profile.counts) or not profile.counts:
+            raise ValueError(f"length profile {file}: a malformed length histogram; {fix}")
+        return profile
 
     def row_lengths(self, n: int, seed: int = 0) -> np.ndarray:
         rng = np.random.default_rng(seed)

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .config import DataConfig, default_cache_dir
+from .config import REJECTED_OPTIONAL, DataConfig, default_cache_dir
 from .indexed import (
     MANIFEST,
     PairWriter,
@@ -56,7 +56,7 @@ def _process_row(cfg: DataConfig, tok: PairTokenizer, pair_id: int, row: Any) ->
     if isinstance(row, RowRejected):  # refused while reading its source
         raise row
     fields = (cfg.prompt_field, cfg.chosen_field, cfg.rejected_field)
-    record = normalize_row(row, pair_id, fields, cfg.schema)
+    record = normalize_row(row, pair_id, fields, cfg.schema, cfg.rejected_optional)
     pair = tokenize_record(tok, record, cfg.chat_template, cfg.chat_template_tail)
     return truncate_pair(pair, cfg.max_length, cfg.max_prompt_length, cfg.overlength, tok.bos_id)
 
@@ -250,8 +250,15 @@ def check_manifest(manifest: dict[str, Any], config: DataConfig, directory: str)
     from .tokenize import resolve_tokenizer, tokenizer_files_sha256
 
     fix = f"re-run tools/preprocess_data.py for {directory} or change the data config"
+    if manifest["settings"].get(REJECTED_OPTIONAL) and not config.rejected_optional:
+        raise ValueError(
+            f"{directory} was preprocessed with --rejected-optional (rows without a rejected "
+            f"answer hold a copy of the chosen one), which only loss.name=sft can train on: {fix}"
+        )
     for key, want in config.identity_settings().items():
         have = manifest["settings"].get(key)
+        if key == REJECTED_OPTIONAL and have is None:
+            continue  # preference pairs: every row has its rejected answer, sft can use them
         if have != want:
             raise ValueError(
                 f"{directory} was preprocessed with {key}={have!r}, config has "

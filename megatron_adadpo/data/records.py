@@ -225,20 +225,27 @@ def normalize_row(
     pair_id: int,
     fields: tuple[str, str, str] = ("prompt", "chosen", "rejected"),
     schema: str = "auto",
+    rejected_optional: bool = False,
 ) -> PreferenceRecord:
     """Validate one row (a dict, or the raw bytes of a JSON line) into a record.
+
+    ``rejected_optional`` (SFT): a row without the rejected field (absent or null) gets a copy
+    of its chosen answer as the rejected one.
 
     Raises:
         RowRejected: the row is bad (reason in BAD_ROW_REASONS, detail names the field).
     """
     if isinstance(row, (bytes, bytearray)):
         row = parse_json_line(bytes(row))
+    copied = rejected_optional and row.get(fields[2]) is None
+    if copied:
+        row = {**row, fields[2]: row.get(fields[1])}
     explicit = schema == "explicit" or (schema == "auto" and row.get(fields[0]) is not None)
     prompt, chosen, rejected, raw = (_explicit if explicit else _implicit)(row, fields)
     for name, text in ((fields[1], chosen), (fields[2], rejected)):
         if not text.strip():
             raise RowRejected("empty_completion", f"{name}: the assistant answer is empty")
-    if chosen == rejected:
+    if chosen == rejected and not copied:
         raise RowRejected("chosen_equals_rejected", "chosen and rejected answers are identical")
     prompt_t = tuple((m["role"], m["content"]) for m in prompt)
     return PreferenceRecord(prompt_t, chosen, rejected, pair_id, raw)

@@ -15,6 +15,7 @@ template with the generation prompt (or the plain template); then ``[BOS] + toke
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,23 +46,49 @@ class Prompt:
 
 
 def read_prompts(path: str | Path) -> list[Prompt]:
-    """Every prompt of a ``.jsonl`` / ``.json`` file; ValueError naming the row and the fix."""
+    """Every prompt of a ``.jsonl`` / ``.json`` file; ValueError naming the row and the fix.
+
+    JSON lines are split at ``"\n"`` only (JSON strings may hold U+2028 and other characters
+    that ``str.splitlines`` breaks at); blank lines are skipped, an empty prompt is refused.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--prompts {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"--prompts {path} is not UTF-8 text ({e.reason} at byte {e.start})"
+        ) from None
     if path.suffix == ".json":
-        rows = json.loads(text)
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{path}:{e.lineno}: not JSON ({e.msg}); a .json file holds one list"
+            ) from None
         if not isinstance(rows, list):
             raise ValueError(f"{path}: a .json prompts file must hold a list of objects")
         where = [f"{path} item {k}" for k in range(len(rows))]
     else:
-        lines = [(k, line) for k, line in enumerate(text.splitlines(), 1) if line.strip()]
+        lines = [(k, line) for k, line in enumerate(text.split("\n"), 1) if line.strip()]
         rows = [_json_line(path, k, line) for k, line in lines]
         where = [f"{path}:{k}" for k, _ in lines]
     if not rows:
         raise ValueError(f"{path} holds no prompts")
     return [_prompt(row, place) for row, place in zip(rows, where, strict=True)]
+
+
+def check_output(output: str | Path, prompts: str | Path) -> None:
+    """Refuse an ``--output`` that is the ``--prompts`` file (by any path: relative, through a
+    symlink, a hard link): writing the records would overwrite the prompts."""
+    out, source = Path(output), Path(prompts)
+    same = out.resolve() == source.resolve()
+    if same or (out.exists() and source.exists() and os.path.samefile(out, source)):
+        raise ValueError(
+            f"--output {output} is the --prompts file {prompts}: writing the answers would "
+            "overwrite the prompts; choose another --output"
+        )
 
 
 def _json_line(path: Path, number: int, line: str):
@@ -82,6 +109,8 @@ def _prompt(row, where: str) -> Prompt:
         messages = prompt_messages(row[field], field)
     except RowRejected as e:
         raise ValueError(f"{where}: {e.detail}") from None
+    if not any(m["content"].strip() for m in messages):
+        raise ValueError(f"{where}: the {field} is empty; give every row a non-empty {field}")
     standard = field == "prompt" and isinstance(row[field], str)
     return Prompt(messages, row, messages[0]["content"] if standard else None)
 

@@ -146,6 +146,7 @@ def check_layout(p: PlanInput, cluster: Cluster) -> list[str]:
         micro_batch_size=p.micro_batch_size,
         global_batch_size=p.global_batch_size,
         world_size=None if errors else cluster.world_size,
+        batching=p.batching,
     )
     if e.fp8 and cluster.gpu.fp8_tflops is None:
         errors.append(
@@ -165,7 +166,7 @@ def check_layout(p: PlanInput, cluster: Cluster) -> list[str]:
 
 
 def num_micro_batches(p: PlanInput, cluster: Cluster) -> int:
-    """Micro-batches per optimizer step on each data-parallel rank."""
+    """Micro-batches per optimizer step on each data-parallel rank (``fixed`` batching)."""
     dp = data_parallel_size(p.execution, cluster.world_size)
     return p.global_batch_size // (p.micro_batch_size * dp)
 

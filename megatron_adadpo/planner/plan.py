@@ -107,6 +107,7 @@ def make_plan(p: PlanInput, cluster: Cluster, mfu: float | None = None) -> Plan:
     dp = data_parallel_size(p.execution, cluster.world_size)
     rows = p.row_lengths
     if rows is None and p.batching != "fixed":  # no profile: every row avg_seq_length tokens
+        check_simulated(p.global_batch_size)
         rows = np.full((p.global_batch_size, 2), p.avg_seq_length or p.seq_length)
     estimate = None
     if rows is not None:
@@ -127,7 +128,20 @@ def make_plan(p: PlanInput, cluster: Cluster, mfu: float | None = None) -> Plan:
     return plan
 
 
-PROFILE_STEPS = 8  # global batches drawn from a length profile
+PROFILE_STEPS = 8  # global batches drawn from a length profile (fewer for large ones)
+MAX_SIMULATED_PAIRS = 1 << 17  # the batching policy runs on at most this many pairs (~1 min)
+
+
+def check_simulated(global_batch_size: int) -> None:
+    """Refuse a global batch too large to run the batching policy on (``token_budget`` /
+    ``packed`` or a length profile): its pairs are simulated one by one."""
+    if global_batch_size > MAX_SIMULATED_PAIRS:
+        raise ValueError(
+            f"train.global_batch_size={global_batch_size} is more pairs than the planner "
+            f"simulates under data.batching={{token_budget, packed}} or --lengths "
+            f"({MAX_SIMULATED_PAIRS:,}); plan a smaller global batch (the step time scales "
+            "with it at a fixed layout)"
+        )
 
 
 def load(
@@ -149,6 +163,8 @@ def load(
     p = plan_input(config)
     if lengths:
         data = config.data
+        check_simulated(p.global_batch_size)
         profile = load_profile(lengths, data.max_length, data.max_prompt_length)
-        p = p.replace(row_lengths=profile.row_lengths(PROFILE_STEPS * p.global_batch_size))
+        steps = max(1, min(PROFILE_STEPS, MAX_SIMULATED_PAIRS // p.global_batch_size))
+        p = p.replace(row_lengths=profile.row_lengths(steps * p.global_batch_size))
     return p, make_cluster(gpu, nodes, gpus_per_node, gpus)

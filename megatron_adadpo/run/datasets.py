@@ -13,7 +13,7 @@ import datetime
 
 import torch.distributed as dist
 
-from megatron_adadpo.config import Config
+from megatron_adadpo.config import CHOSEN_ONLY_LOSSES, Config
 from megatron_adadpo.data import load_preference_dataset
 from megatron_adadpo.run.consistency import check_vocab
 
@@ -25,6 +25,8 @@ class DataWaitTimeout(ValueError):
 def load_dataset(config: Config, eval_split: bool = False):
     """``data`` (or the ``eval.inputs`` pairs) on this rank; rank 0 fills the cache first."""
     data = config.data.replace(inputs=tuple(config.eval.inputs)) if eval_split else config.data
+    if config.loss.name in CHOSEN_ONLY_LOSSES:  # rows need no rejected answer
+        data = data.replace(rejected_optional=True)
     minutes = config.train.data_wait_minutes
     group = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=minutes))
     if dist.get_rank() == 0:

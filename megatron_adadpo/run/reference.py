@@ -11,6 +11,7 @@ Precomputed files (``tools/precompute_reference.py``) hold per-pair summed compl
 from __future__ import annotations
 
 import json
+import os
 from functools import partial
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 
 from megatron_adadpo.platform.megatron import unwrap_model
 from megatron_adadpo.platform.safe_pickle import load_npy
+from megatron_adadpo.run.run_dir import durable_temp, fsync_directory
 from megatron_adadpo.run.step import (
     StepContext,
     output_layer_for,
@@ -107,9 +109,32 @@ class PrecomputedReference:
 def write_precomputed(
     path: str | Path, values: np.ndarray, dataset_identity: str, extra: dict
 ) -> None:
-    """Write ``[N, 2]`` reference sums and their metadata (values first, meta last)."""
+    """Write ``[N, 2]`` reference sums and their metadata so that a reader finds the previous
+    pair of files, the new pair, or no ``meta.json`` (refused), never a part or a mix: both are
+    written to fsynced temporary files first, then the old ``meta.json`` is removed, the values
+    renamed into place and ``meta.json`` last. A failed write (a full disk) raises ``ValueError``
+    naming the file and leaves the previous files as they were.
+    """
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    np.save(path / VALUES_FILE, values.astype(np.float32))
     meta = {"dataset_identity": dataset_identity, "num_pairs": int(values.shape[0]), **extra}
-    (path / META_FILE).write_text(json.dumps(meta, indent=2))
+    staged = []
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        staged.append(durable_temp(path / VALUES_FILE, partial(_save_npy, values)))
+        text = json.dumps(meta, indent=2).encode()
+        staged.append(durable_temp(path / META_FILE, lambda handle: handle.write(text)))
+        (path / META_FILE).unlink(missing_ok=True)
+        for tmp, name in zip(staged, (VALUES_FILE, META_FILE), strict=True):
+            os.replace(tmp, path / name)
+        fsync_directory(path)
+    except OSError as err:
+        for tmp in staged:
+            tmp.unlink(missing_ok=True)
+        raise ValueError(
+            f"cannot write {err.filename or path} ({err.strerror or err}); free space there or "
+            "choose another --output, then run tools/precompute_reference.py again"
+        ) from err
+
+
+def _save_npy(values: np.ndarray, handle) -> None:
+    np.save(handle, values.astype(np.float32), allow_pickle=False)

@@ -20,7 +20,9 @@ import os
 import re
 import shutil
 import socket
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from megatron_adadpo.config import ConfigError
 
@@ -161,14 +163,38 @@ def publish(partial: Path, final: Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
+def durable_temp(path: Path, write: Callable[[BinaryIO], object]) -> Path:
+    """A hidden temporary file beside ``path`` holding what ``write(handle)`` wrote, on disk
+    (``fsync``); ``os.replace`` it onto ``path`` to publish it. If writing fails (a full disk)
+    the temporary file is removed and the ``OSError`` names ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            err.filename = str(path)
+        raise
+    return tmp
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see the old or the new file, never a part."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    os.replace(durable_temp(path, lambda handle: handle.write(text.encode())), path)
+    fsync_directory(path.parent)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make the renames inside ``directory`` durable (the POSIX way: fsync the directory)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def check_writable(run_dir: str | Path) -> None:

@@ -71,3 +71,24 @@ def test_yaml_syntax_error_names_the_file(tmp_path):
     assert _error_lines(out.stderr) == [
         f"error: {bad}: YAML syntax error at line 3, column 15: mapping values are not allowed here"
     ]
+
+
+def test_binary_config_names_the_file(tmp_path):
+    """A checkpoint shard or a Latin-1 file given as --config: one line naming the file (was
+    UnicodeDecodeError's message alone); text YAML with control characters likewise."""
+    shard = REPO / "examples" / "checkpoints" / "sft_tiny" / "__0_0.distcp"
+    latin = tmp_path / "latin1.yaml"
+    latin.write_bytes("train:\n  seed: 3  # r\u00e9glage\n".encode("latin-1"))
+    control = tmp_path / "control.yaml"
+    control.write_bytes(b"train:\n  seed: \x00\x01\n")
+    first_bad = shard.read_bytes().index(next(b for b in shard.read_bytes() if b >= 0x80))
+    expected = {
+        shard: f"not a UTF-8 YAML file (byte {first_bad}, line 1: invalid start byte)",
+        latin: f"not a UTF-8 YAML file (byte {latin.read_bytes().index(0xE9)}, line 2: invalid",
+        control: "YAML syntax error: unacceptable character #x0000",
+    }
+    for path, message in expected.items():
+        out = _run(["-m", "megatron_adadpo.train", "--config", str(path)])
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        (line,) = _error_lines(out.stderr)
+        assert line.startswith(f"error: {path}: {message}"), line

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tests import convert_models as cm
+from tests.cli import one_error_line
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOLS = ROOT / "tools"
@@ -63,3 +64,91 @@ def test_nonpositive_shard_size_is_refused(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert out.returncode == 2 and "--max-shard-size-gb=0.0 must be > 0" in out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "hf").exists()
+
+
+BUNDLED = ROOT / "examples" / "checkpoints" / "sft_tiny"
+
+
+def test_export_of_truncated_checkpoint_names_the_file_and_leaves_no_output(tmp_path):
+    """A partial copy: one ``.distcp`` file cut short. The export names that file, and neither a
+    new output folder (nor its new parents) nor a staging folder is left; an empty output
+    folder the user made stays."""
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(BUNDLED, ckpt)
+    victim = sorted(ckpt.glob("*.distcp"))[-1]
+    full = victim.stat().st_size
+    os.truncate(victim, full // 3)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for output in (tmp_path / "new" / "parent" / "hf", mine):
+        cmd = [sys.executable, str(TOOLS / "convert_megatron_to_hf.py"), "--checkpoint",
+               str(ckpt), "--output", str(output), "--no-progress"]  # fmt: skip
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+        error = one_error_line(out)
+        assert f"{victim} ({full // 3} of its" in error and "copy the checkpoint" in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "mine"]
+    assert list(mine.iterdir()) == []
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A directory on its own 16 KiB tmpfs, filled up: writes there fail with ENOSPC, as on a
+    full cluster file system (mounting needs root; elsewhere the test is skipped)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(disk)],
+                             capture_output=True, text=True)  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def _fill(disk: Path) -> None:
+    with open(disk / "filler", "wb", buffering=0) as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 1024)
+        except OSError:
+            pass
+
+
+def test_precompute_on_a_full_disk_names_the_file_and_keeps_the_previous_values(
+    full_disk, tmp_path
+):
+    """Disk full while the reference values are written: one error line naming the file, no
+    0-byte or temporary file, and the previous complete pair of files stays as it was."""
+    ref = full_disk / "ref"
+    ref.mkdir()
+    previous = {"reference_logps.npy": b"previous values", "meta.json": b'{"previous": 1}'}
+    for name, data in previous.items():
+        (ref / name).write_bytes(data)
+    _fill(full_disk)
+    cmd = [sys.executable, str(TOOLS / "precompute_reference.py"), "--config",
+           "examples/configs/quickstart.yaml", "--output", str(ref), "--eval",
+           "--set", "execution.tp=1", "--set", f"data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)
+    assert [one_error_line(out)] == [
+        f"error: cannot write {ref / 'reference_logps.npy'} (No space left on device); free "
+        "space there or choose another --output, then run tools/precompute_reference.py again"
+    ]
+    assert {p.name: p.read_bytes() for p in ref.iterdir()} == previous
+
+
+def test_export_to_a_full_disk_names_the_file_and_leaves_no_output(full_disk):
+    """The disk fills while the shards are written: the error names the output file, and no
+    half-written output folder (nor the parent this run created) is left."""
+    output = full_disk / "new" / "hf"
+    cmd = [sys.executable, str(TOOLS / "convert_megatron_to_hf.py"), "--checkpoint",
+           str(BUNDLED), "--output", str(output), "--no-progress"]  # fmt: skip
+    _fill(full_disk)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=full_disk.parent)
+    error = one_error_line(out)
+    assert f"cannot write {output}/model-00001-of-00001" in error
+    assert "No space left on device" in error and "choose another --output" in error
+    assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]

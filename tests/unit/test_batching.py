@@ -163,3 +163,44 @@ def test_histogram_profile_draws_within_the_manifest_bins(tmp_path):
     (tmp_path / "manifest.json").write_text(__import__("json").dumps(manifest))
     rows = HistogramProfile.from_manifest(tmp_path).row_lengths(200)
     assert rows.min() >= 17 and rows.max() <= 32 and np.array_equal(rows[:, 0], rows[:, 1])
+
+
+@pytest.mark.parametrize("mode", ["token_budget", "packed"])
+@pytest.mark.parametrize("pp, vpp", [(1, None), (2, None), (2, 2)])
+def test_global_batch_rule_of_budget_modes_is_what_the_plan_needs(mode, pp, vpp):
+    """``layout_errors``' rule for the budget modes (micro_batch_size ignored) against the plan
+    itself: every global batch the rule admits gives each DP rank a non-empty plan covering
+    every pair once, a multiple of PP micro-batches when interleaved, on realistic lengths and
+    on the worst case (every pair fills a micro-batch alone); every one it refuses breaks one
+    of these on the worst case (a rank without pairs, a lost pair, no split into PP
+    multiples)."""
+    from megatron_adadpo.layout import ExecutionConfig, layout_errors
+    from megatron_adadpo.model.config import ModelConfig
+
+    model = ModelConfig(num_layers=4, hidden_size=64, ffn_hidden_size=128,
+                        num_attention_heads=4, vocab_size=256)  # fmt: skip
+    dp = 3
+    execution = ExecutionConfig(pp=pp, vpp=vpp)
+    policy = BatchingPolicy(mode, max_tokens=1024, microbatch_multiple=pp if vpp else 1)
+    worst = np.full((24, 2), 512)
+
+    def works(lengths, gbs):
+        try:
+            plan = plan_global_batch(policy, lengths[:gbs], dp)
+        except (ValueError, IndexError):  # no split into PP multiples; more pairs than caps
+            return False
+        multiple = all(len(rank) % policy.microbatch_multiple == 0 for rank in plan)
+        return _covered_once(plan, gbs) and all(plan) and multiple
+
+    for gbs in range(1, 25):
+        errors = layout_errors(model, execution, micro_batch_size=5, global_batch_size=gbs,
+                               world_size=dp * pp, batching=mode)  # fmt: skip
+        if errors:
+            assert not works(worst, gbs), (gbs, errors)
+        else:
+            assert works(LENGTHS, gbs) and works(worst, gbs), gbs
+
+
+def test_budget_under_fixed_batching_is_refused():
+    with pytest.raises(ConfigError, match=r"data.max_tokens_per_micro_batch=512 has no effect"):
+        load_config(QUICKSTART, ["data.max_tokens_per_micro_batch=512"])

@@ -56,13 +56,19 @@ def test_recipe_plans_fit_their_clusters():
 
 
 def test_micro_batch_grows_activations_and_logits():
-    unchunked = ["data.batching=fixed", "execution.logprob_chunk_tokens=0"]
+    unchunked = [
+        "data.batching=fixed",
+        "data.max_tokens_per_micro_batch=null",
+        "execution.logprob_chunk_tokens=0",
+    ]
     small = _plan(R8B, unchunked, nodes=1)
     big = _plan(R8B, [*unchunked, "train.micro_batch_size=2"], nodes=1)
     assert big.peak.activations == pytest.approx(2 * small.peak.activations)  # PP1: 1 in flight
     assert big.peak.logits == pytest.approx(2 * small.peak.logits)
     assert big.peak.workspace == pytest.approx(2 * small.peak.workspace)
-    p, c = load(str(R70B), ["data.batching=fixed"], "h100", 8)
+    p, c = load(
+        str(R70B), ["data.batching=fixed", "data.max_tokens_per_micro_batch=null"], "h100", 8
+    )
     last = [make_plan(p.replace(micro_batch_size=b), c).stages[-1] for b in (1, 2, 4)]
     assert last[0].reserved < last[1].reserved < last[2].reserved
 
@@ -71,7 +77,13 @@ def test_chunked_logprobs_hold_one_chunk_of_logits():
     """8B recipe (TP2, bf16, seq 2048, one pair = 4096 tokens per micro-batch)."""
     plans = {
         c: _plan(
-            R8B, ["data.batching=fixed", f"execution.logprob_chunk_tokens={c}"], nodes=1
+            R8B,
+            [
+                "data.batching=fixed",
+                "data.max_tokens_per_micro_batch=null",
+                f"execution.logprob_chunk_tokens={c}",
+            ],
+            nodes=1,
         ).stages[-1]
         for c in (0, 1024, 1280, 100_000, "auto")
     }
@@ -124,6 +136,7 @@ def test_activation_formula_reduces_to_korthikanti_for_gpt_shapes():
         "model.num_query_groups=48",
         "execution.transformer_impl=local",
         "data.batching=fixed",
+        "data.max_tokens_per_micro_batch=null",
         "execution.attention=megatron_local",
     ]
     p, _ = load(str(R70B), gpt)
@@ -314,13 +327,28 @@ def test_cli_text_json_and_exit_codes():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--nodes", "0"], "nodes=0 and gpus_per_node=8 must be >= 1"),
-        (["--gpus-per-node", "-2"], "nodes=1 and gpus_per_node=-2 must be >= 1"),
-        (["--gpus", "0"], "gpus=0 must be >= 1"),
+        (["--nodes", "0"], "--nodes=0 must be an integer >= 1"),
+        (["--gpus-per-node", "-2"], "--gpus-per-node=-2 must be an integer >= 1"),
+        (["--gpus", "0"], "--gpus=0 must be an integer >= 1"),
         (["--gpus", "16"], "16 GPUs requested but 1 nodes x 8 GPUs per node = 8"),
+        # one rule for every numeric option (were: negative FLOPs and "FITS", a -1 pair epoch)
+        (["--avg-seq-len", "-5"], "--avg-seq-len=-5 must be an integer >= 1"),
+        (["--avg-seq-len", "0"], "--avg-seq-len=0 must be an integer >= 1"),  # was: ignored
+        (["--avg-seq-len", "4096"], "--avg-seq-len=4096 is more than data.max_length=2048"),
+        (["--pairs", "-1"], "--pairs=-1 must be an integer >= 1"),
+        (["--mfu", "nan"], "--mfu=nan must be a fraction in (0, 1]"),
+        (["--mfu", "1.5"], "--mfu=1.5 must be a fraction in (0, 1]"),
+        # were tracebacks: a 14.6 TiB array, a KeyError
+        (["--set", "train.global_batch_size=1000000000000"],
+         "train.global_batch_size=1000000000000 is more pairs than the planner simulates"),
+        (["--lengths", "{jsonl}"], "length profile {jsonl} is not a data manifest (not one JSON"),
     ],
-)
-def test_cli_refuses_impossible_clusters_in_one_line(args, message):
+)  # fmt: skip
+def test_cli_refuses_impossible_clusters_and_bad_numbers_in_one_line(args, message, tmp_path):
+    jsonl = tmp_path / "lengths.jsonl"
+    jsonl.write_text('{"chosen": 12, "rejected": 20}\n{"chosen": 7, "rejected": 9}\n')
+    args = [a.format(jsonl=jsonl) for a in args]
+    message = message.format(jsonl=jsonl)
     out = _cli("--recipe", str(R8B), *args)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     (line,) = [x for x in out.stderr.splitlines() if x.startswith("error:")]

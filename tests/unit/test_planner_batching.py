@@ -40,7 +40,7 @@ def test_estimates_written_by_hand():
 
 
 def test_packed_memory_is_one_row_of_the_budget():
-    fixed, _ = load(str(R8B), ["data.batching=fixed"])
+    fixed, _ = load(str(R8B), ["data.batching=fixed", "data.max_tokens_per_micro_batch=null"])
     packed, _ = load(str(R8B), ["data.max_tokens_per_micro_batch=4096"])
     assert packed.batching == "packed" and packed.micro_batch_shape == (1.0, 4096.0)
     assert fixed.micro_batch_shape == (2.0, 2048.0)
@@ -57,7 +57,13 @@ def test_packed_memory_is_one_row_of_the_budget():
 def test_recipes_pack_with_little_padding_on_ultrafeedback_lengths(recipe, nodes):
     packed = make_plan(*load(str(recipe), [], "h100", nodes, lengths="ultrafeedback"))
     today = make_plan(
-        *load(str(recipe), ["data.batching=fixed"], "h100", nodes, lengths="ultrafeedback")
+        *load(
+            str(recipe),
+            ["data.batching=fixed", "data.max_tokens_per_micro_batch=null"],
+            "h100",
+            nodes,
+            lengths="ultrafeedback",
+        )
     )
     assert packed.input.batching == "packed" and packed.batching.padding_fraction <= 0.10
     assert packed.cost.step_time_s < today.cost.step_time_s
