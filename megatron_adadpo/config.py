@@ -71,6 +71,10 @@ class TrainSection:
     seed: int = 1234
     nan_policy: str = "stop"  # "stop" | "skip": on a non-finite loss
     data_wait_minutes: float = 720.0  # how long other ranks wait for rank 0 to tokenize data
+    # Collective timeout of every process group (torch's default group and Megatron's groups);
+    # Megatron-LM's --distributed-timeout-minutes. 30: Megatron-Core's initialize_model_parallel
+    # default (torch's own default group waits 10).
+    distributed_timeout_minutes: float = 30.0
     init_checkpoint: str | None = None  # converted HF checkpoint (tools/convert_hf_to_megatron)
     init_method: str = "megatron"  # "megatron" | "layout_invariant" (tests, reproducible runs)
 
@@ -368,6 +372,7 @@ def _ranges(config: Config) -> dict:
         "train.epochs": (train.epochs, *at_least_1),
         "train.seed": (train.seed, *at_least_0),
         "train.data_wait_minutes": (train.data_wait_minutes, *positive),
+        "train.distributed_timeout_minutes": (train.distributed_timeout_minutes, *positive),
         "checkpoint.save_interval": (config.checkpoint.save_interval, *at_least_0),
         "logging.log_interval": (log.log_interval, *at_least_1),
         "logging.peak_tflops": (log.peak_tflops, lambda v: v is None or v > 0, "> 0 (or unset)"),

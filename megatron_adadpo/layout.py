@@ -25,6 +25,11 @@ TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
 # every FP8 GEMM operand needs prod(shape[:-1]) % 8 == 0 and shape[-1] % 16 == 0.
 FP8_ROWS_MULTIPLE = 8
 FP8_COLS_MULTIPLE = 16
+# TE v2.8 - v2.13 ``assert_dim_for_all_gather`` (utils.py: 2.8 line 444, 2.12 line 450): with
+# sequence parallelism each TE linear's rank-local input must be ``quantizer.is_quantizable``:
+# rows and last dim divisible by the block (mxfp8_tensor.py 2.8 lines 70-78,
+# MXFP8_BLOCK_SCALING_SIZE = 32; float8_blockwise_tensor.py 2.8 lines 195-203, block_len 128).
+FP8_SP_BLOCK = {"mxfp8": 32, "blockwise": 128}
 ATTENTION_CHOICES = ("auto", "sdpa", "megatron_local")
 
 
@@ -66,11 +71,24 @@ class ExecutionConfig:
 
     @property
     def pad_multiple(self) -> int:
-        return pad_multiple(self.tp, self.cp, self.sequence_parallel, fp8=bool(self.fp8))
+        return pad_multiple(
+            self.tp, self.cp, self.sequence_parallel, fp8=bool(self.fp8), recipe=self.fp8_recipe
+        )
+
+
+def fp8_rows_multiple(recipe: str, sequence_parallel: bool) -> int:
+    """Rank-local rows every FP8 GEMM input needs: 8 (``assert_dim_for_fp8_exec``), or with
+    sequence parallelism the recipe's block (``FP8_SP_BLOCK``: mxfp8 32, blockwise 128)."""
+    block = FP8_SP_BLOCK.get(recipe, 1) if sequence_parallel else 1
+    return math.lcm(FP8_ROWS_MULTIPLE, block)
 
 
 def pad_multiple(
-    tp: int = 1, cp: int = 1, sequence_parallel: bool = False, fp8: bool = False
+    tp: int = 1,
+    cp: int = 1,
+    sequence_parallel: bool = False,
+    fp8: bool = False,
+    recipe: str = "delayed",
 ) -> int:
     """The multiple ``m`` the sequence length ``S`` is padded to: every ``S = k*m`` runs.
 
@@ -83,12 +101,14 @@ def pad_multiple(
     - FP8 (TE ``assert_dim_for_fp8_exec``): each GEMM input ``[S/cp/t, b, h]`` (the
       rank-local tensor, before the sequence-parallel all-gather) needs
       ``(S/cp/t) * b % 8 == 0``; this holds for every micro-batch size ``b`` (packed rows
-      have ``b = 1``) when ``(S/cp/t) % 8 == 0``.
+      have ``b = 1``) when ``(S/cp/t) % 8 == 0``; with sequence parallelism the ``mxfp8`` /
+      ``blockwise`` recipes need ``% 32`` / ``% 128`` (``fp8_rows_multiple``).
 
-    Together: ``m = cp * lcm(2 if cp > 1 else 1, t * (8 if fp8 else 1))``, the smallest such
-    multiple. E.g. TP8+SP, CP2, FP8: 128; TP2+SP: 2; CP2: 4.
+    Together: ``m = cp * lcm(2 if cp > 1 else 1, t * r)`` with ``r`` the FP8 rows multiple
+    (1 without FP8), the smallest such multiple. E.g. TP8+SP, CP2, FP8: 128; TP2+SP: 2; CP2: 4.
     """
-    local = (tp if sequence_parallel else 1) * (FP8_ROWS_MULTIPLE if fp8 else 1)
+    rows = fp8_rows_multiple(recipe, sequence_parallel) if fp8 else 1
+    local = (tp if sequence_parallel else 1) * rows
     return cp * math.lcm(2 if cp > 1 else 1, local)
 
 
@@ -251,6 +271,13 @@ def _fp8_errors(model: ModelConfig, e: ExecutionConfig) -> list[str]:
                 f"execution.fp8 needs {name} = {value:g} divisible by {FP8_COLS_MULTIPLE} "
                 "(Transformer Engine FP8 GEMM rule); use execution.fp8=null or another tp"
             )
+    block = FP8_SP_BLOCK.get(e.fp8_recipe) if e.sequence_parallel else None
+    if block and h % block:
+        errors.append(
+            f"execution.fp8_recipe={e.fp8_recipe} with sequence_parallel needs model.hidden_size "
+            f"= {h} divisible by {block} (Transformer Engine's all-gather rule); use another "
+            "fp8_recipe"
+        )
     qkv_rows = (model.num_attention_heads + 2 * model.query_groups) * d // t
     if qkv_rows % FP8_ROWS_MULTIPLE:
         errors.append(

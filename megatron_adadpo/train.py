@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     config = load_config(args.config, args.set)  # every config check before any allocation
     cpu.activate()  # Megatron on a machine without CUDA; a no-op on GPU hosts
-    init_distributed()
+    init_distributed(config.train.distributed_timeout_minutes)
     check_world_size(config, dist.get_world_size())
     Trainer(config).train()
     destroy()

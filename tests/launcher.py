@@ -1,8 +1,9 @@
 """Fast multi-rank launcher for pytest: fork + ``file://`` rendezvous, hard timeouts.
 
 ``run_ranks(fn, world_size, *args)`` forks ``world_size`` processes from the (already warm)
-pytest process, initialises a gloo process group in each, runs ``fn(rank, world_size, *args)``
-and returns the per-rank results. About 10x faster than torchrun or spawn (PLATFORM.md). Rules it
+pytest process (spawns them once the parent touched CUDA: ``start_method``), initialises a
+gloo process group in each, runs ``fn(rank, world_size, *args)`` and returns the per-rank
+results. About 10x faster than torchrun or spawn (PLATFORM.md). Rules it
 keeps: the parent never joins a process group; each rank uses one thread, passes a timeout to
 ``init_process_group``, tears down Megatron state and leaves with ``os._exit``; the parent kills
 every rank when one fails or the deadline passes, and re-raises the rank's traceback.
@@ -35,7 +36,7 @@ def run_ranks(fn: Callable, world_size: int, *args, timeout: float = 120.0, **kw
 
     Results must be picklable (tensors are fine). Returns them ordered by rank.
     """
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context(start_method())
     results: mp.Queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "rendezvous")
@@ -57,6 +58,17 @@ def run_ranks(fn: Callable, world_size: int, *args, timeout: float = 120.0, **kw
             for p in procs:
                 p.join(5 if p.exitcode is None else 0)
                 _kill_group(p.pid)
+
+
+def start_method() -> str:
+    """``fork`` (fast), or ``spawn`` once this process has initialised CUDA: a forked child
+    cannot use it (torch ``cuda/__init__.py`` ``_lazy_init``: "Cannot re-initialize CUDA in
+    forked subprocess"). ``ADADPO_RANK_START=spawn`` forces it (the GPU checks set it). Spawned
+    ranks need ``fn`` and its arguments picklable (module-level functions)."""
+    forced = os.environ.get("ADADPO_RANK_START")
+    if forced:
+        return forced
+    return "spawn" if torch.cuda.is_initialized() else "fork"
 
 
 def _kill_group(pid: int) -> None:

@@ -5,5 +5,5 @@ set -uo pipefail
 source "$(dirname "$0")/env.sh"
 timeout 280 python3 benchmarks/bench_train_step.py --preset llama-3b --steps 3 --warmup 1 \
   --json "$OUT/train_step_3b.json" 2>&1 | tail -30
-python3 tools/plan.py "${PLAN_3B[@]}" \
+timeout 30 python3 tools/plan.py "${PLAN_3B[@]}" \
   --json > "$OUT/plan_3b.json" 2> "$OUT/plan_3b.err"; echo "plan rc=$?"

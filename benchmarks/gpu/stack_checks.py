@@ -70,16 +70,17 @@ def machine() -> dict:
     return facts
 
 
-def launch(args: list[str], nproc: int, log: Path, timeout: float) -> None:
+def launch(args: list[str], nproc: int, log: Path, timeout: float, env: dict | None = None) -> None:
     """``python ARGS`` (one process) or ``torchrun --standalone`` with ``nproc`` processes."""
     cmd = [sys.executable, *args]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
         cmd += [f"--nproc-per-node={nproc}", *args]
+    env = os.environ | (env or {})
     with open(log, "w") as handle:
         try:
             rc = subprocess.run(cmd, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
-                                timeout=timeout).returncode  # fmt: skip
+                                timeout=timeout, env=env).returncode  # fmt: skip
         except subprocess.TimeoutExpired:
             rc = "timeout"
     if rc != 0:
@@ -131,7 +132,9 @@ def check_megatron_seam(work: Path, facts: dict) -> dict:
         "tests/distributed/test_context_parallel.py::test_pipeline_buffers_match_the_local_sequence",
     ]
     args = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", *tests]
-    launch(args, 1, work / "megatron_seam.log", timeout=300)
+    # A forked rank cannot use CUDA once pytest's process touched it: the ranks are spawned.
+    spawn = {"ADADPO_RANK_START": "spawn"}
+    launch(args, 1, work / "megatron_seam.log", timeout=300, env=spawn)
     return {"pytest": (work / "megatron_seam.log").read_text().strip().splitlines()[-1]}
 
 

@@ -5,7 +5,9 @@
 # and these variables:  PYTHON (python with megatron_adadpo; default: python), GPU (planner GPU
 #                       kind: h100 | h200 | a100 | ...; default h100), GPUS_PER_NODE (default 8),
 #                       DRY_RUN=1 (same as --dry-run), PLAN_CHECK=0 (skip the pre-launch plan),
-#                       FORCE=1 (launch even when the planner says the layout does not fit).
+#                       FORCE=1 (launch even when the planner says the layout does not fit),
+#                       DISTRIBUTED_TIMEOUT_MINUTES (collective timeout: passed as
+#                       --set train.distributed_timeout_minutes=N before the user's --set).
 # A dry run prints the resolved launch command and the planner's layout and memory plan, and
 # exits with the planner's status (0 fits, 1 does not fit, 2 layout refused). A real launch runs
 # the planner first and refuses a layout that cannot run (status 2) or does not fit (status 1).
@@ -30,6 +32,10 @@ die() {
 parse_args() {
     TRAIN_ARGS=()
     PLAN_SETS=()
+    if [[ -n "${DISTRIBUTED_TIMEOUT_MINUTES:-}" ]]; then
+        require_int DISTRIBUTED_TIMEOUT_MINUTES
+        TRAIN_ARGS+=(--set "train.distributed_timeout_minutes=$DISTRIBUTED_TIMEOUT_MINUTES")
+    fi
     while (($#)); do
         case "$1" in
             --dry-run) DRY_RUN=1; shift ;;

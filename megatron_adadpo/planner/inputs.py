@@ -22,7 +22,7 @@ from megatron_adadpo.config import Config, ConfigError, from_dict, read_yaml
 from megatron_adadpo.data.batching import BatchingPolicy, batching_policy
 from megatron_adadpo.layout import ExecutionConfig, data_parallel_size, layout_errors
 from megatron_adadpo.model.config import ModelConfig
-from megatron_adadpo.platform.hardware import GpuSpec, gpu_spec
+from megatron_adadpo.platform.hardware import GpuSpec, fp8_recipe_error, gpu_spec
 
 
 class LayoutError(ValueError):
@@ -152,6 +152,9 @@ def check_layout(p: PlanInput, cluster: Cluster) -> list[str]:
         errors.append(
             f"execution.fp8={e.fp8!r} needs FP8 tensor cores; {cluster.gpu.name} has none"
         )
+    gpu = cluster.gpu
+    recipe_error = e.fp8 and fp8_recipe_error(e.fp8_recipe, gpu.compute_capability, gpu.name)
+    errors += [recipe_error] if recipe_error else []
     if errors:
         raise LayoutError("; ".join(errors))
     warnings = []

@@ -22,11 +22,13 @@ from megatron_adadpo.platform.megatron import (
 )
 
 
-def init_distributed(timeout_s: float = 600.0) -> None:
+def init_distributed(timeout_minutes: float = 30.0) -> None:
     """Initialise the default process group from torchrun's environment (idempotent).
 
     NCCL with one GPU per local rank when CUDA is present, gloo otherwise. A plain ``python``
-    run (no ``RANK`` in the environment) is a world of one process.
+    run (no ``RANK`` in the environment) is a world of one process. ``timeout_minutes``
+    (``train.distributed_timeout_minutes``) is every collective's timeout; torch's own default
+    is 10 minutes (``torch/distributed/constants.py``), and ``NCCL_TIMEOUT`` is read by neither.
     """
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -37,12 +39,16 @@ def init_distributed(timeout_s: float = 600.0) -> None:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
 
 
-def init_model_parallel(execution: ExecutionConfig, seed: int = 1234) -> ProcessGroupCollection:
+def init_model_parallel(
+    execution: ExecutionConfig, seed: int = 1234, timeout_minutes: float = 30.0
+) -> ProcessGroupCollection:
     """Create Megatron's TP/PP/CP/DP groups for ``execution``'s layout, seed its RNG tracker,
-    and return the groups (built once; passed to the step, log-prob and metric code)."""
+    and return the groups (built once; passed to the step, log-prob and metric code).
+    ``timeout_minutes`` is the groups' collective timeout (``initialize_model_parallel``'s
+    ``distributed_timeout_minutes``, 0.16.1 and 0.19: ``timedelta(minutes=...)``)."""
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
@@ -50,6 +56,7 @@ def init_model_parallel(execution: ExecutionConfig, seed: int = 1234) -> Process
         pipeline_model_parallel_size=execution.pp,
         virtual_pipeline_model_parallel_size=execution.vpp,
         context_parallel_size=execution.cp,
+        distributed_timeout_minutes=timeout_minutes,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return process_groups()

@@ -82,6 +82,14 @@ def environment_errors(execution: ExecutionConfig) -> list[str]:
                 "a CUDA GPU (pip install 'megatron_adadpo[gpu]'); set execution.fp8=null and "
                 "execution.transformer_impl=local to run without it"
             )
+    if execution.fp8 and cuda_available():
+        import torch
+
+        from megatron_adadpo.platform.hardware import fp8_recipe_error
+
+        name = torch.cuda.get_device_name()
+        error = fp8_recipe_error(execution.fp8_recipe, torch.cuda.get_device_capability(), name)
+        errors += [error] if error else []
     if execution.cp > 1 and attention_impl(execution) != "transformer_engine":
         errors.append(
             "execution.cp > 1 needs Transformer Engine attention (GPU); set execution.cp=1"

@@ -22,6 +22,7 @@ class GpuSpec:
     bf16_tflops: float
     fp8_tflops: float | None
     patterns: tuple[str, ...]  # lower-case substrings of torch.cuda.get_device_name()
+    compute_capability: tuple[int, int]  # torch.cuda.get_device_capability()
 
     def peak_tflops(self, dtype: str = "bf16") -> float:
         if dtype in ("bf16", "fp16"):
@@ -37,15 +38,38 @@ class GpuSpec:
 GPUS: dict[str, GpuSpec] = {
     spec.key: spec
     for spec in (
-        GpuSpec("h100-pcie", "H100 PCIe 80GB", 79.1, 756.0, 1513.0, ("h100 pcie",)),
-        GpuSpec("h100", "H100 SXM 80GB", 79.1, 989.0, 1979.0, ("h100", "h800")),
-        GpuSpec("h200", "H200 SXM 141GB", 139.8, 989.0, 1979.0, ("h200",)),
+        GpuSpec("h100-pcie", "H100 PCIe 80GB", 79.1, 756.0, 1513.0, ("h100 pcie",), (9, 0)),
+        GpuSpec("h100", "H100 SXM 80GB", 79.1, 989.0, 1979.0, ("h100", "h800"), (9, 0)),
+        GpuSpec("h200", "H200 SXM 141GB", 139.8, 989.0, 1979.0, ("h200",), (9, 0)),
         GpuSpec(
-            "a100-40", "A100 SXM 40GB", 39.4, 312.0, None, ("a100-sxm4-40gb", "a100-pcie-40gb")
+            "a100-40",
+            "A100 SXM 40GB",
+            39.4,
+            312.0,
+            None,
+            ("a100-sxm4-40gb", "a100-pcie-40gb"),
+            (8, 0),
         ),
-        GpuSpec("a100", "A100 SXM 80GB", 79.1, 312.0, None, ("a100", "a800")),
+        GpuSpec("a100", "A100 SXM 80GB", 79.1, 312.0, None, ("a100", "a800"), (8, 0)),
     )
 }
+
+
+# Transformer Engine ``check_mxfp8_support``: "Device compute capability 10.0 or higher
+# required for MXFP8 execution" (v2.8 transformer_engine/pytorch/fp8.py lines 48-55; v2.12
+# quantization.py lines 62-69). Hopper (9.0) has no MXFP8 GEMMs.
+MXFP8_MIN_CAPABILITY = (10, 0)
+
+
+def fp8_recipe_error(recipe: str, capability: tuple[int, int], device: str) -> str | None:
+    """Why ``device`` (compute capability ``capability``) cannot run FP8 ``recipe``, or None."""
+    if recipe == "mxfp8" and tuple(capability) < MXFP8_MIN_CAPABILITY:
+        major, minor = capability
+        return (
+            f"execution.fp8_recipe=mxfp8 needs compute capability >= 10.0 (Blackwell); {device} "
+            f"has {major}.{minor}: use fp8_recipe=delayed, tensorwise or blockwise"
+        )
+    return None
 
 
 def gpu_spec(name: str) -> GpuSpec:

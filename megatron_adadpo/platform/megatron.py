@@ -251,9 +251,22 @@ def use_fast_adam(optimizer: torch.optim.Optimizer) -> None:
         group["fused"], group["foreach"] = fused, not fused
         for p in group["params"]:
             state = optimizer.state.get(p)
-            if state and "step" in state and fused:
-                step = float(state["step"])
-                state["step"] = torch.tensor(step, dtype=torch.float32, device=p.device)
+            if state and "step" in state:
+                state["step"] = adam_step_tensor(group, p, float(state["step"]))
+
+
+def adam_step_tensor(group: dict, param: torch.Tensor, step: float) -> torch.Tensor:
+    """A torch-Adam ``step`` placed as torch places it: fp32 on the parameter's device when the
+    group is ``fused`` or ``capturable``, else an fp32 scalar on the CPU.
+
+    torch 2.13 ``torch/optim/optimizer.py`` ``_process_value_according_to_param_policy``
+    (lines 794-798, the rule ``load_state_dict`` applies) and ``torch/optim/adam.py``
+    ``_init_group`` (lines 165-175, note "special device hosting for step"); the fused CUDA
+    kernel and the capturable path (``adam.py`` 404-410) need ``step`` beside the parameter.
+    """
+    on_device = group.get("fused") or group.get("capturable")
+    device = param.device if on_device else "cpu"
+    return torch.tensor(float(step), dtype=torch.float32, device=device)
 
 
 def te_layer_spec(**kwargs):
@@ -370,7 +383,7 @@ def init_optimizer_state(optimizer) -> None:
             for param in group["params"]:
                 if not adam.state[param]:
                     adam.state[param] = {
-                        "step": torch.zeros((), dtype=torch.float32),
+                        "step": adam_step_tensor(group, param, 0.0),
                         "exp_avg": torch.zeros_like(param),
                         "exp_avg_sq": torch.zeros_like(param),
                     }
@@ -382,6 +395,8 @@ def restore_adam_steps(optimizer) -> None:
     ``DistributedOptimizer.load_state_dict`` (0.16.1) assigns ONE step tensor to every
     parameter's state; torch's foreach Adam then increments it once per parameter per step, so
     bias correction after a resume would use a step count ``num_params`` times too large.
+    Each step is placed as torch places it (``adam_step_tensor``): on the parameter's device
+    for fused / capturable groups, whose CUDA kernels cannot read a CPU ``step``.
     """
     for adam in _torch_adams(optimizer):
         for group in adam.param_groups:
@@ -390,7 +405,7 @@ def restore_adam_steps(optimizer) -> None:
             for param in group["params"]:
                 state = adam.state.get(param)
                 if state and "step" in state:
-                    state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
+                    state["step"] = adam_step_tensor(group, param, group["step"])
 
 
 def force_param_sync(chunks: list, optimizer) -> None:

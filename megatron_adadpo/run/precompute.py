@@ -50,9 +50,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     config = load_config(args.config, [*args.set, "reference.mode=resident"])
     cpu.activate()  # Megatron on a machine without CUDA; a no-op on GPU hosts
-    init_distributed()
+    init_distributed(config.train.distributed_timeout_minutes)
     check_world_size(config, dist.get_world_size())
-    groups = init_model_parallel(config.execution, seed=config.train.seed)
+    timeout = config.train.distributed_timeout_minutes
+    groups = init_model_parallel(config.execution, seed=config.train.seed, timeout_minutes=timeout)
     dataset = load_dataset(config, eval_split=args.eval)
     model = freeze(build_policy(config))  # the reference is the initial policy
     context = StepContext.from_config(config, groups)

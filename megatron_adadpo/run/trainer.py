@@ -102,7 +102,10 @@ class Trainer:
 
     def __init__(self, config: Config):
         self.config = config
-        self.groups = init_model_parallel(config.execution, seed=config.train.seed)
+        train = config.train
+        self.groups = init_model_parallel(
+            config.execution, seed=train.seed, timeout_minutes=train.distributed_timeout_minutes
+        )
         self.dp_rank = dist.get_rank(self.groups.dp)
         self.dp_size = dist.get_world_size(self.groups.dp)
         run_dir = config.logging.run_dir

@@ -224,7 +224,14 @@ def test_pipeline_buffers_match_the_local_sequence(monkeypatch):
     captured = {}
     monkeypatch.setattr(step, "get_forward_backward_func", lambda: lambda **kw: captured.update(kw))
     cp, tp, full_seq, rows, hidden = 2, 4, 64, 6, 32
-    config = SimpleNamespace(context_parallel_size=cp, sequence_parallel=True, hidden_size=hidden)
+    # variable_seq_lengths: megatron-core 0.19.2 get_tensor_shapes reads it (schedules.py line
+    # 2104: True returns [()] and exchanges shapes); False computes the fixed buffer shape.
+    config = SimpleNamespace(
+        context_parallel_size=cp,
+        sequence_parallel=True,
+        hidden_size=hidden,
+        variable_seq_lengths=False,
+    )
     local = split_for_context_parallel(_batch(rows, full_seq), 1, cp)
     step.run_schedule([SimpleNamespace(config=config)], [local], None, forward_only=True)
     shapes = get_tensor_shapes(

@@ -132,6 +132,31 @@ def test_multi_node_dry_run_and_missing_variables(tmp_path):
     assert r.returncode == 64 and "NNODES=two must be a positive integer" in r.stderr
 
 
+def test_collective_timeout_is_a_config_value_the_scripts_set(tmp_path):
+    """``NCCL_TIMEOUT`` is read by nothing; the scripts pass train.distributed_timeout_minutes
+    (tests/distributed/test_collective_timeout.py: the value reaches every process group)."""
+    assert "NCCL_TIMEOUT" not in (LAUNCH / "slurm.sbatch").read_text()
+    cfg = tiny_config(tmp_path)
+    r = run_script(
+        "slurm.sbatch", "--dry-run", "--config", cfg, env={"NNODES": "1", "GPUS_PER_NODE": "1"}
+    )
+    assert r.returncode == 0, r.stderr
+    assert "--set train.distributed_timeout_minutes=30" in r.stdout
+    env = {"DISTRIBUTED_TIMEOUT_MINUTES": "45", "GPUS_PER_NODE": "1"}
+    r = run_script(
+        "single_node.sh", "--dry-run", "--config", cfg, "--set", "loss.beta=0.2", env=env
+    )
+    assert "--set train.distributed_timeout_minutes=45 --set loss.beta=0.2" in r.stdout, r.stderr
+    r = run_script(
+        "single_node.sh",
+        "--dry-run",
+        "--config",
+        cfg,
+        env=env | {"DISTRIBUTED_TIMEOUT_MINUTES": "x"},
+    )
+    assert r.returncode == 64 and "DISTRIBUTED_TIMEOUT_MINUTES=x must be a positive" in r.stderr
+
+
 def test_slurm_checks_its_variables(tmp_path):
     cfg = tiny_config(tmp_path)
     r = run_script("slurm.sbatch", "--config", cfg)

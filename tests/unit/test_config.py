@@ -96,6 +96,7 @@ def _flatten(d, prefix=""):
         (["optimizer.ddp_bucket_size=1000"], "ddp_bucket_size applies only with"),
         (["optimizer.overlap_grad_reduce=true", "optimizer.ddp_bucket_size=1000"], None),
         (["train.data_wait_minutes=0"], "train.data_wait_minutes=0.0 must be > 0"),
+        (["train.distributed_timeout_minutes=0"], "distributed_timeout_minutes=0.0 must be > 0"),
         (["data.max_length=512"], "data.max_length=512 exceeds model.max_position_embeddings=256"),
     ],
 )

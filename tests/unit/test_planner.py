@@ -220,6 +220,11 @@ def test_time_scales_with_mfu_and_gpus():
             "data.max_tokens_per_micro_batch=4000 is smaller than the longest pair",
         ),
         (["execution.fp8=hybrid"], {"gpu": "a100"}, "needs FP8 tensor cores"),
+        (  # TE check_mxfp8_support: compute capability >= 10.0 (test_fp8_recipes.py)
+            ["execution.fp8=hybrid", "execution.fp8_recipe=mxfp8"],
+            {"gpu": "h100"},
+            "fp8_recipe=mxfp8 needs compute capability >= 10.0 .Blackwell.; H100 SXM 80GB has 9.0",
+        ),
     ],
 )
 def test_bad_layouts_are_refused_with_reasons(sets, kw, reason):
