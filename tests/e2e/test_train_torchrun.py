@@ -156,3 +156,60 @@ def test_sigkill_then_same_command_resumes_exactly(tmp_path):
 
     assert losses(run_dir) == losses(tmp_path / "full")
     assert [s for s, _ in losses(run_dir)] == list(range(1, 13))
+
+
+def test_requeue_takes_over_a_lock_record_naming_a_live_foreign_pid(tmp_path):
+    """A requeued job's ``run.lock`` names a pid that is now another live process on this host
+    (containers reuse small pids) but nobody holds the kernel lock: the run proceeds, with a
+    log line naming the record."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        record = {"host": os.uname().nodename, "pid": other.pid, "started": "before the requeue"}
+        (run_dir / "run.lock").write_text(json.dumps(record))
+        out = _launch(run_dir, tmp_path / "cache", "train.train_iters=1")
+        assert other.poll() is None  # the recorded pid stayed alive throughout
+    finally:
+        other.kill()
+        other.wait()
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"pid {other.pid}, started before the requeue" in out.stderr, out.stderr[-3000:]
+    assert "a reused pid" in out.stderr
+    assert (run_dir / "run.lock").read_text() == ""  # released at the end
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000001"
+
+
+HOLD = (
+    "import sys, time\n"
+    "from megatron_adadpo.run.lock import RunDirLock\n"
+    "RunDirLock(sys.argv[1]).acquire()\n"
+    "print('held', flush=True)\n"
+    "time.sleep(600)\n"
+)
+
+
+def test_lock_held_by_a_live_run_or_a_directory_is_refused_in_one_line(tmp_path):
+    """A real second process holding the kernel lock: refused, naming it and saying that
+    removing ``run.lock`` is never needed; ``run.lock`` as a directory: named, with the fix."""
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(run_dir)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        out = _launch(run_dir, tmp_path / "cache", "train.train_iters=1")
+    finally:
+        holder.kill()
+        holder.wait()
+    errors = [line for line in out.stderr.splitlines() if "error: " in line]
+    assert out.returncode != 0 and len(errors) == 1, out.stderr[-3000:]
+    assert f"(host {os.uname().nodename}, pid {holder.pid}, started " in errors[0]
+    assert f"removing {run_dir / 'run.lock'} is never needed" in errors[0]
+    (run_dir / "run.lock").unlink()
+    (run_dir / "run.lock").mkdir()
+    out = _launch(run_dir, tmp_path / "cache", "train.train_iters=1")
+    errors = [line for line in out.stderr.splitlines() if "error: " in line]
+    lock = run_dir / "run.lock"
+    fix = f"remove it (rm -r {lock}) and launch again"
+    assert errors == [f"error: {lock} is a directory, not the run's lock file: {fix}"], out.stderr
