@@ -17,7 +17,7 @@ import time
 
 import torch.distributed as dist
 
-from megatron_adadpo.config import Config
+from megatron_adadpo.config import Config, ConfigError
 from megatron_adadpo.losses import reduce_metrics
 from megatron_adadpo.model.build import build_model
 from megatron_adadpo.model.initialization import init_layout_invariant
@@ -80,7 +80,14 @@ def build_references(config: Config, policy_chunks: list, context: StepContext, 
 
 
 def total_steps(config: Config, dataset) -> int:
-    """``train.train_iters``, or ``train.epochs`` over the dataset's whole global batches."""
+    """``train.train_iters``, or ``train.epochs`` over the dataset's whole global batches;
+    refuses a dataset that does not fill one global batch (no step could be taken)."""
+    pairs, batch = len(dataset), config.train.global_batch_size
+    if pairs < batch:
+        raise ConfigError(
+            f"{pairs} pairs do not fill one global batch of {batch} (train.global_batch_size): "
+            "lower train.global_batch_size or add data"
+        )
     if config.train.train_iters is not None:
         return config.train.train_iters
     return config.train.epochs * (len(dataset) // config.train.global_batch_size)

@@ -71,3 +71,25 @@ def test_yaml_syntax_error_names_the_file(tmp_path):
     assert _error_lines(out.stderr) == [
         f"error: {bad}: YAML syntax error at line 3, column 15: mapping values are not allowed here"
     ]
+
+
+@pytest.mark.parametrize("length", ["train.train_iters=null", "train.train_iters=3"])
+def test_dataset_smaller_than_one_global_batch_is_refused_before_any_step(tmp_path, length):
+    """2 pairs and a global batch of 16: one line naming both numbers and the fix, under
+    torchrun, whether the run's length comes from epochs (0 planned steps; was an
+    AttributeError in ``_report_finished``) or from ``train.train_iters``."""
+    data = tmp_path / "two.jsonl"
+    rows = (REPO / "examples/data/prefs_train.jsonl").read_text().splitlines()[:2]
+    data.write_text("\n".join(rows) + "\n")
+    args = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    args += ["-m", "megatron_adadpo.train", "--config", CONFIG]
+    sets = [f"data.inputs=[{data}]", "train.global_batch_size=16", length, "eval.interval=0"]
+    sets += [f"logging.run_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}"]
+    out = _run(args + [x for s in sets for x in ("--set", s)])
+    assert out.returncode != 0
+    assert _error_lines(out.stderr) == [
+        "error: 2 pairs do not fill one global batch of 16 (train.global_batch_size): lower "
+        "train.global_batch_size or add data"
+    ], out.stderr[-3000:]
+    assert "megatron_adadpo/" not in out.stderr  # no traceback through the package
+    assert not (tmp_path / "run" / "checkpoints" / "latest").exists()
