@@ -51,6 +51,8 @@ def test_config_error_is_one_line(args):
             "train.train_iters='abc' must be an integer",
         ),  # was a traceback
         (["model.rope_scaling={factr: 8}"], "model.rope_scaling: unknown keys ['factr']"),
+        (["optimizer.lr=inf"], "error: optimizer.lr=inf must be a finite number"),  # trained
+        (["optimizer.lr=nan"], "error: optimizer.lr=nan must be a finite number"),  # min_lr
     ],
 )
 def test_config_error_under_torchrun_is_printed_once(sets, message):
