@@ -180,7 +180,7 @@ class Trainer:
         where, config = self.resume_from, self.config
         if not config.checkpoint.override_scheduler:
             resume.check_schedule(
-                saved_schedule, self.scheduler.state_dict(), where, self.state["step"]
+                saved_schedule, self.scheduler.state_dict(), where, self.state["step"], config
             )
         configured = group_schedules(self.optimizer)
         checkpoints.load_training(where, self.policy, self.optimizer)

@@ -149,13 +149,36 @@ def test_new_schedule_is_refused_unless_overridden(trained, tmp_path, cache_dir)
     run_dir = _copy(trained, tmp_path)
     longer = ["train.train_iters=6", "optimizer.lr=5e-4", "checkpoint.save_at_end=false"]
     message = _refused(run_dir, cache_dir, *longer)
-    assert "optimizer.lr: checkpoint max_lr=0.001, config max_lr=0.0005" in message
+    where = run_dir / "checkpoints" / "iter_0000004"
+    assert (
+        f"checkpoint {where} has another learning-rate schedule: optimizer.lr: checkpoint 0.001, "
+        "config 0.0005; train.train_iters: checkpoint 4, config 6 (decay length: checkpoint 32 "
+        "pairs, config 48 pairs); restore the saved values, or set "
+        "checkpoint.override_scheduler=true to continue from step 4"
+    ) in message
     run_ranks(
         run_trainer, 1, argv(run_dir, cache_dir, *longer, "checkpoint.override_scheduler=true")
     )
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert [r["lr"] for r in rows[4:]] == [5e-4, 5e-4]  # the config's schedule from step 5
+
+
+def test_longer_run_refusal_names_only_train_iters_with_warm_up_in_pairs(tmp_path, cache_dir):
+    """Extending ``train.train_iters`` with a warm-up moves the warm-up too (a fraction of the
+    run): the refusal names only ``train.train_iters`` (``warmup_fraction`` is unchanged) and
+    gives the schedule's sample counts in pairs (not as "lr_warmup_steps")."""
+    run_dir = tmp_path / "run"
+    warm = ["optimizer.warmup_fraction=0.5", "optimizer.decay_style=cosine"]
+    first = ["train.train_iters=2", "checkpoint.save_at_end=true", *warm]
+    run_ranks(run_trainer, 1, argv(run_dir, cache_dir, *first))
+    message = _refused(run_dir, cache_dir, "train.train_iters=4", *warm)
+    assert (
+        "has another learning-rate schedule: train.train_iters: checkpoint 2, config 4 "
+        "(warm-up: checkpoint 8 pairs, config 16 pairs; decay length: checkpoint 16 pairs, "
+        "config 32 pairs); restore"
+    ) in message, message
+    assert "warmup_fraction" not in message and "lr_warmup_steps" not in message
 
 
 def test_run_dir_in_use_is_refused_and_stale_lock_taken_over(tmp_path, cache_dir):
