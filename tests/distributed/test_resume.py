@@ -22,6 +22,7 @@ from tests.distributed.train_harness import (
     losses,
     read_metrics,
     run_trainer,
+    sigterm_in,
 )
 from tests.launcher import RankFailed, run_ranks
 
@@ -179,6 +180,48 @@ def test_longer_run_refusal_names_only_train_iters_with_warm_up_in_pairs(tmp_pat
         "config 32 pairs); restore"
     ) in message, message
     assert "warmup_fraction" not in message and "lr_warmup_steps" not in message
+
+
+def _timeless(run_dir):
+    """``metrics.jsonl`` rows without their timings."""
+    rows = read_metrics(run_dir)
+    return [{k: v for k, v in r.items() if "throughput" not in k and "time" not in k} for r in rows]
+
+
+SIGTERM_RUN = ["train.train_iters=4", "eval.interval=2", "checkpoint.save_interval=2"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache_dir):
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    run_ranks(run_trainer, 2, argv(run_dir, cache_dir, *SIGTERM_RUN, "execution.tp=2"))
+    return _timeless(run_dir)
+
+
+# where SIGTERM lands (on the last rank only), its call number, the step saved, rows by then
+SIGTERM_POINTS = {
+    "first_step": ("train_step", 1, 1, [(1, "train")]),
+    "eval_reference": ("reference", 10, 2, [(1, "train"), (2, "train")]),  # in the evaluation
+    "save": ("save", 1, 2, [(1, "train"), (2, "train"), (2, "eval")]),
+}
+
+
+@pytest.mark.parametrize("point", sorted(SIGTERM_POINTS))
+def test_sigterm_anywhere_saves_and_the_same_command_resumes_exactly(
+    point, uninterrupted, tmp_path, cache_dir
+):
+    """SIGTERM on one rank during step 1, inside the evaluation's reference forward, or inside
+    a save: every rank stops at the next agreement point (after the step; at the next
+    evaluation micro-batch, leaving the evaluation pending; right after the save), the step is
+    saved, and the same command resumes to metrics equal to an uninterrupted run's."""
+    where, call, saved, rows = SIGTERM_POINTS[point]
+    run_dir = tmp_path / "run"
+    args = argv(run_dir, cache_dir, *SIGTERM_RUN, "execution.tp=2")
+    assert run_ranks(sigterm_in, 2, args, where, call) == [True, True]
+    assert latest_checkpoint(run_dir).name == f"iter_{saved:07d}"
+    assert [(r["step"], r["split"]) for r in _timeless(run_dir)] == rows
+    run_ranks(run_trainer, 2, args)
+    assert _timeless(run_dir) == uninterrupted
 
 
 def test_run_dir_in_use_is_refused_and_stale_lock_taken_over(tmp_path, cache_dir):

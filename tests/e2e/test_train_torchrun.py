@@ -120,6 +120,65 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     assert latest == f"iter_{steps[-1]:07d}"
 
 
+# 400 held-out pairs (the bundled training file): one evaluation is 50 batches of 8 pairs.
+LARGE_EVAL = ["eval.inputs=[examples/data/prefs_train.jsonl]", "eval.interval=2"]
+
+
+def _comparable(run_dir):
+    """``metrics.jsonl`` rows without their timings (throughput, step time)."""
+    rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    return [{k: v for k, v in r.items() if "throughput" not in k and "time" not in k} for r in rows]
+
+
+def test_sigterm_during_evaluation_saves_at_once_and_the_same_command_resumes_exactly(tmp_path):
+    """SIGTERM to every rank while the step-2 evaluation of 400 pairs runs: the evaluation
+    stops at the next micro-batch (no eval row, no step 3), step 2 is saved with its evaluation
+    pending, the ranks exit 0 within a bound; the same command then evaluates step 2 first and
+    trains on, and its metrics equal an uninterrupted run's exactly."""
+    steps = ["train.train_iters=4", *LARGE_EVAL]
+    full = _launch(tmp_path / "full", tmp_path / "cache", *steps)
+    assert full.returncode == 0, full.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        _cmd(run_dir, tmp_path / "cache", *steps),
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (
+        metrics.exists() and metrics.read_text().count("\n") >= 2
+    ):
+        time.sleep(0.05)
+    time.sleep(1.0)  # inside the evaluation of step 2 (it takes several seconds)
+    sent = time.monotonic()
+    os.killpg(proc.pid, signal.SIGTERM)  # torchrun forwards it; Slurm signals every task
+    output, _ = proc.communicate(timeout=240)
+    elapsed = time.monotonic() - sent
+    print(f"SIGTERM during evaluation -> torchrun exited after {elapsed:.1f} s")
+    assert "SIGTERM: saved step 2 (its evaluation pending" in output, output[-3000:]
+    assert "ChildFailedError" not in output and "[rank" not in output, output[-3000:]  # exit 0
+    assert [(r["step"], r["split"]) for r in _comparable(run_dir)] == [(1, "train"), (2, "train")]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000002"
+    assert elapsed < 30, elapsed  # torchrun's own limit: it SIGKILLs its workers after 30 s
+    again = _launch(run_dir, tmp_path / "cache", *steps)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _comparable(run_dir) == _comparable(tmp_path / "full")
+    splits = [(r["step"], r["split"]) for r in _comparable(run_dir)]
+    assert splits == [
+        (1, "train"),
+        (2, "train"),
+        (2, "eval"),
+        (3, "train"),
+        (4, "train"),
+        (4, "eval"),
+    ]
+
+
 def test_sigkill_then_same_command_resumes_exactly(tmp_path):
     """A node failure: SIGKILL to torchrun and every rank after a checkpoint, mid-run; the same
     command (a requeue) resumes from ``latest`` and its losses equal an uninterrupted run's
