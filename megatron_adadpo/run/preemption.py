@@ -36,7 +36,8 @@ class Preemption:
         return self
 
     def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+        previous = self._previous  # None: installed outside Python; restore the default
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
     def __call__(self) -> bool:
         return self.requested

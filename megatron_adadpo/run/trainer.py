@@ -125,9 +125,9 @@ class Trainer:
         saved, saved_schedule = None, None
         if self.resume_from is not None:
             saved, saved_schedule = checkpoints.read_saved_state(self.resume_from, config.model)
-        self.eval_pending_at_end = start >= self.total_steps and bool(
-            saved.get("eval_pending") if saved else False
-        )  # SIGTERM landed in the last step's evaluation: do it, and save again
+        pending = bool(saved and saved.get("eval_pending") and config.eval.interval)
+        # SIGTERM landed in the last step's evaluation: do it, and save again
+        self.eval_pending_at_end = pending and start >= self.total_steps
         self.finished = start >= self.total_steps and not self.eval_pending_at_end
         if self.finished:
             return
@@ -246,7 +246,8 @@ class Trainer:
     def _loop(self, logger: MetricsLogger, preemption: Preemption) -> bool:
         """The remaining steps, their saves and the final save; True when SIGTERM stopped it."""
         config, state = self.config, self.state
-        stopped = state.pop("eval_pending", False) and not self._evaluate(logger, preemption)
+        pending = state.pop("eval_pending", False) and self.evaluator is not None
+        stopped = pending and not self._evaluate(logger, preemption)
         if stopped and dist.get_rank() == 0:  # the checkpoint still says: evaluate first
             print(f"[megatron_adadpo] SIGTERM: step {state['step']} is saved, exiting")
         while state["step"] < self.total_steps and not stopped:

@@ -198,11 +198,14 @@ def uninterrupted(tmp_path_factory, cache_dir):
     return _timeless(run_dir)
 
 
+LAST = [(3, "train"), (4, "train")]
 # where SIGTERM lands (on the last rank only), its call number, the step saved, rows by then
 SIGTERM_POINTS = {
     "first_step": ("train_step", 1, 1, [(1, "train")]),
     "eval_reference": ("reference", 10, 2, [(1, "train"), (2, "train")]),  # in the evaluation
     "save": ("save", 1, 2, [(1, "train"), (2, "train"), (2, "eval")]),
+    # the last step's evaluation (calls 37-68): the relaunch evaluates, saves, is finished
+    "last_eval": ("reference", 40, 4, [(1, "train"), (2, "train"), (2, "eval")] + LAST),
 }
 
 
@@ -222,6 +225,10 @@ def test_sigterm_anywhere_saves_and_the_same_command_resumes_exactly(
     assert [(r["step"], r["split"]) for r in _timeless(run_dir)] == rows
     run_ranks(run_trainer, 2, args)
     assert _timeless(run_dir) == uninterrupted
+    if point == "last_eval":  # re-saved without the pending evaluation: now finished
+        assert latest_checkpoint(run_dir).name == "iter_0000004"
+        run_ranks(run_trainer, 2, args)
+        assert _timeless(run_dir) == uninterrupted
 
 
 def test_run_dir_in_use_is_refused_and_stale_lock_taken_over(tmp_path, cache_dir):
