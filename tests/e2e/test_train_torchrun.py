@@ -89,15 +89,11 @@ def test_torchrun_two_processes_trains_and_checkpoints(tmp_path):
     assert _files(run_dir) == before
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path):
-    """Slurm preemption: SIGTERM to every rank -> checkpoint at the step boundary, clean exit.
-
-    torchrun itself re-raises the signal (exit 1, ``SignalException``) after its workers have
-    finished; the workers must have saved and left on their own.
-    """
-    run_dir = tmp_path / "run"
+def _sigterm_after_rows(run_dir, cache, rows: int, delay: float, *extra) -> tuple[str, float]:
+    """Launch, wait until ``metrics.jsonl`` has ``rows`` rows and ``delay`` seconds more, send
+    SIGTERM to torchrun and its ranks (Slurm signals every task); (output, seconds to exit)."""
     proc = subprocess.Popen(
-        _cmd(run_dir, tmp_path / "cache", "train.train_iters=100000"),
+        _cmd(run_dir, cache, *extra),
         cwd=REPO,
         env=_env(),
         stdout=subprocess.PIPE,
@@ -108,11 +104,25 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and not (
-        metrics.exists() and metrics.read_text().count("\n") >= 2
+        metrics.exists() and metrics.read_text().count("\n") >= rows
     ):
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGTERM)  # torchrun forwards it; Slurm signals every task
+        time.sleep(0.05)
+    time.sleep(delay)
+    sent = time.monotonic()
+    os.killpg(proc.pid, signal.SIGTERM)  # torchrun forwards it too
     output, _ = proc.communicate(timeout=240)
+    return output, time.monotonic() - sent
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    """Slurm preemption: SIGTERM to every rank -> checkpoint at the step boundary, clean exit.
+
+    torchrun itself re-raises the signal (exit 1, ``SignalException``) after its workers have
+    finished; the workers must have saved and left on their own.
+    """
+    run_dir = tmp_path / "run"
+    output, _ = _sigterm_after_rows(run_dir, tmp_path / "cache", 2, 0.0, "train.train_iters=100000")
+    metrics = run_dir / "metrics.jsonl"
     assert "SIGTERM: saved step" in output, output[-3000:]
     assert "NonFiniteLoss" not in output and "ChildFailedError" not in output, output[-3000:]
     steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
@@ -139,26 +149,8 @@ def test_sigterm_during_evaluation_saves_at_once_and_the_same_command_resumes_ex
     full = _launch(tmp_path / "full", tmp_path / "cache", *steps)
     assert full.returncode == 0, full.stderr[-3000:]
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(
-        _cmd(run_dir, tmp_path / "cache", *steps),
-        cwd=REPO,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not (
-        metrics.exists() and metrics.read_text().count("\n") >= 2
-    ):
-        time.sleep(0.05)
-    time.sleep(1.0)  # inside the evaluation of step 2 (it takes several seconds)
-    sent = time.monotonic()
-    os.killpg(proc.pid, signal.SIGTERM)  # torchrun forwards it; Slurm signals every task
-    output, _ = proc.communicate(timeout=240)
-    elapsed = time.monotonic() - sent
+    # 1 s after step 2's row: inside its evaluation (it takes several seconds)
+    output, elapsed = _sigterm_after_rows(run_dir, tmp_path / "cache", 2, 1.0, *steps)
     print(f"SIGTERM during evaluation -> torchrun exited after {elapsed:.1f} s")
     assert "SIGTERM: saved step 2 (its evaluation pending" in output, output[-3000:]
     assert "ChildFailedError" not in output and "[rank" not in output, output[-3000:]  # exit 0
