@@ -28,6 +28,16 @@ RANK0_PRINT_GRACE_S = 5.0
 children_die_with_parent()  # at import: spawned children import the entry script, hence this
 
 
+def leave_now(status: int = 0) -> None:
+    """Exit at once, skipping the interpreter's teardown (seconds of garbage collection of the
+    model and Megatron's state, measured: docs/troubleshooting.md); for a rank that saved on
+    SIGTERM and has closed every file, inside Slurm's and torchrun's grace time. Helper
+    processes die with it (``children_die_with_parent``)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:
     """Exit status of ``main(argv)``: its return value (None = 0), or 2 on bad input."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

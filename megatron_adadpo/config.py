@@ -10,6 +10,7 @@ planner). Importing this module imports neither Megatron nor torch. Sections: ``
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,12 +179,19 @@ def from_dict(values: dict) -> Config:
 
 def _coerce(cls, section: str, values: dict) -> dict:
     """Numbers written as YAML strings (``1e-3``) become floats; a value of the wrong type
-    (``train_iters: abc``, ``seed: [1]``) is refused naming the field."""
+    (``train_iters: abc``, ``seed: [1]``) or a float that is not finite (``lr: inf``, ``nan``)
+    is refused naming the field, before the section's own checks; nested sections
+    (``model.rope_scaling``) likewise. Unknown keys are left to the section to name."""
     hints = typing.get_type_hints(cls)
     out = dict(values)
     for key, value in values.items():
+        if key not in hints:
+            continue
         kinds = set(typing.get_args(hints[key])) or {hints[key]}
-        if float in kinds and isinstance(value, (str, int)) and not isinstance(value, bool):
+        nested = [k for k in kinds if dataclasses.is_dataclass(k)]
+        if nested and isinstance(value, dict):
+            out[key] = _coerce(nested[0], f"{section}.{key}", value)
+        elif float in kinds and isinstance(value, (str, int)) and not isinstance(value, bool):
             try:
                 out[key] = float(value)
             except ValueError:
@@ -194,6 +202,8 @@ def _coerce(cls, section: str, values: dict) -> dict:
             out[key] = int(value)
         elif value is not None or type(None) not in kinds:
             _check_type(f"{section}.{key}", value, kinds)
+        if isinstance(out[key], float) and not math.isfinite(out[key]):
+            raise ConfigError(f"{section}.{key}={out[key]!r} must be a finite number")
     return out
 
 

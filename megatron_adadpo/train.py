@@ -12,23 +12,30 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch.distributed as dist
-
 from megatron_adadpo import cli
 from megatron_adadpo.config import check_world_size, load_config
-from megatron_adadpo.platform import cpu
-from megatron_adadpo.platform.distributed import destroy, init_distributed
-from megatron_adadpo.run.trainer import Trainer
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Torch and Megatron are imported here, not with the module: the checkpoint writer's
+    # helper process (a ``multiprocessing`` spawn, started by the first save) re-imports this
+    # module, and must start in a moment even when that save is the one SIGTERM asked for.
+    import torch.distributed as dist
+
+    from megatron_adadpo.platform import cpu
+    from megatron_adadpo.platform.distributed import destroy, init_distributed
+    from megatron_adadpo.run.trainer import Trainer
+
     args = parse_args(argv)
     config = load_config(args.config, args.set)  # every config check before any allocation
     cpu.activate()  # Megatron on a machine without CUDA; a no-op on GPU hosts
     init_distributed(config.train.distributed_timeout_minutes)
     check_world_size(config, dist.get_world_size())
-    Trainer(config).train()
+    trainer = Trainer(config)
+    trainer.train()
     destroy()
+    if trainer.preempted:  # saved on SIGTERM: leave inside the grace time (cli.leave_now)
+        cli.leave_now()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -8,7 +8,9 @@ stays forever with its memory. ``children_die_with_parent`` uses Linux's ``PR_SE
 ``multiprocessing`` starts: forked children run a ``multiprocessing.util.register_after_fork``
 hook; spawned children (whose ``_after_fork`` is a no-op) import the entry script, which
 imports ``cli``, which calls this function while the child is being prepared. Elsewhere it is
-a no-op.
+a no-op. A spawned child also ignores SIGTERM: it dies with its parent anyway, and Slurm's
+preemption signal goes to every process of the job step, so without this the writers' Manager
+would die before the rank's SIGTERM save needs it.
 """
 
 from __future__ import annotations
@@ -64,3 +66,7 @@ def children_die_with_parent() -> None:
     # restored the parent's sys.argv).
     if getattr(multiprocessing.current_process(), "_inheriting", False):
         _die_with(os.getppid())
+        # It lives exactly as long as its parent, so SIGTERM to the whole process group (Slurm
+        # preemption, ``kill -- -PGID``) must not take it from a rank that saves on SIGTERM
+        # (the checkpoint writers' Manager).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)

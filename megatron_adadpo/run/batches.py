@@ -63,6 +63,7 @@ class StepBatches:
         self.lengths = row_lengths(dataset)
         self.device = training_device()
         self.step_lengths = np.zeros((0, 2), dtype=np.int64)
+        self.step_micro_batches = 0
         self.sampler = sampler
         self._indices = iter(sampler)
 
@@ -71,6 +72,7 @@ class StepBatches:
         indices = next(self._indices)
         self.step_lengths = self.lengths[indices]
         plan = plan_global_batch(self.policy, self.step_lengths, self.dp_size)
+        self.step_micro_batches = max(len(m) for m in plan)  # the most any DP rank has
         return [self._collate([self.dataset[indices[p]] for p in m]) for m in plan[self.dp_rank]]
 
     def _collate(self, examples: list[dict]) -> dict:

@@ -1,13 +1,20 @@
 """One run at a time per run directory: ``<run_dir>/run.lock``.
 
 Global rank 0 holds an exclusive POSIX record lock (``fcntl.lockf``) on the file for the whole
-run and writes its owner (host, pid, start time, command) into it. The kernel releases the lock
-when its process dies, SIGKILL included, and a forked child (a checkpoint writer) never
-inherits it, so a lock file left by a killed run is recognised as stale (nobody holds it) and
-taken over, with a log line naming the previous owner. On a file system without lock support
-the owner record decides: a live process on this host keeps the lock; an owner on another host
-cannot be checked and is refused (the message says how to clear it). A finished run empties
-the file (an empty lock file is free).
+run and writes its owner (host, pid, start time, command) into it. The kernel lock decides; the
+record only informs. The kernel releases the lock when its process dies, SIGKILL included, and a
+forked child (a checkpoint writer) never inherits it, so whenever the lock can be taken the
+record is stale and is taken over with a log line naming the previous owner, even when its pid
+now belongs to another live process (containers reuse small pids: a requeued job is never
+stranded by its own record). When another process holds the kernel lock the run is refused,
+naming the holder from the record. Only on a file system without lock support does the record
+decide: a live process on this host, or an owner on another host (which cannot be checked),
+keeps the directory. A finished run empties the file (an empty lock file is free).
+
+What it guarantees, and where: two runs on one host are always kept apart. Across nodes it holds
+only where the file system's locks are cluster-wide (NFSv4, Lustre mounted with ``flock``,
+GPFS); on a file system whose locks work only within one node (Lustre ``localflock``, some NFS
+mounts with ``nolock``) a live run on another node can have its lock taken over.
 """
 
 from __future__ import annotations
@@ -66,27 +73,47 @@ class RunDirLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        """Take the lock, or raise ``RunDirLocked`` naming the owner and the fix."""
+        """Take the lock, or raise ``RunDirLocked`` naming the holder and the fix."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_dir():
+            raise RunDirLocked(
+                f"{self.path} is a directory, not the run's lock file: remove it (rm -r "
+                f"{self.path}) and launch again"
+            )
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            locked = self._lock(fd)  # raises when a live process holds it
+            locked = self._lock(fd)  # raises when another process holds the kernel lock
             previous = self._read(fd)
             if previous and not _is_self(previous):
-                elsewhere = previous.get("host") != socket.gethostname()
-                if _alive_here(previous) or (elsewhere and not locked):
-                    raise RunDirLocked(self._busy(previous, locks_work=locked))
-                log.warning(
-                    "taking over the stale lock %s of a run that is gone (host %s, pid %s)",
-                    self.path,
-                    previous.get("host"),
-                    previous.get("pid"),
-                )
+                self._take_over(previous, locked)
             self._write(fd, json.dumps(_owner_record()) + "\n")
         except BaseException:
             os.close(fd)
             raise
         self._fd = fd
+
+    def _take_over(self, previous: dict, locked: bool) -> None:
+        """Replace ``previous``'s record: always when the kernel lock is ours (nobody else holds
+        it, whatever the record says); without lock support only when its owner is gone."""
+        here = previous.get("host") == socket.gethostname()
+        if not locked and (not here or _alive_here(previous)):
+            raise RunDirLocked(self._busy(previous, locks_work=False))
+        if not locked:
+            why = "this file system has no file locks, and that process is gone"
+        elif here and _alive_here(previous):
+            why = "the kernel lock was free: that pid is another process now (a reused pid)"
+        elif here:
+            why = "the kernel lock was free: that run is gone"
+        else:  # see the module docstring: node-local locks cannot see a run on another node
+            why = "the kernel lock was free: that run is gone, or its node's locks are not ours"
+        log.warning(
+            "taking over the stale lock %s (recorded owner: host %s, pid %s, started %s): %s",
+            self.path,
+            previous.get("host"),
+            previous.get("pid"),
+            previous.get("started"),
+            why,
+        )
 
     def release(self) -> None:
         """Empty the lock file and drop the lock (idempotent)."""
@@ -131,9 +158,19 @@ class RunDirLock:
             f"host {owner.get('host', '?')}, pid {owner.get('pid', '?')}, started "
             f"{owner.get('started', '?')}"
         )
-        fix = "wait for it to finish, or use another logging.run_dir"
-        if not locks_work:
-            fix += f"; if that run is gone, delete {self.path}"
+        if locks_work:
+            fix = (
+                "wait for it to finish, or use another logging.run_dir (that process holds the "
+                f"kernel lock, which frees itself when it exits, SIGKILL included; removing "
+                f"{self.path} is never needed and, while it runs, lets two runs share the "
+                "directory)"
+            )
+        else:
+            fix = (
+                "wait for it to finish, or use another logging.run_dir; this file system has no "
+                f"file locks, so the record decides: once that process is gone, delete "
+                f"{self.path} (safe only then)"
+            )
         return f"logging.run_dir {self.path.parent} is in use by another run ({who}): {fix}"
 
 

@@ -11,18 +11,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+
 from megatron_adadpo.config import Config, ConfigError
 
-# Megatron's OptimizerParamScheduler state -> the config fields that set it.
+# The config fields that set the run's length (Megatron counts it in samples: pairs).
+LENGTH_FIELDS = ("train.train_iters", "train.epochs", "train.global_batch_size")
+# Megatron's OptimizerParamScheduler state -> (what it is, in pairs?, the config fields that set
+# it). ``end_wd`` and ``wd_incr_steps`` follow ``start_wd`` and ``lr_decay_steps``.
 SCHEDULE_FIELDS = {
-    "max_lr": "optimizer.lr",
-    "min_lr": "optimizer.min_lr",
-    "lr_warmup_steps": "optimizer.warmup_fraction",
-    "lr_decay_steps": "train.train_iters / train.epochs / train.global_batch_size",
-    "lr_decay_style": "optimizer.decay_style",
-    "start_wd": "optimizer.weight_decay",
-    "end_wd": "optimizer.weight_decay",
-    "wd_incr_steps": "train.train_iters / train.epochs / train.global_batch_size",
+    "max_lr": ("peak learning rate", False, ("optimizer.lr",)),
+    "min_lr": ("minimum learning rate", False, ("optimizer.min_lr",)),
+    "lr_warmup_steps": ("warm-up", True, ("optimizer.warmup_fraction", *LENGTH_FIELDS)),
+    "lr_decay_steps": ("decay length", True, LENGTH_FIELDS),
+    "lr_decay_style": ("decay style", False, ("optimizer.decay_style",)),
+    "start_wd": ("weight decay", False, ("optimizer.weight_decay",)),
+    "end_wd": ("weight decay", False, ("optimizer.weight_decay",)),
+    "wd_incr_steps": ("decay length", True, LENGTH_FIELDS),
 }
 
 
@@ -96,18 +101,55 @@ def _check_optimizer_layout(saved: dict | None, current: dict, where: Path) -> N
     )
 
 
-def check_schedule(saved: dict, configured: dict, where: Path, step: int) -> None:
+def check_schedule(saved: dict, configured: dict, where: Path, step: int, config: Config) -> None:
     """Refuse a saved learning-rate schedule that differs from the config's (Megatron would
     silently keep the saved one: a new ``optimizer.lr``, or a longer ``train.train_iters``
-    running flat at ``min_lr``). ``checkpoint.override_scheduler: true`` takes the config's."""
-    diff = [
-        f"{SCHEDULE_FIELDS[k]}: checkpoint {k}={saved[k]!r}, config {k}={configured[k]!r}"
-        for k in SCHEDULE_FIELDS
-        if k in saved and saved[k] != configured[k]
-    ]
-    if diff:
-        raise ConfigError(
-            f"checkpoint {where} has another learning-rate schedule ({'; '.join(diff)}); "
-            "restore the saved values, or set checkpoint.override_scheduler=true to continue "
-            f"from step {step} on the config's schedule"
-        )
+    running flat at ``min_lr``). ``checkpoint.override_scheduler: true`` takes the config's.
+
+    The message names the config fields that changed since the checkpoint (its
+    ``config.yaml``), and what they change in the schedule, sample counts in pairs."""
+    keys = [k for k in SCHEDULE_FIELDS if k in saved and saved[k] != configured[k]]
+    if not keys:
+        return
+    before, now = _saved_config(where), config.to_dict()
+    named, effects = [], []
+    for key in keys:
+        what, in_pairs, fields = SCHEDULE_FIELDS[key]
+        changed = [f for f in fields if _value(before, f) != _value(now, f)] if before else []
+        if "train.train_iters" in changed or _value(now, "train.train_iters") is not None:
+            changed = [f for f in changed if f != "train.epochs"]  # train_iters decides
+        for name in changed or [" / ".join(fields)]:
+            if name not in named:
+                named.append(name)
+        unit = " pairs" if in_pairs else ""
+        effect = f"{what}: checkpoint {saved[key]}{unit}, config {configured[key]}{unit}"
+        if (in_pairs or not before) and effect not in effects:
+            effects.append(effect)
+    diff = "; ".join(_describe(name, before, now) for name in named)
+    effect = f" ({'; '.join(effects)})" if effects else ""
+    raise ConfigError(
+        f"checkpoint {where} has another learning-rate schedule: {diff}{effect}; restore the "
+        "saved values, or set checkpoint.override_scheduler=true to continue from step "
+        f"{step} on the config's schedule"
+    )
+
+
+def _saved_config(where: Path) -> dict:
+    """The resolved config saved with the checkpoint (``{}`` when unreadable)."""
+    try:
+        values = yaml.safe_load((Path(where) / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return values if isinstance(values, dict) else {}
+
+
+def _value(values: dict, dotted: str):
+    for part in dotted.split("."):
+        values = values.get(part) if isinstance(values, dict) else None
+    return values
+
+
+def _describe(name: str, before: dict, now: dict) -> str:
+    if not before:  # the checkpoint has no readable config.yaml: the fields that set it
+        return name
+    return f"{name}: checkpoint {_value(before, name)}, config {_value(now, name)}"

@@ -22,7 +22,7 @@ The process groups (``ProcessGroupCollection``: ``tp``, ``cp``, ``dp``) are buil
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 
@@ -255,12 +255,14 @@ def train_step(
     global_batch_size: int,
     nan_policy: str = "stop",
     step: int = 0,
-    stop_requested: bool = False,
+    stop_requested: bool | Callable[[], bool] = False,
 ) -> StepResult:
     """Forward + backward over this rank's micro-batches, then the optimizer step.
 
     One collective and host sync per step: all ranks agree on a finite loss (before the
-    optimizer steps) and on whether any rank asked to stop (``stop_requested``, e.g. SIGTERM).
+    optimizer steps) and on whether any rank asked to stop (``stop_requested``, e.g. SIGTERM;
+    a callable is read at that moment, so a signal that lands during this step's forward /
+    backward stops the run after this step).
     The optimizer's grad-norm computation syncs as Megatron's does.
     """
     for chunk in policy:
@@ -281,17 +283,25 @@ def train_step(
 
 def evaluate(policy: list, batches: list[dict], context: StepContext) -> dict:
     """Forward-only loss metrics of held-out micro-batches, reduced over DP (last stage)."""
+    return reduce_reports(eval_reports(policy, batches, context), context.groups.dp)
+
+
+def eval_reports(policy: list, batches: list[dict], context: StepContext) -> list[dict]:
+    """The loss reports of a forward-only pass over ``batches`` (last stage; else ``[]``),
+    not yet reduced: the micro-batches of one evaluation batch may come in several calls."""
     for chunk in policy:
         chunk.eval()
     reports = run_schedule(policy, batches, partial(forward_step, context), forward_only=True)
     for chunk in policy:
         chunk.train()
-    return reduce_reports(reports, context.groups.dp)
+    return reports
 
 
-def _agree(reports: list[dict], stop_requested: bool) -> tuple[bool, bool]:
+def _agree(reports: list[dict], stop_requested) -> tuple[bool, bool]:
     """(all losses of the step finite on every rank, some rank asked to stop): one MIN
     all-reduce of ``[finite, not stop]``."""
+    if callable(stop_requested):
+        stop_requested = stop_requested()
     flags = torch.tensor([1.0, 0.0 if stop_requested else 1.0])
     if torch.cuda.is_available():
         flags = flags.cuda()

@@ -5,19 +5,19 @@
 resumed run against its checkpoint (``run/resume.py``) and builds everything inside an
 initialised process group; ``Trainer.train()`` runs the steps (micro-batches -> reference
 log-probs -> Megatron schedule forward / backward -> optimizer -> metrics -> eval -> checkpoint)
-and saves at the end. SIGTERM (Slurm preemption) saves at the next step boundary and stops. A
-re-launched finished run says so and touches nothing. The module-level builders are shared
-with ``run/precompute.py``.
+and saves at the end. SIGTERM (Slurm preemption) stops within a bounded time, saves and exits 0
+(``run/preemption.py``: a step completes; an evaluation is abandoned, and the resumed run does
+it first). A re-launched finished run says so and touches nothing. The module-level builders
+are shared with ``run/precompute.py``.
 """
 
 from __future__ import annotations
 
-import signal
 import time
 
 import torch.distributed as dist
 
-from megatron_adadpo.config import Config
+from megatron_adadpo.config import Config, ConfigError
 from megatron_adadpo.losses import reduce_metrics
 from megatron_adadpo.model.build import build_model
 from megatron_adadpo.model.initialization import init_layout_invariant
@@ -39,6 +39,7 @@ from megatron_adadpo.run.optimizer import (
     set_group_schedules,
     wrap_ddp,
 )
+from megatron_adadpo.run.preemption import Preemption
 from megatron_adadpo.run.reference import PrecomputedReference, ResidentReference
 from megatron_adadpo.run.step import StepContext, train_step
 
@@ -80,21 +81,17 @@ def build_references(config: Config, policy_chunks: list, context: StepContext, 
 
 
 def total_steps(config: Config, dataset) -> int:
-    """``train.train_iters``, or ``train.epochs`` over the dataset's whole global batches."""
+    """``train.train_iters``, or ``train.epochs`` over the dataset's whole global batches;
+    refuses a dataset that does not fill one global batch (no step could be taken)."""
+    pairs, batch = len(dataset), config.train.global_batch_size
+    if pairs < batch:
+        raise ConfigError(
+            f"{pairs} pairs do not fill one global batch of {batch} (train.global_batch_size): "
+            "lower train.global_batch_size or add data"
+        )
     if config.train.train_iters is not None:
         return config.train.train_iters
     return config.train.epochs * (len(dataset) // config.train.global_batch_size)
-
-
-class Preemption:
-    """Remembers a SIGTERM so the loop can save and leave at the next step boundary."""
-
-    def __init__(self):
-        self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
 
 
 class Trainer:
@@ -128,12 +125,15 @@ class Trainer:
         eval_set = load_dataset(config, eval_split=True) if config.eval.interval else None
         self.total_steps = total_steps(config, self.dataset)
         start = run_files.step_of(self.resume_from.name) if self.resume_from else 0
-        self.finished = start >= self.total_steps
-        if self.finished:
-            return
         saved, saved_schedule = None, None
         if self.resume_from is not None:
             saved, saved_schedule = checkpoints.read_saved_state(self.resume_from, config.model)
+        pending = bool(saved and saved.get("eval_pending") and config.eval.interval)
+        # SIGTERM landed in the last step's evaluation: do it, and save again
+        self.eval_pending_at_end = pending and start >= self.total_steps
+        self.finished = start >= self.total_steps and not self.eval_pending_at_end
+        if self.finished:
+            return
         self.state = saved or resume.initial_state(config, self.dataset.identity)
         self.batches = step_batches(
             config, self.dataset, self._dp(), self.state["consumed_samples"], cp=self._cp()
@@ -176,7 +176,7 @@ class Trainer:
         where, config = self.resume_from, self.config
         if not config.checkpoint.override_scheduler:
             resume.check_schedule(
-                saved_schedule, self.scheduler.state_dict(), where, self.state["step"]
+                saved_schedule, self.scheduler.state_dict(), where, self.state["step"], config
             )
         configured = group_schedules(self.optimizer)
         checkpoints.load_training(where, self.policy, self.optimizer)
@@ -206,6 +206,8 @@ class Trainer:
             self.config.to_yaml(),
         )
 
+    preempted = False  # train() stopped on SIGTERM (and saved)
+
     def train(self) -> None:
         """Run the remaining steps; save at the configured interval, on SIGTERM and at the end."""
         try:
@@ -227,9 +229,14 @@ class Trainer:
             )
 
     def _train(self) -> None:
-        config = self.config
-        active = is_logging_rank()
-        logger = MetricsLogger(
+        with Preemption() as preemption:  # run/preemption.py: where the run may stop
+            logger = self._logger()
+            self.preempted = self._loop(logger, preemption)
+            logger.close()
+
+    def _logger(self) -> MetricsLogger:
+        config, active = self.config, is_logging_rank()
+        return MetricsLogger(
             config.logging.run_dir,
             self.total_steps,
             config.logging.tensorboard,
@@ -238,24 +245,37 @@ class Trainer:
             start_step=self.state["step"],
             wandb=wandb_settings(config.logging, config.to_dict()) if active else None,
         )
-        preemption = Preemption()
-        stopped = False
-        while self.state["step"] < self.total_steps and not stopped:
-            stopped = self._step(logger, preemption.requested)
+
+    def _loop(self, logger: MetricsLogger, preemption: Preemption) -> bool:
+        """The remaining steps, their saves and the final save; True when SIGTERM stopped it."""
+        config, state = self.config, self.state
+        pending = state.pop("eval_pending", False) and self.evaluator is not None
+        stopped = pending and not self._evaluate(logger, preemption)
+        if stopped and dist.get_rank() == 0:  # the checkpoint still says: evaluate first
+            print(f"[megatron_adadpo] SIGTERM: step {state['step']} is saved, exiting")
+        while state["step"] < self.total_steps and not stopped:
+            stopped = self._step(logger, preemption)
             interval = config.checkpoint.save_interval
             if stopped:
                 self.save()
-                if dist.get_rank() == 0:
-                    print(f"[megatron_adadpo] SIGTERM: saved step {self.state['step']}, exiting")
-            elif interval and self.state["step"] % interval == 0:
-                if self.state["step"] < self.total_steps:
-                    self.save()
-        if not stopped and config.checkpoint.save_at_end:
+            elif interval and state["step"] % interval == 0 and state["step"] < self.total_steps:
+                self.save()
+                stopped = preemption.agreed()  # SIGTERM during the save: it is saved
+            if stopped:
+                self._report_stop()
+        if not stopped and (config.checkpoint.save_at_end or self.eval_pending_at_end):
             self.save()
-        logger.close()
+        return stopped
 
-    def _step(self, logger: MetricsLogger, stop_requested: bool) -> bool:
-        """One optimizer step with its logging and evaluation; True when a rank asked to stop."""
+    def _report_stop(self) -> None:
+        if dist.get_rank() == 0:
+            pending = " (its evaluation pending: the resumed run does it first)"
+            pending = pending if self.state.get("eval_pending") else ""
+            print(f"[megatron_adadpo] SIGTERM: saved step {self.state['step']}{pending}, exiting")
+
+    def _step(self, logger: MetricsLogger, preemption: Preemption) -> bool:
+        """One optimizer step with its logging and evaluation; True when a rank asked to stop
+        (SIGTERM): during the step (it completes) or during its evaluation (left pending)."""
         config, state = self.config, self.state
         start = time.monotonic()
         batches = self.batches.next_step()
@@ -270,7 +290,7 @@ class Trainer:
             config.train.global_batch_size,
             nan_policy=config.train.nan_policy,
             step=state["step"] + 1,
-            stop_requested=stop_requested,
+            stop_requested=preemption,  # read after this step's forward / backward
         )
         state["step"] += 1
         state["consumed_samples"] += config.train.global_batch_size
@@ -278,14 +298,23 @@ class Trainer:
         if state["step"] % config.logging.log_interval == 0 or state["step"] == self.total_steps:
             values = self._throughput(result, time.monotonic() - start)
             logger.log(state["step"], values)
-        if self.evaluator is not None and state["step"] % config.eval.interval == 0:
-            eval_metrics = self.evaluator()
-            if eval_metrics:
-                values = reduce_metrics(eval_metrics)
-                for throughput_only in ("batch/tokens", "batch/real_tokens"):
-                    values.pop(throughput_only, None)
-                logger.log(state["step"], values, prefix="eval")
+        evaluate = self.evaluator is not None and state["step"] % config.eval.interval == 0
+        if evaluate and (result.stop or not self._evaluate(logger, preemption)):
+            state["eval_pending"] = True  # saved with the checkpoint
+            return True
         return result.stop
+
+    def _evaluate(self, logger: MetricsLogger, preemption: Preemption) -> bool:
+        """Evaluate and log at the current step; False when SIGTERM interrupted it."""
+        eval_metrics = self.evaluator(stop=preemption.agreed)
+        if eval_metrics is None:
+            return False
+        if eval_metrics:
+            values = reduce_metrics(eval_metrics)
+            for throughput_only in ("batch/tokens", "batch/real_tokens"):
+                values.pop(throughput_only, None)
+            logger.log(self.state["step"], values, prefix="eval")
+        return True
 
     def _throughput(self, result, elapsed: float) -> dict:
         config = self.config

@@ -22,6 +22,7 @@ from tests.distributed.train_harness import (
     losses,
     read_metrics,
     run_trainer,
+    sigterm_in,
 )
 from tests.launcher import RankFailed, run_ranks
 
@@ -149,13 +150,85 @@ def test_new_schedule_is_refused_unless_overridden(trained, tmp_path, cache_dir)
     run_dir = _copy(trained, tmp_path)
     longer = ["train.train_iters=6", "optimizer.lr=5e-4", "checkpoint.save_at_end=false"]
     message = _refused(run_dir, cache_dir, *longer)
-    assert "optimizer.lr: checkpoint max_lr=0.001, config max_lr=0.0005" in message
+    where = run_dir / "checkpoints" / "iter_0000004"
+    assert (
+        f"checkpoint {where} has another learning-rate schedule: optimizer.lr: checkpoint 0.001, "
+        "config 0.0005; train.train_iters: checkpoint 4, config 6 (decay length: checkpoint 32 "
+        "pairs, config 48 pairs); restore the saved values, or set "
+        "checkpoint.override_scheduler=true to continue from step 4"
+    ) in message
     run_ranks(
         run_trainer, 1, argv(run_dir, cache_dir, *longer, "checkpoint.override_scheduler=true")
     )
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert [r["lr"] for r in rows[4:]] == [5e-4, 5e-4]  # the config's schedule from step 5
+
+
+def test_longer_run_refusal_names_only_train_iters_with_warm_up_in_pairs(tmp_path, cache_dir):
+    """Extending ``train.train_iters`` with a warm-up moves the warm-up too (a fraction of the
+    run): the refusal names only ``train.train_iters`` (``warmup_fraction`` is unchanged) and
+    gives the schedule's sample counts in pairs (not as "lr_warmup_steps")."""
+    run_dir = tmp_path / "run"
+    warm = ["optimizer.warmup_fraction=0.5", "optimizer.decay_style=cosine"]
+    first = ["train.train_iters=2", "checkpoint.save_at_end=true", *warm]
+    run_ranks(run_trainer, 1, argv(run_dir, cache_dir, *first))
+    message = _refused(run_dir, cache_dir, "train.train_iters=4", *warm)
+    assert (
+        "has another learning-rate schedule: train.train_iters: checkpoint 2, config 4 "
+        "(warm-up: checkpoint 8 pairs, config 16 pairs; decay length: checkpoint 16 pairs, "
+        "config 32 pairs); restore"
+    ) in message, message
+    assert "warmup_fraction" not in message and "lr_warmup_steps" not in message
+
+
+def _timeless(run_dir):
+    """``metrics.jsonl`` rows without their timings."""
+    rows = read_metrics(run_dir)
+    return [{k: v for k, v in r.items() if "throughput" not in k and "time" not in k} for r in rows]
+
+
+SIGTERM_RUN = ["train.train_iters=4", "eval.interval=2", "checkpoint.save_interval=2"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache_dir):
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    run_ranks(run_trainer, 2, argv(run_dir, cache_dir, *SIGTERM_RUN, "execution.tp=2"))
+    return _timeless(run_dir)
+
+
+LAST = [(3, "train"), (4, "train")]
+# where SIGTERM lands (on the last rank only), its call number, the step saved, rows by then
+SIGTERM_POINTS = {
+    "first_step": ("train_step", 1, 1, [(1, "train")]),
+    "eval_reference": ("reference", 10, 2, [(1, "train"), (2, "train")]),  # in the evaluation
+    "save": ("save", 1, 2, [(1, "train"), (2, "train"), (2, "eval")]),
+    # the last step's evaluation (calls 37-68): the relaunch evaluates, saves, is finished
+    "last_eval": ("reference", 40, 4, [(1, "train"), (2, "train"), (2, "eval")] + LAST),
+}
+
+
+@pytest.mark.parametrize("point", sorted(SIGTERM_POINTS))
+def test_sigterm_anywhere_saves_and_the_same_command_resumes_exactly(
+    point, uninterrupted, tmp_path, cache_dir
+):
+    """SIGTERM on one rank during step 1, inside the evaluation's reference forward, or inside
+    a save: every rank stops at the next agreement point (after the step; at the next
+    evaluation micro-batch, leaving the evaluation pending; right after the save), the step is
+    saved, and the same command resumes to metrics equal to an uninterrupted run's."""
+    where, call, saved, rows = SIGTERM_POINTS[point]
+    run_dir = tmp_path / "run"
+    args = argv(run_dir, cache_dir, *SIGTERM_RUN, "execution.tp=2")
+    assert run_ranks(sigterm_in, 2, args, where, call) == [True, True]
+    assert latest_checkpoint(run_dir).name == f"iter_{saved:07d}"
+    assert [(r["step"], r["split"]) for r in _timeless(run_dir)] == rows
+    run_ranks(run_trainer, 2, args)
+    assert _timeless(run_dir) == uninterrupted
+    if point == "last_eval":  # re-saved without the pending evaluation: now finished
+        assert latest_checkpoint(run_dir).name == "iter_0000004"
+        run_ranks(run_trainer, 2, args)
+        assert _timeless(run_dir) == uninterrupted
 
 
 def test_run_dir_in_use_is_refused_and_stale_lock_taken_over(tmp_path, cache_dir):

@@ -82,6 +82,35 @@ def kill_in_step(rank: int, world: int, argv: list[str], kill_step: int) -> None
     train.main(argv)
 
 
+def sigterm_in(rank: int, world: int, argv: list[str], where: str, call: int) -> bool:
+    """Rank body: the trainer's ``main``, the last rank sending itself SIGTERM (the others never
+    get it) inside the ``call``-th call of ``where``: "train_step", "save" (a checkpoint save)
+    or "reference" (the resident reference's forward, in training and evaluation). Returns
+    whether the run stopped on SIGTERM (its fast exit, ``cli.leave_now``, is not taken here,
+    so that the rank can report)."""
+    from megatron_adadpo import cli
+    from megatron_adadpo.run import trainer
+    from megatron_adadpo.run.reference import ResidentReference
+
+    owner, name = {
+        "train_step": (trainer, "train_step"),
+        "save": (trainer.checkpoints, "save_training"),
+        "reference": (ResidentReference, "attach"),
+    }[where]
+    real, calls, stopped = getattr(owner, name), [], []
+
+    def signalled(*a, **kw):
+        calls.append(1)
+        if len(calls) == call and rank == world - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **kw)
+
+    setattr(owner, name, signalled)
+    cli.leave_now = lambda status=0: stopped.append(status)
+    train.main(argv)
+    return stopped == [0]
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -51,6 +51,8 @@ def test_config_error_is_one_line(args):
             "train.train_iters='abc' must be an integer",
         ),  # was a traceback
         (["model.rope_scaling={factr: 8}"], "model.rope_scaling: unknown keys ['factr']"),
+        (["optimizer.lr=inf"], "error: optimizer.lr=inf must be a finite number"),  # trained
+        (["optimizer.lr=nan"], "error: optimizer.lr=nan must be a finite number"),  # min_lr
     ],
 )
 def test_config_error_under_torchrun_is_printed_once(sets, message):
@@ -92,3 +94,25 @@ def test_binary_config_names_the_file(tmp_path):
         assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
         (line,) = _error_lines(out.stderr)
         assert line.startswith(f"error: {path}: {message}"), line
+
+
+@pytest.mark.parametrize("length", ["train.train_iters=null", "train.train_iters=3"])
+def test_dataset_smaller_than_one_global_batch_is_refused_before_any_step(tmp_path, length):
+    """2 pairs and a global batch of 16: one line naming both numbers and the fix, under
+    torchrun, whether the run's length comes from epochs (0 planned steps; was an
+    AttributeError in ``_report_finished``) or from ``train.train_iters``."""
+    data = tmp_path / "two.jsonl"
+    rows = (REPO / "examples/data/prefs_train.jsonl").read_text().splitlines()[:2]
+    data.write_text("\n".join(rows) + "\n")
+    args = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    args += ["-m", "megatron_adadpo.train", "--config", CONFIG]
+    sets = [f"data.inputs=[{data}]", "train.global_batch_size=16", length, "eval.interval=0"]
+    sets += [f"logging.run_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}"]
+    out = _run(args + [x for s in sets for x in ("--set", s)])
+    assert out.returncode != 0
+    assert _error_lines(out.stderr) == [
+        "error: 2 pairs do not fill one global batch of 16 (train.global_batch_size): lower "
+        "train.global_batch_size or add data"
+    ], out.stderr[-3000:]
+    assert "megatron_adadpo/" not in out.stderr  # no traceback through the package
+    assert not (tmp_path / "run" / "checkpoints" / "latest").exists()

@@ -89,15 +89,11 @@ def test_torchrun_two_processes_trains_and_checkpoints(tmp_path):
     assert _files(run_dir) == before
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path):
-    """Slurm preemption: SIGTERM to every rank -> checkpoint at the step boundary, clean exit.
-
-    torchrun itself re-raises the signal (exit 1, ``SignalException``) after its workers have
-    finished; the workers must have saved and left on their own.
-    """
-    run_dir = tmp_path / "run"
+def _sigterm_after_rows(run_dir, cache, rows: int, delay: float, *extra) -> tuple[str, float]:
+    """Launch, wait until ``metrics.jsonl`` has ``rows`` rows and ``delay`` seconds more, send
+    SIGTERM to torchrun and its ranks (Slurm signals every task); (output, seconds to exit)."""
     proc = subprocess.Popen(
-        _cmd(run_dir, tmp_path / "cache", "train.train_iters=100000"),
+        _cmd(run_dir, cache, *extra),
         cwd=REPO,
         env=_env(),
         stdout=subprocess.PIPE,
@@ -108,16 +104,71 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and not (
-        metrics.exists() and metrics.read_text().count("\n") >= 2
+        metrics.exists() and metrics.read_text().count("\n") >= rows
     ):
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGTERM)  # torchrun forwards it; Slurm signals every task
+        time.sleep(0.05)
+    time.sleep(delay)
+    sent = time.monotonic()
+    os.killpg(proc.pid, signal.SIGTERM)  # torchrun forwards it too
     output, _ = proc.communicate(timeout=240)
+    return output, time.monotonic() - sent
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    """Slurm preemption: SIGTERM to every rank -> checkpoint at the step boundary, clean exit.
+
+    torchrun itself re-raises the signal (exit 1, ``SignalException``) after its workers have
+    finished; the workers must have saved and left on their own.
+    """
+    run_dir = tmp_path / "run"
+    output, _ = _sigterm_after_rows(run_dir, tmp_path / "cache", 2, 0.0, "train.train_iters=100000")
+    metrics = run_dir / "metrics.jsonl"
     assert "SIGTERM: saved step" in output, output[-3000:]
     assert "NonFiniteLoss" not in output and "ChildFailedError" not in output, output[-3000:]
     steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     assert latest == f"iter_{steps[-1]:07d}"
+
+
+# 400 held-out pairs (the bundled training file): one evaluation is 50 batches of 8 pairs.
+LARGE_EVAL = ["eval.inputs=[examples/data/prefs_train.jsonl]", "eval.interval=2"]
+
+
+def _comparable(run_dir):
+    """``metrics.jsonl`` rows without their timings (throughput, step time)."""
+    rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    return [{k: v for k, v in r.items() if "throughput" not in k and "time" not in k} for r in rows]
+
+
+def test_sigterm_during_evaluation_saves_at_once_and_the_same_command_resumes_exactly(tmp_path):
+    """SIGTERM to every rank while the step-2 evaluation of 400 pairs runs: the evaluation
+    stops at the next micro-batch (no eval row, no step 3), step 2 is saved with its evaluation
+    pending, the ranks exit 0 within a bound; the same command then evaluates step 2 first and
+    trains on, and its metrics equal an uninterrupted run's exactly."""
+    steps = ["train.train_iters=4", *LARGE_EVAL]
+    full = _launch(tmp_path / "full", tmp_path / "cache", *steps)
+    assert full.returncode == 0, full.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    # 1 s after step 2's row: inside its evaluation (it takes several seconds)
+    output, elapsed = _sigterm_after_rows(run_dir, tmp_path / "cache", 2, 1.0, *steps)
+    print(f"SIGTERM during evaluation -> torchrun exited after {elapsed:.1f} s")
+    assert "SIGTERM: saved step 2 (its evaluation pending" in output, output[-3000:]
+    assert "ChildFailedError" not in output and "[rank" not in output, output[-3000:]  # exit 0
+    assert [(r["step"], r["split"]) for r in _comparable(run_dir)] == [(1, "train"), (2, "train")]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000002"
+    assert elapsed < 30, elapsed  # torchrun's own limit: it SIGKILLs its workers after 30 s
+    again = _launch(run_dir, tmp_path / "cache", *steps)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _comparable(run_dir) == _comparable(tmp_path / "full")
+    splits = [(r["step"], r["split"]) for r in _comparable(run_dir)]
+    assert splits == [
+        (1, "train"),
+        (2, "train"),
+        (2, "eval"),
+        (3, "train"),
+        (4, "train"),
+        (4, "eval"),
+    ]
 
 
 def test_sigkill_then_same_command_resumes_exactly(tmp_path):
@@ -156,3 +207,60 @@ def test_sigkill_then_same_command_resumes_exactly(tmp_path):
 
     assert losses(run_dir) == losses(tmp_path / "full")
     assert [s for s, _ in losses(run_dir)] == list(range(1, 13))
+
+
+def test_requeue_takes_over_a_lock_record_naming_a_live_foreign_pid(tmp_path):
+    """A requeued job's ``run.lock`` names a pid that is now another live process on this host
+    (containers reuse small pids) but nobody holds the kernel lock: the run proceeds, with a
+    log line naming the record."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        record = {"host": os.uname().nodename, "pid": other.pid, "started": "before the requeue"}
+        (run_dir / "run.lock").write_text(json.dumps(record))
+        out = _launch(run_dir, tmp_path / "cache", "train.train_iters=1")
+        assert other.poll() is None  # the recorded pid stayed alive throughout
+    finally:
+        other.kill()
+        other.wait()
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"pid {other.pid}, started before the requeue" in out.stderr, out.stderr[-3000:]
+    assert "a reused pid" in out.stderr
+    assert (run_dir / "run.lock").read_text() == ""  # released at the end
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000001"
+
+
+HOLD = (
+    "import sys, time\n"
+    "from megatron_adadpo.run.lock import RunDirLock\n"
+    "RunDirLock(sys.argv[1]).acquire()\n"
+    "print('held', flush=True)\n"
+    "time.sleep(600)\n"
+)
+
+
+def test_lock_held_by_a_live_run_or_a_directory_is_refused_in_one_line(tmp_path):
+    """A real second process holding the kernel lock: refused, naming it and saying that
+    removing ``run.lock`` is never needed; ``run.lock`` as a directory: named, with the fix."""
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(run_dir)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        out = _launch(run_dir, tmp_path / "cache", "train.train_iters=1")
+    finally:
+        holder.kill()
+        holder.wait()
+    errors = [line for line in out.stderr.splitlines() if "error: " in line]
+    assert out.returncode != 0 and len(errors) == 1, out.stderr[-3000:]
+    assert f"(host {os.uname().nodename}, pid {holder.pid}, started " in errors[0]
+    assert f"removing {run_dir / 'run.lock'} is never needed" in errors[0]
+    (run_dir / "run.lock").unlink()
+    (run_dir / "run.lock").mkdir()
+    out = _launch(run_dir, tmp_path / "cache", "train.train_iters=1")
+    errors = [line for line in out.stderr.splitlines() if "error: " in line]
+    lock = run_dir / "run.lock"
+    fix = f"remove it (rm -r {lock}) and launch again"
+    assert errors == [f"error: {lock} is a directory, not the run's lock file: {fix}"], out.stderr

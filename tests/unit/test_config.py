@@ -1,6 +1,7 @@
 """Run-config loading: overrides, type coercion, and every check naming its field and fix."""
 
 import importlib.util
+import typing
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,42 @@ def test_bad_values_name_the_field(overrides, message):
         return
     with pytest.raises((ConfigError, ValueError), match=message):
         cfg(*overrides)
+
+
+def _float_fields():
+    """Every field typed ``float`` in the config's section classes (and ``model.rope_scaling``),
+    found from the type hints, independently of how the config checks them."""
+    from megatron_adadpo.config import Config
+    from megatron_adadpo.model.config import RopeScaling
+
+    sections = {"model.rope_scaling": RopeScaling}
+    for name, hint in typing.get_type_hints(Config).items():
+        sections[name] = next(a for a in (*typing.get_args(hint), hint) if a is not type(None))
+    for section, cls in sections.items():
+        for key, hint in typing.get_type_hints(cls).items():
+            if float in (*typing.get_args(hint), hint):
+                yield f"{section}.{key}"
+
+
+FLOAT_FIELDS = list(_float_fields())
+
+
+def test_float_fields_are_found():
+    assert {"optimizer.lr", "optimizer.min_lr", "loss.beta", "model.rope_scaling.factor"} <= set(
+        FLOAT_FIELDS
+    )
+
+
+@pytest.mark.parametrize("field", FLOAT_FIELDS)
+def test_every_float_field_refuses_non_finite_values_naming_itself(field):
+    """``optimizer.lr=inf`` was accepted (and died at step 2); ``lr=nan`` blamed ``min_lr``."""
+    section, key = field.rsplit(".", 1)
+    for text in ("inf", "-inf", "nan", ".inf"):
+        override = f"{section}={{{key}: {text}}}" if "rope" in section else f"{field}={text}"
+        with pytest.raises(ConfigError) as refused:
+            cfg(override)
+        value = float(text.lstrip("."))
+        assert str(refused.value) == f"{field}={value!r} must be a finite number", override
 
 
 def test_tensorboard_without_the_package_is_refused(monkeypatch):

@@ -84,8 +84,10 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_killed_one(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "held"
         message = rf"in use by another run \(host {os.uname().nodename}, pid {holder.pid}, "
-        with pytest.raises(RunDirLocked, match=message):
+        with pytest.raises(RunDirLocked, match=message) as refused:
             RunDirLock(tmp_path).acquire()
+        assert "holds the kernel lock, which frees itself when it exits" in str(refused.value)
+        assert f"removing {tmp_path / 'run.lock'} is never needed" in str(refused.value)
     finally:
         holder.kill()
         holder.wait()
@@ -102,12 +104,44 @@ def test_lock_record_of_a_live_process_here_is_respected_without_file_locks(tmp_
     (tmp_path / "run.lock").write_text(json.dumps(record))
     lock = RunDirLock(tmp_path)
     lock._lock = lambda fd: False  # as if lockf were unsupported
-    with pytest.raises(RunDirLocked, match=f"pid {os.getppid()}.*if that run is gone, delete"):
+    with pytest.raises(
+        RunDirLocked, match=f"pid {os.getppid()}.*once that process is gone, delete"
+    ):
         lock.acquire()
     other_host = dict(record, host="elsewhere")
     (tmp_path / "run.lock").write_text(json.dumps(other_host))
     with pytest.raises(RunDirLocked, match="host elsewhere"):
         lock.acquire()
+
+
+def test_lock_record_of_a_live_foreign_pid_does_not_strand_a_requeue(tmp_path, caplog):
+    """The record names a live process on this host (a reused pid) that holds no kernel lock:
+    the kernel lock decides, the run takes over with a log line naming the record."""
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        record = {"host": os.uname().nodename, "pid": other.pid, "started": "yesterday"}
+        (tmp_path / "run.lock").write_text(json.dumps(record))
+        lock = RunDirLock(tmp_path)
+        with caplog.at_level("WARNING", logger="megatron_adadpo.run.lock"):
+            lock.acquire()
+        assert other.poll() is None  # still alive: the record's pid was live throughout
+    finally:
+        other.kill()
+        other.wait()
+    assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
+    lock.release()
+    [line] = [r.getMessage() for r in caplog.records]
+    assert f"pid {other.pid}, started yesterday" in line and "a reused pid" in line, line
+
+
+def test_lock_file_that_is_a_directory_is_named_with_the_fix(tmp_path):
+    (tmp_path / "run.lock").mkdir()
+    with pytest.raises(RunDirLocked) as refused:
+        RunDirLock(tmp_path).acquire()
+    path = tmp_path / "run.lock"
+    assert str(refused.value) == (
+        f"{path} is a directory, not the run's lock file: remove it (rm -r {path}) and launch again"
+    )
 
 
 def test_metrics_rows_after_the_restart_step_are_dropped(tmp_path):
