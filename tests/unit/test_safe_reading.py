@@ -6,6 +6,7 @@ through the trainer: ``tests/distributed/test_safe_checkpoint_load.py``."""
 from __future__ import annotations
 
 import io
+import json
 import pickle
 import shutil
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 
 from megatron_adadpo.convert.hf_io import HFCheckpointError, SafetensorsReader
 from megatron_adadpo.data import DataConfig, load_preference_dataset
+from megatron_adadpo.data.integrity import seal
 from megatron_adadpo.platform.safe_pickle import MetadataUnpickler, UnsafeFileError, torch_load
 from megatron_adadpo.run.reference import VALUES_FILE, PrecomputedReference, write_precomputed
 from tests import payloads
@@ -64,8 +66,18 @@ def test_preprocessed_data_and_cache_payloads_are_refused(where, tmp_path):
         cfg, directory = cfg.replace(preprocessed=str(tmp_path / "pre")), str(tmp_path / "pre")
     assert len(load_preference_dataset(cfg)) == 64
     _object_npy(Path(directory) / "pair_ids.npy", marker)
+    _reseal(Path(directory))  # a forger rewrites the checksums too: the reader must still hold
     match = f"{directory}/pair_ids.npy would run code"
     _assert_refused(lambda: load_preference_dataset(cfg), UnsafeFileError, match, marker)
+
+
+def _reseal(directory: Path) -> None:
+    """Record the planted file's size and checksum in the manifest, as a forger would (the
+    checksums catch accidental damage only: ``data/integrity.py``)."""
+    manifest = json.loads((directory / "manifest.json").read_text())
+    record = manifest["integrity"]
+    record.update(seal(str(directory), record["max_token_id"]))
+    (directory / "manifest.json").write_text(json.dumps(manifest))
 
 
 def test_hf_pickle_weights_are_never_unpickled(tmp_path):
