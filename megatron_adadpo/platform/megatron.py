@@ -31,6 +31,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer as _get_megatron_optimizer
+from megatron.core.optimizer.optimizer import param_group_identifier_keys as OPTIMIZER_GROUP_KEYS
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.package_info import __version__ as MEGATRON_VERSION
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -47,6 +48,7 @@ from megatron.core.utils import unwrap_model
 
 __all__ = [
     "MEGATRON_VERSION",
+    "OPTIMIZER_GROUP_KEYS",
     "AttnMaskType",
     "DType",
     "DistributedDataParallel",
