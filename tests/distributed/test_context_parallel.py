@@ -16,7 +16,6 @@ optimizer).
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -52,17 +51,14 @@ def _batch(rows: int = 4, seq: int = 16) -> dict:
 
 def _megatron_split(rank, world):
     from megatron.core.models.common.embeddings.rope_utils import get_pos_emb_on_this_cp_rank
-    from megatron.core.utils import get_batch_on_this_cp_rank
 
     from megatron_adadpo.platform.distributed import init_model_parallel
+    from megatron_adadpo.platform.megatron import get_batch_on_this_cp_rank
 
     groups = init_model_parallel(ExecutionConfig(cp=world))
     batch = _batch()
     per_token = {k: batch[k].clone() for k in ("tokens", "labels", "loss_mask", "position_ids")}
-    if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters:  # >= 0.19
-        megatron = get_batch_on_this_cp_rank(per_token, False, cp_group=groups.cp)
-    else:
-        megatron = get_batch_on_this_cp_rank(per_token, cp_group=groups.cp)
+    megatron = get_batch_on_this_cp_rank(per_token, groups.cp)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # RoPE indexes on the GPU
     positions = torch.arange(batch["tokens"].shape[1], dtype=torch.float32, device=device)
     rope_positions = get_pos_emb_on_this_cp_rank(positions, 0, groups.cp).cpu()
@@ -224,7 +220,14 @@ def test_pipeline_buffers_match_the_local_sequence(monkeypatch):
     captured = {}
     monkeypatch.setattr(step, "get_forward_backward_func", lambda: lambda **kw: captured.update(kw))
     cp, tp, full_seq, rows, hidden = 2, 4, 64, 6, 32
-    config = SimpleNamespace(context_parallel_size=cp, sequence_parallel=True, hidden_size=hidden)
+    # Fixed-length p2p buffers (variable_seq_lengths off; with it megatron-core 0.19 sends each
+    # micro-batch's shape instead and returns no fixed shape).
+    config = SimpleNamespace(
+        context_parallel_size=cp,
+        sequence_parallel=True,
+        hidden_size=hidden,
+        variable_seq_lengths=False,
+    )
     local = split_for_context_parallel(_batch(rows, full_seq), 1, cp)
     step.run_schedule([SimpleNamespace(config=config)], [local], None, forward_only=True)
     shapes = get_tensor_shapes(
