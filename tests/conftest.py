@@ -28,7 +28,8 @@ def stack_versions(pins: Path) -> str:
     )
 
 
-def pytest_report_header(config):
+def stack_lines() -> list[str]:
+    """The stack under test and the two CI stacks (pinned versions), one line each."""
     running = (
         f"stack under test: Python {platform.python_version()}, torch {torch.__version__}, "
         f"megatron-core {version('megatron-core')}"
@@ -39,6 +40,18 @@ def pytest_report_header(config):
         if (REQUIREMENTS / pins).exists()
     ]
     return [running, *tested]
+
+
+def pytest_report_header(config):
+    return stack_lines()
+
+
+def pytest_sessionstart(session):
+    """``-q`` (tools/run_tests.sh) drops pytest's header: the stack lines are printed anyway."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and session.config.get_verbosity() < 0:
+        for line in stack_lines():
+            reporter.write_line(line)
 
 
 def pytest_collection_modifyitems(config, items):
