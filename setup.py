@@ -12,6 +12,8 @@ setup(
     packages=find_packages(include=["megatron_adadpo", "megatron_adadpo.*"]),
     install_requires=[
         "torch>=2.4",
+        # CI tests both ends: 0.16.1 (Python 3.11, requirements/cpu.txt) and 0.19.2
+        # (Python 3.12, requirements/newest.txt); 0.17+ need Python >= 3.12 and triton.
         "megatron-core>=0.16.1,<0.20",
         "psutil",  # dist_checkpointing's save worker needs it (undeclared upstream)
         "numpy",

@@ -31,6 +31,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer as _get_megatron_optimizer
+from megatron.core.optimizer.optimizer import param_group_identifier_keys as OPTIMIZER_GROUP_KEYS
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.package_info import __version__ as MEGATRON_VERSION
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -43,10 +44,12 @@ from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
     get_num_layers_to_build,
 )
+from megatron.core.utils import get_batch_on_this_cp_rank as _get_batch_on_this_cp_rank
 from megatron.core.utils import unwrap_model
 
 __all__ = [
     "MEGATRON_VERSION",
+    "OPTIMIZER_GROUP_KEYS",
     "AttnMaskType",
     "DType",
     "DistributedDataParallel",
@@ -66,6 +69,7 @@ __all__ = [
     "final_hidden_states",
     "finalize_model_grads",
     "force_param_sync",
+    "get_batch_on_this_cp_rank",
     "get_forward_backward_func",
     "get_gpt_layer_local_spec",
     "get_megatron_optimizer",
@@ -113,6 +117,21 @@ def vocab_parallel_cross_entropy(
             "parallel_state's tensor-parallel group only; pass that group (or None)"
         )
     return tensor_parallel.vocab_parallel_cross_entropy(vocab_parallel_logits, target)
+
+
+_CP_SPLIT_TAKES_HYBRID = "is_hybrid_cp" in inspect.signature(_get_batch_on_this_cp_rank).parameters
+
+
+def get_batch_on_this_cp_rank(batch: dict, cp_group) -> dict:
+    """Megatron's load-balanced context-parallel split of ``[b, s]`` tensors (no ``cu_seqlens``
+    in ``batch``): the sequence is cut into ``2 cp`` chunks and CP rank ``r`` keeps chunks ``r``
+    and ``2 cp - 1 - r``. 0.16 takes ``(batch, cp_group=)``; 0.19 adds ``is_hybrid_cp``
+    (positional), False here, which without ``cu_seqlens`` is the same per-sequence zigzag.
+    The reference the project's own splitter (``run/context_parallel.py``) is tested against.
+    """
+    if _CP_SPLIT_TAKES_HYBRID:
+        return _get_batch_on_this_cp_rank(batch, False, cp_group=cp_group)
+    return _get_batch_on_this_cp_rank(batch, cp_group=cp_group)
 
 
 _GPT_TAKES_OUTPUT_PROCESSOR = "output_processor" in inspect.signature(GPTModel.forward).parameters

@@ -39,6 +39,7 @@ from megatron_adadpo.platform.megatron import (
 from megatron_adadpo.platform.safe_dcp import common_state_dict, load_sharded
 from megatron_adadpo.platform.safe_pickle import find_unsafe, torch_load
 from megatron_adadpo.run import run_dir as run_files
+from megatron_adadpo.run.optimizer import adopt_group_schedules
 
 log = logging.getLogger(__name__)
 EXTRA_STATE_SUFFIX = "_extra_state"
@@ -212,7 +213,8 @@ def load_training(directory: Path, policy: list, optimizer) -> None:
     before the load (``init_optimizer_state``), the load under ``torch.no_grad()`` (it copies
     into leaf parameters), and each parameter's own ``step`` (``restore_adam_steps``). The
     scheduler is restored by the caller after its own check. Call ``read_saved_state`` first
-    (it checks the model).
+    (it checks the model). The loaded param groups take the optimizer's schedule values
+    (``adopt_group_schedules``): ``checkpoint.override_scheduler`` applies the config's.
     """
     init_optimizer_state(optimizer)
     fix = run_files.earlier_checkpoints_hint(directory)
@@ -222,6 +224,7 @@ def load_training(directory: Path, policy: list, optimizer) -> None:
         state["optimizer"] = optimizer_sharded_state_dict(optimizer, model_sd, is_loading=True)
         loaded = load_tolerating_extra_state(state, directory, fix)
         _apply_model(policy, loaded)
+        adopt_group_schedules(optimizer, loaded["optimizer"])
         optimizer.load_state_dict(loaded["optimizer"])
     restore_adam_steps(optimizer)
     _load_rng(directory, fix)

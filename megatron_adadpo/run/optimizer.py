@@ -8,6 +8,7 @@ import torch
 
 from megatron_adadpo.config import OptimizerSection
 from megatron_adadpo.platform.megatron import (
+    OPTIMIZER_GROUP_KEYS,
     DistributedDataParallel,
     DistributedDataParallelConfig,
     OptimizerConfig,
@@ -122,13 +123,42 @@ def build_scheduler(
 GROUP_SCHEDULE_KEYS = ("max_lr", "min_lr")
 
 
-def group_schedules(optimizer) -> list[dict]:
-    """The schedule values of each param group (to keep the config's across a load)."""
-    return [{k: g[k] for k in GROUP_SCHEDULE_KEYS if k in g} for g in optimizer.param_groups]
+def adopt_group_schedules(optimizer, loaded: dict) -> None:
+    """Give a loaded optimizer state's param groups this optimizer's (the config's) schedule
+    values, in place, before ``optimizer.load_state_dict(loaded)``.
+
+    A saved group g_saved pairs with the fresh group g whose Megatron identifier
+    (``OPTIMIZER_GROUP_KEYS``: wd_mult, lr_mult, expert / decoupled flags, ...) is equal outside
+    ``GROUP_SCHEDULE_KEYS``; then g_saved[k] := g[k] for k in ``GROUP_SCHEDULE_KEYS``.
+    Megatron's load matches groups by that identifier, which from megatron-core 0.19 includes
+    ``max_lr`` / ``min_lr``: a changed ``optimizer.lr`` would otherwise fail the load ("Could
+    not find parameter group with key") and on 0.16 the load would bring back the saved
+    learning rate. Without ``checkpoint.override_scheduler`` the values are already equal
+    (``run/resume.py`` ``check_schedule`` refused others). Unpaired groups are left to
+    Megatron's own error.
+    """
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    for part, saved_groups in zip(parts, _saved_group_lists(loaded, len(parts)), strict=True):
+        fresh = {_structure(g): g for g in part.param_groups}
+        for saved in saved_groups:
+            current = fresh.get(_structure(saved))
+            if current is not None:
+                saved.update({k: current[k] for k in GROUP_SCHEDULE_KEYS if k in current})
 
 
-def set_group_schedules(optimizer, schedules: list[dict]) -> None:
-    """Put back ``group_schedules``' values: loading an optimizer state restores the saved
-    ones, which would keep the old learning rate under ``checkpoint.override_scheduler``."""
-    for group, values in zip(optimizer.param_groups, schedules, strict=True):
-        group.update(values)
+def _structure(group: dict) -> tuple:
+    """A param group's Megatron identifier without the schedule values (NeMo's ``pre_`` alias
+    as in Megatron's own matching)."""
+    keys = [k for k in OPTIMIZER_GROUP_KEYS if k not in GROUP_SCHEDULE_KEYS]
+    return tuple(group.get(k, group.get(f"pre_{k}")) for k in keys)
+
+
+def _saved_group_lists(loaded: dict, parts: int) -> list[list[dict]]:
+    """The param-group lists of a loaded Megatron optimizer state, one per chained optimizer:
+    ``{i: state}`` for a chain of several, else one state whose groups sit at
+    ``["param_groups"]`` (fp32) or ``["optimizer"]["param_groups"]`` (mixed precision,
+    distributed)."""
+    states = [loaded[i] for i in sorted(loaded)] if parts > 1 else [loaded]
+    return [
+        s["param_groups"] if "param_groups" in s else s["optimizer"]["param_groups"] for s in states
+    ]

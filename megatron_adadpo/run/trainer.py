@@ -32,13 +32,7 @@ from megatron_adadpo.run.datasets import load_dataset
 from megatron_adadpo.run.evaluation import Evaluator
 from megatron_adadpo.run.lock import claim_run_dir
 from megatron_adadpo.run.metrics import MetricsLogger, step_values, wandb_settings
-from megatron_adadpo.run.optimizer import (
-    build_optimizer,
-    build_scheduler,
-    group_schedules,
-    set_group_schedules,
-    wrap_ddp,
-)
+from megatron_adadpo.run.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from megatron_adadpo.run.preemption import Preemption
 from megatron_adadpo.run.reference import PrecomputedReference, ResidentReference
 from megatron_adadpo.run.step import StepContext, train_step
@@ -178,10 +172,7 @@ class Trainer:
             resume.check_schedule(
                 saved_schedule, self.scheduler.state_dict(), where, self.state["step"], config
             )
-        configured = group_schedules(self.optimizer)
         checkpoints.load_training(where, self.policy, self.optimizer)
-        if config.checkpoint.override_scheduler:
-            set_group_schedules(self.optimizer, configured)
         self.scheduler.load_state_dict(saved_schedule)
         self.state.update(seed=config.train.seed, optimizer_layout=resume.optimizer_layout(config))
         if dist.get_rank() == 0:

@@ -16,7 +16,6 @@ optimizer).
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -52,17 +51,14 @@ def _batch(rows: int = 4, seq: int = 16) -> dict:
 
 def _megatron_split(rank, world):
     from megatron.core.models.common.embeddings.rope_utils import get_pos_emb_on_this_cp_rank
-    from megatron.core.utils import get_batch_on_this_cp_rank
 
     from megatron_adadpo.platform.distributed import init_model_parallel
+    from megatron_adadpo.platform.megatron import get_batch_on_this_cp_rank
 
     groups = init_model_parallel(ExecutionConfig(cp=world))
     batch = _batch()
     per_token = {k: batch[k].clone() for k in ("tokens", "labels", "loss_mask", "position_ids")}
-    if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters:  # >= 0.19
-        megatron = get_batch_on_this_cp_rank(per_token, False, cp_group=groups.cp)
-    else:
-        megatron = get_batch_on_this_cp_rank(per_token, cp_group=groups.cp)
+    megatron = get_batch_on_this_cp_rank(per_token, groups.cp)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # RoPE indexes on the GPU
     positions = torch.arange(batch["tokens"].shape[1], dtype=torch.float32, device=device)
     rope_positions = get_pos_emb_on_this_cp_rank(positions, 0, groups.cp).cpu()

@@ -324,6 +324,11 @@ def test_distributed_optimizer_resumes_exactly_and_reshards(tmp_path, cache_dir)
     assert [r["step"] for r in read_metrics(killed)] == [1, 2, 3, 4, 5, 6]
     assert losses(killed) == reference, "resume at DP2 differs from the uninterrupted run"
     assert losses(resharded)[3:] == pytest.approx(reference[3:], rel=1e-5, abs=0)
+    # A new learning rate on the distributed optimizer's state (megatron-core 0.19 matches its
+    # param groups by max_lr / min_lr too): the config's schedule from step 7.
+    longer = ["train.train_iters=8", "optimizer.lr=5e-4", "checkpoint.override_scheduler=true"]
+    run_ranks(run_trainer, 1, argv(resharded, cache_dir, *overlap, *longer), timeout=240)
+    assert [r["lr"] for r in read_metrics(resharded)[-2:]] == [5e-4, 5e-4]
 
     plain = tmp_path / "plain"
     run_ranks(run_trainer, 2, argv(plain, cache_dir, *DISTRIBUTED[:2], "train.train_iters=3",

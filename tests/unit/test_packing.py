@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import doctest
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -94,18 +93,17 @@ def test_thd_parameters_follow_the_segment_boundaries_and_te_padding_rules(cp, t
     assert params.max_seqlen_q == params.max_seqlen_kv == padded.max()
 
 
-def _megatron_cp_split(rank, world, cu_padded, cp):
-    from megatron.core.utils import get_batch_on_this_cp_rank
+def _megatron_cp_split(rank, world, cu_padded):
+    """This CP rank's token indices by Megatron's split, applied sequence by sequence (the
+    world is the CP group: megatron-core 0.19 asks torch.distributed for the rank)."""
+    from megatron_adadpo.platform.megatron import get_batch_on_this_cp_rank
 
-    split = []
-    for r in range(cp):
-        group = SimpleNamespace(size=lambda: cp, rank=lambda r=r: r)
-        parts = [
-            get_batch_on_this_cp_rank({"x": torch.arange(start, end)[None]}, cp_group=group)["x"][0]
-            for start, end in zip(cu_padded[:-1], cu_padded[1:], strict=True)
-        ]
-        split.append(torch.cat(parts))
-    return split
+    group = torch.distributed.group.WORLD
+    parts = [
+        get_batch_on_this_cp_rank({"x": torch.arange(start, end)[None]}, group)["x"][0]
+        for start, end in zip(cu_padded[:-1], cu_padded[1:], strict=True)
+    ]
+    return torch.cat(parts)
 
 
 def test_thd_context_parallel_split_is_megatrons_split_per_sequence():
@@ -116,7 +114,7 @@ def test_thd_context_parallel_split_is_megatrons_split_per_sequence():
     examples = [_pair(*rng.integers(1, 30, 3), pair_id=i, rng=rng) for i in range(4)]
     batch = collate_packed(examples, 0, pad_to_multiple_of=8, segment_multiple=8)
     cu_padded = batch["cu_seqlens_padded"].tolist()
-    expected = run_ranks(_megatron_cp_split, 1, cu_padded, 4)[0]
+    expected = run_ranks(_megatron_cp_split, 4, cu_padded)
     for rank in range(4):
         assert torch.equal(thd_partition_index(batch["cu_seqlens_padded"], 4, rank), expected[rank])
         shard = split_for_context_parallel(batch, rank, 4)
