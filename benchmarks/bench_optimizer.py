@@ -33,7 +33,7 @@ from benchmarks.machine import emit_result, machine_line  # noqa: E402
 from megatron_adadpo.config import load_config  # noqa: E402
 from megatron_adadpo.model.build import build_model  # noqa: E402
 from megatron_adadpo.platform import cpu, distributed  # noqa: E402
-from megatron_adadpo.platform.megatron import torch_optimizers  # noqa: E402
+from megatron_adadpo.platform.megatron_optimizer import torch_optimizers  # noqa: E402
 from megatron_adadpo.run.optimizer import build_optimizer, wrap_ddp  # noqa: E402
 
 MODEL_115M = [

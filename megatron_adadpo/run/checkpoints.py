@@ -26,15 +26,13 @@ from megatron_adadpo.model.config import (
     read_model_config,
     write_model_config,
 )
-from megatron_adadpo.platform.megatron import (
+from megatron_adadpo.platform.megatron import dist_checkpointing, tensor_parallel, unwrap_model
+from megatron_adadpo.platform.megatron_optimizer import (
     OPTIMIZER_SHARDING,
-    dist_checkpointing,
     force_param_sync,
     init_optimizer_state,
     optimizer_sharded_state_dict,
     restore_adam_steps,
-    tensor_parallel,
-    unwrap_model,
 )
 from megatron_adadpo.platform.safe_dcp import common_state_dict, load_sharded
 from megatron_adadpo.platform.safe_pickle import find_unsafe, torch_load

@@ -8,12 +8,14 @@ import torch
 
 from megatron_adadpo.config import OptimizerSection
 from megatron_adadpo.platform.megatron import (
-    OPTIMIZER_GROUP_KEYS,
     DistributedDataParallel,
     DistributedDataParallelConfig,
-    OptimizerConfig,
     OptimizerParamScheduler,
     finalize_model_grads,
+)
+from megatron_adadpo.platform.megatron_optimizer import (
+    OPTIMIZER_GROUP_KEYS,
+    OptimizerConfig,
     get_megatron_optimizer,
 )
 

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.distributed
 
 
 def _train(chunks, section: OptimizerSection, plain: bool, steps: int = 3):
-    from megatron_adadpo.platform.megatron import torch_optimizers
+    from megatron_adadpo.platform.megatron_optimizer import torch_optimizers
     from megatron_adadpo.run.optimizer import build_optimizer, wrap_ddp
     from megatron_adadpo.run.step import run_schedule
 
@@ -59,7 +59,7 @@ def _compare(rank, world, distributed: bool):
 
 def _reload(optimizer):
     """Flags and ``step`` tensors after a state-dict round trip of a plain-flagged state."""
-    from megatron_adadpo.platform.megatron import torch_optimizers
+    from megatron_adadpo.platform.megatron_optimizer import torch_optimizers
 
     inner = torch_optimizers(optimizer)[0]
     state = inner.state_dict()

@@ -223,7 +223,7 @@ def train_checked(rank: int, world: int, argv: list[str]) -> dict:
     ``force_param_sync``)}``.
     """
     from megatron_adadpo.config import check_world_size, load_config
-    from megatron_adadpo.platform.megatron import force_param_sync
+    from megatron_adadpo.platform.megatron_optimizer import force_param_sync
     from megatron_adadpo.run import trainer as trainer_module
 
     args = train.parse_args(argv)

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import torch
 
-from megatron_adadpo.platform.megatron import init_optimizer_state, restore_adam_steps
+from megatron_adadpo.platform.megatron_optimizer import init_optimizer_state, restore_adam_steps
 
 
 def _adam(capturable: bool) -> torch.optim.AdamW:

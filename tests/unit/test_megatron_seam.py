@@ -18,8 +18,9 @@ from tests.launcher import run_ranks
 
 PACKAGE = Path(__file__).resolve().parents[2] / "megatron_adadpo"
 SEAM = PACKAGE / "platform" / "megatron.py"
-# The seam's part for loading checkpoints without running their code (Megatron's load strategy).
-SEAMS = (SEAM, PACKAGE / "platform" / "safe_dcp.py")
+# The seam's parts for loading checkpoints without running their code (Megatron's load
+# strategy) and for Megatron's optimizer.
+SEAMS = (SEAM, PACKAGE / "platform" / "safe_dcp.py", PACKAGE / "platform" / "megatron_optimizer.py")
 
 
 def test_only_the_seam_imports_megatron():
