@@ -54,18 +54,21 @@ def test_collectives_time_out_after_the_configured_minutes():
 def test_train_passes_the_config_value(monkeypatch):
     """``megatron_adadpo.train`` hands the config's value to ``init_distributed``."""
     from megatron_adadpo import train
+    from megatron_adadpo.run import trainer
 
-    seen = []
-    monkeypatch.setattr(train, "init_distributed", lambda minutes: seen.append(minutes))
+    seen = []  # train.main imports these inside main(): patched where they are defined
+    monkeypatch.setattr(parallel, "init_distributed", lambda minutes: seen.append(minutes))
+    monkeypatch.setattr(parallel, "destroy", lambda: None)
     monkeypatch.setattr(train, "check_world_size", lambda *a: None)
-    monkeypatch.setattr(train.dist, "get_world_size", lambda: 1)
-    monkeypatch.setattr(train, "Trainer", lambda config: seen.append(config) or _NoTrain())
-    monkeypatch.setattr(train, "destroy", lambda: None)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 1)
+    monkeypatch.setattr(trainer, "Trainer", lambda config: seen.append(config) or _NoTrain())
     quickstart = Path(__file__).resolve().parents[2] / "examples" / "configs" / "quickstart.yaml"
     train.main(["--config", str(quickstart), "--set", "train.distributed_timeout_minutes=45"])
     assert seen[0] == 45.0 and seen[1].train.distributed_timeout_minutes == 45.0
 
 
 class _NoTrain:
+    preempted = False
+
     def train(self):
         return None
