@@ -197,6 +197,19 @@ def _counted(kind: str, impl):
     return wrapper
 
 
+def _counted_type(kind: str) -> type:
+    """A ``_NullStream`` subclass standing in for the CUDA type ``kind`` (``torch.cuda.Stream``,
+    ``Event``), counting each construction. A class, not a function, so that code which uses
+    the name as a type keeps working (transformers 5 evaluates ``torch.cuda.Stream | None`` in
+    a signature at import time: ``|`` on a function raises ``TypeError``)."""
+
+    def __init__(self, *args, **kwargs):
+        _record(kind)
+
+    name = kind.rsplit(".", 1)[-1]
+    return type(name, (_NullStream,), {"__init__": __init__, "_megatron_adadpo_cpu": True})
+
+
 def _cpu_rng_get(*args, **kwargs):
     return torch.get_rng_state()
 
@@ -215,11 +228,11 @@ def _cuda_replacements() -> dict[str, object]:
         "get_rng_state": _counted("torch.cuda.get_rng_state", _cpu_rng_get),
         "set_rng_state": _counted("torch.cuda.set_rng_state", _cpu_rng_set),
         "manual_seed": _counted("torch.cuda.manual_seed", lambda seed: torch.manual_seed(seed)),
-        "Stream": _counted("torch.cuda.Stream", _NullStream),
+        "Stream": _counted_type("torch.cuda.Stream"),
         "stream": _counted("torch.cuda.stream", lambda s=None: contextlib.nullcontext()),
         "current_stream": _counted("torch.cuda.current_stream", _NullStream),
         "default_stream": _counted("torch.cuda.default_stream", _NullStream),
-        "Event": _counted("torch.cuda.Event", _NullStream),
+        "Event": _counted_type("torch.cuda.Event"),
         "empty_cache": _counted("torch.cuda.empty_cache", none),
         "device_count": _counted("torch.cuda.device_count", lambda: 1),
         "memory_allocated": _counted("torch.cuda.memory_allocated", lambda *a, **k: 0),

@@ -72,6 +72,9 @@ def _redirect_rank(rank, world):
     x = torch.zeros(3, device="cuda")
     y = torch.ones(2).cuda()
     assert x.device.type == "cpu" and y.device.type == "cpu"
+    # CUDA types stay types: transformers 5 evaluates ``torch.cuda.Stream | None`` at import.
+    assert isinstance(torch.cuda.Stream(), torch.cuda.Stream)
+    assert (torch.cuda.Stream | None) is not None and isinstance(torch.cuda.Event, type)
     with pytest.raises(RuntimeError, match="unknown CUDA feature 'torch.cuda.new_feature'"):
         cpu._record("torch.cuda.new_feature")
     return cpu.redirect_counts()
@@ -82,6 +85,7 @@ def test_redirects_are_counted_per_call_site_and_unknown_ones_fail():
     sites = {kind: site for kind, site in counts}
     assert "test_cpu_compat.py" in sites["device=cuda"]
     assert "test_cpu_compat.py" in sites["Tensor.cuda"]
+    assert "test_cpu_compat.py" in sites["torch.cuda.Stream"]
 
 
 def test_inactive_when_cuda_is_present(monkeypatch):
