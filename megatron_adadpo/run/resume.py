@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from megatron_adadpo.config import Config, ConfigError
+from megatron_adadpo.platform.environment import uses_transformer_engine
 
 # The config fields that set the run's length (Megatron counts it in samples: pairs).
 LENGTH_FIELDS = ("train.train_iters", "train.epochs", "train.global_batch_size")
@@ -33,7 +34,13 @@ SCHEDULE_FIELDS = {
 
 def optimizer_layout(config: Config) -> dict:
     """What the distributed optimizer's ``dp_reshardable`` state depends on: the model
-    parallel layout and the gradient buckets (not the data-parallel size)."""
+    parallel layout, the gradient buckets (not the data-parallel size) and the resolved layer
+    spec. The state is stored per gradient-buffer range in the buffer's parameter order
+    (megatron-core 0.16.1 ``distrib_optimizer.py`` ``get_parameter_state_dp_reshardable``, line
+    942) and loaded back by position; the Transformer Engine spec holds other parameters in
+    another order than the local spec (its ``linear_qkv`` / ``linear_fc1`` carry the fused
+    layer norms), so ``transformer_impl: auto`` resolving differently on another machine would
+    load the moments into the wrong parameters."""
     e, opt = config.execution, config.optimizer
     return {
         "distributed_optimizer": opt.use_distributed_optimizer,
@@ -42,7 +49,19 @@ def optimizer_layout(config: Config) -> dict:
         "vpp": e.vpp,
         "overlap_grad_reduce": opt.overlap_grad_reduce,
         "ddp_bucket_size": opt.ddp_bucket_size,
+        "layer_spec": "transformer_engine" if uses_transformer_engine(e) else "local",
     }
+
+
+# How a refusal names each entry of ``optimizer_layout``: the config field that sets it.
+_LAYOUT_FIELDS = {
+    "tp": "execution.tp",
+    "pp": "execution.pp",
+    "vpp": "execution.vpp",
+    "overlap_grad_reduce": "optimizer.overlap_grad_reduce",
+    "ddp_bucket_size": "optimizer.ddp_bucket_size",
+    "layer_spec": "execution.transformer_impl",
+}
 
 
 def initial_state(config: Config, dataset_identity: str) -> dict:
@@ -79,8 +98,9 @@ def check_run_state(
 
 
 def _check_optimizer_layout(saved: dict | None, current: dict, where: Path) -> None:
-    if saved is not None:
-        saved = {"ddp_bucket_size": None, **saved}  # checkpoints from before the option
+    if saved is not None:  # checkpoints from before these entries: the default bucket size,
+        # and a spec that was not recorded (taken as this run's)
+        saved = {"ddp_bucket_size": None, "layer_spec": current["layer_spec"], **saved}
     if saved is None or saved == current:
         return
     was_distributed = saved["distributed_optimizer"]
@@ -93,7 +113,9 @@ def _check_optimizer_layout(saved: dict | None, current: dict, where: Path) -> N
         )
     if not current["distributed_optimizer"]:
         return  # the plain optimizer's state reshards with the model
-    diff = ", ".join(f"{k}={saved[k]}" for k in saved if saved[k] != current[k])
+    diff = ", ".join(
+        f"{_LAYOUT_FIELDS.get(k, k)}={saved[k]}" for k in saved if saved[k] != current[k]
+    )
     raise ConfigError(
         f"checkpoint {where} holds distributed-optimizer state in Megatron's dp_reshardable "
         f"format, which loads at any data-parallel size but only with the layout it was saved "
