@@ -234,19 +234,13 @@ def check_environment(config: Config) -> None:
     the config asks for) and files that disagree with the config (``train.init_checkpoint``'s
     model and tokenizer); no allocation. The planner, which plans for another machine, skips
     it."""
-    from megatron_adadpo.platform.environment import environment_errors, uses_transformer_engine
+    from megatron_adadpo.platform.environment import attention_impl, environment_errors
     from megatron_adadpo.run.consistency import check_init_checkpoint
 
     check_init_checkpoint(config)
     errors = environment_errors(config.execution)
-    if config.data.batching == "packed" and config.execution.cp > 1:
-        if not uses_transformer_engine(config.execution):
-            errors.insert(
-                0,
-                "data.batching=packed with execution.cp > 1 needs Transformer "
-                "Engine's packed (THD) attention, which this machine lacks; use "
-                "data.batching=token_budget",
-            )
+    if config.data.batching == "packed":
+        errors[:0] = _packed_attention_errors(config.execution, attention_impl(config.execution))
     if errors:
         raise ConfigError(errors[0])
     import importlib.util
@@ -261,6 +255,27 @@ def check_environment(config: Config) -> None:
             f"logging.wandb_project={config.logging.wandb_project!r} needs the wandb package "
             "(pip install wandb), or unset logging.wandb_project (metrics.jsonl is always written)"
         )
+
+
+def _packed_attention_errors(execution: ExecutionConfig, attention: str) -> list[str]:
+    """``data.batching: packed`` on the resolved ``attention``: context parallelism needs
+    Transformer Engine's THD attention, and that attention needs bf16 (Transformer Engine <=
+    2.10 has no fp32 backend for the THD format: neither FlashAttention nor cuDNN's fused
+    attention takes fp32, and its unfused attention takes no THD)."""
+    if attention != "transformer_engine":
+        if execution.cp > 1:
+            return [
+                "data.batching=packed with execution.cp > 1 needs Transformer Engine's packed "
+                "(THD) attention, which this run does not use; use data.batching=token_budget"
+            ]
+        return []
+    if not execution.bf16:
+        return [
+            "data.batching=packed on Transformer Engine's attention runs the THD format, which "
+            "has no fp32 attention backend: set execution.bf16=true, or data.batching="
+            "token_budget"
+        ]
+    return []
 
 
 def _ranges(config: Config) -> dict:

@@ -22,9 +22,8 @@ from megatron_adadpo.config import Config
 from megatron_adadpo.data import PreferenceSampler, collate_pairs
 from megatron_adadpo.data.batching import BatchingPolicy, batching_policy, plan_global_batch
 from megatron_adadpo.data.packing import collate_packed
-from megatron_adadpo.platform.environment import uses_transformer_engine
 from megatron_adadpo.run.context_parallel import split_for_context_parallel
-from megatron_adadpo.run.packing import thd_params
+from megatron_adadpo.run.packing import packs_as_thd, thd_params
 
 
 def training_device() -> torch.device:
@@ -123,5 +122,5 @@ def step_batches(
         config.execution,
         config.train.micro_batch_size,
     )
-    thd = policy.mode == "packed" and uses_transformer_engine(config.execution)
+    thd = policy.mode == "packed" and packs_as_thd(config.execution)
     return StepBatches(dataset, sampler, policy, dp, cp, thd)

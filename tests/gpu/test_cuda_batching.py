@@ -1,6 +1,8 @@
-"""``data.batching`` on a CUDA GPU: token-budget and packed runs give the losses of ``fixed``
-(the packed row through Transformer Engine's THD attention when TE is installed, else through
-the local spec's block-diagonal mask on CUDA); skipped without CUDA."""
+"""``data.batching`` on a CUDA GPU: token-budget and packed runs give the losses of ``fixed`` in
+fp32; skipped without CUDA. The packed run names ``execution.attention=sdpa``: with Transformer
+Engine installed the layer spec is TE's but the packed rows must reach the SDPA attention as the
+block-diagonal mask, never as THD ``PackedSeqParams`` (``run/packing.packs_as_thd``; TE's own THD
+attention has no fp32 backend, so the config refuses packed + TE attention in fp32)."""
 
 import pytest
 
@@ -11,7 +13,11 @@ pytestmark = pytest.mark.gpu
 MODES = {
     "fixed": [],
     "token_budget": ["data.batching=token_budget", "data.max_tokens_per_micro_batch=320"],
-    "packed": ["data.batching=packed", "data.max_tokens_per_micro_batch=320"],
+    "packed": [
+        "data.batching=packed",
+        "data.max_tokens_per_micro_batch=320",
+        "execution.attention=sdpa",
+    ],
 }
 
 
