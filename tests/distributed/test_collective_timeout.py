@@ -19,6 +19,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from megatron_adadpo.layout import ExecutionConfig
+from megatron_adadpo.platform import cpu
 from megatron_adadpo.platform import distributed as parallel
 from megatron_adadpo.platform.megatron import parallel_state
 from tests.launcher import run_ranks
@@ -57,6 +58,9 @@ def test_train_passes_the_config_value(monkeypatch):
     from megatron_adadpo.run import trainer
 
     seen = []  # train.main imports these inside main(): patched where they are defined
+    # and the CPU compat layer stays off in this (the pytest) process: once active it would
+    # change every later test's torch in this process (HF logits, on the newest stack)
+    monkeypatch.setattr(cpu, "activate", lambda: False)
     monkeypatch.setattr(parallel, "init_distributed", lambda minutes: seen.append(minutes))
     monkeypatch.setattr(parallel, "destroy", lambda: None)
     monkeypatch.setattr(train, "check_world_size", lambda *a: None)
