@@ -17,13 +17,14 @@ Rules, written out independently of ``megatron_adadpo.layout``:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
 
 from megatron_adadpo.layout import ExecutionConfig, layout_errors, pad_multiple
-from megatron_adadpo.model.config import ModelConfig
 from megatron_adadpo.platform.hardware import GPUS, fp8_recipe_error
+from tests.megatron_helpers import TINY
 
 QUANTIZER_BLOCK = {"delayed": 1, "tensorwise": 1, "mxfp8": 32, "blockwise": 128}
 
@@ -72,14 +73,7 @@ def test_block_recipes_with_sp_need_more_rows_than_delayed():
 
 
 def test_block_recipe_hidden_size_must_fit_the_block():
-    model = ModelConfig(
-        num_layers=2,
-        hidden_size=96,
-        ffn_hidden_size=256,
-        num_attention_heads=4,
-        num_query_groups=2,
-        vocab_size=256,
-    )
+    model = dataclasses.replace(TINY, hidden_size=96)  # a multiple of 32, not of 128
 
     def errors(recipe, sp):
         return layout_errors(
