@@ -40,6 +40,8 @@ setup(
             "matplotlib",
             "tensorboard",
             "wandb",
+            "trl",  # test oracle only (tests/unit/test_trl_oracle*.py); never imported at run time
+            "peft",  # test oracle for LoRA adapter export
         ],
     },
 )
