@@ -197,6 +197,7 @@ def validate(config: Config) -> None:
         batching=config.data.batching,
     )
     errors += budget_errors(config.data, config.execution)  # padded for a valid layout
+    errors += _packed_pipeline_errors(config.data, config.execution)
     if errors:
         raise ConfigError(errors[0])
     for check in (_check_ranges, _check_train, _check_reference, _check_optimizer, _check_logging):
@@ -240,7 +241,14 @@ def check_environment(config: Config) -> None:
     check_init_checkpoint(config)
     errors = environment_errors(config.execution)
     if config.data.batching == "packed":
-        errors[:0] = _packed_attention_errors(config.execution, attention_impl(config.execution))
+        from megatron_adadpo.platform.megatron import MEGATRON_VERSION, PACKED_SEQ_TAKES_PAD_FLAG
+
+        attention = attention_impl(config.execution)
+        errors[:0] = _packed_attention_errors(config.execution, attention) + (
+            _packed_pad_flag_errors(
+                config.execution, attention, PACKED_SEQ_TAKES_PAD_FLAG, MEGATRON_VERSION
+            )
+        )
     if errors:
         raise ConfigError(errors[0])
     import importlib.util
@@ -276,6 +284,41 @@ def _packed_attention_errors(execution: ExecutionConfig, attention: str) -> list
             "token_budget"
         ]
     return []
+
+
+def _packed_pad_flag_errors(
+    execution: ExecutionConfig, attention: str, takes_pad_flag: bool, megatron_version: str
+) -> list[str]:
+    """``data.batching: packed`` with context parallelism on a megatron-core whose
+    ``PackedSeqParams`` cannot say ``pad_between_seqs`` (0.16.1; 0.19.2 can:
+    ``packed_seq_params.py`` line 28): Transformer Engine <= 2.17 then infers it from
+    ``cu_seqlens[:-1]``, False when only the last sequence is padded, and its ring attention
+    silently mislabels that sequence's chunks (TE #3331 / #3332, Megatron-LM #5541). Every
+    sequence is padded to ``2 * CP``, so that case is common. At CP = 1 ``run/packing.py``
+    makes the row's tail a sequence of its own instead."""
+    if attention != "transformer_engine" or execution.cp == 1 or takes_pad_flag:
+        return []
+    return [
+        f"data.batching=packed with execution.cp={execution.cp} on megatron-core "
+        f"{megatron_version}: its PackedSeqParams cannot pass pad_between_seqs, and Transformer "
+        "Engine <= 2.17 infers it wrong when only the last sequence is padded (silently wrong "
+        "context-parallel attention, TE #3331); use data.batching=token_budget, or "
+        "megatron-core >= 0.19"
+    ]
+
+
+def _packed_pipeline_errors(data: DataConfig, execution: ExecutionConfig) -> list[str]:
+    """Packed rows under a pipeline are all the token budget long (fixed shapes: no shape
+    exchange before each p2p send, ``model/build.py``), so the budget is a length the layout
+    can run: a multiple of ``pad_multiple``."""
+    budget, multiple = data.max_tokens_per_micro_batch, execution.pad_multiple
+    if data.batching != "packed" or execution.pp == 1 or budget % multiple == 0:
+        return []
+    return [
+        f"data.max_tokens_per_micro_batch={budget}: packed rows under execution.pp="
+        f"{execution.pp} are padded to it, and the layout needs lengths that are multiples of "
+        f"{multiple}: use {-(-budget // multiple) * multiple}"
+    ]
 
 
 def _ranges(config: Config) -> dict:

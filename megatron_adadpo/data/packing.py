@@ -56,7 +56,10 @@ def collate_packed(
       (as ``collate_pairs``), so no loss crosses a sequence boundary.
     - ``cu_seqlens`` = ``[0, l0, l0 + l1, ...]`` (real lengths), ``cu_seqlens_padded`` the
       offsets of the padded sequences (last entry ``T``), ``max_seqlen`` the longest padded
-      sequence (a Python int, as Megatron's rotary length needs one without a device sync).
+      sequence (a Python int, as Megatron's rotary length needs one without a device sync),
+      ``pad_between_seqs`` whether any sequence is padded, the row's tail included (a Python
+      bool: ``cu_seqlens != cu_seqlens_padded`` anywhere, known here without a device sync),
+      ``tail_tokens`` the row's padding after its last padded sequence (a Python int).
 
     Shapes:
         tokens, labels, position_ids, segment_ids: int64 ``[1, T]`` (per token).
@@ -73,8 +76,8 @@ def collate_packed(
     (tensor([[ 1, 10, 20,  2,  1, 10, 30,  2]]), tensor([[0, 0, 0, 0, 1, 1, 1, 1]]))
     >>> b["loss_mask"]
     tensor([[0., 1., 1., 0., 0., 1., 1., 0.]])
-    >>> b["cu_seqlens"], b["cu_seqlens_padded"], b["max_seqlen"]
-    (tensor([0, 4, 8], dtype=torch.int32), tensor([0, 4, 8], dtype=torch.int32), 4)
+    >>> b["cu_seqlens"], b["cu_seqlens_padded"], b["max_seqlen"], b["pad_between_seqs"]
+    (tensor([0, 4, 8], dtype=torch.int32), tensor([0, 4, 8], dtype=torch.int32), 4, False)
     """
     sequences, prompt_lengths = pair_sequences(examples)
     lengths = np.array([len(s) for s in sequences], dtype=np.int64)
@@ -91,7 +94,8 @@ def collate_packed(
         segment_ids[start : start + len(ids)] = k
     labels = np.full(total, pad_token_id, dtype=np.int64)
     labels[:-1] = tokens[1:]
-    padded[-1] += total - int(starts[-1])  # the row's tail pads the last sequence
+    tail = total - int(starts[-1])
+    padded[-1] += tail  # the row's tail pads the last sequence
     cu_padded = np.concatenate([[0], np.cumsum(padded)])
     return {
         "tokens": torch.from_numpy(tokens)[None],
@@ -104,6 +108,8 @@ def collate_packed(
         "cu_seqlens": torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)])).int(),
         "cu_seqlens_padded": torch.from_numpy(cu_padded).int(),
         "max_seqlen": int(padded.max()),
+        "pad_between_seqs": bool((padded != lengths).any()),
+        "tail_tokens": tail,
     }
 
 

@@ -10,6 +10,8 @@ the private one and a test pins its behaviour (``tests/unit/test_megatron_seam.p
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import inspect
 
 import torch
@@ -56,6 +58,7 @@ __all__ = [
     "IndexedDataset",
     "IndexedDatasetBuilder",
     "OptimizerParamScheduler",
+    "PACKED_SEQ_TAKES_PAD_FLAG",
     "PackedSeqParams",
     "ProcessGroupCollection",
     "StaticInferenceContext",
@@ -68,6 +71,7 @@ __all__ = [
     "get_forward_backward_func",
     "get_gpt_layer_local_spec",
     "get_num_layers_to_build",
+    "inference_mode",
     "llama3_rope_scaling",
     "megatron_rng_module",
     "output_layer_weight",
@@ -123,6 +127,30 @@ def get_batch_on_this_cp_rank(batch: dict, cp_group) -> dict:
     if _CP_SPLIT_TAKES_HYBRID:
         return _get_batch_on_this_cp_rank(batch, False, cp_group=cp_group)
     return _get_batch_on_this_cp_rank(batch, cp_group=cp_group)
+
+
+# 0.19 lets the caller say whether a packed row has padding (``packed_seq_params.py`` line 28,
+# forwarded to TE >= 2.2 by ``extensions/transformer_engine.py`` line 1944); 0.16.1 has no such
+# field, and Transformer Engine infers it (``run/packing.py``).
+PACKED_SEQ_TAKES_PAD_FLAG = "pad_between_seqs" in {
+    f.name for f in dataclasses.fields(PackedSeqParams)
+}
+
+try:  # 0.19: inference behaviour follows a process-wide flag, not the inference context
+    from megatron.core.inference.utils import InferenceMode as _InferenceMode
+except ImportError:  # 0.16.1
+    _InferenceMode = None
+
+
+def inference_mode() -> contextlib.AbstractContextManager:
+    """The mode in which ``GPTModel`` given an ``inference_context`` computes the logits of the
+    last position only (``StaticInferenceContext`` asks for them:
+    ``materialize_only_last_token_logits``). 0.19.2 checks ``InferenceMode.is_active()``
+    (``models/gpt/gpt_model.py`` lines 648 and 739-745); 0.16.1 enters it whenever a context is
+    passed to a model in eval mode (``models/gpt/gpt_model.py`` lines 584 and 664)."""
+    if _InferenceMode is None:
+        return contextlib.nullcontext()
+    return _InferenceMode.active()
 
 
 _GPT_TAKES_OUTPUT_PROCESSOR = "output_processor" in inspect.signature(GPTModel.forward).parameters

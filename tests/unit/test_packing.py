@@ -68,8 +68,11 @@ def test_thd_parameters_follow_the_segment_boundaries_and_te_padding_rules(cp, t
     CP and ``_get_thd_freqs_on_this_cp_rank`` halves it; ``utils.get_thd_batch_on_this_cp_rank``
     splits with TE's ``thd_get_partitioned_indices``); the row length ``T`` is a multiple of the
     layout's pad multiple (sequence parallelism scatters ``T / CP`` over TP); ``max_seqlen`` sizes
-    the rotary table (``get_rotary_seq_len``) so it must cover the longest padded sequence."""
+    the rotary table (``get_rotary_seq_len``) so it must cover the longest padded sequence.
+    On a megatron-core that cannot pass ``pad_between_seqs`` (0.16.1) a padded row tail at
+    CP = 1 is a sequence of its own (``run/packing.thd_params``; ``test_packed_pad_flag.py``)."""
     from megatron_adadpo.layout import pad_multiple
+    from megatron_adadpo.platform.megatron import PACKED_SEQ_TAKES_PAD_FLAG
     from megatron_adadpo.run.packing import thd_params
 
     rng = np.random.default_rng(cp * 10 + tp_sp)
@@ -81,15 +84,22 @@ def test_thd_parameters_follow_the_segment_boundaries_and_te_padding_rules(cp, t
     segments = batch["segment_ids"][0]
     assert params.qkv_format == "thd"
     assert torch.equal(params.cu_seqlens_q, params.cu_seqlens_kv)
-    assert np.diff(params.cu_seqlens_q.tolist()).tolist() == real
-    padded = np.diff(params.cu_seqlens_q_padded.tolist())
-    starts = params.cu_seqlens_q_padded[:-1].tolist()
+    total = batch["tokens"].shape[1]
+    cu_real, cu_padded = params.cu_seqlens_q.tolist(), params.cu_seqlens_q_padded.tolist()
+    if len(cu_real) == len(real) + 2:  # the row's tail as a sequence of its own
+        tail = batch["tail_tokens"]
+        assert not PACKED_SEQ_TAKES_PAD_FLAG and tail > 0
+        assert cu_real[-1] - cu_real[-2] == cu_padded[-1] - cu_padded[-2] == tail
+        assert cp > 1 or cu_real == cu_padded  # nothing padded at CP = 1
+        cu_real, cu_padded = cu_real[:-1], cu_padded[:-2] + [total]
+    assert np.diff(cu_real).tolist() == real
+    padded = np.diff(cu_padded)
+    starts = cu_padded[:-1]
     for k, (start, length) in enumerate(zip(starts, real, strict=True)):
         assert (segments[start : start + length] == k).all()  # sequence k starts where THD says
     assert (padded >= real).all()
     assert cp == 1 or (padded % (2 * cp) == 0).all()
-    total = batch["tokens"].shape[1]
-    assert params.cu_seqlens_q_padded[-1] == total and total % multiple == 0
+    assert cu_padded[-1] == total and total % multiple == 0
     assert params.max_seqlen_q == params.max_seqlen_kv == padded.max()
 
 
