@@ -197,7 +197,6 @@ def validate(config: Config) -> None:
         batching=config.data.batching,
     )
     errors += budget_errors(config.data, config.execution)  # padded for a valid layout
-    errors += _packed_pipeline_errors(config.data, config.execution)
     if errors:
         raise ConfigError(errors[0])
     for check in (_check_ranges, _check_train, _check_reference, _check_optimizer, _check_logging):
@@ -304,20 +303,6 @@ def _packed_pad_flag_errors(
         "Engine <= 2.17 infers it wrong when only the last sequence is padded (silently wrong "
         "context-parallel attention, TE #3331); use data.batching=token_budget, or "
         "megatron-core >= 0.19"
-    ]
-
-
-def _packed_pipeline_errors(data: DataConfig, execution: ExecutionConfig) -> list[str]:
-    """Packed rows under a pipeline are all the token budget long (fixed shapes: no shape
-    exchange before each p2p send, ``model/build.py``), so the budget is a length the layout
-    can run: a multiple of ``pad_multiple``."""
-    budget, multiple = data.max_tokens_per_micro_batch, execution.pad_multiple
-    if data.batching != "packed" or execution.pp == 1 or budget % multiple == 0:
-        return []
-    return [
-        f"data.max_tokens_per_micro_batch={budget}: packed rows under execution.pp="
-        f"{execution.pp} are padded to it, and the layout needs lengths that are multiples of "
-        f"{multiple}: use {-(-budget // multiple) * multiple}"
     ]
 
 

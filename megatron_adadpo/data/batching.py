@@ -23,7 +23,11 @@ Policies (``data.batching``):
   most ``max_tokens_per_micro_batch`` tokens, one row per micro-batch, a pair's chosen and
   rejected adjacent (``data/packing.py`` collates it with a segment id per token). Each
   sequence is padded to ``segment_multiple`` (Transformer Engine's THD format with context
-  parallelism: ``2*CP``), the row to ``pad_multiple``.
+  parallelism: ``2*CP``), the row to ``pad_multiple``. Under a pipeline (``fixed_rows``) all
+  micro-batches of a rank's step have one shape, so the pipeline sends activations without
+  exchanging shapes first (``model/build.py``): the first-fit rows are rebalanced (longest
+  pair first onto the row with fewest tokens, as many rows) when that lowers the longest row,
+  and every row is padded to the step's longest (``step_row_tokens``, at most the budget).
 
 A pair is never split across ranks, micro-batches or rows. ``microbatch_multiple`` (the
 interleaved schedule's ``PP``) rounds each rank's micro-batch count up to a multiple by
@@ -60,6 +64,7 @@ class BatchingPolicy:
         segment_multiple: packed sequences are each padded to this (THD with CP: ``2*CP``).
         microbatch_multiple: each rank's micro-batch count is a multiple of this (the
             interleaved schedule's ``PP``; 1 otherwise).
+        fixed_rows: packed rows of one rank's step all have the same length (pipelines).
     """
 
     mode: str = "fixed"
@@ -68,6 +73,7 @@ class BatchingPolicy:
     pad_multiple: int = 1
     segment_multiple: int = 1
     microbatch_multiple: int = 1
+    fixed_rows: bool = False
 
     def padded_tokens(self, lengths: np.ndarray, micro: tuple[int, ...]) -> int:
         """Tokens the model processes for one micro-batch, padding included."""
@@ -83,6 +89,13 @@ class BatchingPolicy:
         if self.mode == "packed":
             return round_up(lengths, self.segment_multiple).sum(axis=1)
         return 2 * round_up(lengths.max(axis=1), self.pad_multiple)
+
+    def step_row_tokens(self, lengths: np.ndarray, micro_batches: list[tuple[int, ...]]):
+        """The length every packed row of one rank's step is padded to (``fixed_rows``): the
+        longest, a multiple of ``pad_multiple`` within the budget; None: each its own."""
+        if not (self.fixed_rows and micro_batches):
+            return None
+        return max(self.padded_tokens(lengths, micro) for micro in micro_batches)
 
     def longest_pair_tokens(self, max_length: int) -> int:
         """Budget units of the longest pair ``data.max_length`` allows (two rows of it)."""
@@ -161,7 +174,30 @@ def _pack_rows(policy: BatchingPolicy, lengths: np.ndarray, positions: list[int]
             rows.append([])
         rows[k].append(p)
         used[k] += need
+    if policy.fixed_rows:
+        return _balanced(policy, lengths, [tuple(row) for row in rows])
     return [tuple(row) for row in rows]
+
+
+def _balanced(policy: BatchingPolicy, lengths: np.ndarray, rows: list[tuple[int, ...]]):
+    """Rows of one length for a fixed-shape step, with as little padding as found: for each
+    row count ``n`` from the first-fit count up to twice it (multiples of
+    ``microbatch_multiple``, which needs no split), the pairs dealt longest first onto ``n``
+    rows, each to the row with the fewest tokens so far; of those and the first-fit rows
+    (when their count needs no split), the least ``rows * longest row`` (fewest rows on ties),
+    every row within the budget."""
+    positions = [p for row in rows for p in row]
+    need = policy.pair_tokens(lengths)[positions]
+    step = policy.microbatch_multiple
+    best, cost = rows, None
+    if len(rows) % step == 0:
+        cost = len(rows) * max(policy.padded_tokens(lengths, r) for r in rows)
+    for n in range(round_up(len(rows), step), min(len(positions), 2 * len(rows)) + 1, step):
+        dealt = [tuple(positions[i] for i in r) for r in deal_by_tokens(need, n)]
+        longest = max(policy.padded_tokens(lengths, r) for r in dealt)
+        if longest <= policy.max_tokens and (cost is None or n * longest < cost):
+            best, cost = dealt, n * longest
+    return best
 
 
 def _split_to_multiple(micro: list[tuple[int, ...]], multiple: int) -> list[tuple[int, ...]]:
@@ -197,13 +233,15 @@ def batching_policy(
 ) -> BatchingPolicy:
     """The policy of ``data.batching`` / ``data.max_tokens_per_micro_batch`` under a layout
     (``ExecutionConfig``) and ``train.micro_batch_size``."""
+    packed = mode == "packed"
     return BatchingPolicy(
         mode=mode,
         micro_batch_size=micro_batch_size,
         max_tokens=max_tokens,
         pad_multiple=execution.pad_multiple,
-        segment_multiple=2 * execution.cp if mode == "packed" and execution.cp > 1 else 1,
+        segment_multiple=2 * execution.cp if packed and execution.cp > 1 else 1,
         microbatch_multiple=execution.pp if execution.vpp else 1,
+        fixed_rows=packed and execution.pp > 1,
     )
 
 

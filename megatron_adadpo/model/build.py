@@ -3,7 +3,8 @@
 Transformer Engine layer spec on GPUs when TE is installed (FP8 through TE's recipes); the local
 spec otherwise, with the plugin's ``RMSNorm`` (``model/norm.py``: unlike ``WrappedTorchNorm`` it
 supports sequence parallelism). Pipelines run with ``variable_seq_lengths`` (each micro-batch
-has its own length; Megatron exchanges shapes before each p2p transfer). For packed sequences
+has its own length; Megatron exchanges shapes before each p2p transfer), except on packed rows,
+which all have the token budget's length (fixed shapes, no exchange). For packed sequences
 on the local spec the attention's mask type is ``arbitrary``: the block-diagonal mask passed to
 ``GPTModel`` is then the whole mask (with ``causal``, Megatron's fused softmax kernel builds its
 own causal mask and ignores a passed one).
@@ -38,8 +39,11 @@ from megatron_adadpo.platform.megatron import (
 )
 
 
-def transformer_config(model: ModelConfig, run: ExecutionConfig) -> TransformerConfig:
-    """Megatron ``TransformerConfig`` for the Llama family under the given execution options."""
+def transformer_config(
+    model: ModelConfig, run: ExecutionConfig, packed_sequences: bool = False
+) -> TransformerConfig:
+    """Megatron ``TransformerConfig`` for the Llama family under the given execution options;
+    ``packed_sequences``: the run feeds packed rows (fixed pipeline shapes, ``_p2p_options``)."""
     on_gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if run.bf16 else torch.float32
     recompute = {}
@@ -78,7 +82,7 @@ def transformer_config(model: ModelConfig, run: ExecutionConfig) -> TransformerC
         autocast_dtype=dtype,
         use_cpu_initialization=not on_gpu,
         perform_initialization=True,
-        **_p2p_options(run, on_gpu),
+        **_p2p_options(run, on_gpu, fixed_shapes=packed_sequences),
         # No MoE here; TransformerConfig refuses variable_seq_lengths with the default
         # "allgather" MoE dispatcher (0.16.1 __post_init__), whether or not experts exist.
         moe_token_dispatcher_type="alltoall",
@@ -89,21 +93,29 @@ def transformer_config(model: ModelConfig, run: ExecutionConfig) -> TransformerC
     )
 
 
-def _p2p_options(run: ExecutionConfig, on_gpu: bool) -> dict:
-    """Pipeline p2p settings: variable micro-batch shapes, exchanged before each transfer.
+def _p2p_options(run: ExecutionConfig, on_gpu: bool, fixed_shapes: bool) -> dict:
+    """Pipeline p2p settings: the micro-batch shapes, fixed or exchanged before each transfer.
 
-    ``variable_seq_lengths``: each micro-batch keeps its own length (Megatron sends the shape
-    first). The interleaved schedule overlaps its p2p (``overlap_p2p_comm``, Megatron-LM's
-    default with virtual stages), so no call sends two tensors to one peer: with
-    ``batch_p2p_comm`` at PP = 2 (next == prev rank) the shape exchange pairs the forward and
-    backward shapes crosswise (Megatron-LM #1450 / #5100). Without virtual stages, batched p2p
-    on GPUs; on gloo batched interleaved p2p is silently wrong (Megatron-LM #750).
+    ``variable_seq_lengths``: each micro-batch keeps its own length, and every p2p send is
+    preceded by a blocking shape exchange (megatron-core 0.16.1
+    ``pipeline_parallel/p2p_communication.py`` ``_communicate``: ``_communicate_shapes`` when
+    ``config.variable_seq_lengths``, whose gloo/NCCL path ends in ``torch.cuda.synchronize()``).
+    ``fixed_shapes`` (packed rows, all the token budget long: ``data/batching.py``
+    ``row_tokens``) turns it off: the schedule then sizes every buffer from its ``seq_length``
+    and ``micro_batch_size`` (``schedules.get_tensor_shapes``). Unpacked token-budget
+    micro-batches keep it: their row count and length both vary, and padding them to one shape
+    would cost more compute than the exchange costs time. The interleaved schedule overlaps its
+    p2p (``overlap_p2p_comm``, Megatron-LM's default with virtual stages), so no call sends two
+    tensors to one peer: with ``batch_p2p_comm`` at PP = 2 (next == prev rank) the shape
+    exchange pairs the forward and backward shapes crosswise (Megatron-LM #1450 / #5100).
+    Without virtual stages, batched p2p on GPUs; on gloo batched interleaved p2p is silently
+    wrong (Megatron-LM #750).
     """
     if run.pp == 1:
         return {}
     interleaved = run.vpp is not None
     return dict(
-        variable_seq_lengths=True,
+        variable_seq_lengths=not fixed_shapes,
         overlap_p2p_comm=interleaved,
         batch_p2p_comm=on_gpu and not interleaved,
     )
@@ -190,7 +202,7 @@ def build_model(
     in ``params_dtype``; wrap them in Megatron DDP before training. ``packed_sequences``: the
     run feeds packed rows (``data.batching: packed``), see ``layer_spec``.
     """
-    config = transformer_config(model, run)
+    config = transformer_config(model, run, packed_sequences)
     chunks = []
     for vp_stage in range(run.vpp or 1):
         stage = vp_stage if run.vpp else None

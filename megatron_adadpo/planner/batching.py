@@ -53,12 +53,18 @@ class BatchingEstimate:
 
 
 def micro_batch_flops(
-    policy: BatchingPolicy, lengths: np.ndarray, micro: tuple[int, ...], ab, flash: bool
+    policy: BatchingPolicy,
+    lengths: np.ndarray,
+    micro: tuple[int, ...],
+    ab,
+    flash: bool,
+    row_tokens: int | None = None,
 ) -> float:
-    """Forward FLOPs of one micro-batch as laid out by ``policy`` (see the module docstring)."""
+    """Forward FLOPs of one micro-batch as laid out by ``policy`` (see the module docstring);
+    ``row_tokens``: a packed row's length when the step fixes it (pipelines)."""
     a, b = ab
     if policy.mode == "packed":
-        total = policy.padded_tokens(lengths, micro)
+        total = row_tokens or policy.padded_tokens(lengths, micro)
         sequences = round_up(lengths[list(micro)], policy.segment_multiple).astype(np.float64)
         return a * total + b * (float((sequences**2).sum()) if flash else float(total) ** 2)
     seq = policy.padded_tokens(lengths, micro) / (2 * len(micro))
@@ -83,9 +89,11 @@ def estimate_batching(
     sizes, flops = [], 0.0
     for step in range(steps):
         lengths = rows[step * global_batch_size : (step + 1) * global_batch_size]
-        for micro in (m for rank in plan_global_batch(policy, lengths, dp) for m in rank):
-            sizes.append(policy.padded_tokens(lengths, micro))
-            flops += micro_batch_flops(policy, lengths, micro, ab, flash)
+        for rank in plan_global_batch(policy, lengths, dp):
+            row = policy.step_row_tokens(lengths, rank)
+            for micro in rank:
+                sizes.append(row or policy.padded_tokens(lengths, micro))
+                flops += micro_batch_flops(policy, lengths, micro, ab, flash, row)
     used = rows[: steps * global_batch_size].astype(np.float64)
     processed, real = sum(sizes) / steps, float(used.sum()) / steps
     return BatchingEstimate(

@@ -7,7 +7,9 @@ over data-parallel ranks and micro-batches by ``data.batching`` (``fixed``, ``to
 row rounded up to the layout's ``pad_multiple`` (pipelines too: ``variable_seq_lengths``), so the
 number of micro-batches and their shapes may change from step to step; a packed micro-batch is
 one row (``data/packing.py``) that reaches the attention as ``PackedSeqParams`` (Transformer
-Engine) or as a block-diagonal mask (local spec, ``run/packing.py``).
+Engine) or as a block-diagonal mask (local spec, ``run/packing.py``); under a pipeline the
+packed rows of a step all have the step's longest row's length (fixed shapes,
+``BatchingPolicy.step_row_tokens``).
 With context parallelism each rank keeps its zigzag share of every per-token tensor
 (``run/context_parallel.py``: of the whole row, or of each sequence of a packed row), ``[., S/CP]``;
 pair ids and reference values stay per pair.
@@ -72,12 +74,17 @@ class StepBatches:
         self.step_lengths = self.lengths[indices]
         plan = plan_global_batch(self.policy, self.step_lengths, self.dp_size)
         self.step_micro_batches = max(len(m) for m in plan)  # the most any DP rank has
-        return [self._collate([self.dataset[indices[p]] for p in m]) for m in plan[self.dp_rank]]
+        mine = plan[self.dp_rank]
+        row = self.policy.step_row_tokens(self.step_lengths, mine)
+        return [self._collate([self.dataset[indices[p]] for p in m], row) for m in mine]
 
-    def _collate(self, examples: list[dict]) -> dict:
+    def _collate(self, examples: list[dict], row_tokens: int | None) -> dict:
+        """``row_tokens``: the packed row's length (pipelines: the step's one shape; every row
+        of the step fits in it, so padding to a multiple of it pads to exactly it)."""
         pad_id, multiple = self.dataset.pad_id, self.policy.pad_multiple
         if self.policy.mode == "packed":
-            batch = collate_packed(examples, pad_id, multiple, self.policy.segment_multiple)
+            rows = row_tokens or multiple
+            batch = collate_packed(examples, pad_id, rows, self.policy.segment_multiple)
         else:
             batch = collate_pairs(examples, pad_id, multiple)
         batch = split_for_context_parallel(batch, self.cp_rank, self.cp_size)

@@ -1,6 +1,7 @@
 """``data.batching``: token-budget and packed micro-batches give the loss, metrics and gradients
 of ``fixed`` (one rank) on every layout, never split a pair, and resume exactly after SIGKILL;
-through the real trainer and Megatron's schedules (variable-length pipelines), CPU + gloo.
+through the real trainer and Megatron's schedules (variable-length pipelines; packed pipelines
+with one row length per step and no shape exchange), CPU + gloo.
 
 The model has GQA (4 heads, 2 query groups) and Llama-3 RoPE scaling with non-default
 parameters, so positions matter: a packed sequence at offset ``o`` of its row must see the
@@ -74,7 +75,10 @@ def test_mode_matches_fixed(mode, layout, tmp_path, cache_dir, fixed):
     _check_step_one_layout(mode, results, world_pairs=8)
     padding = [r["throughput/padding_fraction"] for r in rows]
     fixed_padding = [r["throughput/padding_fraction"] for r in reference_rows]
-    if mode == "packed" and layout != "tp2_sp":  # SP pads rows to an even length
+    if mode == "packed" and layout == "pp2":  # fixed shapes: no shape exchange between stages
+        for rank_result in results:
+            assert len({segments.shape for _, _, segments in rank_result["micro_batches"]}) == 1
+    elif mode == "packed" and layout != "tp2_sp":  # SP pads rows to an even length
         assert padding == [0.0] * 5
     assert sum(padding) < sum(fixed_padding)
 
