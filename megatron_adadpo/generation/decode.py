@@ -7,7 +7,9 @@ feeds one token per row: the row's own next prompt token while its prompt lasts 
 token is discarded), else the token just chosen. Causal attention makes every row's logits
 exactly those of its own sequence, so greedy output equals a one-prompt-at-a-time decode (and
 ``transformers`` ``generate`` on the exported model). Prompts are sorted by length first so that
-batches mix similar lengths. A row stops at EOS or after ``max_new_tokens``.
+batches mix similar lengths. A row stops at EOS or after ``max_new_tokens``. Every forward runs
+in Megatron's inference mode (``platform.megatron.inference_mode``), where the model computes
+the logits of the last position only (``[b, 1, v]``), never the whole prompt's.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from megatron_adadpo.platform.megatron import StaticInferenceContext
+from megatron_adadpo.platform.megatron import StaticInferenceContext, inference_mode
 
 
 @dataclass(frozen=True)
@@ -87,13 +89,14 @@ def _generate_batch(model, prompts, eos_id, vocab_size, sampling, generator) -> 
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     fed = 0
     for pos in range(int(lengths.min()), total):
-        logits = model(
-            tokens[:, fed:pos],
-            positions[:, fed:pos],
-            None,
-            inference_context=context,
-            runtime_gather_output=True,
-        )  # [b, 1, padded vocab]: the last position's logits only
+        with inference_mode():
+            logits = model(
+                tokens[:, fed:pos],
+                positions[:, fed:pos],
+                None,
+                inference_context=context,
+                runtime_gather_output=True,
+            )  # [b, 1, padded vocab]: the last position's logits only
         context.increment_sequence_len_offset(pos - fed)
         context.enable_decode_mode()
         fed = pos
