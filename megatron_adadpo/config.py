@@ -242,11 +242,9 @@ def check_environment(config: Config) -> None:
     if config.data.batching == "packed":
         from megatron_adadpo.platform.megatron import MEGATRON_VERSION, PACKED_SEQ_TAKES_PAD_FLAG
 
-        attention = attention_impl(config.execution)
-        errors[:0] = _packed_attention_errors(config.execution, attention) + (
-            _packed_pad_flag_errors(
-                config.execution, attention, PACKED_SEQ_TAKES_PAD_FLAG, MEGATRON_VERSION
-            )
+        run, attention = config.execution, attention_impl(config.execution)
+        errors[:0] = _packed_attention_errors(run, attention) + _packed_pad_flag_errors(
+            run, attention, PACKED_SEQ_TAKES_PAD_FLAG, MEGATRON_VERSION
         )
     if errors:
         raise ConfigError(errors[0])
@@ -288,21 +286,17 @@ def _packed_attention_errors(execution: ExecutionConfig, attention: str) -> list
 def _packed_pad_flag_errors(
     execution: ExecutionConfig, attention: str, takes_pad_flag: bool, megatron_version: str
 ) -> list[str]:
-    """``data.batching: packed`` with context parallelism on a megatron-core whose
-    ``PackedSeqParams`` cannot say ``pad_between_seqs`` (0.16.1; 0.19.2 can:
-    ``packed_seq_params.py`` line 28): Transformer Engine <= 2.17 then infers it from
-    ``cu_seqlens[:-1]``, False when only the last sequence is padded, and its ring attention
-    silently mislabels that sequence's chunks (TE #3331 / #3332, Megatron-LM #5541). Every
-    sequence is padded to ``2 * CP``, so that case is common. At CP = 1 ``run/packing.py``
-    makes the row's tail a sequence of its own instead."""
+    """Packed + CP on TE attention where ``PackedSeqParams`` cannot say ``pad_between_seqs``
+    (0.16.1; 0.19.2 ``packed_seq_params.py`` line 28): TE <= 2.17 infers it False when only the
+    last sequence is padded, common with every sequence padded to ``2 * CP``, and its ring
+    attention mislabels that sequence's chunks (TE #3331; ``run/packing.thd_params``)."""
     if attention != "transformer_engine" or execution.cp == 1 or takes_pad_flag:
         return []
     return [
         f"data.batching=packed with execution.cp={execution.cp} on megatron-core "
-        f"{megatron_version}: its PackedSeqParams cannot pass pad_between_seqs, and Transformer "
-        "Engine <= 2.17 infers it wrong when only the last sequence is padded (silently wrong "
-        "context-parallel attention, TE #3331); use data.batching=token_budget, or "
-        "megatron-core >= 0.19"
+        f"{megatron_version}: its PackedSeqParams cannot pass pad_between_seqs, which "
+        "Transformer Engine <= 2.17 infers wrong when only the last sequence is padded (silently "
+        "wrong attention, TE #3331); use data.batching=token_budget, or megatron-core >= 0.19"
     ]
 
 
