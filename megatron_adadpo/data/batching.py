@@ -25,9 +25,9 @@ Policies (``data.batching``):
   sequence is padded to ``segment_multiple`` (Transformer Engine's THD format with context
   parallelism: ``2*CP``), the row to ``pad_multiple``. Under a pipeline (``fixed_rows``) all
   micro-batches of a rank's step have one shape, so the pipeline sends activations without
-  exchanging shapes first (``model/build.py``): the first-fit rows are rebalanced (longest
-  pair first onto the row with fewest tokens, as many rows) when that lowers the longest row,
-  and every row is padded to the step's longest (``step_row_tokens``, at most the budget).
+  exchanging shapes first (``model/build.py``): the first-fit rows are rebalanced (pairs
+  dealt longest first onto ``n`` rows, the ``n`` with the least ``n x longest row``), and
+  every row is padded to the step's longest (``step_row_tokens``, at most the budget).
 
 A pair is never split across ranks, micro-batches or rows. ``microbatch_multiple`` (the
 interleaved schedule's ``PP``) rounds each rank's micro-batch count up to a multiple by
