@@ -31,6 +31,11 @@ class ReferenceConfig:
     mode: str = "resident"  # "resident" | "precomputed" | "none"
     path: str | None = None  # precomputed: output dir of tools/precompute_reference.py
     eval_path: str | None = None  # precomputed values of the eval pairs (eval.inputs)
+    # The reference model when it is not the policy's start (TRL's ref_model: iterative DPO,
+    # reference = the SFT model while the policy starts from a merged one): a converted
+    # checkpoint of the same model and tokenizer, loaded by the resident reference and by
+    # tools/precompute_reference.py; None: the policy's initial weights
+    checkpoint: str | None = None
 
 
 @dataclass(frozen=True)
@@ -344,6 +349,9 @@ def _check_reference(config: Config) -> None:
             f"loss.name={loss.name!r} needs reference log-probs; set "
             "reference.mode to 'resident' or 'precomputed'"
         )
+    errors = reference_checkpoint_errors(config)
+    if errors:
+        raise ConfigError(errors[0])
     evaluation = config.eval
     if evaluation.interval and not evaluation.inputs:
         raise ConfigError("eval.interval > 0 needs eval.inputs (held-out preference pairs)")
@@ -353,6 +361,22 @@ def _check_reference(config: Config) -> None:
                 "evaluation with reference.mode=precomputed needs reference.eval_path "
                 "(tools/precompute_reference.py --eval --output DIR)"
             )
+
+
+def reference_checkpoint_errors(config: Config) -> list[str]:
+    """``reference.checkpoint`` names the reference model: it needs a run that has one."""
+    checkpoint = config.reference.checkpoint
+    if checkpoint and config.reference_mode == "none":
+        why = (
+            "reference.mode=none"
+            if config.reference.mode == "none"
+            else f"loss.name={config.loss.name} is reference-free"
+        )
+        return [
+            f"reference.checkpoint={checkpoint} has no effect: {why} (no reference model is "
+            "run or read); remove reference.checkpoint"
+        ]
+    return []
 
 
 def _check_logging(config: Config) -> None:

@@ -4,8 +4,8 @@ Both attach ``batch["reference_logps"]`` (``[2B]`` fp32, ``[c0, r0, c1, r1, ...]
 micro-batches of a step, on the last pipeline stage where the policy loss is computed.
 Precomputed files (``tools/precompute_reference.py``) hold per-pair summed completion log-probs
 ``[N, 2]`` (chosen, rejected) indexed by ``pair_id``, tied to the dataset's manifest identity
-(a file made for other data or another tokenisation is refused here) and to the starting model
-(checked by the trainer: ``run/consistency.py``).
+(a file made for other data or another tokenisation is refused here) and to the reference model
+(``reference.checkpoint`` or the policy's start; checked by the trainer: ``run/consistency.py``).
 """
 
 from __future__ import annotations
@@ -65,13 +65,15 @@ def freeze(chunks: list) -> list:
 
 
 class ResidentReference:
-    """A frozen copy of the policy's initial weights with the same layout, forward-only."""
+    """A frozen model with the policy's layout, forward-only: a copy of the policy's initial
+    weights, or the weights already in ``chunks`` (``reference.checkpoint``)."""
 
-    def __init__(self, chunks: list, policy: list, context: StepContext):
-        """``chunks``: freshly built model chunks of the policy's layout (overwritten)."""
+    def __init__(self, chunks: list, policy: list | None, context: StepContext):
+        """``chunks``: model chunks of the policy's layout; overwritten with ``policy``'s
+        weights, or kept as they are when ``policy`` is None."""
         self.context = context
         with torch.no_grad():
-            for ref, pol in zip(chunks, policy, strict=True):
+            for ref, pol in zip(chunks, policy or (), strict=False):
                 ref.load_state_dict(unwrap_model(pol).state_dict(), strict=True)
         self.chunks = freeze(chunks)
 

@@ -1,0 +1,73 @@
+"""The ``reference`` section's rules: ``reference.checkpoint`` (a reference other than the
+policy's start) and what the precomputed values record about the reference model."""
+
+from pathlib import Path
+
+import pytest
+
+from megatron_adadpo.config import ConfigError, load_config
+from megatron_adadpo.model.config import write_model_config
+from megatron_adadpo.run.consistency import (
+    check_reference_model,
+    recorded_reference_model,
+    reference_model,
+)
+
+QUICKSTART = Path(__file__).resolve().parents[2] / "examples/configs/quickstart.yaml"
+
+
+def cfg(*overrides):
+    return load_config(QUICKSTART, list(overrides))
+
+
+def _checkpoint(root: Path, model, weights: bytes = b"w") -> Path:
+    """A stand-in converted checkpoint: model.yaml and one weight file (its bytes fingerprinted)."""
+    root.mkdir(parents=True)
+    write_model_config(root, model)
+    (root / "weights.distcp").write_bytes(weights)
+    return root
+
+
+def test_reference_checkpoint_is_checked_like_init_checkpoint(tmp_path):
+    with pytest.raises(ConfigError, match=r"reference.checkpoint=.*nowhere does not exist"):
+        cfg(f"reference.checkpoint={tmp_path / 'nowhere'}")
+    model = cfg().model.to_dict() | {"rotary_base": 500000.0}
+    from megatron_adadpo.model.config import ModelConfig
+
+    other = _checkpoint(tmp_path / "other", ModelConfig.from_dict(model))
+    with pytest.raises(ConfigError, match=r"reference.checkpoint: checkpoint .*\(rotary_base: "):
+        cfg(f"reference.checkpoint={other}")
+    ok = _checkpoint(tmp_path / "ok", cfg().model)
+    assert cfg(f"reference.checkpoint={ok}").reference.checkpoint == str(ok)
+
+
+@pytest.mark.parametrize(
+    "overrides, why",
+    [
+        (["reference.mode=none", "loss.name=simpo"], "reference.mode=none"),
+        (["loss.name=simpo"], "loss.name=simpo is reference-free"),
+    ],
+)
+def test_reference_checkpoint_without_a_reference_is_refused(tmp_path, overrides, why):
+    ok = _checkpoint(tmp_path / "ok", cfg().model)
+    with pytest.raises(ConfigError, match=rf"reference.checkpoint=.* has no effect: {why}"):
+        cfg(*overrides, f"reference.checkpoint={ok}")
+
+
+def test_the_recorded_reference_is_the_checkpoint_else_the_start(tmp_path):
+    a = _checkpoint(tmp_path / "a", cfg().model, b"A")
+    b = _checkpoint(tmp_path / "b", cfg().model, b"B")
+    from_b = reference_model(cfg(f"train.init_checkpoint={b}"))
+    policy_a_ref_b = cfg(f"train.init_checkpoint={a}", f"reference.checkpoint={b}")
+    assert reference_model(policy_a_ref_b) == from_b  # precomputed either way: one record
+    assert reference_model(cfg(f"train.init_checkpoint={a}")) != from_b
+    check_reference_model(from_b, policy_a_ref_b, "DIR")
+    with pytest.raises(ConfigError, match=r"differs in: checkpoint.*reference.checkpoint=.*/b:"):
+        check_reference_model(
+            reference_model(cfg(f"reference.checkpoint={a}")), policy_a_ref_b, "D"
+        )
+    legacy = {"starting_model": {**from_b, "init_checkpoint": from_b["checkpoint"]}}
+    del legacy["starting_model"]["checkpoint"]  # written before reference.checkpoint
+    assert recorded_reference_model(legacy) == from_b
+    with pytest.raises(ConfigError, match="records no reference model"):
+        check_reference_model(recorded_reference_model({}), policy_a_ref_b, "DIR")
