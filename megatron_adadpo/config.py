@@ -23,6 +23,8 @@ from megatron_adadpo.layout import ExecutionConfig, layout_errors
 from megatron_adadpo.losses.config import LossConfig
 from megatron_adadpo.model.config import ModelConfig
 
+DEFAULT_MIXUP_ALPHA = 0.6  # TRL DPOConfig.ref_model_mixup_alpha
+
 
 @dataclass(frozen=True)
 class ReferenceConfig:
@@ -36,6 +38,11 @@ class ReferenceConfig:
     # checkpoint of the same model and tokenizer, loaded by the resident reference and by
     # tools/precompute_reference.py; None: the policy's initial weights
     checkpoint: str | None = None
+    # TR-DPO (arXiv 2404.09656; TRL sync_ref_model / ref_model_sync_steps /
+    # ref_model_mixup_alpha): every sync_steps optimizer steps the resident reference becomes
+    # mixup_alpha * policy + (1 - mixup_alpha) * reference (1.0: a hard copy); 0 = off
+    sync_steps: int = 0
+    mixup_alpha: float = DEFAULT_MIXUP_ALPHA
 
 
 @dataclass(frozen=True)
@@ -349,7 +356,7 @@ def _check_reference(config: Config) -> None:
             f"loss.name={loss.name!r} needs reference log-probs; set "
             "reference.mode to 'resident' or 'precomputed'"
         )
-    errors = reference_checkpoint_errors(config)
+    errors = reference_checkpoint_errors(config) + reference_sync_errors(config)
     if errors:
         raise ConfigError(errors[0])
     evaluation = config.eval
@@ -375,6 +382,35 @@ def reference_checkpoint_errors(config: Config) -> list[str]:
         return [
             f"reference.checkpoint={checkpoint} has no effect: {why} (no reference model is "
             "run or read); remove reference.checkpoint"
+        ]
+    return []
+
+
+def reference_sync_errors(config: Config) -> list[str]:
+    """TR-DPO (``reference.sync_steps``, ``reference.mixup_alpha``) updates a resident
+    reference model from the policy: it needs one."""
+    ref = config.reference
+    if not isinstance(ref.sync_steps, int) or ref.sync_steps < 0:
+        return [f"reference.sync_steps={ref.sync_steps!r} must be an integer >= 0 (0 = off)"]
+    if not 0.0 < ref.mixup_alpha <= 1.0:
+        return [f"reference.mixup_alpha={ref.mixup_alpha!r} must be in (0, 1] (1: a hard copy)"]
+    if not ref.sync_steps:
+        if ref.mixup_alpha != DEFAULT_MIXUP_ALPHA:
+            return [
+                f"reference.mixup_alpha={ref.mixup_alpha} has no effect with reference.sync_steps"
+                "=0 (TR-DPO off): set reference.sync_steps (steps between updates) or remove it"
+            ]
+        return []
+    if config.reference_mode == "precomputed":
+        return [
+            f"reference.sync_steps={ref.sync_steps} (TR-DPO) updates the reference model from "
+            "the policy during training, but precomputed log-probs were made once from a fixed "
+            "model: set reference.mode=resident, or reference.sync_steps=0"
+        ]
+    if config.reference_mode == "none":
+        return [
+            f"reference.sync_steps={ref.sync_steps} has no effect: loss.name={config.loss.name}"
+            f" / reference.mode={ref.mode} runs no reference model; remove it"
         ]
     return []
 

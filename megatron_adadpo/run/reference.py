@@ -80,6 +80,34 @@ class ResidentReference:
     def attach(self, batches: list[dict]) -> None:
         attach_forward_logps(self.chunks, batches, self.context)
 
+    def sync(self, policy: list, alpha: float) -> None:
+        """TR-DPO's update from the policy (``mix_parameters``); ``policy``'s parameters must be
+        current (the caller forces overlapped parameter gathers first)."""
+        for ref, pol in zip(self.chunks, policy, strict=True):
+            mix_parameters(ref, unwrap_model(pol), alpha)
+
+
+def mix_parameters(target: torch.nn.Module, source: torch.nn.Module, alpha: float) -> None:
+    """TR-DPO (arXiv 2404.09656; TRL ``SyncRefModelCallback``): every parameter
+    ``ref <- alpha * policy + (1 - alpha) * ref``, computed in fp32 or wider and stored in the
+    parameter's dtype; ``alpha = 1`` is a hard copy. Shard-local: ``target`` and ``source``
+    are the same model chunk at the same layout (TP / PP shards, the tied output weight's copy
+    on the last stage), parameter for parameter by name.
+
+    Shapes: every parameter of ``target`` has its ``source`` namesake's shape (this rank's
+    shard).
+    """
+    sources = dict(source.named_parameters())
+    with torch.no_grad():
+        for name, ref in target.named_parameters():
+            pol = sources[name]
+            if alpha == 1.0:
+                ref.copy_(pol)
+                continue
+            wide = torch.promote_types(ref.dtype, torch.float32)
+            mixed = ref.to(wide).mul_(1.0 - alpha).add_(pol.to(wide), alpha=alpha)
+            ref.copy_(mixed)
+
 
 class PrecomputedReference:
     """Looks reference sums up by pair id; holds no model."""

@@ -24,6 +24,7 @@ from megatron_adadpo.model.initialization import init_layout_invariant
 from megatron_adadpo.planner.throughput import step_model_flops
 from megatron_adadpo.platform.distributed import init_model_parallel, is_logging_rank
 from megatron_adadpo.platform.hardware import peak_flops_per_device
+from megatron_adadpo.platform.megatron_optimizer import force_param_sync
 from megatron_adadpo.run import checkpoints, resume
 from megatron_adadpo.run import run_dir as run_files
 from megatron_adadpo.run.batches import step_batches
@@ -184,7 +185,7 @@ class Trainer:
             resume.check_schedule(
                 saved_schedule, self.scheduler.state_dict(), where, self.state["step"], config
             )
-        checkpoints.load_training(where, self.policy, self.optimizer)
+        checkpoints.load_training(where, self.policy, self.optimizer, self._synced_reference())
         self.scheduler.load_state_dict(saved_schedule)
         self.state.update(seed=config.train.seed, optimizer_layout=resume.optimizer_layout(config))
         if dist.get_rank() == 0:
@@ -207,7 +208,22 @@ class Trainer:
             self.state,
             self.config.model,
             self.config.to_yaml(),
+            reference=self._synced_reference(),
         )
+
+    def _synced_reference(self) -> list | None:
+        """TR-DPO's reference chunks (part of the training state), else None."""
+        return self.reference.chunks if self.config.reference.sync_steps else None
+
+    def _sync_reference(self) -> None:
+        """TR-DPO: every ``reference.sync_steps`` steps, after the optimizer step, mix the
+        policy into the resident reference (``ResidentReference.sync``), each rank its own
+        shards; overlapped parameter gathers are forced first (the distributed optimizer's
+        updated shards reach the model's parameters in the next forward otherwise)."""
+        every = self.config.reference.sync_steps
+        if every and self.state["step"] % every == 0:
+            force_param_sync(self.policy, self.optimizer)
+            self.reference.sync(self.policy, self.config.reference.mixup_alpha)
 
     preempted = False  # train() stopped on SIGTERM (and saved)
 
@@ -297,6 +313,7 @@ class Trainer:
         )
         state["step"] += 1
         state["consumed_samples"] += config.train.global_batch_size
+        self._sync_reference()
         logger.advance()
         if state["step"] % config.logging.log_interval == 0 or state["step"] == self.total_steps:
             values = self._throughput(result, time.monotonic() - start)

@@ -71,3 +71,58 @@ def test_the_recorded_reference_is_the_checkpoint_else_the_start(tmp_path):
     assert recorded_reference_model(legacy) == from_b
     with pytest.raises(ConfigError, match="records no reference model"):
         check_reference_model(recorded_reference_model({}), policy_a_ref_b, "DIR")
+
+
+# ----------------------------------------------------------------------------- TR-DPO
+def test_mixup_follows_the_tr_dpo_rule_in_fp64():
+    """k updates of a tiny model: ref_k = alpha * policy_k + (1 - alpha) * ref_{k-1}, written
+    out in fp64 here (TRL's SyncRefModelCallback rule); alpha = 1 copies; a bf16 reference is
+    mixed in fp32 and rounded once."""
+    import torch
+
+    from megatron_adadpo.run.reference import mix_parameters
+
+    torch.manual_seed(0)
+    policy = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)).double()
+    ref = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)).double()
+    want = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    for _ in range(3):
+        with torch.no_grad():
+            for p in policy.parameters():
+                p.add_(torch.randn_like(p))
+        mix_parameters(ref, policy, 0.3)
+        for name, p in policy.named_parameters():
+            want[name] = 0.3 * p.detach() + 0.7 * want[name]
+    for name, p in ref.named_parameters():
+        assert torch.allclose(p, want[name], rtol=0, atol=1e-15), name
+    mix_parameters(ref, policy, 1.0)
+    for a, b in zip(ref.parameters(), policy.parameters(), strict=True):
+        assert torch.equal(a, b)
+    low, source = torch.nn.Linear(4, 3).bfloat16(), torch.nn.Linear(4, 3).double()
+    want = 0.6 * source.weight.detach() + 0.4 * low.weight.detach().double()
+    mix_parameters(low, source, 0.6)
+    assert low.weight.dtype == torch.bfloat16
+    assert torch.allclose(low.weight.double(), want, rtol=2**-8, atol=0)  # one bf16 rounding
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["reference.sync_steps=-1"], r"reference.sync_steps=-1 must be an integer >= 0"),
+        (["reference.sync_steps=1", "reference.mixup_alpha=0"], r"must be in \(0, 1\]"),
+        (["reference.mixup_alpha=0.9"], r"mixup_alpha=0.9 has no effect with reference.sync"),
+        (
+            ["reference.sync_steps=4", "reference.mode=precomputed", "reference.path=x"],
+            r"reference.sync_steps=4 \(TR-DPO\) .* precomputed .* set reference.mode=resident",
+        ),
+        (["reference.sync_steps=4", "loss.name=simpo"], r"sync_steps=4 has no effect: loss"),
+    ],
+)
+def test_tr_dpo_settings_are_refused_where_they_cannot_work(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        cfg(*overrides)
+
+
+def test_tr_dpo_settings_load():
+    ref = cfg("reference.sync_steps=8", "reference.mixup_alpha=1").reference
+    assert (ref.sync_steps, ref.mixup_alpha) == (8, 1.0)
