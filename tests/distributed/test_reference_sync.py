@@ -43,15 +43,16 @@ def test_hard_copy_every_step_keeps_the_policy_at_the_reference(tmp_path, cache_
 
 
 def test_soft_mixup_is_layout_invariant(tmp_path, cache_dir):
-    """alpha = 0.5 every 2 steps: TP2, and DP2 with the distributed optimizer's overlapped
+    """alpha = 0.5 every 2 steps: TP2, PP2, and DP2 with the distributed optimizer's overlapped
     parameter gathers (the reference mixes the model parameters after they are current), log
     what one rank logs; and the updates change the run (step 3 on)."""
     one = _train(tmp_path, cache_dir, "tp1", *SOFT)
     plain = _train(tmp_path, cache_dir, "plain")
     assert losses(tmp_path / "tp1")[:2] == losses(tmp_path / "plain")[:2]  # first update: step 2
     assert abs(one[2]["loss"] - plain[2]["loss"]) > 1e-4
-    tp2 = _train(tmp_path, cache_dir, "tp2", *SOFT, "execution.tp=2", world=2)
-    assert_same_rows(tp2, one, "TR-DPO TP2")
+    for layout in ("execution.tp=2", "execution.pp=2"):
+        rows = _train(tmp_path, cache_dir, layout, *SOFT, layout, world=2)
+        assert_same_rows(rows, one, f"TR-DPO {layout}")
     dist_opt = [
         "optimizer.use_distributed_optimizer=true",
         "optimizer.overlap_grad_reduce=true",
