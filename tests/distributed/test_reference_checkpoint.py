@@ -7,7 +7,7 @@ import torch
 
 from megatron_adadpo import train
 from megatron_adadpo.run import precompute
-from tests.distributed.train_harness import argv, first_step, losses, run_trainer
+from tests.distributed.train_harness import argv, first_step, losses, read_metrics, run_trainer
 from tests.launcher import RankFailed, run_ranks
 
 pytestmark = pytest.mark.distributed
@@ -83,3 +83,18 @@ def test_precomputed_from_the_reference_checkpoint_trains_from_another_start(
     extra = ["reference.mode=precomputed", f"reference.path={from_c}"]
     with pytest.raises(RankFailed, match=r"differs in: checkpoint.*reference.checkpoint="):
         run_ranks(run_trainer, 1, argv(tmp_path / "refused", cache_dir, *base, *extra))
+
+
+def test_resume_against_another_reference_checkpoint_is_refused(tmp_path, cache_dir, models):
+    """The resident reference is reloaded from ``reference.checkpoint`` at every start: a
+    resume naming another checkpoint is refused before anything is built; the same one
+    resumes."""
+    run_dir = tmp_path / "run"
+    base = [f"train.init_checkpoint={models['A']}", "checkpoint.save_at_end=true"]
+    ref_b, ref_c = (f"reference.checkpoint={models[k]}" for k in "BC")
+    run_ranks(run_trainer, 1, argv(run_dir, cache_dir, *base, "train.train_iters=2", ref_b))
+    longer = [*base, "train.train_iters=3", "checkpoint.override_scheduler=true"]
+    with pytest.raises(RankFailed, match=r"another checkpoint than reference.checkpoint=.*/C"):
+        run_ranks(run_trainer, 1, argv(run_dir, cache_dir, *longer, ref_c))
+    run_ranks(run_trainer, 1, argv(run_dir, cache_dir, *longer, ref_b))
+    assert [r["step"] for r in read_metrics(run_dir) if r["split"] == "train"][-1] == 3
