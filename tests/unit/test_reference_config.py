@@ -126,3 +126,18 @@ def test_tr_dpo_settings_are_refused_where_they_cannot_work(overrides, message):
 def test_tr_dpo_settings_load():
     ref = cfg("reference.sync_steps=8", "reference.mixup_alpha=1").reference
     assert (ref.sync_steps, ref.mixup_alpha) == (8, 1.0)
+
+
+def test_resume_across_a_change_of_tr_dpo_is_refused_naming_the_fields():
+    from megatron_adadpo.run.resume import check_reference_sync, reference_sync
+
+    on = reference_sync(cfg("reference.sync_steps=4", "reference.mixup_alpha=1"))
+    assert on == {"sync_steps": 4, "mixup_alpha": 1.0} and reference_sync(cfg()) is None
+    check_reference_sync(on, dict(on), Path("ckpt"))
+    check_reference_sync(None, None, Path("ckpt"))
+    with pytest.raises(ConfigError, match=r"saved without TR-DPO .* reference.sync_steps=0"):
+        check_reference_sync(None, on, Path("ckpt"))
+    with pytest.raises(
+        ConfigError, match=r"continues TR-DPO with reference.sync_steps=4, reference.mixup_alpha=1"
+    ):
+        check_reference_sync(on, {**on, "mixup_alpha": 0.5}, Path("ckpt"))
