@@ -23,6 +23,8 @@ from megatron_adadpo.layout import ExecutionConfig, layout_errors
 from megatron_adadpo.losses.config import LossConfig
 from megatron_adadpo.model.config import ModelConfig
 
+DEFAULT_MIXUP_ALPHA = 0.6  # TRL DPOConfig.ref_model_mixup_alpha
+
 
 @dataclass(frozen=True)
 class ReferenceConfig:
@@ -31,6 +33,16 @@ class ReferenceConfig:
     mode: str = "resident"  # "resident" | "precomputed" | "none"
     path: str | None = None  # precomputed: output dir of tools/precompute_reference.py
     eval_path: str | None = None  # precomputed values of the eval pairs (eval.inputs)
+    # The reference model when it is not the policy's start (TRL's ref_model: iterative DPO,
+    # reference = the SFT model while the policy starts from a merged one): a converted
+    # checkpoint of the same model and tokenizer, loaded by the resident reference and by
+    # tools/precompute_reference.py; None: the policy's initial weights
+    checkpoint: str | None = None
+    # TR-DPO (arXiv 2404.09656; TRL sync_ref_model / ref_model_sync_steps /
+    # ref_model_mixup_alpha): every sync_steps optimizer steps the resident reference becomes
+    # mixup_alpha * policy + (1 - mixup_alpha) * reference (1.0: a hard copy); 0 = off
+    sync_steps: int = 0
+    mixup_alpha: float = DEFAULT_MIXUP_ALPHA
 
 
 @dataclass(frozen=True)
@@ -366,6 +378,9 @@ def _check_reference(config: Config) -> None:
             f"loss.name={loss.name!r} needs reference log-probs; set "
             "reference.mode to 'resident' or 'precomputed'"
         )
+    errors = reference_checkpoint_errors(config) + reference_sync_errors(config)
+    if errors:
+        raise ConfigError(errors[0])
     evaluation = config.eval
     if evaluation.interval and not evaluation.inputs:
         raise ConfigError("eval.interval > 0 needs eval.inputs (held-out preference pairs)")
@@ -375,6 +390,51 @@ def _check_reference(config: Config) -> None:
                 "evaluation with reference.mode=precomputed needs reference.eval_path "
                 "(tools/precompute_reference.py --eval --output DIR)"
             )
+
+
+def reference_checkpoint_errors(config: Config) -> list[str]:
+    """``reference.checkpoint`` names the reference model: it needs a run that has one."""
+    checkpoint = config.reference.checkpoint
+    if checkpoint and config.reference_mode == "none":
+        why = (
+            "reference.mode=none"
+            if config.reference.mode == "none"
+            else f"loss.name={config.loss.name} is reference-free"
+        )
+        return [
+            f"reference.checkpoint={checkpoint} has no effect: {why} (no reference model is "
+            "run or read); remove reference.checkpoint"
+        ]
+    return []
+
+
+def reference_sync_errors(config: Config) -> list[str]:
+    """TR-DPO (``reference.sync_steps``, ``reference.mixup_alpha``) updates a resident
+    reference model from the policy: it needs one."""
+    ref = config.reference
+    if not isinstance(ref.sync_steps, int) or ref.sync_steps < 0:
+        return [f"reference.sync_steps={ref.sync_steps!r} must be an integer >= 0 (0 = off)"]
+    if not 0.0 < ref.mixup_alpha <= 1.0:
+        return [f"reference.mixup_alpha={ref.mixup_alpha!r} must be in (0, 1] (1: a hard copy)"]
+    if not ref.sync_steps:
+        if ref.mixup_alpha != DEFAULT_MIXUP_ALPHA:
+            return [
+                f"reference.mixup_alpha={ref.mixup_alpha} has no effect with reference.sync_steps"
+                "=0 (TR-DPO off): set reference.sync_steps (steps between updates) or remove it"
+            ]
+        return []
+    if config.reference_mode == "precomputed":
+        return [
+            f"reference.sync_steps={ref.sync_steps} (TR-DPO) updates the reference model from "
+            "the policy during training, but precomputed log-probs were made once from a fixed "
+            "model: set reference.mode=resident, or reference.sync_steps=0"
+        ]
+    if config.reference_mode == "none":
+        return [
+            f"reference.sync_steps={ref.sync_steps} has no effect: loss.name={config.loss.name}"
+            f" / reference.mode={ref.mode} runs no reference model; remove it"
+        ]
+    return []
 
 
 def _check_logging(config: Config) -> None:

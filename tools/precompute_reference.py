@@ -3,7 +3,9 @@
 
     python tools/precompute_reference.py --config RUN.yaml --output DIR [--set key=value ...]
 
-Then train with ``--set reference.mode=precomputed --set reference.path=DIR``.
+Then train with ``--set reference.mode=precomputed --set reference.path=DIR``. The reference
+model is ``reference.checkpoint`` when set (a reference other than the policy's start), else
+the policy's initial weights; DIR records which, and training checks it.
 """
 
 import sys

@@ -56,6 +56,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--overlength", default="truncate", choices=["truncate", "drop"])
     p.add_argument(
+        "--truncation-mode",
+        default="keep_start",
+        choices=["keep_start", "keep_end"],
+        help="under --overlength truncate, TRL's truncation_mode: what a long sequence keeps",
+    )
+    p.add_argument(
         "--chat-template",
         default="auto",
         choices=["auto", "always"],
@@ -108,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         max_length=args.max_length,
         max_prompt_length=args.max_prompt_length,
         overlength=args.overlength,
+        truncation_mode=args.truncation_mode,
         chat_template=args.chat_template,
         chat_template_tail=args.chat_template_tail,
         on_error=args.on_error,

@@ -11,12 +11,14 @@ from typing import Any
 SCHEMAS = ("auto", "explicit", "implicit")
 TOKENIZER_KINDS = ("auto", "hf", "sentencepiece")
 OVERLENGTH = ("truncate", "drop")
+TRUNCATION_MODES = ("keep_start", "keep_end")  # TRL's DPOConfig.truncation_mode
 ON_ERROR = ("fail", "skip")
 BATCHING = ("fixed", "token_budget", "packed")  # data/batching.py
 CHAT_TEMPLATE_MODES = ("auto", "always")
 CHAT_TEMPLATE_TAILS = ("keep", "strip")
 
 REJECTED_OPTIONAL = "rejected_optional"
+TRUNCATION_MODE = "truncation_mode"
 # Settings that change the tokenized output; they enter the manifest identity.
 IDENTITY_FIELDS = (
     "prompt_field",
@@ -59,7 +61,11 @@ class DataConfig:
         tokenizer_kind: "hf", "sentencepiece" or "auto" (decided from the path).
         max_length: Longest prompt + completion, in tokens (BOS and EOS included).
         max_prompt_length: Longest prompt in tokens (None: only `max_length` limits it).
-        overlength: "truncate" (prompt keeps its end, completions keep their start) or "drop".
+        overlength: "truncate" (`truncation_mode` says what is kept) or "drop".
+        truncation_mode: Under `overlength: truncate`, TRL's `truncation_mode`: "keep_start"
+            (the prompt keeps its end, completions their start) or "keep_end" (a sequence loses
+            its start: the prompt's, then a completion's; `data/truncation.py`). Enters the
+            identity only when "keep_end", so earlier caches and manifests keep theirs.
         chat_template: Which rows get the chat template (TRL's dataset formats, docs/data.md).
             "auto": conversational rows (any field a message list) are templated; standard rows
             (every field a string) are raw text, prompt + completion concatenated, as in TRL.
@@ -94,6 +100,7 @@ class DataConfig:
     max_length: int = 1024
     max_prompt_length: int | None = 512
     overlength: str = "truncate"
+    truncation_mode: str = "keep_start"
     chat_template: str = "auto"
     chat_template_tail: str = "keep"
     on_error: str = "fail"
@@ -117,6 +124,13 @@ class DataConfig:
         _choice("schema", self.schema, SCHEMAS)
         _choice("tokenizer_kind", self.tokenizer_kind, TOKENIZER_KINDS)
         _choice("overlength", self.overlength, OVERLENGTH)
+        _choice("truncation_mode", self.truncation_mode, TRUNCATION_MODES)
+        if self.truncation_mode == "keep_end" and self.overlength == "drop":
+            raise ValueError(
+                "data.truncation_mode=keep_end has no effect under data.overlength=drop (an "
+                "over-length pair is dropped, nothing is truncated): set data.overlength="
+                "truncate, or remove data.truncation_mode"
+            )
         _choice("on_error", self.on_error, ON_ERROR)
         _choice("batching", self.batching, BATCHING)
         budget = self.max_tokens_per_micro_batch
@@ -170,6 +184,8 @@ class DataConfig:
         settings = {name: getattr(self, name) for name in IDENTITY_FIELDS}
         if self.rejected_optional:  # only when set: earlier caches and manifests keep theirs
             settings[REJECTED_OPTIONAL] = True
+        if self.truncation_mode != "keep_start":  # likewise
+            settings[TRUNCATION_MODE] = self.truncation_mode
         return settings
 
 

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .config import REJECTED_OPTIONAL, DataConfig, default_cache_dir
+from .config import REJECTED_OPTIONAL, TRUNCATION_MODE, DataConfig, default_cache_dir
 from .indexed import (
     MANIFEST,
     PairWriter,
@@ -58,7 +58,14 @@ def _process_row(cfg: DataConfig, tok: PairTokenizer, pair_id: int, row: Any) ->
     fields = (cfg.prompt_field, cfg.chosen_field, cfg.rejected_field)
     record = normalize_row(row, pair_id, fields, cfg.schema, cfg.rejected_optional)
     pair = tokenize_record(tok, record, cfg.chat_template, cfg.chat_template_tail)
-    return truncate_pair(pair, cfg.max_length, cfg.max_prompt_length, cfg.overlength, tok.bos_id)
+    return truncate_pair(
+        pair,
+        cfg.max_length,
+        cfg.max_prompt_length,
+        cfg.overlength,
+        tok.bos_id,
+        cfg.truncation_mode,
+    )
 
 
 def _process_chunk(chunk: list[tuple[int, Location, Any]]) -> tuple[DataReport, tuple]:
@@ -255,8 +262,9 @@ def check_manifest(manifest: dict[str, Any], config: DataConfig, directory: str)
             f"{directory} was preprocessed with --rejected-optional (rows without a rejected "
             f"answer hold a copy of the chosen one), which only loss.name=sft can train on: {fix}"
         )
-    for key, want in config.identity_settings().items():
-        have = manifest["settings"].get(key)
+    wanted = {TRUNCATION_MODE: "keep_start", **config.identity_settings()}
+    for key, want in wanted.items():
+        have = manifest["settings"].get(key, "keep_start" if key == TRUNCATION_MODE else None)
         if key == REJECTED_OPTIONAL and have is None:
             continue  # preference pairs: every row has its rejected answer, sft can use them
         if have != want:

@@ -2,7 +2,8 @@
 
 A prompts file is JSON lines, or a ``.json`` list of objects (AlpacaEval's evaluation set is
 one). Each object gives its prompt in ``prompt`` (a string or chat messages, as in the training
-data) or ``instruction`` (AlpacaEval: one user turn). A prompt is rendered exactly as training
+data), ``instruction`` (AlpacaEval: one user turn) or ``turns`` (an Arena-Hard question:
+``[{"content": ...}]``, one user turn). A prompt is rendered exactly as training
 renders a pair's prompt (``data.templates.render_prompt_text``, under the run's
 ``data.chat_template``): a string ``prompt`` is raw text under ``auto`` (TRL's standard format)
 and a user turn under ``always``; chat messages and instructions get the tokenizer's chat
@@ -24,7 +25,7 @@ from megatron_adadpo.data.report import RowRejected
 from megatron_adadpo.data.templates import render_prompt_text
 from megatron_adadpo.data.tokenize import PairTokenizer, encode_prompt
 
-PROMPT_FIELDS = ("prompt", "instruction")
+PROMPT_FIELDS = ("prompt", "instruction", "turns")
 
 
 @dataclass(frozen=True)
@@ -102,17 +103,31 @@ def _prompt(row, where: str) -> Prompt:
     field = next((f for f in PROMPT_FIELDS if isinstance(row, dict) and f in row), None)
     if field is None:
         raise ValueError(
-            f"{where}: expected an object with a 'prompt' (string or chat messages) or an "
-            "'instruction' (AlpacaEval) field"
+            f"{where}: expected an object with a 'prompt' (string or chat messages), an "
+            "'instruction' (AlpacaEval) or 'turns' (Arena-Hard) field"
         )
+    value = row[field]
+    if field == "turns":
+        value = _question_turn(value, where)
     try:
-        messages = prompt_messages(row[field], field)
+        messages = prompt_messages(value, field)
     except RowRejected as e:
         raise ValueError(f"{where}: {e.detail}") from None
     if not any(m["content"].strip() for m in messages):
         raise ValueError(f"{where}: the {field} is empty; give every row a non-empty {field}")
     standard = field == "prompt" and isinstance(row[field], str)
     return Prompt(messages, row, messages[0]["content"] if standard else None)
+
+
+def _question_turn(turns, where: str) -> str:
+    """The one user turn of an Arena-Hard question (``turns: [{"content": ...}]``)."""
+    ok = isinstance(turns, list) and len(turns) == 1 and isinstance(turns[0], dict)
+    if not ok or not isinstance(turns[0].get("content"), str):
+        raise ValueError(
+            f'{where}: \'turns\' must be one Arena-Hard turn, [{{"content": "..."}}] '
+            "(multi-turn questions are not generated here)"
+        )
+    return turns[0]["content"]
 
 
 def prompt_token_ids(

@@ -6,9 +6,11 @@ virtual pipeline stages) — the keys inside are global, so any TP / PP / VPP la
 plus ``model.yaml`` (the ``ModelConfig``). Training checkpoints add the optimizer (the
 distributed optimizer in Megatron's ``dp_reshardable`` format: any DP size, the saved TP / PP),
 scheduler and run state (see ``save_training`` / ``load_training``), per-rank RNG states and
-``config.yaml`` (the resolved run config). Where they live and how a save is published
-atomically: ``run/run_dir.py``. Every file is read without running code
-(``platform/safe_dcp.py``, ``platform/safe_pickle.py``); one that would is refused, named.
+``config.yaml`` (the resolved run config); with TR-DPO (``reference.sync_steps``) also the
+updated reference model, keys prefixed ``reference.`` (``reference_sharded_state_dict``).
+Where they live and how a save is published atomically: ``run/run_dir.py``. Every file is read
+without running code (``platform/safe_dcp.py``, ``platform/safe_pickle.py``); one that would is
+refused, named.
 """
 
 from __future__ import annotations
@@ -55,10 +57,26 @@ def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
     return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
 
 
-def _apply_model(chunks: list[torch.nn.Module], loaded: dict) -> None:
+REFERENCE = "reference"  # TR-DPO's updated reference: sharded-state key and tensor key prefix
+
+
+def reference_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
+    """``model_sharded_state_dict`` of the reference model's chunks under ``reference`` /
+    ``reference0``, ... with every tensor key prefixed ``reference.`` (the policy's keys stay
+    unique)."""
+    chunks = [unwrap_model(c) for c in chunks]
+    names = [REFERENCE] if len(chunks) == 1 else [f"{REFERENCE}{i}" for i in range(len(chunks))]
+    return {
+        n: c.sharded_state_dict(prefix=f"{REFERENCE}.") for n, c in zip(names, chunks, strict=True)
+    }
+
+
+def _apply_model(chunks: list[torch.nn.Module], loaded: dict, name: str = "model") -> None:
+    prefix = f"{REFERENCE}." if name == REFERENCE else ""
     for i, chunk in enumerate(chunks):
-        key = "model" if len(chunks) == 1 else f"model{i}"
-        unwrap_model(chunk).load_state_dict(loaded[key], strict=False)
+        values = loaded[name if len(chunks) == 1 else f"{name}{i}"]
+        values = {k.removeprefix(prefix): v for k, v in values.items()}
+        unwrap_model(chunk).load_state_dict(values, strict=False)
 
 
 def save_model(chunks: list[torch.nn.Module], directory: str | Path, model: ModelConfig) -> None:
@@ -158,8 +176,10 @@ def save_training(
     run_state: dict,
     model: ModelConfig,
     config_yaml: str,
+    reference: list | None = None,
 ) -> Path:
-    """Save model, optimizer, scheduler, run state and RNG to ``iter_{step:07d}``.
+    """Save model, optimizer, scheduler, run state and RNG to ``iter_{step:07d}``; with
+    ``reference`` (TR-DPO's updated reference chunks) also those.
 
     Parameters are synchronised first (``force_param_sync``: with overlapped param gathering
     they are stale until the next forward). Crash-safe: everything is written to
@@ -178,6 +198,7 @@ def save_training(
     state["optimizer"] = optimizer_sharded_state_dict(optimizer, model_sd)
     state["scheduler"] = scheduler.state_dict()
     state["run"] = dict(run_state)
+    state.update(reference_sharded_state_dict(reference) if reference else {})
     dist_checkpointing.save(state, str(partial), content_metadata=dict(OPTIMIZER_SHARDING))
     _save_rng(partial)
     if _rank() == 0:
@@ -202,8 +223,9 @@ def read_saved_state(directory: Path, model: ModelConfig) -> tuple[dict, dict]:
     return common["run"], common["scheduler"]
 
 
-def load_training(directory: Path, policy: list, optimizer) -> None:
-    """Restore model, optimizer and RNG of a ``save_training`` checkpoint.
+def load_training(directory: Path, policy: list, optimizer, reference: list | None = None) -> None:
+    """Restore model, optimizer and RNG of a ``save_training`` checkpoint (and the
+    ``reference`` chunks: TR-DPO's updated reference, saved with it).
 
     The model loads at any layout; the distributed optimizer's ``dp_reshardable`` state at any
     DP size with the saved TP / PP (``run/resume.py`` refuses other layouts first). Exact
@@ -220,8 +242,11 @@ def load_training(directory: Path, policy: list, optimizer) -> None:
         model_sd = model_sharded_state_dict(policy)
         state = dict(model_sd)
         state["optimizer"] = optimizer_sharded_state_dict(optimizer, model_sd, is_loading=True)
+        state.update(reference_sharded_state_dict(reference) if reference else {})
         loaded = load_tolerating_extra_state(state, directory, fix)
         _apply_model(policy, loaded)
+        if reference:
+            _apply_model(reference, loaded, REFERENCE)
         adopt_group_schedules(optimizer, loaded["optimizer"])
         optimizer.load_state_dict(loaded["optimizer"])
     restore_adam_steps(optimizer)

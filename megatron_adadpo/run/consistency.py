@@ -7,7 +7,8 @@
   (after the data is loaded and its checksums verified, before the model is built): an id past
   the vocabulary has no embedding row (an ``IndexError`` at TP 1; at TP > 1 it falls outside
   every shard, or on a padding row, and trains silently wrong).
-- A precomputed reference against the run's starting model (``starting_model``).
+- A precomputed reference against the run's reference model (``reference_model``: the model
+  of ``reference.checkpoint`` when set, else the policy's starting model).
 """
 
 from __future__ import annotations
@@ -23,26 +24,33 @@ _SAMPLE_BYTES = 1 << 16
 
 
 def check_init_checkpoint(config: Config) -> None:
-    """Refuse an init checkpoint whose model or tokenizer differs from the config's."""
+    """Refuse an init checkpoint, or a ``reference.checkpoint``, whose model or tokenizer
+    differs from the config's."""
+    for name, path in (
+        ("train.init_checkpoint", config.train.init_checkpoint),
+        ("reference.checkpoint", config.reference.checkpoint),
+    ):
+        if path:
+            _check_checkpoint(config, name, path)
+
+
+def _check_checkpoint(config: Config, name: str, path: str) -> None:
     from megatron_adadpo.model.config import check_same_architecture, read_model_config
 
-    path = config.train.init_checkpoint
-    if not path:
-        return
     if not Path(path).is_dir():
         raise ConfigError(
-            f"train.init_checkpoint={path} does not exist (convert an HF model with "
+            f"{name}={path} does not exist (convert an HF model with "
             "tools/convert_hf_to_megatron.py)"
         )
     try:
         check_same_architecture(read_model_config(path), config.model, path)
     except (ValueError, FileNotFoundError) as err:
-        raise ConfigError(f"train.init_checkpoint: {err}") from None
+        raise ConfigError(f"{name}: {err}") from None
     data = config.data
-    _check_tokenizer(Path(path) / TOKENIZER_SUBDIR, data.tokenizer, data.tokenizer_kind)
+    _check_tokenizer(Path(path) / TOKENIZER_SUBDIR, data.tokenizer, data.tokenizer_kind, name)
 
 
-def _check_tokenizer(stored: Path, tokenizer: str | None, kind: str) -> None:
+def _check_tokenizer(stored: Path, tokenizer: str | None, kind: str, name: str) -> None:
     """``data.tokenizer`` must be the tokenizer stored with the checkpoint: an HF directory
     holds each stored file, equal; a sentencepiece model equals the stored ``tokenizer.model``
     (a checkpoint with an HF tokenizer and no such file has another tokenizer)."""
@@ -62,7 +70,7 @@ def _check_tokenizer(stored: Path, tokenizer: str | None, kind: str) -> None:
         if not file.is_file() or not other.is_file() or other.read_bytes() != file.read_bytes():
             held = ", ".join(sorted(p.name for p in stored.iterdir())) or "nothing"
             raise ConfigError(
-                f"data.tokenizer={tokenizer} is not the tokenizer of train.init_checkpoint "
+                f"data.tokenizer={tokenizer} is not the tokenizer of {name} "
                 f"{stored} (holds {held}; {file.name} differs or is missing): the token ids "
                 f"would not match the weights; set data.tokenizer: {stored}"
             )
@@ -108,29 +116,53 @@ def checkpoint_fingerprint(directory: str | Path) -> str:
     return digest.hexdigest()
 
 
-def starting_model(config: Config) -> dict:
-    """What the policy starts from (the reference model): the model section plus the init
-    checkpoint's fingerprint, or the initialisation method and seed."""
+def reference_model(config: Config) -> dict:
+    """The model whose log-probs are the reference: the model section plus the fingerprint of
+    ``reference.checkpoint``, else of ``train.init_checkpoint`` (the policy's start), else the
+    initialisation method and seed. Precomputing with ``train.init_checkpoint=B`` and with
+    ``reference.checkpoint=B`` records the same value."""
     train = config.train
     start = {"model": config.model.to_dict()}
-    if train.init_checkpoint:
-        start["init_checkpoint"] = checkpoint_fingerprint(train.init_checkpoint)
+    checkpoint = config.reference.checkpoint or train.init_checkpoint
+    if checkpoint:
+        start["checkpoint"] = checkpoint_fingerprint(checkpoint)
     else:
         start.update(init_method=train.init_method, seed=train.seed)
     return start
 
 
-def check_starting_model(recorded: dict | None, config: Config, where: str) -> None:
-    """Refuse precomputed reference values made from another starting model."""
-    current = starting_model(config)
+def recorded_reference_model(meta: dict) -> dict | None:
+    """``reference_model`` as a precomputed file's ``meta.json`` records it; files written
+    before ``reference.checkpoint`` record ``starting_model`` with ``init_checkpoint``."""
+    if "reference_model" in meta:
+        return meta["reference_model"]
+    legacy = meta.get("starting_model")
+    if legacy is None or "init_checkpoint" not in legacy:
+        return legacy
+    legacy = dict(legacy)
+    legacy["checkpoint"] = legacy.pop("init_checkpoint")
+    return legacy
+
+
+def check_reference_model(recorded: dict | None, config: Config, where: str) -> None:
+    """Refuse precomputed reference values made from another model than the reference
+    (``reference.checkpoint``, or the starting model when it is unset)."""
+    current = reference_model(config)
     if recorded == current:
         return
+    if config.reference.checkpoint:
+        field = f"reference.checkpoint={config.reference.checkpoint}"
+    elif config.train.init_checkpoint:
+        field = f"train.init_checkpoint={config.train.init_checkpoint} (the starting model)"
+    else:
+        field = "the starting model (train.init_method, train.seed)"
     if recorded is None:
-        what = "records no starting model (written by an older version)"
+        what = "records no reference model (written by an older version)"
     else:
         keys = sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
-        what = f"was made from another starting model (differs in: {', '.join(keys)})"
+        what = f"was made from another reference model (differs in: {', '.join(keys)})"
     raise ConfigError(
-        f"reference.path={where} {what}: its log-probs are not this policy's initial ones "
-        "(step 1 would not start at ln 2); re-run tools/precompute_reference.py with this config"
+        f"reference.path={where} {what} than this run's reference, {field}: set "
+        "reference.checkpoint to the model it was precomputed from, or re-run "
+        "tools/precompute_reference.py with this config"
     )

@@ -3,9 +3,9 @@
 Visits the pairs in epoch 0's training order (same seed, same micro-batches as training, so the
 values are bitwise those a resident reference would compute in the first epoch), completes the
 last global batch by wrap-around, and writes ``[N, 2]`` per-pair sums tied to the dataset's
-manifest identity and to the starting model (``consistency.starting_model``;
-``reference.write_precomputed``). Training with ``reference.mode:
-precomputed`` then holds no reference model.
+manifest identity and to the reference model (``consistency.reference_model``:
+``reference.checkpoint`` when set, else the policy's start; ``reference.write_precomputed``).
+Training with ``reference.mode: precomputed`` then holds no reference model.
 
     python tools/precompute_reference.py --config RUN.yaml --output DIR [--eval] [--set k=v]
 """
@@ -30,11 +30,11 @@ from megatron_adadpo.platform.distributed import (
 )
 from megatron_adadpo.platform.megatron import parallel_state
 from megatron_adadpo.run.batches import step_batches
-from megatron_adadpo.run.consistency import starting_model
+from megatron_adadpo.run.consistency import reference_model
 from megatron_adadpo.run.datasets import load_dataset
 from megatron_adadpo.run.reference import attach_forward_logps, freeze, write_precomputed
 from megatron_adadpo.run.step import StepContext
-from megatron_adadpo.run.trainer import build_policy
+from megatron_adadpo.run.trainer import build_reference_model
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     timeout = config.train.distributed_timeout_minutes
     groups = init_model_parallel(config.execution, seed=config.train.seed, timeout_minutes=timeout)
     dataset = load_dataset(config, eval_split=args.eval)
-    model = freeze(build_policy(config))  # the reference is the initial policy
+    model = freeze(build_reference_model(config))  # reference.checkpoint, or the policy's start
     context = StepContext.from_config(config, groups)
     dp = dist.get_rank(groups.dp), dist.get_world_size(groups.dp)
     cp = dist.get_rank(groups.cp), dist.get_world_size(groups.cp)
@@ -88,7 +88,7 @@ def _gather_and_write(output: str, dataset, ids: list, sums: list, config: Confi
         missing = int(np.isnan(values).any(axis=1).sum())
         if missing:
             raise RuntimeError(f"{missing} pairs received no reference value")
-        extra = {"starting_model": starting_model(config)}
+        extra = {"reference_model": reference_model(config)}
         write_precomputed(output, values, dataset.identity, extra)
         print(f"[megatron_adadpo] wrote reference log-probs of {len(dataset)} pairs to {output}")
     dist.barrier()

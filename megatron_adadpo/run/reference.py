@@ -4,8 +4,8 @@ Both attach ``batch["reference_logps"]`` (``[2B]`` fp32, ``[c0, r0, c1, r1, ...]
 micro-batches of a step, on the last pipeline stage where the policy loss is computed.
 Precomputed files (``tools/precompute_reference.py``) hold per-pair summed completion log-probs
 ``[N, 2]`` (chosen, rejected) indexed by ``pair_id``, tied to the dataset's manifest identity
-(a file made for other data or another tokenisation is refused here) and to the starting model
-(checked by the trainer: ``run/consistency.py``).
+(a file made for other data or another tokenisation is refused here) and to the reference model
+(``reference.checkpoint`` or the policy's start; checked by the trainer: ``run/consistency.py``).
 """
 
 from __future__ import annotations
@@ -65,18 +65,48 @@ def freeze(chunks: list) -> list:
 
 
 class ResidentReference:
-    """A frozen copy of the policy's initial weights with the same layout, forward-only."""
+    """A frozen model with the policy's layout, forward-only: a copy of the policy's initial
+    weights, or the weights already in ``chunks`` (``reference.checkpoint``)."""
 
-    def __init__(self, chunks: list, policy: list, context: StepContext):
-        """``chunks``: freshly built model chunks of the policy's layout (overwritten)."""
+    def __init__(self, chunks: list, policy: list | None, context: StepContext):
+        """``chunks``: model chunks of the policy's layout; overwritten with ``policy``'s
+        weights, or kept as they are when ``policy`` is None."""
         self.context = context
         with torch.no_grad():
-            for ref, pol in zip(chunks, policy, strict=True):
+            for ref, pol in zip(chunks, policy or (), strict=False):
                 ref.load_state_dict(unwrap_model(pol).state_dict(), strict=True)
         self.chunks = freeze(chunks)
 
     def attach(self, batches: list[dict]) -> None:
         attach_forward_logps(self.chunks, batches, self.context)
+
+    def sync(self, policy: list, alpha: float) -> None:
+        """TR-DPO's update from the policy (``mix_parameters``); ``policy``'s parameters must be
+        current (the caller forces overlapped parameter gathers first)."""
+        for ref, pol in zip(self.chunks, policy, strict=True):
+            mix_parameters(ref, unwrap_model(pol), alpha)
+
+
+def mix_parameters(target: torch.nn.Module, source: torch.nn.Module, alpha: float) -> None:
+    """TR-DPO (arXiv 2404.09656; TRL ``SyncRefModelCallback``): every parameter
+    ``ref <- alpha * policy + (1 - alpha) * ref``, computed in fp32 or wider and stored in the
+    parameter's dtype; ``alpha = 1`` is a hard copy. Shard-local: ``target`` and ``source``
+    are the same model chunk at the same layout (TP / PP shards, the tied output weight's copy
+    on the last stage), parameter for parameter by name.
+
+    Shapes: every parameter of ``target`` has its ``source`` namesake's shape (this rank's
+    shard).
+    """
+    sources = dict(source.named_parameters())
+    with torch.no_grad():
+        for name, ref in target.named_parameters():
+            pol = sources[name]
+            if alpha == 1.0:
+                ref.copy_(pol)
+                continue
+            wide = torch.promote_types(ref.dtype, torch.float32)
+            mixed = ref.to(wide).mul_(1.0 - alpha).add_(pol.to(wide), alpha=alpha)
+            ref.copy_(mixed)
 
 
 class PrecomputedReference:

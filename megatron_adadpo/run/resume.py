@@ -72,6 +72,8 @@ def initial_state(config: Config, dataset_identity: str) -> dict:
         "dataset_identity": dataset_identity,
         "seed": config.train.seed,
         "optimizer_layout": optimizer_layout(config),
+        "reference_sync": reference_sync(config),
+        "reference_source": reference_source(config),
     }
 
 
@@ -95,6 +97,60 @@ def check_run_state(
             f"twice or never): restore train.seed={seed} (a new seed is safe at an epoch boundary)"
         )
     _check_optimizer_layout(saved.get("optimizer_layout"), optimizer_layout(config), where)
+    check_reference_sync(saved.get("reference_sync"), reference_sync(config), where)
+    check_reference_source(saved, config, where)
+
+
+def reference_sync(config: Config) -> dict | None:
+    """TR-DPO's settings, recorded in the run state: its checkpoints hold the updated reference
+    model (``checkpoints.save_training``), which a resumed run continues from."""
+    ref = config.reference
+    return (
+        {"sync_steps": ref.sync_steps, "mixup_alpha": ref.mixup_alpha} if ref.sync_steps else None
+    )
+
+
+def reference_source(config: Config) -> str | None:
+    """The fingerprint of the checkpoint a resident, fixed reference is loaded from at every
+    start (``reference.checkpoint``, else ``train.init_checkpoint``); None when none is (random
+    initialisation), or when TR-DPO saves the reference with each checkpoint."""
+    from megatron_adadpo.run.consistency import checkpoint_fingerprint
+
+    source = config.reference.checkpoint or config.train.init_checkpoint
+    fixed = config.reference_mode == "resident" and not config.reference.sync_steps
+    return checkpoint_fingerprint(source) if fixed and source else None
+
+
+def check_reference_source(saved: dict, config: Config, where: Path) -> None:
+    """Refuse resuming against another resident reference model than the run trained with."""
+    current = reference_source(config)
+    if saved.get("reference_source", current) == current:  # older checkpoints: not recorded
+        return
+    field = "reference.checkpoint" if config.reference.checkpoint else "train.init_checkpoint"
+    raise ConfigError(
+        f"checkpoint {where} was trained against a resident reference loaded from another "
+        f"checkpoint than {field}={config.reference.checkpoint or config.train.init_checkpoint}"
+        " (its weights differ): restore the run's reference.checkpoint / train.init_checkpoint,"
+        " or use a new logging.run_dir"
+    )
+
+
+def check_reference_sync(saved: dict | None, current: dict | None, where: Path) -> None:
+    """Refuse resuming across a change of TR-DPO's settings: a checkpoint without the updated
+    reference would restart it from its initial weights, one with it would be ignored."""
+    if saved == current:
+        return
+    if saved is None:
+        raise ConfigError(
+            f"checkpoint {where} was saved without TR-DPO (reference.sync_steps=0) and holds no "
+            "updated reference model: resume with reference.sync_steps=0, or use a new "
+            "logging.run_dir"
+        )
+    fields = ", ".join(f"reference.{k}={v}" for k, v in saved.items())
+    raise ConfigError(
+        f"checkpoint {where} continues TR-DPO with {fields} (its reference model is part of "
+        f"the checkpoint): set {fields}, or use a new logging.run_dir"
+    )
 
 
 def _check_optimizer_layout(saved: dict | None, current: dict, where: Path) -> None:

@@ -24,10 +24,11 @@ from megatron_adadpo.model.initialization import init_layout_invariant
 from megatron_adadpo.planner.throughput import step_model_flops
 from megatron_adadpo.platform.distributed import init_model_parallel, is_logging_rank
 from megatron_adadpo.platform.hardware import peak_flops_per_device
+from megatron_adadpo.platform.megatron_optimizer import force_param_sync
 from megatron_adadpo.run import checkpoints, resume
 from megatron_adadpo.run import run_dir as run_files
 from megatron_adadpo.run.batches import step_batches
-from megatron_adadpo.run.consistency import check_starting_model
+from megatron_adadpo.run.consistency import check_reference_model, recorded_reference_model
 from megatron_adadpo.run.datasets import load_dataset
 from megatron_adadpo.run.evaluation import Evaluator
 from megatron_adadpo.run.lock import claim_run_dir
@@ -54,23 +55,35 @@ def build_policy(config: Config) -> list:
     return chunks
 
 
+def build_reference_model(config: Config) -> list:
+    """The reference's model chunks with its weights: ``reference.checkpoint``'s, else the
+    policy's initial ones (``build_policy``)."""
+    checkpoint = config.reference.checkpoint
+    if not checkpoint:
+        return build_policy(config)
+    chunks = build_model(config.model, config.execution, packed_sequences(config))
+    checkpoints.load_model(chunks, checkpoint, config.model)
+    return chunks
+
+
 def build_references(config: Config, policy_chunks: list, context: StepContext, datasets):
     """(train reference, eval reference): resident model, precomputed values, or none."""
     mode = config.reference_mode
     if mode == "resident":
-        chunks = build_model(config.model, config.execution, packed_sequences(config))
-        ref = ResidentReference(chunks, policy_chunks, context)
+        if config.reference.checkpoint:
+            ref = ResidentReference(build_reference_model(config), None, context)
+        else:  # a copy of the policy's initial weights: no second load
+            chunks = build_model(config.model, config.execution, packed_sequences(config))
+            ref = ResidentReference(chunks, policy_chunks, context)
         return ref, ref
     if mode == "precomputed":
-        train_set, eval_set = datasets
-        train_ref = PrecomputedReference(config.reference.path, train_set.identity)
-        check_starting_model(train_ref.meta.get("starting_model"), config, config.reference.path)
-        eval_ref = None
-        if eval_set is not None and config.reference.eval_path:
-            eval_ref = PrecomputedReference(config.reference.eval_path, eval_set.identity)
-            path = config.reference.eval_path
-            check_starting_model(eval_ref.meta.get("starting_model"), config, path)
-        return train_ref, eval_ref
+        paths = (config.reference.path, config.reference.eval_path)
+        refs = [None, None]
+        for i, (path, dataset) in enumerate(zip(paths, datasets, strict=True)):
+            if path and dataset is not None:
+                refs[i] = PrecomputedReference(path, dataset.identity)
+                check_reference_model(recorded_reference_model(refs[i].meta), config, path)
+        return tuple(refs)
     return None, None
 
 
@@ -172,7 +185,7 @@ class Trainer:
             resume.check_schedule(
                 saved_schedule, self.scheduler.state_dict(), where, self.state["step"], config
             )
-        checkpoints.load_training(where, self.policy, self.optimizer)
+        checkpoints.load_training(where, self.policy, self.optimizer, self._synced_reference())
         self.scheduler.load_state_dict(saved_schedule)
         self.state.update(seed=config.train.seed, optimizer_layout=resume.optimizer_layout(config))
         if dist.get_rank() == 0:
@@ -195,7 +208,22 @@ class Trainer:
             self.state,
             self.config.model,
             self.config.to_yaml(),
+            reference=self._synced_reference(),
         )
+
+    def _synced_reference(self) -> list | None:
+        """TR-DPO's reference chunks (part of the training state), else None."""
+        return self.reference.chunks if self.config.reference.sync_steps else None
+
+    def _sync_reference(self) -> None:
+        """TR-DPO: every ``reference.sync_steps`` steps, after the optimizer step, mix the
+        policy into the resident reference (``ResidentReference.sync``), each rank its own
+        shards; overlapped parameter gathers are forced first (the distributed optimizer's
+        updated shards reach the model's parameters in the next forward otherwise)."""
+        every = self.config.reference.sync_steps
+        if every and self.state["step"] % every == 0:
+            force_param_sync(self.policy, self.optimizer)
+            self.reference.sync(self.policy, self.config.reference.mixup_alpha)
 
     preempted = False  # train() stopped on SIGTERM (and saved)
 
@@ -285,6 +313,7 @@ class Trainer:
         )
         state["step"] += 1
         state["consumed_samples"] += config.train.global_batch_size
+        self._sync_reference()
         logger.advance()
         if state["step"] % config.logging.log_interval == 0 or state["step"] == self.total_steps:
             values = self._throughput(result, time.monotonic() - start)

@@ -13,7 +13,7 @@ import torch
 from megatron_adadpo.config import load_config
 from megatron_adadpo.data import load_preference_dataset
 from megatron_adadpo.run import datasets as run_datasets
-from megatron_adadpo.run.consistency import starting_model
+from megatron_adadpo.run.consistency import reference_model
 from megatron_adadpo.run.reference import write_precomputed
 from megatron_adadpo.run.run_dir import latest_checkpoint
 from tests.distributed.train_harness import (
@@ -274,14 +274,15 @@ def test_waiting_for_rank0_data_names_data_and_fix(tmp_path, cache_dir):
 
 
 def test_precomputed_reference_of_another_starting_model_is_refused(tmp_path, cache_dir):
+    """(A file written before ``reference.checkpoint`` records ``starting_model``.)"""
     args = argv(tmp_path / "run", cache_dir, "train.train_iters=1")
     config = load_config(args[1], args[3::2])
     dataset = load_preference_dataset(config.data)
-    other = starting_model(config) | {"seed": 99}
+    other = reference_model(config) | {"seed": 99}
     values = torch.zeros(len(dataset), 2).numpy()
     write_precomputed(tmp_path / "ref", values, dataset.identity, {"starting_model": other})
     extra = ["reference.mode=precomputed", f"reference.path={tmp_path / 'ref'}"]
-    with pytest.raises(RankFailed, match=r"another starting model \(differs in: seed\)"):
+    with pytest.raises(RankFailed, match=r"another reference model \(differs in: seed\)"):
         run_ranks(run_trainer, 1, args + [x for e in extra for x in ("--set", e)])
 
 

@@ -66,3 +66,30 @@ def test_output_that_is_the_prompts_file_is_refused(tmp_path):
         assert f"--output {output} is the --prompts file" in error
         assert "choose another --output" in error
     assert prompts.read_text() == content
+
+
+def test_arena_hard_answers_of_the_bundled_checkpoint(tmp_path):
+    """Arena-Hard questions in, its answer file out (``--format arena-hard``): the bundled SFT
+    checkpoint's greedy answers (``test_generate.py`` pins them) under ``choices``, keyed by
+    ``question_id``, with the generated token count; a .json output is refused before the model
+    loads."""
+    questions = {"q1": "Is 62 even or odd?", "q2": "Repeat the word 'willow' two times."}
+    prompts = tmp_path / "question.jsonl"
+    rows = [{"question_id": k, "turns": [{"content": v}]} for k, v in questions.items()]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    output = tmp_path / "model_answer" / "sft_tiny.jsonl"
+    cmd = [sys.executable, str(REPO / "tools" / "generate.py"), "--checkpoint", str(CHECKPOINT),
+           "--prompts", str(prompts), "--output", str(output), "--max-new-tokens", "24",
+           "--format", "arena-hard"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    answers = [json.loads(x) for x in output.read_text().splitlines()]
+    assert [a["question_id"] for a in answers] == list(questions)
+    turns = [a["choices"][0]["turns"][0] for a in answers]
+    assert [t["content"] for t in turns] == ["62 is even.", "willow willow"]
+    assert all(a["model_id"] == "sft_tiny" and a["choices"][0]["index"] == 0 for a in answers)
+    assert all(3 <= t["token_len"] <= 24 for t in turns)
+    refused = subprocess.run([*cmd[:7], str(tmp_path / "a.json"), *cmd[8:]], env=env,
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert "--format arena-hard writes JSON lines" in one_error_line(refused)
