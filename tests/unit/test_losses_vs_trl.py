@@ -231,3 +231,114 @@ def test_discopop_tau():
     assert_same(
         ["discopop"], LossConfig(name="discopop", discopop_tau=0.3), batch, discopop_tau=0.3
     )
+
+
+# ----------------------------------------------------------------------------- tiny Llama
+def tiny_llama():
+    import transformers
+
+    from tests.convert_models import hf_config
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(hf_config("llama2")).to(F64)
+    outputs = ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
+    trl_utils = pytest.importorskip("trl.trainer.utils", reason="trl is not installed")
+    trl_utils.add_fused_lm_head(model, outputs=outputs)
+    return model
+
+
+def token_batch(model):
+    """``[chosen x B; rejected x B]`` token ids with right padding and completion masks."""
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(3, model.config.vocab_size, (2 * B, S), generator=g)
+    prompt = torch.randint(3, 7, (2 * B,), generator=g)
+    total = prompt + torch.randint(4, S - 8, (2 * B,), generator=g)
+    pos = torch.arange(S)
+    attention = (pos < total[:, None]).long()
+    completion = ((pos >= prompt[:, None]) & (pos < total[:, None])).long()
+    return ids * attention, attention, completion
+
+
+def ours_from_hf_logits(model, ids, attention, completion, config, ref):
+    """Per-token log-probs from the full-vocabulary logits, summed over completion tokens
+    (this project's convention), into ``preference_loss``: the mean loss."""
+    logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
+    logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    shift = completion[:, 1:].to(F64)
+    sums, counts = (logp * shift).sum(1), shift.sum(1)
+    extra = {}
+    if config.use_weighting:
+        lssp = torch.logsumexp(2 * logits, -1) - 2 * torch.logsumexp(logits, -1)
+        mean = ((logp - lssp) * shift).sum(1) / counts
+        extra = {"chosen_weight_logps": mean[:B], "rejected_weight_logps": mean[B:]}
+    losses, _ = preference_loss(
+        config,
+        sums[:B],
+        sums[B:],
+        counts[:B],
+        counts[B:],
+        ref[:B],
+        ref[B:],
+        chosen_nll=-sums[:B] / counts[:B],
+        **extra,
+    )
+    return losses.mean()
+
+
+@pytest.mark.parametrize(
+    ("trl_types", "config", "trl_args"),
+    [
+        (["sigmoid"], LossConfig(name="dpo"), {}),
+        (["ipo"], LossConfig(name="ipo"), {}),
+        (["sigmoid"], LossConfig(name="dpo", use_weighting=True), {"use_weighting": True}),
+        (
+            ["hinge"],
+            LossConfig(name="hinge", f_divergence_type="js_divergence"),
+            {"f_divergence_type": "js_divergence"},
+        ),
+    ],
+)
+def test_tiny_llama_through_trls_full_forward(trl_types, config, trl_args):
+    """TRL's concatenated forward (its fused LM head on a tiny random Llama, token ids in,
+    ``completion_mask`` selecting the scored tokens) gives the loss and parameter gradients
+    that this project's per-sequence sums of the same model's log-probs give."""
+    model = tiny_llama()
+    ids, attention, completion = token_batch(model)
+    ref = -40.0 + torch.randn(2 * B, generator=torch.Generator().manual_seed(3), dtype=F64)
+    this = SimpleNamespace(
+        model=model,
+        accelerator=SimpleNamespace(
+            device=torch.device("cpu"), gather_for_metrics=lambda t: t, gather=lambda t: t
+        ),
+        aux_loss_enabled=False,
+        precompute_ref_logps=True,
+        ld_alpha=None,
+        f_divergence_type=trl_args.get("f_divergence_type", "reverse_kl"),
+        f_alpha_divergence_coef=0.5,
+        beta=config.beta,
+        loss_types=trl_types,
+        loss_weights=[1.0] * len(trl_types),
+        label_smoothing=0.0,
+        use_weighting=trl_args.get("use_weighting", False),
+        args=SimpleNamespace(discopop_tau=0.05),
+        _metrics={"train": defaultdict(list)},
+        _total_train_tokens=0,
+        _tp_size=1,
+    )
+    inputs = {
+        "input_ids": ids,
+        "attention_mask": attention,
+        "completion_mask": completion,
+        "ref_chosen_logps": ref[:B],
+        "ref_rejected_logps": ref[B:],
+    }
+    params = [p for p in model.parameters() if p.requires_grad]
+    want = trl_dpo.DPOTrainer._compute_loss(this, model, inputs, False)
+    g_want = torch.autograd.grad(want, params)
+    got = ours_from_hf_logits(model, ids, attention, completion, config, ref)
+    g_got = torch.autograd.grad(got, params)
+    # TRL's fused LM head accumulates the logits in fp32 (trl/kernels/chunked_logprob.py
+    # `acc.addmm_(a.float(), b.float())`): agreement to fp32 precision
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    for a, b in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
