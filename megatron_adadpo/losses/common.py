@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -113,6 +114,24 @@ def pair_difference(
         active = torch.where(h_w < 0, math.log(config.dpop_lambda), -math.inf)
         log_w = torch.logaddexp(log_w, active.to(log_w.dtype))
     return delta, log_w - log_l
+
+
+def difference_family(
+    batch: PairBatch,
+    config: LossConfig,
+    loss_of_delta: Callable[[Tensor], Tensor],
+    per_token: bool = False,
+) -> FamilyOutput:
+    """A family whose per-pair loss is ``loss_of_delta(delta)`` of :func:`pair_difference`'s
+    ``delta`` (log rho as DPO; rewards ``beta * h``, TRL's), as a :class:`FamilyOutput`.
+
+    Shapes: every tensor ``[b]`` (per pair).
+    """
+    coefs = config_coefficients(log_rho_from_config(batch, config), config)
+    delta, log_balance = pair_difference(batch, config, coefs, per_token)
+    h_w, h_l = batch.chosen_logratios, batch.rejected_logratios
+    beta = config.beta
+    return FamilyOutput(loss_of_delta(delta), beta * h_w, beta * h_l, coefs, log_balance)
 
 
 def log_rho_from_config(batch: PairBatch, config: LossConfig) -> Tensor:

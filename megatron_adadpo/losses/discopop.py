@@ -10,6 +10,7 @@ adapt.    z = beta * (c * h_w - h_l)                           arXiv 2605.28440
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -17,13 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from megatron_adadpo.losses.checks import positive
-from megatron_adadpo.losses.common import (
-    FamilyOutput,
-    PairBatch,
-    config_coefficients,
-    log_rho_from_config,
-    pair_difference,
-)
+from megatron_adadpo.losses.common import FamilyOutput, PairBatch, difference_family
 from megatron_adadpo.losses.registry import register_loss
 
 if TYPE_CHECKING:
@@ -53,8 +48,5 @@ def discopop_loss(delta: Tensor, *, beta: float, tau: float) -> Tensor:
 @register_loss("discopop", needs_reference=True, knobs=DiscoPOPKnobs, f_divergence=True)
 def discopop_family(batch: PairBatch, config: LossConfig) -> FamilyOutput:
     """DiscoPOP on a :class:`PairBatch`; log rho as DPO. ``|dL/dl_w| / |dL/dl_l| = c``."""
-    coefs = config_coefficients(log_rho_from_config(batch, config), config)
-    delta, log_balance = pair_difference(batch, config, coefs)
-    h_w, h_l = batch.chosen_logratios, batch.rejected_logratios
-    losses = discopop_loss(delta, beta=config.beta, tau=config.knobs.discopop_tau)
-    return FamilyOutput(losses, config.beta * h_w, config.beta * h_l, coefs, log_balance)
+    loss = partial(discopop_loss, beta=config.beta, tau=config.knobs.discopop_tau)
+    return difference_family(batch, config, loss)

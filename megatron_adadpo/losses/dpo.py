@@ -10,18 +10,12 @@ With ``loss.f_divergence_type`` ``h`` becomes the f-divergence score ``s`` (f-DP
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from megatron_adadpo.losses.common import (
-    FamilyOutput,
-    PairBatch,
-    config_coefficients,
-    log_rho_from_config,
-    logistic_loss,
-    pair_difference,
-)
+from megatron_adadpo.losses.common import FamilyOutput, PairBatch, difference_family, logistic_loss
 from megatron_adadpo.losses.registry import register_loss
 
 if TYPE_CHECKING:
@@ -48,8 +42,7 @@ def dpo_family(batch: PairBatch, config: LossConfig) -> FamilyOutput:
 
     ``|dL/dl_w| / |dL/dl_l| = a / b = c`` (times the f-divergence slopes, plus DPOP's term).
     """
-    coefs = config_coefficients(log_rho_from_config(batch, config), config)
-    delta, log_balance = pair_difference(batch, config, coefs)
-    losses = dpo_loss(delta, beta=config.beta, label_smoothing=config.label_smoothing)
-    h_w, h_l = batch.chosen_logratios, batch.rejected_logratios
-    return FamilyOutput(losses, config.beta * h_w, config.beta * h_l, coefs, log_balance)
+    eps = config.label_smoothing
+    return difference_family(
+        batch, config, partial(dpo_loss, beta=config.beta, label_smoothing=eps)
+    )

@@ -10,6 +10,7 @@ adapt.  z = beta * (c * h_w - h_l)                               arXiv 2605.2844
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -17,13 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from megatron_adadpo.losses.checks import bad
-from megatron_adadpo.losses.common import (
-    FamilyOutput,
-    PairBatch,
-    config_coefficients,
-    log_rho_from_config,
-    pair_difference,
-)
+from megatron_adadpo.losses.common import FamilyOutput, PairBatch, difference_family
 from megatron_adadpo.losses.registry import register_loss
 
 if TYPE_CHECKING:
@@ -60,8 +55,5 @@ def exo_pair_errors(config: LossConfig) -> list[str]:
 )
 def exo_pair_family(batch: PairBatch, config: LossConfig) -> FamilyOutput:
     """EXO on a :class:`PairBatch`; log rho as DPO. ``|dL/dl_w| / |dL/dl_l| = c``."""
-    coefs = config_coefficients(log_rho_from_config(batch, config), config)
-    delta, log_balance = pair_difference(batch, config, coefs)
-    h_w, h_l = batch.chosen_logratios, batch.rejected_logratios
-    losses = exo_pair_loss(delta, beta=config.beta, eps=config.label_smoothing)
-    return FamilyOutput(losses, config.beta * h_w, config.beta * h_l, coefs, log_balance)
+    loss = partial(exo_pair_loss, beta=config.beta, eps=config.label_smoothing)
+    return difference_family(batch, config, loss)

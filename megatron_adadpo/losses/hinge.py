@@ -8,18 +8,13 @@ f-divergences replace ``h`` by the score (as TRL); DPOP does not apply (not a si
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from megatron_adadpo.losses.common import (
-    FamilyOutput,
-    PairBatch,
-    config_coefficients,
-    log_rho_from_config,
-    pair_difference,
-)
+from megatron_adadpo.losses.common import FamilyOutput, PairBatch, difference_family
 from megatron_adadpo.losses.registry import register_loss
 
 if TYPE_CHECKING:
@@ -34,8 +29,4 @@ def hinge_loss(delta: Tensor, *, beta: float) -> Tensor:
 @register_loss("hinge", needs_reference=True, f_divergence=True)
 def hinge_family(batch: PairBatch, config: LossConfig) -> FamilyOutput:
     """Hinge on a :class:`PairBatch`; log rho as DPO. Balance (where not flat): ``c``."""
-    coefs = config_coefficients(log_rho_from_config(batch, config), config)
-    delta, log_balance = pair_difference(batch, config, coefs)
-    h_w, h_l = batch.chosen_logratios, batch.rejected_logratios
-    losses = hinge_loss(delta, beta=config.beta)
-    return FamilyOutput(losses, config.beta * h_w, config.beta * h_l, coefs, log_balance)
+    return difference_family(batch, config, partial(hinge_loss, beta=config.beta))

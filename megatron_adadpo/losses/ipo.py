@@ -11,18 +11,13 @@ tau is ``loss.ipo_tau`` (this family's knob), or ``loss.beta`` when ``ipo_tau`` 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 from torch import Tensor
 
 from megatron_adadpo.losses.checks import positive
-from megatron_adadpo.losses.common import (
-    FamilyOutput,
-    PairBatch,
-    config_coefficients,
-    log_rho_from_config,
-    pair_difference,
-)
+from megatron_adadpo.losses.common import FamilyOutput, PairBatch, difference_family
 from megatron_adadpo.losses.registry import register_loss
 
 if TYPE_CHECKING:
@@ -74,8 +69,4 @@ def ipo_family(batch: PairBatch, config: LossConfig) -> FamilyOutput:
 
     ``|dL/dl_w| / |dL/dl_l| = (a / n_w) / (b / n_l) = c * n_l / n_w``. Rewards: ``beta * h``.
     """
-    coefs = config_coefficients(log_rho_from_config(batch, config), config)
-    delta, log_balance = pair_difference(batch, config, coefs, per_token=True)
-    losses = ipo_loss(delta, tau=ipo_tau(config))
-    h_w, h_l = batch.chosen_logratios, batch.rejected_logratios
-    return FamilyOutput(losses, config.beta * h_w, config.beta * h_l, coefs, log_balance)
+    return difference_family(batch, config, partial(ipo_loss, tau=ipo_tau(config)), per_token=True)

@@ -11,19 +11,13 @@ cancels).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 from torch import Tensor
 
 from megatron_adadpo.losses.checks import finite_float
-from megatron_adadpo.losses.common import (
-    FamilyOutput,
-    PairBatch,
-    config_coefficients,
-    log_rho_from_config,
-    logistic_loss,
-    pair_difference,
-)
+from megatron_adadpo.losses.common import FamilyOutput, PairBatch, difference_family, logistic_loss
 from megatron_adadpo.losses.registry import register_loss
 
 if TYPE_CHECKING:
@@ -72,15 +66,12 @@ def rdpo_loss(
 )
 def rdpo_family(batch: PairBatch, config: LossConfig) -> FamilyOutput:
     """R-DPO on a :class:`PairBatch`; log rho as DPO. ``|dL/dl_w| / |dL/dl_l| = c``."""
-    coefs = config_coefficients(log_rho_from_config(batch, config), config)
-    delta, log_balance = pair_difference(batch, config, coefs)
-    losses = rdpo_loss(
-        delta,
-        batch.chosen_lengths,
-        batch.rejected_lengths,
+    loss = partial(
+        rdpo_loss,
+        chosen_lengths=batch.chosen_lengths,
+        rejected_lengths=batch.rejected_lengths,
         beta=config.beta,
         alpha=config.knobs.rdpo_alpha,
         label_smoothing=config.label_smoothing,
     )
-    h_w, h_l = batch.chosen_logratios, batch.rejected_logratios
-    return FamilyOutput(losses, config.beta * h_w, config.beta * h_l, coefs, log_balance)
+    return difference_family(batch, config, loss)

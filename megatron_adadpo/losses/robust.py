@@ -13,18 +13,13 @@ makes the loss an unbiased estimate of the clean-label DPO loss; it can be negat
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch.nn.functional as F
 from torch import Tensor
 
-from megatron_adadpo.losses.common import (
-    FamilyOutput,
-    PairBatch,
-    config_coefficients,
-    log_rho_from_config,
-    pair_difference,
-)
+from megatron_adadpo.losses.common import FamilyOutput, PairBatch, difference_family
 from megatron_adadpo.losses.registry import register_loss
 
 if TYPE_CHECKING:
@@ -50,8 +45,5 @@ def robust_dpo_loss(delta: Tensor, *, beta: float, flip_rate: float) -> Tensor:
 )
 def robust_family(batch: PairBatch, config: LossConfig) -> FamilyOutput:
     """Robust DPO on a :class:`PairBatch`; log rho as DPO. ``|dL/dl_w| / |dL/dl_l| = c``."""
-    coefs = config_coefficients(log_rho_from_config(batch, config), config)
-    delta, log_balance = pair_difference(batch, config, coefs)
-    losses = robust_dpo_loss(delta, beta=config.beta, flip_rate=config.label_smoothing)
-    h_w, h_l = batch.chosen_logratios, batch.rejected_logratios
-    return FamilyOutput(losses, config.beta * h_w, config.beta * h_l, coefs, log_balance)
+    loss = partial(robust_dpo_loss, beta=config.beta, flip_rate=config.label_smoothing)
+    return difference_family(batch, config, loss)

@@ -6,20 +6,21 @@ adapt.        L = -logsig(beta * (c * h_w / n_w - h_l / n_l))      arXiv 2605.28
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING
 
-from megatron_adadpo.losses.common import (
-    FamilyOutput,
-    PairBatch,
-    config_coefficients,
-    log_rho_from_config,
-    logistic_loss,
-    pair_difference,
-)
+from torch import Tensor
+
+from megatron_adadpo.losses.common import FamilyOutput, PairBatch, difference_family, logistic_loss
 from megatron_adadpo.losses.registry import register_loss
 
 if TYPE_CHECKING:
     from megatron_adadpo.losses.config import LossConfig
+
+
+def sigmoid_norm_loss(delta: Tensor, *, beta: float) -> Tensor:
+    """``L = -logsig(beta * delta)``, ``delta = c h_w/n_w - h_l/n_l``. Shapes: ``[b]``."""
+    return logistic_loss(beta * delta)
 
 
 @register_loss("sigmoid_norm", needs_reference=True, f_divergence=True)
@@ -29,8 +30,5 @@ def sigmoid_norm_family(batch: PairBatch, config: LossConfig) -> FamilyOutput:
     ``|dL/dl_w| / |dL/dl_l| = c * n_l / n_w``. Rewards: ``beta * h``.
     Shapes: every tensor ``[b]`` (per pair).
     """
-    coefs = config_coefficients(log_rho_from_config(batch, config), config)
-    delta, log_balance = pair_difference(batch, config, coefs, per_token=True)
-    h_w, h_l = batch.chosen_logratios, batch.rejected_logratios
-    losses = logistic_loss(config.beta * delta)
-    return FamilyOutput(losses, config.beta * h_w, config.beta * h_l, coefs, log_balance)
+    loss = partial(sigmoid_norm_loss, beta=config.beta)
+    return difference_family(batch, config, loss, per_token=True)
