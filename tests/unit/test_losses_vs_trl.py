@@ -54,19 +54,10 @@ def make_batch(seed, equal_chosen_lengths=False, dtype=F64):
     }
 
 
-def trl_loss(loss_types, batch, beta=0.1, weights=None, **args):
-    """TRL 1.16.0's ``_compute_loss`` on ``batch``: ``(loss, metrics)``."""
-    n = batch["logps"].shape[0] // 2
-    seq = batch["logps"]
-    outputs = SimpleNamespace(
-        log_probs=seq,
-        entropy=torch.zeros_like(seq),
-        mean_logits=torch.zeros_like(seq),
-        is_top1=torch.zeros_like(seq, dtype=torch.bool),
-        log_sum_sq_probs=batch["log_sum_sq_probs"],
-    )
-    model = SimpleNamespace(training=True)
-    this = SimpleNamespace(
+def stand_in_trainer(model, loss_types, beta, weights=None, **args):
+    """The attributes TRL 1.16.0's ``DPOTrainer._compute_loss`` reads, with precomputed
+    reference log-probs and one process (the accelerator's gathers are identities)."""
+    return SimpleNamespace(
         model=model,
         accelerator=SimpleNamespace(
             device=torch.device("cpu"), gather_for_metrics=lambda t: t, gather=lambda t: t
@@ -86,6 +77,20 @@ def trl_loss(loss_types, batch, beta=0.1, weights=None, **args):
         _total_train_tokens=0,
         _tp_size=1,
     )
+
+
+def trl_loss(loss_types, batch, beta=0.1, weights=None, **args):
+    """TRL 1.16.0's ``_compute_loss`` on ``batch``: ``(loss, metrics)``."""
+    n = batch["logps"].shape[0] // 2
+    seq = batch["logps"]
+    outputs = SimpleNamespace(
+        log_probs=seq,
+        entropy=torch.zeros_like(seq),
+        mean_logits=torch.zeros_like(seq),
+        is_top1=torch.zeros_like(seq, dtype=torch.bool),
+        log_sum_sq_probs=batch["log_sum_sq_probs"],
+    )
+    this = stand_in_trainer(SimpleNamespace(training=True), loss_types, beta, weights, **args)
     mask = batch["completion_mask"]
     inputs = {
         "input_ids": torch.ones_like(mask),
@@ -305,26 +310,7 @@ def test_tiny_llama_through_trls_full_forward(trl_types, config, trl_args):
     model = tiny_llama()
     ids, attention, completion = token_batch(model)
     ref = -40.0 + torch.randn(2 * B, generator=torch.Generator().manual_seed(3), dtype=F64)
-    this = SimpleNamespace(
-        model=model,
-        accelerator=SimpleNamespace(
-            device=torch.device("cpu"), gather_for_metrics=lambda t: t, gather=lambda t: t
-        ),
-        aux_loss_enabled=False,
-        precompute_ref_logps=True,
-        ld_alpha=None,
-        f_divergence_type=trl_args.get("f_divergence_type", "reverse_kl"),
-        f_alpha_divergence_coef=0.5,
-        beta=config.beta,
-        loss_types=trl_types,
-        loss_weights=[1.0] * len(trl_types),
-        label_smoothing=0.0,
-        use_weighting=trl_args.get("use_weighting", False),
-        args=SimpleNamespace(discopop_tau=0.05),
-        _metrics={"train": defaultdict(list)},
-        _total_train_tokens=0,
-        _tp_size=1,
-    )
+    this = stand_in_trainer(model, trl_types, config.beta, **trl_args)
     inputs = {
         "input_ids": ids,
         "attention_mask": attention,
