@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from megatron_adadpo.losses.adaptive import stop_gradient
-from megatron_adadpo.losses.common import prepare_batch
+from megatron_adadpo.losses.common import PairBatch, prepare_batch
 from megatron_adadpo.losses.config import LossConfig
 from megatron_adadpo.losses.metrics import pair_metrics
 from megatron_adadpo.losses.registry import get_family
@@ -75,27 +75,23 @@ def preference_loss(
     Shapes:
         every input ``[b]`` (per pair); per_pair_losses ``[b]``; each metric ``[2]``.
     """
+    inputs = {k: v for k, v in locals().items() if k != "config"}  # by their public names
     family = get_family(config.name)
-    batch = prepare_batch(
-        config,
-        {
-            "policy_chosen_logps": policy_chosen_logps,
-            "policy_rejected_logps": policy_rejected_logps,
-            "chosen_lengths": chosen_lengths,
-            "rejected_lengths": rejected_lengths,
-            "reference_chosen_logps": reference_chosen_logps,
-            "reference_rejected_logps": reference_rejected_logps,
-            "chosen_nll": chosen_nll,
-            "chosen_weight_logps": chosen_weight_logps,
-            "rejected_weight_logps": rejected_weight_logps,
-        },
-    )
+    batch = prepare_batch(config, inputs)
     out = family.compute(batch, config)
-    losses = out.losses
+    losses = with_options(out.losses, batch, config, inputs)
+    return losses, pair_metrics(batch, out, losses, family.normalizer)
+
+
+def with_options(losses: Tensor, batch: PairBatch, config: LossConfig, inputs: dict) -> Tensor:
+    """``w * (losses + sft_weight * NLL(y_w))`` (module docstring), 0 on invalid pairs.
+
+    Shapes: losses ``[b]`` per pair; returns ``[b]``.
+    """
     if config.sft_weight > 0:
         losses = losses + config.sft_weight * batch.chosen_nll
     if config.use_weighting:
-        log_w = (chosen_weight_logps + rejected_weight_logps).to(losses.dtype)
-        losses = losses * torch.exp(stop_gradient(torch.where(batch.valid, log_w, 0.0)))
-    losses = torch.where(batch.valid, losses, 0.0)
-    return losses, pair_metrics(batch, out, losses, family.normalizer)
+        log_w = inputs["chosen_weight_logps"] + inputs["rejected_weight_logps"]
+        log_w = torch.where(batch.valid, log_w.to(losses.dtype), 0.0)
+        losses = losses * torch.exp(stop_gradient(log_w))
+    return torch.where(batch.valid, losses, 0.0)
