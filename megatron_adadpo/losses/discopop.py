@@ -38,11 +38,12 @@ class DiscoPOPKnobs:
 def discopop_loss(delta: Tensor, *, beta: float, tau: float) -> Tensor:
     """``L = (1 - sig(z/tau)) (-logsig(z)) + sig(z/tau) exp(-z)``, ``z = beta * delta``.
 
-    Shapes: ``[b]`` -> ``[b]``.
+    The exponential term is ``exp(logsig(z/tau) - z)``: finite where TRL's ``exp(-z) * m`` gives
+    ``inf * 0`` (a very negative margin). Shapes: ``[b]`` -> ``[b]``.
     """
     z = beta * delta
-    modulation = torch.sigmoid(z / tau)
-    return -F.logsigmoid(z) * (1.0 - modulation) + torch.exp(-z) * modulation
+    logistic = -F.logsigmoid(z) * torch.sigmoid(-z / tau)  # 1 - sig(x) = sig(-x)
+    return logistic + torch.exp(F.logsigmoid(z / tau) - z)  # exp(-z) sig(z/tau), no inf * 0
 
 
 @register_loss("discopop", needs_reference=True, knobs=DiscoPOPKnobs, f_divergence=True)

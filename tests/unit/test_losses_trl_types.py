@@ -166,3 +166,63 @@ def test_exo_needs_label_smoothing_and_discopop_tau_is_its_knob():
     close(call(cfg, x)[0], ref_trl_loss("discopop", x, cfg))
     with pytest.raises(ValueError, match="LossConfig.discopop_tau=0.0"):
         LossConfig(name="discopop", discopop_tau=0.0)
+
+
+# ----------------------------------------------------------------------------- ALGORITHM.md §5
+NEW = ADAPTIVE + BASE_ONLY
+
+
+@pytest.mark.parametrize("name", NEW)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_long_sequences_stay_finite(name, dtype):
+    """Property 5: 2048 completion tokens around -12 nats, fp32 and bf16 inputs."""
+    g = torch.Generator().manual_seed(1)
+    nw, nl = torch.tensor([2048, 2048, 1500]), torch.tensor([2048, 1200, 2048])
+    sums = []
+    for n in (nw, nl, nw, nl):
+        per_token = -12.0 + 2.0 * torch.randn(3, 2048, generator=g)
+        sums.append((per_token * (torch.arange(2048) < n[:, None])).sum(-1).to(dtype))
+    lw, ll = sums[0].clone().requires_grad_(), sums[1].clone().requires_grad_()
+    cfg = config(name, adaptive=name in ADAPTIVE, clip_max=None)
+    loss, metrics = preference_loss(cfg, lw, ll, nw, nl, sums[2], sums[3])
+    g_w, g_l = torch.autograd.grad(loss.sum(), [lw, ll])
+    assert torch.isfinite(loss).all() and torch.isfinite(g_w).all() and torch.isfinite(g_l).all()
+    undefined = ("ada/grad_balance", "ada/log_prob_balance") if name.startswith("aot") else ()
+    assert all(torch.isfinite(v).all() for k, v in metrics.items() if k not in undefined)
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_margins_of_thousands_of_nats_stay_finite(name):
+    lw = torch.tensor([-10.0, -5000.0], requires_grad=True)
+    ll = torch.tensor([-5000.0, -10.0], requires_grad=True)
+    n, ref = torch.tensor([100, 100]), torch.tensor([-100.0, -100.0])
+    loss, _ = preference_loss(config(name, adaptive=name in ADAPTIVE), lw, ll, n, n, ref, ref)
+    assert torch.isfinite(loss).all()
+    assert all(torch.isfinite(g).all() for g in torch.autograd.grad(loss.sum(), [lw, ll]))
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_zero_length_pairs_get_no_loss_and_no_gradient(name):
+    """Property 6: garbage in an empty completion never reaches the loss or the gradient."""
+    x = make_inputs(seed=17)
+    x["nw"] = torch.tensor([0, 5, 7, 0, 9, 4])
+    x["nl"] = torch.tensor([3, 0, 7, 0, 9, 4])
+    bad = torch.tensor([True, True, False, True, False, False])
+    with torch.no_grad():
+        x["lw"][bad] = torch.nan
+        x["ll"][bad] = -torch.inf
+    loss, metrics = call(config(name, adaptive=name in ADAPTIVE), x)
+    assert torch.isfinite(loss).all() and (loss[bad] == 0).all()
+    for grad in grads(loss, x, ("lw", "ll")):
+        assert torch.isfinite(grad).all() and (grad[bad] == 0).all()
+    assert metrics["pairs/valid"].tolist() == [3.0, 6.0]
+
+
+@pytest.mark.parametrize("name", ADAPTIVE + BASE_ONLY[:4])
+def test_permuting_pairs_permutes_losses(name):
+    """Property 7 (not for aot: it sorts across pairs by design)."""
+    x = make_inputs(seed=18)
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    xp = {k: v.detach()[perm] for k, v in x.items()}
+    cfg = config(name, adaptive=name in ADAPTIVE)
+    close(call(cfg, x)[0].detach()[perm], call(cfg, xp)[0])
