@@ -13,7 +13,9 @@ non-default divergence only for losses built on that difference, ``registry.Loss
 AdaDPO with an f-divergence: ``c`` multiplies ``s_w`` (``z = beta (c s_w - s_l)``); log rho is
 computed from ``h`` (or ``l``) as configured, so the balance ``|dL/dl_w| / |dL/dl_l| =
 c f''(u_w) u_w / (f''(u_l) u_l)`` is exact in log-ratio space only for reverse_kl; the metric
-``ada/grad_balance`` reports the analytic value with the slopes returned here.
+``ada/grad_balance`` reports the analytic value with the slopes returned here. As in TRL,
+``forward_kl``'s ``exp(-h)`` overflows once the policy gives an answer far less probability than
+the reference (``h < -88`` nats in fp32): that divergence is unbounded there.
 """
 
 from __future__ import annotations
