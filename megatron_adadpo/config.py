@@ -137,7 +137,7 @@ class Config:
         return self.loss.notices
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return dataclasses.asdict(self) | {"loss": self.loss.to_dict()}  # loss: flat knobs
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -167,7 +167,11 @@ def from_dict(values: dict) -> Config:
         cls = types[name]
         if not isinstance(value, dict):
             raise ConfigError(f"config section '{name}' must be a mapping, got {value!r}")
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = (
+            cls.accepted_keys()  # the loss section: shared fields + every family's knobs
+            if hasattr(cls, "accepted_keys")
+            else {f.name for f in dataclasses.fields(cls)}
+        )
         bad = sorted(set(value) - known)
         if bad:
             raise ConfigError(

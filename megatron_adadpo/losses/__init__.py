@@ -1,9 +1,12 @@
 """Preference losses: AdaDPO (arXiv 2605.28440) and the DPO family.
 
-Pure tensor functions (no Megatron import, no host syncs). One file per loss family, each
-registered in :data:`LOSSES`; the balancing coefficient shared by all of them lives in
-:mod:`megatron_adadpo.losses.adaptive`. Names are imported on first use, so that
-``megatron_adadpo.losses.config`` (and the run config that uses it) imports no torch.
+Pure tensor functions (no Megatron import, no host syncs). One file per loss family (TRL's
+``loss_type`` name where TRL has it), each registered in :data:`LOSSES` with its own knobs; the
+balancing coefficient shared by all of them lives in :mod:`megatron_adadpo.losses.adaptive`,
+the options every family composes with (SFT term, WPO weights) in ``preference.py``, the
+f-divergence scores in ``divergence.py``. Per-pair metrics only: their reduction across
+micro-batches and ranks is :mod:`megatron_adadpo.run.metrics`. Names are imported on first use,
+so that ``megatron_adadpo.losses.config`` (and the run config that uses it) imports no torch.
 """
 
 from __future__ import annotations
@@ -16,13 +19,7 @@ _EXPORTS = {
     "LossConfig": ".config",
     "EXTREMA_METRIC_NAMES": ".metrics",
     "METRIC_NAMES": ".metrics",
-    "accumulate_metrics": ".metrics",
-    "all_reduce_metrics": ".metrics",
-    "reduce_metrics": ".metrics",
-    "reduce_op": ".metrics",
-    "stack_metrics": ".metrics",
     "token_mean_metric": ".metrics",
-    "unstack_metrics": ".metrics",
     "preference_loss": ".preference",
     "LOSSES": ".registry",
     "LossFamily": ".registry",

@@ -1,9 +1,11 @@
-"""Input validation and the per-pair tensors shared by the loss families."""
+"""The per-pair tensors shared by the loss families, and the helpers they compose from."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +16,10 @@ from megatron_adadpo.losses.adaptive import (
     balancing_coefficients,
     log_rho_from_scores,
 )
-from megatron_adadpo.losses.config import LossConfig
+from megatron_adadpo.losses.divergence import f_divergence_scores
+
+if TYPE_CHECKING:
+    from megatron_adadpo.losses.config import LossConfig
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,8 @@ class PairBatch:
     reference_chosen_logps: Tensor | None = None
     reference_rejected_logps: Tensor | None = None
     chosen_nll: Tensor | None = None
+    f_divergence: str = "reverse_kl"
+    f_alpha: float = 0.5
 
     @property
     def chosen_logratios(self) -> Tensor:
@@ -46,6 +53,13 @@ class PairBatch:
     def rejected_logratios(self) -> Tensor:
         """``h_l = l_l - l_ref_l``."""
         return self.rejected_logps - self.reference_rejected_logps
+
+    def scores(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(s_w, s_l, log ds_w/dh_w, log ds_l/dh_l)``: the f-divergence scores of ``h``
+        (``s = h`` for reverse_kl, :mod:`~megatron_adadpo.losses.divergence`)."""
+        s_w, slope_w = f_divergence_scores(self.chosen_logratios, self.f_divergence, self.f_alpha)
+        s_l, slope_l = f_divergence_scores(self.rejected_logratios, self.f_divergence, self.f_alpha)
+        return s_w, s_l, slope_w, slope_l
 
 
 class FamilyOutput(NamedTuple):
@@ -68,6 +82,56 @@ def logistic_loss(z: Tensor, label_smoothing: float = 0.0) -> Tensor:
     if label_smoothing > 0:
         loss = (1.0 - label_smoothing) * loss - label_smoothing * F.logsigmoid(-z)
     return loss
+
+
+def pair_difference(
+    batch: PairBatch, config: LossConfig, coefs: Coefficients, per_token: bool = False
+) -> tuple[Tensor, Tensor]:
+    """``(delta, log |dL/dl_w| / |dL/dl_l| for a loss of beta * delta)`` of the families built
+    on the chosen-minus-rejected difference of (f-divergence) scores:
+
+        delta = a * s_w - b * s_l - lambda * max(0, -h_w)          (per_token: s -> s / n)
+
+    ``a / b = c`` (:func:`config_coefficients`); the last term is DPO-Positive's penalty
+    (Smaug, https://arxiv.org/abs/2402.13228, ``-lambda max(0, l_ref_w - l_w)`` inside the
+    sigmoid; ``config.dpop_lambda``, families registered with ``dpop=True``). The coefficient
+    multiplies the chosen score only, never the penalty: DPOP's push on the chosen answer is
+    added to AdaDPO's balanced pair.
+
+    Shapes: every tensor ``[b]`` (per pair).
+    """
+    s_w, s_l, slope_w, slope_l = batch.scores()
+    log_w = torch.log(coefs.coef_chosen) + slope_w
+    log_l = torch.log(coefs.coef_rejected) + slope_l
+    if per_token:
+        n_w, n_l = batch.chosen_lengths, batch.rejected_lengths
+        s_w, s_l = s_w / n_w, s_l / n_l
+        log_w, log_l = log_w - torch.log(n_w), log_l - torch.log(n_l)
+    delta = coefs.coef_chosen * s_w - coefs.coef_rejected * s_l
+    if config.dpop_lambda > 0:
+        h_w = batch.chosen_logratios
+        delta = delta - config.dpop_lambda * torch.relu(-h_w)
+        active = torch.where(h_w < 0, math.log(config.dpop_lambda), -math.inf)
+        log_w = torch.logaddexp(log_w, active.to(log_w.dtype))
+    return delta, log_w - log_l
+
+
+def difference_family(
+    batch: PairBatch,
+    config: LossConfig,
+    loss_of_delta: Callable[[Tensor], Tensor],
+    per_token: bool = False,
+) -> FamilyOutput:
+    """A family whose per-pair loss is ``loss_of_delta(delta)`` of :func:`pair_difference`'s
+    ``delta`` (log rho as DPO; rewards ``beta * h``, TRL's), as a :class:`FamilyOutput`.
+
+    Shapes: every tensor ``[b]`` (per pair).
+    """
+    coefs = config_coefficients(log_rho_from_config(batch, config), config)
+    delta, log_balance = pair_difference(batch, config, coefs, per_token)
+    h_w, h_l = batch.chosen_logratios, batch.rejected_logratios
+    beta = config.beta
+    return FamilyOutput(loss_of_delta(delta), beta * h_w, beta * h_l, coefs, log_balance)
 
 
 def log_rho_from_config(batch: PairBatch, config: LossConfig) -> Tensor:
@@ -121,20 +185,25 @@ def _check_lengths(name: str, lengths: Tensor, config: LossConfig) -> None:
             )
 
 
+OPTIONAL_INPUTS = (
+    "reference_chosen_logps",
+    "reference_rejected_logps",
+    "chosen_nll",
+    "chosen_weight_logps",
+    "rejected_weight_logps",
+)
+
+
 def prepare_batch(
     config: LossConfig,
     inputs: dict[str, Tensor | None],
 ) -> PairBatch:
     """Validate the public inputs and build the sanitised :class:`PairBatch`."""
+    inputs = dict.fromkeys(OPTIONAL_INPUTS) | inputs
     l_w = inputs["policy_chosen_logps"]
     _check_vector("policy_chosen_logps", l_w, None, True)
     size = l_w.shape[0]
-    for name in (
-        "policy_rejected_logps",
-        "reference_chosen_logps",
-        "reference_rejected_logps",
-        "chosen_nll",
-    ):
+    for name in ("policy_rejected_logps", *OPTIONAL_INPUTS):
         if inputs[name] is not None:
             _check_vector(name, inputs[name], size, True)
     for name in ("chosen_lengths", "rejected_lengths"):
@@ -162,6 +231,8 @@ def prepare_batch(
         reference_chosen_logps=clean(inputs["reference_chosen_logps"]) if use_ref else None,
         reference_rejected_logps=clean(inputs["reference_rejected_logps"]) if use_ref else None,
         chosen_nll=clean(inputs["chosen_nll"]) if config.needs_chosen_nll else None,
+        f_divergence=config.f_divergence_type,
+        f_alpha=config.f_alpha_divergence_coef,
     )
 
 
@@ -177,9 +248,20 @@ def _check_required(config: LossConfig, inputs: dict[str, Tensor | None]) -> Non
                 )
     if config.needs_chosen_nll and inputs["chosen_nll"] is None:
         raise ValueError(
-            f"chosen_nll is required for loss name={config.name!r}: pass the "
-            "per-pair mean NLL of the chosen completion as a [b] tensor"
+            f"chosen_nll is required for loss name={config.name!r} (or loss.sft_weight > 0): "
+            "pass the per-pair mean NLL of the chosen completion as a [b] tensor"
         )
+    for name in ("chosen_weight_logps", "rejected_weight_logps"):
+        if config.use_weighting and inputs[name] is None:
+            raise ValueError(
+                f"{name} is required with loss.use_weighting=true (WPO): pass the per-sequence "
+                "mean over completion tokens of log p_t - log sum_v p_v^2 as a [b] tensor"
+            )
+        if not config.use_weighting and inputs[name] is not None:
+            raise ValueError(
+                f"{name} was given but loss.use_weighting is false: set loss.use_weighting=true "
+                "to weight the pairs (WPO), or do not pass it"
+            )
 
 
 def config_coefficients(log_rho: Tensor, config: LossConfig) -> Coefficients:

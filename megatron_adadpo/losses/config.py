@@ -1,70 +1,63 @@
-"""Configuration of the preference loss (AdaDPO and the DPO family)."""
+"""Configuration of the preference loss (AdaDPO and the DPO family); torch-free to import.
+
+The options every family shares are the fields of :class:`LossConfig`; a family's own knobs
+(``ipo_tau``, ``simpo_gamma``, ``discopop_tau``, ...) are declared in its file as a frozen
+dataclass registered with the family (:mod:`megatron_adadpo.losses.registry`). In YAML both sit
+flat under ``loss:``; ``LossConfig(name="ipo", ipo_tau=0.2)`` likewise.
+"""
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from dataclasses import dataclass
+
+from megatron_adadpo.losses.checks import bad, choice, finite, non_negative, positive
+from megatron_adadpo.losses.registry import ADAPTIVE_NAMES, get_family, knob_owners, loss_names
 
 BALANCE_SPACES = ("reference", "policy")
 NORMALIZE_MODES = ("token_mean", "sequence")
 PLACEMENTS = ("chosen", "rejected", "split")
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 # Names that trained their adaptive form by default while ``adaptive`` defaulted to true: named
 # without ``adaptive`` they now train the base loss, with a notice (LossConfig.notices).
 ADAPTIVE_DEFAULT_NAMES = ("dpo", "ipo", "simpo", "rdpo", "cpo", "orpo")
 
 
-def _bad(field: str, value: object, accepted: str) -> ValueError:
-    return ValueError(f"LossConfig.{field}={value!r} is invalid; accepted: {accepted}")
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class LossConfig:
     """Which preference loss to compute and how (ALGORITHM.md sections 3-4).
 
     Names say what they train: ``name="adadpo"`` (the default) is AdaDPO, DPO with the
     per-token, reference-space coefficient clipped at ``C = 2``; ``name="dpo"`` is DPO.
-    ``adaptive=True`` gives any family its adaptive form; left unset (None) it is True for
-    ``adadpo`` and False for every other name, and it is resolved to that bool here.
-    Configs written when ``adaptive`` defaulted to true and that name a family without setting
-    it now train the base loss: :attr:`notices` says so (the trainer prints it on rank 0).
+    ``adaptive=True`` gives any family with a chosen-minus-rejected difference its adaptive
+    form; left unset (None) it is True for ``adadpo`` and False for every other name.
 
     Attributes:
-        name: ``adadpo`` or a loss family (dpo, ipo, simpo, rdpo, cpo, orpo, robust; sft: the
-            per-token mean NLL of the chosen completions, for a warm start, which has no
-            adaptive form and ignores the coefficient options).
-        beta: inverse temperature (> 0). IPO's tau is ``ipo_tau`` when set, else ``beta``.
+        name: ``adadpo`` or a family of :data:`~megatron_adadpo.losses.registry.LOSSES` (TRL's
+            ``loss_type`` names where TRL has the loss; sft: the per-token mean NLL of the
+            chosen completions).
+        beta: inverse temperature (> 0).
         adaptive: put the detached balancing coefficient ``c`` on the pair (AdaDPO); None:
-            the name decides (see above). ``adadpo`` with ``adaptive=False`` is refused.
-        balance_space: ``"reference"`` (log rho from ``h = l - l_ref``) or ``"policy"``
-            (from ``l``). Used by dpo/ipo/rdpo/robust; reference-free families balance in
-            policy space.
-        normalize: ``"token_mean"`` (divide by completion lengths: stable AdaDPO) or
-            ``"sequence"`` (exact sequence-level coefficient). Used by dpo/ipo/rdpo/robust
-            and, for simpo/cpo, ``"sequence"`` replaces ``lbar`` by ``l`` in log rho. ORPO's
-            log rho has one fixed form.
-        clip_max: ceiling ``C`` on ``c = k * rho`` (> 0), or None for no ceiling (a fixed
-            finiteness guard ``exp(30)`` on every coefficient still applies).
-        clip_min: floor on ``c`` (>= 0, <= clip_max), or None for no floor.
-        target_ratio: ``k`` in ``c = k * rho`` (> 0).
-        placement: ``"chosen"`` (chosen term times c), ``"rejected"`` (rejected term times
-            1/c) or ``"split"`` (chosen times sqrt(c), rejected times 1/sqrt(c)).
-        label_smoothing: ``eps`` in ``[0, 0.5)``. For dpo, rdpo, simpo, cpo it is conservative
-            DPO (cDPO): ``-(1-eps) logsig(z) - eps logsig(-z)``; for ``robust`` it is the
-            assumed label-flip rate of robust DPO (``losses/robust.py``). Other families
-            refuse it.
-        ipo_tau: IPO's tau (> 0; target margin ``1 / (2 tau)``), or None to use ``beta`` as
-            tau (TRL's convention). With ``ipo_tau`` set, ``beta`` only scales the logged
-            rewards.
-        simpo_gamma: SimPO's target reward margin gamma. Default 0.05 = 0.5 * beta, the
-            gamma/beta ratio the SimPO paper recommends; for its recipe use beta=2.0,
-            simpo_gamma=1.0.
-        rdpo_alpha: R-DPO's length coefficient alpha (default 0.05, the low end of the grid
-            {0.05, 0.1, 0.5, 1.0} that the SimPO paper searched for R-DPO).
-        cpo_alpha: weight of CPO's NLL(y_w) term (>= 0; CPO paper: 1.0).
-        orpo_lambda: weight of ORPO's odds-ratio term (>= 0; ORPO paper: 0.1).
-        debug_checks: also run value checks that need a device->host sync (negative lengths on
-            accelerator tensors). CPU tensors are always checked; on accelerators, without this
-            flag a negative length simply marks the pair invalid.
+            the name decides. Refused for families without a pair difference (the reason
+            names why) and for ``adadpo`` with False.
+        balance_space, normalize, clip_max, clip_min, target_ratio, placement: the
+            coefficient's options (ALGORITHM.md section 3; ``adaptive.py``).
+        label_smoothing: ``eps`` in ``[0, 0.5)``: cDPO for the logistic families, robust's flip
+            rate, EXO's target; refused by families that do not read it.
+        sft_weight: weight of the chosen answer's per-token mean NLL added to every pair's loss
+            (TRL ``loss_type=[..., "sft"]`` + ``loss_weights``; NeMo-RL ``sft_loss_weight``);
+            0 = off. Never multiplied by the coefficient.
+        f_divergence_type: ``reverse_kl`` (DPO) or ``forward_kl`` / ``js_divergence`` /
+            ``alpha_divergence`` (f-DPO, arXiv 2309.16240): ``h`` becomes ``f'(exp h)`` in
+            the families built on the reward difference; refused elsewhere (TRL's rule).
+        f_alpha_divergence_coef: alpha of ``alpha_divergence`` (TRL default 0.5).
+        dpop_lambda: DPO-Positive's lambda (arXiv 2402.13228), ``>= 0``; 0 = off.
+        use_weighting: WPO (arXiv 2406.11827): weight each pair's loss by the policy's own
+            detached probability of its two answers (``chosen_weight_logps`` inputs).
+        ld_alpha: LD-DPO's alpha in ``(0, 1]`` (arXiv 2409.06411), applied to the per-token
+            log-probs before the sums by the step; None = off.
+        debug_checks: also run value checks that need a device->host sync.
+        knobs: the family's own knobs (its registered dataclass), or None.
     """
 
     name: str = "adadpo"
@@ -77,94 +70,135 @@ class LossConfig:
     target_ratio: float = 1.0
     placement: str = "chosen"
     label_smoothing: float = 0.0
-    ipo_tau: float | None = None
-    simpo_gamma: float = 0.05
-    rdpo_alpha: float = 0.05
-    cpo_alpha: float = 1.0
-    orpo_lambda: float = 0.1
+    sft_weight: float = 0.0
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
+    dpop_lambda: float = 0.0
+    use_weighting: bool = False
+    ld_alpha: float | None = None
     debug_checks: bool = False
+    knobs: object | None = None
 
-    def __post_init__(self) -> None:
-        family = self._family()  # raises on an unknown name
-        self._resolve_adaptive()
-        self._check_choice("balance_space", BALANCE_SPACES)
-        self._check_choice("normalize", NORMALIZE_MODES)
-        self._check_choice("placement", PLACEMENTS)
-        if not isinstance(self.debug_checks, bool):
-            raise _bad("debug_checks", self.debug_checks, "True or False")
-        self._check_positive("beta")
-        self._check_positive("target_ratio")
-        if self.ipo_tau is not None:
-            self._check_positive("ipo_tau", "a float > 0, or None to use beta as tau")
-        if self.clip_max is not None:
-            self._check_positive("clip_max", "a float > 0 or None")
-        if self.clip_min is not None:
-            upper = "clip_max" if self.clip_max is not None else "inf"
-            ok = _finite(self.clip_min) and self.clip_min >= 0
-            if not ok or (self.clip_max is not None and self.clip_min > self.clip_max):
-                raise _bad("clip_min", self.clip_min, f"None or a float in [0, {upper}]")
-        if not (_finite(self.label_smoothing) and 0.0 <= self.label_smoothing < 0.5):
-            raise _bad("label_smoothing", self.label_smoothing, "a float in [0, 0.5)")
-        if self.label_smoothing > 0 and not family.supports_label_smoothing:
-            from megatron_adadpo.losses.registry import load_families
-
-            ok_names = sorted(n for n, f in load_families().items() if f.supports_label_smoothing)
-            raise _bad(
-                "label_smoothing",
-                self.label_smoothing,
-                f"0.0 for name={self.name!r}; label smoothing is supported by {ok_names}",
-            )
-        for field in ("cpo_alpha", "orpo_lambda"):
-            value = getattr(self, field)
-            if not (_finite(value) and value >= 0):
-                raise _bad(field, value, "a finite float >= 0")
-        for field in ("simpo_gamma", "rdpo_alpha"):
-            if not _finite(getattr(self, field)):
-                raise _bad(field, getattr(self, field), "a finite float")
-
-    def _family(self):
-        from megatron_adadpo.losses.registry import get_family, loss_names
-
+    def __init__(self, name: str = "adadpo", **values) -> None:
+        shared = {f.name for f in dataclasses.fields(self)} - {"knobs"}
+        knob_values = {k: values.pop(k) for k in list(values) if k not in shared | {"knobs"}}
+        if values.get("knobs") is not None:  # dataclasses.replace passes the knobs instance
+            knob_values = dataclasses.asdict(values.pop("knobs")) | knob_values
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, values.get(f.name, f.default))
+        object.__setattr__(self, "name", name)
         try:
-            return get_family(self.name)
+            family = get_family(name)
         except ValueError:
-            raise _bad("name", self.name, str(loss_names())) from None
+            raise ValueError(bad("name", name, str(loss_names()))) from None
+        errors = self._knob_errors(family, knob_values)
+        errors += self._adaptive_errors(family) + self._shared_errors() + option_errors(self)
+        if errors:
+            raise ValueError("\n".join(errors))
 
-    def _resolve_adaptive(self) -> None:
+    def _knob_errors(self, family, given: dict) -> list[str]:
+        """Build ``knobs`` from the family's dataclass; name the owner of a misplaced knob."""
+        owners, errors, own = knob_owners(), [], {}
+        for key, value in given.items():
+            owner = owners.get(key)
+            if owner is None:
+                accepted = sorted(self.accepted_keys())
+                errors.append(f"unknown loss option LossConfig.{key}; accepted: {accepted}")
+                continue
+            value_errors = _family_knobs(owner, {key: value})[1]
+            errors += value_errors
+            if owner == family.name:
+                own[key] = value
+            elif not value_errors and value != _knob_default(owner, key):
+                # (configs written before the knobs moved held every family's knob at its
+                # default: a knob of another family at its default is accepted and dropped)
+                errors.append(
+                    bad(
+                        key,
+                        value,
+                        f"only with loss.name={owner!r}, the family that owns it "
+                        f"(loss.name={self.name!r} does not read it): remove it",
+                    )
+                )
+        if family.knobs is not None and not errors:
+            object.__setattr__(self, "knobs", _family_knobs(family.name, own)[0])
+        return errors
+
+    def _adaptive_errors(self, family) -> list[str]:
         """``adaptive`` None -> the name's default (True only for adaptive names)."""
-        from megatron_adadpo.losses.registry import ADAPTIVE_NAMES
-
         if self.adaptive is not None and not isinstance(self.adaptive, bool):
-            raise _bad("adaptive", self.adaptive, "True, False or None (the name decides)")
+            return [bad("adaptive", self.adaptive, "True, False or None (the name decides)")]
         named_adaptive = self.name in ADAPTIVE_NAMES
-        if named_adaptive and self.adaptive is False:
-            family = ADAPTIVE_NAMES[self.name]
-            raise _bad(
-                "adaptive",
-                False,
-                f"True or None for name={self.name!r}; for "
-                f"{family.upper()} without the coefficient use name={family!r}",
-            )
-        if self.adaptive and not self._family().adaptive_form:
-            raise _bad(
-                "adaptive",
-                True,
-                f"False or None for name={self.name!r}: it has no pair term to balance (an NLL "
-                "term is left unweighted, ALGORITHM.md section 4)",
-            )
         object.__setattr__(self, "_adaptive_from_name", self.adaptive is None)
         if self.adaptive is None:
             object.__setattr__(self, "adaptive", named_adaptive)
+        if named_adaptive and self.adaptive is False:
+            base = ADAPTIVE_NAMES[self.name]
+            return [
+                bad(
+                    "adaptive",
+                    False,
+                    f"True or None for name={self.name!r}; for {base.upper()} without the "
+                    f"coefficient use name={base!r}",
+                )
+            ]
+        if self.adaptive and not family.adaptive_form:
+            why = family.no_adaptive
+            return [bad("adaptive", True, f"False or None for name={self.name!r}: {why}")]
+        return []
+
+    def _shared_errors(self) -> list[str]:
+        errors = choice("balance_space", self.balance_space, BALANCE_SPACES)
+        errors += choice("normalize", self.normalize, NORMALIZE_MODES)
+        errors += choice("placement", self.placement, PLACEMENTS)
+        if not isinstance(self.debug_checks, bool):
+            errors.append(bad("debug_checks", self.debug_checks, "True or False"))
+        errors += positive("beta", self.beta) + positive("target_ratio", self.target_ratio)
+        if self.clip_max is not None:
+            errors += positive("clip_max", self.clip_max, "a float > 0 or None")
+        if self.clip_min is not None:
+            upper = "clip_max" if self.clip_max is not None else "inf"
+            ok = finite(self.clip_min) and self.clip_min >= 0
+            if not ok or (finite(self.clip_max) and self.clip_min > self.clip_max):
+                errors.append(bad("clip_min", self.clip_min, f"None or a float in [0, {upper}]"))
+        if not (finite(self.label_smoothing) and 0.0 <= self.label_smoothing < 0.5):
+            errors.append(bad("label_smoothing", self.label_smoothing, "a float in [0, 0.5)"))
+        elif self.label_smoothing > 0 and not self._family().supports_label_smoothing:
+            ok_names = _names_with("supports_label_smoothing")
+            errors.append(
+                bad(
+                    "label_smoothing",
+                    self.label_smoothing,
+                    f"0.0 for name={self.name!r}; label smoothing is supported by {ok_names}",
+                )
+            )
+        return errors
+
+    def __getattr__(self, key: str):
+        """A knob of the selected family (``config.ipo_tau`` for ``name: ipo``)."""
+        knobs = self.__dict__.get("knobs")
+        if knobs is not None and key in {f.name for f in dataclasses.fields(knobs)}:
+            return getattr(knobs, key)
+        raise AttributeError(f"LossConfig has no option {key!r} for name={self.name!r}")
+
+    def _family(self):
+        return get_family(self.name)
+
+    @classmethod
+    def accepted_keys(cls) -> set[str]:
+        """Every key accepted under ``loss:``: the shared fields and every family's knobs."""
+        return ({f.name for f in dataclasses.fields(cls)} - {"knobs"}) | set(knob_owners())
+
+    def to_dict(self) -> dict:
+        """The flat ``loss:`` mapping (shared fields and this family's knobs)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        knobs = out.pop("knobs")
+        return out | (dataclasses.asdict(knobs) if knobs is not None else {})
 
     @property
     def family(self) -> str:
         """The loss family the name selects (``adadpo`` -> ``dpo``)."""
         return self._family().name
-
-    @property
-    def tau(self) -> float:
-        """IPO's tau: ``ipo_tau``, or ``beta`` when it is None (TRL's convention)."""
-        return self.beta if self.ipo_tau is None else self.ipo_tau
 
     @property
     def notices(self) -> tuple[str, ...]:
@@ -177,22 +211,9 @@ class LossConfig:
                 f"its adaptive form. For AdaDPO use loss.name='adadpo' (any family: "
                 f"loss.adaptive=true); set loss.adaptive=false to silence this notice"
             )
-        if self.family == "ipo" and self.ipo_tau is None and self.beta != 0.1:
-            out.append(
-                f"loss.ipo_tau unset: IPO uses tau = beta = {self.beta} (TRL's convention); "
-                "configs written when ipo_tau defaulted to 0.1 used tau = 0.1. Set loss.ipo_tau "
-                "to choose tau apart from beta (then beta only scales the logged rewards)"
-            )
+        if hasattr(self.knobs, "notices"):
+            out += self.knobs.notices(self)
         return tuple(out)
-
-    def _check_choice(self, field: str, accepted: tuple[str, ...]) -> None:
-        if getattr(self, field) not in accepted:
-            raise _bad(field, getattr(self, field), str(list(accepted)))
-
-    def _check_positive(self, field: str, accepted: str = "a finite float > 0") -> None:
-        value = getattr(self, field)
-        if not (_finite(value) and value > 0):
-            raise _bad(field, value, accepted)
 
     @property
     def needs_reference(self) -> bool:
@@ -206,9 +227,90 @@ class LossConfig:
 
     @property
     def needs_chosen_nll(self) -> bool:
-        """The loss needs ``chosen_nll`` (cpo, orpo)."""
-        return self._family().needs_chosen_nll
+        """The loss needs ``chosen_nll``: cpo, orpo, or any family with ``sft_weight > 0``."""
+        return self._family().needs_chosen_nll or self.sft_weight > 0
 
 
-def _finite(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+def option_errors(config: LossConfig) -> list[str]:
+    """The cross-family options (issue 23): ranges, and which families' math allows them."""
+    family = config._family()
+    errors = non_negative("sft_weight", config.sft_weight)
+    errors += non_negative("dpop_lambda", config.dpop_lambda)
+    errors += choice("f_divergence_type", config.f_divergence_type, F_DIVERGENCES)
+    if not finite(config.f_alpha_divergence_coef):
+        errors.append(bad("f_alpha_divergence_coef", config.f_alpha_divergence_coef, "a float"))
+    if not isinstance(config.use_weighting, bool):
+        errors.append(bad("use_weighting", config.use_weighting, "True or False"))
+    alpha = config.ld_alpha
+    if alpha is not None and not (finite(alpha) and 0 < alpha <= 1):
+        errors.append(bad("ld_alpha", alpha, "a float in (0, 1], or None (off)"))
+    if errors:
+        return errors
+    name = config.name
+    if config.sft_weight > 0 and family.normalizer == "tokens":
+        errors.append(bad("sft_weight", config.sft_weight, f"0 for name={name!r}: it is the NLL"))
+    if config.ld_alpha is not None and family.normalizer == "tokens":
+        errors.append(bad("ld_alpha", alpha, f"None for name={name!r}: it has no answer pair"))
+    if config.f_divergence_type != "reverse_kl" and not family.f_divergence:
+        errors.append(
+            bad(
+                "f_divergence_type",
+                config.f_divergence_type,
+                f"'reverse_kl' for name={name!r}: f-divergences need a loss built on the "
+                f"chosen-minus-rejected log-ratio difference, {_names_with('f_divergence')}",
+            )
+        )
+    if config.f_alpha_divergence_coef != 0.5 and config.f_divergence_type != "alpha_divergence":
+        errors.append(
+            bad(
+                "f_alpha_divergence_coef",
+                config.f_alpha_divergence_coef,
+                "0.5 (unused) unless f_divergence_type='alpha_divergence': set that, or remove it",
+            )
+        )
+    if config.dpop_lambda > 0 and not family.dpop:
+        errors.append(
+            bad(
+                "dpop_lambda",
+                config.dpop_lambda,
+                f"0 for name={name!r}; DPOP enters the sigmoid of {_names_with('dpop')}",
+            )
+        )
+    if family.checks is not None:
+        errors += family.checks(config)
+    if config.use_weighting and not family.weighting:
+        errors.append(
+            bad(
+                "use_weighting",
+                True,
+                f"False for name={name!r}: it sorts log-ratios across "
+                "pairs, so a pair's weight would not meet its own loss (as TRL refuses)",
+            )
+        )
+    return errors
+
+
+def _names_with(trait: str) -> list[str]:
+    from megatron_adadpo.losses.registry import load_families
+
+    return sorted(n for n, f in load_families().items() if getattr(f, trait))
+
+
+def _family_knobs(family_name: str, values: dict):
+    """``(knobs instance or None, errors)`` of family ``family_name`` built from ``values``."""
+    cls = get_family(family_name).knobs
+    numbers = {}
+    for key, value in values.items():  # YAML writes 1e-3 as a string
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                return None, [bad(key, value, "a number")]
+        numbers[key] = value
+    knobs = cls(**numbers)
+    return knobs, knobs.errors()
+
+
+def _knob_default(family_name: str, key: str):
+    fields = {f.name: f.default for f in dataclasses.fields(get_family(family_name).knobs)}
+    return fields[key]

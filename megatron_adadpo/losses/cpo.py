@@ -6,8 +6,12 @@ adapt.  L = -logsig(beta * (c * l_w - l_l)) + alpha * NLL(y_w)      arXiv 2605.2
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 from torch import Tensor
 
+from megatron_adadpo.losses.checks import non_negative
 from megatron_adadpo.losses.common import (
     FamilyOutput,
     PairBatch,
@@ -16,8 +20,20 @@ from megatron_adadpo.losses.common import (
     logistic_loss,
     policy_log_rho,
 )
-from megatron_adadpo.losses.config import LossConfig
 from megatron_adadpo.losses.registry import register_loss
+
+if TYPE_CHECKING:
+    from megatron_adadpo.losses.config import LossConfig
+
+
+@dataclass(frozen=True)
+class CPOKnobs:
+    """``cpo_alpha``: weight of CPO's NLL(y_w) term (>= 0; CPO paper: 1.0)."""
+
+    cpo_alpha: float = 1.0
+
+    def errors(self) -> list[str]:
+        return non_negative("cpo_alpha", self.cpo_alpha)
 
 
 def cpo_loss(
@@ -49,6 +65,7 @@ def cpo_loss(
     needs_reference=False,
     needs_chosen_nll=True,
     supports_label_smoothing=True,
+    knobs=CPOKnobs,
 )
 def cpo_family(batch: PairBatch, config: LossConfig) -> FamilyOutput:
     """CPO on a :class:`PairBatch`; ``log rho = lbar_w - lbar_l`` (``l_w - l_l`` if sequence).
@@ -62,7 +79,7 @@ def cpo_family(batch: PairBatch, config: LossConfig) -> FamilyOutput:
         l_l,
         batch.chosen_nll,
         beta=config.beta,
-        alpha=config.cpo_alpha,
+        alpha=config.knobs.cpo_alpha,
         coef_chosen=coefs.coef_chosen,
         coef_rejected=coefs.coef_rejected,
         label_smoothing=config.label_smoothing,

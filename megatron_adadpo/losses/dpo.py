@@ -1,63 +1,48 @@
-"""DPO and AdaDPO.
+"""DPO and AdaDPO (TRL ``loss_type="sigmoid"``).
 
 DPO     L = -logsig(beta * (h_w - h_l))                       arXiv 2305.18290
 AdaDPO  L = -logsig(beta * (c * h_w - h_l)),  c = sg(rho)     arXiv 2605.28440
+
+With ``loss.f_divergence_type`` ``h`` becomes the f-divergence score ``s`` (f-DPO); with
+``loss.dpop_lambda`` the sigmoid's argument loses ``beta * lambda * max(0, -h_w)`` (DPOP);
+``label_smoothing`` gives cDPO.
 """
 
 from __future__ import annotations
 
+from functools import partial
+from typing import TYPE_CHECKING
+
 from torch import Tensor
 
-from megatron_adadpo.losses.common import (
-    FamilyOutput,
-    PairBatch,
-    config_coefficients,
-    log_coef_ratio,
-    log_rho_from_config,
-    logistic_loss,
-)
-from megatron_adadpo.losses.config import LossConfig
+from megatron_adadpo.losses.common import FamilyOutput, PairBatch, difference_family, logistic_loss
 from megatron_adadpo.losses.registry import register_loss
 
+if TYPE_CHECKING:
+    from megatron_adadpo.losses.config import LossConfig
 
-def dpo_loss(
-    chosen_logratios: Tensor,
-    rejected_logratios: Tensor,
-    *,
-    beta: float,
-    coef_chosen: Tensor | float = 1.0,
-    coef_rejected: Tensor | float = 1.0,
-    label_smoothing: float = 0.0,
-) -> Tensor:
-    """``L = -(1-eps) logsig(z) - eps logsig(-z)``, ``z = beta * (a * h_w - b * h_l)``.
 
-    DPO (Rafailov et al., https://arxiv.org/abs/2305.18290) has ``a = b = 1``; AdaDPO
-    (https://arxiv.org/abs/2605.28440) uses the detached coefficients of
-    :func:`~megatron_adadpo.losses.adaptive.balancing_coefficients` (``a / b = c``). Label
-    smoothing ``eps`` gives conservative DPO (cDPO); robust DPO is ``losses/robust.py``.
+def dpo_loss(delta: Tensor, *, beta: float, label_smoothing: float = 0.0) -> Tensor:
+    """``L = -(1-eps) logsig(beta * delta) - eps logsig(-beta * delta)``.
 
-    Shapes:
-        chosen_logratios, rejected_logratios: ``[b]`` per pair, ``h = l - l_ref`` summed over
-        completion tokens. coef_*: ``[b]`` or scalar. Returns ``[b]`` per-pair losses.
+    DPO (Rafailov et al., https://arxiv.org/abs/2305.18290) with ``delta = h_w - h_l``; AdaDPO
+    (https://arxiv.org/abs/2605.28440) with ``delta = c h_w - h_l``
+    (:func:`~megatron_adadpo.losses.common.pair_difference`). ``eps``: cDPO.
+
+    Shapes: delta ``[b]`` per pair; returns ``[b]`` per-pair losses.
     """
-    z = beta * (coef_chosen * chosen_logratios - coef_rejected * rejected_logratios)
-    return logistic_loss(z, label_smoothing)
+    return logistic_loss(beta * delta, label_smoothing)
 
 
-@register_loss("dpo", needs_reference=True, supports_label_smoothing=True)
+@register_loss(
+    "dpo", needs_reference=True, supports_label_smoothing=True, f_divergence=True, dpop=True
+)
 def dpo_family(batch: PairBatch, config: LossConfig) -> FamilyOutput:
     """DPO / AdaDPO (``name: adadpo``) on a :class:`PairBatch`.
 
-    ``|dL/dl_w| / |dL/dl_l| = a / b = c``.
+    ``|dL/dl_w| / |dL/dl_l| = a / b = c`` (times the f-divergence slopes, plus DPOP's term).
     """
-    coefs = config_coefficients(log_rho_from_config(batch, config), config)
-    h_w, h_l = batch.chosen_logratios, batch.rejected_logratios
-    losses = dpo_loss(
-        h_w,
-        h_l,
-        beta=config.beta,
-        coef_chosen=coefs.coef_chosen,
-        coef_rejected=coefs.coef_rejected,
-        label_smoothing=config.label_smoothing,
+    eps = config.label_smoothing
+    return difference_family(
+        batch, config, partial(dpo_loss, beta=config.beta, label_smoothing=eps)
     )
-    return FamilyOutput(losses, config.beta * h_w, config.beta * h_l, coefs, log_coef_ratio(coefs))

@@ -1,4 +1,4 @@
-"""Per-step loss metrics as ``[sum, count]`` tensors, and their reduction.
+"""Per-pair loss metrics of one micro-batch as ``[sum, count]`` tensors.
 
 Contract (ALGORITHM.md section 6):
 
@@ -12,13 +12,11 @@ Contract (ALGORITHM.md section 6):
   (``LossFamily.normalizer``): the valid pairs, or the valid pairs' chosen completion tokens
   (sft). Summed over the global batch, it is the count the gradient is divided by.
 
-So one stacked SUM all-reduce plus one MIN and one MAX (:func:`all_reduce_metrics`) reduce
-everything; :func:`reduce_metrics` turns the result into floats once per step (host sync).
+Their reduction across micro-batches and ranks (one stacked SUM all-reduce plus one MIN and one
+MAX) and the host-side means are :mod:`megatron_adadpo.run.metrics`.
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -45,15 +43,6 @@ MEAN_METRIC_NAMES = (
 )
 EXTREMA_METRIC_NAMES = ("ada/coef_min", "ada/coef_max")
 METRIC_NAMES = (*MEAN_METRIC_NAMES, "pairs/valid", *EXTREMA_METRIC_NAMES)
-
-
-def reduce_op(name: str) -> str:
-    """``"min"``, ``"max"`` or ``"sum"``: how metric ``name`` is reduced."""
-    if name.endswith("_min"):
-        return "min"
-    if name.endswith("_max"):
-        return "max"
-    return "sum"
 
 
 @torch.no_grad()
@@ -121,66 +110,3 @@ def token_mean_metric(sums: Tensor, counts: Tensor, valid: Tensor) -> Tensor:
     zero = torch.zeros((), dtype=sums.dtype, device=sums.device)
     keep = lambda t: torch.where(valid, t.to(sums.dtype), zero).sum()  # noqa: E731
     return torch.stack([keep(sums), keep(counts)]).detach()
-
-
-def accumulate_metrics(metrics_list: Iterable[Mapping[str, Tensor]]) -> dict[str, Tensor]:
-    """Combine micro-batch metrics (SUM, or MIN/MAX for extrema). Shapes: ``[2]`` each."""
-    total: dict[str, Tensor] = {}
-    for metrics in metrics_list:
-        for name, value in metrics.items():
-            if name not in total:
-                total[name] = value.clone()
-            elif reduce_op(name) == "sum":
-                total[name] = total[name] + value
-            else:
-                pick = torch.minimum if reduce_op(name) == "min" else torch.maximum
-                total[name] = torch.stack([pick(total[name][0], value[0]), value[1]])
-    return total
-
-
-def stack_metrics(metrics: Mapping[str, Tensor]) -> dict[str, tuple[list[str], Tensor]]:
-    """Group metrics by reduce op: ``{"sum"|"min"|"max": (names, stacked [k, 2])}``."""
-    groups: dict[str, list[str]] = {}
-    for name in metrics:
-        groups.setdefault(reduce_op(name), []).append(name)
-    return {op: (names, torch.stack([metrics[n] for n in names])) for op, names in groups.items()}
-
-
-def unstack_metrics(stacked: Mapping[str, tuple[list[str], Tensor]]) -> dict[str, Tensor]:
-    """Inverse of :func:`stack_metrics`."""
-    return {n: t for names, table in stacked.values() for n, t in zip(names, table, strict=True)}
-
-
-def all_reduce_metrics(metrics: Mapping[str, Tensor], group=None) -> dict[str, Tensor]:
-    """All-reduce metrics over ``group`` (e.g. the data-parallel group): <= 3 collectives.
-
-    A no-op when torch.distributed is not initialised.
-    """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return dict(metrics)
-    ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
-    stacked = stack_metrics(metrics)
-    for op, (_, table) in stacked.items():
-        dist.all_reduce(table, op=ops[op], group=group)
-    return unstack_metrics(stacked)
-
-
-def reduce_metrics(
-    metrics: Mapping[str, Tensor] | Iterable[Mapping[str, Tensor]],
-) -> dict[str, float]:
-    """Host-side means ``sum / count`` (one device->host copy). Accepts one dict or a list.
-
-    A metric with count 0 (no valid pairs) or an unreduced extremum (+-inf) gives NaN.
-    """
-    if not isinstance(metrics, Mapping):
-        metrics = accumulate_metrics(metrics)
-    names = list(metrics)
-    table = torch.stack([metrics[n].detach().double() for n in names]).cpu().tolist()
-    result = {}
-    for name, (value, count) in zip(names, table, strict=True):
-        unreduced = reduce_op(name) != "sum" and value in (float("inf"), float("-inf"))
-        ok = count > 0 and not unreduced
-        result[name] = value / count if ok else float("nan")
-    return result

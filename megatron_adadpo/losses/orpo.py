@@ -9,21 +9,36 @@ log rho = [lbar_w + log1mexp(lbar_w)] - [lbar_l + log1mexp(lbar_l)]
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from megatron_adadpo.losses.checks import non_negative
 from megatron_adadpo.losses.common import (
     FamilyOutput,
     PairBatch,
     config_coefficients,
     log_coef_ratio,
 )
-from megatron_adadpo.losses.config import LossConfig
 from megatron_adadpo.losses.registry import register_loss
 
+if TYPE_CHECKING:
+    from megatron_adadpo.losses.config import LossConfig
+
 MAX_AVG_LOGP = -1e-6  # lbar is clamped to <= this so that log(1 - exp(lbar)) is finite
+
+
+@dataclass(frozen=True)
+class ORPOKnobs:
+    """``orpo_lambda``: weight of ORPO's odds-ratio term (>= 0; ORPO paper: 0.1)."""
+
+    orpo_lambda: float = 0.1
+
+    def errors(self) -> list[str]:
+        return non_negative("orpo_lambda", self.orpo_lambda)
 
 
 def log1mexp(a: Tensor) -> Tensor:
@@ -68,7 +83,7 @@ def orpo_loss(
     return chosen_nll - lam * F.logsigmoid(z)
 
 
-@register_loss("orpo", needs_reference=False, needs_chosen_nll=True)
+@register_loss("orpo", needs_reference=False, needs_chosen_nll=True, knobs=ORPOKnobs)
 def orpo_family(batch: PairBatch, config: LossConfig) -> FamilyOutput:
     """ORPO on a :class:`PairBatch`.
 
@@ -88,7 +103,7 @@ def orpo_family(batch: PairBatch, config: LossConfig) -> FamilyOutput:
         lo_w,
         lo_l,
         batch.chosen_nll,
-        lam=config.orpo_lambda,
+        lam=config.knobs.orpo_lambda,
         coef_chosen=coefs.coef_chosen,
         coef_rejected=coefs.coef_rejected,
     )

@@ -13,13 +13,17 @@ have no effect.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from megatron_adadpo.losses.adaptive import balancing_coefficients
 from megatron_adadpo.losses.common import FamilyOutput, PairBatch, policy_log_rho
-from megatron_adadpo.losses.config import LossConfig
 from megatron_adadpo.losses.registry import register_loss
+
+if TYPE_CHECKING:
+    from megatron_adadpo.losses.config import LossConfig
 
 
 def sft_loss(chosen_logps: Tensor) -> Tensor:
@@ -30,7 +34,13 @@ def sft_loss(chosen_logps: Tensor) -> Tensor:
     return -chosen_logps
 
 
-@register_loss("sft", needs_reference=False, normalizer="tokens", adaptive_form=False)
+@register_loss(
+    "sft",
+    needs_reference=False,
+    normalizer="tokens",
+    no_adaptive="it has no pair term to balance (an NLL term is left unweighted, ALGORITHM.md "
+    "section 4)",
+)
 def sft_family(batch: PairBatch, config: LossConfig) -> FamilyOutput:
     """SFT on a :class:`PairBatch`. Rewards: the per-token mean log-probs ``lbar = l / n``.
 

@@ -6,9 +6,13 @@ adapt.  L = -logsig(beta * (c * lbar_w - lbar_l) - gamma)                arXiv 2
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
+from megatron_adadpo.losses.checks import finite_float
 from megatron_adadpo.losses.common import (
     FamilyOutput,
     PairBatch,
@@ -17,8 +21,21 @@ from megatron_adadpo.losses.common import (
     logistic_loss,
     policy_log_rho,
 )
-from megatron_adadpo.losses.config import LossConfig
 from megatron_adadpo.losses.registry import register_loss
+
+if TYPE_CHECKING:
+    from megatron_adadpo.losses.config import LossConfig
+
+
+@dataclass(frozen=True)
+class SimPOKnobs:
+    """``simpo_gamma``: SimPO's target reward margin gamma. Default 0.05 = 0.5 * beta, the
+    gamma/beta ratio the SimPO paper recommends; for its recipe use beta=2.0, simpo_gamma=1.0."""
+
+    simpo_gamma: float = 0.05
+
+    def errors(self) -> list[str]:
+        return finite_float("simpo_gamma", self.simpo_gamma)
 
 
 def simpo_loss(
@@ -44,7 +61,7 @@ def simpo_loss(
     return logistic_loss(z, label_smoothing)
 
 
-@register_loss("simpo", needs_reference=False, supports_label_smoothing=True)
+@register_loss("simpo", needs_reference=False, supports_label_smoothing=True, knobs=SimPOKnobs)
 def simpo_family(batch: PairBatch, config: LossConfig) -> FamilyOutput:
     """SimPO on a :class:`PairBatch`; ``log rho = lbar_w - lbar_l`` (``l_w - l_l`` if sequence).
 
@@ -57,7 +74,7 @@ def simpo_family(batch: PairBatch, config: LossConfig) -> FamilyOutput:
         lbar_w,
         lbar_l,
         beta=config.beta,
-        gamma=config.simpo_gamma,
+        gamma=config.knobs.simpo_gamma,
         coef_chosen=coefs.coef_chosen,
         coef_rejected=coefs.coef_rejected,
         label_smoothing=config.label_smoothing,

@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from megatron_adadpo.config import Config
-from megatron_adadpo.losses import accumulate_metrics
 from megatron_adadpo.run.batches import step_batches
+from megatron_adadpo.run.metrics import accumulate_metrics
 from megatron_adadpo.run.step import StepContext, eval_reports, reduce_reports
 
 

@@ -3,9 +3,12 @@ tokens/s and MFU.
 
 Only the logging rank (last pipeline stage, first TP / CP / DP rank: where the reduced loss
 metrics live) writes, and only it starts a W&B run. The loss metrics arrive as ``[sum, count]``
-tensors already reduced over data-parallel ranks; ``reduce_metrics`` makes the single host copy
-per logged step. Progress: each line ends with the ETA, and on a terminal a ``tqdm`` bar (steps,
-rate) sits below the lines (a log file, e.g. under Slurm, gets the lines only). A run that
+tensors (``megatron_adadpo.losses.metrics``: names ending in ``_min`` / ``_max`` hold
+``[value, 1]``, every other ``[sum, count]``); ``accumulate_metrics`` combines micro-batches,
+``all_reduce_metrics`` reduces over data-parallel ranks in at most three collectives, and
+``reduce_metrics`` makes the single host copy per logged step. Progress: each line ends with the
+ETA, and on a terminal a ``tqdm`` bar (steps, rate) sits below the lines (a log file, e.g. under
+Slurm, gets the lines only). A run that
 starts at step ``k`` (resumed, or started afresh: ``k = 0``) first drops the rows after step
 ``k`` that an interrupted run left in ``metrics.jsonl`` (they are re-trained), and TensorBoard
 purges its events after ``k``, so every step is recorded once.
@@ -18,11 +21,13 @@ import math
 import sys
 import time
 import uuid
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+import torch
+from torch import Tensor
 from tqdm import tqdm
 
-from megatron_adadpo.losses import reduce_metrics
 from megatron_adadpo.run.run_dir import atomic_write_text
 
 CONSOLE_FIELDS = (
@@ -196,3 +201,75 @@ def step_values(
     values["throughput/pairs_per_s"] = global_batch_size / step_time
     values["throughput/mfu"] = flops / step_time / peak if peak else float("nan")
     return values
+
+
+def reduce_op(name: str) -> str:
+    """``"min"``, ``"max"`` or ``"sum"``: how metric ``name`` is reduced."""
+    if name.endswith("_min"):
+        return "min"
+    if name.endswith("_max"):
+        return "max"
+    return "sum"
+
+
+def accumulate_metrics(metrics_list: Iterable[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """Combine micro-batch metrics (SUM, or MIN/MAX for extrema). Shapes: ``[2]`` each."""
+    total: dict[str, Tensor] = {}
+    for metrics in metrics_list:
+        for name, value in metrics.items():
+            if name not in total:
+                total[name] = value.clone()
+            elif reduce_op(name) == "sum":
+                total[name] = total[name] + value
+            else:
+                pick = torch.minimum if reduce_op(name) == "min" else torch.maximum
+                total[name] = torch.stack([pick(total[name][0], value[0]), value[1]])
+    return total
+
+
+def stack_metrics(metrics: Mapping[str, Tensor]) -> dict[str, tuple[list[str], Tensor]]:
+    """Group metrics by reduce op: ``{"sum"|"min"|"max": (names, stacked [k, 2])}``."""
+    groups: dict[str, list[str]] = {}
+    for name in metrics:
+        groups.setdefault(reduce_op(name), []).append(name)
+    return {op: (names, torch.stack([metrics[n] for n in names])) for op, names in groups.items()}
+
+
+def unstack_metrics(stacked: Mapping[str, tuple[list[str], Tensor]]) -> dict[str, Tensor]:
+    """Inverse of :func:`stack_metrics`."""
+    return {n: t for names, table in stacked.values() for n, t in zip(names, table, strict=True)}
+
+
+def all_reduce_metrics(metrics: Mapping[str, Tensor], group=None) -> dict[str, Tensor]:
+    """All-reduce metrics over ``group`` (e.g. the data-parallel group): <= 3 collectives.
+
+    A no-op when torch.distributed is not initialised.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return dict(metrics)
+    ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+    stacked = stack_metrics(metrics)
+    for op, (_, table) in stacked.items():
+        dist.all_reduce(table, op=ops[op], group=group)
+    return unstack_metrics(stacked)
+
+
+def reduce_metrics(
+    metrics: Mapping[str, Tensor] | Iterable[Mapping[str, Tensor]],
+) -> dict[str, float]:
+    """Host-side means ``sum / count`` (one device->host copy). Accepts one dict or a list.
+
+    A metric with count 0 (no valid pairs) or an unreduced extremum (+-inf) gives NaN.
+    """
+    if not isinstance(metrics, Mapping):
+        metrics = accumulate_metrics(metrics)
+    names = list(metrics)
+    table = torch.stack([metrics[n].detach().double() for n in names]).cpu().tolist()
+    result = {}
+    for name, (value, count) in zip(names, table, strict=True):
+        unreduced = reduce_op(name) != "sum" and value in (float("inf"), float("-inf"))
+        ok = count > 0 and not unreduced
+        result[name] = value / count if ok else float("nan")
+    return result

@@ -37,19 +37,14 @@ from megatron_adadpo.logprobs import (
     shard_logit_sums,
     token_logprobs,
 )
-from megatron_adadpo.losses import (
-    LossConfig,
-    accumulate_metrics,
-    all_reduce_metrics,
-    preference_loss,
-    token_mean_metric,
-)
+from megatron_adadpo.losses import LossConfig, preference_loss, token_mean_metric
 from megatron_adadpo.platform.megatron import (
     ProcessGroupCollection,
     final_hidden_states,
     get_forward_backward_func,
 )
 from megatron_adadpo.run.context_parallel import full_sequence_length
+from megatron_adadpo.run.metrics import accumulate_metrics, all_reduce_metrics
 from megatron_adadpo.run.packing import packed_attention
 
 

@@ -18,7 +18,6 @@ import time
 import torch.distributed as dist
 
 from megatron_adadpo.config import Config, ConfigError
-from megatron_adadpo.losses import reduce_metrics
 from megatron_adadpo.model.build import build_model
 from megatron_adadpo.model.initialization import init_layout_invariant
 from megatron_adadpo.planner.throughput import step_model_flops
@@ -32,7 +31,12 @@ from megatron_adadpo.run.consistency import check_reference_model, recorded_refe
 from megatron_adadpo.run.datasets import load_dataset
 from megatron_adadpo.run.evaluation import Evaluator
 from megatron_adadpo.run.lock import claim_run_dir
-from megatron_adadpo.run.metrics import MetricsLogger, step_values, wandb_settings
+from megatron_adadpo.run.metrics import (
+    MetricsLogger,
+    reduce_metrics,
+    step_values,
+    wandb_settings,
+)
 from megatron_adadpo.run.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from megatron_adadpo.run.preemption import Preemption
 from megatron_adadpo.run.reference import PrecomputedReference, ResidentReference

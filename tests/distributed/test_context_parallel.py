@@ -151,10 +151,10 @@ class Pairs:
 
 
 def _train_rank(rank, world, cp, steps):
-    from megatron_adadpo.losses import reduce_metrics
     from megatron_adadpo.model.build import transformer_config
     from megatron_adadpo.platform.distributed import init_model_parallel
     from megatron_adadpo.run.batches import step_batches
+    from megatron_adadpo.run.metrics import reduce_metrics
     from megatron_adadpo.run.optimizer import build_optimizer, build_scheduler, wrap_ddp
     from megatron_adadpo.run.reference import ResidentReference
     from megatron_adadpo.run.step import StepContext, train_step

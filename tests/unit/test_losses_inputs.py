@@ -7,15 +7,11 @@ import math
 import pytest
 import torch
 
-from megatron_adadpo.losses import (
-    LOSSES,
-    METRIC_NAMES,
-    LossConfig,
+from megatron_adadpo.losses import LOSSES, METRIC_NAMES, LossConfig, preference_loss, register_loss
+from megatron_adadpo.run.metrics import (
     accumulate_metrics,
-    preference_loss,
     reduce_metrics,
     reduce_op,
-    register_loss,
     stack_metrics,
     unstack_metrics,
 )
@@ -75,19 +71,12 @@ def test_config_defaults_and_properties():
         1.0,
         "chosen",
     )
-    needs_ref = {n: LossConfig(name=n).needs_reference for n in LOSSES}
-    assert needs_ref == {
-        "dpo": True,
-        "ipo": True,
-        "rdpo": True,
-        "simpo": False,
-        "cpo": False,
-        "orpo": False,
-        "robust": True,
-        "sft": False,
-    }
-    needs_nll = {n for n in LOSSES if LossConfig(name=n).needs_chosen_nll}
+    reference_free = {n for n in LOSSES if not LOSSES[n].needs_reference}
+    assert reference_free == {"simpo", "cpo", "orpo", "sft"}
+    assert all(LossConfig(name=n).needs_reference for n in ("dpo", "ipo", "rdpo", "robust"))
+    needs_nll = {n for n in LOSSES if LOSSES[n].needs_chosen_nll}
     assert needs_nll == {"cpo", "orpo"}
+    assert LossConfig(name="dpo", sft_weight=0.5).needs_chosen_nll  # the SFT term reads it
     LossConfig(clip_max=None, clip_min=0.5)  # floor without ceiling is fine
     with pytest.raises(AttributeError):
         cfg.beta = 1.0  # frozen
@@ -287,7 +276,7 @@ def test_new_loss_is_a_registered_file_not_an_elif():
 def test_all_reduce_metrics_single_rank_gloo(tmp_path):
     import torch.distributed as dist
 
-    from megatron_adadpo.losses import all_reduce_metrics
+    from megatron_adadpo.run.metrics import all_reduce_metrics
 
     _, m = preference_loss(LossConfig(), **pairs())
     assert all_reduce_metrics(m) == m  # no process group: returned unchanged
