@@ -62,6 +62,15 @@ class LossConfig:
             {0.05, 0.1, 0.5, 1.0} that the SimPO paper searched for R-DPO).
         cpo_alpha: weight of CPO's NLL(y_w) term (>= 0; CPO paper: 1.0).
         orpo_lambda: weight of ORPO's odds-ratio term (>= 0; ORPO paper: 0.1).
+        ld_alpha: LD-DPO's alpha (arXiv 2409.06411; TRL's ``ld_alpha``), in (0, 1], or None
+            (off): in each pair, the log-probs of the longer response's tokens beyond the
+            shorter one's completion length are scaled by alpha in the sequence sums of the
+            policy and the reference (``logprobs.ld_token_weights``). Every pair-scored family
+            uses the weighted sums (the AdaDPO coefficient is computed from them, and the
+            lengths stay the token counts); sft refuses it.
+        use_weighting: WPO (arXiv 2406.11827; TRL's ``use_weighting``): each pair's loss is
+            weighted by the policy's own per-token-mean probability of both responses, from
+            per-token ``log p_t - log sum_v p_v^2`` (``run/sequences.py``).
         debug_checks: also run value checks that need a device->host sync (negative lengths on
             accelerator tensors). CPU tensors are always checked; on accelerators, without this
             flag a negative length simply marks the pair invalid.
@@ -82,6 +91,8 @@ class LossConfig:
     rdpo_alpha: float = 0.05
     cpo_alpha: float = 1.0
     orpo_lambda: float = 0.1
+    ld_alpha: float | None = None
+    use_weighting: bool = False
     debug_checks: bool = False
 
     def __post_init__(self) -> None:
@@ -90,8 +101,10 @@ class LossConfig:
         self._check_choice("balance_space", BALANCE_SPACES)
         self._check_choice("normalize", NORMALIZE_MODES)
         self._check_choice("placement", PLACEMENTS)
-        if not isinstance(self.debug_checks, bool):
-            raise _bad("debug_checks", self.debug_checks, "True or False")
+        for flag in ("debug_checks", "use_weighting"):
+            if not isinstance(getattr(self, flag), bool):
+                raise _bad(flag, getattr(self, flag), "True or False")
+        self._check_ld_alpha()
         self._check_positive("beta")
         self._check_positive("target_ratio")
         if self.ipo_tau is not None:
@@ -121,6 +134,21 @@ class LossConfig:
         for field in ("simpo_gamma", "rdpo_alpha"):
             if not _finite(getattr(self, field)):
                 raise _bad(field, getattr(self, field), "a finite float")
+
+    def _check_ld_alpha(self) -> None:
+        """``ld_alpha``: None, or a float in (0, 1] for a pair-scored family (not sft)."""
+        alpha = self.ld_alpha
+        if alpha is None:
+            return
+        if not (_finite(alpha) and 0 < alpha <= 1):
+            raise _bad("ld_alpha", alpha, "None (off) or a float in (0, 1]")
+        if self.family == "sft":
+            raise _bad(
+                "ld_alpha",
+                alpha,
+                "None for name='sft': its loss is the chosen answers' per-token NLL, with no "
+                "rejected answer whose length to match",
+            )
 
     def _family(self):
         from megatron_adadpo.losses.registry import get_family, loss_names

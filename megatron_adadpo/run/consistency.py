@@ -7,7 +7,8 @@
   (after the data is loaded and its checksums verified, before the model is built): an id past
   the vocabulary has no embedding row (an ``IndexError`` at TP 1; at TP > 1 it falls outside
   every shard, or on a padding row, and trains silently wrong).
-- A precomputed reference against the run's starting model (``starting_model``).
+- A precomputed reference against the run's starting model (``starting_model``) and against the
+  run's LD-DPO weighting (``loss.ld_alpha``: ``check_precomputed_loss``).
 """
 
 from __future__ import annotations
@@ -134,3 +135,24 @@ def check_starting_model(recorded: dict | None, config: Config, where: str) -> N
         f"reference.path={where} {what}: its log-probs are not this policy's initial ones "
         "(step 1 would not start at ln 2); re-run tools/precompute_reference.py with this config"
     )
+
+
+def ld_alpha_error(recorded: dict, config: Config, where: str) -> str | None:
+    """Why precomputed reference values (their ``meta.json``: ``recorded``) do not fit the run's
+    ``loss.ld_alpha`` (LD-DPO weights the reference's sums too), or None. A file that records
+    no ``ld_alpha`` predates LD-DPO: its sums are unweighted (``ld_alpha`` None)."""
+    made, wanted = recorded.get("ld_alpha"), config.loss.ld_alpha
+    if made == wanted:
+        return None
+    return (
+        f"reference.path={where} was precomputed with loss.ld_alpha={made}, but this run has "
+        f"loss.ld_alpha={wanted} (LD-DPO weights the reference's log-prob sums too); re-run "
+        "tools/precompute_reference.py with this config"
+    )
+
+
+def check_precomputed_loss(recorded: dict, config: Config, where: str) -> None:
+    """Refuse precomputed reference values whose loss-side weighting differs from the run's."""
+    error = ld_alpha_error(recorded, config, where)
+    if error:
+        raise ConfigError(error)

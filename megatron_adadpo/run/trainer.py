@@ -27,7 +27,7 @@ from megatron_adadpo.platform.hardware import peak_flops_per_device
 from megatron_adadpo.run import checkpoints, resume
 from megatron_adadpo.run import run_dir as run_files
 from megatron_adadpo.run.batches import step_batches
-from megatron_adadpo.run.consistency import check_starting_model
+from megatron_adadpo.run.consistency import check_precomputed_loss, check_starting_model
 from megatron_adadpo.run.datasets import load_dataset
 from megatron_adadpo.run.evaluation import Evaluator
 from megatron_adadpo.run.lock import claim_run_dir
@@ -65,11 +65,13 @@ def build_references(config: Config, policy_chunks: list, context: StepContext, 
         train_set, eval_set = datasets
         train_ref = PrecomputedReference(config.reference.path, train_set.identity)
         check_starting_model(train_ref.meta.get("starting_model"), config, config.reference.path)
+        check_precomputed_loss(train_ref.meta, config, config.reference.path)
         eval_ref = None
         if eval_set is not None and config.reference.eval_path:
             eval_ref = PrecomputedReference(config.reference.eval_path, eval_set.identity)
             path = config.reference.eval_path
             check_starting_model(eval_ref.meta.get("starting_model"), config, path)
+            check_precomputed_loss(eval_ref.meta, config, path)
         return train_ref, eval_ref
     return None, None
 
