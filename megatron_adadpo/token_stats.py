@@ -110,8 +110,9 @@ def _shifted_sums(blocks, top: torch.Tensor, with_squares: bool) -> torch.Tensor
         start += block.shape[0]
         shifted = block.float() - m  # <= 0
         e = shifted.exp()
-        parts = [e.sum(dim=-1), (e * shifted).sum(dim=-1)]
-        if with_squares:
-            parts.append(e.square().sum(dim=-1))
+        total = e.sum(dim=-1)
+        squares = torch.linalg.vecdot(e, e) if with_squares else None
+        weighted = e.mul_(shifted).sum(dim=-1)  # in place: one [rows, columns] buffer less
+        parts = [total, weighted] if squares is None else [total, weighted, squares]
         rows.append(torch.stack(parts))
     return torch.cat(rows, dim=1)
