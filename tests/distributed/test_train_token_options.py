@@ -1,7 +1,8 @@
 """LD-DPO (``loss.ld_alpha``) and TRL's per-token metrics through the real trainer: step-1
 gradients, loss, ``entropy``, ``mean_token_accuracy`` and log-prob metrics on TP2, TP2 + SP, PP2,
-DP2 and the chunked output layer (TP1, TP2) equal one rank's; a reference precomputed with
-``ld_alpha`` trains exactly as the resident one, and one precomputed without it is refused."""
+DP2, the chunked output layer (TP1, TP2) and packed rows (TP1; TP2 chunked) equal one rank's
+fixed-batching run; a reference precomputed with ``ld_alpha`` trains exactly as the resident
+one, and one precomputed without it is refused."""
 
 import math
 
@@ -17,6 +18,7 @@ pytestmark = pytest.mark.distributed
 LD = "loss.ld_alpha=0.5"
 METRICS = ("loss", "logps/chosen", "logps/rejected", "entropy", "mean_token_accuracy")
 
+PACKED = ["data.batching=packed", "data.max_tokens_per_micro_batch=160"]
 LAYOUTS = {  # name: (world size, overrides)
     "tp2": (2, ["execution.tp=2"]),
     "tp2_sp": (2, ["execution.tp=2", "execution.sequence_parallel=true"]),
@@ -24,6 +26,8 @@ LAYOUTS = {  # name: (world size, overrides)
     "dp2": (2, []),
     "chunked": (1, ["execution.logprob_chunk_tokens=7"]),
     "tp2_chunked": (2, ["execution.tp=2", "execution.logprob_chunk_tokens=5"]),
+    "packed": (1, PACKED),
+    "packed_tp2_chunked": (2, [*PACKED, "execution.tp=2", "execution.logprob_chunk_tokens=9"]),
 }
 
 
