@@ -224,8 +224,9 @@ def ld_token_weights(
     else:
         sequence = segment_ids.clamp(min=0)
     positions = position_ids.to(torch.int64)
+    completion = torch.where(mask, positions.double(), torch.inf)  # no boolean index: no sync
     first = torch.full_like(counts, torch.inf, dtype=torch.float64)
-    first = first.scatter_reduce(0, sequence[mask], positions[mask].double(), "amin")
+    first = first.scatter_reduce(0, sequence.flatten(), completion.flatten(), "amin")
     if cp_group is not None and dist.get_world_size(cp_group) > 1:
         dist.all_reduce(first, op=dist.ReduceOp.MIN, group=cp_group)
     shared = torch.minimum(counts[0::2], counts[1::2]).repeat_interleave(2).double()
