@@ -164,3 +164,41 @@ def _plain_sums():
             logits = embedding[ids[p - 1 : -1]] @ weight[:VOCAB].t()
             out.append(torch.log_softmax(logits, -1).gather(-1, ids[p:, None]).sum())
     return torch.stack(out)
+
+
+def _loss_func_rank(rank, world):
+    """``step.loss_func`` with ``preference_loss`` recorded: what it is handed."""
+    from megatron_adadpo.run import step
+
+    groups = parallel.init_model_parallel(ExecutionConfig())
+    embedding, weight, _ = _weights()
+    batch = collate_pairs(_examples(), 0, 8)
+    logits = embedding.float()[batch["tokens"]] @ weight.float().t()  # [b, s, v]
+    loss = LossConfig(name="cpo", ld_alpha=ALPHA, use_weighting=True)
+    context = step.StepContext(loss, VOCAB, groups)
+    seen = {}
+
+    def recorded(config, chosen, rejected, chosen_lengths, rejected_lengths, **kwargs):
+        seen.update(kwargs, chosen=chosen, rejected=rejected)
+        return torch.zeros_like(chosen), {
+            "loss": torch.stack([chosen.sum() * 0, chosen_lengths.sum()])
+        }
+
+    step.preference_loss = recorded  # this forked rank only
+    step.loss_func(context, batch, logits)
+    return {k: v.detach() if v is not None else None for k, v in seen.items()}
+
+
+def test_loss_func_hands_the_loss_ld_sums_plain_nll_and_wpo_weights():
+    """The pair scores are LD-DPO's sums, CPO's NLL the unweighted per-token mean (TRL's
+    ``sft`` term uses the raw per-token log-probs), WPO's weights the per-sequence means."""
+    ref = _reference()
+    got = run_ranks(_loss_func_rank, 1)[0]
+    counts = ref["counts"]
+    torch.testing.assert_close(got["chosen"].double(), ref["ld"][0::2], atol=2e-5, rtol=1e-6)
+    torch.testing.assert_close(got["rejected"].double(), ref["ld"][1::2], atol=2e-5, rtol=1e-6)
+    nll = -_plain_sums()[0::2] / counts[0::2]
+    torch.testing.assert_close(got["chosen_nll"].double(), nll, atol=2e-6, rtol=1e-6)
+    for side, rows in (("chosen", slice(0, None, 2)), ("rejected", slice(1, None, 2))):
+        want = ref["wpo"][rows]
+        torch.testing.assert_close(got[f"{side}_weight_logps"].double(), want, atol=2e-6, rtol=0)
