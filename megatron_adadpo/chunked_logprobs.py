@@ -8,10 +8,13 @@ embedding's),
     log p(y_t) = -vocab_parallel_cross_entropy(logits_c)  (TP padding columns masked)
 
 (``logprobs.consume_logits``: Megatron's CE, two scalar all-reduces per token, no vocab
-gather). Forward keeps only ``x``, the per-token results and each token's log-sum-exp over the
-true vocabulary, ``lse_t = logit_t[y_t] - log p(y_t)`` (``[n]`` fp32; the target logit is taken
-from the shard that holds it before the CE overwrites the logits, and summed over TP in one
-``[n]`` all-reduce). Backward recomputes each chunk's logits and applies the CE's gradient in
+gather). Per-token metrics asked for (``stats``: the shard's logit sums, and the entropy, arg-max
+hit and ``log sum_v p_v^2`` of ``token_stats``) are taken from each chunk's logits before the CE
+overwrites them; they carry no gradient, so backward does not recompute them. Forward keeps
+only ``x``, the per-token results and each token's log-sum-exp over the true vocabulary,
+``lse_t = logit_t[y_t] - log p(y_t)`` (``[n]`` fp32; the target logit is taken from the shard
+that holds it before the CE overwrites the logits, and summed over TP in one ``[n]``
+all-reduce). Backward recomputes each chunk's logits and applies the CE's gradient in
 closed form, with no collective,
 
     d log p(y_t) / d logits_t = onehot(y_t) - exp(logits_t - lse_t)   (0 on TP padding columns)
@@ -45,6 +48,10 @@ import torch.distributed as dist
 
 from megatron_adadpo.logprobs import consume_logits, shard_logit_sums, true_vocab_columns
 from megatron_adadpo.platform.megatron import output_layer_weight, tensor_parallel
+from megatron_adadpo.token_stats import TOKEN_STATS, vocab_parallel_token_stats
+
+LOGIT_SUM = "logit_sum"  # this TP shard's sum of logits over its true vocabulary columns
+CHUNK_STATS = (LOGIT_SUM, *TOKEN_STATS)
 
 
 @dataclass(frozen=True)
@@ -67,7 +74,7 @@ class _Plan:
     tp_group: object
     vocab_size: int | None
     sequence_parallel: bool
-    with_logit_sums: bool
+    stats: tuple[str, ...]
 
 
 def chunked_token_logprobs(
@@ -79,23 +86,28 @@ def chunked_token_logprobs(
     chunk_tokens: int,
     tp_group,
     vocab_size: int | None = None,
-    with_logit_sums: bool = False,
+    stats: tuple[str, ...] = (),
 ):
     """Per-token log-probs of ``labels`` under ``hidden``'s logits, ``chunk_tokens`` at a time.
 
     Equal to ``token_logprobs(output_layer(hidden), labels, tp_group, vocab_size)`` on the loss
     mask (0 elsewhere), with the memory of one ``[chunk_tokens, v/tp]`` chunk. Labels may hold
-    ignore markers (< 0). ``with_logit_sums`` also returns each token's sum of logits over this
-    TP shard's real vocabulary (``logprobs.shard_logit_sums``; no gradient; all-reduce it over
-    TP for the full vocabulary).
+    ignore markers (< 0). ``stats`` (names of :data:`CHUNK_STATS`) also returns, per token and
+    without gradient, ``logit_sum``: the sum of logits over this TP shard's real vocabulary
+    (``logprobs.shard_logit_sums``; all-reduce it over TP for the full vocabulary), and the
+    ``token_stats`` of the same logits (already reduced over TP).
 
     Shapes:
         hidden: ``[s, b, h]`` (``[s/tp, b, h]`` with sequence parallelism), per token.
         labels, loss_mask: ``[b, s]`` (mask None: every token).
-        returns: ``[b, s]`` fp32 per-token log-probs; with ``with_logit_sums`` a pair of them.
+        returns: ``[b, s]`` fp32 per-token log-probs; with ``stats`` a pair
+        ``(log-probs, {name: [b, s] fp32})`` (0 outside the mask).
     """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    unknown = sorted(set(stats) - set(CHUNK_STATS))
+    if unknown:
+        raise ValueError(f"unknown per-token stats {unknown}; known: {list(CHUNK_STATS)}")
     tp = dist.get_world_size(tp_group) if layer.sequence_parallel else 1
     seq = hidden.shape[0] * tp
     if hidden.dim() != 3 or labels.shape != (hidden.shape[1], seq):
@@ -106,10 +118,13 @@ def chunked_token_logprobs(
     keep = torch.ones_like(labels, dtype=torch.bool) if loss_mask is None else loss_mask > 0
     rows = keep.t().reshape(-1).nonzero().squeeze(1)  # flat [s * b] indices, s-major as hidden
     target = labels.t().reshape(-1).index_select(0, rows).clamp(min=0)
-    plan = _Plan(chunk_tokens, tp_group, vocab_size, layer.sequence_parallel, with_logit_sums)
-    logps, sums = _ChunkedOutputLogprobs.apply(hidden, layer.weight, rows, target, plan)
+    plan = _Plan(chunk_tokens, tp_group, vocab_size, layer.sequence_parallel, tuple(stats))
+    logps, values = _ChunkedOutputLogprobs.apply(hidden, layer.weight, rows, target, plan)
     logps = _to_batch_major(logps, rows, labels.shape)
-    return (logps, _to_batch_major(sums, rows, labels.shape)) if with_logit_sums else logps
+    if not stats:
+        return logps
+    per_token = (_to_batch_major(v, rows, labels.shape) for v in values)
+    return logps, dict(zip(stats, per_token, strict=True))
 
 
 def _to_batch_major(values: torch.Tensor, rows: torch.Tensor, shape) -> torch.Tensor:
@@ -120,7 +135,7 @@ def _to_batch_major(values: torch.Tensor, rows: torch.Tensor, shape) -> torch.Te
 
 
 class _ChunkedOutputLogprobs(torch.autograd.Function):
-    """``(hidden, weight, rows, target) -> (log-probs [n], logit sums [n] or [0])``."""
+    """``(hidden, weight, rows, target) -> (log-probs [n], per-token stats [k, n])``."""
 
     @staticmethod
     def forward(ctx, hidden, weight, rows, target, plan: _Plan):
@@ -128,19 +143,19 @@ class _ChunkedOutputLogprobs(torch.autograd.Function):
         n = x.shape[0]
         logps = torch.empty(n, dtype=torch.float32, device=x.device)
         target_logits = torch.empty_like(logps)  # this shard's logit of y_t, 0 elsewhere
-        sums = torch.empty(n if plan.with_logit_sums else 0, dtype=torch.float32, device=x.device)
+        stats = torch.empty(len(plan.stats), n, dtype=torch.float32, device=x.device)
         for chunk in _chunks(n, plan.chunk_tokens):
-            outputs = logps[chunk], target_logits[chunk], sums[chunk]
+            outputs = logps[chunk], target_logits[chunk], stats[:, chunk]
             _chunk_forward(x[chunk], weight, target[chunk], plan, *outputs)
         if dist.get_world_size(plan.tp_group) > 1:
             dist.all_reduce(target_logits, group=plan.tp_group)
         ctx.save_for_backward(hidden, weight, rows, target, target_logits - logps)  # lse [n]
         ctx.plan = plan
-        ctx.mark_non_differentiable(sums)
-        return logps, sums
+        ctx.mark_non_differentiable(stats)
+        return logps, stats
 
     @staticmethod
-    def backward(ctx, grad_logps, _grad_sums):
+    def backward(ctx, grad_logps, _grad_stats):
         hidden, weight, rows, target, lse = ctx.saved_tensors
         plan = ctx.plan
         x = _tokens(hidden, rows, plan)  # re-gathered over TP with sequence parallelism
@@ -186,15 +201,28 @@ def _shard_targets(target: torch.Tensor, shard: int, plan: _Plan):
     return rows, local.index_select(0, rows)
 
 
-def _chunk_forward(x, weight, target, plan: _Plan, logps_out, target_out, sums_out) -> None:
+def _chunk_forward(x, weight, target, plan: _Plan, logps_out, target_out, stats_out) -> None:
     """One chunk's log-probs, this shard's target logits (0 where another rank holds the
-    target) and logit sums into the output slices; its logits die here."""
+    target) and per-token stats (``[k, c]``) into the output slices; its logits die here."""
     logits = _chunk_logits(x, weight)
-    if plan.with_logit_sums:
-        sums_out.copy_(shard_logit_sums(logits, plan.vocab_size, plan.tp_group))
+    _chunk_stats(logits, target, plan, stats_out)
     rows, columns = _shard_targets(target, logits.shape[-1], plan)
     target_out.zero_().index_copy_(0, rows, logits[rows, columns])
     logps_out.copy_(consume_logits(logits, target, plan.tp_group, plan.vocab_size))
+
+
+def _chunk_stats(logits, target, plan: _Plan, out: torch.Tensor) -> None:
+    """``plan.stats`` of one chunk's ``[c, v/tp]`` logits into ``out`` ``[k, c]``."""
+    if not plan.stats:
+        return
+    softmax = tuple(name for name in plan.stats if name != LOGIT_SUM)
+    values = {}
+    if softmax:
+        values = vocab_parallel_token_stats(logits, target, softmax, plan.vocab_size, plan.tp_group)
+    if LOGIT_SUM in plan.stats:
+        values[LOGIT_SUM] = shard_logit_sums(logits, plan.vocab_size, plan.tp_group)
+    for row, name in enumerate(plan.stats):
+        out[row].copy_(values[name])
 
 
 def _logits_grad(x, weight, target, lse, grad, plan: _Plan) -> torch.Tensor:

@@ -110,6 +110,9 @@ class LoggingSection:
     wandb_entity: str | None = None  # W&B team or user; None: the logged-in default
     wandb_name: str | None = None  # W&B run name; None: the run_dir's last component
     wandb_mode: str | None = None  # online | offline | disabled; None: wandb's ($WANDB_MODE)
+    # TRL's per-token metrics `entropy` and `mean_token_accuracy` (one more pass over each
+    # token's logits, docs/training.md); false skips them (`logits/*` are always logged)
+    token_metrics: bool = True
 
 
 @dataclass(frozen=True)

@@ -190,3 +190,46 @@ def sequence_logprobs(
         sums = differentiable_all_reduce(sums, group=cp_group)  # backward: all-reduced grads
         dist.all_reduce(counts, group=cp_group)
     return sums, counts
+
+
+@torch.no_grad()
+def ld_token_weights(
+    loss_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    counts: torch.Tensor,
+    alpha: float,
+    cp_group=None,
+    segment_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """LD-DPO's per-token weights (arXiv 2409.06411; TRL's ``ld_alpha``), 0 outside the mask.
+
+    For the pair ``(w, l)`` with completion lengths ``n_w, n_l`` and ``m = min(n_w, n_l)``, the
+    token at completion position ``p`` (1-based) of either response weighs
+    ``1 if p <= m else alpha``, so ``sum_t weight_t log p_t = shared + alpha * tail`` (TRL's
+    ``shared_logps + ld_alpha * tail_logps``). ``p = position_ids - first + 1``, ``first``
+    being the sequence's smallest completion position over every CP rank (one MIN all-reduce):
+    ``position_ids`` must be each token's index in its whole row (collate and packing lay it
+    out so; the CP split keeps it), and a sequence's completion tokens are contiguous.
+
+    Shapes:
+        loss_mask, position_ids: ``[b, s]`` per token (this CP rank's share).
+        counts: ``[n]`` per sequence, completion lengths over all CP ranks (``sequence_logprobs``),
+        ``[c0, r0, c1, r1, ...]``; segment_ids: a packed row's, as ``sequence_logprobs``.
+        returns: ``[b, s]`` fp32 per-token weights.
+    """
+    mask = loss_mask > 0
+    if segment_ids is None:
+        rows = torch.arange(mask.shape[0], device=mask.device)
+        sequence = rows.unsqueeze(1).expand_as(mask)
+    else:
+        sequence = segment_ids.clamp(min=0)
+    positions = position_ids.to(torch.int64)
+    completion = torch.where(mask, positions.double(), torch.inf)  # no boolean index: no sync
+    first = torch.full_like(counts, torch.inf, dtype=torch.float64)
+    first = first.scatter_reduce(0, sequence.flatten(), completion.flatten(), "amin")
+    if cp_group is not None and dist.get_world_size(cp_group) > 1:
+        dist.all_reduce(first, op=dist.ReduceOp.MIN, group=cp_group)
+    shared = torch.minimum(counts[0::2], counts[1::2]).repeat_interleave(2).double()
+    within = (positions - first[sequence]) < shared[sequence]
+    weights = torch.where(within, 1.0, float(alpha)).float()
+    return torch.where(mask, weights, torch.zeros_like(weights))

@@ -9,6 +9,8 @@
   every shard, or on a padding row, and trains silently wrong).
 - A precomputed reference against the run's reference model (``reference_model``: the model
   of ``reference.checkpoint`` when set, else the policy's starting model).
+- A precomputed reference against the run's LD-DPO weighting (``loss.ld_alpha``:
+  ``check_precomputed_loss``).
 """
 
 from __future__ import annotations
@@ -166,3 +168,24 @@ def check_reference_model(recorded: dict | None, config: Config, where: str) -> 
         "reference.checkpoint to the model it was precomputed from, or re-run "
         "tools/precompute_reference.py with this config"
     )
+
+
+def ld_alpha_error(recorded: dict, config: Config, where: str) -> str | None:
+    """Why precomputed reference values (their ``meta.json``: ``recorded``) do not fit the run's
+    ``loss.ld_alpha`` (LD-DPO weights the reference's sums too), or None. A file that records
+    no ``ld_alpha`` predates LD-DPO: its sums are unweighted (``ld_alpha`` None)."""
+    made, wanted = recorded.get("ld_alpha"), config.loss.ld_alpha
+    if made == wanted:
+        return None
+    return (
+        f"reference.path={where} was precomputed with loss.ld_alpha={made}, but this run has "
+        f"loss.ld_alpha={wanted} (LD-DPO weights the reference's log-prob sums too); re-run "
+        "tools/precompute_reference.py with this config"
+    )
+
+
+def check_precomputed_loss(recorded: dict, config: Config, where: str) -> None:
+    """Refuse precomputed reference values whose loss-side weighting differs from the run's."""
+    error = ld_alpha_error(recorded, config, where)
+    if error:
+        raise ConfigError(error)

@@ -3,9 +3,9 @@
 Visits the pairs in epoch 0's training order (same seed, same micro-batches as training, so the
 values are bitwise those a resident reference would compute in the first epoch), completes the
 last global batch by wrap-around, and writes ``[N, 2]`` per-pair sums tied to the dataset's
-manifest identity and to the reference model (``consistency.reference_model``:
-``reference.checkpoint`` when set, else the policy's start; ``reference.write_precomputed``).
-Training with ``reference.mode: precomputed`` then holds no reference model.
+manifest identity, to the reference model (``consistency.reference_model``:
+``reference.checkpoint`` when set, else the policy's start; ``reference.write_precomputed``) and
+to ``loss.ld_alpha`` (LD-DPO's weighted sums). Training with ``reference.mode: precomputed`` then holds no reference model.
 
     python tools/precompute_reference.py --config RUN.yaml --output DIR [--eval] [--set k=v]
 """
@@ -88,7 +88,8 @@ def _gather_and_write(output: str, dataset, ids: list, sums: list, config: Confi
         missing = int(np.isnan(values).any(axis=1).sum())
         if missing:
             raise RuntimeError(f"{missing} pairs received no reference value")
-        extra = {"reference_model": reference_model(config)}
+        # LD-DPO weights the sums: the trainer refuses a file made with another ld_alpha
+        extra = {"reference_model": reference_model(config), "ld_alpha": config.loss.ld_alpha}
         write_precomputed(output, values, dataset.identity, extra)
         print(f"[megatron_adadpo] wrote reference log-probs of {len(dataset)} pairs to {output}")
     dist.barrier()

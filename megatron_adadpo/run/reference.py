@@ -21,13 +21,8 @@ import torch
 from megatron_adadpo.platform.megatron import unwrap_model
 from megatron_adadpo.platform.safe_pickle import load_npy
 from megatron_adadpo.run.run_dir import durable_temp, fsync_directory
-from megatron_adadpo.run.step import (
-    StepContext,
-    output_layer_for,
-    policy_forward,
-    run_schedule,
-    sequence_sums,
-)
+from megatron_adadpo.run.sequences import sequence_sums
+from megatron_adadpo.run.step import StepContext, output_layer_for, policy_forward, run_schedule
 
 VALUES_FILE = "reference_logps.npy"
 META_FILE = "meta.json"

@@ -4,9 +4,10 @@
 pipelining, 1F1B, interleaved). The policy's ``GPTModel`` returns vocab-parallel logits on the
 last pipeline stage; ``loss_func`` turns them into per-token log-probs with Megatron's
 vocab-parallel CE (no vocab gather, TP padding rows masked), sums completion tokens (reduced
-over CP), splits the interleaved ``[c0, r0, c1, r1, ...]`` rows into chosen / rejected, and
-applies the configured loss; TRL's ``logits/chosen`` / ``logits/rejected`` metrics come from the
-same vocab-parallel logits (TP shard sums, never gathered). With
+over CP; ``run/sequences.py``: LD-DPO's weights, WPO's per-sequence weights), splits the
+interleaved ``[c0, r0, c1, r1, ...]`` rows into chosen / rejected, and applies the configured
+loss; TRL's ``logits/*``, ``entropy`` and ``mean_token_accuracy`` metrics come from the same
+vocab-parallel logits (TP reductions, never gathered). With
 ``execution.logprob_chunk_tokens`` the model returns the output layer's input instead and
 ``loss_func`` applies the output layer chunk by chunk (``chunked_logprobs``). ``loss_func``
 returns ``(loss_sum, normaliser, report)``, the normaliser being the loss family's count: the
@@ -29,15 +30,9 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from megatron_adadpo.chunked_logprobs import OutputLayer, chunked_token_logprobs, model_output_layer
+from megatron_adadpo.chunked_logprobs import OutputLayer, model_output_layer
 from megatron_adadpo.layout import logprob_chunk_tokens
-from megatron_adadpo.logprobs import (
-    sequence_logprobs,
-    sequence_mean_logits,
-    shard_logit_sums,
-    token_logprobs,
-)
-from megatron_adadpo.losses import LossConfig, preference_loss, token_mean_metric
+from megatron_adadpo.losses import LossConfig, preference_loss
 from megatron_adadpo.platform.megatron import (
     ProcessGroupCollection,
     final_hidden_states,
@@ -46,29 +41,38 @@ from megatron_adadpo.platform.megatron import (
 from megatron_adadpo.run.context_parallel import full_sequence_length
 from megatron_adadpo.run.metrics import accumulate_metrics, all_reduce_metrics
 from megatron_adadpo.run.packing import packed_attention
+from megatron_adadpo.run.sequences import (
+    logit_metrics,
+    sequence_values,
+    step_stats,
+    wpo_weight_logps,
+)
 
 
 @dataclass(frozen=True)
 class StepContext:
     """What ``loss_func`` needs besides the batch: the loss, the true vocabulary, the groups,
-    and whether the output layer and log-probs run in chunks."""
+    whether the output layer and log-probs run in chunks, and whether the per-token softmax
+    metrics (``entropy``, ``mean_token_accuracy``) are computed."""
 
     loss: LossConfig
     vocab_size: int  # the tokenizer's vocabulary (TP padding rows beyond it are masked)
     groups: ProcessGroupCollection
     logprob_chunk_tokens: int = 0  # > 0: chunked output layer + log-probs (chunked_logprobs)
+    token_metrics: bool = True  # logging.token_metrics
 
     @classmethod
     def from_config(cls, config, groups: ProcessGroupCollection) -> StepContext:
         """The context of a run's ``Config`` (``execution.logprob_chunk_tokens`` resolved)."""
         padded = config.model.padded_vocab_size(config.execution.tp)
         chunk = logprob_chunk_tokens(config.execution, padded)
-        return cls(config.loss, config.model.vocab_size, groups, chunk)
+        metrics = config.logging.token_metrics
+        return cls(config.loss, config.model.vocab_size, groups, chunk, metrics)
 
 
 def policy_forward(model, batch: dict, context: StepContext) -> torch.Tensor:
-    """The model chunk's output for ``sequence_sums`` (hidden states for the next stage off the
-    last stage).
+    """The model chunk's output for ``sequences.sequence_values`` (hidden states for the next
+    stage off the last stage).
 
     Last stage: vocab-parallel logits ``[b, S, v/tp]``; with chunked log-probs the output
     layer's input instead, ``[S, b, h]`` (``[S/tp, b, h]`` with sequence parallelism).
@@ -83,71 +87,9 @@ def policy_forward(model, batch: dict, context: StepContext) -> torch.Tensor:
     return model(*inputs, **attention)
 
 
-def sequence_sums(
-    output: torch.Tensor,
-    batch: dict,
-    context: StepContext,
-    output_layer: OutputLayer | None = None,
-    with_logit_sums: bool = False,
-):
-    """Per-sequence completion log-prob sums and token counts, both ``[2B]`` fp32
-    (``[c0, r0, c1, r1, ...]``, packed or not).
-
-    Megatron's vocab-parallel CE over the true vocabulary (TP padding rows masked), summed over
-    completion tokens (per segment of a packed row) and reduced over the context-parallel group.
-    ``output`` is ``policy_forward``'s: logits, or with ``output_layer`` the hidden states it is
-    applied to chunk by chunk (``chunked_logprobs``). ``with_logit_sums`` also returns this TP
-    shard's per-token logit sums ``[b, S]`` (``logprobs.shard_logit_sums``, for
-    :func:`mean_logit_metrics`), taken from the same logits or chunks.
-    """
-    labels, mask, tp = batch["labels"], batch["loss_mask"], context.groups.tp
-    if output_layer is None:
-        logps = token_logprobs(output.transpose(0, 1), labels, tp, context.vocab_size)
-        logit_sums = shard_logit_sums(output, context.vocab_size, tp) if with_logit_sums else None
-    else:
-        logps, logit_sums = chunked_token_logprobs(
-            output,
-            output_layer,
-            labels,
-            mask,
-            chunk_tokens=context.logprob_chunk_tokens,
-            tp_group=tp,
-            vocab_size=context.vocab_size,
-            with_logit_sums=True,
-        )
-    sums, counts = sequence_logprobs(logps, mask, context.groups.cp, **segments(batch))
-    return (sums, counts, logit_sums) if with_logit_sums else (sums, counts)
-
-
-def segments(batch: dict) -> dict:
-    """``sequence_logprobs``' per-segment arguments for a packed row (``{}`` otherwise)."""
-    if "segment_ids" not in batch:
-        return {}
-    return {"segment_ids": batch["segment_ids"], "num_sequences": 2 * batch["pair_ids"].numel()}
-
-
 def output_layer_for(model, context: StepContext) -> OutputLayer | None:
     """The chunked path's output layer of a model chunk (None: unchunked or not last stage)."""
     return model_output_layer(model) if context.logprob_chunk_tokens else None
-
-
-def mean_logit_metrics(logit_sums: torch.Tensor, batch: dict, context: StepContext) -> dict:
-    """TRL's ``logits/chosen`` / ``logits/rejected``: the mean over completion tokens of the mean
-    logit over the true vocabulary, over valid pairs, as ``[sum, count]`` metrics.
-
-    Shapes: logit_sums ``[2B, S]``, this TP shard's per-token logit sums
-    (``logprobs.shard_logit_sums``; rows ``[c0, r0, c1, r1, ...]``).
-    """
-    tp, cp = context.groups.tp, context.groups.cp
-    mask = batch["loss_mask"]
-    sums, counts = sequence_mean_logits(
-        logit_sums, mask, context.vocab_size, tp, cp, **segments(batch)
-    )
-    valid = (counts[0::2] > 0) & (counts[1::2] > 0)  # as the loss's valid pairs
-    return {
-        "logits/chosen": token_mean_metric(sums[0::2], counts[0::2], valid),
-        "logits/rejected": token_mean_metric(sums[1::2], counts[1::2], valid),
-    }
 
 
 def loss_func(
@@ -157,14 +99,22 @@ def loss_func(
     output_layer: OutputLayer | None = None,
 ):
     """``(sum of per-pair losses, normaliser, report)`` for one micro-batch; the normaliser is
-    the family's count (valid pairs, or valid chosen tokens for sft: ``metrics["loss"][1]``)."""
-    sums, counts, logit_sums = sequence_sums(
-        output, batch, context, output_layer, with_logit_sums=True
-    )
+    the family's count (valid pairs, or valid chosen tokens for sft: ``metrics["loss"][1]``).
+
+    The pair scores are the completion log-prob sums (LD-DPO weighted with ``loss.ld_alpha``);
+    ``chosen_nll`` (cpo, orpo) is the unweighted per-token mean, as TRL's NLL term; WPO's
+    per-sequence weights go in with ``loss.use_weighting`` (``run/sequences.py``).
+    """
+    values = sequence_values(output, batch, context, output_layer, step_stats(context))
+    sums, counts = values.sums, values.counts
     ref = batch.get("reference_logps")
-    chosen_nll = None
+    extra = {}
     if context.loss.needs_chosen_nll:
-        chosen_nll = -sums[0::2] / counts[0::2].clamp(min=1)
+        extra["chosen_nll"] = -values.plain_sums[0::2] / counts[0::2].clamp(min=1)
+    if context.loss.use_weighting:
+        weight_logps = wpo_weight_logps(values, batch, context)
+        extra["chosen_weight_logps"] = weight_logps[0::2]
+        extra["rejected_weight_logps"] = weight_logps[1::2]
     losses, metrics = preference_loss(
         context.loss,
         sums[0::2],
@@ -173,9 +123,9 @@ def loss_func(
         counts[1::2],
         reference_chosen_logps=None if ref is None else ref[0::2],
         reference_rejected_logps=None if ref is None else ref[1::2],
-        chosen_nll=chosen_nll,
+        **extra,
     )
-    metrics.update(mean_logit_metrics(logit_sums, batch, context))
+    metrics.update(logit_metrics(values, batch, context))
     metrics.update(token_metrics(batch, losses, dist.get_world_size(context.groups.cp)))
     normaliser = metrics["loss"][1].to(torch.int)
     report = {"metrics": metrics, "losses": losses.detach(), "pair_ids": batch["pair_ids"]}

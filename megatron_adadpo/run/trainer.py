@@ -27,7 +27,11 @@ from megatron_adadpo.platform.megatron_optimizer import force_param_sync
 from megatron_adadpo.run import checkpoints, resume
 from megatron_adadpo.run import run_dir as run_files
 from megatron_adadpo.run.batches import step_batches
-from megatron_adadpo.run.consistency import check_reference_model, recorded_reference_model
+from megatron_adadpo.run.consistency import (
+    check_precomputed_loss,
+    check_reference_model,
+    recorded_reference_model,
+)
 from megatron_adadpo.run.datasets import load_dataset
 from megatron_adadpo.run.evaluation import Evaluator
 from megatron_adadpo.run.lock import claim_run_dir
@@ -87,6 +91,7 @@ def build_references(config: Config, policy_chunks: list, context: StepContext, 
             if path and dataset is not None:
                 refs[i] = PrecomputedReference(path, dataset.identity)
                 check_reference_model(recorded_reference_model(refs[i].meta), config, path)
+                check_precomputed_loss(refs[i].meta, config, path)
         return tuple(refs)
     return None, None
 

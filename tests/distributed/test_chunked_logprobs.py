@@ -1,7 +1,8 @@
 """``chunked_token_logprobs`` against an fp64 full-vocabulary reference written here: per-token
-log-probs, logit sums and the gradients of the hidden states and the weight, at TP1, TP2 and
-TP2 + sequence parallel, padded vocabulary, chunk sizes that do and do not divide the token
-count; and Megatron DDP's main-grad contract for the weight gradient."""
+log-probs, logit sums, entropy, arg-max hit, ``log sum_v p_v^2`` and the gradients of the hidden
+states and the weight, at TP1, TP2 and TP2 + sequence parallel, padded vocabulary, chunk sizes
+that do and do not divide the token count; and Megatron DDP's main-grad contract for the weight
+gradient."""
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ pytestmark = pytest.mark.distributed
 
 S, B, H = 12, 4, 16
 VOCAB, PADDED = 50, 64  # TP2 shards of 32 columns: the second one is partly padding
+STATS = ("logit_sum", "entropy", "top1", "log_sum_sq_probs")
 
 
 def _inputs():
@@ -22,6 +24,8 @@ def _inputs():
     hidden = torch.randn(S, B, H, generator=g, dtype=torch.float64)
     weight = torch.randn(PADDED, H, generator=g, dtype=torch.float64) * 0.7
     labels = torch.randint(0, VOCAB, (B, S), generator=g)
+    top = torch.einsum("sbh,vh->bsv", hidden, weight[:VOCAB]).argmax(-1)
+    labels[:, ::3] = top[:, ::3]  # a third of the labels are the arg-max (token accuracy)
     mask = (torch.rand(B, S, generator=g) > 0.3).double()
     labels[mask == 0] = -100  # prompt / padding positions carry ignore markers
     upstream = torch.randn(B, S, generator=g, dtype=torch.float64)  # d objective / d log p
@@ -34,9 +38,17 @@ def _reference():
     x = hidden.clone().requires_grad_()
     w = weight.clone().requires_grad_()
     logits = torch.einsum("sbh,vh->bsv", x, w[:VOCAB])
-    logps = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    logp_all = torch.log_softmax(logits, -1)
+    logps = logp_all.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
     (logps * upstream * mask).sum().backward()
-    return logps.detach(), logits.detach().sum(-1), x.grad, w.grad
+    p = logp_all.detach().exp()
+    stats = {
+        "logit_sum": logits.detach().sum(-1),
+        "entropy": -(p * logp_all.detach()).sum(-1),
+        "top1": (logits.detach().argmax(-1) == labels).double(),
+        "log_sum_sq_probs": p.square().sum(-1).log(),
+    }
+    return logps.detach(), stats, x.grad, w.grad
 
 
 def _rank(rank, world, sequence_parallel, chunk, use_mask):
@@ -55,12 +67,12 @@ def _rank(rank, world, sequence_parallel, chunk, use_mask):
     layer = OutputLayer(w, sequence_parallel)
     kwargs = dict(chunk_tokens=chunk, tp_group=groups.tp, vocab_size=VOCAB)
     keep = mask if use_mask else None
-    logps, sums = chunked_token_logprobs(x, layer, labels, keep, **kwargs, with_logit_sums=True)
+    logps, stats = chunked_token_logprobs(x, layer, labels, keep, **kwargs, stats=STATS)
     (logps * upstream.float() * mask.float()).sum().backward()
-    dist.all_reduce(sums, group=groups.tp)  # shard sums -> full-vocabulary sums
+    dist.all_reduce(stats["logit_sum"], group=groups.tp)  # shard sums -> full-vocabulary sums
     with torch.no_grad():  # the reference model's forward
         forward_only = chunked_token_logprobs(x, layer, labels, keep, **kwargs)
-    return logps.detach(), sums, x.grad, w.grad, forward_only, forward_only.grad_fn
+    return logps.detach(), stats, x.grad, w.grad, forward_only, forward_only.grad_fn
 
 
 @pytest.mark.parametrize(
@@ -74,13 +86,20 @@ def _rank(rank, world, sequence_parallel, chunk, use_mask):
     ],
 )
 def test_matches_full_vocab_fp64(tp, sequence_parallel, chunk, use_mask):
-    ref_logps, ref_sums, ref_dx, ref_dw = _reference()
+    ref_logps, ref_stats, ref_dx, ref_dw = _reference()
     _, _, _, mask, _ = _inputs()
     m = mask.bool()
+    hits = ref_stats["top1"][m]
+    assert 0 < hits.sum() < hits.numel()  # both outcomes occur: the comparison can fail
     for rank, result in enumerate(run_ranks(_rank, tp, sequence_parallel, chunk, use_mask)):
-        logps, sums, dx, dw, forward_only, grad_fn = result
+        logps, stats, dx, dw, forward_only, grad_fn = result
         torch.testing.assert_close(logps.double()[m], ref_logps[m], atol=2e-6, rtol=0)
-        torch.testing.assert_close(sums.double()[m], ref_sums[m], atol=1e-4, rtol=1e-6)
+        tolerances = {"logit_sum": 1e-4, "entropy": 2e-6, "top1": 0, "log_sum_sq_probs": 2e-6}
+        for name, atol in tolerances.items():
+            got, want = stats[name].double()[m], ref_stats[name][m]
+            torch.testing.assert_close(got, want, atol=atol, rtol=1e-6, msg=name)
+            if use_mask:
+                assert not stats[name][~m].any(), name  # no logits outside the mask
         if use_mask:  # tokens outside the mask get no logits
             assert torch.equal(logps[~m], torch.zeros_like(logps[~m]))
         assert torch.equal(forward_only, logps) and grad_fn is None

@@ -150,7 +150,7 @@ class Pairs:
         return np.array([p, chosen, rejected]).T
 
 
-def _train_rank(rank, world, cp, steps):
+def _train_rank(rank, world, cp, steps, extra=()):
     from megatron_adadpo.model.build import transformer_config
     from megatron_adadpo.platform.distributed import init_model_parallel
     from megatron_adadpo.run.batches import step_batches
@@ -161,7 +161,7 @@ def _train_rank(rank, world, cp, steps):
 
     sets = [f"execution.cp={cp}", "execution.tp=1", "execution.transformer_impl=auto"]
     sets += ["train.global_batch_size=8", "train.micro_batch_size=2", "optimizer.lr=0.05"]
-    sets += ["optimizer.warmup_fraction=0.0", "optimizer.decay_style=constant"]
+    sets += ["optimizer.warmup_fraction=0.0", "optimizer.decay_style=constant", *extra]
     config = from_dict(read_yaml(QUICKSTART, sets))
     groups = init_model_parallel(config.execution, seed=1)
     tconfig = transformer_config(config.model, config.execution)
@@ -195,10 +195,26 @@ def cp1():
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_step_equals_cp1(layout, cp1):
     world, cp = LAYOUTS[layout]
+    _assert_same_steps(run_ranks(_train_rank, world, cp, 3, timeout=240), cp1)
+
+
+def test_ld_dpo_step_equals_cp1():
+    """LD-DPO's per-token weights need each token's completion position over the whole
+    sequence: the zigzag split (CP2, CP4) must give CP1's sums, losses and updated weights."""
+    ld = ["loss.ld_alpha=0.4"]
+    want = run_ranks(_train_rank, 1, 1, 3, ld, timeout=180)[0]
+    plain = run_ranks(_train_rank, 1, 1, 3, timeout=180)[0]
+    step_one = want[0][0][0], plain[0][0][0]  # (history, weights) -> step 1's metrics
+    assert step_one[0]["logps/chosen"] != step_one[1]["logps/chosen"]  # the weights apply
+    for world, cp in ((2, 2), (4, 4)):
+        _assert_same_steps(run_ranks(_train_rank, world, cp, 3, ld, timeout=240), want)
+
+
+def _assert_same_steps(results: list, cp1) -> None:
     ref_history, ref_weights = cp1
     assert ref_history[0][0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == ref
     assert abs(ref_history[1][0]["loss"] - math.log(2)) > 1e-3  # policy moved: not trivial
-    for rank, (history, weights) in enumerate(run_ranks(_train_rank, world, cp, 3, timeout=240)):
+    for rank, (history, weights) in enumerate(results):
         for step, ((metrics, norm), (ref_metrics, ref_norm)) in enumerate(
             zip(history, ref_history, strict=True), start=1
         ):

@@ -100,7 +100,8 @@ def test_layout_matches_single_rank(layout, tmp_path, cache_dir, baseline):
     assert abs(norm - ref_norm) <= 1e-5 * ref_norm, f"{layout}: grad norm {norm} vs {ref_norm}"
     for step, (a, b) in enumerate(zip(traj, ref_traj, strict=True), start=1):
         assert abs(a - b) <= 1e-4 * max(1.0, abs(b)), f"{layout}: step {step} loss {a} vs {b}"
-    for key in ("logits/chosen", "logits/rejected"):  # step 1: the same weights everywhere
+    step_one = ("logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy")
+    for key in step_one:  # step 1: the same weights everywhere
         a, b = rows[0][key], ref_rows[0][key]
         assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), f"{layout}: {key} {a} vs {b}"
 
@@ -121,7 +122,8 @@ def test_padded_vocab_does_not_change_loss_or_gradients(tmp_path, cache_dir):
     l1, l2 = [r["loss"] for r in rows1], [r["loss"] for r in rows2]
     assert l1[0] == pytest.approx(math.log(2), abs=1e-6)
     assert l2 == pytest.approx(l1, rel=1e-5)
-    for key in ("logits/chosen", "logits/rejected"):  # mean over the true 650, not 672 / 704
+    # means over the true 650, not 672 / 704
+    for key in ("logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy"):
         assert [r[key] for r in rows2] == pytest.approx([r[key] for r in rows1], rel=1e-5)
 
 

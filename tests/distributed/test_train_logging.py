@@ -75,7 +75,9 @@ def test_wandb_offline_run_from_the_last_stage_only(tmp_path, monkeypatch):
         logged.setdefault(row["_step"], {}).update(row)
     for record in expected:
         got = logged[record["step"]]
-        for key in ("loss", "rewards/margins", "logps/chosen", "logits/chosen", "grad_norm"):
+        keys = ("loss", "rewards/margins", "logps/chosen", "logits/chosen", "grad_norm")
+        for key in (*keys, "entropy", "mean_token_accuracy"):  # TRL's keys, train and eval
+            assert key in record or key == "grad_norm", (record["split"], key)
             if key in record:
                 assert got[f"{record['split']}/{key}"] == pytest.approx(record[key], rel=1e-12)
 

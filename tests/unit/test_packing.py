@@ -161,7 +161,8 @@ def _packed_vs_unpacked(rank, world, filler: int):
     from megatron_adadpo.model.build import build_model
     from megatron_adadpo.model.initialization import init_layout_invariant
     from megatron_adadpo.platform import distributed as parallel
-    from megatron_adadpo.run.step import StepContext, policy_forward, sequence_sums
+    from megatron_adadpo.run.sequences import sequence_sums
+    from megatron_adadpo.run.step import StepContext, policy_forward
     from tests.megatron_helpers import TINY
 
     model = dataclasses.replace(
