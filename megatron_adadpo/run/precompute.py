@@ -5,7 +5,8 @@ values are bitwise those a resident reference would compute in the first epoch),
 last global batch by wrap-around, and writes ``[N, 2]`` per-pair sums tied to the dataset's
 manifest identity, to the reference model (``consistency.reference_model``:
 ``reference.checkpoint`` when set, else the policy's start; ``reference.write_precomputed``) and
-to ``loss.ld_alpha`` (LD-DPO's weighted sums). Training with ``reference.mode: precomputed`` then holds no reference model.
+to ``loss.ld_alpha`` (LD-DPO's weighted sums). Training with ``reference.mode: precomputed``
+then holds no reference model.
 
     python tools/precompute_reference.py --config RUN.yaml --output DIR [--eval] [--set k=v]
 """
