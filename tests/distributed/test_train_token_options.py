@@ -89,3 +89,34 @@ def test_precomputed_reference_records_ld_alpha(tmp_path, cache_dir):
     refused = argv(tmp_path / "refused", cache_dir, LD, *steps, *use)
     with pytest.raises(RankFailed, match=r"precomputed with loss.ld_alpha=None, but this run has"):
         run_ranks(run_trainer, 1, refused, timeout=240)
+
+
+WPO = ("loss.use_weighting=true", LD)  # WPO's weights on top of LD-DPO's sums: options together
+WPO_LAYOUTS = ("tp2_sp", "pp2", "dp2", "packed_tp2_chunked")
+
+
+@pytest.fixture(scope="module")
+def single_wpo(tmp_path_factory, cache_dir):
+    """Step 1 on one rank with WPO + LD-DPO."""
+    tmp = tmp_path_factory.mktemp("single_wpo")
+    return run_ranks(first_step, 1, argv(tmp, cache_dir, *WPO), timeout=240)[0]
+
+
+def test_wpo_weights_the_step_one_pair_loss(single_wpo, single):
+    """At step 1 every pair's loss is ln 2 times its WPO weight exp(m_w + m_l) (m: a mean of
+    log p_t - log sum_v p_v^2), so the mean loss moves off ln 2 and the gradients differ."""
+    loss = single_wpo["metrics"]["loss"]
+    assert loss[0] / loss[1] > 0 and abs(loss[0] / loss[1] - math.log(2)) > 1e-4
+    grads = single[0]["grads"]
+    assert max(_relative(single_wpo["grads"][n], g) for n, g in grads.items()) > 1e-3
+
+
+@pytest.mark.parametrize("layout", WPO_LAYOUTS)
+def test_wpo_layout_matches_single_rank(layout, tmp_path, cache_dir, single_wpo):
+    world, extra = LAYOUTS[layout]
+    got = run_ranks(first_step, world, argv(tmp_path, cache_dir, *WPO, *extra), timeout=240)[0]
+    for name, grad in single_wpo["grads"].items():
+        err = _relative(got["grads"][name], grad)
+        assert err <= 1e-5, f"{layout}: WPO step-1 gradient of {name} differs by {err:.2e}"
+    a, b = got["metrics"]["loss"], single_wpo["metrics"]["loss"]
+    assert _relative(a, b) <= 1e-5, f"{layout}: WPO loss {a.tolist()} vs {b.tolist()}"
