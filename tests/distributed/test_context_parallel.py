@@ -243,4 +243,4 @@ def test_pipeline_buffers_match_the_local_sequence(monkeypatch):
         tp_group=SimpleNamespace(size=lambda: tp),
         cp_group=SimpleNamespace(size=lambda: cp),
     )
-    assert list(shapes[0]) == [local["tokens"].shape[1] // tp, rows, hidden] == [8, 6, 32]
+    assert list(shapes[0]) == [local.tokens.shape[1] // tp, rows, hidden] == [8, 6, 32]
