@@ -24,11 +24,11 @@ from megatron_adadpo.platform.megatron import ProcessGroupCollection, process_gr
 class Parallel:
     """Degrees, groups and coordinates of this rank (``world = tp * pp * cp * dp``)."""
 
-    tp: object  # the process groups (torch ProcessGroup), Megatron's names
-    pp: object
-    cp: object
-    dp: object
-    dp_cp: object
+    tp: dist.ProcessGroup  # the process groups, with Megatron's names
+    pp: dist.ProcessGroup
+    cp: dist.ProcessGroup
+    dp: dist.ProcessGroup
+    dp_cp: dist.ProcessGroup  # data x context parallel (the gradient reduction's group)
     tp_size: int
     pp_size: int
     cp_size: int
