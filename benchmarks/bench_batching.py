@@ -171,10 +171,11 @@ def worker(argv: list[str], pad_to_max_length: bool) -> None:
 
 
 def _collate_padded_to_max_length(self, examples):
-    from megatron_adadpo.run.batches import _to_device, collate_pairs
+    from megatron_adadpo.run.batches import collate_pairs
+    from megatron_adadpo.run.microbatch import MicroBatch
 
     batch = collate_pairs(examples, self.dataset.pad_id, pad_to_multiple_of=MAX_LENGTH)
-    return _to_device(batch, self.device)
+    return MicroBatch.from_collated(batch).to(self.device)
 
 
 def measure(args, data_dir: Path, tmp: Path) -> dict:

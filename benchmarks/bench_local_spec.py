@@ -26,6 +26,7 @@ Presets: ``cpu`` (Llama-shaped, 4 layers, GQA, vocab 8000, sequences of 160-288 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -88,17 +89,17 @@ def build_variant(config, groups, swiglu: bool = False, rope: bool = True):
     return policy, optimizer, scheduler, context, reference
 
 
-def time_steps(variants: dict, batches: list[dict], steps: int, warmup: int) -> dict:
+def time_steps(variants: dict, batches: list, steps: int, warmup: int) -> dict:
     """Interleaved steps; per variant the measured wall and process-CPU step times and the
     first step's wall time (CPU time, all threads of this process, is what a step costs on a
     machine that other jobs share; it equals wall time x threads on an idle one)."""
     times = {name: [] for name in variants}
     cpu_times = {name: [] for name in variants}
     first = {}
-    n_pairs = sum(b["tokens"].shape[0] for b in batches) // 2
+    n_pairs = sum(b.tokens.shape[0] for b in batches) // 2
     for i in range(warmup + steps):
         for name, (policy, optimizer, scheduler, context, reference) in variants.items():
-            step_batches = [dict(b) for b in batches]
+            step_batches = [dataclasses.replace(b) for b in batches]
             _sync()
             start, cpu_start = time.perf_counter(), time.process_time()
             reference.attach(step_batches)
@@ -173,9 +174,9 @@ def main() -> None:
     c = configs["sdpa"]
     batches = synthetic_batches(c.model.vocab_size, preset, c.execution.pad_multiple, 0)
     measured = time_steps(variants, batches, args.steps, args.warmup)
-    seq, rows = batches[0]["tokens"].shape[1], sum(b["tokens"].shape[0] for b in batches)
+    seq, rows = batches[0].tokens.shape[1], sum(b.tokens.shape[0] for b in batches)
     dtype = torch.bfloat16 if c.execution.bf16 else torch.float32
-    norm = time_norm((seq, batches[0]["tokens"].shape[0], c.model.hidden_size), dtype, 40)
+    norm = time_norm((seq, batches[0].tokens.shape[0], c.model.hidden_size), dtype, 40)
     report(args, c, measured, seq, rows, norm)
     distributed.destroy()
 

@@ -73,8 +73,10 @@ def make_inputs(rank: int, seq: int, batch: int, vocab: int, padded: int):
 
 def ours(shard: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     from megatron_adadpo.logprobs import sequence_logprobs, token_logprobs
+    from megatron_adadpo.platform.megatron import parallel_state
 
-    sums, _ = sequence_logprobs(token_logprobs(shard, labels), mask)
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    sums, _ = sequence_logprobs(token_logprobs(shard, labels, tp_group), mask)
     return sums
 
 
@@ -93,9 +95,10 @@ def naive(shard: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torc
 
 def ours_with_logits(shard: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor):
     from megatron_adadpo.logprobs import sequence_mean_logits, shard_logit_sums
+    from megatron_adadpo.platform.megatron import parallel_state
 
-    vocab = shard.shape[-1] * TP
-    sequence_mean_logits(shard_logit_sums(shard, vocab).t(), mask, vocab)
+    vocab, tp_group = shard.shape[-1] * TP, parallel_state.get_tensor_model_parallel_group()
+    sequence_mean_logits(shard_logit_sums(shard, vocab, tp_group).t(), mask, vocab, tp_group)
     return ours(shard, labels, mask)
 
 

@@ -37,6 +37,7 @@ from megatron_adadpo.data import collate_pairs  # noqa: E402
 from megatron_adadpo.losses import LossConfig  # noqa: E402
 from megatron_adadpo.model.build import build_model  # noqa: E402
 from megatron_adadpo.platform import cpu, distributed  # noqa: E402
+from megatron_adadpo.run.microbatch import MicroBatch  # noqa: E402
 from megatron_adadpo.run.optimizer import build_optimizer, build_scheduler, wrap_ddp  # noqa: E402
 from megatron_adadpo.run.reference import (  # noqa: E402
     PrecomputedReference,
@@ -123,7 +124,7 @@ def synthetic_batches(vocab: int, preset: dict, multiple: int, seed: int) -> lis
             )
             pair_id += 1
         b = collate_pairs(examples, pad_token_id=0, pad_to_multiple_of=multiple)
-        batches.append({k: v.to(device) for k, v in b.items() if v is not None})
+        batches.append(MicroBatch.from_collated(b).to(device))
     return batches
 
 
@@ -172,7 +173,7 @@ def main() -> None:
         times = {name: [] for name in variants}
         for i in range(args.warmup + args.steps):
             for name, (step_context, ref) in variants.items():
-                step_batches = [dict(b) for b in batches]
+                step_batches = [dataclasses.replace(b) for b in batches]
                 _sync()
                 start = time.perf_counter()
                 ref.attach(step_batches)
@@ -192,8 +193,8 @@ def _sync() -> None:
 def report(c, preset, batches, times, args, logprob_chunk_tokens: int) -> None:
     from megatron_adadpo.platform.hardware import peak_flops_per_device
 
-    seq = batches[0]["tokens"].shape[1]
-    n_seqs = sum(b["tokens"].shape[0] for b in batches)
+    seq = batches[0].tokens.shape[1]
+    n_seqs = sum(b.tokens.shape[0] for b in batches)
     tokens = n_seqs * seq
     peak = peak_flops_per_device()
     fwd = c.model.forward_flops(seq, c.execution.tp) * n_seqs

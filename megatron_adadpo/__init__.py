@@ -5,6 +5,7 @@ stay light):
 
     load_config, Config            the run configuration (YAML + ``--set`` overrides)
     Trainer                        one training run inside an initialised process group
+    open_run                       a config's run: its Trainer, or the finished run (train.py)
     LossConfig, preference_loss    the loss library (pure tensor functions)
     ModelConfig, ExecutionConfig   the model and how it runs (layout, precision, kernels)
     DataConfig                     the preference data pipeline's settings
@@ -23,6 +24,7 @@ _EXPORTS = {
     "Config": "megatron_adadpo.config",
     "load_config": "megatron_adadpo.config",
     "Trainer": "megatron_adadpo.run.trainer",
+    "open_run": "megatron_adadpo.run.trainer",
     "LossConfig": "megatron_adadpo.losses",
     "preference_loss": "megatron_adadpo.losses",
     "ModelConfig": "megatron_adadpo.model.config",

@@ -16,13 +16,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
 
-from megatron_adadpo.platform.megatron import parallel_state, vocab_parallel_cross_entropy
+from megatron_adadpo.platform.megatron import vocab_parallel_cross_entropy
 
 
 def token_logprobs(
     vocab_parallel_logits: torch.Tensor,
     labels: torch.Tensor,
-    tp_group=None,
+    tp_group,
     vocab_size: int | None = None,
 ) -> torch.Tensor:
     """Log-probability of each label under the vocab-parallel logits, in fp32.
@@ -36,8 +36,8 @@ def token_logprobs(
     softmax, so log-probs do not depend on the TP size and equal the HF model's after
     conversion (padded rows are zero, i.e. logit 0, which would otherwise take probability).
 
-    ``tp_group``: the tensor-parallel group the vocabulary is split over (None: Megatron's
-    ``parallel_state`` TP group).
+    ``tp_group``: the tensor-parallel group the vocabulary is split over (the run's
+    ``Parallel.tp``).
 
     Shapes:
         vocab_parallel_logits: ``[s, b, v/tp]`` (any float dtype), per token.
@@ -57,7 +57,7 @@ def token_logprobs(
 
 
 def consume_logits(
-    logits: torch.Tensor, target: torch.Tensor, tp_group=None, vocab_size: int | None = None
+    logits: torch.Tensor, target: torch.Tensor, tp_group, vocab_size: int | None = None
 ) -> torch.Tensor:
     """``log p(target)`` from fp32 vocab-parallel logits that the caller gives up.
 
@@ -69,8 +69,6 @@ def consume_logits(
 
     Shapes: logits ``[..., v/tp]`` fp32, target ``[...]`` global ids >= 0 -> ``[...]`` fp32.
     """
-    if tp_group is None:
-        tp_group = parallel_state.get_tensor_model_parallel_group()
     if vocab_size is not None:
         with torch.no_grad():
             _mask_vocab_padding(logits, vocab_size, dist.get_rank(tp_group))
@@ -98,7 +96,7 @@ _UPCAST_ELEMENTS = 2**25
 
 
 def shard_logit_sums(
-    vocab_parallel_logits: torch.Tensor, vocab_size: int | None = None, tp_group=None
+    vocab_parallel_logits: torch.Tensor, vocab_size: int | None, tp_group
 ) -> torch.Tensor:
     """Per-token sum of this TP rank's logits over its columns of the true vocabulary.
 
@@ -112,8 +110,6 @@ def shard_logit_sums(
         vocab_parallel_logits: ``[s, b, v/tp]`` or ``[b, s, v/tp]`` (any leading dims).
         returns: the leading dims, e.g. ``[s, b]``, fp32, per token.
     """
-    if tp_group is None:
-        tp_group = parallel_state.get_tensor_model_parallel_group()
     shard = vocab_parallel_logits.shape[-1]
     true_columns = true_vocab_columns(shard, vocab_size, dist.get_rank(tp_group))
     tokens = vocab_parallel_logits.detach()[..., :true_columns].flatten(0, -2)  # [n, columns]
@@ -127,7 +123,7 @@ def sequence_mean_logits(
     shard_sums: torch.Tensor,
     loss_mask: torch.Tensor,
     vocab_size: int,
-    tp_group=None,
+    tp_group,
     cp_group=None,
     **segments,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,8 +139,6 @@ def sequence_mean_logits(
         shard_sums: ``[b, s]`` fp32 per token; loss_mask: ``[b, s]`` (1 = completion token).
         returns: (``[b]`` fp32 per-sequence sums of mean logits, ``[b]`` fp32 token counts).
     """
-    if tp_group is None:
-        tp_group = parallel_state.get_tensor_model_parallel_group()
     sums, counts = sequence_logprobs(shard_sums, loss_mask, cp_group, **segments)  # masked, CP
     if dist.get_world_size(tp_group) > 1:
         dist.all_reduce(sums, group=tp_group)

@@ -2,9 +2,9 @@
 
     torchrun --nproc-per-node N -m megatron_adadpo.train --config FILE.yaml [--set a.b=c ...]
 
-Parse -> validate the config (before any allocation) -> start the process group -> build the
-run (``megatron_adadpo.run.trainer.Trainer``) -> train. A config or data error prints one line
-and exits with status 2.
+Parse -> validate the config (before any allocation) -> start the process group -> open the
+run (``megatron_adadpo.run.trainer.open_run``: a ``Trainer``, or the finished run) -> train. A
+config or data error prints one line and exits with status 2.
 """
 
 from __future__ import annotations
@@ -24,17 +24,17 @@ def main(argv: list[str] | None = None) -> None:
 
     from megatron_adadpo.platform import cpu
     from megatron_adadpo.platform.distributed import destroy, init_distributed
-    from megatron_adadpo.run.trainer import Trainer
+    from megatron_adadpo.run.trainer import open_run
 
     args = parse_args(argv)
     config = load_config(args.config, args.set)  # every config check before any allocation
     cpu.activate()  # Megatron on a machine without CUDA; a no-op on GPU hosts
     init_distributed(config.train.distributed_timeout_minutes)
     check_world_size(config, dist.get_world_size())
-    trainer = Trainer(config)
-    trainer.train()
+    run = open_run(config)  # a Trainer, or the FinishedRun that says so
+    run.train()
     destroy()
-    if trainer.preempted:  # saved on SIGTERM: leave inside the grace time (cli.leave_now)
+    if run.preempted:  # saved on SIGTERM: leave inside the grace time (cli.leave_now)
         cli.leave_now()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -32,7 +33,23 @@ def tiny_model(run: ExecutionConfig, model: ModelConfig = TINY, seed: int = 7):
     return chunks
 
 
-def schedule_batches(vocab_size: int = TINY.vocab_size, seq: int = 24) -> list[dict]:
+@dataclass
+class WeightedBatch:
+    """A micro-batch of ``weighted_logprob_step``: rows, their per-token weights and mask;
+    ``tokens`` and ``sequence_length`` are what ``run_schedule`` reads of a ``MicroBatch``."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    weights: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor | None = None
+
+    @property
+    def sequence_length(self) -> int:
+        return self.tokens.shape[1]
+
+
+def schedule_batches(vocab_size: int = TINY.vocab_size, seq: int = 24) -> list[WeightedBatch]:
     """Two micro-batches of 2 rows for ``run_schedule`` with ``weighted_logprob_step``: random
     tokens, labels and per-token weights; the second packs two sequences per row (a
     block-diagonal causal ``attention_mask``, bool ``[2, 1, s, s]``, True = masked out)."""
@@ -41,13 +58,10 @@ def schedule_batches(vocab_size: int = TINY.vocab_size, seq: int = 24) -> list[d
     labels = torch.randint(0, vocab_size, (4, seq), generator=g)
     weights = torch.randn(4, seq, generator=g)
     positions = torch.arange(seq).expand(4, seq)
-    batches = [
-        dict(tokens=tokens[i : i + 2], labels=labels[i : i + 2], weights=weights[i : i + 2])
-        | dict(position_ids=positions[i : i + 2], attention_mask=None)
-        for i in (0, 2)
-    ]
+    rows = [slice(0, 2), slice(2, 4)]
+    batches = [WeightedBatch(tokens[r], labels[r], weights[r], positions[r]) for r in rows]
     causal_out = torch.ones(seq, seq, dtype=torch.bool).triu(1)
-    batches[1]["attention_mask"] = packed_rows_mask(seq, [seq // 3, 2 * seq // 3]) | causal_out
+    batches[1].attention_mask = packed_rows_mask(seq, [seq // 3, 2 * seq // 3]) | causal_out
     return batches
 
 
@@ -55,16 +69,18 @@ def weighted_logprob_step(records: list, data_iterator, model):
     """A ``forward_step`` whose loss is ``sum(per-token log-prob * weight)``; appends the
     last stage's logits and per-token log-probs to ``records``."""
     from megatron_adadpo.logprobs import token_logprobs
+    from megatron_adadpo.platform.megatron import parallel_state
 
     batch = next(data_iterator)
 
     def loss_func(logits):
         records.append(("logits", logits.detach().clone()))
-        logps = token_logprobs(logits.transpose(0, 1), batch["labels"])
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        logps = token_logprobs(logits.transpose(0, 1), batch.labels, tp_group)
         records.append(("logps", logps.detach()))
-        return (logps * batch["weights"]).sum(), torch.tensor(1), {}
+        return (logps * batch.weights).sum(), torch.tensor(1), {}
 
-    logits = model(batch["tokens"], batch["position_ids"], batch["attention_mask"])
+    logits = model(batch.tokens, batch.position_ids, batch.attention_mask)
     return logits, partial(loss_func)
 
 

@@ -41,15 +41,15 @@ class HeldOut:
 
     def pair_logps(self, policy: list, context: StepContext) -> np.ndarray:
         """``[N, 4]``: chosen / rejected summed log-probs and token counts, by pair id."""
-        batches = step_batches(self.config, self.dataset, (0, 1), 0, drop_last=False, cp=(0, 1))
+        batches = step_batches(self.config, self.dataset, context.parallel, 0, drop_last=False)
         out = np.full((len(self.dataset), 4), np.nan)
         for _ in range(math.ceil(len(self.dataset) / self.config.train.global_batch_size)):
             micro = batches.next_step()
             attach_forward_logps(policy, micro, context)
             for batch in micro:
-                sums = batch["reference_logps"].view(-1, 2).double().numpy()
-                counts = batch["loss_mask"].sum(1).view(-1, 2).double().numpy()
-                out[batch["pair_ids"].numpy()] = np.concatenate([sums, counts], axis=1)
+                sums = batch.reference_logps.view(-1, 2).double().numpy()
+                counts = batch.loss_mask.sum(1).view(-1, 2).double().numpy()
+                out[batch.pair_ids.numpy()] = np.concatenate([sums, counts], axis=1)
         return out
 
     def greedy_answers(self, policy: list) -> list[str]:

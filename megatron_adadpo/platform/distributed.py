@@ -14,12 +14,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_adadpo.layout import ExecutionConfig
-from megatron_adadpo.platform.megatron import (
-    ProcessGroupCollection,
-    parallel_state,
-    process_groups,
-    tensor_parallel,
-)
+from megatron_adadpo.platform.megatron import parallel_state, tensor_parallel
+from megatron_adadpo.platform.parallel import Parallel
 
 
 def init_distributed(timeout_minutes: float = 30.0) -> None:
@@ -44,9 +40,10 @@ def init_distributed(timeout_minutes: float = 30.0) -> None:
 
 def init_model_parallel(
     execution: ExecutionConfig, seed: int = 1234, timeout_minutes: float = 30.0
-) -> ProcessGroupCollection:
+) -> Parallel:
     """Create Megatron's TP/PP/CP/DP groups for ``execution``'s layout, seed its RNG tracker,
-    and return the groups (built once; passed to the step, log-prob and metric code).
+    and return the run's parallel value (``platform/parallel.py``: degrees, groups, this rank's
+    coordinates; built once, passed to the batcher, step, log-prob and metric code).
     ``timeout_minutes`` is the groups' collective timeout (``initialize_model_parallel``'s
     ``distributed_timeout_minutes``, 0.16.1 and 0.19: ``timedelta(minutes=...)``)."""
     if parallel_state.model_parallel_is_initialized():
@@ -59,7 +56,7 @@ def init_model_parallel(
         distributed_timeout_minutes=timeout_minutes,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
-    return process_groups()
+    return Parallel.current(execution.vpp)
 
 
 def destroy() -> None:
@@ -68,16 +65,6 @@ def destroy() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def is_logging_rank() -> bool:
-    """Last pipeline stage, first TP / CP / DP rank: where the reduced loss metrics live."""
-    return (
-        parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-        and parallel_state.get_tensor_model_parallel_rank() == 0
-        and parallel_state.get_context_parallel_rank() == 0
-        and parallel_state.get_data_parallel_rank() == 0
-    )
 
 
 def free_port() -> int:

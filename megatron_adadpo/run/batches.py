@@ -7,12 +7,12 @@ over data-parallel ranks and micro-batches by ``data.batching`` (``fixed``, ``to
 row rounded up to the layout's ``pad_multiple`` (pipelines too: ``variable_seq_lengths``), so the
 number of micro-batches and their shapes may change from step to step; a packed micro-batch is
 one row (``data/packing.py``) that reaches the attention as ``PackedSeqParams`` (Transformer
-Engine) or as a block-diagonal mask (local spec, ``run/packing.py``); under a pipeline the
-packed rows of a step all have the step's longest row's length (fixed shapes,
+Engine) or as a block-diagonal mask (local spec, ``run/packing.py``). Each collated micro-batch
+becomes a ``MicroBatch`` here, once (``run/microbatch.py``); with context parallelism each rank
+keeps its zigzag share of every per-token tensor (of the whole row, or of each sequence of a
+packed row), ``[., S/CP]``; pair ids and reference values stay per pair. Under a pipeline
+the packed rows of a step all have the step's longest row's length (fixed shapes,
 ``BatchingPolicy.step_row_tokens``).
-With context parallelism each rank keeps its zigzag share of every per-token tensor
-(``run/context_parallel.py``: of the whole row, or of each sequence of a packed row), ``[., S/CP]``;
-pair ids and reference values stay per pair.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from megatron_adadpo.config import Config
 from megatron_adadpo.data import PreferenceSampler, collate_pairs
 from megatron_adadpo.data.batching import BatchingPolicy, batching_policy, plan_global_batch
 from megatron_adadpo.data.packing import collate_packed
-from megatron_adadpo.run.context_parallel import split_for_context_parallel
-from megatron_adadpo.run.packing import packs_as_thd, thd_params
+from megatron_adadpo.platform.parallel import Parallel
+from megatron_adadpo.run.microbatch import MicroBatch, PackedAttention
+from megatron_adadpo.run.packing import packs_as_thd
 
 
 def training_device() -> torch.device:
@@ -46,7 +47,8 @@ class StepBatches:
 
     ``sampler`` yields whole global batches (``micro_batch_size = global_batch_size``, one DP
     rank); ``step_lengths`` holds the row lengths ``[G, 2]`` of the last one (all ranks' pairs:
-    the step's useful FLOPs).
+    the step's useful FLOPs). ``parallel`` gives this rank's data-parallel share and
+    context-parallel positions; ``packing`` how packed rows reach attention (None: not packed).
     """
 
     def __init__(
@@ -54,13 +56,11 @@ class StepBatches:
         dataset,
         sampler: PreferenceSampler,
         policy: BatchingPolicy,
-        dp: tuple[int, int],
-        cp: tuple[int, int] = (0, 1),
-        thd: bool = False,
+        parallel: Parallel,
+        packing: PackedAttention | None = None,
     ):
-        self.dataset, self.policy = dataset, policy
-        (self.dp_rank, self.dp_size), (self.cp_rank, self.cp_size) = dp, cp
-        self.thd = thd  # packed rows go to Transformer Engine as PackedSeqParams
+        self.dataset, self.policy, self.parallel = dataset, policy, parallel
+        self.packing = packing
         self.lengths = row_lengths(dataset)
         self.device = training_device()
         self.step_lengths = np.zeros((0, 2), dtype=np.int64)
@@ -68,49 +68,42 @@ class StepBatches:
         self.sampler = sampler
         self._indices = iter(sampler)
 
-    def next_step(self) -> list[dict]:
+    def next_step(self) -> list[MicroBatch]:
         """This rank's micro-batches of the next global batch (tensors on the device)."""
         indices = next(self._indices)
         self.step_lengths = self.lengths[indices]
-        plan = plan_global_batch(self.policy, self.step_lengths, self.dp_size)
+        dp = self.parallel
+        plan = plan_global_batch(self.policy, self.step_lengths, dp.dp_size)
         self.step_micro_batches = max(len(m) for m in plan)  # the most any DP rank has
-        mine = plan[self.dp_rank]
+        mine = plan[dp.dp_rank]
         row = self.policy.step_row_tokens(self.step_lengths, mine)
         return [self._collate([self.dataset[indices[p]] for p in m], row) for m in mine]
 
-    def _collate(self, examples: list[dict], row_tokens: int | None) -> dict:
+    def _collate(self, examples: list[dict], row_tokens: int | None) -> MicroBatch:
         """``row_tokens``: the packed row's length (pipelines: the step's one shape; every row
         of the step fits in it, so padding to a multiple of it pads to exactly it)."""
         pad_id, multiple = self.dataset.pad_id, self.policy.pad_multiple
-        if self.policy.mode == "packed":
+        if self.packing is not None:
             rows = row_tokens or multiple
-            batch = collate_packed(examples, pad_id, rows, self.policy.segment_multiple)
+            rows = collate_packed(examples, pad_id, rows, self.policy.segment_multiple)
         else:
-            batch = collate_pairs(examples, pad_id, multiple)
-        batch = split_for_context_parallel(batch, self.cp_rank, self.cp_size)
-        batch = _to_device(batch, self.device)
-        if self.thd:
-            batch["packed_seq_params"] = thd_params(batch)
-        return batch
-
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            rows = collate_pairs(examples, pad_id, multiple)
+        batch = MicroBatch.from_collated(rows, self.packing)
+        batch = batch.on_cp_rank(self.parallel.cp_rank, self.parallel.cp_size)
+        return batch.to(self.device)
 
 
 def step_batches(
     config: Config,
     dataset,
-    dp: tuple[int, int],
+    parallel: Parallel,
     consumed_samples: int,
     drop_last: bool = True,
-    *,
-    cp: tuple[int, int],
 ) -> StepBatches:
-    """Training order from ``consumed_samples`` on, for DP rank ``dp = (rank, size)`` and CP
-    rank ``cp = (rank, size)`` (required, so that no caller forgets the context-parallel split:
-    the same pairs, this rank's positions); ``drop_last=False`` visits every pair, completing
-    the last global batch by wrapping around (evaluation, reference precompute)."""
+    """Training order from ``consumed_samples`` on, for this rank of ``parallel`` (its
+    data-parallel share of each global batch, its context-parallel positions);
+    ``drop_last=False`` visits every pair, completing the last global batch by wrapping around
+    (evaluation, reference precompute)."""
     sampler = PreferenceSampler(
         num_pairs=len(dataset),
         global_batch_size=config.train.global_batch_size,
@@ -129,5 +122,11 @@ def step_batches(
         config.execution,
         config.train.micro_batch_size,
     )
-    thd = policy.mode == "packed" and packs_as_thd(config.execution)
-    return StepBatches(dataset, sampler, policy, dp, cp, thd)
+    return StepBatches(dataset, sampler, policy, parallel, packing_format(policy, config))
+
+
+def packing_format(policy: BatchingPolicy, config: Config) -> PackedAttention | None:
+    """How the policy's packed rows reach attention (None: rows are not packed)."""
+    if policy.mode != "packed":
+        return None
+    return "thd" if packs_as_thd(config.execution) else "mask"

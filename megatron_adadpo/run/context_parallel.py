@@ -6,14 +6,13 @@ Engine's ring attention exchanges K/V assuming the same layout. The sequence is 
 ``2*CP`` equal chunks and rank ``r`` keeps chunks ``r`` and ``2*CP-1-r`` (an early chunk with a
 late one, so causal attention's work is balanced), exactly as ``megatron/core/utils.py``
 ``get_batch_on_this_cp_rank`` does (0.16: one function; 0.19: its per-sequence branch) — tested
-equal to it. Written here as a function of ``(rank, size)`` because Megatron's splits *every*
+equal to it. Written here as functions of ``(rank, size)`` because Megatron's splits *every*
 tensor of the dict along dim 1 (per-pair values would break) and changed signature between
-0.16 and 0.19.
-
-Per-token tensors (every ``[2B, S, ...]`` entry: tokens, labels, loss_mask, position_ids) are
-split; per-pair values (``pair_ids`` ``[B]``, ``reference_logps`` ``[2B]``) are kept whole: the
-loss path all-reduces sequence sums over the CP group (``logprobs.sequence_logprobs``), so
-every CP rank holds the same per-pair scores, losses and metrics.
+0.16 and 0.19. ``MicroBatch.on_cp_rank`` (``run/microbatch.py``) applies them: per-token
+tensors (tokens, labels, loss_mask, position_ids, a packed row's segment_ids) are cut, per-pair
+values (``pair_ids`` ``[B]``, ``reference_logps`` ``[2B]``) are kept whole: the loss path
+all-reduces sequence sums over the CP group (``logprobs.sequence_logprobs``), so every CP rank
+holds the same per-pair scores, losses and metrics.
 """
 
 from __future__ import annotations
@@ -53,33 +52,3 @@ def thd_partition_index(cu_seqlens_padded: torch.Tensor, cp_size: int, cp_rank: 
             )
         parts.append(start + zigzag_positions(end - start, cp_rank, cp_size))
     return torch.cat(parts)
-
-
-def split_for_context_parallel(batch: dict, cp_rank: int, cp_size: int) -> dict:
-    """This CP rank's micro-batch: every per-token ``[b, S, ...]`` tensor cut to its
-    ``[b, S/CP, ...]`` zigzag share (of the whole row; of each sequence for a packed row, which
-    carries ``cu_seqlens_padded``); everything else unchanged (a packed row's ``cu_seqlens*``
-    and ``max_seqlen`` stay global, as THD attention wants them). ``cp_size == 1``: the batch
-    itself.
-
-    Shapes: tokens, labels, loss_mask, position_ids (segment_ids) ``[b, S]`` -> ``[b, S/CP]``;
-    pair_ids ``[B]`` and reference_logps ``[2B]`` (per pair / per sequence) unchanged.
-    """
-    if cp_size == 1:
-        return batch
-    rows, seq = batch["tokens"].shape[:2]
-    if "cu_seqlens_padded" in batch:
-        keep = thd_partition_index(batch["cu_seqlens_padded"], cp_size, cp_rank)
-    else:
-        keep = zigzag_positions(seq, cp_rank, cp_size)
-    keep = keep.to(batch["tokens"].device)
-    out = dict(batch)
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[:2] == (rows, seq):
-            out[key] = value.index_select(1, keep)
-    return out
-
-
-def full_sequence_length(local_tokens: torch.Tensor, cp_size: int) -> int:
-    """The micro-batch's whole sequence length ``S`` from a CP rank's ``[2B, S/CP]`` tokens."""
-    return local_tokens.shape[1] * cp_size

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from megatron_adadpo.config import Config
 from megatron_adadpo.run.batches import step_batches
 from megatron_adadpo.run.metrics import accumulate_metrics
+from megatron_adadpo.run.microbatch import MicroBatch
 from megatron_adadpo.run.step import StepContext, eval_reports, reduce_reports
 
 
@@ -28,12 +29,9 @@ class Evaluator:
         reference,
         dataset,
         context: StepContext,
-        dp: tuple[int, int],
-        cp: tuple[int, int] = (0, 1),
     ):
         self.config, self.policy, self.reference = config, policy, reference
         self.dataset, self.context = dataset, context
-        self.dp, self.cp = dp, cp  # (rank, size)
         pairs = min(len(dataset), config.eval.max_pairs or len(dataset))
         self.steps = max(1, pairs // config.train.global_batch_size)
         self.pipelined = config.execution.pp > 1  # one schedule call per batch fills the pipe
@@ -41,7 +39,8 @@ class Evaluator:
     def __call__(self, stop: Callable[[], bool] = lambda: False) -> dict | None:
         """``[sum, count]`` metric tensors over the evaluated pairs (last stage; else {}), or
         None when ``stop`` (a collective: every rank calls it equally often) said to stop."""
-        batches = step_batches(self.config, self.dataset, self.dp, 0, drop_last=False, cp=self.cp)
+        parallel = self.context.parallel
+        batches = step_batches(self.config, self.dataset, parallel, 0, drop_last=False)
         metrics = []
         for _ in range(self.steps):
             micro = batches.next_step()
@@ -53,10 +52,10 @@ class Evaluator:
                     return None
                 if i < len(groups):
                     reports += self._forward(groups[i])
-            metrics.append(reduce_reports(reports, self.context.groups.dp))
+            metrics.append(reduce_reports(reports, parallel.dp))
         return accumulate_metrics(m for m in metrics if m)
 
-    def _forward(self, micro: list[dict]) -> list[dict]:
+    def _forward(self, micro: list[MicroBatch]) -> list[dict]:
         if self.reference is not None:
             self.reference.attach(micro)
         return eval_reports(self.policy, micro, self.context)

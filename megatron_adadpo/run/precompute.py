@@ -23,13 +23,8 @@ from tqdm import tqdm
 
 from megatron_adadpo.config import Config, check_world_size, load_config
 from megatron_adadpo.platform import cpu
-from megatron_adadpo.platform.distributed import (
-    destroy,
-    init_distributed,
-    init_model_parallel,
-    is_logging_rank,
-)
-from megatron_adadpo.platform.megatron import parallel_state
+from megatron_adadpo.platform.distributed import destroy, init_distributed, init_model_parallel
+from megatron_adadpo.platform.parallel import Parallel
 from megatron_adadpo.run.batches import step_batches
 from megatron_adadpo.run.consistency import reference_model
 from megatron_adadpo.run.datasets import load_dataset
@@ -54,35 +49,36 @@ def main(argv: list[str] | None = None) -> None:
     init_distributed(config.train.distributed_timeout_minutes)
     check_world_size(config, dist.get_world_size())
     timeout = config.train.distributed_timeout_minutes
-    groups = init_model_parallel(config.execution, seed=config.train.seed, timeout_minutes=timeout)
+    parallel = init_model_parallel(config.execution, config.train.seed, timeout)
     dataset = load_dataset(config, eval_split=args.eval)
     model = freeze(build_reference_model(config))  # reference.checkpoint, or the policy's start
-    context = StepContext.from_config(config, groups)
-    dp = dist.get_rank(groups.dp), dist.get_world_size(groups.dp)
-    cp = dist.get_rank(groups.cp), dist.get_world_size(groups.cp)
-    batches = step_batches(config, dataset, dp, 0, drop_last=False, cp=cp)
+    context = StepContext.from_config(config, parallel)
+    batches = step_batches(config, dataset, parallel, 0, drop_last=False)
     steps = math.ceil(len(dataset) / config.train.global_batch_size)
     ids, sums = [], []
-    for _ in tqdm(range(steps), desc="reference log-probs", disable=not is_logging_rank()):
+    logging = parallel.is_logging_rank
+    for _ in tqdm(range(steps), desc="reference log-probs", disable=not logging):
         micro = batches.next_step()
         attach_forward_logps(model, micro, context)
         for batch in micro:
-            if "reference_logps" in batch:
-                ids.append(batch["pair_ids"].cpu())
-                sums.append(batch["reference_logps"].view(-1, 2).cpu())
-    _gather_and_write(args.output, dataset, ids, sums, config, groups)
+            if batch.reference_logps is not None:  # the last pipeline stage
+                ids.append(batch.pair_ids.cpu())
+                sums.append(batch.reference_logps.view(-1, 2).cpu())
+    _gather_and_write(args.output, dataset, ids, sums, config, parallel)
     destroy()
 
 
-def _gather_and_write(output: str, dataset, ids: list, sums: list, config: Config, groups):
+def _gather_and_write(
+    output: str, dataset, ids: list, sums: list, config: Config, parallel: Parallel
+):
     """Collect every DP rank's values on the logging rank and write them."""
-    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+    if not parallel.is_last_stage:
         dist.barrier()
         return
     local = (torch.cat(ids), torch.cat(sums)) if ids else None
-    parts = [None] * dist.get_world_size(groups.dp)
-    dist.all_gather_object(parts, local, group=groups.dp)
-    if is_logging_rank():
+    parts = [None] * parallel.dp_size
+    dist.all_gather_object(parts, local, group=parallel.dp)
+    if parallel.is_logging_rank:
         values = np.full((len(dataset), 2), np.nan, dtype=np.float32)
         for pair_ids, pair_sums in parts:
             values[pair_ids.numpy()] = pair_sums.numpy()

@@ -1,6 +1,6 @@
 """Reference log-probs: a resident frozen model, or values precomputed once to disk.
 
-Both attach ``batch["reference_logps"]`` (``[2B]`` fp32, ``[c0, r0, c1, r1, ...]``) to the
+Both attach ``MicroBatch.reference_logps`` (``[2B]`` fp32, ``[c0, r0, c1, r1, ...]``) to the
 micro-batches of a step, on the last pipeline stage where the policy loss is computed.
 Precomputed files (``tools/precompute_reference.py``) hold per-pair summed completion log-probs
 ``[N, 2]`` (chosen, rejected) indexed by ``pair_id``, tied to the dataset's manifest identity
@@ -20,6 +20,7 @@ import torch
 
 from megatron_adadpo.platform.megatron import unwrap_model
 from megatron_adadpo.platform.safe_pickle import load_npy
+from megatron_adadpo.run.microbatch import MicroBatch
 from megatron_adadpo.run.run_dir import durable_temp, fsync_directory
 from megatron_adadpo.run.sequences import sequence_sums
 from megatron_adadpo.run.step import StepContext, output_layer_for, policy_forward, run_schedule
@@ -28,7 +29,9 @@ VALUES_FILE = "reference_logps.npy"
 META_FILE = "meta.json"
 
 
-def _reference_loss_func(context: StepContext, batch: dict, output_layer, output: torch.Tensor):
+def _reference_loss_func(
+    context: StepContext, batch: MicroBatch, output_layer, output: torch.Tensor
+):
     sums, _ = sequence_sums(output, batch, context, output_layer)
     zero = torch.zeros((), device=sums.device)
     return zero, torch.zeros((), dtype=torch.int), {"reference_logps": sums.detach()}
@@ -42,13 +45,14 @@ def _reference_forward_step(context: StepContext, data_iterator, model):
     return output, partial(_reference_loss_func, context, batch, layer)
 
 
-def attach_forward_logps(chunks: list, batches: list[dict], context: StepContext) -> None:
+def attach_forward_logps(chunks: list, batches: list[MicroBatch], context: StepContext) -> None:
     """Run ``chunks`` forward-only (no saved activations) on ``batches`` through Megatron's
-    schedule and store each micro-batch's sequence sums as ``batch["reference_logps"]``."""
+    schedule and store each micro-batch's sequence sums as its ``reference_logps`` (on the
+    last pipeline stage; the reports are empty elsewhere)."""
     step = partial(_reference_forward_step, context)
     outputs = run_schedule(chunks, batches, step, forward_only=True)
     for batch, out in zip(batches, outputs, strict=False):
-        batch["reference_logps"] = out["reference_logps"]
+        batch.reference_logps = out["reference_logps"]
 
 
 def freeze(chunks: list) -> list:
@@ -72,7 +76,7 @@ class ResidentReference:
                 ref.load_state_dict(unwrap_model(pol).state_dict(), strict=True)
         self.chunks = freeze(chunks)
 
-    def attach(self, batches: list[dict]) -> None:
+    def attach(self, batches: list[MicroBatch]) -> None:
         attach_forward_logps(self.chunks, batches, self.context)
 
     def sync(self, policy: list, alpha: float) -> None:
@@ -124,11 +128,11 @@ class PrecomputedReference:
         self.meta = meta
         self.values = load_npy(path / VALUES_FILE, mmap_mode="r")
 
-    def attach(self, batches: list[dict]) -> None:
+    def attach(self, batches: list[MicroBatch]) -> None:
         for batch in batches:
-            rows = self.values[batch["pair_ids"].cpu().numpy()]  # [B, 2] (chosen, rejected)
+            rows = self.values[batch.pair_ids.cpu().numpy()]  # [B, 2] (chosen, rejected)
             ref = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).reshape(-1)
-            batch["reference_logps"] = ref.to(batch["tokens"].device)  # [c0, r0, c1, r1, ...]
+            batch.reference_logps = ref.to(batch.tokens.device)  # [c0, r0, c1, r1, ...]
 
 
 def write_precomputed(

@@ -1,7 +1,7 @@
 """What a resumed run must agree on with the checkpoint it continues. Torch-free.
 
-The run state saved with every checkpoint (``initial_state``) records the data, the seed and
-the optimizer's layout; ``check_run_state`` compares it with the config before any tensor is
+The run state saved with every checkpoint (``RunState``) records the data, the seed and the
+optimizer's layout; ``check_run_state`` compares it with the config before any tensor is
 loaded, and ``check_schedule`` compares the saved learning-rate schedule with the config's.
 Each refusal names the field, both values and the fix, instead of training on something other
 than what ``config.yaml`` says.
@@ -9,6 +9,7 @@ than what ``config.yaml`` says.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
@@ -64,17 +65,54 @@ _LAYOUT_FIELDS = {
 }
 
 
-def initial_state(config: Config, dataset_identity: str) -> dict:
-    """The run state of a fresh run (saved with every checkpoint as ``run``)."""
-    return {
-        "step": 0,
-        "consumed_samples": 0,
-        "dataset_identity": dataset_identity,
-        "seed": config.train.seed,
-        "optimizer_layout": optimizer_layout(config),
-        "reference_sync": reference_sync(config),
-        "reference_source": reference_source(config),
-    }
+@dataclass
+class RunState:
+    """Where the run is: saved with every checkpoint as ``run`` (``to_dict``), read back by a
+    resumed run (``resumed``, after ``check_run_state`` accepted the saved values)."""
+
+    step: int  # optimizer steps taken
+    consumed_samples: int  # pairs trained on (Megatron counts samples)
+    dataset_identity: str | None  # the manifest identity of the data (``data/``)
+    seed: int  # train.seed of the run (the data order within an epoch)
+    optimizer_layout: dict  # ``optimizer_layout(config)``: what the optimizer state depends on
+    reference_sync: dict | None = None  # TR-DPO's settings (``reference_sync``), None: off
+    reference_source: str | None = None  # the model the reference is loaded from
+    eval_pending: bool = False  # SIGTERM abandoned this step's evaluation: do it first
+
+    @classmethod
+    def fresh(cls, config: Config, dataset_identity: str) -> RunState:
+        """The state of a run that starts at step 0."""
+        return cls(
+            0,
+            0,
+            dataset_identity,
+            config.train.seed,
+            optimizer_layout(config),
+            reference_sync(config),
+            reference_source(config),
+        )
+
+    @classmethod
+    def resumed(cls, saved: dict, config: Config) -> RunState:
+        """The state of a run resumed from a checkpoint's ``saved`` run state: its position and
+        data; this config's seed and optimizer layout (accepted by ``check_run_state``)."""
+        return cls(
+            saved["step"],
+            saved["consumed_samples"],
+            saved.get("dataset_identity"),
+            config.train.seed,
+            optimizer_layout(config),
+            reference_sync(config),
+            reference_source(config),
+            eval_pending=bool(saved.get("eval_pending")),
+        )
+
+    def to_dict(self) -> dict:
+        """The checkpoint's ``run`` entry (``eval_pending`` only when set, as before)."""
+        values = asdict(self)
+        if not self.eval_pending:
+            del values["eval_pending"]
+        return values
 
 
 def check_run_state(

@@ -33,6 +33,7 @@ from megatron_adadpo.logprobs import (
     token_logprobs,
 )
 from megatron_adadpo.losses import token_mean_metric
+from megatron_adadpo.run.microbatch import MicroBatch
 from megatron_adadpo.token_stats import vocab_parallel_token_stats
 
 
@@ -48,11 +49,11 @@ class SequenceValues:
     token_stats: dict  # name -> [b, S] fp32 (no gradient)
 
 
-def segments(batch: dict) -> dict:
+def segments(batch: MicroBatch) -> dict:
     """``sequence_logprobs``' per-segment arguments for a packed row (``{}`` otherwise)."""
-    if "segment_ids" not in batch:
+    if batch.segment_ids is None:
         return {}
-    return {"segment_ids": batch["segment_ids"], "num_sequences": 2 * batch["pair_ids"].numel()}
+    return {"segment_ids": batch.segment_ids, "num_sequences": batch.num_sequences}
 
 
 def step_stats(context) -> tuple[str, ...]:
@@ -66,7 +67,7 @@ def step_stats(context) -> tuple[str, ...]:
     return tuple(stats)
 
 
-def token_values(output, batch: dict, context, output_layer: OutputLayer | None, stats=()):
+def token_values(output, batch: MicroBatch, context, output_layer: OutputLayer | None, stats=()):
     """``(log-probs [b, S], {stat: [b, S]})`` of ``policy_forward``'s output.
 
     Unchunked: ``output`` is ``[b, S, v/tp]`` logits; Megatron's vocab-parallel CE gives the
@@ -74,13 +75,13 @@ def token_values(output, batch: dict, context, output_layer: OutputLayer | None,
     Chunked (``output_layer``): ``output`` is the output layer's input and both come from
     ``chunked_token_logprobs`` (completion tokens only; 0 elsewhere).
     """
-    labels, tp = batch["labels"], context.groups.tp
+    labels, tp = batch.labels, context.parallel.tp
     if output_layer is not None:
         result = chunked_token_logprobs(
             output,
             output_layer,
             labels,
-            batch["loss_mask"],
+            batch.loss_mask,
             chunk_tokens=context.logprob_chunk_tokens,
             tp_group=tp,
             vocab_size=context.vocab_size,
@@ -99,23 +100,21 @@ def token_values(output, batch: dict, context, output_layer: OutputLayer | None,
 
 
 def sequence_values(
-    output, batch: dict, context, output_layer: OutputLayer | None = None, stats=()
+    output, batch: MicroBatch, context, output_layer: OutputLayer | None = None, stats=()
 ) -> SequenceValues:
     """The micro-batch's :class:`SequenceValues` (``stats``: as :func:`token_values`)."""
     logps, values = token_values(output, batch, context, output_layer, stats)
-    mask, cp = batch["loss_mask"], context.groups.cp
+    mask, cp = batch.loss_mask, context.parallel.cp
     plain, counts = sequence_logprobs(logps, mask, cp, **segments(batch))
     sums = plain
     alpha = context.loss.ld_alpha
     if alpha is not None:
-        weights = ld_token_weights(
-            mask, batch["position_ids"], counts, alpha, cp, batch.get("segment_ids")
-        )
+        weights = ld_token_weights(mask, batch.position_ids, counts, alpha, cp, batch.segment_ids)
         sums, _ = sequence_logprobs(logps * weights, mask, cp, **segments(batch))
     return SequenceValues(sums, counts, plain, logps, values)
 
 
-def sequence_sums(output, batch: dict, context, output_layer: OutputLayer | None = None):
+def sequence_sums(output, batch: MicroBatch, context, output_layer: OutputLayer | None = None):
     """Per-sequence completion log-prob sums (LD-DPO weighted with ``loss.ld_alpha``) and token
     counts, both ``[2B]`` fp32: what the policy's loss and the reference (resident or
     precomputed) use."""
@@ -124,22 +123,22 @@ def sequence_sums(output, batch: dict, context, output_layer: OutputLayer | None
 
 
 @torch.no_grad()
-def wpo_weight_logps(values: SequenceValues, batch: dict, context) -> torch.Tensor:
+def wpo_weight_logps(values: SequenceValues, batch: MicroBatch, context) -> torch.Tensor:
     """WPO's per-sequence ``(1 / n) sum_t (log p_t - log sum_v p_v^2)`` over the ``n``
     completion tokens (TRL's ``mean_logps``; ``n`` clamped to >= 1), detached. ``[2B]`` fp32.
     """
     aligned = values.token_logps.detach() - values.token_stats["log_sum_sq_probs"]
-    mask, cp = batch["loss_mask"], context.groups.cp
+    mask, cp = batch.loss_mask, context.parallel.cp
     sums, _ = sequence_logprobs(aligned, mask, cp, **segments(batch))
     return sums / values.counts.clamp(min=1)
 
 
 @torch.no_grad()
-def logit_metrics(values: SequenceValues, batch: dict, context) -> dict:
+def logit_metrics(values: SequenceValues, batch: MicroBatch, context) -> dict:
     """TRL's per-token metrics over the valid pairs, as ``[sum, count]`` tensors:
     ``logits/chosen``, ``logits/rejected`` always, ``entropy`` and ``mean_token_accuracy`` when
     computed (``logging.token_metrics``)."""
-    mask, cp, tp = batch["loss_mask"], context.groups.cp, context.groups.tp
+    mask, cp, tp = batch.loss_mask, context.parallel.cp, context.parallel.tp
     counts = values.counts
     valid = (counts[0::2] > 0) & (counts[1::2] > 0)  # as the loss's valid pairs
     stats = values.token_stats

@@ -17,8 +17,9 @@ valid pairs (preference losses) or their chosen completion tokens (sft, a per-to
 loss is the mean over the global batch whatever the micro-batch count, DP size or pipeline
 layout.
 
-The process groups (``ProcessGroupCollection``: ``tp``, ``cp``, ``dp``) are built once by
-``platform.distributed.init_model_parallel`` and passed in.
+The parallel value (``platform/parallel.py``: groups ``tp``, ``cp``, ``dp``, degrees, this
+rank's coordinates) is built once by ``platform.distributed.init_model_parallel`` and passed in;
+the micro-batches are ``MicroBatch`` values (``run/microbatch.py``).
 """
 
 from __future__ import annotations
@@ -33,14 +34,10 @@ import torch.distributed as dist
 from megatron_adadpo.chunked_logprobs import OutputLayer, model_output_layer
 from megatron_adadpo.layout import logprob_chunk_tokens
 from megatron_adadpo.losses import LossConfig, preference_loss
-from megatron_adadpo.platform.megatron import (
-    ProcessGroupCollection,
-    final_hidden_states,
-    get_forward_backward_func,
-)
-from megatron_adadpo.run.context_parallel import full_sequence_length
+from megatron_adadpo.platform.megatron import final_hidden_states, get_forward_backward_func
+from megatron_adadpo.platform.parallel import Parallel
 from megatron_adadpo.run.metrics import accumulate_metrics, all_reduce_metrics
-from megatron_adadpo.run.packing import packed_attention
+from megatron_adadpo.run.microbatch import MicroBatch
 from megatron_adadpo.run.sequences import (
     logit_metrics,
     sequence_values,
@@ -51,26 +48,26 @@ from megatron_adadpo.run.sequences import (
 
 @dataclass(frozen=True)
 class StepContext:
-    """What ``loss_func`` needs besides the batch: the loss, the true vocabulary, the groups,
-    whether the output layer and log-probs run in chunks, and whether the per-token softmax
-    metrics (``entropy``, ``mean_token_accuracy``) are computed."""
+    """What ``loss_func`` needs besides the batch: the loss, the true vocabulary, the parallel
+    value, whether the output layer and log-probs run in chunks, and whether the per-token
+    softmax metrics (``entropy``, ``mean_token_accuracy``) are computed."""
 
     loss: LossConfig
     vocab_size: int  # the tokenizer's vocabulary (TP padding rows beyond it are masked)
-    groups: ProcessGroupCollection
+    parallel: Parallel
     logprob_chunk_tokens: int = 0  # > 0: chunked output layer + log-probs (chunked_logprobs)
     token_metrics: bool = True  # logging.token_metrics
 
     @classmethod
-    def from_config(cls, config, groups: ProcessGroupCollection) -> StepContext:
+    def from_config(cls, config, parallel: Parallel) -> StepContext:
         """The context of a run's ``Config`` (``execution.logprob_chunk_tokens`` resolved)."""
         padded = config.model.padded_vocab_size(config.execution.tp)
         chunk = logprob_chunk_tokens(config.execution, padded)
         metrics = config.logging.token_metrics
-        return cls(config.loss, config.model.vocab_size, groups, chunk, metrics)
+        return cls(config.loss, config.model.vocab_size, parallel, chunk, metrics)
 
 
-def policy_forward(model, batch: dict, context: StepContext) -> torch.Tensor:
+def policy_forward(model, batch: MicroBatch, context: StepContext) -> torch.Tensor:
     """The model chunk's output for ``sequences.sequence_values`` (hidden states for the next
     stage off the last stage).
 
@@ -78,10 +75,10 @@ def policy_forward(model, batch: dict, context: StepContext) -> torch.Tensor:
     layer's input instead, ``[S, b, h]`` (``[S/tp, b, h]`` with sequence parallelism).
 
     Shapes: tokens / position_ids ``[b, S]``: ``b = 2B`` rows, or one packed row (``b = 1``)
-    whose attention is confined to each sequence (``run/packing.py``).
+    whose attention is confined to each sequence (``MicroBatch.attention_inputs``).
     """
-    inputs = (batch["tokens"], batch["position_ids"])
-    attention = packed_attention(batch)
+    inputs = (batch.tokens, batch.position_ids)
+    attention = batch.attention_inputs()
     if context.logprob_chunk_tokens:
         return final_hidden_states(model, *inputs, **attention)
     return model(*inputs, **attention)
@@ -94,7 +91,7 @@ def output_layer_for(model, context: StepContext) -> OutputLayer | None:
 
 def loss_func(
     context: StepContext,
-    batch: dict,
+    batch: MicroBatch,
     output: torch.Tensor,
     output_layer: OutputLayer | None = None,
 ):
@@ -107,7 +104,7 @@ def loss_func(
     """
     values = sequence_values(output, batch, context, output_layer, step_stats(context))
     sums, counts = values.sums, values.counts
-    ref = batch.get("reference_logps")
+    ref = batch.reference_logps
     extra = {}
     if context.loss.needs_chosen_nll:
         extra["chosen_nll"] = -values.plain_sums[0::2] / counts[0::2].clamp(min=1)
@@ -126,19 +123,19 @@ def loss_func(
         **extra,
     )
     metrics.update(logit_metrics(values, batch, context))
-    metrics.update(token_metrics(batch, losses, dist.get_world_size(context.groups.cp)))
+    metrics.update(token_metrics(batch, losses))
     normaliser = metrics["loss"][1].to(torch.int)
-    report = {"metrics": metrics, "losses": losses.detach(), "pair_ids": batch["pair_ids"]}
+    report = {"metrics": metrics, "losses": losses.detach(), "pair_ids": batch.pair_ids}
     return losses.sum(), normaliser, report
 
 
-def token_metrics(batch: dict, losses: torch.Tensor, cp_size: int) -> dict[str, torch.Tensor]:
+def token_metrics(batch: MicroBatch, losses: torch.Tensor) -> dict[str, torch.Tensor]:
     """``batch/tokens`` (processed, padding included, all CP ranks) and ``batch/real_tokens``
     (non-padding), each ``[tokens, pairs]``: summed over micro-batches and DP ranks, their mean
     times the global batch size is the step's total whatever the micro-batch count."""
     pairs = torch.full_like(losses.detach().sum(), losses.numel())
-    processed = torch.full_like(pairs, batch["tokens"].numel() * cp_size)
-    real = batch["real_tokens"].to(pairs)
+    processed = torch.full_like(pairs, batch.tokens.shape[0] * batch.sequence_length)
+    real = batch.real_tokens.to(pairs)
     return {
         "batch/tokens": torch.stack([processed, pairs]),
         "batch/real_tokens": torch.stack([real, pairs]),
@@ -151,23 +148,23 @@ def forward_step(context: StepContext, data_iterator: Iterator, model):
     return output, partial(loss_func, context, batch, output_layer=output_layer_for(model, context))
 
 
-def run_schedule(model: list, batches: list[dict], forward_step_func, forward_only: bool):
+def run_schedule(model: list, batches: list[MicroBatch], forward_step_func, forward_only: bool):
     """One pass of Megatron's schedule (no pipelining / 1F1B / interleaved by the layout) over
     ``batches``; returns the loss reports of the last pipeline stage (``[]`` elsewhere).
 
     ``seq_length`` is the whole sequence: Megatron sizes the pipeline's p2p buffers
     ``[S/CP (/TP with sequence parallel), 2B, h]`` itself (``schedules.get_tensor_shapes``),
-    while each CP rank's batches hold ``[2B, S/CP]`` tokens.
+    while each CP rank's batches hold ``[2B, S/CP]`` tokens (``MicroBatch.sequence_length``).
     """
     iterators = [iter(batches) for _ in model]
-    tokens = batches[0]["tokens"]
+    first = batches[0]
     return get_forward_backward_func()(
         forward_step_func=forward_step_func,
         data_iterator=iterators if len(model) > 1 else iterators[0],
         model=model,
         num_microbatches=len(batches),
-        seq_length=full_sequence_length(tokens, model[0].config.context_parallel_size),
-        micro_batch_size=tokens.shape[0],
+        seq_length=first.sequence_length,
+        micro_batch_size=first.tokens.shape[0],
         forward_only=forward_only,
     )
 
@@ -195,7 +192,7 @@ def train_step(
     policy: list,
     optimizer,
     scheduler,
-    batches: list[dict],
+    batches: list[MicroBatch],
     context: StepContext,
     global_batch_size: int,
     nan_policy: str = "stop",
@@ -214,7 +211,7 @@ def train_step(
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     reports = run_schedule(policy, batches, partial(forward_step, context), forward_only=False)
-    metrics = reduce_reports(reports, context.groups.dp)
+    metrics = reduce_reports(reports, context.parallel.dp)
     finite, stop = _agree(reports, stop_requested)
     if not finite:
         if nan_policy == "stop":
@@ -226,12 +223,12 @@ def train_step(
     return StepResult(metrics, grad_norm, skipped=False, stop=stop)
 
 
-def evaluate(policy: list, batches: list[dict], context: StepContext) -> dict:
+def evaluate(policy: list, batches: list[MicroBatch], context: StepContext) -> dict:
     """Forward-only loss metrics of held-out micro-batches, reduced over DP (last stage)."""
-    return reduce_reports(eval_reports(policy, batches, context), context.groups.dp)
+    return reduce_reports(eval_reports(policy, batches, context), context.parallel.dp)
 
 
-def eval_reports(policy: list, batches: list[dict], context: StepContext) -> list[dict]:
+def eval_reports(policy: list, batches: list[MicroBatch], context: StepContext) -> list[dict]:
     """The loss reports of a forward-only pass over ``batches`` (last stage; else ``[]``),
     not yet reduced: the micro-batches of one evaluation batch may come in several calls."""
     for chunk in policy:

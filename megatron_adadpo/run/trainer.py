@@ -1,49 +1,43 @@
 """The run: its pieces (data, policy, reference, DDP, optimizer, schedule) and its loop.
 
-``Trainer(config)`` claims the run directory (``run/lock.py``), decides where the run starts
-(``run/run_dir.py``: fresh, resumed from ``checkpoints/latest``, or already finished), checks a
-resumed run against its checkpoint (``run/resume.py``) and builds everything inside an
-initialised process group; ``Trainer.train()`` runs the steps (micro-batches -> reference
-log-probs -> Megatron schedule forward / backward -> optimizer -> metrics -> eval -> checkpoint)
-and saves at the end. SIGTERM (Slurm preemption) stops within a bounded time, saves and exits 0
-(``run/preemption.py``: a step completes; an evaluation is abandoned, and the resumed run does
-it first). A re-launched finished run says so and touches nothing. The module-level builders
-are shared with ``run/precompute.py``.
+``open_run(config)`` opens the run (``run/opening.py``: the parallel value, the claimed run
+directory, the data, where the run starts) and returns a ``FinishedRun`` when nothing is left,
+else a ``Trainer``, which checks a resumed run against its checkpoint (``run/resume.py``) and
+builds everything inside an initialised process group. ``Trainer.train()`` runs the steps
+(micro-batches -> reference log-probs -> Megatron schedule forward / backward -> optimizer ->
+metrics -> eval -> checkpoint) and saves at the end. SIGTERM (Slurm preemption) stops within a
+bounded time, saves and exits 0 (``run/preemption.py``: a step completes; an evaluation is
+abandoned, and the resumed run does it first). A re-launched finished run says so and touches
+nothing (``FinishedRun``). The module-level builders are shared with ``run/precompute.py``.
 """
 
 from __future__ import annotations
 
 import time
-
-import torch.distributed as dist
+from pathlib import Path
 
 from megatron_adadpo.config import Config, ConfigError
 from megatron_adadpo.model.build import build_model
 from megatron_adadpo.model.initialization import init_layout_invariant
 from megatron_adadpo.planner.throughput import step_model_flops
-from megatron_adadpo.platform.distributed import init_model_parallel, is_logging_rank
 from megatron_adadpo.platform.hardware import peak_flops_per_device
 from megatron_adadpo.platform.megatron_optimizer import force_param_sync
+from megatron_adadpo.platform.parallel import Parallel
 from megatron_adadpo.run import checkpoints, resume
-from megatron_adadpo.run import run_dir as run_files
-from megatron_adadpo.run.batches import step_batches
+from megatron_adadpo.run.batches import StepBatches, step_batches
 from megatron_adadpo.run.consistency import (
     check_precomputed_loss,
     check_reference_model,
     recorded_reference_model,
 )
-from megatron_adadpo.run.datasets import load_dataset
 from megatron_adadpo.run.evaluation import Evaluator
-from megatron_adadpo.run.lock import claim_run_dir
-from megatron_adadpo.run.metrics import (
-    MetricsLogger,
-    reduce_metrics,
-    step_values,
-    wandb_settings,
-)
+from megatron_adadpo.run.lock import RunDirLock
+from megatron_adadpo.run.metrics import MetricsLogger, reduce_metrics, step_values, wandb_settings
+from megatron_adadpo.run.opening import FinishedRun, OpenedRun, open_run_dir
 from megatron_adadpo.run.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from megatron_adadpo.run.preemption import Preemption
 from megatron_adadpo.run.reference import PrecomputedReference, ResidentReference
+from megatron_adadpo.run.resume import RunState
 from megatron_adadpo.run.step import StepContext, train_step
 
 
@@ -96,73 +90,73 @@ def build_references(config: Config, policy_chunks: list, context: StepContext, 
     return None, None
 
 
-def total_steps(config: Config, dataset) -> int:
-    """``train.train_iters``, or ``train.epochs`` over the dataset's whole global batches;
-    refuses a dataset that does not fill one global batch (no step could be taken)."""
-    pairs, batch = len(dataset), config.train.global_batch_size
-    if pairs < batch:
-        raise ConfigError(
-            f"{pairs} pairs do not fill one global batch of {batch} (train.global_batch_size): "
-            "lower train.global_batch_size or add data"
-        )
-    if config.train.train_iters is not None:
-        return config.train.train_iters
-    return config.train.epochs * (len(dataset) // config.train.global_batch_size)
+def open_run(config: Config) -> Trainer | FinishedRun:
+    """The run of ``config``: a ``Trainer`` for the steps left, or the ``FinishedRun`` (its
+    latest checkpoint at or past the last step, no evaluation pending)."""
+    opened = open_run_dir(config)
+    if opened.start.finished:
+        return FinishedRun(config, opened)
+    return Trainer(config, opened)
 
 
 class Trainer:
-    """One training run inside an initialised default process group."""
+    """A run with steps (or a pending evaluation) left, inside an initialised default process
+    group. Every attribute is set by the constructor; the run state is ``state``."""
 
-    def __init__(self, config: Config):
-        self.config = config
-        train = config.train
-        self.groups = init_model_parallel(
-            config.execution, seed=train.seed, timeout_minutes=train.distributed_timeout_minutes
-        )
-        self.dp_rank = dist.get_rank(self.groups.dp)
-        self.dp_size = dist.get_world_size(self.groups.dp)
-        run_dir = config.logging.run_dir
-        run_files.check_writable(run_dir)  # before anything is built or trained
-        self.lock = claim_run_dir(run_dir)
+    config: Config
+    parallel: Parallel  # degrees, process groups, this rank's coordinates (built once)
+    lock: RunDirLock | None  # the claimed run directory (None once released)
+    resume_from: Path | None  # the checkpoint this launch continues (None: fresh)
+    total_steps: int
+    eval_pending_at_end: bool  # SIGTERM landed in the last step's evaluation: do it, save again
+    dataset: object  # the training pairs
+    state: RunState  # step, consumed pairs, ...: saved with every checkpoint
+    batches: StepBatches
+    context: StepContext
+    reference: ResidentReference | PrecomputedReference | None
+    policy: list  # the DDP-wrapped model chunks
+    optimizer: object  # Megatron's optimizer
+    scheduler: object  # Megatron's OptimizerParamScheduler
+    evaluator: Evaluator | None
+    preempted: bool  # train() stopped on SIGTERM (and saved)
+
+    def __init__(self, config: Config, opened: OpenedRun | None = None):
+        """``opened``: ``open_run_dir(config)``'s (opened here when None). A finished run has
+        no trainer: ``open_run`` returns its ``FinishedRun``."""
+        opened = opened or open_run_dir(config)
+        self.config, self.parallel, self.lock = config, opened.parallel, opened.lock
+        self.preempted = False
         try:
-            self._prepare(config)
+            if opened.start.finished:
+                raise ConfigError(
+                    f"{config.logging.run_dir} is finished (latest checkpoint "
+                    f"{opened.start.resume_from.name}): open it with run.trainer.open_run, "
+                    "which reports it, or raise train.train_iters / train.epochs"
+                )
+            self._prepare(opened)
         except BaseException:
             self.close()
             raise
 
-    def _prepare(self, config: Config) -> None:
-        """Everything but the lock: where to start, data, model, optimizer, resumed state."""
-        self.resume_from = run_files.resume_point(config.logging.run_dir, config.checkpoint.resume)
-        if dist.get_rank() == 0:
-            print(f"[megatron_adadpo] resolved config:\n{config.to_yaml()}", flush=True)
-            for notice in config.notices:
-                print(f"[megatron_adadpo] notice: {notice}", flush=True)
-        self.dataset = load_dataset(config)
-        eval_set = load_dataset(config, eval_split=True) if config.eval.interval else None
-        self.total_steps = total_steps(config, self.dataset)
-        start = run_files.step_of(self.resume_from.name) if self.resume_from else 0
-        saved, saved_schedule = None, None
-        if self.resume_from is not None:
-            saved, saved_schedule = checkpoints.read_saved_state(self.resume_from, config.model)
-        pending = bool(saved and saved.get("eval_pending") and config.eval.interval)
-        # SIGTERM landed in the last step's evaluation: do it, and save again
-        self.eval_pending_at_end = pending and start >= self.total_steps
-        self.finished = start >= self.total_steps and not self.eval_pending_at_end
-        if self.finished:
-            return
-        self.state = saved or resume.initial_state(config, self.dataset.identity)
+    def _prepare(self, opened: OpenedRun) -> None:
+        """Data order, model, reference, optimizer and the resumed state."""
+        config, start = self.config, opened.start
+        self.dataset, self.resume_from = opened.dataset, start.resume_from
+        self.total_steps, self.eval_pending_at_end = start.total_steps, start.eval_pending_at_end
+        identity = self.dataset.identity
+        saved = start.saved
+        fresh = saved is None
+        self.state = RunState.fresh(config, identity) if fresh else RunState.resumed(saved, config)
         self.batches = step_batches(
-            config, self.dataset, self._dp(), self.state["consumed_samples"], cp=self._cp()
+            config, self.dataset, self.parallel, self.state.consumed_samples
         )
         if saved is not None:
             per_epoch = self.batches.sampler.samples_per_epoch
-            resume.check_run_state(
-                saved, config, self.dataset.identity, per_epoch, self.resume_from
-            )
-        self.context = StepContext.from_config(config, self.groups)
+            resume.check_run_state(saved, config, identity, per_epoch, self.resume_from)
+        self.context = StepContext.from_config(config, self.parallel)
         chunks = build_policy(config)
         self.reference, eval_reference = build_references(
-            config, chunks, self.context, (self.dataset, eval_set)
+            config, chunks, self.context, (self.dataset, opened.eval_set)
         )
         self.policy = wrap_ddp(chunks, config.optimizer)
         self.optimizer = build_optimizer(self.policy, config.optimizer, config.execution.bf16)
@@ -174,32 +168,24 @@ class Trainer:
             override=config.checkpoint.override_scheduler,
         )
         if saved is not None:
-            self._resume(saved_schedule)
+            self._resume(start.saved_schedule)
         self.evaluator = None
-        if eval_set is not None:
+        if opened.eval_set is not None:
             self.evaluator = Evaluator(
-                config, self.policy, eval_reference, eval_set, self.context, self._dp(), self._cp()
+                config, self.policy, eval_reference, opened.eval_set, self.context
             )
-
-    def _dp(self) -> tuple[int, int]:
-        return self.dp_rank, self.dp_size
-
-    def _cp(self) -> tuple[int, int]:
-        return dist.get_rank(self.groups.cp), dist.get_world_size(self.groups.cp)
 
     def _resume(self, saved_schedule: dict) -> None:
         """Load the checked checkpoint (model, optimizer, RNG) and its schedule."""
         where, config = self.resume_from, self.config
         if not config.checkpoint.override_scheduler:
             resume.check_schedule(
-                saved_schedule, self.scheduler.state_dict(), where, self.state["step"], config
+                saved_schedule, self.scheduler.state_dict(), where, self.state.step, config
             )
         checkpoints.load_training(where, self.policy, self.optimizer, self._synced_reference())
         self.scheduler.load_state_dict(saved_schedule)
-        self.state.update(seed=config.train.seed, optimizer_layout=resume.optimizer_layout(config))
-        if dist.get_rank() == 0:
-            step = self.state["step"]
-            print(f"[megatron_adadpo] resumed from {where} at step {step}", flush=True)
+        if self.parallel.rank == 0:
+            print(f"[megatron_adadpo] resumed from {where} at step {self.state.step}", flush=True)
 
     def close(self) -> None:
         """Release the run directory (idempotent)."""
@@ -210,11 +196,11 @@ class Trainer:
     def save(self) -> None:
         checkpoints.save_training(
             self.config.logging.run_dir,
-            self.state["step"],
+            self.state.step,
             self.policy,
             self.optimizer,
             self.scheduler,
-            self.state,
+            self.state.to_dict(),
             self.config.model,
             self.config.to_yaml(),
             reference=self._synced_reference(),
@@ -230,31 +216,16 @@ class Trainer:
         shards; overlapped parameter gathers are forced first (the distributed optimizer's
         updated shards reach the model's parameters in the next forward otherwise)."""
         every = self.config.reference.sync_steps
-        if every and self.state["step"] % every == 0:
+        if every and self.state.step % every == 0:
             force_param_sync(self.policy, self.optimizer)
             self.reference.sync(self.policy, self.config.reference.mixup_alpha)
-
-    preempted = False  # train() stopped on SIGTERM (and saved)
 
     def train(self) -> None:
         """Run the remaining steps; save at the configured interval, on SIGTERM and at the end."""
         try:
-            if self.finished:
-                self._report_finished()
-            else:
-                self._train()
+            self._train()
         finally:
             self.close()
-
-    def _report_finished(self) -> None:
-        if dist.get_rank() == 0:
-            print(
-                f"[megatron_adadpo] {self.config.logging.run_dir} is finished: its latest "
-                f"checkpoint {self.resume_from.name} is at or past the last step "
-                f"({self.total_steps}); nothing to train, no file changed (to train further, "
-                "raise train.train_iters or train.epochs with checkpoint.override_scheduler=true)",
-                flush=True,
-            )
 
     def _train(self) -> None:
         with Preemption() as preemption:  # run/preemption.py: where the run may stop
@@ -263,30 +234,31 @@ class Trainer:
             logger.close()
 
     def _logger(self) -> MetricsLogger:
-        config, active = self.config, is_logging_rank()
+        config, active = self.config, self.parallel.is_logging_rank
         return MetricsLogger(
             config.logging.run_dir,
             self.total_steps,
             config.logging.tensorboard,
             config.logging.progress,
             active=active,
-            start_step=self.state["step"],
+            start_step=self.state.step,
             wandb=wandb_settings(config.logging, config.to_dict()) if active else None,
         )
 
     def _loop(self, logger: MetricsLogger, preemption: Preemption) -> bool:
         """The remaining steps, their saves and the final save; True when SIGTERM stopped it."""
         config, state = self.config, self.state
-        pending = state.pop("eval_pending", False) and self.evaluator is not None
+        pending = state.eval_pending and self.evaluator is not None
+        state.eval_pending = False
         stopped = pending and not self._evaluate(logger, preemption)
-        if stopped and dist.get_rank() == 0:  # the checkpoint still says: evaluate first
-            print(f"[megatron_adadpo] SIGTERM: step {state['step']} is saved, exiting")
-        while state["step"] < self.total_steps and not stopped:
+        if stopped and self.parallel.rank == 0:  # the checkpoint still says: evaluate first
+            print(f"[megatron_adadpo] SIGTERM: step {state.step} is saved, exiting")
+        while state.step < self.total_steps and not stopped:
             stopped = self._step(logger, preemption)
             interval = config.checkpoint.save_interval
             if stopped:
                 self.save()
-            elif interval and state["step"] % interval == 0 and state["step"] < self.total_steps:
+            elif interval and state.step % interval == 0 and state.step < self.total_steps:
                 self.save()
                 stopped = preemption.agreed()  # SIGTERM during the save: it is saved
             if stopped:
@@ -296,10 +268,10 @@ class Trainer:
         return stopped
 
     def _report_stop(self) -> None:
-        if dist.get_rank() == 0:
+        if self.parallel.rank == 0:
             pending = " (its evaluation pending: the resumed run does it first)"
-            pending = pending if self.state.get("eval_pending") else ""
-            print(f"[megatron_adadpo] SIGTERM: saved step {self.state['step']}{pending}, exiting")
+            pending = pending if self.state.eval_pending else ""
+            print(f"[megatron_adadpo] SIGTERM: saved step {self.state.step}{pending}, exiting")
 
     def _step(self, logger: MetricsLogger, preemption: Preemption) -> bool:
         """One optimizer step with its logging and evaluation; True when a rank asked to stop
@@ -317,19 +289,19 @@ class Trainer:
             self.context,
             config.train.global_batch_size,
             nan_policy=config.train.nan_policy,
-            step=state["step"] + 1,
+            step=state.step + 1,
             stop_requested=preemption,  # read after this step's forward / backward
         )
-        state["step"] += 1
-        state["consumed_samples"] += config.train.global_batch_size
+        state.step += 1
+        state.consumed_samples += config.train.global_batch_size
         self._sync_reference()
         logger.advance()
-        if state["step"] % config.logging.log_interval == 0 or state["step"] == self.total_steps:
+        if state.step % config.logging.log_interval == 0 or state.step == self.total_steps:
             values = self._throughput(result, time.monotonic() - start)
-            logger.log(state["step"], values)
-        evaluate = self.evaluator is not None and state["step"] % config.eval.interval == 0
+            logger.log(state.step, values)
+        evaluate = self.evaluator is not None and state.step % config.eval.interval == 0
         if evaluate and (result.stop or not self._evaluate(logger, preemption)):
-            state["eval_pending"] = True  # saved with the checkpoint
+            state.eval_pending = True  # saved with the checkpoint
             return True
         return result.stop
 
@@ -342,7 +314,7 @@ class Trainer:
             values = reduce_metrics(eval_metrics)
             for throughput_only in ("batch/tokens", "batch/real_tokens"):
                 values.pop(throughput_only, None)
-            logger.log(self.state["step"], values, prefix="eval")
+            logger.log(self.state.step, values, prefix="eval")
         return True
 
     def _throughput(self, result, elapsed: float) -> dict:
@@ -359,7 +331,7 @@ class Trainer:
             elapsed,
             config.train.global_batch_size,
             float(flops),
-            peak * dist.get_world_size(),
+            peak * self.parallel.world_size,
         )
         values["skipped"] = float(result.skipped)
         return values

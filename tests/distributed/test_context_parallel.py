@@ -23,11 +23,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
 from megatron_adadpo.config import from_dict, read_yaml
 from megatron_adadpo.layout import ExecutionConfig
-from megatron_adadpo.run.context_parallel import split_for_context_parallel, zigzag_positions
+from megatron_adadpo.run.context_parallel import zigzag_positions
+from megatron_adadpo.run.microbatch import MicroBatch
 from tests.launcher import run_ranks
 
 pytestmark = pytest.mark.distributed
@@ -37,16 +37,20 @@ VOCAB, HIDDEN, MAX_POS = 48, 16, 64
 PAD = 8  # every layout below pads to 8 (CP4's multiple), so token counts compare exactly
 
 
-def _batch(rows: int = 4, seq: int = 16) -> dict:
+PER_TOKEN = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+def _batch(rows: int = 4, seq: int = 16) -> MicroBatch:
     g = torch.Generator().manual_seed(5)
-    return {
-        "tokens": torch.randint(0, VOCAB, (rows, seq), generator=g),
-        "labels": torch.randint(0, VOCAB, (rows, seq), generator=g),
-        "loss_mask": (torch.rand(rows, seq, generator=g) > 0.4).float(),
-        "position_ids": torch.arange(seq).expand(rows, seq).clone(),
-        "pair_ids": torch.tensor([3, 8]),
-        "reference_logps": torch.randn(rows, generator=g),
-    }
+    return MicroBatch(
+        tokens=torch.randint(0, VOCAB, (rows, seq), generator=g),
+        labels=torch.randint(0, VOCAB, (rows, seq), generator=g),
+        loss_mask=(torch.rand(rows, seq, generator=g) > 0.4).float(),
+        position_ids=torch.arange(seq).expand(rows, seq).clone(),
+        pair_ids=torch.tensor([3, 8]),
+        real_tokens=torch.tensor(rows * seq),
+        reference_logps=torch.randn(rows, generator=g),
+    )
 
 
 def _megatron_split(rank, world):
@@ -55,14 +59,14 @@ def _megatron_split(rank, world):
     from megatron_adadpo.platform.distributed import init_model_parallel
     from megatron_adadpo.platform.megatron import get_batch_on_this_cp_rank
 
-    groups = init_model_parallel(ExecutionConfig(cp=world))
+    parallel = init_model_parallel(ExecutionConfig(cp=world))
     batch = _batch()
-    per_token = {k: batch[k].clone() for k in ("tokens", "labels", "loss_mask", "position_ids")}
-    megatron = get_batch_on_this_cp_rank(per_token, groups.cp)
+    per_token = {k: getattr(batch, k).clone() for k in PER_TOKEN}
+    megatron = get_batch_on_this_cp_rank(per_token, parallel.cp)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # RoPE indexes on the GPU
-    positions = torch.arange(batch["tokens"].shape[1], dtype=torch.float32, device=device)
-    rope_positions = get_pos_emb_on_this_cp_rank(positions, 0, groups.cp).cpu()
-    ours = split_for_context_parallel(batch, dist.get_rank(groups.cp), world)
+    positions = torch.arange(batch.tokens.shape[1], dtype=torch.float32, device=device)
+    rope_positions = get_pos_emb_on_this_cp_rank(positions, 0, parallel.cp).cpu()
+    ours = batch.on_cp_rank(parallel.cp_rank, parallel.cp_size)
     return megatron, rope_positions, ours
 
 
@@ -72,13 +76,15 @@ def test_split_equals_megatron_get_batch_on_this_cp_rank(cp):
     shares = run_ranks(_megatron_split, cp)
     for rank, (megatron, rope_positions, ours) in enumerate(shares):
         for key, value in megatron.items():
-            assert torch.equal(ours[key], value), (rank, key)
-            assert ours[key].shape == (4, 16 // cp)
-        assert torch.equal(ours["position_ids"][0].float(), rope_positions)  # what RoPE uses
-        assert torch.equal(ours["pair_ids"], full["pair_ids"])  # per pair: whole
-        assert torch.equal(ours["reference_logps"], full["reference_logps"])
-    order = torch.cat([ours["tokens"] for _, _, ours in shares], dim=1)  # every token once
-    assert sorted(order[0].tolist()) == sorted(full["tokens"][0].tolist())
+            assert torch.equal(getattr(ours, key), value), (rank, key)
+            assert getattr(ours, key).shape == (4, 16 // cp)
+        assert torch.equal(ours.position_ids[0].float(), rope_positions)  # what RoPE uses
+        assert torch.equal(ours.pair_ids, full.pair_ids)  # per pair: whole
+        assert torch.equal(ours.reference_logps, full.reference_logps)
+        assert torch.equal(ours.real_tokens, full.real_tokens)
+        assert ours.sequence_length == 16  # the whole S, for Megatron's p2p buffers
+    order = torch.cat([ours.tokens for _, _, ours in shares], dim=1)  # every token once
+    assert sorted(order[0].tolist()) == sorted(full.tokens[0].tolist())
 
 
 def test_zigzag_positions_and_bad_lengths():
@@ -87,7 +93,7 @@ def test_zigzag_positions_and_bad_lengths():
     with pytest.raises(ValueError, match="not divisible by 2\\*CP = 4"):
         zigzag_positions(10, 0, 2)
     batch = _batch()
-    assert split_for_context_parallel(batch, 0, 1) is batch
+    assert batch.on_cp_rank(0, 1) is batch
 
 
 def _stand_in_model(config, seed: int):
@@ -163,20 +169,19 @@ def _train_rank(rank, world, cp, steps, extra=()):
     sets += ["train.global_batch_size=8", "train.micro_batch_size=2", "optimizer.lr=0.05"]
     sets += ["optimizer.warmup_fraction=0.0", "optimizer.decay_style=constant", *extra]
     config = from_dict(read_yaml(QUICKSTART, sets))
-    groups = init_model_parallel(config.execution, seed=1)
+    parallel = init_model_parallel(config.execution, seed=1)
     tconfig = transformer_config(config.model, config.execution)
     policy = wrap_ddp([_stand_in_model(tconfig, seed=3)], config.optimizer)
     optimizer = build_optimizer(policy, config.optimizer, bf16=False)
     scheduler = build_scheduler(optimizer, config.optimizer, steps, 8)
-    context = StepContext(config.loss, VOCAB, groups)
+    context = StepContext(config.loss, VOCAB, parallel)
     reference = ResidentReference([_stand_in_model(tconfig, seed=0)], policy, context)
-    dp = dist.get_rank(groups.dp), dist.get_world_size(groups.dp)
-    batches = step_batches(config, Pairs(), dp, 0, cp=(dist.get_rank(groups.cp), cp))
+    batches = step_batches(config, Pairs(), parallel, 0)
     batches.policy = dataclasses.replace(batches.policy, pad_multiple=PAD)
     history = []
     for _ in range(steps):
         micro = batches.next_step()
-        assert all(b["tokens"].shape[1] * cp % PAD == 0 for b in micro)
+        assert all(b.tokens.shape[1] * cp % PAD == 0 for b in micro)
         reference.attach(micro)
         result = train_step(policy, optimizer, scheduler, micro, context, 8)
         history.append((reduce_metrics(result.metrics), float(result.grad_norm)))
@@ -244,7 +249,7 @@ def test_pipeline_buffers_match_the_local_sequence(monkeypatch):
         hidden_size=hidden,
         variable_seq_lengths=False,
     )
-    local = split_for_context_parallel(_batch(rows, full_seq), 1, cp)
+    local = _batch(rows, full_seq).on_cp_rank(1, cp)
     step.run_schedule([SimpleNamespace(config=config)], [local], None, forward_only=True)
     shapes = get_tensor_shapes(
         seq_length=captured["seq_length"],
@@ -254,4 +259,4 @@ def test_pipeline_buffers_match_the_local_sequence(monkeypatch):
         tp_group=SimpleNamespace(size=lambda: tp),
         cp_group=SimpleNamespace(size=lambda: cp),
     )
-    assert list(shapes[0]) == [local["tokens"].shape[1] // tp, rows, hidden] == [8, 6, 32]
+    assert list(shapes[0]) == [local.tokens.shape[1] // tp, rows, hidden] == [8, 6, 32]

@@ -26,7 +26,8 @@ def _adadpo_through_gpt(rank, world, tp):
     mask[1, 17:] = 0.0
     position_ids = torch.arange(24).expand(4, 24)
     logits = model(tokens, position_ids, None)  # [b, s, v/tp]
-    logps = token_logprobs(logits.transpose(0, 1), labels)
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    logps = token_logprobs(logits.transpose(0, 1), labels, tp_group)
     sums, counts = sequence_logprobs(logps, mask)
     ref = sums.detach() + torch.tensor([0.3, -0.2, -0.5, 0.4])
     losses, _ = preference_loss(

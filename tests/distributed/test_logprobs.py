@@ -32,17 +32,17 @@ def _inputs():
 
 
 def _tp_rank(rank, world, tp):
-    parallel.init_model_parallel(ExecutionConfig(tp=tp))
+    tp_group = parallel.init_model_parallel(ExecutionConfig(tp=tp)).tp
     logits, labels, mask, weights = _inputs()
     shard = logits.float().chunk(tp, dim=-1)[parallel_state.get_tensor_model_parallel_rank()]
     shard = shard.clone().requires_grad_(True)
     before = shard.detach().clone()
-    logps = token_logprobs(shard, labels)
+    logps = token_logprobs(shard, labels, tp_group)
     sums, counts = sequence_logprobs(logps, mask)
     (sums * weights.sum(1).float()).sum().backward()
     # per-token values and gradient through a weighted per-token objective
     shard2 = shard.detach().clone().requires_grad_(True)
-    (token_logprobs(shard2, labels) * weights.float() * mask).sum().backward()
+    (token_logprobs(shard2, labels, tp_group) * weights.float() * mask).sum().backward()
     unchanged = torch.equal(shard.detach(), before)
     return logps.detach(), sums.detach(), counts, shard2.grad, shard.grad, unchanged
 
@@ -79,9 +79,9 @@ def test_tp_matches_full_vocab_fp64(tp):
 
 
 def _masked_rank(rank, world):
-    parallel.init_model_parallel(ExecutionConfig())
+    tp_group = parallel.init_model_parallel(ExecutionConfig()).tp
     logits, labels, mask, _ = _inputs()
-    logps = token_logprobs(logits.float(), labels)
+    logps = token_logprobs(logits.float(), labels, tp_group)
     poisoned = logps.clone()
     poisoned[mask == 0] = float("nan")
     sums, counts = sequence_logprobs(poisoned, mask)
@@ -99,7 +99,7 @@ def test_masked_positions_contribute_exactly_zero():
 
 def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match=r"\[s, b, v/tp\]"):
-        token_logprobs(torch.zeros(4, 2, 8), torch.zeros(4, 2, dtype=torch.long))
+        token_logprobs(torch.zeros(4, 2, 8), torch.zeros(4, 2, dtype=torch.long), None)
 
 
 def _cp_rank(rank, world, cp):
@@ -134,12 +134,12 @@ def test_context_parallel_sums_and_gradients_match_cp1():
 
 
 def _padded_rank(rank, world, vocab_size):
-    parallel.init_model_parallel(ExecutionConfig(tp=world))
+    tp_group = parallel.init_model_parallel(ExecutionConfig(tp=world)).tp
     logits, labels, mask, _ = _inputs()
     labels = labels.clamp(max=vocab_size - 1)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     shard = logits.float().chunk(world, dim=-1)[tp_rank].clone().requires_grad_(True)
-    logps = token_logprobs(shard, labels, vocab_size=vocab_size)
+    logps = token_logprobs(shard, labels, tp_group, vocab_size=vocab_size)
     (logps * mask).sum().backward()
     return logps.detach(), shard.grad
 
@@ -162,16 +162,17 @@ def test_vocab_padding_rows_leave_the_softmax(tp):
 
 
 def _mean_logit_rank(rank, world, vocab_size, chunk):
-    parallel.init_model_parallel(ExecutionConfig(tp=world))
+    tp_group = parallel.init_model_parallel(ExecutionConfig(tp=world)).tp
     logits, _, mask, _ = _inputs()
     logits[..., vocab_size:] = 1e4  # Megatron's TP padding columns: must not count
     shard = logits.float().chunk(world, dim=-1)[parallel_state.get_tensor_model_parallel_rank()]
-    whole = shard_logit_sums(shard, vocab_size)  # [s, b], no communication
+    whole = shard_logit_sums(shard, vocab_size, tp_group)  # [s, b], no communication
     logprobs_module._UPCAST_ELEMENTS = 7  # fp32 upcast one token at a time (forked rank only)
     # a chunked output layer: the same per-token sums, one [c, b, v/tp] slice at a time
-    chunks = torch.cat([shard_logit_sums(c, vocab_size) for c in shard.split(chunk)], dim=0)
-    sums, counts = sequence_mean_logits(whole.t(), mask, vocab_size)
-    chunked_sums, _ = sequence_mean_logits(chunks.t(), mask, vocab_size)
+    chunks = [shard_logit_sums(c, vocab_size, tp_group) for c in shard.split(chunk)]
+    chunks = torch.cat(chunks, dim=0)
+    sums, counts = sequence_mean_logits(whole.t(), mask, vocab_size, tp_group)
+    chunked_sums, _ = sequence_mean_logits(chunks.t(), mask, vocab_size, tp_group)
     return sums, counts, chunked_sums
 
 

@@ -40,12 +40,12 @@ def reference_gradients(rank: int, world: int, argv: list[str]) -> dict:
     model = unwrap_model(trainer.policy[0])
     params = global_param_names(model)
     batches = trainer.batches.next_step()
-    tokens = sum(b["loss_mask"][0::2].sum() for b in batches)
+    tokens = sum(b.loss_mask[0::2].sum() for b in batches)
     total = 0.0
     for b in batches:
-        logits = model(b["tokens"], b["position_ids"], None).double()  # [2B, S, V]
-        logp = torch.log_softmax(logits, -1).gather(-1, b["labels"][..., None])[..., 0]
-        total = total - (logp * b["loss_mask"])[0::2].sum()
+        logits = model(b.tokens, b.position_ids, None).double()  # [2B, S, V]
+        logp = torch.log_softmax(logits, -1).gather(-1, b.labels[..., None])[..., 0]
+        total = total - (logp * b.loss_mask)[0::2].sum()
     grads = torch.autograd.grad(total / tokens, list(params.values()))
     return dict(zip(params, grads, strict=True))
 

@@ -149,11 +149,11 @@ def first_step(rank: int, world: int, argv: list[str]) -> dict | None:
     if trainer.reference is not None:
         trainer.reference.attach(batches)
     reports = run_schedule(trainer.policy, batches, partial(forward_step, trainer.context), False)
-    metrics = reduce_reports(reports, trainer.groups.dp)
+    metrics = reduce_reports(reports, trainer.parallel.dp)
     local = {
         "losses": [r["losses"] for r in reports],
         "metrics": {k: v.double() for k, v in metrics.items()},
-        "reference_logps": [b.get("reference_logps") for b in batches] if reports else [],
+        "reference_logps": [b.reference_logps for b in batches] if reports else [],
     }
     grads = _gather_full_grads(trainer.policy, config.model.vocab_size)
     gathered = [None] * dist.get_world_size()
@@ -202,11 +202,11 @@ def train_capturing_step_one(rank: int, world: int, argv: list[str]) -> dict:
     return captured
 
 
-def _layout(batch: dict) -> tuple:
-    segments = batch.get("segment_ids")
+def _layout(batch) -> tuple:
+    segments = batch.segment_ids
     return (
-        batch["pair_ids"].tolist(),
-        batch["tokens"].shape[0],
+        batch.pair_ids.tolist(),
+        batch.tokens.shape[0],
         None if segments is None else segments.cpu(),
     )
 

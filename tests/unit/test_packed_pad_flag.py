@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-import megatron_adadpo.run.packing as run_packing
+import megatron_adadpo.run.microbatch as microbatch
 from megatron_adadpo.config import _packed_pad_flag_errors
 from megatron_adadpo.data.packing import collate_packed
 from megatron_adadpo.layout import ExecutionConfig
@@ -31,6 +31,7 @@ from megatron_adadpo.platform.megatron import (
     PACKED_SEQ_TAKES_PAD_FLAG,
     PackedSeqParams,
 )
+from megatron_adadpo.run.microbatch import MicroBatch
 
 
 def _pair(chosen: int, rejected: int, pair_id: int = 0) -> dict:
@@ -80,7 +81,7 @@ def test_the_seam_knows_which_megatron_core_takes_the_flag():
 def test_thd_params_pass_the_packings_flag(case):
     pairs, row_multiple, segment_multiple, padded = CASES[case]
     batch = collate_packed(pairs, 0, row_multiple, segment_multiple)
-    params = run_packing.thd_params(batch)
+    params = microbatch.thd_params(MicroBatch.from_collated(batch, "thd").packed)
     assert params.pad_between_seqs is padded
     assert torch.equal(params.cu_seqlens_q, batch["cu_seqlens"])
     assert torch.equal(params.cu_seqlens_q_padded, batch["cu_seqlens_padded"])
@@ -90,11 +91,11 @@ def test_without_the_field_the_tail_is_a_sequence_of_its_own(monkeypatch):
     """The 0.16.1 branch (also run on 0.19.2, where PackedSeqParams takes the same call): at
     CP = 1 no sequence is padded after it, so TE's inferred False is the truth, and every row
     of the buffer lies in a sequence (the last boundary is the row's length)."""
-    monkeypatch.setattr(run_packing, "PACKED_SEQ_TAKES_PAD_FLAG", False)
+    monkeypatch.setattr(microbatch, "PACKED_SEQ_TAKES_PAD_FLAG", False)
     for case in ("no_padding", "only_the_row_tail"):
         pairs, row_multiple, segment_multiple, _ = CASES[case]
         batch = collate_packed(pairs, 0, row_multiple, segment_multiple)
-        params = run_packing.thd_params(batch)
+        params = microbatch.thd_params(MicroBatch.from_collated(batch, "thd").packed)
         assert torch.equal(params.cu_seqlens_q, params.cu_seqlens_q_padded)
         assert torch.equal(params.cu_seqlens_kv, params.cu_seqlens_kv_padded)
         assert int(params.cu_seqlens_q_padded[-1]) == batch["tokens"].shape[-1]

@@ -16,7 +16,8 @@ from megatron_adadpo.data import collate_pairs
 from megatron_adadpo.data.packing import block_causal_mask, collate_packed
 from megatron_adadpo.logprobs import sequence_logprobs
 from megatron_adadpo.model.config import RopeScaling
-from megatron_adadpo.run.context_parallel import split_for_context_parallel, thd_partition_index
+from megatron_adadpo.run.context_parallel import thd_partition_index
+from megatron_adadpo.run.microbatch import MicroBatch
 from tests.launcher import run_ranks
 
 
@@ -70,16 +71,17 @@ def test_thd_parameters_follow_the_segment_boundaries_and_te_padding_rules(cp, t
     layout's pad multiple (sequence parallelism scatters ``T / CP`` over TP); ``max_seqlen`` sizes
     the rotary table (``get_rotary_seq_len``) so it must cover the longest padded sequence.
     On a megatron-core that cannot pass ``pad_between_seqs`` (0.16.1) a padded row tail at
-    CP = 1 is a sequence of its own (``run/packing.thd_params``; ``test_packed_pad_flag.py``)."""
+    CP = 1 is a sequence of its own (``run/microbatch.thd_params``; ``test_packed_pad_flag.py``)."""
     from megatron_adadpo.layout import pad_multiple
     from megatron_adadpo.platform.megatron import PACKED_SEQ_TAKES_PAD_FLAG
-    from megatron_adadpo.run.packing import thd_params
 
     rng = np.random.default_rng(cp * 10 + tp_sp)
     examples = [_pair(*rng.integers(1, 40, 3), pair_id=i, rng=rng) for i in range(5)]
     multiple = pad_multiple(tp_sp, cp, tp_sp > 1)
     batch = collate_packed(examples, 0, multiple, segment_multiple=2 * cp if cp > 1 else 1)
-    params = thd_params(batch)
+    inputs = MicroBatch.from_collated(batch, "thd").attention_inputs()
+    params = inputs["packed_seq_params"]
+    assert inputs["attention_mask"] is None
     real = [len(e[k]) for e in examples for k in ("chosen_ids", "rejected_ids")]
     segments = batch["segment_ids"][0]
     assert params.qkv_format == "thd"
@@ -127,9 +129,10 @@ def test_thd_context_parallel_split_is_megatrons_split_per_sequence():
     expected = run_ranks(_megatron_cp_split, 4, cu_padded)
     for rank in range(4):
         assert torch.equal(thd_partition_index(batch["cu_seqlens_padded"], 4, rank), expected[rank])
-        shard = split_for_context_parallel(batch, rank, 4)
-        assert torch.equal(shard["tokens"][0], batch["tokens"][0, expected[rank]])
-        assert torch.equal(shard["cu_seqlens"], batch["cu_seqlens"])  # boundaries stay global
+        shard = MicroBatch.from_collated(batch, "thd").on_cp_rank(rank, 4)
+        assert torch.equal(shard.tokens[0], batch["tokens"][0, expected[rank]])
+        assert torch.equal(shard.segment_ids[0], batch["segment_ids"][0, expected[rank]])
+        assert torch.equal(shard.packed.cu_seqlens, batch["cu_seqlens"])  # stay global
     with pytest.raises(ValueError, match="not a multiple of 2 x CP = 8"):
         thd_partition_index(torch.tensor([0, 4, 12]), 4, 0)
 
@@ -178,7 +181,8 @@ def _packed_vs_unpacked(rank, world, filler: int):
     examples = [_pair(filler, 3, 2, 0, rng)] + [
         _pair(*rng.integers(3, 30, 3), pair_id=i, rng=rng) for i in range(1, 4)
     ]
-    packed, unpacked = collate_packed(examples, 0), collate_pairs(examples, 0)
+    packed = MicroBatch.from_collated(collate_packed(examples, 0), "mask")
+    unpacked = MicroBatch.from_collated(collate_pairs(examples, 0))
     with torch.no_grad():
         out = {
             "packed": sequence_sums(policy_forward(models[True], packed, context), packed, context),
@@ -186,7 +190,7 @@ def _packed_vs_unpacked(rank, world, filler: int):
                 policy_forward(models[False], unpacked, context), unpacked, context
             ),
             "unmasked": sequence_sums(  # one causal sequence across the whole row
-                models[True](packed["tokens"], packed["position_ids"], None), packed, context
+                models[True](packed.tokens, packed.position_ids, None), packed, context
             ),
         }
     out["mask_types"] = {

@@ -1,0 +1,138 @@
+"""Opening a run: its process groups, its run directory, its data and where it starts.
+
+``open_run_dir(config)`` builds the parallel value once, claims the run directory
+(``run/lock.py``), loads the data and decides where the launch starts (``run/run_dir.py``:
+fresh, resumed from ``checkpoints/latest``, or already finished). Nothing is built on the
+accelerator yet: a finished run (its latest checkpoint at or past the last step) becomes a
+``FinishedRun``, which says so and touches nothing; any other becomes a ``Trainer``
+(``run/trainer.py`` ``open_run``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from megatron_adadpo.config import Config, ConfigError
+from megatron_adadpo.platform.distributed import init_model_parallel
+from megatron_adadpo.platform.parallel import Parallel
+from megatron_adadpo.run import checkpoints
+from megatron_adadpo.run import run_dir as run_files
+from megatron_adadpo.run.datasets import load_dataset
+from megatron_adadpo.run.lock import RunDirLock, claim_run_dir
+
+
+def total_steps(config: Config, dataset) -> int:
+    """``train.train_iters``, or ``train.epochs`` over the dataset's whole global batches;
+    refuses a dataset that does not fill one global batch (no step could be taken)."""
+    pairs, batch = len(dataset), config.train.global_batch_size
+    if pairs < batch:
+        raise ConfigError(
+            f"{pairs} pairs do not fill one global batch of {batch} (train.global_batch_size): "
+            "lower train.global_batch_size or add data"
+        )
+    if config.train.train_iters is not None:
+        return config.train.train_iters
+    return config.train.epochs * (len(dataset) // config.train.global_batch_size)
+
+
+@dataclass(frozen=True)
+class StartPoint:
+    """Where a launch starts: step 0, or the checkpoint ``resume_from`` (its run state and
+    schedule read, not yet checked against the config)."""
+
+    resume_from: Path | None
+    saved: dict | None  # the checkpoint's run state (``RunState.to_dict``)
+    saved_schedule: dict | None  # the checkpoint's scheduler state
+    total_steps: int
+    evaluates: bool  # the run evaluates (``eval.interval``)
+
+    @property
+    def step(self) -> int:
+        return run_files.step_of(self.resume_from.name) if self.resume_from else 0
+
+    @property
+    def eval_pending_at_end(self) -> bool:
+        """SIGTERM landed in the last step's evaluation: do it, and save again."""
+        pending = bool(self.saved and self.saved.get("eval_pending") and self.evaluates)
+        return pending and self.step >= self.total_steps
+
+    @property
+    def finished(self) -> bool:
+        """Nothing is left to do: no step, no pending evaluation."""
+        return self.step >= self.total_steps and not self.eval_pending_at_end
+
+
+@dataclass
+class OpenedRun:
+    """A claimed run directory with its parallel value, data and start."""
+
+    parallel: Parallel
+    lock: RunDirLock | None
+    dataset: object  # the training pairs
+    eval_set: object | None  # the held-out pairs (None without eval.interval)
+    start: StartPoint
+
+    def close(self) -> None:
+        """Release the run directory (idempotent)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
+def open_run_dir(config: Config) -> OpenedRun:
+    """Build the parallel value, claim the run directory, load the data and find the start."""
+    train = config.train
+    parallel = init_model_parallel(
+        config.execution, seed=train.seed, timeout_minutes=train.distributed_timeout_minutes
+    )
+    run_dir = config.logging.run_dir
+    run_files.check_writable(run_dir)  # before anything is built or trained
+    opened = OpenedRun(parallel, claim_run_dir(run_dir), None, None, None)
+    try:
+        resume_from = run_files.resume_point(run_dir, config.checkpoint.resume)
+        if parallel.rank == 0:
+            print(f"[megatron_adadpo] resolved config:\n{config.to_yaml()}", flush=True)
+            for notice in config.notices:
+                print(f"[megatron_adadpo] notice: {notice}", flush=True)
+        opened.dataset = load_dataset(config)
+        if config.eval.interval:
+            opened.eval_set = load_dataset(config, eval_split=True)
+        steps = total_steps(config, opened.dataset)
+        saved, saved_schedule = None, None
+        if resume_from is not None:
+            saved, saved_schedule = checkpoints.read_saved_state(resume_from, config.model)
+        evaluates = bool(config.eval.interval)
+        opened.start = StartPoint(resume_from, saved, saved_schedule, steps, evaluates)
+    except BaseException:
+        opened.close()
+        raise
+    return opened
+
+
+class FinishedRun:
+    """A launch of a run whose latest checkpoint is at or past its last step: ``train()``
+    says so and changes no file."""
+
+    preempted = False  # as ``Trainer.preempted``: nothing ran, nothing was stopped
+
+    def __init__(self, config: Config, opened: OpenedRun):
+        self.config, self.opened = config, opened
+
+    def train(self) -> None:
+        try:
+            if self.opened.parallel.rank == 0:
+                start = self.opened.start
+                print(
+                    f"[megatron_adadpo] {self.config.logging.run_dir} is finished: its latest "
+                    f"checkpoint {start.resume_from.name} is at or past the last step "
+                    f"({start.total_steps}); nothing to train, no file changed (to train "
+                    "further, raise train.train_iters or train.epochs with "
+                    "checkpoint.override_scheduler=true)",
+                    flush=True,
+                )
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.opened.close()
