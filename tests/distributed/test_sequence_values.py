@@ -18,7 +18,7 @@ from megatron_adadpo.data.packing import collate_packed
 from megatron_adadpo.layout import ExecutionConfig
 from megatron_adadpo.losses import LossConfig
 from megatron_adadpo.platform import distributed as parallel
-from megatron_adadpo.run.context_parallel import split_for_context_parallel
+from megatron_adadpo.run.microbatch import MicroBatch
 from megatron_adadpo.run.sequences import (
     logit_metrics,
     sequence_values,
@@ -89,14 +89,15 @@ def _reference():
 def _rank(rank, world, tp, cp, packed, chunk, sequence_parallel):
     groups = parallel.init_model_parallel(
         ExecutionConfig(tp=tp, cp=cp, sequence_parallel=sequence_parallel)
-    )
+    )  # the Parallel value
     embedding, weight, upstream = _weights()
     examples = _examples()
     whole = collate_packed(examples, 0, 1, 2 * cp) if packed else collate_pairs(examples, 0, 8)
-    batch = split_for_context_parallel(whole, dist.get_rank(groups.cp), cp)
-    tp_rank = dist.get_rank(groups.tp)
+    batch = MicroBatch.from_collated(whole, "mask" if packed else None)
+    batch = batch.on_cp_rank(groups.cp_rank, cp)
+    tp_rank = groups.tp_rank
     w = weight.float().chunk(tp, 0)[tp_rank].clone().requires_grad_()
-    hidden = embedding.float()[batch["tokens"]].transpose(0, 1)  # [s, b, h]
+    hidden = embedding.float()[batch.tokens].transpose(0, 1)  # [s, b, h]
     if chunk:
         if sequence_parallel:
             hidden = hidden.chunk(tp, 0)[tp_rank]
@@ -105,7 +106,7 @@ def _rank(rank, world, tp, cp, packed, chunk, sequence_parallel):
         output, layer = torch.einsum("sbh,vh->bsv", hidden, w), None
     loss = LossConfig(name="dpo", ld_alpha=ALPHA, use_weighting=True)
     context = SimpleNamespace(
-        loss=loss, vocab_size=VOCAB, groups=groups, logprob_chunk_tokens=chunk, token_metrics=True
+        loss=loss, vocab_size=VOCAB, parallel=groups, logprob_chunk_tokens=chunk, token_metrics=True
     )
     values = sequence_values(output, batch, context, layer, step_stats(context))
     (values.sums * upstream.float()).sum().backward()
@@ -172,8 +173,8 @@ def _loss_func_rank(rank, world):
 
     groups = parallel.init_model_parallel(ExecutionConfig())
     embedding, weight, _ = _weights()
-    batch = collate_pairs(_examples(), 0, 8)
-    logits = embedding.float()[batch["tokens"]] @ weight.float().t()  # [b, s, v]
+    batch = MicroBatch.from_collated(collate_pairs(_examples(), 0, 8))
+    logits = embedding.float()[batch.tokens] @ weight.float().t()  # [b, s, v]
     loss = LossConfig(name="cpo", ld_alpha=ALPHA, use_weighting=True)
     context = step.StepContext(loss, VOCAB, groups)
     seen = {}

@@ -16,7 +16,7 @@ import torch
 
 from megatron_adadpo.data import collate_pairs
 from megatron_adadpo.data.packing import collate_packed
-from megatron_adadpo.platform.megatron import PackedSeqParams
+from megatron_adadpo.platform.megatron import PACKED_SEQ_TAKES_PAD_FLAG, PackedSeqParams
 from megatron_adadpo.run.microbatch import MicroBatch
 
 PER_TOKEN = ("tokens", "labels", "loss_mask", "position_ids")
@@ -127,7 +127,12 @@ def test_attention_inputs_unpacked_mask_and_thd():
     assert thd["attention_mask"] is None
     params = thd["packed_seq_params"]
     assert isinstance(params, PackedSeqParams) and params.qkv_format == "thd"
+    real, padded = rows["cu_seqlens"], rows["cu_seqlens_padded"]
+    if not PACKED_SEQ_TAKES_PAD_FLAG and rows["tail_tokens"]:  # 0.16.1: the tail is a sequence
+        total = rows["tokens"].shape[1]
+        real = torch.cat([real, real[-1:] + rows["tail_tokens"]])
+        padded = torch.cat([padded[:-1], padded[-1:] - rows["tail_tokens"], padded.new([total])])
     for side in ("q", "kv"):
-        assert torch.equal(getattr(params, f"cu_seqlens_{side}"), rows["cu_seqlens"])
-        assert torch.equal(getattr(params, f"cu_seqlens_{side}_padded"), rows["cu_seqlens_padded"])
+        assert torch.equal(getattr(params, f"cu_seqlens_{side}"), real)
+        assert torch.equal(getattr(params, f"cu_seqlens_{side}_padded"), padded)
         assert getattr(params, f"max_seqlen_{side}") == rows["max_seqlen"]

@@ -11,7 +11,7 @@ import pytest
 
 from megatron_adadpo.config import from_dict, read_yaml
 from megatron_adadpo.run.opening import StartPoint
-from megatron_adadpo.run.resume import RunState, optimizer_layout
+from megatron_adadpo.run.resume import RunState, optimizer_layout, reference_source
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "examples/configs/quickstart.yaml"
 
@@ -29,6 +29,8 @@ def test_fresh_state_is_the_checkpoint_entry_of_step_zero():
         "dataset_identity": "abc",
         "seed": 7,
         "optimizer_layout": optimizer_layout(config),
+        "reference_sync": None,  # TR-DPO off
+        "reference_source": reference_source(config),
     }
 
 

@@ -45,7 +45,7 @@ def test_use_weighting_must_be_a_bool():
 
 
 def _stats(*overrides):
-    return step_stats(StepContext.from_config(cfg(*overrides), groups=None))
+    return step_stats(StepContext.from_config(cfg(*overrides), parallel=None))
 
 
 def test_token_metrics_switch_and_wpo_choose_the_statistics():
