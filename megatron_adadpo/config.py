@@ -17,11 +17,11 @@ from pathlib import Path
 import yaml
 
 from megatron_adadpo.config_text import ConfigError, coerce, read_yaml
-from megatron_adadpo.data.batching import budget_errors, packing_errors
 from megatron_adadpo.data.config import DataConfig
-from megatron_adadpo.layout import ExecutionConfig, layout_errors
+from megatron_adadpo.layout import ExecutionConfig
 from megatron_adadpo.losses.config import LossConfig
 from megatron_adadpo.model.config import ModelConfig
+from megatron_adadpo.resolve.resolver import raise_errors, run_errors
 
 
 @dataclass(frozen=True)
@@ -174,7 +174,7 @@ def from_dict(values: dict) -> Config:
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a YAML file, apply ``--set`` overrides, validate (the environment too).
+    """Read a YAML file, apply ``--set`` overrides, validate (on this machine too).
 
     ``path=None``: overrides only.
     """
@@ -184,98 +184,52 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
 
 def validate(config: Config) -> None:
-    """Cross-field checks: everything that would otherwise fail after allocation."""
+    """The field checks of each section and the run's rules that need neither a machine nor a
+    world size (``resolve.run_errors``): one ``ConfigError`` naming every reason."""
     if config.data is None:
         raise ConfigError("config section 'data' is required (inputs, tokenizer, max_length)")
-    train = config.train
-    errors = packing_errors(config.data, config.execution)  # names data.batching, not CP
-    errors += layout_errors(
-        config.model,
-        config.execution,
-        micro_batch_size=train.micro_batch_size,
-        global_batch_size=train.global_batch_size,
-        batching=config.data.batching,
-    )
-    errors += budget_errors(config.data, config.execution)  # padded for a valid layout
-    if errors:
-        raise ConfigError(errors[0])
+    errors = []
     for check in (_check_ranges, _check_train, _check_reference, _check_optimizer, _check_logging):
-        check(config)
-    _check_rejected_optional(config)
+        errors += check(config)
+    errors += _check_rejected_optional(config)
+    raise_errors(errors + run_errors(config))
 
 
 CHOSEN_ONLY_LOSSES = ("sft",)  # train on the chosen answers: their rows need no rejected one
 
 
-def _check_rejected_optional(config: Config) -> None:
+def _check_rejected_optional(config: Config) -> list[str]:
     if config.data.rejected_optional and config.loss.name not in CHOSEN_ONLY_LOSSES:
-        raise ConfigError(
+        return [
             f"data.rejected_optional=true (rows without a rejected answer) is for loss.name=sft; "
             f"loss.name={config.loss.name} needs every row's rejected answer: remove it"
-        )
-
-
-def check_world_size(config: Config, world_size: int) -> None:
-    """Refuse a world size the layout and batch sizes cannot use (see ``layout_errors``)."""
-    errors = layout_errors(
-        config.model,
-        config.execution,
-        micro_batch_size=config.train.micro_batch_size,
-        global_batch_size=config.train.global_batch_size,
-        world_size=world_size,
-        batching=config.data.batching,
-    )
-    if errors:
-        raise ConfigError(errors[0])
+        ]
+    return []
 
 
 def check_environment(config: Config) -> None:
-    """Refuse what this machine cannot run (Transformer Engine / CUDA needs, optional packages
-    the config asks for) and files that disagree with the config (``train.init_checkpoint``'s
-    model and tokenizer); no allocation. The planner, which plans for another machine, skips
-    it."""
-    from megatron_adadpo.platform.environment import attention_impl, environment_errors
+    """Refuse what this machine cannot run (the run's rules on ``probe_machine()``, optional
+    packages the config asks for) and files that disagree with the config
+    (``train.init_checkpoint``'s model and tokenizer); no allocation. The planner, which plans
+    for another machine, runs the rules on the machine it describes instead."""
+    import importlib.util
+
+    from megatron_adadpo.platform.machine import probe_machine
     from megatron_adadpo.run.consistency import check_init_checkpoint
 
     check_init_checkpoint(config)
-    errors = environment_errors(config.execution)
-    if config.data.batching == "packed":
-        errors[:0] = _packed_attention_errors(config.execution, attention_impl(config.execution))
-    if errors:
-        raise ConfigError(errors[0])
-    import importlib.util
-
+    errors = run_errors(config, machine=probe_machine())
     if config.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise ConfigError(
+        errors.append(
             "logging.tensorboard: true needs the tensorboard package (pip install "
             "tensorboard), or set logging.tensorboard: false (metrics.jsonl is always written)"
         )
     if config.logging.wandb_project and importlib.util.find_spec("wandb") is None:
-        raise ConfigError(
+        errors.append(
             f"logging.wandb_project={config.logging.wandb_project!r} needs the wandb package "
             "(pip install wandb), or unset logging.wandb_project (metrics.jsonl is always written)"
         )
-
-
-def _packed_attention_errors(execution: ExecutionConfig, attention: str) -> list[str]:
-    """``data.batching: packed`` on the resolved ``attention``: context parallelism needs
-    Transformer Engine's THD attention, and that attention needs bf16 (Transformer Engine <=
-    2.10 has no fp32 backend for the THD format: neither FlashAttention nor cuDNN's fused
-    attention takes fp32, and its unfused attention takes no THD)."""
-    if attention != "transformer_engine":
-        if execution.cp > 1:
-            return [
-                "data.batching=packed with execution.cp > 1 needs Transformer Engine's packed "
-                "(THD) attention, which this run does not use; use data.batching=token_budget"
-            ]
-        return []
-    if not execution.bf16:
-        return [
-            "data.batching=packed on Transformer Engine's attention runs the THD format, which "
-            "has no fp32 attention backend: set execution.bf16=true, or data.batching="
-            "token_budget"
-        ]
-    return []
+    raise_errors(errors)
 
 
 def _ranges(config: Config) -> dict:
@@ -305,81 +259,89 @@ def _ranges(config: Config) -> dict:
     }
 
 
-def _check_ranges(config: Config) -> None:
+def _check_ranges(config: Config) -> list[str]:
+    errors = []
     for name, (value, ok, rule) in _ranges(config).items():
         if not ok(value):
-            raise ConfigError(f"{name}={value!r} must be {rule}")
+            errors.append(f"{name}={value!r} must be {rule}")
     data, model = config.data, config.model
     if data.max_length > model.max_position_embeddings:
-        raise ConfigError(
+        errors.append(
             f"data.max_length={data.max_length} exceeds model.max_position_embeddings="
             f"{model.max_position_embeddings} (positions the model was built for); lower "
             "data.max_length"
         )
+    return errors
 
 
-def _check_train(config: Config) -> None:
+def _check_train(config: Config) -> list[str]:
+    errors = []
     train = config.train
     if train.nan_policy not in ("stop", "skip"):
-        raise ConfigError(f"train.nan_policy={train.nan_policy!r}; accepted: 'stop', 'skip'")
+        errors.append(f"train.nan_policy={train.nan_policy!r}; accepted: 'stop', 'skip'")
     if train.init_method not in ("megatron", "layout_invariant"):
-        raise ConfigError(
+        errors.append(
             f"train.init_method={train.init_method!r}; accepted: 'megatron', 'layout_invariant'"
         )
+    return errors
 
 
-def _check_reference(config: Config) -> None:
+def _check_reference(config: Config) -> list[str]:
+    errors = []
     reference, loss = config.reference, config.loss
     if reference.mode not in ("resident", "precomputed", "none"):
-        raise ConfigError(
+        errors.append(
             f"reference.mode={reference.mode!r}; accepted: 'resident', 'precomputed', 'none'"
         )
     if reference.mode == "precomputed" and not reference.path:
-        raise ConfigError(
+        errors.append(
             "reference.mode=precomputed needs reference.path (the output dir of "
             "tools/precompute_reference.py)"
         )
     if loss.needs_reference and reference.mode == "none":
-        raise ConfigError(
+        errors.append(
             f"loss.name={loss.name!r} needs reference log-probs; set "
             "reference.mode to 'resident' or 'precomputed'"
         )
     evaluation = config.eval
     if evaluation.interval and not evaluation.inputs:
-        raise ConfigError("eval.interval > 0 needs eval.inputs (held-out preference pairs)")
+        errors.append("eval.interval > 0 needs eval.inputs (held-out preference pairs)")
     if evaluation.interval and reference.mode == "precomputed" and loss.needs_reference:
         if not reference.eval_path:
-            raise ConfigError(
+            errors.append(
                 "evaluation with reference.mode=precomputed needs reference.eval_path "
                 "(tools/precompute_reference.py --eval --output DIR)"
             )
+    return errors
 
 
-def _check_logging(config: Config) -> None:
+def _check_logging(config: Config) -> list[str]:
+    errors = []
     mode = config.logging.wandb_mode
     if mode is not None and mode not in WANDB_MODES:
-        raise ConfigError(f"logging.wandb_mode={mode!r}; accepted: {list(WANDB_MODES)} or null")
+        errors.append(f"logging.wandb_mode={mode!r}; accepted: {list(WANDB_MODES)} or null")
+    return errors
 
 
-def _check_optimizer(config: Config) -> None:
+def _check_optimizer(config: Config) -> list[str]:
+    errors = []
     opt = config.optimizer
     if opt.decay_style not in ("cosine", "linear", "constant"):
-        raise ConfigError(
+        errors.append(
             f"optimizer.decay_style={opt.decay_style!r}; accepted: 'cosine', 'linear', 'constant'"
         )
     if not 0.0 <= opt.warmup_fraction < 1.0:
-        raise ConfigError("optimizer.warmup_fraction must be in [0, 1)")
+        errors.append("optimizer.warmup_fraction must be in [0, 1)")
     if opt.lr <= 0:
-        raise ConfigError(f"optimizer.lr={opt.lr} must be > 0")
+        errors.append(f"optimizer.lr={opt.lr} must be > 0")
     if not 0 <= opt.min_lr <= opt.lr:
-        raise ConfigError(f"optimizer.min_lr={opt.min_lr} must be in [0, optimizer.lr={opt.lr}]")
+        errors.append(f"optimizer.min_lr={opt.min_lr} must be in [0, optimizer.lr={opt.lr}]")
     if opt.overlap_param_gather and not opt.use_distributed_optimizer:
-        raise ConfigError(
-            "optimizer.overlap_param_gather needs optimizer.use_distributed_optimizer"
-        )
+        errors.append("optimizer.overlap_param_gather needs optimizer.use_distributed_optimizer")
     if opt.ddp_bucket_size is not None and not opt.overlap_grad_reduce:
-        raise ConfigError(
+        errors.append(
             "optimizer.ddp_bucket_size applies only with optimizer.overlap_grad_reduce: true "
             "(without it Megatron DDP keeps one bucket per model chunk); set "
             "optimizer.overlap_grad_reduce: true or unset optimizer.ddp_bucket_size"
         )
+    return errors

@@ -2,8 +2,9 @@
 
     torchrun --nproc-per-node N -m megatron_adadpo.train --config FILE.yaml [--set a.b=c ...]
 
-Parse -> validate the config (before any allocation) -> start the process group -> build the
-run (``megatron_adadpo.run.trainer.Trainer``) -> train. A config or data error prints one line
+Parse -> validate the config (before any allocation) -> start the process group -> resolve
+the run on this world and machine (``megatron_adadpo.resolve``, once) -> build it
+(``megatron_adadpo.run.trainer.Trainer``) -> train. A config or data error prints one line
 and exits with status 2.
 """
 
@@ -13,7 +14,7 @@ import argparse
 import sys
 
 from megatron_adadpo import cli
-from megatron_adadpo.config import check_world_size, load_config
+from megatron_adadpo.config import load_config
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,14 +25,16 @@ def main(argv: list[str] | None = None) -> None:
 
     from megatron_adadpo.platform import cpu
     from megatron_adadpo.platform.distributed import destroy, init_distributed
+    from megatron_adadpo.platform.machine import probe_machine
+    from megatron_adadpo.resolve import resolve
     from megatron_adadpo.run.trainer import Trainer
 
     args = parse_args(argv)
     config = load_config(args.config, args.set)  # every config check before any allocation
     cpu.activate()  # Megatron on a machine without CUDA; a no-op on GPU hosts
     init_distributed(config.train.distributed_timeout_minutes)
-    check_world_size(config, dist.get_world_size())
-    trainer = Trainer(config)
+    run = resolve(config, dist.get_world_size(), probe_machine())
+    trainer = Trainer(config, run)
     trainer.train()
     destroy()
     if trainer.preempted:  # saved on SIGTERM: leave inside the grace time (cli.leave_now)

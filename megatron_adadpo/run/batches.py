@@ -20,17 +20,12 @@ import torch
 
 from megatron_adadpo.config import Config
 from megatron_adadpo.data import PreferenceSampler, collate_pairs
-from megatron_adadpo.data.batching import BatchingPolicy, batching_policy, plan_global_batch
+from megatron_adadpo.data.batching import BatchingPolicy, plan_global_batch
 from megatron_adadpo.data.packing import collate_packed
+from megatron_adadpo.platform.machine import torch_device
+from megatron_adadpo.resolve import ResolvedRun
 from megatron_adadpo.run.context_parallel import split_for_context_parallel
-from megatron_adadpo.run.packing import packs_as_thd, thd_params
-
-
-def training_device() -> torch.device:
-    """The current CUDA device, or the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+from megatron_adadpo.run.packing import thd_params
 
 
 def row_lengths(dataset) -> np.ndarray:
@@ -55,12 +50,13 @@ class StepBatches:
         dp: tuple[int, int],
         cp: tuple[int, int] = (0, 1),
         thd: bool = False,
+        device: str | None = None,  # the resolved run's; None: this machine's
     ):
         self.dataset, self.policy = dataset, policy
         (self.dp_rank, self.dp_size), (self.cp_rank, self.cp_size) = dp, cp
         self.thd = thd  # packed rows go to Transformer Engine as PackedSeqParams
         self.lengths = row_lengths(dataset)
-        self.device = training_device()
+        self.device = torch_device(device)
         self.step_lengths = np.zeros((0, 2), dtype=np.int64)
         self.step_micro_batches = 0
         self.sampler = sampler
@@ -93,6 +89,7 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 def step_batches(
     config: Config,
+    run: ResolvedRun,
     dataset,
     dp: tuple[int, int],
     consumed_samples: int,
@@ -100,10 +97,11 @@ def step_batches(
     *,
     cp: tuple[int, int],
 ) -> StepBatches:
-    """Training order from ``consumed_samples`` on, for DP rank ``dp = (rank, size)`` and CP
-    rank ``cp = (rank, size)`` (required, so that no caller forgets the context-parallel split:
-    the same pairs, this rank's positions); ``drop_last=False`` visits every pair, completing
-    the last global batch by wrapping around (evaluation, reference precompute)."""
+    """Training order from ``consumed_samples`` on, batched as ``run`` resolved it, for DP rank
+    ``dp = (rank, size)`` and CP rank ``cp = (rank, size)`` (required, so that no caller forgets
+    the context-parallel split: the same pairs, this rank's positions); ``drop_last=False``
+    visits every pair, completing the last global batch by wrapping around (evaluation,
+    reference precompute)."""
     sampler = PreferenceSampler(
         num_pairs=len(dataset),
         global_batch_size=config.train.global_batch_size,
@@ -115,12 +113,5 @@ def step_batches(
         shuffle=True,
         drop_last=drop_last,
     )
-    data = config.data
-    policy = batching_policy(
-        data.batching,
-        data.max_tokens_per_micro_batch,
-        config.execution,
-        config.train.micro_batch_size,
-    )
-    thd = policy.mode == "packed" and packs_as_thd(config.execution)
-    return StepBatches(dataset, sampler, policy, dp, cp, thd)
+    thd = run.batching.packing == "thd"
+    return StepBatches(dataset, sampler, run.batching.policy, dp, cp, thd, run.device)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from megatron_adadpo.config import Config
 from megatron_adadpo.losses import accumulate_metrics
+from megatron_adadpo.resolve import ResolvedRun
 from megatron_adadpo.run.batches import step_batches
 from megatron_adadpo.run.step import StepContext, eval_reports, reduce_reports
 
@@ -24,6 +25,7 @@ class Evaluator:
     def __init__(
         self,
         config: Config,
+        run: ResolvedRun,
         policy: list,
         reference,
         dataset,
@@ -31,7 +33,7 @@ class Evaluator:
         dp: tuple[int, int],
         cp: tuple[int, int] = (0, 1),
     ):
-        self.config, self.policy, self.reference = config, policy, reference
+        self.config, self.run, self.policy, self.reference = config, run, policy, reference
         self.dataset, self.context = dataset, context
         self.dp, self.cp = dp, cp  # (rank, size)
         pairs = min(len(dataset), config.eval.max_pairs or len(dataset))
@@ -41,7 +43,9 @@ class Evaluator:
     def __call__(self, stop: Callable[[], bool] = lambda: False) -> dict | None:
         """``[sum, count]`` metric tensors over the evaluated pairs (last stage; else {}), or
         None when ``stop`` (a collective: every rank calls it equally often) said to stop."""
-        batches = step_batches(self.config, self.dataset, self.dp, 0, drop_last=False, cp=self.cp)
+        batches = step_batches(
+            self.config, self.run, self.dataset, self.dp, 0, drop_last=False, cp=self.cp
+        )
         metrics = []
         for _ in range(self.steps):
             micro = batches.next_step()

@@ -1,4 +1,5 @@
-"""How a packed row reaches Megatron's attention (``data/packing.py`` lays the row out).
+"""How a packed row reaches Megatron's attention (``data/packing.py`` lays the row out; the
+resolved run's ``batching.packing`` says which way: ``resolve/batching.packing_format``).
 
 - Transformer Engine: ``PackedSeqParams(qkv_format="thd")`` from the row's ``cu_seqlens`` /
   ``cu_seqlens_padded`` / ``max_seqlen`` (``thd_params``, attached once per micro-batch by
@@ -12,18 +13,7 @@
 from __future__ import annotations
 
 from megatron_adadpo.data.packing import block_causal_mask
-from megatron_adadpo.layout import ExecutionConfig
-from megatron_adadpo.platform.environment import attention_impl
 from megatron_adadpo.platform.megatron import PackedSeqParams
-
-
-def packs_as_thd(execution: ExecutionConfig) -> bool:
-    """Packed rows reach attention as THD ``PackedSeqParams`` exactly when the resolved core
-    attention is Transformer Engine's. Any other core attention gets the block-diagonal mask:
-    Megatron's own ``DotProductAttention`` (``execution.attention: megatron_local``) asserts
-    ``packed_seq_params is None`` (megatron-core 0.16.1 ``transformer/dot_product_attention.py``
-    line 153), and the SDPA attention takes a mask, also beside the TE layer spec."""
-    return attention_impl(execution) == "transformer_engine"
 
 
 def thd_params(batch: dict) -> PackedSeqParams:

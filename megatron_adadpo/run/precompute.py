@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from megatron_adadpo.config import Config, check_world_size, load_config
+from megatron_adadpo.config import Config, load_config
 from megatron_adadpo.platform import cpu
 from megatron_adadpo.platform.distributed import (
     destroy,
@@ -28,7 +28,9 @@ from megatron_adadpo.platform.distributed import (
     init_model_parallel,
     is_logging_rank,
 )
+from megatron_adadpo.platform.machine import probe_machine
 from megatron_adadpo.platform.megatron import parallel_state
+from megatron_adadpo.resolve import resolve
 from megatron_adadpo.run.batches import step_batches
 from megatron_adadpo.run.consistency import starting_model
 from megatron_adadpo.run.datasets import load_dataset
@@ -51,15 +53,15 @@ def main(argv: list[str] | None = None) -> None:
     config = load_config(args.config, [*args.set, "reference.mode=resident"])
     cpu.activate()  # Megatron on a machine without CUDA; a no-op on GPU hosts
     init_distributed(config.train.distributed_timeout_minutes)
-    check_world_size(config, dist.get_world_size())
+    run = resolve(config, dist.get_world_size(), probe_machine())
     timeout = config.train.distributed_timeout_minutes
     groups = init_model_parallel(config.execution, seed=config.train.seed, timeout_minutes=timeout)
     dataset = load_dataset(config, eval_split=args.eval)
-    model = freeze(build_policy(config))  # the reference is the initial policy
-    context = StepContext.from_config(config, groups)
+    model = freeze(build_policy(config, run))  # the reference is the initial policy
+    context = StepContext.from_config(config, run, groups)
     dp = dist.get_rank(groups.dp), dist.get_world_size(groups.dp)
     cp = dist.get_rank(groups.cp), dist.get_world_size(groups.cp)
-    batches = step_batches(config, dataset, dp, 0, drop_last=False, cp=cp)
+    batches = step_batches(config, run, dataset, dp, 0, drop_last=False, cp=cp)
     steps = math.ceil(len(dataset) / config.train.global_batch_size)
     ids, sums = [], []
     for _ in tqdm(range(steps), desc="reference log-probs", disable=not is_logging_rank()):

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from megatron_adadpo.config import Config, ConfigError
-from megatron_adadpo.platform.environment import uses_transformer_engine
+from megatron_adadpo.resolve import ResolvedRun
 
 # The config fields that set the run's length (Megatron counts it in samples: pairs).
 LENGTH_FIELDS = ("train.train_iters", "train.epochs", "train.global_batch_size")
@@ -32,7 +32,7 @@ SCHEDULE_FIELDS = {
 }
 
 
-def optimizer_layout(config: Config) -> dict:
+def optimizer_layout(config: Config, run: ResolvedRun) -> dict:
     """What the distributed optimizer's ``dp_reshardable`` state depends on: the model
     parallel layout, the gradient buckets (not the data-parallel size) and the resolved layer
     spec. The state is stored per gradient-buffer range in the buffer's parameter order
@@ -40,7 +40,7 @@ def optimizer_layout(config: Config) -> dict:
     942) and loaded back by position; the Transformer Engine spec holds other parameters in
     another order than the local spec (its ``linear_qkv`` / ``linear_fc1`` carry the fused
     layer norms), so ``transformer_impl: auto`` resolving differently on another machine would
-    load the moments into the wrong parameters."""
+    load the moments into the wrong parameters (``run.kernels.transformer_engine``)."""
     e, opt = config.execution, config.optimizer
     return {
         "distributed_optimizer": opt.use_distributed_optimizer,
@@ -49,7 +49,7 @@ def optimizer_layout(config: Config) -> dict:
         "vpp": e.vpp,
         "overlap_grad_reduce": opt.overlap_grad_reduce,
         "ddp_bucket_size": opt.ddp_bucket_size,
-        "layer_spec": "transformer_engine" if uses_transformer_engine(e) else "local",
+        "layer_spec": "transformer_engine" if run.kernels.transformer_engine else "local",
     }
 
 
@@ -64,19 +64,24 @@ _LAYOUT_FIELDS = {
 }
 
 
-def initial_state(config: Config, dataset_identity: str) -> dict:
+def initial_state(config: Config, run: ResolvedRun, dataset_identity: str) -> dict:
     """The run state of a fresh run (saved with every checkpoint as ``run``)."""
     return {
         "step": 0,
         "consumed_samples": 0,
         "dataset_identity": dataset_identity,
         "seed": config.train.seed,
-        "optimizer_layout": optimizer_layout(config),
+        "optimizer_layout": optimizer_layout(config, run),
     }
 
 
 def check_run_state(
-    saved: dict, config: Config, dataset_identity: str, samples_per_epoch: int, where: Path
+    saved: dict,
+    config: Config,
+    run: ResolvedRun,
+    dataset_identity: str,
+    samples_per_epoch: int,
+    where: Path,
 ) -> None:
     """Refuse to resume ``saved`` (a checkpoint's run state) with this config: other data or
     tokenisation, another seed in the middle of an epoch, or an optimizer layout the saved
@@ -94,7 +99,7 @@ def check_run_state(
             f"train.seed={config.train.seed} would re-order the rest of the epoch (pairs seen "
             f"twice or never): restore train.seed={seed} (a new seed is safe at an epoch boundary)"
         )
-    _check_optimizer_layout(saved.get("optimizer_layout"), optimizer_layout(config), where)
+    _check_optimizer_layout(saved.get("optimizer_layout"), optimizer_layout(config, run), where)
 
 
 def _check_optimizer_layout(saved: dict | None, current: dict, where: Path) -> None:

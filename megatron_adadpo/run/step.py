@@ -30,7 +30,6 @@ import torch
 import torch.distributed as dist
 
 from megatron_adadpo.chunked_logprobs import OutputLayer, chunked_token_logprobs, model_output_layer
-from megatron_adadpo.layout import logprob_chunk_tokens
 from megatron_adadpo.logprobs import (
     sequence_logprobs,
     sequence_mean_logits,
@@ -44,6 +43,7 @@ from megatron_adadpo.losses import (
     preference_loss,
     token_mean_metric,
 )
+from megatron_adadpo.platform.machine import torch_device
 from megatron_adadpo.platform.megatron import (
     ProcessGroupCollection,
     final_hidden_states,
@@ -64,10 +64,9 @@ class StepContext:
     logprob_chunk_tokens: int = 0  # > 0: chunked output layer + log-probs (chunked_logprobs)
 
     @classmethod
-    def from_config(cls, config, groups: ProcessGroupCollection) -> StepContext:
-        """The context of a run's ``Config`` (``execution.logprob_chunk_tokens`` resolved)."""
-        padded = config.model.padded_vocab_size(config.execution.tp)
-        chunk = logprob_chunk_tokens(config.execution, padded)
+    def from_config(cls, config, run, groups: ProcessGroupCollection) -> StepContext:
+        """The context of a run's ``Config`` and its ``ResolvedRun`` (the settled chunk)."""
+        chunk = run.step.logprob_chunk_tokens
         return cls(config.loss, config.model.vocab_size, groups, chunk)
 
 
@@ -302,9 +301,7 @@ def _agree(reports: list[dict], stop_requested) -> tuple[bool, bool]:
     all-reduce of ``[finite, not stop]``."""
     if callable(stop_requested):
         stop_requested = stop_requested()
-    flags = torch.tensor([1.0, 0.0 if stop_requested else 1.0])
-    if torch.cuda.is_available():
-        flags = flags.cuda()
+    flags = torch.tensor([1.0, 0.0 if stop_requested else 1.0], device=torch_device())
     for r in reports:
         flags[0] = flags[0] * torch.isfinite(r["losses"]).all()
     dist.all_reduce(flags, op=dist.ReduceOp.MIN)

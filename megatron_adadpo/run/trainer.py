@@ -24,6 +24,7 @@ from megatron_adadpo.model.initialization import init_layout_invariant
 from megatron_adadpo.planner.throughput import step_model_flops
 from megatron_adadpo.platform.distributed import init_model_parallel, is_logging_rank
 from megatron_adadpo.platform.hardware import peak_flops_per_device
+from megatron_adadpo.resolve import ResolvedRun
 from megatron_adadpo.run import checkpoints, resume
 from megatron_adadpo.run import run_dir as run_files
 from megatron_adadpo.run.batches import step_batches
@@ -38,15 +39,15 @@ from megatron_adadpo.run.reference import PrecomputedReference, ResidentReferenc
 from megatron_adadpo.run.step import StepContext, train_step
 
 
-def packed_sequences(config: Config) -> bool:
-    """The run feeds packed rows (``data.batching: packed``): the model's attention takes them
-    (``model/build.py``)."""
-    return config.data.batching == "packed"
+def build_run_model(config: Config, run: ResolvedRun) -> list:
+    """Model chunks of the resolved run (its kernels; packed rows when it packs them)."""
+    packed = run.batching.packing is not None
+    return build_model(config.model, config.execution, packed, run.kernels)
 
 
-def build_policy(config: Config) -> list:
+def build_policy(config: Config, run: ResolvedRun) -> list:
     """The policy's model chunks with their initial weights (checkpoint or initialisation)."""
-    chunks = build_model(config.model, config.execution, packed_sequences(config))
+    chunks = build_run_model(config, run)
     if config.train.init_checkpoint:
         checkpoints.load_model(chunks, config.train.init_checkpoint, config.model)
     elif config.train.init_method == "layout_invariant":
@@ -54,11 +55,13 @@ def build_policy(config: Config) -> list:
     return chunks
 
 
-def build_references(config: Config, policy_chunks: list, context: StepContext, datasets):
+def build_references(
+    config: Config, run: ResolvedRun, policy_chunks: list, context: StepContext, datasets
+):
     """(train reference, eval reference): resident model, precomputed values, or none."""
-    mode = config.reference_mode
+    mode = run.step.reference
     if mode == "resident":
-        chunks = build_model(config.model, config.execution, packed_sequences(config))
+        chunks = build_run_model(config, run)
         ref = ResidentReference(chunks, policy_chunks, context)
         return ref, ref
     if mode == "precomputed":
@@ -89,10 +92,11 @@ def total_steps(config: Config, dataset) -> int:
 
 
 class Trainer:
-    """One training run inside an initialised default process group."""
+    """One training run inside an initialised default process group, as ``run`` resolved it
+    (``resolve(config, world_size, machine)``, made once by the entry point)."""
 
-    def __init__(self, config: Config):
-        self.config = config
+    def __init__(self, config: Config, run: ResolvedRun):
+        self.config, self.run = config, run
         train = config.train
         self.groups = init_model_parallel(
             config.execution, seed=train.seed, timeout_minutes=train.distributed_timeout_minutes
@@ -128,19 +132,18 @@ class Trainer:
         self.finished = start >= self.total_steps and not self.eval_pending_at_end
         if self.finished:
             return
-        self.state = saved or resume.initial_state(config, self.dataset.identity)
-        self.batches = step_batches(
-            config, self.dataset, self._dp(), self.state["consumed_samples"], cp=self._cp()
-        )
+        run = self.run
+        self.state = saved or resume.initial_state(config, run, self.dataset.identity)
+        consumed = self.state["consumed_samples"]
+        self.batches = step_batches(config, run, self.dataset, self._dp(), consumed, cp=self._cp())
         if saved is not None:
             per_epoch = self.batches.sampler.samples_per_epoch
-            resume.check_run_state(
-                saved, config, self.dataset.identity, per_epoch, self.resume_from
-            )
-        self.context = StepContext.from_config(config, self.groups)
-        chunks = build_policy(config)
+            identity = self.dataset.identity
+            resume.check_run_state(saved, config, run, identity, per_epoch, self.resume_from)
+        self.context = StepContext.from_config(config, run, self.groups)
+        chunks = build_policy(config, run)
         self.reference, eval_reference = build_references(
-            config, chunks, self.context, (self.dataset, eval_set)
+            config, run, chunks, self.context, (self.dataset, eval_set)
         )
         self.policy = wrap_ddp(chunks, config.optimizer)
         self.optimizer = build_optimizer(self.policy, config.optimizer, config.execution.bf16)
@@ -156,7 +159,14 @@ class Trainer:
         self.evaluator = None
         if eval_set is not None:
             self.evaluator = Evaluator(
-                config, self.policy, eval_reference, eval_set, self.context, self._dp(), self._cp()
+                config,
+                run,
+                self.policy,
+                eval_reference,
+                eval_set,
+                self.context,
+                self._dp(),
+                self._cp(),
             )
 
     def _dp(self) -> tuple[int, int]:
@@ -174,7 +184,9 @@ class Trainer:
             )
         checkpoints.load_training(where, self.policy, self.optimizer)
         self.scheduler.load_state_dict(saved_schedule)
-        self.state.update(seed=config.train.seed, optimizer_layout=resume.optimizer_layout(config))
+        self.state.update(
+            seed=config.train.seed, optimizer_layout=resume.optimizer_layout(config, self.run)
+        )
         if dist.get_rank() == 0:
             step = self.state["step"]
             print(f"[megatron_adadpo] resumed from {where} at step {step}", flush=True)
@@ -310,7 +322,7 @@ class Trainer:
     def _throughput(self, result, elapsed: float) -> dict:
         config = self.config
         flops = step_model_flops(
-            config.model, config.execution.tp, self.batches.step_lengths, 1, config.reference_mode
+            config.model, config.execution.tp, self.batches.step_lengths, 1, self.run.step.reference
         ).sum()  # the real tokens' FLOPs, sequence by sequence: padding is not model work
         peak_tflops = config.logging.peak_tflops
         peak = peak_tflops * 1e12 if peak_tflops else peak_flops_per_device()
