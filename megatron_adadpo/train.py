@@ -2,9 +2,9 @@
 
     torchrun --nproc-per-node N -m megatron_adadpo.train --config FILE.yaml [--set a.b=c ...]
 
-Parse -> validate the config (before any allocation) -> start the process group -> resolve
-the run on this world and machine (``megatron_adadpo.resolve``, once) -> build it
-(``megatron_adadpo.run.trainer.Trainer``) -> train. A config or data error prints one line
+Parse -> validate the config (before any allocation) -> start the process group -> build the
+run (``megatron_adadpo.run.trainer.Trainer``: resolved once on this world size and machine,
+``megatron_adadpo.resolve``) -> train. A config or data error prints one line
 and exits with status 2.
 """
 
@@ -21,20 +21,15 @@ def main(argv: list[str] | None = None) -> None:
     # Torch and Megatron are imported here, not with the module: the checkpoint writer's
     # helper process (a ``multiprocessing`` spawn, started by the first save) re-imports this
     # module, and must start in a moment even when that save is the one SIGTERM asked for.
-    import torch.distributed as dist
-
     from megatron_adadpo.platform import cpu
     from megatron_adadpo.platform.distributed import destroy, init_distributed
-    from megatron_adadpo.platform.machine import probe_machine
-    from megatron_adadpo.resolve import resolve
     from megatron_adadpo.run.trainer import Trainer
 
     args = parse_args(argv)
     config = load_config(args.config, args.set)  # every config check before any allocation
     cpu.activate()  # Megatron on a machine without CUDA; a no-op on GPU hosts
     init_distributed(config.train.distributed_timeout_minutes)
-    run = resolve(config, dist.get_world_size(), probe_machine())
-    trainer = Trainer(config, run)
+    trainer = Trainer(config)  # resolves the run on this world size and machine, once
     trainer.train()
     destroy()
     if trainer.preempted:  # saved on SIGTERM: leave inside the grace time (cli.leave_now)

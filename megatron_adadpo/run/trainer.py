@@ -24,7 +24,8 @@ from megatron_adadpo.model.initialization import init_layout_invariant
 from megatron_adadpo.planner.throughput import step_model_flops
 from megatron_adadpo.platform.distributed import init_model_parallel, is_logging_rank
 from megatron_adadpo.platform.hardware import peak_flops_per_device
-from megatron_adadpo.resolve import ResolvedRun
+from megatron_adadpo.platform.machine import probe_machine
+from megatron_adadpo.resolve import ResolvedRun, resolve
 from megatron_adadpo.run import checkpoints, resume
 from megatron_adadpo.run import run_dir as run_files
 from megatron_adadpo.run.batches import step_batches
@@ -92,11 +93,13 @@ def total_steps(config: Config, dataset) -> int:
 
 
 class Trainer:
-    """One training run inside an initialised default process group, as ``run`` resolved it
-    (``resolve(config, world_size, machine)``, made once by the entry point)."""
+    """One training run inside an initialised default process group. The run is resolved
+    once, here (``resolve(config, world_size, machine)``): everything below reads ``self.run``.
+    """
 
-    def __init__(self, config: Config, run: ResolvedRun):
-        self.config, self.run = config, run
+    def __init__(self, config: Config):
+        self.config = config
+        self.run: ResolvedRun = resolve(config, dist.get_world_size(), probe_machine())
         train = config.train
         self.groups = init_model_parallel(
             config.execution, seed=train.seed, timeout_minutes=train.distributed_timeout_minutes
