@@ -53,10 +53,13 @@ class Kernels:
     fp8_rows_multiple: int = 1
 
 
-def uses_transformer_engine(execution: ExecutionConfig, machine: Machine | None) -> bool:
-    """``transformer_impl`` on ``machine``; without one, whether TE is possible at all."""
+def uses_transformer_engine(
+    execution: ExecutionConfig, machine: Machine | None, unknown: bool = False
+) -> bool:
+    """``transformer_impl`` on ``machine``; without one, ``auto`` is ``unknown`` (True: could
+    be TE, False: surely TE)."""
     if execution.transformer_impl == "auto":
-        return machine is None or (machine.has_cuda and machine.has_te)
+        return unknown if machine is None else machine.has_cuda and machine.has_te
     return execution.transformer_impl == "transformer_engine"
 
 
@@ -98,10 +101,12 @@ def resolve_kernels(execution: ExecutionConfig, machine: Machine) -> Kernels:
 
 def kernel_errors(execution: ExecutionConfig, machine: Machine | None, batching: str) -> list:
     """Every kernel rule ``execution`` breaks on ``machine`` (None: rules of the config alone),
-    under ``data.batching``; each names the field and the fix."""
-    te = uses_transformer_engine(execution, machine)
-    attention = attention_impl(execution, te)
-    errors = _context_parallel_errors(execution, attention, machine, batching)
+    under ``data.batching``; each names the field and the fix. Without a machine a rule
+    refuses only what no machine could run."""
+    could_be_te = uses_transformer_engine(execution, machine, unknown=True)
+    errors = _context_parallel_errors(execution, attention_impl(execution, could_be_te), batching)
+    surely_te = uses_transformer_engine(execution, machine, unknown=False)
+    attention = attention_impl(execution, surely_te)
     if batching == "packed" and attention == "transformer_engine" and not execution.bf16:
         errors.append(
             "data.batching=packed on Transformer Engine's attention runs the THD format, which "
@@ -111,7 +116,7 @@ def kernel_errors(execution: ExecutionConfig, machine: Machine | None, batching:
     return errors + (_machine_errors(execution, machine) if machine is not None else [])
 
 
-def _context_parallel_errors(execution, attention: str, machine, batching: str) -> list:
+def _context_parallel_errors(execution, attention: str, batching: str) -> list[str]:
     """The rule: context parallelism (and packed rows under it: TE's THD format) needs
     Transformer Engine's attention (Megatron's local and SDPA attention take no CP)."""
     if execution.cp == 1 or attention == "transformer_engine":

@@ -154,6 +154,8 @@ def _train_rank(rank, world, cp, steps):
     from megatron_adadpo.losses import reduce_metrics
     from megatron_adadpo.model.build import transformer_config
     from megatron_adadpo.platform.distributed import init_model_parallel
+    from megatron_adadpo.platform.machine import probe_machine
+    from megatron_adadpo.resolve import Machine, resolve
     from megatron_adadpo.run.batches import step_batches
     from megatron_adadpo.run.optimizer import build_optimizer, build_scheduler, wrap_ddp
     from megatron_adadpo.run.reference import ResidentReference
@@ -171,7 +173,12 @@ def _train_rank(rank, world, cp, steps):
     context = StepContext(config.loss, VOCAB, groups)
     reference = ResidentReference([_stand_in_model(tconfig, seed=0)], policy, context)
     dp = dist.get_rank(groups.dp), dist.get_world_size(groups.dp)
-    batches = step_batches(config, Pairs(), dp, 0, cp=(dist.get_rank(groups.cp), cp))
+    # The stand-in model is this test's context-parallel attention: the run is resolved as on
+    # a machine with Transformer Engine, its tensors on this machine's device.
+    run = resolve(config, dist.get_world_size(), Machine(has_cuda=True, has_te=True))
+    here = dataclasses.replace(run.kernels, cuda=probe_machine().has_cuda)
+    run = dataclasses.replace(run, kernels=here)
+    batches = step_batches(config, run, Pairs(), dp, 0, cp=(dist.get_rank(groups.cp), cp))
     batches.policy = dataclasses.replace(batches.policy, pad_multiple=PAD)
     history = []
     for _ in range(steps):
