@@ -1,4 +1,5 @@
 """The platform room: ``megatron`` (the one Megatron-Core seam), ``distributed`` (process
 groups), ``cpu`` (Megatron on a machine without CUDA, switched on by entry points),
-``environment`` (CUDA / Transformer Engine checks), ``hardware`` (GPU facts, torch-free).
+``machine`` (the one probe of this machine: ``probe_machine``, ``torch_device``), ``environment``
+(Transformer Engine / extensions installed), ``hardware`` (GPU facts, torch-free).
 Import the modules directly."""
