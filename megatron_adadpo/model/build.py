@@ -135,16 +135,8 @@ def kernel_fusions(kernels: Kernels) -> dict:
     ``persist_layer_norm`` stays off (apex LayerNorm only; Llama uses RMSNorm) and
     ``cross_entropy_loss_fusion`` too (the plugin computes its own log-probs).
     """
-    f = kernels.fusions
-    return dict(
-        bias_activation_fusion=f.bias_activation,
-        bias_dropout_fusion=f.bias_dropout,
-        apply_rope_fusion=f.rope,
-        masked_softmax_fusion=f.masked_softmax,
-        gradient_accumulation_fusion=f.gradient_accumulation,
-        persist_layer_norm=False,
-        cross_entropy_loss_fusion=False,
-    )
+    fused = {f"{name}_fusion": on for name, on in dataclasses.asdict(kernels.fusions).items()}
+    return fused | dict(persist_layer_norm=False, cross_entropy_loss_fusion=False)
 
 
 def fp8_options(run: ExecutionConfig) -> dict:

@@ -24,6 +24,9 @@ from megatron_adadpo.model.config import ModelConfig
 from megatron_adadpo.platform.hardware import GpuSpec, gpu_spec
 from megatron_adadpo.resolve import Machine, RunRequest, run_errors
 
+_REQUEST_FIELDS = tuple(f.name for f in dataclasses.fields(RunRequest))
+_OWN = {"max_length": "seq_length"}  # RunRequest field -> the PlanInput field of that value
+
 
 class LayoutError(ValueError):
     """A layout that cannot run; the message says which field and why."""
@@ -90,17 +93,7 @@ class PlanInput:
 
     def request(self) -> RunRequest:
         """What the resolver reads of this run (``resolve.RunRequest``)."""
-        return RunRequest(
-            model=self.model,
-            execution=self.execution,
-            micro_batch_size=self.micro_batch_size,
-            global_batch_size=self.global_batch_size,
-            max_length=self.seq_length,
-            batching=self.batching,
-            max_tokens_per_micro_batch=self.max_tokens_per_micro_batch,
-            reference=self.reference,
-            loss=self.loss,
-        )
+        return RunRequest(**{f: getattr(self, _OWN.get(f, f)) for f in _REQUEST_FIELDS})
 
     @property
     def micro_batch_shape(self) -> tuple[float, float]:
@@ -131,19 +124,11 @@ def read_recipe(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
 
 def plan_input(config: Config) -> PlanInput:
-    """The ``PlanInput`` of a validated ``Config`` (see ``read_recipe``)."""
-    return PlanInput(
-        model=config.model,
-        execution=config.execution,
-        global_batch_size=config.train.global_batch_size,
-        micro_batch_size=config.train.micro_batch_size,
-        seq_length=config.data.max_length,
-        distributed_optimizer=config.optimizer.use_distributed_optimizer,
-        reference=config.reference_mode,
-        loss=config.loss.name,
-        batching=config.data.batching,
-        max_tokens_per_micro_batch=config.data.max_tokens_per_micro_batch,
-    )
+    """The ``PlanInput`` of a validated ``Config`` (see ``read_recipe``): the resolver's
+    request of it (``RunRequest.of_config``) and the optimizer's sharding."""
+    request = RunRequest.of_config(config)
+    given = {_OWN.get(f, f): getattr(request, f) for f in _REQUEST_FIELDS}
+    return PlanInput(**given, distributed_optimizer=config.optimizer.use_distributed_optimizer)
 
 
 def check_layout(p: PlanInput, cluster: Cluster) -> list[str]:

@@ -26,7 +26,7 @@ class Fusions:
 
     bias_activation: bool = False  # SwiGLU as one jit-fused op (saves only its input)
     bias_dropout: bool = False  # the fused residual bias-dropout-add
-    rope: bool = False  # Transformer Engine's fused RoPE (Megatron requires TE for it)
+    apply_rope: bool = False  # Transformer Engine's fused RoPE (Megatron requires TE for it)
     masked_softmax: bool = False  # the local spec's fused softmax (its extension built)
     gradient_accumulation: bool = False  # weight-grad GEMMs into main_grad (apex extension)
 
@@ -77,7 +77,7 @@ def fusions(execution: ExecutionConfig, machine: Machine, transformer_engine: bo
     return Fusions(
         bias_activation=fused,
         bias_dropout=fused,
-        rope=fused and transformer_engine,
+        apply_rope=fused and transformer_engine,
         masked_softmax=fused and machine.fused_softmax,
         gradient_accumulation=fused and machine.fused_weight_grad,
     )

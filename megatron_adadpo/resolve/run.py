@@ -9,6 +9,7 @@ planner describes one without data files).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import TYPE_CHECKING
 
 from megatron_adadpo.resolve.batching import Batching
@@ -39,19 +40,22 @@ class RunRequest:
 
     @classmethod
     def of_config(cls, config) -> RunRequest:
-        """The request of a validated ``Config``."""
-        train, data = config.train, config.data
-        return cls(
-            model=config.model,
-            execution=config.execution,
-            micro_batch_size=train.micro_batch_size,
-            global_batch_size=train.global_batch_size,
-            max_length=data.max_length,
-            batching=data.batching,
-            max_tokens_per_micro_batch=data.max_tokens_per_micro_batch,
-            reference=config.reference_mode,
-            loss=config.loss.name,
-        )
+        """The request of a validated ``Config`` (``CONFIG_FIELDS``)."""
+        return cls(**{name: attrgetter(path)(config) for name, path in CONFIG_FIELDS.items()})
+
+
+# Where each field of a request comes from in the ``Config``.
+CONFIG_FIELDS = {
+    "model": "model",
+    "execution": "execution",
+    "micro_batch_size": "train.micro_batch_size",
+    "global_batch_size": "train.global_batch_size",
+    "max_length": "data.max_length",
+    "batching": "data.batching",
+    "max_tokens_per_micro_batch": "data.max_tokens_per_micro_batch",
+    "reference": "reference_mode",
+    "loss": "loss.name",
+}
 
 
 @dataclass(frozen=True)
