@@ -1,10 +1,12 @@
 """Run configuration: YAML + ``--set a.b=c`` overrides -> frozen, validated dataclasses.
 
-Every check runs here, before any process group or tensor exists, and each error names the
-field and the fix; the layout rules come from ``megatron_adadpo.layout`` (shared with the
-planner). Importing this module imports neither Megatron nor torch. Sections: ``model``
-(architecture), ``execution`` (layout, precision, recompute), ``loss``, ``data``, ``eval``,
-``reference``, ``optimizer``, ``train``, ``checkpoint``, ``logging``.
+Each section checks its own fields; ``validate`` adds the run's rules that need neither a
+machine nor a world size (``megatron_adadpo.resolve``, shared with the trainer and the planner)
+and ``check_environment`` those of this machine, before any process group or tensor exists:
+one error names every reason, each with the field and the fix. The trainer resolves the run
+on its world size (``resolve``). Importing this module imports neither Megatron nor torch.
+Sections: ``model`` (architecture), ``execution`` (layout, precision, recompute), ``loss``,
+``data``, ``eval``, ``reference``, ``optimizer``, ``train``, ``checkpoint``, ``logging``.
 """
 
 from __future__ import annotations
