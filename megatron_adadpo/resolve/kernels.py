@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from megatron_adadpo.layout import fp8_rows_multiple
-from megatron_adadpo.platform.hardware import fp8_recipe_error
 from megatron_adadpo.resolve.machine import Machine
 
 if TYPE_CHECKING:
@@ -51,6 +50,23 @@ class Kernels:
     fp8: str | None = None
     fp8_recipe: str = "delayed"
     fp8_rows_multiple: int = 1
+
+
+# Transformer Engine ``check_mxfp8_support``: "Device compute capability 10.0 or higher
+# required for MXFP8 execution" (v2.8 transformer_engine/pytorch/fp8.py lines 48-55; v2.12
+# quantization.py lines 62-69). Hopper (9.0) has no MXFP8 GEMMs.
+MXFP8_MIN_CAPABILITY = (10, 0)
+
+
+def fp8_recipe_error(recipe: str, capability: tuple[int, int], device: str) -> str | None:
+    """Why ``device`` (compute capability ``capability``) cannot run FP8 ``recipe``, or None."""
+    if recipe == "mxfp8" and tuple(capability) < MXFP8_MIN_CAPABILITY:
+        major, minor = capability
+        return (
+            f"execution.fp8_recipe=mxfp8 needs compute capability >= 10.0 (Blackwell); {device} "
+            f"has {major}.{minor}: use fp8_recipe=delayed, tensorwise or blockwise"
+        )
+    return None
 
 
 def uses_transformer_engine(

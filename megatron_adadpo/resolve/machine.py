@@ -9,8 +9,10 @@ cluster description (``Machine.of_gpu``), so the trainer and the planner run the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from megatron_adadpo.platform.hardware import GpuSpec
+if TYPE_CHECKING:
+    from megatron_adadpo.platform.hardware import GpuSpec
 
 # Transformer Engine's FP8 GEMMs need FP8 tensor cores: Ada (8.9) / Hopper (9.0) and newer
 # (TE ``check_fp8_support``: "Device compute capability 8.9 or higher required").

@@ -23,7 +23,8 @@ import itertools
 import pytest
 
 from megatron_adadpo.layout import ExecutionConfig, pad_multiple
-from megatron_adadpo.platform.hardware import GPUS, fp8_recipe_error
+from megatron_adadpo.platform.hardware import GPUS
+from megatron_adadpo.resolve.kernels import fp8_recipe_error
 from megatron_adadpo.resolve.layout import layout_errors
 from tests.megatron_helpers import TINY
 
