@@ -143,11 +143,9 @@ def _context_parallel_errors(execution, attention: str, batching: str) -> list[s
         why = f"set execution.attention=auto (not {execution.attention})"
     else:
         why = "this machine has no Transformer Engine on a CUDA GPU"
-    lead, fix = (
-        ("data.batching=packed with ", "data.batching=token_budget")
-        if (batching == "packed")
-        else ("", "execution.cp=1")
-    )
+    packed = batching == "packed"
+    lead = "data.batching=packed with " if packed else ""
+    fix = "data.batching=token_budget" if packed else "execution.cp=1"
     return [f"{lead}execution.cp > 1 needs Transformer Engine attention: {why}; or use {fix}"]
 
 
