@@ -37,6 +37,8 @@ from megatron_adadpo.data import collate_pairs  # noqa: E402
 from megatron_adadpo.losses import LossConfig  # noqa: E402
 from megatron_adadpo.model.build import build_model  # noqa: E402
 from megatron_adadpo.platform import cpu, distributed  # noqa: E402
+from megatron_adadpo.platform.machine import probe_machine  # noqa: E402
+from megatron_adadpo.resolve import resolve  # noqa: E402
 from megatron_adadpo.run.microbatch import MicroBatch  # noqa: E402
 from megatron_adadpo.run.optimizer import build_optimizer, build_scheduler, wrap_ddp  # noqa: E402
 from megatron_adadpo.run.reference import (  # noqa: E402
@@ -152,7 +154,8 @@ def main() -> None:
     e = c.execution
     groups = distributed.init_model_parallel(e, seed=1)
     chunks = build_model(c.model, e)
-    context = StepContext.from_config(c, groups)  # execution.logprob_chunk_tokens resolved
+    run = resolve(c, torch.distributed.get_world_size(), probe_machine())
+    context = StepContext.from_config(c, run, groups)  # the settled logprob_chunk_tokens
     resident = ResidentReference(build_model(c.model, e), chunks, context)
     policy = wrap_ddp(chunks, c.optimizer)
     optimizer = build_optimizer(policy, c.optimizer, e.bf16)

@@ -1,10 +1,12 @@
 """Run configuration: YAML + ``--set a.b=c`` overrides -> frozen, validated dataclasses.
 
-Every check runs here, before any process group or tensor exists, and each error names the
-field and the fix; the layout rules come from ``megatron_adadpo.layout`` (shared with the
-planner). Importing this module imports neither Megatron nor torch. Sections: ``model``
-(architecture), ``execution`` (layout, precision, recompute), ``loss``, ``data``, ``eval``,
-``reference``, ``optimizer``, ``train``, ``checkpoint``, ``logging``.
+Each section checks its own fields; ``validate`` adds the run's rules that need neither a
+machine nor a world size (``megatron_adadpo.resolve``, shared with the trainer and the planner)
+and ``check_environment`` those of this machine, before any process group or tensor exists:
+one error names every reason, each with the field and the fix. The trainer resolves the run
+on its world size (``resolve``). Importing this module imports neither Megatron nor torch.
+Sections: ``model`` (architecture), ``execution`` (layout, precision, recompute), ``loss``,
+``data``, ``eval``, ``reference``, ``optimizer``, ``train``, ``checkpoint``, ``logging``.
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ from pathlib import Path
 import yaml
 
 from megatron_adadpo.config_text import ConfigError, coerce, read_yaml
-from megatron_adadpo.data.batching import budget_errors, packing_errors
 from megatron_adadpo.data.config import DataConfig
-from megatron_adadpo.layout import ExecutionConfig, layout_errors
+from megatron_adadpo.layout import ExecutionConfig
 from megatron_adadpo.losses.config import LossConfig
 from megatron_adadpo.model.config import ModelConfig
+from megatron_adadpo.resolve.resolver import raise_errors, run_errors
 
 DEFAULT_MIXUP_ALPHA = 0.6  # TRL DPOConfig.ref_model_mixup_alpha
 
@@ -193,7 +195,7 @@ def from_dict(values: dict) -> Config:
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a YAML file, apply ``--set`` overrides, validate (the environment too).
+    """Read a YAML file, apply ``--set`` overrides, validate (on this machine too).
 
     ``path=None``: overrides only.
     """
@@ -203,120 +205,52 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
 
 def validate(config: Config) -> None:
-    """Cross-field checks: everything that would otherwise fail after allocation."""
+    """The field checks of each section and the run's rules that need neither a machine nor a
+    world size (``resolve.run_errors``): one ``ConfigError`` naming every reason."""
     if config.data is None:
         raise ConfigError("config section 'data' is required (inputs, tokenizer, max_length)")
-    train = config.train
-    errors = packing_errors(config.data, config.execution)  # names data.batching, not CP
-    errors += layout_errors(
-        config.model,
-        config.execution,
-        micro_batch_size=train.micro_batch_size,
-        global_batch_size=train.global_batch_size,
-        batching=config.data.batching,
-    )
-    errors += budget_errors(config.data, config.execution)  # padded for a valid layout
-    if errors:
-        raise ConfigError(errors[0])
+    errors = []
     for check in (_check_ranges, _check_train, _check_reference, _check_optimizer, _check_logging):
-        check(config)
-    _check_rejected_optional(config)
+        errors += check(config)
+    errors += _check_rejected_optional(config)
+    raise_errors(errors + run_errors(config))
 
 
 CHOSEN_ONLY_LOSSES = ("sft",)  # train on the chosen answers: their rows need no rejected one
 
 
-def _check_rejected_optional(config: Config) -> None:
+def _check_rejected_optional(config: Config) -> list[str]:
     if config.data.rejected_optional and config.loss.name not in CHOSEN_ONLY_LOSSES:
-        raise ConfigError(
+        return [
             f"data.rejected_optional=true (rows without a rejected answer) is for loss.name=sft; "
             f"loss.name={config.loss.name} needs every row's rejected answer: remove it"
-        )
-
-
-def check_world_size(config: Config, world_size: int) -> None:
-    """Refuse a world size the layout and batch sizes cannot use (see ``layout_errors``)."""
-    errors = layout_errors(
-        config.model,
-        config.execution,
-        micro_batch_size=config.train.micro_batch_size,
-        global_batch_size=config.train.global_batch_size,
-        world_size=world_size,
-        batching=config.data.batching,
-    )
-    if errors:
-        raise ConfigError(errors[0])
-
-
-def check_environment(config: Config) -> None:
-    """Refuse what this machine cannot run (Transformer Engine / CUDA needs, optional packages
-    the config asks for) and files that disagree with the config (``train.init_checkpoint``'s
-    model and tokenizer); no allocation. The planner, which plans for another machine, skips
-    it."""
-    from megatron_adadpo.platform.environment import attention_impl, environment_errors
-    from megatron_adadpo.run.consistency import check_init_checkpoint
-
-    check_init_checkpoint(config)
-    errors = environment_errors(config.execution)
-    if config.data.batching == "packed":
-        from megatron_adadpo.platform.megatron import MEGATRON_VERSION, PACKED_SEQ_TAKES_PAD_FLAG
-
-        run, attention = config.execution, attention_impl(config.execution)
-        errors[:0] = _packed_attention_errors(run, attention) + _packed_pad_flag_errors(
-            run, attention, PACKED_SEQ_TAKES_PAD_FLAG, MEGATRON_VERSION
-        )
-    if errors:
-        raise ConfigError(errors[0])
-    import importlib.util
-
-    if config.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise ConfigError(
-            "logging.tensorboard: true needs the tensorboard package (pip install "
-            "tensorboard), or set logging.tensorboard: false (metrics.jsonl is always written)"
-        )
-    if config.logging.wandb_project and importlib.util.find_spec("wandb") is None:
-        raise ConfigError(
-            f"logging.wandb_project={config.logging.wandb_project!r} needs the wandb package "
-            "(pip install wandb), or unset logging.wandb_project (metrics.jsonl is always written)"
-        )
-
-
-def _packed_attention_errors(execution: ExecutionConfig, attention: str) -> list[str]:
-    """``data.batching: packed`` on the resolved ``attention``: context parallelism needs
-    Transformer Engine's THD attention, and that attention needs bf16 (Transformer Engine <=
-    2.10 has no fp32 backend for the THD format: neither FlashAttention nor cuDNN's fused
-    attention takes fp32, and its unfused attention takes no THD)."""
-    if attention != "transformer_engine":
-        if execution.cp > 1:
-            return [
-                "data.batching=packed with execution.cp > 1 needs Transformer Engine's packed "
-                "(THD) attention, which this run does not use; use data.batching=token_budget"
-            ]
-        return []
-    if not execution.bf16:
-        return [
-            "data.batching=packed on Transformer Engine's attention runs the THD format, which "
-            "has no fp32 attention backend: set execution.bf16=true, or data.batching="
-            "token_budget"
         ]
     return []
 
 
-def _packed_pad_flag_errors(
-    execution: ExecutionConfig, attention: str, takes_pad_flag: bool, megatron_version: str
-) -> list[str]:
-    """Packed + CP on TE attention where ``PackedSeqParams`` cannot say ``pad_between_seqs``
-    (0.16.1; 0.19.2 ``packed_seq_params.py`` line 28): TE <= 2.17 infers it False when only the
-    last sequence is padded, common with every sequence padded to ``2 * CP``, and its ring
-    attention mislabels that sequence's chunks (TE #3331; ``run/packing.thd_params``)."""
-    if attention != "transformer_engine" or execution.cp == 1 or takes_pad_flag:
-        return []
-    return [
-        f"data.batching=packed with execution.cp={execution.cp} on megatron-core "
-        f"{megatron_version}: its PackedSeqParams cannot pass pad_between_seqs, which "
-        "Transformer Engine <= 2.17 infers wrong when only the last sequence is padded (silently "
-        "wrong attention, TE #3331); use data.batching=token_budget, or megatron-core >= 0.19"
-    ]
+def check_environment(config: Config) -> None:
+    """Refuse what this machine cannot run (the run's rules on ``probe_machine()``, optional
+    packages the config asks for) and files that disagree with the config
+    (``train.init_checkpoint``'s model and tokenizer); no allocation. The planner, which plans
+    for another machine, runs the rules on the machine it describes instead."""
+    import importlib.util
+
+    from megatron_adadpo.platform.machine import probe_machine
+    from megatron_adadpo.run.consistency import check_init_checkpoint
+
+    check_init_checkpoint(config)
+    errors = run_errors(config, machine=probe_machine())
+    if config.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        errors.append(
+            "logging.tensorboard: true needs the tensorboard package (pip install "
+            "tensorboard), or set logging.tensorboard: false (metrics.jsonl is always written)"
+        )
+    if config.logging.wandb_project and importlib.util.find_spec("wandb") is None:
+        errors.append(
+            f"logging.wandb_project={config.logging.wandb_project!r} needs the wandb package "
+            "(pip install wandb), or unset logging.wandb_project (metrics.jsonl is always written)"
+        )
+    raise_errors(errors)
 
 
 def _ranges(config: Config) -> dict:
@@ -346,57 +280,61 @@ def _ranges(config: Config) -> dict:
     }
 
 
-def _check_ranges(config: Config) -> None:
+def _check_ranges(config: Config) -> list[str]:
+    errors = []
     for name, (value, ok, rule) in _ranges(config).items():
         if not ok(value):
-            raise ConfigError(f"{name}={value!r} must be {rule}")
+            errors.append(f"{name}={value!r} must be {rule}")
     data, model = config.data, config.model
     if data.max_length > model.max_position_embeddings:
-        raise ConfigError(
+        errors.append(
             f"data.max_length={data.max_length} exceeds model.max_position_embeddings="
             f"{model.max_position_embeddings} (positions the model was built for); lower "
             "data.max_length"
         )
+    return errors
 
 
-def _check_train(config: Config) -> None:
+def _check_train(config: Config) -> list[str]:
+    errors = []
     train = config.train
     if train.nan_policy not in ("stop", "skip"):
-        raise ConfigError(f"train.nan_policy={train.nan_policy!r}; accepted: 'stop', 'skip'")
+        errors.append(f"train.nan_policy={train.nan_policy!r}; accepted: 'stop', 'skip'")
     if train.init_method not in ("megatron", "layout_invariant"):
-        raise ConfigError(
+        errors.append(
             f"train.init_method={train.init_method!r}; accepted: 'megatron', 'layout_invariant'"
         )
+    return errors
 
 
-def _check_reference(config: Config) -> None:
+def _check_reference(config: Config) -> list[str]:
+    errors = []
     reference, loss = config.reference, config.loss
     if reference.mode not in ("resident", "precomputed", "none"):
-        raise ConfigError(
+        errors.append(
             f"reference.mode={reference.mode!r}; accepted: 'resident', 'precomputed', 'none'"
         )
     if reference.mode == "precomputed" and not reference.path:
-        raise ConfigError(
+        errors.append(
             "reference.mode=precomputed needs reference.path (the output dir of "
             "tools/precompute_reference.py)"
         )
     if loss.needs_reference and reference.mode == "none":
-        raise ConfigError(
+        errors.append(
             f"loss.name={loss.name!r} needs reference log-probs; set "
             "reference.mode to 'resident' or 'precomputed'"
         )
-    errors = reference_checkpoint_errors(config) + reference_sync_errors(config)
-    if errors:
-        raise ConfigError(errors[0])
+    errors += reference_checkpoint_errors(config) + reference_sync_errors(config)
     evaluation = config.eval
     if evaluation.interval and not evaluation.inputs:
-        raise ConfigError("eval.interval > 0 needs eval.inputs (held-out preference pairs)")
+        errors.append("eval.interval > 0 needs eval.inputs (held-out preference pairs)")
     if evaluation.interval and reference.mode == "precomputed" and loss.needs_reference:
         if not reference.eval_path:
-            raise ConfigError(
+            errors.append(
                 "evaluation with reference.mode=precomputed needs reference.eval_path "
                 "(tools/precompute_reference.py --eval --output DIR)"
             )
+    return errors
 
 
 def reference_checkpoint_errors(config: Config) -> list[str]:
@@ -444,31 +382,33 @@ def reference_sync_errors(config: Config) -> list[str]:
     return []
 
 
-def _check_logging(config: Config) -> None:
+def _check_logging(config: Config) -> list[str]:
+    errors = []
     mode = config.logging.wandb_mode
     if mode is not None and mode not in WANDB_MODES:
-        raise ConfigError(f"logging.wandb_mode={mode!r}; accepted: {list(WANDB_MODES)} or null")
+        errors.append(f"logging.wandb_mode={mode!r}; accepted: {list(WANDB_MODES)} or null")
+    return errors
 
 
-def _check_optimizer(config: Config) -> None:
+def _check_optimizer(config: Config) -> list[str]:
+    errors = []
     opt = config.optimizer
     if opt.decay_style not in ("cosine", "linear", "constant"):
-        raise ConfigError(
+        errors.append(
             f"optimizer.decay_style={opt.decay_style!r}; accepted: 'cosine', 'linear', 'constant'"
         )
     if not 0.0 <= opt.warmup_fraction < 1.0:
-        raise ConfigError("optimizer.warmup_fraction must be in [0, 1)")
+        errors.append("optimizer.warmup_fraction must be in [0, 1)")
     if opt.lr <= 0:
-        raise ConfigError(f"optimizer.lr={opt.lr} must be > 0")
+        errors.append(f"optimizer.lr={opt.lr} must be > 0")
     if not 0 <= opt.min_lr <= opt.lr:
-        raise ConfigError(f"optimizer.min_lr={opt.min_lr} must be in [0, optimizer.lr={opt.lr}]")
+        errors.append(f"optimizer.min_lr={opt.min_lr} must be in [0, optimizer.lr={opt.lr}]")
     if opt.overlap_param_gather and not opt.use_distributed_optimizer:
-        raise ConfigError(
-            "optimizer.overlap_param_gather needs optimizer.use_distributed_optimizer"
-        )
+        errors.append("optimizer.overlap_param_gather needs optimizer.use_distributed_optimizer")
     if opt.ddp_bucket_size is not None and not opt.overlap_grad_reduce:
-        raise ConfigError(
+        errors.append(
             "optimizer.ddp_bucket_size applies only with optimizer.overlap_grad_reduce: true "
             "(without it Megatron DDP keeps one bucket per model chunk); set "
             "optimizer.overlap_grad_reduce: true or unset optimizer.ddp_bucket_size"
         )
+    return errors

@@ -3,8 +3,9 @@
     torchrun --nproc-per-node N -m megatron_adadpo.train --config FILE.yaml [--set a.b=c ...]
 
 Parse -> validate the config (before any allocation) -> start the process group -> open the
-run (``megatron_adadpo.run.trainer.open_run``: a ``Trainer``, or the finished run) -> train. A
-config or data error prints one line and exits with status 2.
+run (``megatron_adadpo.run.trainer.open_run``: resolved once on this world size and machine,
+``megatron_adadpo.resolve``; a ``Trainer``, or the finished run) -> train. A config or data
+error prints one line and exits with status 2.
 """
 
 from __future__ import annotations
@@ -13,15 +14,13 @@ import argparse
 import sys
 
 from megatron_adadpo import cli
-from megatron_adadpo.config import check_world_size, load_config
+from megatron_adadpo.config import load_config
 
 
 def main(argv: list[str] | None = None) -> None:
     # Torch and Megatron are imported here, not with the module: the checkpoint writer's
     # helper process (a ``multiprocessing`` spawn, started by the first save) re-imports this
     # module, and must start in a moment even when that save is the one SIGTERM asked for.
-    import torch.distributed as dist
-
     from megatron_adadpo.platform import cpu
     from megatron_adadpo.platform.distributed import destroy, init_distributed
     from megatron_adadpo.run.trainer import open_run
@@ -30,8 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     config = load_config(args.config, args.set)  # every config check before any allocation
     cpu.activate()  # Megatron on a machine without CUDA; a no-op on GPU hosts
     init_distributed(config.train.distributed_timeout_minutes)
-    check_world_size(config, dist.get_world_size())
-    run = open_run(config)  # a Trainer, or the FinishedRun that says so
+    run = open_run(config)  # resolved once; a Trainer, or the FinishedRun that says so
     run.train()
     destroy()
     if run.preempted:  # saved on SIGTERM: leave inside the grace time (cli.leave_now)

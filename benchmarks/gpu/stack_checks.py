@@ -142,9 +142,11 @@ def check_fusions_bf16(work: Path, facts: dict) -> dict:
     """Fused kernels on where they exist; a bf16 step with them equals one without."""
     from megatron_adadpo.layout import ExecutionConfig
     from megatron_adadpo.model.build import kernel_fusions
+    from megatron_adadpo.platform.machine import probe_machine
+    from megatron_adadpo.resolve.kernels import resolve_kernels
 
     run = ExecutionConfig(transformer_impl="local", bf16=True)
-    flags = kernel_fusions(run, on_gpu=True)
+    flags = kernel_fusions(resolve_kernels(run, probe_machine()))
     expect(flags["bias_activation_fusion"] and flags["bias_dropout_fusion"], f"fusions {flags}")
     expect(flags["gradient_accumulation_fusion"] == facts["apex_grad_accum"], f"{flags}")
     sets = ["execution.bf16=true", "execution.transformer_impl=local"]

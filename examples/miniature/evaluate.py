@@ -1,6 +1,6 @@
 """Held-out evaluation of a policy in the running process: per-pair log-probs and greedy answers.
 
-``HeldOut(config, path)`` tokenizes the held-out pairs once. ``pair_logps(policy, context)``
+``HeldOut(config, path)`` tokenizes the held-out pairs once. ``pair_logps(policy, context, run)``
 scores every pair with the policy through Megatron's schedule (the trainer's forward-only path,
 ``run.reference.attach_forward_logps``); ``greedy_answers(policy)`` decodes every held-out
 prompt greedily (``megatron_adadpo.generation``, the code behind ``tools/generate.py``), and
@@ -39,9 +39,10 @@ class HeldOut:
         self.answers = [p.row["chosen"].strip() for p in self.prompts]
         self.tasks = [p.row["task"] for p in self.prompts]
 
-    def pair_logps(self, policy: list, context: StepContext) -> np.ndarray:
-        """``[N, 4]``: chosen / rejected summed log-probs and token counts, by pair id."""
-        batches = step_batches(self.config, self.dataset, context.parallel, 0, drop_last=False)
+    def pair_logps(self, policy: list, context: StepContext, run) -> np.ndarray:
+        """``[N, 4]``: chosen / rejected summed log-probs and token counts, by pair id, batched
+        as the resolved ``run`` (``Trainer.run``)."""
+        batches = step_batches(self.config, run, self.dataset, context.parallel, 0, drop_last=False)
         out = np.full((len(self.dataset), 4), np.nan)
         for _ in range(math.ceil(len(self.dataset) / self.config.train.global_batch_size)):
             micro = batches.next_step()

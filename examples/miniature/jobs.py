@@ -80,7 +80,7 @@ def run_sft(out: Path) -> None:
     trainer = _train(config, out / "sft")
     save_model(trainer.policy, out / "sft/checkpoint", config.model)
     heldout = HeldOut(config, out / "data/heldout.jsonl")
-    start_logps = heldout.pair_logps(trainer.policy, trainer.context)
+    start_logps = heldout.pair_logps(trainer.policy, trainer.context, trainer.run)
     np.save(out / "sft/heldout_logps.npy", start_logps)
     answers = heldout.greedy_answers(trainer.policy)
     result = {"name": "SFT", "method": "SFT", **pair_summary(start_logps, start_logps, "sft")}
@@ -101,7 +101,7 @@ def run_grid(out: Path, part: int, parts: int) -> None:
         config = _config(out, out / "data/prefs.jsonl", out / "runs" / run["name"], sets)
         trainer = _train(config, out / "runs" / run["name"])
         heldout = heldout or HeldOut(config, out / "data/heldout.jsonl")
-        logps = heldout.pair_logps(trainer.policy, trainer.context)
+        logps = heldout.pair_logps(trainer.policy, trainer.context, trainer.run)
         answers = heldout.greedy_answers(trainer.policy)
         result = {k: run[k] for k in ("name", "method", "beta", "seed")}
         result.update(pair_summary(logps, start_logps, config.loss.name))

@@ -146,7 +146,7 @@ def _allowed_positions(
 
 def core_attention_module(attention: str):
     """The ``core_attention`` class for a resolved ``execution.attention``
-    (``platform.environment.attention_impl``): None keeps the layer spec's own (TE's)."""
+    (``resolve/kernels.attention_impl``): None keeps the layer spec's own (TE's)."""
     return {"sdpa": SDPAttention, "megatron_local": DotProductAttention}.get(attention)
 
 

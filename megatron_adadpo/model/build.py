@@ -4,7 +4,7 @@ Transformer Engine layer spec on GPUs when TE is installed (FP8 through TE's rec
 spec otherwise, with the plugin's ``RMSNorm`` (``model/norm.py``: unlike ``WrappedTorchNorm`` it
 supports sequence parallelism). Pipelines run with ``variable_seq_lengths`` (each micro-batch
 has its own length; Megatron exchanges shapes before each p2p transfer), except on packed rows,
-which all have the token budget's length (fixed shapes, no exchange). For packed sequences
+which all have their step's longest row's length (fixed shapes, no exchange). For packed sequences
 on the local spec the attention's mask type is ``arbitrary``: the block-diagonal mask passed to
 ``GPTModel`` is then the whole mask (with ``causal``, Megatron's fused softmax kernel builds its
 own causal mask and ignores a passed one).
@@ -21,11 +21,7 @@ from megatron_adadpo.layout import ExecutionConfig
 from megatron_adadpo.model.attention import core_attention_module, with_core_attention
 from megatron_adadpo.model.config import ModelConfig
 from megatron_adadpo.model.norm import RMSNorm
-from megatron_adadpo.platform.environment import (
-    attention_impl,
-    module_available,
-    uses_transformer_engine,
-)
+from megatron_adadpo.platform.machine import probe_machine, torch_device
 from megatron_adadpo.platform.megatron import (
     AttnMaskType,
     GPTModel,
@@ -37,14 +33,25 @@ from megatron_adadpo.platform.megatron import (
     parallel_state,
     te_layer_spec,
 )
+from megatron_adadpo.resolve.kernels import Kernels, resolve_kernels
+
+
+def kernels_of(run: ExecutionConfig, kernels: Kernels | None) -> Kernels:
+    """The resolved kernels (``ResolvedRun.kernels``); None: ``run``'s on this machine."""
+    return kernels if kernels is not None else resolve_kernels(run, probe_machine())
 
 
 def transformer_config(
-    model: ModelConfig, run: ExecutionConfig, packed_sequences: bool = False
+    model: ModelConfig,
+    run: ExecutionConfig,
+    kernels: Kernels | None = None,
+    packed_sequences: bool = False,
 ) -> TransformerConfig:
-    """Megatron ``TransformerConfig`` for the Llama family under the given execution options;
-    ``packed_sequences``: the run feeds packed rows (fixed pipeline shapes, ``_p2p_options``)."""
-    on_gpu = torch.cuda.is_available()
+    """Megatron ``TransformerConfig`` for the Llama family under the given execution options
+    and resolved ``kernels`` (None: resolved on this machine); ``packed_sequences``: the run
+    feeds packed rows (fixed pipeline shapes, ``_p2p_options``)."""
+    kernels = kernels_of(run, kernels)
+    on_gpu = kernels.cuda
     dtype = torch.bfloat16 if run.bf16 else torch.float32
     recompute = {}
     if run.recompute == "selective":
@@ -87,7 +94,7 @@ def transformer_config(
         # "allgather" MoE dispatcher (0.16.1 __post_init__), whether or not experts exist.
         moe_token_dispatcher_type="alltoall",
         calculate_per_token_loss=True,
-        **kernel_fusions(run, on_gpu),
+        **kernel_fusions(kernels),
         **recompute,
         **fp8_options(run),
     )
@@ -121,8 +128,9 @@ def _p2p_options(run: ExecutionConfig, on_gpu: bool, fixed_shapes: bool) -> dict
     )
 
 
-def kernel_fusions(run: ExecutionConfig, on_gpu: bool) -> dict:
-    """Megatron's fused kernels, on where this machine has them (Megatron-LM's defaults).
+def kernel_fusions(kernels: Kernels) -> dict:
+    """Megatron's fused kernels as resolved (``resolve/kernels.fusions``: Megatron-LM's
+    defaults where the machine has them).
 
     All off on CPU (``execution.fusions: false`` also turns them off): there Megatron would
     route them through ``torch.compile`` or raise. On a GPU:
@@ -140,16 +148,8 @@ def kernel_fusions(run: ExecutionConfig, on_gpu: bool) -> dict:
     ``persist_layer_norm`` stays off (apex LayerNorm only; Llama uses RMSNorm) and
     ``cross_entropy_loss_fusion`` too (the plugin computes its own log-probs).
     """
-    fused = on_gpu and run.fusions
-    return dict(
-        bias_activation_fusion=fused,
-        bias_dropout_fusion=fused,
-        apply_rope_fusion=fused and uses_transformer_engine(run),
-        masked_softmax_fusion=fused and module_available("scaled_masked_softmax_cuda"),
-        gradient_accumulation_fusion=fused and module_available("fused_weight_gradient_mlp_cuda"),
-        persist_layer_norm=False,
-        cross_entropy_loss_fusion=False,
-    )
+    fused = {f"{name}_fusion": on for name, on in dataclasses.asdict(kernels.fusions).items()}
+    return fused | dict(persist_layer_norm=False, cross_entropy_loss_fusion=False)
 
 
 def fp8_options(run: ExecutionConfig) -> dict:
@@ -171,16 +171,18 @@ def layer_spec(
     run: ExecutionConfig,
     vp_stage: int | None,
     packed_sequences: bool = False,
+    kernels: Kernels | None = None,
 ):
     """The decoder block spec for this pipeline stage (TE spec, or local spec + RMSNorm), with
-    the core attention ``execution.attention`` resolves to (``model/attention.py``).
+    the resolved core attention (``kernels.attention``, ``model/attention.py``).
 
     ``packed_sequences`` (local spec): attention mask type ``arbitrary``, so the block-diagonal
     mask of a packed row (``data/packing.py``) is applied as given. TE takes packed rows through
     ``PackedSeqParams`` (THD) with its causal spec.
     """
-    attention = core_attention_module(attention_impl(run))
-    if uses_transformer_engine(run):
+    kernels = kernels_of(run, kernels)
+    attention = core_attention_module(kernels.attention)
+    if kernels.transformer_engine:
         return with_core_attention(te_layer_spec(qk_layernorm=False), attention)
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
     spec.submodules = dataclasses.replace(
@@ -194,23 +196,28 @@ def layer_spec(
 
 
 def build_model(
-    model: ModelConfig, run: ExecutionConfig, packed_sequences: bool = False
+    model: ModelConfig,
+    run: ExecutionConfig,
+    packed_sequences: bool = False,
+    kernels: Kernels | None = None,
 ) -> list[GPTModel]:
     """One ``GPTModel`` per virtual pipeline stage of this rank (a list of one without VPP).
 
-    Parallel state must be initialised for ``run``'s layout. Weights are on the current device
-    in ``params_dtype``; wrap them in Megatron DDP before training. ``packed_sequences``: the
-    run feeds packed rows (``data.batching: packed``), see ``layer_spec``.
+    Parallel state must be initialised for ``run``'s layout. Weights are on the resolved
+    device in ``params_dtype``; wrap them in Megatron DDP before training. ``packed_sequences``:
+    the run feeds packed rows (``data.batching: packed``), see ``layer_spec``. ``kernels``:
+    the resolved run's (None: ``run``'s on this machine).
     """
-    config = transformer_config(model, run, packed_sequences)
+    kernels = kernels_of(run, kernels)
+    config = transformer_config(model, run, kernels, packed_sequences)
     chunks = []
     for vp_stage in range(run.vpp or 1):
         stage = vp_stage if run.vpp else None
         pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
-        gpt = gpt_model(model, config, run, pre, post, stage, packed_sequences)
-        if torch.cuda.is_available():
-            gpt.cuda(torch.cuda.current_device())
+        gpt = gpt_model(model, config, run, pre, post, stage, packed_sequences, kernels)
+        if kernels.cuda:
+            gpt.cuda(torch_device("cuda"))
         chunks.append(gpt)
     return chunks
 
@@ -223,11 +230,13 @@ def gpt_model(
     post_process: bool = True,
     vp_stage: int | None = None,
     packed_sequences: bool = False,
+    kernels: Kernels | None = None,
 ) -> GPTModel:
     """One Llama-family ``GPTModel`` chunk (RoPE, untied or tied embeddings, TP-padded vocab)."""
+    spec = layer_spec(config, run, vp_stage, packed_sequences, kernels)
     gpt = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(config, run, vp_stage, packed_sequences),
+        transformer_layer_spec=spec,
         vocab_size=model.padded_vocab_size(run.tp),
         max_sequence_length=model.max_position_embeddings,
         pre_process=pre_process,

@@ -4,10 +4,10 @@ A recipe is the training YAML; ``read_recipe`` builds the validated ``Config`` o
 ``megatron_adadpo.config`` (``from_dict``: the config's own defaults and rules, but not its
 environment check, since the plan is for another machine) and ``plan_input`` keeps what decides
 memory and speed: model, ``ExecutionConfig``, batch sizes, sequence length, optimizer and the
-effective reference. ``check_layout`` applies the same layout rules on the cluster
-(``megatron_adadpo.layout.layout_errors`` with the world size ``nodes x GPUs per node``) plus
-the cluster's own: FP8 needs FP8 tensor cores, the GPU count fits the nodes. No GPU or Megatron
-is needed; every refusal names the field and the fix (``LayoutError``).
+effective reference. ``check_layout`` runs the trainer's resolver (``megatron_adadpo.resolve``)
+on the cluster: its world size ``nodes x GPUs per node`` and its GPU as a ``Machine``
+(``Cluster.machine``), plus the cluster's own rule (the GPU count fits the nodes). No GPU or
+Megatron is needed; every refusal names the field and the fix (``LayoutError``).
 """
 
 from __future__ import annotations
@@ -19,10 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from megatron_adadpo.config import Config, ConfigError, from_dict, read_yaml
-from megatron_adadpo.data.batching import BatchingPolicy, batching_policy
-from megatron_adadpo.layout import ExecutionConfig, data_parallel_size, layout_errors
+from megatron_adadpo.layout import ExecutionConfig, data_parallel_size
 from megatron_adadpo.model.config import ModelConfig
-from megatron_adadpo.platform.hardware import GpuSpec, fp8_recipe_error, gpu_spec
+from megatron_adadpo.platform.hardware import GpuSpec, gpu_spec
+from megatron_adadpo.resolve import Machine, RunRequest, run_errors
+
+_REQUEST_FIELDS = tuple(f.name for f in dataclasses.fields(RunRequest))
+_OWN = {"max_length": "seq_length"}  # RunRequest field -> the PlanInput field of that value
 
 
 class LayoutError(ValueError):
@@ -41,6 +44,11 @@ class Cluster:
     @property
     def world_size(self) -> int:
         return self.gpus if self.gpus is not None else self.nodes * self.gpus_per_node
+
+    @property
+    def machine(self) -> Machine:
+        """Each node as the resolver sees it (CUDA, Transformer Engine, the GPU's facts)."""
+        return Machine.of_gpu(self.gpu)
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,7 @@ class PlanInput:
     avg_seq_length: int | None = None
     distributed_optimizer: bool = True
     reference: str = "resident"  # "resident" | "precomputed" | "none"
+    loss: str = "adadpo"  # loss.name
     grad_bytes: int = 4  # Megatron DDP main-grad buffer: fp32 (grads accumulated/reduced in fp32)
     batching: str = "fixed"  # "fixed" | "token_budget" | "packed" (data.batching)
     max_tokens_per_micro_batch: int | None = None
@@ -82,12 +91,9 @@ class PlanInput:
         ``execution.attention=megatron_local`` (Megatron's materialised ``s x s`` softmax)."""
         return self.execution.attention != "megatron_local"
 
-    @property
-    def policy(self) -> BatchingPolicy:
-        """The trainer's batching policy for this layout (``data/batching.py``)."""
-        return batching_policy(
-            self.batching, self.max_tokens_per_micro_batch, self.execution, self.micro_batch_size
-        )
+    def request(self) -> RunRequest:
+        """What the resolver reads of this run (``resolve.RunRequest``)."""
+        return RunRequest(**{f: getattr(self, _OWN.get(f, f)) for f in _REQUEST_FIELDS})
 
     @property
     def micro_batch_shape(self) -> tuple[float, float]:
@@ -118,43 +124,23 @@ def read_recipe(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
 
 def plan_input(config: Config) -> PlanInput:
-    """The ``PlanInput`` of a validated ``Config`` (see ``read_recipe``)."""
-    return PlanInput(
-        model=config.model,
-        execution=config.execution,
-        global_batch_size=config.train.global_batch_size,
-        micro_batch_size=config.train.micro_batch_size,
-        seq_length=config.data.max_length,
-        distributed_optimizer=config.optimizer.use_distributed_optimizer,
-        reference=config.reference_mode,
-        batching=config.data.batching,
-        max_tokens_per_micro_batch=config.data.max_tokens_per_micro_batch,
-    )
+    """The ``PlanInput`` of a validated ``Config`` (see ``read_recipe``): the resolver's
+    request of it (``RunRequest.of_config``) and the optimizer's sharding."""
+    request = RunRequest.of_config(config)
+    given = {_OWN.get(f, f): getattr(request, f) for f in _REQUEST_FIELDS}
+    return PlanInput(**given, distributed_optimizer=config.optimizer.use_distributed_optimizer)
 
 
 def check_layout(p: PlanInput, cluster: Cluster) -> list[str]:
     """Raise ``LayoutError`` (all reasons) if the layout cannot run; return warnings.
 
-    The layout rules are the training config's (``layout_errors``) on ``cluster.world_size``
-    processes; the planner adds FP8 hardware and cluster-shape checks.
+    The rules are the trainer's resolver's (``resolve.run_errors``) on ``cluster.world_size``
+    processes of ``cluster.machine``; the planner adds the cluster's shape.
     """
     e = p.execution
     errors = _cluster_errors(cluster)
-    errors += layout_errors(
-        p.model,
-        e,
-        micro_batch_size=p.micro_batch_size,
-        global_batch_size=p.global_batch_size,
-        world_size=None if errors else cluster.world_size,
-        batching=p.batching,
-    )
-    if e.fp8 and cluster.gpu.fp8_tflops is None:
-        errors.append(
-            f"execution.fp8={e.fp8!r} needs FP8 tensor cores; {cluster.gpu.name} has none"
-        )
-    gpu = cluster.gpu
-    recipe_error = e.fp8 and fp8_recipe_error(e.fp8_recipe, gpu.compute_capability, gpu.name)
-    errors += [recipe_error] if recipe_error else []
+    world = None if errors else cluster.world_size
+    errors += run_errors(p.request(), world, cluster.machine)
     if errors:
         raise LayoutError("; ".join(errors))
     warnings = []

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from megatron_adadpo.layout import chunk_bytes_per_logit, logprob_chunk_tokens
+from megatron_adadpo.layout import chunk_bytes_per_logit
 from megatron_adadpo.planner.inputs import PlanInput
 from megatron_adadpo.planner.params import stage_params
 
@@ -137,15 +137,15 @@ def in_flight_layers(p: PlanInput, num_micro: int, pp_rank: int) -> float:
     return min(pp - pp_rank, num_micro) * L / pp
 
 
-def logits_bytes(p: PlanInput) -> float:
+def logits_bytes(p: PlanInput, chunk: int) -> float:
     """The last stage's log-prob transients for one micro-batch: the ``[s, 2b, V_pad/t]``
-    logits, or with chunked log-probs one ``[chunk, V_pad/t]`` chunk (see the module doc)."""
+    logits, or with chunked log-probs (``chunk`` tokens, the resolved run's; 0: unchunked)
+    one ``[chunk, V_pad/t]`` chunk (see the module doc)."""
     x = p.execution
     padded = p.model.padded_vocab_size(x.tp)
     vocab = padded / x.tp
     rows, seq = p.micro_batch_shape
     tokens = seq / x.cp * rows
-    chunk = logprob_chunk_tokens(x, padded)
     if not chunk:
         return tokens * vocab * (6 if x.bf16 else 8)
     e, h = elem_bytes(p), p.model.hidden_size
@@ -153,8 +153,9 @@ def logits_bytes(p: PlanInput) -> float:
     return max(transients, e * vocab * h) + 3 * e * tokens * h
 
 
-def stage_memory(p: PlanInput, dp: int, num_micro: int, pp_rank: int) -> StageMemory:
-    """Memory of pipeline rank ``pp_rank`` for ``dp`` data-parallel replicas."""
+def stage_memory(p: PlanInput, dp: int, num_micro: int, pp_rank: int, chunk: int) -> StageMemory:
+    """Memory of pipeline rank ``pp_rank`` for ``dp`` data-parallel replicas (``chunk``: the
+    resolved log-prob chunk tokens)."""
     x = p.execution
     sp = stage_params(p.model, x.tp, x.pp, pp_rank, x.vpp)
     n, e = sp.total, elem_bytes(p)
@@ -175,12 +176,13 @@ def stage_memory(p: PlanInput, dp: int, num_micro: int, pp_rank: int) -> StageMe
         gradients=p.grad_bytes * n,
         optimizer=optimizer,
         activations=layers * layer_activation_bytes(p),
-        logits=logits_bytes(p) if pp_rank == x.pp - 1 else 0.0,
+        logits=logits_bytes(p, chunk) if pp_rank == x.pp - 1 else 0.0,
         workspace=workspace,
         reference=e * n if p.reference == "resident" else 0.0,
     )
 
 
-def memory_plan(p: PlanInput, dp: int, num_micro: int) -> list[StageMemory]:
-    """Memory of every pipeline rank, first to last."""
-    return [stage_memory(p, dp, num_micro, r) for r in range(p.execution.pp)]
+def memory_plan(p: PlanInput, dp: int, num_micro: int, chunk: int) -> list[StageMemory]:
+    """Memory of every pipeline rank, first to last (``chunk``: the resolved log-prob chunk
+    tokens, ``ResolvedRun.step.logprob_chunk_tokens``)."""
+    return [stage_memory(p, dp, num_micro, r, chunk) for r in range(p.execution.pp)]

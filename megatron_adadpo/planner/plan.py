@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from megatron_adadpo.data.length_profile import load_profile
-from megatron_adadpo.layout import data_parallel_size
 from megatron_adadpo.planner.batching import BatchingEstimate, estimate_batching
 from megatron_adadpo.planner.inputs import (
     Cluster,
@@ -21,6 +20,7 @@ from megatron_adadpo.planner.inputs import (
 from megatron_adadpo.planner.memory import GIB, StageMemory, memory_plan
 from megatron_adadpo.planner.params import total_params
 from megatron_adadpo.planner.throughput import StepCost, step_cost
+from megatron_adadpo.resolve import resolve
 
 WARN_FRACTION = 0.9  # warn when the peak uses more than this share of the GPU's memory
 
@@ -102,9 +102,13 @@ class Plan:
 
 
 def make_plan(p: PlanInput, cluster: Cluster, mfu: float | None = None) -> Plan:
-    """Plan ``p`` on ``cluster``; raises ``LayoutError`` with every reason it cannot run."""
+    """Plan ``p`` on ``cluster``; raises ``LayoutError`` with every reason it cannot run.
+
+    The run is the trainer's: ``resolve`` on the cluster's world size and machine (degrees,
+    batching policy, settled log-prob chunk)."""
     warnings = check_layout(p, cluster)
-    dp = data_parallel_size(p.execution, cluster.world_size)
+    run = resolve(p.request(), cluster.world_size, cluster.machine)
+    dp = run.parallel.dp
     rows = p.row_lengths
     if rows is None and p.batching != "fixed":  # no profile: every row avg_seq_length tokens
         check_simulated(p.global_batch_size)
@@ -112,11 +116,11 @@ def make_plan(p: PlanInput, cluster: Cluster, mfu: float | None = None) -> Plan:
     estimate = None
     if rows is not None:
         estimate = estimate_batching(
-            p.policy, rows, p.global_batch_size, dp, p.model, p.execution.tp,
+            run.batching.policy, rows, p.global_batch_size, dp, p.model, p.execution.tp,
             flash=p.flash_attention,
         )  # fmt: skip
     micro = estimate.micro_batches if estimate else num_micro_batches(p, cluster)
-    stages = memory_plan(p, dp, max(1, round(micro)))
+    stages = memory_plan(p, dp, max(1, round(micro)), run.step.logprob_chunk_tokens)
     cost = step_cost(p, cluster.gpu, cluster.world_size, micro, mfu, estimate)
     plan = Plan(p, cluster, dp, micro, stages, cost, warnings, estimate)
     used = plan.peak.reserved / plan.capacity

@@ -55,23 +55,6 @@ GPUS: dict[str, GpuSpec] = {
 }
 
 
-# Transformer Engine ``check_mxfp8_support``: "Device compute capability 10.0 or higher
-# required for MXFP8 execution" (v2.8 transformer_engine/pytorch/fp8.py lines 48-55; v2.12
-# quantization.py lines 62-69). Hopper (9.0) has no MXFP8 GEMMs.
-MXFP8_MIN_CAPABILITY = (10, 0)
-
-
-def fp8_recipe_error(recipe: str, capability: tuple[int, int], device: str) -> str | None:
-    """Why ``device`` (compute capability ``capability``) cannot run FP8 ``recipe``, or None."""
-    if recipe == "mxfp8" and tuple(capability) < MXFP8_MIN_CAPABILITY:
-        major, minor = capability
-        return (
-            f"execution.fp8_recipe=mxfp8 needs compute capability >= 10.0 (Blackwell); {device} "
-            f"has {major}.{minor}: use fp8_recipe=delayed, tensorwise or blockwise"
-        )
-    return None
-
-
 def gpu_spec(name: str) -> GpuSpec:
     """The spec for a planner key (``h100``) or a device name (``NVIDIA H100 80GB HBM3``)."""
     spec = find_gpu(name)

@@ -131,7 +131,7 @@ def get_batch_on_this_cp_rank(batch: dict, cp_group) -> dict:
 
 # 0.19 lets the caller say whether a packed row has padding (``packed_seq_params.py`` line 28,
 # forwarded to TE >= 2.2 by ``extensions/transformer_engine.py`` line 1944); 0.16.1 has no such
-# field, and Transformer Engine infers it (``run/packing.py``).
+# field, and Transformer Engine infers it (``run/microbatch.thd_params``).
 PACKED_SEQ_TAKES_PAD_FLAG = "pad_between_seqs" in {
     f.name for f in dataclasses.fields(PackedSeqParams)
 }

@@ -7,33 +7,26 @@ over data-parallel ranks and micro-batches by ``data.batching`` (``fixed``, ``to
 row rounded up to the layout's ``pad_multiple`` (pipelines too: ``variable_seq_lengths``), so the
 number of micro-batches and their shapes may change from step to step; a packed micro-batch is
 one row (``data/packing.py``) that reaches the attention as ``PackedSeqParams`` (Transformer
-Engine) or as a block-diagonal mask (local spec, ``run/packing.py``). Each collated micro-batch
-becomes a ``MicroBatch`` here, once (``run/microbatch.py``); with context parallelism each rank
-keeps its zigzag share of every per-token tensor (of the whole row, or of each sequence of a
-packed row), ``[., S/CP]``; pair ids and reference values stay per pair. Under a pipeline
-the packed rows of a step all have the step's longest row's length (fixed shapes,
+Engine) or as a block-diagonal mask (``resolve/batching.packing_format`` decides). Each collated
+micro-batch becomes a ``MicroBatch`` here, once (``run/microbatch.py``); with context
+parallelism each rank keeps its zigzag share of every per-token tensor (of the whole row, or
+of each sequence of a packed row), ``[., S/CP]``; pair ids and reference values stay per pair.
+Under a pipeline the packed rows of a step all have the step's longest row's length (fixed shapes,
 ``BatchingPolicy.step_row_tokens``).
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from megatron_adadpo.config import Config
 from megatron_adadpo.data import PreferenceSampler, collate_pairs
-from megatron_adadpo.data.batching import BatchingPolicy, batching_policy, plan_global_batch
+from megatron_adadpo.data.batching import BatchingPolicy, plan_global_batch
 from megatron_adadpo.data.packing import collate_packed
+from megatron_adadpo.platform.machine import torch_device
 from megatron_adadpo.platform.parallel import Parallel
+from megatron_adadpo.resolve import ResolvedRun
 from megatron_adadpo.run.microbatch import MicroBatch, PackedAttention
-from megatron_adadpo.run.packing import packs_as_thd
-
-
-def training_device() -> torch.device:
-    """The current CUDA device, or the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def row_lengths(dataset) -> np.ndarray:
@@ -58,11 +51,12 @@ class StepBatches:
         policy: BatchingPolicy,
         parallel: Parallel,
         packing: PackedAttention | None = None,
+        device: str | None = None,  # the resolved run's; None: this machine's
     ):
         self.dataset, self.policy, self.parallel = dataset, policy, parallel
         self.packing = packing
         self.lengths = row_lengths(dataset)
-        self.device = training_device()
+        self.device = torch_device(device)
         self.step_lengths = np.zeros((0, 2), dtype=np.int64)
         self.step_micro_batches = 0
         self.sampler = sampler
@@ -95,15 +89,16 @@ class StepBatches:
 
 def step_batches(
     config: Config,
+    run: ResolvedRun,
     dataset,
     parallel: Parallel,
     consumed_samples: int,
     drop_last: bool = True,
 ) -> StepBatches:
-    """Training order from ``consumed_samples`` on, for this rank of ``parallel`` (its
-    data-parallel share of each global batch, its context-parallel positions);
-    ``drop_last=False`` visits every pair, completing the last global batch by wrapping around
-    (evaluation, reference precompute)."""
+    """Training order from ``consumed_samples`` on, batched as ``run`` resolved it, for this
+    rank of ``parallel`` (its data-parallel share of each global batch, its context-parallel
+    positions); ``drop_last=False`` visits every pair, completing the last global batch by
+    wrapping around (evaluation, reference precompute)."""
     sampler = PreferenceSampler(
         num_pairs=len(dataset),
         global_batch_size=config.train.global_batch_size,
@@ -115,18 +110,5 @@ def step_batches(
         shuffle=True,
         drop_last=drop_last,
     )
-    data = config.data
-    policy = batching_policy(
-        data.batching,
-        data.max_tokens_per_micro_batch,
-        config.execution,
-        config.train.micro_batch_size,
-    )
-    return StepBatches(dataset, sampler, policy, parallel, packing_format(policy, config))
-
-
-def packing_format(policy: BatchingPolicy, config: Config) -> PackedAttention | None:
-    """How the policy's packed rows reach attention (None: rows are not packed)."""
-    if policy.mode != "packed":
-        return None
-    return "thd" if packs_as_thd(config.execution) else "mask"
+    policy, packing = run.batching.policy, run.batching.packing
+    return StepBatches(dataset, sampler, policy, parallel, packing, run.device)

@@ -28,6 +28,7 @@ from megatron_adadpo.model.config import (
     read_model_config,
     write_model_config,
 )
+from megatron_adadpo.platform.machine import probe_machine
 from megatron_adadpo.platform.megatron import dist_checkpointing, tensor_parallel, unwrap_model
 from megatron_adadpo.platform.megatron_optimizer import (
     OPTIMIZER_SHARDING,
@@ -259,7 +260,7 @@ def _save_rng(directory: Path) -> None:
     state = {
         "world_size": dist.get_world_size() if dist.is_initialized() else 1,
         "cpu": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "cuda": torch.cuda.get_rng_state() if probe_machine().has_cuda else None,
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
     torch.save(state, directory / "rng" / f"rank_{_rank()}.pt")
@@ -278,6 +279,6 @@ def _load_rng(directory: Path, fix: str) -> None:
     if state["world_size"] != world:
         return  # another layout: RNG streams cannot be mapped; keep the fresh seeds
     torch.set_rng_state(state["cpu"])
-    if state["cuda"] is not None and torch.cuda.is_available():
+    if state["cuda"] is not None and probe_machine().has_cuda:
         torch.cuda.set_rng_state(state["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])

@@ -17,8 +17,12 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from megatron_adadpo.config import Config, ConfigError
+from megatron_adadpo.config_text import ConfigError
+
+if TYPE_CHECKING:
+    from megatron_adadpo.config import Config
 
 TOKENIZER_SUBDIR = "tokenizer"  # where tools/convert_hf_to_megatron.py stores the tokenizer
 _NOT_TOKENIZER = ("generation_config.json",)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from megatron_adadpo.config import Config
+from megatron_adadpo.resolve import ResolvedRun
 from megatron_adadpo.run.batches import step_batches
 from megatron_adadpo.run.metrics import accumulate_metrics
 from megatron_adadpo.run.microbatch import MicroBatch
@@ -25,12 +26,13 @@ class Evaluator:
     def __init__(
         self,
         config: Config,
+        run: ResolvedRun,
         policy: list,
         reference,
         dataset,
         context: StepContext,
     ):
-        self.config, self.policy, self.reference = config, policy, reference
+        self.config, self.run, self.policy, self.reference = config, run, policy, reference
         self.dataset, self.context = dataset, context
         pairs = min(len(dataset), config.eval.max_pairs or len(dataset))
         self.steps = max(1, pairs // config.train.global_batch_size)
@@ -40,7 +42,7 @@ class Evaluator:
         """``[sum, count]`` metric tensors over the evaluated pairs (last stage; else {}), or
         None when ``stop`` (a collective: every rank calls it equally often) said to stop."""
         parallel = self.context.parallel
-        batches = step_batches(self.config, self.dataset, parallel, 0, drop_last=False)
+        batches = step_batches(self.config, self.run, self.dataset, parallel, 0, drop_last=False)
         metrics = []
         for _ in range(self.steps):
             micro = batches.next_step()

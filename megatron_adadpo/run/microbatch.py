@@ -17,7 +17,7 @@ The micro-batch does the three things only it knows how to do:
   ``PackedSeqParams`` for a packed row on Transformer Engine attention (Megatron turns the
   causal spec into TE's ``padding_causal`` for THD), or the block-diagonal causal mask built on
   the device from ``segment_ids`` (every other core attention; one ``[1, 1, T, T]`` bool tensor
-  per micro-batch in flight, not per step; ``run/packing.py`` decides which).
+  per micro-batch in flight, not per step; ``resolve/batching.packing_format`` decides which).
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """Opening a run: its process groups, its run directory, its data and where it starts.
 
-``open_run_dir(config)`` builds the parallel value once, claims the run directory
+``open_run_dir(config)`` resolves the run once on this world size and machine
+(``resolve(config, world_size, machine)``: every reason it cannot run, before any allocation),
+builds the parallel value once, claims the run directory
 (``run/lock.py``), loads the data and decides where the launch starts (``run/run_dir.py``:
 fresh, resumed from ``checkpoints/latest``, or already finished). Nothing is built on the
 accelerator yet: a finished run (its latest checkpoint at or past the last step) becomes a
@@ -13,9 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch.distributed as dist
+
 from megatron_adadpo.config import Config, ConfigError
 from megatron_adadpo.platform.distributed import init_model_parallel
+from megatron_adadpo.platform.machine import probe_machine
 from megatron_adadpo.platform.parallel import Parallel
+from megatron_adadpo.resolve import ResolvedRun, resolve
 from megatron_adadpo.run import checkpoints
 from megatron_adadpo.run import run_dir as run_files
 from megatron_adadpo.run.datasets import load_dataset
@@ -65,8 +71,9 @@ class StartPoint:
 
 @dataclass
 class OpenedRun:
-    """A claimed run directory with its parallel value, data and start."""
+    """A claimed run directory with its resolved run, parallel value, data and start."""
 
+    run: ResolvedRun  # what will run (``resolve``): everything after reads it
     parallel: Parallel
     lock: RunDirLock | None
     dataset: object  # the training pairs
@@ -81,14 +88,16 @@ class OpenedRun:
 
 
 def open_run_dir(config: Config) -> OpenedRun:
-    """Build the parallel value, claim the run directory, load the data and find the start."""
+    """Resolve the run, build the parallel value, claim the run directory, load the data and
+    find the start."""
+    run = resolve(config, dist.get_world_size(), probe_machine())
     train = config.train
     parallel = init_model_parallel(
         config.execution, seed=train.seed, timeout_minutes=train.distributed_timeout_minutes
     )
     run_dir = config.logging.run_dir
     run_files.check_writable(run_dir)  # before anything is built or trained
-    opened = OpenedRun(parallel, claim_run_dir(run_dir), None, None, None)
+    opened = OpenedRun(run, parallel, claim_run_dir(run_dir), None, None, None)
     try:
         resume_from = run_files.resume_point(run_dir, config.checkpoint.resume)
         if parallel.rank == 0:

@@ -21,10 +21,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from megatron_adadpo.config import Config, check_world_size, load_config
+from megatron_adadpo.config import Config, load_config
 from megatron_adadpo.platform import cpu
 from megatron_adadpo.platform.distributed import destroy, init_distributed, init_model_parallel
+from megatron_adadpo.platform.machine import probe_machine
 from megatron_adadpo.platform.parallel import Parallel
+from megatron_adadpo.resolve import resolve
 from megatron_adadpo.run.batches import step_batches
 from megatron_adadpo.run.consistency import reference_model
 from megatron_adadpo.run.datasets import load_dataset
@@ -47,13 +49,13 @@ def main(argv: list[str] | None = None) -> None:
     config = load_config(args.config, [*args.set, "reference.mode=resident"])
     cpu.activate()  # Megatron on a machine without CUDA; a no-op on GPU hosts
     init_distributed(config.train.distributed_timeout_minutes)
-    check_world_size(config, dist.get_world_size())
+    run = resolve(config, dist.get_world_size(), probe_machine())
     timeout = config.train.distributed_timeout_minutes
     parallel = init_model_parallel(config.execution, config.train.seed, timeout)
     dataset = load_dataset(config, eval_split=args.eval)
-    model = freeze(build_reference_model(config))  # reference.checkpoint, or the policy's start
-    context = StepContext.from_config(config, parallel)
-    batches = step_batches(config, dataset, parallel, 0, drop_last=False)
+    model = freeze(build_reference_model(config, run))  # reference.checkpoint, or the start
+    context = StepContext.from_config(config, run, parallel)
+    batches = step_batches(config, run, dataset, parallel, 0, drop_last=False)
     steps = math.ceil(len(dataset) / config.train.global_batch_size)
     ids, sums = [], []
     logging = parallel.is_logging_rank

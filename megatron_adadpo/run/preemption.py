@@ -23,6 +23,8 @@ import signal
 import torch
 import torch.distributed as dist
 
+from megatron_adadpo.platform.machine import torch_device
+
 
 class Preemption:
     """Records SIGTERM while installed (``with Preemption() as p``); ``p()`` is the flag."""
@@ -52,8 +54,6 @@ class Preemption:
 
 def any_rank(flag: bool) -> bool:
     """Collective over every rank: True when ``flag`` is set on at least one."""
-    keep_going = torch.tensor([0.0 if flag else 1.0])
-    if torch.cuda.is_available():
-        keep_going = keep_going.cuda()
+    keep_going = torch.tensor([0.0 if flag else 1.0], device=torch_device())
     dist.all_reduce(keep_going, op=dist.ReduceOp.MIN)
     return keep_going.item() == 0.0

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from megatron_adadpo.config import Config, ConfigError
-from megatron_adadpo.platform.environment import uses_transformer_engine
+from megatron_adadpo.resolve import ResolvedRun
 
 # The config fields that set the run's length (Megatron counts it in samples: pairs).
 LENGTH_FIELDS = ("train.train_iters", "train.epochs", "train.global_batch_size")
@@ -33,7 +33,7 @@ SCHEDULE_FIELDS = {
 }
 
 
-def optimizer_layout(config: Config) -> dict:
+def optimizer_layout(config: Config, run: ResolvedRun) -> dict:
     """What the distributed optimizer's ``dp_reshardable`` state depends on: the model
     parallel layout, the gradient buckets (not the data-parallel size) and the resolved layer
     spec. The state is stored per gradient-buffer range in the buffer's parameter order
@@ -41,7 +41,7 @@ def optimizer_layout(config: Config) -> dict:
     942) and loaded back by position; the Transformer Engine spec holds other parameters in
     another order than the local spec (its ``linear_qkv`` / ``linear_fc1`` carry the fused
     layer norms), so ``transformer_impl: auto`` resolving differently on another machine would
-    load the moments into the wrong parameters."""
+    load the moments into the wrong parameters (``run.kernels.transformer_engine``)."""
     e, opt = config.execution, config.optimizer
     return {
         "distributed_optimizer": opt.use_distributed_optimizer,
@@ -50,7 +50,7 @@ def optimizer_layout(config: Config) -> dict:
         "vpp": e.vpp,
         "overlap_grad_reduce": opt.overlap_grad_reduce,
         "ddp_bucket_size": opt.ddp_bucket_size,
-        "layer_spec": "transformer_engine" if uses_transformer_engine(e) else "local",
+        "layer_spec": "transformer_engine" if run.kernels.transformer_engine else "local",
     }
 
 
@@ -74,26 +74,26 @@ class RunState:
     consumed_samples: int  # pairs trained on (Megatron counts samples)
     dataset_identity: str | None  # the manifest identity of the data (``data/``)
     seed: int  # train.seed of the run (the data order within an epoch)
-    optimizer_layout: dict  # ``optimizer_layout(config)``: what the optimizer state depends on
+    optimizer_layout: dict  # ``optimizer_layout(config, run)``: what the optimizer state depends on
     reference_sync: dict | None = None  # TR-DPO's settings (``reference_sync``), None: off
     reference_source: str | None = None  # the model the reference is loaded from
     eval_pending: bool = False  # SIGTERM abandoned this step's evaluation: do it first
 
     @classmethod
-    def fresh(cls, config: Config, dataset_identity: str) -> RunState:
+    def fresh(cls, config: Config, run: ResolvedRun, dataset_identity: str) -> RunState:
         """The state of a run that starts at step 0."""
         return cls(
             0,
             0,
             dataset_identity,
             config.train.seed,
-            optimizer_layout(config),
+            optimizer_layout(config, run),
             reference_sync(config),
             reference_source(config),
         )
 
     @classmethod
-    def resumed(cls, saved: dict, config: Config) -> RunState:
+    def resumed(cls, saved: dict, config: Config, run: ResolvedRun) -> RunState:
         """The state of a run resumed from a checkpoint's ``saved`` run state: its position and
         data; this config's seed and optimizer layout (accepted by ``check_run_state``)."""
         return cls(
@@ -101,7 +101,7 @@ class RunState:
             saved["consumed_samples"],
             saved.get("dataset_identity"),
             config.train.seed,
-            optimizer_layout(config),
+            optimizer_layout(config, run),
             reference_sync(config),
             reference_source(config),
             eval_pending=bool(saved.get("eval_pending")),
@@ -116,7 +116,12 @@ class RunState:
 
 
 def check_run_state(
-    saved: dict, config: Config, dataset_identity: str, samples_per_epoch: int, where: Path
+    saved: dict,
+    config: Config,
+    run: ResolvedRun,
+    dataset_identity: str,
+    samples_per_epoch: int,
+    where: Path,
 ) -> None:
     """Refuse to resume ``saved`` (a checkpoint's run state) with this config: other data or
     tokenisation, another seed in the middle of an epoch, or an optimizer layout the saved
@@ -134,7 +139,7 @@ def check_run_state(
             f"train.seed={config.train.seed} would re-order the rest of the epoch (pairs seen "
             f"twice or never): restore train.seed={seed} (a new seed is safe at an epoch boundary)"
         )
-    _check_optimizer_layout(saved.get("optimizer_layout"), optimizer_layout(config), where)
+    _check_optimizer_layout(saved.get("optimizer_layout"), optimizer_layout(config, run), where)
     check_reference_sync(saved.get("reference_sync"), reference_sync(config), where)
     check_reference_source(saved, config, where)
 

@@ -32,8 +32,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_adadpo.chunked_logprobs import OutputLayer, model_output_layer
-from megatron_adadpo.layout import logprob_chunk_tokens
 from megatron_adadpo.losses import LossConfig, preference_loss
+from megatron_adadpo.platform.machine import torch_device
 from megatron_adadpo.platform.megatron import final_hidden_states, get_forward_backward_func
 from megatron_adadpo.platform.parallel import Parallel
 from megatron_adadpo.run.metrics import accumulate_metrics, all_reduce_metrics
@@ -59,10 +59,9 @@ class StepContext:
     token_metrics: bool = True  # logging.token_metrics
 
     @classmethod
-    def from_config(cls, config, parallel: Parallel) -> StepContext:
-        """The context of a run's ``Config`` (``execution.logprob_chunk_tokens`` resolved)."""
-        padded = config.model.padded_vocab_size(config.execution.tp)
-        chunk = logprob_chunk_tokens(config.execution, padded)
+    def from_config(cls, config, run, parallel: Parallel) -> StepContext:
+        """The context of a run's ``Config`` and its ``ResolvedRun`` (the settled chunk)."""
+        chunk = run.step.logprob_chunk_tokens
         metrics = config.logging.token_metrics
         return cls(config.loss, config.model.vocab_size, parallel, chunk, metrics)
 
@@ -244,9 +243,7 @@ def _agree(reports: list[dict], stop_requested) -> tuple[bool, bool]:
     all-reduce of ``[finite, not stop]``."""
     if callable(stop_requested):
         stop_requested = stop_requested()
-    flags = torch.tensor([1.0, 0.0 if stop_requested else 1.0])
-    if torch.cuda.is_available():
-        flags = flags.cuda()
+    flags = torch.tensor([1.0, 0.0 if stop_requested else 1.0], device=torch_device())
     for r in reports:
         flags[0] = flags[0] * torch.isfinite(r["losses"]).all()
     dist.all_reduce(flags, op=dist.ReduceOp.MIN)

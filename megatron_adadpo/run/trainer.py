@@ -23,6 +23,7 @@ from megatron_adadpo.planner.throughput import step_model_flops
 from megatron_adadpo.platform.hardware import peak_flops_per_device
 from megatron_adadpo.platform.megatron_optimizer import force_param_sync
 from megatron_adadpo.platform.parallel import Parallel
+from megatron_adadpo.resolve import ResolvedRun
 from megatron_adadpo.run import checkpoints, resume
 from megatron_adadpo.run.batches import StepBatches, step_batches
 from megatron_adadpo.run.consistency import (
@@ -41,15 +42,15 @@ from megatron_adadpo.run.resume import RunState
 from megatron_adadpo.run.step import StepContext, train_step
 
 
-def packed_sequences(config: Config) -> bool:
-    """The run feeds packed rows (``data.batching: packed``): the model's attention takes them
-    (``model/build.py``)."""
-    return config.data.batching == "packed"
+def build_run_model(config: Config, run: ResolvedRun) -> list:
+    """Model chunks of the resolved run (its kernels; packed rows when it packs them)."""
+    packed = run.batching.packing is not None
+    return build_model(config.model, config.execution, packed, run.kernels)
 
 
-def build_policy(config: Config) -> list:
+def build_policy(config: Config, run: ResolvedRun) -> list:
     """The policy's model chunks with their initial weights (checkpoint or initialisation)."""
-    chunks = build_model(config.model, config.execution, packed_sequences(config))
+    chunks = build_run_model(config, run)
     if config.train.init_checkpoint:
         checkpoints.load_model(chunks, config.train.init_checkpoint, config.model)
     elif config.train.init_method == "layout_invariant":
@@ -57,25 +58,27 @@ def build_policy(config: Config) -> list:
     return chunks
 
 
-def build_reference_model(config: Config) -> list:
+def build_reference_model(config: Config, run: ResolvedRun) -> list:
     """The reference's model chunks with its weights: ``reference.checkpoint``'s, else the
     policy's initial ones (``build_policy``)."""
     checkpoint = config.reference.checkpoint
     if not checkpoint:
-        return build_policy(config)
-    chunks = build_model(config.model, config.execution, packed_sequences(config))
+        return build_policy(config, run)
+    chunks = build_run_model(config, run)
     checkpoints.load_model(chunks, checkpoint, config.model)
     return chunks
 
 
-def build_references(config: Config, policy_chunks: list, context: StepContext, datasets):
+def build_references(
+    config: Config, run: ResolvedRun, policy_chunks: list, context: StepContext, datasets
+):
     """(train reference, eval reference): resident model, precomputed values, or none."""
-    mode = config.reference_mode
+    mode = run.step.reference
     if mode == "resident":
         if config.reference.checkpoint:
-            ref = ResidentReference(build_reference_model(config), None, context)
+            ref = ResidentReference(build_reference_model(config, run), None, context)
         else:  # a copy of the policy's initial weights: no second load
-            chunks = build_model(config.model, config.execution, packed_sequences(config))
+            chunks = build_run_model(config, run)
             ref = ResidentReference(chunks, policy_chunks, context)
         return ref, ref
     if mode == "precomputed":
@@ -104,6 +107,7 @@ class Trainer:
     group. Every attribute is set by the constructor; the run state is ``state``."""
 
     config: Config
+    run: ResolvedRun  # what runs (``resolve``, once, in ``open_run_dir``)
     parallel: Parallel  # degrees, process groups, this rank's coordinates (built once)
     lock: RunDirLock | None  # the claimed run directory (None once released)
     resume_from: Path | None  # the checkpoint this launch continues (None: fresh)
@@ -125,6 +129,7 @@ class Trainer:
         no trainer: ``open_run`` returns its ``FinishedRun``."""
         opened = opened or open_run_dir(config)
         self.config, self.parallel, self.lock = config, opened.parallel, opened.lock
+        self.run = opened.run
         self.preempted = False
         try:
             if opened.start.finished:
@@ -146,17 +151,20 @@ class Trainer:
         identity = self.dataset.identity
         saved = start.saved
         fresh = saved is None
-        self.state = RunState.fresh(config, identity) if fresh else RunState.resumed(saved, config)
-        self.batches = step_batches(
-            config, self.dataset, self.parallel, self.state.consumed_samples
-        )
+        run = self.run
+        if fresh:
+            self.state = RunState.fresh(config, run, identity)
+        else:
+            self.state = RunState.resumed(saved, config, run)
+        consumed = self.state.consumed_samples
+        self.batches = step_batches(config, run, self.dataset, self.parallel, consumed)
         if saved is not None:
             per_epoch = self.batches.sampler.samples_per_epoch
-            resume.check_run_state(saved, config, identity, per_epoch, self.resume_from)
-        self.context = StepContext.from_config(config, self.parallel)
-        chunks = build_policy(config)
+            resume.check_run_state(saved, config, run, identity, per_epoch, self.resume_from)
+        self.context = StepContext.from_config(config, run, self.parallel)
+        chunks = build_policy(config, run)
         self.reference, eval_reference = build_references(
-            config, chunks, self.context, (self.dataset, opened.eval_set)
+            config, run, chunks, self.context, (self.dataset, opened.eval_set)
         )
         self.policy = wrap_ddp(chunks, config.optimizer)
         self.optimizer = build_optimizer(self.policy, config.optimizer, config.execution.bf16)
@@ -172,7 +180,7 @@ class Trainer:
         self.evaluator = None
         if opened.eval_set is not None:
             self.evaluator = Evaluator(
-                config, self.policy, eval_reference, opened.eval_set, self.context
+                config, run, self.policy, eval_reference, opened.eval_set, self.context
             )
 
     def _resume(self, saved_schedule: dict) -> None:
@@ -320,7 +328,7 @@ class Trainer:
     def _throughput(self, result, elapsed: float) -> dict:
         config = self.config
         flops = step_model_flops(
-            config.model, config.execution.tp, self.batches.step_lengths, 1, config.reference_mode
+            config.model, config.execution.tp, self.batches.step_lengths, 1, self.run.step.reference
         ).sum()  # the real tokens' FLOPs, sequence by sequence: padding is not model work
         peak_tflops = config.logging.peak_tflops
         peak = peak_tflops * 1e12 if peak_tflops else peak_flops_per_device()

@@ -110,7 +110,7 @@ def test_gqa_without_copies_except_masked_on_cuda():
 
 
 def test_unknown_attention_choice_is_refused():
-    from megatron_adadpo.layout import layout_errors
+    from megatron_adadpo.resolve.layout import layout_errors
 
     errors = layout_errors(
         TINY, ExecutionConfig(attention="flash"), micro_batch_size=1, global_batch_size=1

@@ -63,7 +63,6 @@ def test_train_passes_the_config_value(monkeypatch):
     monkeypatch.setattr(cpu, "activate", lambda: False)
     monkeypatch.setattr(parallel, "init_distributed", lambda minutes: seen.append(minutes))
     monkeypatch.setattr(parallel, "destroy", lambda: None)
-    monkeypatch.setattr(train, "check_world_size", lambda *a: None)
     monkeypatch.setattr(dist, "get_world_size", lambda: 1)
     monkeypatch.setattr(trainer, "Trainer", lambda config: seen.append(config) or _NoTrain())
     quickstart = Path(__file__).resolve().parents[2] / "examples" / "configs" / "quickstart.yaml"

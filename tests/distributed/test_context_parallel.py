@@ -159,6 +159,8 @@ class Pairs:
 def _train_rank(rank, world, cp, steps, extra=()):
     from megatron_adadpo.model.build import transformer_config
     from megatron_adadpo.platform.distributed import init_model_parallel
+    from megatron_adadpo.platform.machine import probe_machine
+    from megatron_adadpo.resolve import Machine, resolve
     from megatron_adadpo.run.batches import step_batches
     from megatron_adadpo.run.metrics import reduce_metrics
     from megatron_adadpo.run.optimizer import build_optimizer, build_scheduler, wrap_ddp
@@ -176,7 +178,12 @@ def _train_rank(rank, world, cp, steps, extra=()):
     scheduler = build_scheduler(optimizer, config.optimizer, steps, 8)
     context = StepContext(config.loss, VOCAB, parallel)
     reference = ResidentReference([_stand_in_model(tconfig, seed=0)], policy, context)
-    batches = step_batches(config, Pairs(), parallel, 0)
+    # The stand-in model is this test's context-parallel attention: the run is resolved as on
+    # a machine with Transformer Engine, its tensors on this machine's device.
+    run = resolve(config, world, Machine(has_cuda=True, has_te=True))
+    here = dataclasses.replace(run.kernels, cuda=probe_machine().has_cuda)
+    run = dataclasses.replace(run, kernels=here)
+    batches = step_batches(config, run, Pairs(), parallel, 0)
     batches.policy = dataclasses.replace(batches.policy, pad_multiple=PAD)
     history = []
     for _ in range(steps):

@@ -137,13 +137,12 @@ def first_step(rank: int, world: int, argv: list[str]) -> dict | None:
     reduced metrics), "reference_logps" (per sequence, or None)}``."""
     from functools import partial
 
-    from megatron_adadpo.config import check_world_size, load_config
+    from megatron_adadpo.config import load_config
     from megatron_adadpo.run.step import forward_step, reduce_reports, run_schedule
     from megatron_adadpo.run.trainer import Trainer
 
     args = train.parse_args(argv)
     config = load_config(args.config, args.set)
-    check_world_size(config, world)
     trainer = Trainer(config)  # installs finalize_model_grads through the optimizer
     batches = trainer.batches.next_step()
     if trainer.reference is not None:
@@ -176,12 +175,11 @@ def train_capturing_step_one(rank: int, world: int, argv: list[str]) -> dict:
     clipping) and ``"micro_batches"``: this rank's step-1 micro-batches as
     ``(pair_ids, rows, segment_ids or None)`` on the host.
     """
-    from megatron_adadpo.config import check_world_size, load_config
+    from megatron_adadpo.config import load_config
     from megatron_adadpo.run.trainer import Trainer
 
     args = train.parse_args(argv)
     config = load_config(args.config, args.set)
-    check_world_size(config, world)
     trainer = Trainer(config)
     captured: dict = {}
     next_step, optimizer_step = trainer.batches.next_step, trainer.optimizer.step
@@ -222,13 +220,12 @@ def train_checked(rank: int, world: int, argv: list[str]) -> dict:
     parameters on rank 0 as ``first_step_gradients`` gives gradients (after Megatron's
     ``force_param_sync``)}``.
     """
-    from megatron_adadpo.config import check_world_size, load_config
+    from megatron_adadpo.config import load_config
     from megatron_adadpo.platform.megatron_optimizer import force_param_sync
     from megatron_adadpo.run import trainer as trainer_module
 
     args = train.parse_args(argv)
     config = load_config(args.config, args.set)
-    check_world_size(config, world)
     trainer = trainer_module.Trainer(config)
     pending: list = []
     real_train_step = trainer_module.train_step

@@ -1,8 +1,8 @@
 """``data.batching`` on a CUDA GPU: token-budget and packed runs give the losses of ``fixed`` in
 fp32; skipped without CUDA. The packed run names ``execution.attention=sdpa``: with Transformer
 Engine installed the layer spec is TE's but the packed rows must reach the SDPA attention as the
-block-diagonal mask, never as THD ``PackedSeqParams`` (``run/packing.packs_as_thd``; TE's own THD
-attention has no fp32 backend, so the config refuses packed + TE attention in fp32)."""
+block-diagonal mask, never as THD ``PackedSeqParams`` (``resolve/batching.packing_format``; TE's
+own THD attention has no fp32 backend, so the config refuses packed + TE attention in fp32)."""
 
 import pytest
 

@@ -124,7 +124,8 @@ def test_a_pair_over_the_budget_is_refused_naming_the_field():
         ),
         (
             ["data.batching=packed", "data.max_tokens_per_micro_batch=512", "execution.cp=2"],
-            "data.batching=packed with execution.cp=2 needs Transformer Engine",
+            "data.batching=packed with execution.cp > 1 needs Transformer Engine attention: the "
+            r"local spec \(execution.transformer_impl=local\) has none",
         ),
         (
             [
@@ -174,8 +175,9 @@ def test_global_batch_rule_of_budget_modes_is_what_the_plan_needs(mode, pp, vpp)
     on the worst case (every pair fills a micro-batch alone); every one it refuses breaks one
     of these on the worst case (a rank without pairs, a lost pair, no split into PP
     multiples)."""
-    from megatron_adadpo.layout import ExecutionConfig, layout_errors
+    from megatron_adadpo.layout import ExecutionConfig
     from megatron_adadpo.model.config import ModelConfig
+    from megatron_adadpo.resolve.layout import layout_errors
 
     model = ModelConfig(num_layers=4, hidden_size=64, ffn_hidden_size=128,
                         num_attention_heads=4, vocab_size=256)  # fmt: skip

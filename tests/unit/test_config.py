@@ -9,8 +9,9 @@ import torch.distributed as dist
 import yaml
 
 from megatron_adadpo import train
-from megatron_adadpo.config import ConfigError, check_world_size, load_config
+from megatron_adadpo.config import ConfigError, load_config
 from megatron_adadpo.layout import data_parallel_size
+from megatron_adadpo.resolve import CPU, resolve
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "examples/configs/quickstart.yaml"
 
@@ -156,12 +157,12 @@ def test_tensorboard_without_the_package_is_refused(monkeypatch):
 
 def test_world_size_and_batch_divisibility():
     c = cfg("execution.tp=2")
-    check_world_size(c, 4)
+    resolve(c, 4, CPU)
     assert data_parallel_size(c.execution, 4) == 2  # DP = 2
     with pytest.raises(ConfigError, match="3 processes are not divisible by execution.tp"):
-        check_world_size(c, 3)
+        resolve(c, 3, CPU)
     with pytest.raises(ConfigError, match="global_batch_size=16 must be divisible by"):
-        check_world_size(cfg("execution.tp=1", "train.micro_batch_size=3"), 1)
+        resolve(cfg("execution.tp=1", "train.micro_batch_size=3"), 1, CPU)
     vpp = cfg(
         "execution.tp=1",
         "execution.pp=2",
@@ -170,7 +171,7 @@ def test_world_size_and_batch_divisibility():
         "train.micro_batch_size=4",
     )
     with pytest.raises(ConfigError, match=r"micro-batches \(3\) to be a multiple of"):
-        check_world_size(vpp, 2)
+        resolve(vpp, 2, CPU)
 
 
 def test_config_errors_come_before_any_process_group():

@@ -22,8 +22,10 @@ import itertools
 
 import pytest
 
-from megatron_adadpo.layout import ExecutionConfig, layout_errors, pad_multiple
-from megatron_adadpo.platform.hardware import GPUS, fp8_recipe_error
+from megatron_adadpo.layout import ExecutionConfig, pad_multiple
+from megatron_adadpo.platform.hardware import GPUS
+from megatron_adadpo.resolve.kernels import fp8_recipe_error
+from megatron_adadpo.resolve.layout import layout_errors
 from tests.megatron_helpers import TINY
 
 QUANTIZER_BLOCK = {"delayed": 1, "tensorwise": 1, "mxfp8": 32, "blockwise": 128}
@@ -107,16 +109,15 @@ def test_known_hopper_and_ampere_capabilities():
     assert GPUS["a100"].compute_capability == (8, 0)
 
 
-def test_environment_check_refuses_mxfp8_on_this_hopper(monkeypatch):
-    """The config's environment check asks torch for the device's capability."""
-    import torch
+def test_environment_check_refuses_mxfp8_on_this_hopper():
+    """The resolver's kernel rules read the device's capability from the probed ``Machine``."""
+    from megatron_adadpo.resolve.kernels import kernel_errors
+    from megatron_adadpo.resolve.machine import Machine
 
-    from megatron_adadpo.platform import environment
-
-    monkeypatch.setattr(environment, "cuda_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    hopper = Machine(
+        has_cuda=True, has_te=True, gpu_name="NVIDIA H100 80GB HBM3", compute_capability=(9, 0)
+    )
     run = ExecutionConfig(fp8="hybrid", fp8_recipe="mxfp8")
-    assert any("mxfp8 needs compute capability" in e for e in environment.environment_errors(run))
+    assert any("mxfp8 needs compute capability" in e for e in kernel_errors(run, hopper, "fixed"))
     run = ExecutionConfig(fp8="hybrid", fp8_recipe="tensorwise")
-    assert not any("compute capability" in e for e in environment.environment_errors(run))
+    assert not any("compute capability" in e for e in kernel_errors(run, hopper, "fixed"))

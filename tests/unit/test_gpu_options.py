@@ -27,6 +27,8 @@ from megatron_adadpo.planner.inputs import PlanInput
 from megatron_adadpo.planner.memory import elem_bytes, layer_activation_bytes
 from megatron_adadpo.platform.environment import megatron_import_error
 from megatron_adadpo.platform.megatron import TransformerConfig
+from megatron_adadpo.resolve import CPU, Machine
+from megatron_adadpo.resolve.kernels import resolve_kernels
 from tests.megatron_helpers import TINY
 
 FUSIONS = (
@@ -47,32 +49,32 @@ def test_no_fusion_on_cpu():
     assert not any(_fusions(transformer_config(TINY, ExecutionConfig())).values())
 
 
-def test_gpu_without_te_or_apex_fuses_what_megatron_accepts(monkeypatch):
+def test_gpu_without_te_or_apex_fuses_what_megatron_accepts():
     """A CUDA machine without TE / apex: SwiGLU and bias-dropout-add fused, the TE RoPE
     kernel and the apex weight-gradient GEMM not (Megatron would raise); Megatron's own
     ``TransformerConfig`` validation accepts the combination."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(build, "module_available", lambda name: False)
+    gpu = Machine(has_cuda=True)
     local = ExecutionConfig(transformer_impl="local", bf16=True)
-    assert _fusions(transformer_config(TINY, local)) == {
+    assert _fusions(transformer_config(TINY, local, resolve_kernels(local, gpu))) == {
         "bias_activation_fusion": True,
         "bias_dropout_fusion": True,
         "apply_rope_fusion": False,
         "masked_softmax_fusion": False,
         "gradient_accumulation_fusion": False,
     }
-    off = transformer_config(TINY, dataclasses.replace(local, fusions=False))
-    assert not any(_fusions(off).values())
-    monkeypatch.setattr(build, "uses_transformer_engine", lambda run: True)
+    off = dataclasses.replace(local, fusions=False)
+    assert not any(_fusions(transformer_config(TINY, off, resolve_kernels(off, gpu))).values())
+    te_gpu = Machine(has_cuda=True, has_te=True)  # TE resolved, though not installed here
+    auto = dataclasses.replace(local, transformer_impl="auto")
     with pytest.raises(ValueError, match="apply_rope_fusion is not available"):
-        transformer_config(TINY, local)  # the rule: Megatron's RoPE fusion is TE's kernel
+        transformer_config(TINY, local, resolve_kernels(auto, te_gpu))  # Megatron's rule
 
 
-def test_gpu_with_te_and_apex_fuses_everything(monkeypatch):
-    monkeypatch.setattr(build, "module_available", lambda name: True)
-    monkeypatch.setattr(build, "uses_transformer_engine", lambda run: True)
-    assert all(build.kernel_fusions(ExecutionConfig(), on_gpu=True)[n] for n in FUSIONS)
-    assert not any(build.kernel_fusions(ExecutionConfig(), on_gpu=False).values())
+def test_gpu_with_te_and_apex_fuses_everything():
+    gpu = Machine(has_cuda=True, has_te=True, fused_softmax=True, fused_weight_grad=True)
+    fused = build.kernel_fusions(resolve_kernels(ExecutionConfig(), gpu))
+    assert all(fused[n] for n in FUSIONS)
+    assert not any(build.kernel_fusions(resolve_kernels(ExecutionConfig(), CPU)).values())
 
 
 def test_fp8_delayed_scaling_uses_megatron_lm_llama3_settings():

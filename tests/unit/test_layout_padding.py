@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from megatron_adadpo.layout import ExecutionConfig, layout_errors, pad_multiple
+from megatron_adadpo.layout import ExecutionConfig, pad_multiple
 from megatron_adadpo.model.config import ModelConfig
+from megatron_adadpo.resolve.layout import layout_errors
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "examples/configs/quickstart.yaml"
 

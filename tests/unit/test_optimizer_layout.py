@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from megatron_adadpo.config import ConfigError, load_config
-from megatron_adadpo.platform import environment
+from megatron_adadpo.platform.machine import probe_machine
+from megatron_adadpo.resolve import Machine, resolve
 from megatron_adadpo.run.resume import _check_optimizer_layout, optimizer_layout
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "configs" / "quickstart.yaml"
@@ -38,10 +39,12 @@ def test_another_resolved_layer_spec_is_refused_naming_the_field():
     _check_optimizer_layout({**plain, "layer_spec": "transformer_engine"}, plain, WHERE)
 
 
-def test_the_layout_records_the_spec_auto_resolves_to(monkeypatch):
-    """``transformer_impl: auto`` is recorded as what it resolved to on this machine."""
+def test_the_layout_records_the_spec_auto_resolves_to():
+    """``transformer_impl: auto`` is recorded as what it resolved to on the machine."""
     config = load_config(QUICKSTART, ["execution.transformer_impl=auto"])
-    assert optimizer_layout(config)["layer_spec"] == "local"  # no CUDA / TE here
-    monkeypatch.setattr(environment, "cuda_available", lambda: True)
-    monkeypatch.setattr(environment, "te_available", lambda: True)
-    assert optimizer_layout(config)["layer_spec"] == "transformer_engine"
+    here = resolve(config, 2, probe_machine())
+    assert optimizer_layout(config, here)["layer_spec"] == "local"  # no CUDA / TE here
+    te_gpu = Machine(has_cuda=True, has_te=True)
+    assert (
+        optimizer_layout(config, resolve(config, 2, te_gpu))["layer_spec"] == "transformer_engine"
+    )

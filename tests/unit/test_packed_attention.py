@@ -13,39 +13,41 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_adadpo.config import _packed_attention_errors
 from megatron_adadpo.layout import ExecutionConfig
-from megatron_adadpo.platform import environment
-from megatron_adadpo.run.packing import packs_as_thd
+from megatron_adadpo.resolve import CPU, Machine
+from megatron_adadpo.resolve.batching import packing_format
+from megatron_adadpo.resolve.kernels import kernel_errors, resolve_kernels
+
+TE_MACHINE = Machine(has_cuda=True, has_te=True)  # a CUDA machine with Transformer Engine
 
 
-@pytest.fixture
-def te_machine(monkeypatch):
-    """A CUDA machine with Transformer Engine, as ``platform.environment`` probes it."""
-    monkeypatch.setattr(environment, "cuda_available", lambda: True)
-    monkeypatch.setattr(environment, "te_available", lambda: True)
+def packs_as_thd(execution: ExecutionConfig, machine: Machine) -> bool:
+    """The resolved packing format of packed rows is THD."""
+    attention = resolve_kernels(execution, machine).attention
+    return packing_format("packed", attention) == "thd"
 
 
 @pytest.mark.parametrize(
     "attention, thd",
     [("auto", True), ("transformer_engine", True), ("sdpa", False)] + [("megatron_local", False)],
 )
-def test_thd_params_only_for_te_attention_on_a_te_machine(te_machine, attention, thd):
+def test_thd_params_only_for_te_attention_on_a_te_machine(attention, thd):
     execution = ExecutionConfig(transformer_impl="auto", attention=attention, bf16=True)
-    assert packs_as_thd(execution) is thd
+    assert packs_as_thd(execution, TE_MACHINE) is thd
 
 
 def test_no_thd_without_te():
-    assert not packs_as_thd(ExecutionConfig(transformer_impl="local"))
+    assert not packs_as_thd(ExecutionConfig(transformer_impl="local"), TE_MACHINE)
+    assert not packs_as_thd(ExecutionConfig(), CPU)
 
 
 def test_packed_te_attention_in_fp32_is_refused_naming_bf16():
-    (error,) = _packed_attention_errors(ExecutionConfig(bf16=False), "transformer_engine")
+    (error,) = kernel_errors(ExecutionConfig(bf16=False), TE_MACHINE, "packed")
     assert "execution.bf16=true" in error
-    assert _packed_attention_errors(ExecutionConfig(bf16=True), "transformer_engine") == []
-    assert _packed_attention_errors(ExecutionConfig(bf16=False), "sdpa") == []
+    assert kernel_errors(ExecutionConfig(bf16=True), TE_MACHINE, "packed") == []
+    assert kernel_errors(ExecutionConfig(bf16=False, attention="sdpa"), TE_MACHINE, "packed") == []
 
 
 def test_packed_context_parallel_needs_te_attention():
-    (error,) = _packed_attention_errors(ExecutionConfig(cp=2), "sdpa")
+    (error,) = kernel_errors(ExecutionConfig(cp=2, attention="sdpa"), TE_MACHINE, "packed")
     assert "data.batching=token_budget" in error

@@ -23,14 +23,16 @@ import pytest
 import torch
 
 import megatron_adadpo.run.microbatch as microbatch
-from megatron_adadpo.config import _packed_pad_flag_errors
 from megatron_adadpo.data.packing import collate_packed
 from megatron_adadpo.layout import ExecutionConfig
+from megatron_adadpo.platform.machine import probe_machine
 from megatron_adadpo.platform.megatron import (
     MEGATRON_VERSION,
     PACKED_SEQ_TAKES_PAD_FLAG,
     PackedSeqParams,
 )
+from megatron_adadpo.resolve.kernels import kernel_errors
+from megatron_adadpo.resolve.machine import Machine
 from megatron_adadpo.run.microbatch import MicroBatch
 
 
@@ -106,10 +108,22 @@ def test_without_the_field_the_tail_is_a_sequence_of_its_own(monkeypatch):
 
 
 def test_packed_context_parallel_refused_where_the_flag_cannot_be_passed():
+    """The resolver's rule on a TE GPU machine whose megatron-core cannot pass the flag."""
+    gpu = {"has_cuda": True, "has_te": True, "compute_capability": (9, 0)}
+    old = Machine(**gpu, megatron_core="0.16.1", packed_pad_flag=False)
+    new = Machine(**gpu, megatron_core="0.19.2", packed_pad_flag=True)
     cp2 = ExecutionConfig(cp=2, bf16=True)
-    (error,) = _packed_pad_flag_errors(cp2, "transformer_engine", False, "0.16.1")
+    (error,) = kernel_errors(cp2, old, "packed")
     assert "pad_between_seqs" in error and "data.batching=token_budget" in error
     assert "0.16.1" in error
-    assert _packed_pad_flag_errors(cp2, "transformer_engine", True, "0.19.2") == []
-    assert _packed_pad_flag_errors(ExecutionConfig(), "transformer_engine", False, "0.16.1") == []
-    assert _packed_pad_flag_errors(cp2, "sdpa", False, "0.16.1") == []  # no THD there
+    assert kernel_errors(cp2, new, "packed") == []
+    assert kernel_errors(ExecutionConfig(bf16=True), old, "packed") == []  # CP = 1
+    assert kernel_errors(cp2, old, "token_budget") == []  # not packed
+    sdpa = ExecutionConfig(cp=2, bf16=True, attention="sdpa")
+    assert all("pad_between_seqs" not in e for e in kernel_errors(sdpa, old, "packed"))
+
+
+def test_the_probe_says_what_this_megatron_core_can_pass():
+    machine = probe_machine()
+    assert machine.packed_pad_flag is PACKED_SEQ_TAKES_PAD_FLAG
+    assert machine.megatron_core == MEGATRON_VERSION

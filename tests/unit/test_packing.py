@@ -1,4 +1,4 @@
-"""Sequence packing (``data/packing.py``, ``run/packing.py``): the row layout, the block-diagonal
+"""Sequence packing (``data/packing.py``, ``run/microbatch.py``): the row layout, the block-diagonal
 causal mask, the THD rules Transformer Engine relies on (rule-tested: TE cannot run here), the
 per-segment sums, and a packed forward equal to the unpacked one on a real ``GPTModel``."""
 

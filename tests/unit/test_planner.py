@@ -235,7 +235,9 @@ def test_bad_layouts_are_refused_with_reasons(sets, kw, reason):
 
 
 def test_planner_refusals_agree_with_config_validation():
-    from megatron_adadpo.config import ConfigError, check_world_size, from_dict, read_yaml
+    from megatron_adadpo.config import ConfigError, from_dict, read_yaml
+    from megatron_adadpo.platform.hardware import gpu_spec
+    from megatron_adadpo.resolve import Machine, resolve
 
     cases = [
         ["execution.tp=3"],
@@ -252,7 +254,7 @@ def test_planner_refusals_agree_with_config_validation():
         except LayoutError:
             planner_ok = False
         try:
-            check_world_size(from_dict(read_yaml(R70B, sets)), 64)
+            resolve(from_dict(read_yaml(R70B, sets)), 64, Machine.of_gpu(gpu_spec("h100")))
             config_ok = True
         except ConfigError:
             config_ok = False
