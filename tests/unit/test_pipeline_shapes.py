@@ -24,10 +24,11 @@ import dataclasses
 import numpy as np
 import pytest
 
-from megatron_adadpo.data.batching import batching_policy, plan_global_batch
+from megatron_adadpo.data.batching import plan_global_batch
 from megatron_adadpo.data.packing import collate_packed
 from megatron_adadpo.layout import ExecutionConfig
 from megatron_adadpo.model.build import transformer_config
+from megatron_adadpo.resolve.batching import batching_policy
 from tests.megatron_helpers import TINY
 
 BUDGET = 96

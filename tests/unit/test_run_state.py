@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from megatron_adadpo.config import from_dict, read_yaml
+from megatron_adadpo.resolve import CPU, resolve
 from megatron_adadpo.run.opening import StartPoint
 from megatron_adadpo.run.resume import RunState, optimizer_layout, reference_source
 
@@ -22,13 +23,14 @@ def _config(*sets: str):
 
 def test_fresh_state_is_the_checkpoint_entry_of_step_zero():
     config = _config()
-    saved = RunState.fresh(config, "abc").to_dict()
+    run = resolve(config, 2, CPU)
+    saved = RunState.fresh(config, run, "abc").to_dict()
     assert saved == {  # written out: the keys every checkpoint's ``run`` entry has had
         "step": 0,
         "consumed_samples": 0,
         "dataset_identity": "abc",
         "seed": 7,
-        "optimizer_layout": optimizer_layout(config),
+        "optimizer_layout": optimizer_layout(config, run),
         "reference_sync": None,  # TR-DPO off
         "reference_source": reference_source(config),
     }
@@ -37,13 +39,14 @@ def test_fresh_state_is_the_checkpoint_entry_of_step_zero():
 def test_resumed_state_keeps_position_and_data_takes_this_configs_seed_and_layout():
     config = _config("optimizer.use_distributed_optimizer=false")
     saved = {"step": 12, "consumed_samples": 96, "dataset_identity": "abc", "seed": 3}
-    state = RunState.resumed({**saved, "eval_pending": True}, config)
+    run = resolve(config, 2, CPU)
+    state = RunState.resumed({**saved, "eval_pending": True}, config, run)
     assert (state.step, state.consumed_samples, state.dataset_identity) == (12, 96, "abc")
-    assert state.seed == 7 and state.optimizer_layout == optimizer_layout(config)
+    assert state.seed == 7 and state.optimizer_layout == optimizer_layout(config, run)
     assert state.eval_pending and state.to_dict()["eval_pending"] is True
     state.eval_pending = False
     assert "eval_pending" not in state.to_dict()
-    assert not RunState.resumed(saved, config).eval_pending  # older checkpoints: no key
+    assert not RunState.resumed(saved, config, run).eval_pending  # older checkpoints: no key
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ import pytest
 
 from megatron_adadpo.config import ConfigError, load_config
 from megatron_adadpo.losses import LossConfig
+from megatron_adadpo.resolve import CPU, resolve
 from megatron_adadpo.run.consistency import check_precomputed_loss, ld_alpha_error
 from megatron_adadpo.run.sequences import step_stats
 from megatron_adadpo.run.step import StepContext
@@ -45,7 +46,8 @@ def test_use_weighting_must_be_a_bool():
 
 
 def _stats(*overrides):
-    return step_stats(StepContext.from_config(cfg(*overrides), parallel=None))
+    config = cfg(*overrides)
+    return step_stats(StepContext.from_config(config, resolve(config, 2, CPU), parallel=None))
 
 
 def test_token_metrics_switch_and_wpo_choose_the_statistics():
