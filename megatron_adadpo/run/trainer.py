@@ -27,6 +27,7 @@ from megatron_adadpo.platform.hardware import peak_flops_per_device
 from megatron_adadpo.run import checkpoints, resume
 from megatron_adadpo.run import run_dir as run_files
 from megatron_adadpo.run.batches import step_batches
+from megatron_adadpo.run.checkpoint_writer import CheckpointWriter
 from megatron_adadpo.run.consistency import check_starting_model
 from megatron_adadpo.run.datasets import load_dataset
 from megatron_adadpo.run.evaluation import Evaluator
@@ -48,7 +49,9 @@ def build_policy(config: Config) -> list:
     """The policy's model chunks with their initial weights (checkpoint or initialisation)."""
     chunks = build_model(config.model, config.execution, packed_sequences(config))
     if config.train.init_checkpoint:
-        checkpoints.load_model(chunks, config.train.init_checkpoint, config.model)
+        checkpoints.load_model(
+            chunks, config.train.init_checkpoint, config.model, config.checkpoint.fully_parallel
+        )
     elif config.train.init_method == "layout_invariant":
         init_layout_invariant(chunks, config.train.seed, config.model.vocab_size)
     return chunks
@@ -172,7 +175,8 @@ class Trainer:
             resume.check_schedule(
                 saved_schedule, self.scheduler.state_dict(), where, self.state["step"], config
             )
-        checkpoints.load_training(where, self.policy, self.optimizer)
+        fully_parallel = config.checkpoint.fully_parallel
+        checkpoints.load_training(where, self.policy, self.optimizer, fully_parallel)
         self.scheduler.load_state_dict(saved_schedule)
         self.state.update(seed=config.train.seed, optimizer_layout=resume.optimizer_layout(config))
         if dist.get_rank() == 0:
@@ -185,7 +189,13 @@ class Trainer:
             self.lock.release()
             self.lock = None
 
+    writer: CheckpointWriter | None = None  # built at the first save
+
     def save(self) -> None:
+        """Save the current step (with ``checkpoint.async_save``: published once written)."""
+        if self.writer is None:
+            checkpoint = self.config.checkpoint
+            self.writer = CheckpointWriter(checkpoint.fully_parallel, checkpoint.async_save)
         checkpoints.save_training(
             self.config.logging.run_dir,
             self.state["step"],
@@ -195,7 +205,13 @@ class Trainer:
             self.state,
             self.config.model,
             self.config.to_yaml(),
+            self.writer,
         )
+
+    def _finish_saves(self) -> None:
+        """Wait for the asynchronous write in flight and publish it (collective)."""
+        if self.writer is not None:
+            self.writer.wait()
 
     preempted = False  # train() stopped on SIGTERM (and saved)
 
@@ -223,6 +239,7 @@ class Trainer:
         with Preemption() as preemption:  # run/preemption.py: where the run may stop
             logger = self._logger()
             self.preempted = self._loop(logger, preemption)
+            self._finish_saves()  # the end of training, and a SIGTERM stop, wait for the write
             logger.close()
 
     def _logger(self) -> MetricsLogger:
@@ -246,6 +263,8 @@ class Trainer:
             print(f"[megatron_adadpo] SIGTERM: step {state['step']} is saved, exiting")
         while state["step"] < self.total_steps and not stopped:
             stopped = self._step(logger, preemption)
+            if self.writer is not None:
+                self.writer.poll()  # publish a finished asynchronous write
             interval = config.checkpoint.save_interval
             if stopped:
                 self.save()
