@@ -70,8 +70,8 @@ class CheckpointWriter:
     ) -> None:
         """Collective: save ``state`` into ``directory``, then ``write_files()`` (this rank's
         extra files), then ``publish()`` on rank 0 once every rank's write is complete: now,
-        or (async) when ``poll`` / ``wait`` finalises the write."""
-        self.wait()  # one write in flight: the previous one is published first
+        or (async) when ``poll`` / ``wait`` finalises the write. Call ``wait`` before preparing
+        ``directory``: one write in flight, published before its successor starts."""
         request = dist_checkpointing.save(
             state,
             str(directory),

@@ -182,6 +182,8 @@ def save_training(
     synchronous, DP rank 0 writing replicated tensors) decides how the tensors are written and,
     with ``checkpoint.async_save``, publishes later, once the background write is complete.
     """
+    writer = writer or CheckpointWriter()
+    writer.wait()  # the write in flight is published before this save starts
     force_param_sync(policy, optimizer)
     final = run_files.checkpoints_root(run_dir) / run_files.checkpoint_name(step)
     partial = run_files.partial_path(final)
@@ -200,7 +202,7 @@ def save_training(
             write_model_config(partial, model)
             (partial / "config.yaml").write_text(config_yaml)
 
-    (writer or CheckpointWriter()).write(
+    writer.write(
         state,
         partial,
         dict(OPTIMIZER_SHARDING),

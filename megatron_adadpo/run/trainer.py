@@ -239,7 +239,7 @@ class Trainer:
         with Preemption() as preemption:  # run/preemption.py: where the run may stop
             logger = self._logger()
             self.preempted = self._loop(logger, preemption)
-            self._finish_saves()  # the end of training, and a SIGTERM stop, wait for the write
+            self._finish_saves()  # the end of training waits for the write in flight
             logger.close()
 
     def _logger(self) -> MetricsLogger:
@@ -272,6 +272,7 @@ class Trainer:
                 self.save()
                 stopped = preemption.agreed()  # SIGTERM during the save: it is saved
             if stopped:
+                self._finish_saves()  # SIGTERM: the write is complete before the rank leaves
                 self._report_stop()
         if not stopped and (config.checkpoint.save_at_end or self.eval_pending_at_end):
             self.save()
