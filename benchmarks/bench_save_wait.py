@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -87,6 +88,7 @@ def one_save(config, run_dir: Path, step: int, pieces, writer) -> dict:
             polls.append(time.perf_counter() - poll_start)
         out.update(published_s=time.perf_counter() - start, steps=steps, poll_s=sum(polls))
     out["bytes"] = sum(f.stat().st_size for f in final.rglob("*") if f.is_file())
+    shutil.rmtree(final)  # several GiB each: keep one on disk at a time
     return out
 
 

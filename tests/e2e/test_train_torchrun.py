@@ -285,6 +285,7 @@ def synchronous(tmp_path_factory):
     return root / "run", root / "cache"
 
 
+@pytest.mark.timeout(900)  # three torchrun launches (with the fixture's) on a shared machine
 def test_async_save_sigkill_mid_write_then_same_command_resumes_exactly(synchronous, tmp_path):
     """Asynchronous saves, SIGKILL to torchrun and every rank while iter 8 is being written
     (its ``.partial`` directory exists; its writers die with their ranks): ``latest`` still
@@ -320,6 +321,7 @@ def test_async_save_sigkill_mid_write_then_same_command_resumes_exactly(synchron
     assert not list(checkpoints.glob("*.partial"))
 
 
+@pytest.mark.timeout(600)
 def test_async_save_sigterm_waits_for_the_write_and_the_same_command_resumes(synchronous, tmp_path):
     """Asynchronous saves, SIGTERM to every process after step 5 (iter 4's write may still be
     in flight): the ranks save the step they stop at, wait until every write is published, and
