@@ -43,13 +43,19 @@ def _shard(index) -> tuple:
     return index.fqn, tuple(index.offset or ())
 
 
+def _is_model(shard: tuple) -> bool:
+    """Not the optimizer's, nor megatron-core 0.19's ``common_state`` bytes item (the run and
+    scheduler state every rank reads before the model is built)."""
+    return not shard[0].startswith(("optimizer", "common_state"))
+
+
 def _model_shards_by_rank(directory) -> dict[tuple, dict[str, int]]:
     """``{model shard: {writing rank: bytes}}`` from the checkpoint's ``.metadata``: each
     stored chunk names its file, ``__<global rank>_<n>.distcp`` (torch DCP's file naming)."""
     metadata = safe_dcp.SafeFileSystemReader(directory).read_metadata()
     out: dict[tuple, dict[str, int]] = {}
     for index, stored in metadata.storage_data.items():
-        if index.fqn.startswith("optimizer"):
+        if not _is_model(_shard(index)):
             continue
         rank = stored.relative_path.split("_")[2]  # "__1_0.distcp" -> "1"
         per_rank = out.setdefault(_shard(index), {})
@@ -68,7 +74,7 @@ def _recording_reads(rank, world, args):
 
     safe_dcp.SafeFileSystemReader.read_data = recording
     run_trainer(rank, world, args)
-    return {shard for shard in read if not shard[0].startswith("optimizer")}
+    return {shard for shard in read if _is_model(shard)}
 
 
 def test_fully_parallel_save_and_load_spread_over_dp_ranks_and_resume_exactly(tmp_path, cache_dir):
