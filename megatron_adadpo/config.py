@@ -96,6 +96,13 @@ class CheckpointSection:
     resume: bool = True  # continue from <run_dir>/checkpoints/latest when present
     save_at_end: bool = True
     override_scheduler: bool = False  # on resume: the config's lr schedule, not the saved one
+    # Each tensor replicated over data parallelism (x CP) written, and read, by one rank of the
+    # group, the bytes spread evenly (Megatron's fully-parallel strategies; Megatron-LM's
+    # --ckpt-fully-parallel-save, default on); false: DP rank 0 writes them, every rank reads.
+    fully_parallel: bool = True
+    # Write checkpoints in a background process while training goes on (Megatron's async
+    # save); `latest` moves once every rank's write is complete. Megatron-LM's --async-save.
+    async_save: bool = False
 
 
 WANDB_MODES = ("online", "offline", "disabled")

@@ -23,6 +23,10 @@ try:
 except ModuleNotFoundError as err:  # megatron-core itself, or a dependency it does not declare
     raise ImportError(megatron_import_error(err)) from err
 from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+    FullyParallelSaveStrategyWrapper,
+)
 from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 from megatron.core.distributed import (
     DistributedDataParallel,
@@ -48,7 +52,9 @@ from megatron.core.utils import get_batch_on_this_cp_rank as _get_batch_on_this_
 from megatron.core.utils import unwrap_model
 
 __all__ = [
+    "ASYNC_SAVE_ARGUMENTS",
     "MEGATRON_VERSION",
+    "AsyncCallsQueue",
     "AttnMaskType",
     "DType",
     "DistributedDataParallel",
@@ -67,6 +73,7 @@ __all__ = [
     "dist_checkpointing",
     "final_hidden_states",
     "finalize_model_grads",
+    "fully_parallel_save_strategy",
     "get_batch_on_this_cp_rank",
     "get_forward_backward_func",
     "get_gpt_layer_local_spec",
@@ -301,6 +308,28 @@ def save_strategy(thread_count: int) -> TorchDistSaveShardedStrategy:
     """``dist_checkpointing``'s default ``torch_dist`` save strategy with ``thread_count``
     writer threads per rank (the default strategy uses 2)."""
     return TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=thread_count)
+
+
+def fully_parallel_save_strategy(group) -> FullyParallelSaveStrategyWrapper:
+    """The default ``torch_dist`` save strategy inside Megatron's
+    ``FullyParallelSaveStrategyWrapper`` over ``group`` (Megatron-LM's
+    ``--ckpt-fully-parallel-save``, default on, over the DP x CP group: megatron/training/
+    checkpointing.py). Each tensor replicated across ``group`` is written by one of its ranks,
+    chosen to even out the bytes per rank, instead of by the rank with replica id 0 (DP rank 0)
+    (megatron-core 0.16.1 / 0.19 ``strategies/fully_parallel.py``:
+    ``determine_main_replica_uniform_distribution``)."""
+    return FullyParallelSaveStrategyWrapper(TorchDistSaveShardedStrategy("torch_dist", 1), group)
+
+
+# ``dist_checkpointing.save(..., async_sharded_save=True)`` arguments naming Megatron's own async
+# writer, the one ``AsyncCallsQueue`` runs. 0.19 defaults to ``async_strategy="nvrx"``
+# (nvidia-resiliency-ext, not a dependency: serialization.py ``save``, strategies/torch.py
+# ``get_async_strategy``); 0.16.1 has only Megatron's and no such argument.
+ASYNC_SAVE_ARGUMENTS = (
+    {"async_strategy": "mcore"}
+    if "async_strategy" in inspect.signature(dist_checkpointing.save).parameters
+    else {}
+)
 
 
 def megatron_rng_module():

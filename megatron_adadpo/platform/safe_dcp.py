@@ -42,6 +42,9 @@ from typing import Any
 
 from megatron.core.dist_checkpointing import serialization
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+    FullyParallelLoadStrategyWrapper,
+)
 from megatron.core.dist_checkpointing.strategies.torch import (
     MCoreLoadPlanner,
     TorchDistLoadShardedStrategy,
@@ -163,11 +166,11 @@ if _COMMON_STRATEGY_ARGUMENT:  # megatron-core 0.16
         )
         return common.load_common(str(directory))
 
-    def _load(sharded_state_dict, checkpoint_dir, **kwargs):
+    def _load(sharded_state_dict, checkpoint_dir, strategy, **kwargs):
         return serialization.load(
             sharded_state_dict,
             checkpoint_dir,
-            sharded_strategy=SafeLoadStrategy(),
+            sharded_strategy=strategy,
             common_strategy=SafeCommonLoadStrategy(),
             **kwargs,
         )
@@ -193,15 +196,26 @@ else:  # megatron-core 0.19: common state in common.pt (legacy) or a DCP bytes i
 
     _megatron_load = _rebound(serialization.load, load_common_state_dict=common_state_dict)
 
-    def _load(sharded_state_dict, checkpoint_dir, **kwargs):
+    def _load(sharded_state_dict, checkpoint_dir, strategy, **kwargs):
         return _megatron_load(
-            sharded_state_dict, checkpoint_dir, sharded_strategy=SafeLoadStrategy(), **kwargs
+            sharded_state_dict, checkpoint_dir, sharded_strategy=strategy, **kwargs
         )
 
 
-def load(sharded_state_dict: dict, checkpoint_dir: str | Path, **kwargs):
-    """``dist_checkpointing.load`` (same arguments and result) through the safe readers."""
-    return _load(sharded_state_dict, str(checkpoint_dir), **kwargs)
+def load(sharded_state_dict: dict, checkpoint_dir: str | Path, parallel_group=None, **kwargs):
+    """``dist_checkpointing.load`` (same arguments and result) through the safe readers.
+
+    With a ``parallel_group`` (the DP x CP group) the load is fully parallel: Megatron's
+    ``FullyParallelLoadStrategyWrapper`` around ``SafeLoadStrategy`` has each rank of the group
+    read an even share of the tensors the group needs and broadcast it to the others, instead
+    of every rank reading everything (megatron-core 0.16.1 / 0.19
+    ``strategies/fully_parallel.py``; Megatron-LM's ``--ckpt-fully-parallel-load``). The safe
+    strategy does every read underneath.
+    """
+    strategy = SafeLoadStrategy()
+    if parallel_group is not None:
+        strategy = FullyParallelLoadStrategyWrapper(strategy, parallel_group)
+    return _load(sharded_state_dict, str(checkpoint_dir), strategy, **kwargs)
 
 
 def tensors_metadata(checkpoint_dir: str | Path) -> dict:
@@ -211,8 +225,11 @@ def tensors_metadata(checkpoint_dir: str | Path) -> dict:
     )
 
 
-def load_sharded(sharded_state_dict: dict, directory: str) -> tuple[dict, set[str]]:
-    """``load`` that also returns the keys requested but absent.
+def load_sharded(
+    sharded_state_dict: dict, directory: str, parallel_group=None
+) -> tuple[dict, set[str]]:
+    """``load`` (fully parallel over ``parallel_group`` if given) that also returns the keys
+    requested but absent.
 
     Uses ``dist_checkpointing.load``'s public ``strict`` argument with
     ``StrictHandling.RETURN_UNEXPECTED`` (``dist_checkpointing/validation.py``, megatron-core
@@ -221,5 +238,7 @@ def load_sharded(sharded_state_dict: dict, directory: str) -> tuple[dict, set[st
     ``ASSUME_OK_UNEXPECTED``'s "Missing key" error from the storage reader. The caller decides
     which absent keys are acceptable.
     """
-    loaded, _, absent = load(sharded_state_dict, directory, strict="return_unexpected")
+    loaded, _, absent = load(
+        sharded_state_dict, directory, parallel_group, strict="return_unexpected"
+    )
     return loaded, set(absent)

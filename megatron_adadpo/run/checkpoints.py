@@ -40,6 +40,7 @@ from megatron_adadpo.platform.megatron_optimizer import (
 from megatron_adadpo.platform.safe_dcp import common_state_dict, load_sharded
 from megatron_adadpo.platform.safe_pickle import find_unsafe, torch_load
 from megatron_adadpo.run import run_dir as run_files
+from megatron_adadpo.run.checkpoint_writer import CheckpointWriter, checkpoint_group
 from megatron_adadpo.run.optimizer import adopt_group_schedules
 
 log = logging.getLogger(__name__)
@@ -92,17 +93,28 @@ def save_model(chunks: list[torch.nn.Module], directory: str | Path, model: Mode
     _barrier()
 
 
-def load_model(chunks: list[torch.nn.Module], directory: str | Path, model: ModelConfig) -> None:
-    """Load weights saved at any layout into ``chunks``; refuses another model."""
+def load_model(
+    chunks: list[torch.nn.Module],
+    directory: str | Path,
+    model: ModelConfig,
+    fully_parallel: bool = False,
+) -> None:
+    """Load weights saved at any layout into ``chunks``; refuses another model.
+    ``fully_parallel``: each DP x CP rank reads a share and broadcasts it (collective)."""
     stored = read_model_config(directory)
     check_same_architecture(stored, model, str(directory))
     fix = "re-create it (tools/convert_hf_to_megatron.py) or use another train.init_checkpoint"
-    loaded = load_tolerating_extra_state(model_sharded_state_dict(chunks), Path(directory), fix)
+    sharded = model_sharded_state_dict(chunks)
+    group = checkpoint_group(fully_parallel)
+    loaded = load_tolerating_extra_state(sharded, Path(directory), fix, group)
     _apply_model(chunks, loaded)
 
 
-def load_tolerating_extra_state(sharded: dict, directory: Path, fix: str) -> dict:
-    """``dist_checkpointing.load`` of ``sharded`` that skips absent ``_extra_state`` objects.
+def load_tolerating_extra_state(
+    sharded: dict, directory: Path, fix: str, parallel_group=None
+) -> dict:
+    """``dist_checkpointing.load`` of ``sharded`` (fully parallel over ``parallel_group`` if
+    given) that skips absent ``_extra_state`` objects.
 
     A Transformer Engine model requests every TE module's ``_extra_state`` (FP8 metadata) as a
     ``ShardedObject`` (megatron-core 0.16.1 / 0.19 ``megatron/core/transformer/utils.py``:
@@ -114,7 +126,7 @@ def load_tolerating_extra_state(sharded: dict, directory: Path, fix: str) -> dic
     naming it. An unreadable file raises ``CheckpointError`` naming the directory and ``fix``.
     """
     try:
-        loaded, absent = load_sharded(sharded, str(directory))
+        loaded, absent = load_sharded(sharded, str(directory), parallel_group)
     except _LOAD_ERRORS as err:  # a truncated / corrupt file: EOFError, UnpicklingError, ...
         raise unreadable(directory, err, fix) from err
     real = sorted(k for k in absent if not k.endswith(EXTRA_STATE_SUFFIX))
@@ -177,6 +189,7 @@ def save_training(
     run_state: dict,
     model: ModelConfig,
     config_yaml: str,
+    writer: CheckpointWriter | None = None,
     reference: list | None = None,
 ) -> Path:
     """Save model, optimizer, scheduler, run state and RNG to ``iter_{step:07d}``; with
@@ -186,8 +199,12 @@ def save_training(
     they are stale until the next forward). Crash-safe: everything is written to
     ``iter_N.partial``, which becomes ``iter_N`` and is named by ``latest`` only after every
     rank finished (``run_dir.publish``), so an interruption at any point leaves the previous
-    checkpoint complete and pointed to.
+    checkpoint complete and pointed to. ``writer`` (``run/checkpoint_writer.py``; default:
+    synchronous, DP rank 0 writing replicated tensors) decides how the tensors are written and,
+    with ``checkpoint.async_save``, publishes later, once the background write is complete.
     """
+    writer = writer or CheckpointWriter()
+    writer.wait()  # the write in flight is published before this save starts
     force_param_sync(policy, optimizer)
     final = run_files.checkpoints_root(run_dir) / run_files.checkpoint_name(step)
     partial = run_files.partial_path(final)
@@ -200,15 +217,20 @@ def save_training(
     state["scheduler"] = scheduler.state_dict()
     state["run"] = dict(run_state)
     state.update(reference_sharded_state_dict(reference) if reference else {})
-    dist_checkpointing.save(state, str(partial), content_metadata=dict(OPTIMIZER_SHARDING))
-    _save_rng(partial)
-    if _rank() == 0:
-        write_model_config(partial, model)
-        (partial / "config.yaml").write_text(config_yaml)
-    _barrier()
-    if _rank() == 0:
-        run_files.publish(partial, final)
-    _barrier()
+
+    def write_files() -> None:
+        _save_rng(partial)
+        if _rank() == 0:
+            write_model_config(partial, model)
+            (partial / "config.yaml").write_text(config_yaml)
+
+    writer.write(
+        state,
+        partial,
+        dict(OPTIMIZER_SHARDING),
+        write_files,
+        lambda: run_files.publish(partial, final),
+    )
     return final
 
 
@@ -224,7 +246,13 @@ def read_saved_state(directory: Path, model: ModelConfig) -> tuple[dict, dict]:
     return common["run"], common["scheduler"]
 
 
-def load_training(directory: Path, policy: list, optimizer, reference: list | None = None) -> None:
+def load_training(
+    directory: Path,
+    policy: list,
+    optimizer,
+    fully_parallel: bool = False,
+    reference: list | None = None,
+) -> None:
     """Restore model, optimizer and RNG of a ``save_training`` checkpoint (and the
     ``reference`` chunks: TR-DPO's updated reference, saved with it).
 
@@ -236,6 +264,8 @@ def load_training(directory: Path, policy: list, optimizer, reference: list | No
     scheduler is restored by the caller after its own check. Call ``read_saved_state`` first
     (it checks the model). The loaded param groups take the optimizer's schedule values
     (``adopt_group_schedules``): ``checkpoint.override_scheduler`` applies the config's.
+    ``fully_parallel`` (``checkpoint.fully_parallel``): each DP x CP rank reads a share of the
+    replicated tensors and broadcasts it, instead of every rank reading all of them.
     """
     init_optimizer_state(optimizer)
     fix = run_files.earlier_checkpoints_hint(directory)
@@ -244,7 +274,8 @@ def load_training(directory: Path, policy: list, optimizer, reference: list | No
         state = dict(model_sd)
         state["optimizer"] = optimizer_sharded_state_dict(optimizer, model_sd, is_loading=True)
         state.update(reference_sharded_state_dict(reference) if reference else {})
-        loaded = load_tolerating_extra_state(state, directory, fix)
+        group = checkpoint_group(fully_parallel)
+        loaded = load_tolerating_extra_state(state, directory, fix, group)
         _apply_model(policy, loaded)
         if reference:
             _apply_model(reference, loaded, REFERENCE)

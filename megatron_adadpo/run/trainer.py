@@ -26,6 +26,7 @@ from megatron_adadpo.platform.parallel import Parallel
 from megatron_adadpo.resolve import ResolvedRun
 from megatron_adadpo.run import checkpoints, resume
 from megatron_adadpo.run.batches import StepBatches, step_batches
+from megatron_adadpo.run.checkpoint_writer import CheckpointWriter
 from megatron_adadpo.run.consistency import (
     check_precomputed_loss,
     check_reference_model,
@@ -52,7 +53,9 @@ def build_policy(config: Config, run: ResolvedRun) -> list:
     """The policy's model chunks with their initial weights (checkpoint or initialisation)."""
     chunks = build_run_model(config, run)
     if config.train.init_checkpoint:
-        checkpoints.load_model(chunks, config.train.init_checkpoint, config.model)
+        checkpoints.load_model(
+            chunks, config.train.init_checkpoint, config.model, config.checkpoint.fully_parallel
+        )
     elif config.train.init_method == "layout_invariant":
         init_layout_invariant(chunks, config.train.seed, config.model.vocab_size)
     return chunks
@@ -122,6 +125,7 @@ class Trainer:
     optimizer: object  # Megatron's optimizer
     scheduler: object  # Megatron's OptimizerParamScheduler
     evaluator: Evaluator | None
+    writer: CheckpointWriter | None  # how checkpoints are written (built at the first save)
     preempted: bool  # train() stopped on SIGTERM (and saved)
 
     def __init__(self, config: Config, opened: OpenedRun | None = None):
@@ -130,7 +134,7 @@ class Trainer:
         opened = opened or open_run_dir(config)
         self.config, self.parallel, self.lock = config, opened.parallel, opened.lock
         self.run = opened.run
-        self.preempted = False
+        self.preempted, self.writer = False, None
         try:
             if opened.start.finished:
                 raise ConfigError(
@@ -190,7 +194,9 @@ class Trainer:
             resume.check_schedule(
                 saved_schedule, self.scheduler.state_dict(), where, self.state.step, config
             )
-        checkpoints.load_training(where, self.policy, self.optimizer, self._synced_reference())
+        fully_parallel = config.checkpoint.fully_parallel
+        reference = self._synced_reference()
+        checkpoints.load_training(where, self.policy, self.optimizer, fully_parallel, reference)
         self.scheduler.load_state_dict(saved_schedule)
         if self.parallel.rank == 0:
             print(f"[megatron_adadpo] resumed from {where} at step {self.state.step}", flush=True)
@@ -202,6 +208,10 @@ class Trainer:
             self.lock = None
 
     def save(self) -> None:
+        """Save the current step (with ``checkpoint.async_save``: published once written)."""
+        if self.writer is None:
+            checkpoint = self.config.checkpoint
+            self.writer = CheckpointWriter(checkpoint.fully_parallel, checkpoint.async_save)
         checkpoints.save_training(
             self.config.logging.run_dir,
             self.state.step,
@@ -211,8 +221,14 @@ class Trainer:
             self.state.to_dict(),
             self.config.model,
             self.config.to_yaml(),
+            self.writer,
             reference=self._synced_reference(),
         )
+
+    def _finish_saves(self) -> None:
+        """Wait for the asynchronous write in flight and publish it (collective)."""
+        if self.writer is not None:
+            self.writer.wait()
 
     def _synced_reference(self) -> list | None:
         """TR-DPO's reference chunks (part of the training state), else None."""
@@ -239,6 +255,7 @@ class Trainer:
         with Preemption() as preemption:  # run/preemption.py: where the run may stop
             logger = self._logger()
             self.preempted = self._loop(logger, preemption)
+            self._finish_saves()  # the end of training waits for the write in flight
             logger.close()
 
     def _logger(self) -> MetricsLogger:
@@ -263,6 +280,8 @@ class Trainer:
             print(f"[megatron_adadpo] SIGTERM: step {state.step} is saved, exiting")
         while state.step < self.total_steps and not stopped:
             stopped = self._step(logger, preemption)
+            if self.writer is not None:
+                self.writer.poll()  # publish a finished asynchronous write
             interval = config.checkpoint.save_interval
             if stopped:
                 self.save()
@@ -270,6 +289,7 @@ class Trainer:
                 self.save()
                 stopped = preemption.agreed()  # SIGTERM during the save: it is saved
             if stopped:
+                self._finish_saves()  # SIGTERM: the write is complete before the rank leaves
                 self._report_stop()
         if not stopped and (config.checkpoint.save_at_end or self.eval_pending_at_end):
             self.save()

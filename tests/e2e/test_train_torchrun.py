@@ -264,3 +264,80 @@ def test_lock_held_by_a_live_run_or_a_directory_is_refused_in_one_line(tmp_path)
     lock = run_dir / "run.lock"
     fix = f"remove it (rm -r {lock}) and launch again"
     assert errors == [f"error: {lock} is a directory, not the run's lock file: {fix}"], out.stderr
+
+
+# ---------------------------------------------------------------- asynchronous saves
+
+SAVING = ["train.train_iters=12", "checkpoint.save_interval=4"]
+ASYNC = [*SAVING, "checkpoint.async_save=true"]
+
+
+def _losses(run_dir):
+    return [(r["step"], r["loss"]) for r in map(json.loads, open(run_dir / "metrics.jsonl"))]
+
+
+@pytest.fixture(scope="module")
+def synchronous(tmp_path_factory):
+    """(run dir, data cache) of an uninterrupted run with synchronous saves."""
+    root = tmp_path_factory.mktemp("synchronous")
+    out = _launch(root / "run", root / "cache", *SAVING)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return root / "run", root / "cache"
+
+
+@pytest.mark.timeout(900)  # three torchrun launches (with the fixture's) on a shared machine
+def test_async_save_sigkill_mid_write_then_same_command_resumes_exactly(synchronous, tmp_path):
+    """Asynchronous saves, SIGKILL to torchrun and every rank while iter 8 is being written
+    (its ``.partial`` directory exists; its writers die with their ranks): ``latest`` still
+    names iter 4 (published before iter 8 started), iter 8 is not published, and the same
+    command resumes from iter 4 to the synchronous run's losses exactly."""
+    reference, cache = synchronous
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen(
+        _cmd(run_dir, cache, *ASYNC),
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    writing = run_dir / "checkpoints" / "iter_0000008.partial"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not writing.is_dir() and proc.poll() is None:
+        time.sleep(0.005)
+    launcher = psutil.Process(proc.pid)
+    tree = [launcher, *launcher.children(recursive=True)]  # torchrun, ranks, writers
+    for process in tree:
+        process.kill()
+    psutil.wait_procs(tree, timeout=60)
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "iter_0000004"
+    assert writing.is_dir() and not (checkpoints / "iter_0000008").exists()
+    again = _launch(run_dir, cache, *ASYNC)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {checkpoints / 'iter_0000004'}" in again.stdout
+    assert _losses(run_dir) == _losses(reference)
+    assert (checkpoints / "latest").read_text().strip() == "iter_0000012"
+    assert not list(checkpoints.glob("*.partial"))
+
+
+@pytest.mark.timeout(600)
+def test_async_save_sigterm_waits_for_the_write_and_the_same_command_resumes(synchronous, tmp_path):
+    """Asynchronous saves, SIGTERM to every process after step 5 (iter 4's write may still be
+    in flight): the ranks save the step they stop at, wait until every write is published, and
+    exit 0; ``latest`` names that complete checkpoint and nothing is left unpublished; the same
+    command resumes to the synchronous run's losses."""
+    reference, cache = synchronous
+    run_dir = tmp_path / "run"
+    output, elapsed = _sigterm_after_rows(run_dir, cache, 5, 0.0, *ASYNC)
+    assert "SIGTERM: saved step" in output, output[-3000:]
+    assert "ChildFailedError" not in output and "[rank" not in output, output[-3000:]  # exit 0
+    assert elapsed < 30, elapsed  # torchrun's own limit: it SIGKILLs its workers after 30 s
+    checkpoints = run_dir / "checkpoints"
+    stopped = _losses(run_dir)[-1][0]
+    assert (checkpoints / "latest").read_text().strip() == f"iter_{stopped:07d}"
+    assert (checkpoints / f"iter_{stopped:07d}" / "metadata.json").is_file()
+    assert not list(checkpoints.glob("*.partial"))
+    again = _launch(run_dir, cache, *ASYNC)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _losses(run_dir) == _losses(reference)
