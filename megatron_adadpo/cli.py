@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from megatron_adadpo.config import ConfigError
 from megatron_adadpo.platform.processes import children_die_with_parent
+from megatron_adadpo.status import show_on_stdout
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError)
 RANK0_PRINT_GRACE_S = 5.0
@@ -42,6 +43,7 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) 
     """Exit status of ``main(argv)``: its return value (None = 0), or 2 on bad input."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("megatron_adadpo").setLevel(logging.INFO)
+    show_on_stdout()  # rank-0 status lines: "[megatron_adadpo] ..." on stdout
     try:
         status = main(sys.argv[1:] if argv is None else argv)
     except USER_ERRORS as err:

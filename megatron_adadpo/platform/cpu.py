@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import os
 import sys
 import threading
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_MEGATRON = ("0.16",)
 
@@ -254,11 +257,7 @@ def activate(strict: bool = True) -> bool:
     from megatron_adadpo.platform.megatron import MEGATRON_VERSION, megatron_rng_module
 
     if not MEGATRON_VERSION.startswith(SUPPORTED_MEGATRON):
-        print(
-            f"[megatron_adadpo.platform.cpu] warning: written for megatron-core "
-            f"{SUPPORTED_MEGATRON}, found {MEGATRON_VERSION}",
-            file=sys.stderr,
-        )
+        log.warning("written for megatron-core %s, found %s", SUPPORTED_MEGATRON, MEGATRON_VERSION)
     if not strict:
         global KNOWN_REDIRECTS
         KNOWN_REDIRECTS = _GrowingSet(KNOWN_REDIRECTS)

@@ -26,6 +26,7 @@ from megatron_adadpo.run import checkpoints
 from megatron_adadpo.run import run_dir as run_files
 from megatron_adadpo.run.datasets import load_dataset
 from megatron_adadpo.run.lock import RunDirLock, claim_run_dir
+from megatron_adadpo.status import log as status
 
 
 def total_steps(config: Config, dataset) -> int:
@@ -101,9 +102,9 @@ def open_run_dir(config: Config) -> OpenedRun:
     try:
         resume_from = run_files.resume_point(run_dir, config.checkpoint.resume)
         if parallel.rank == 0:
-            print(f"[megatron_adadpo] resolved config:\n{config.to_yaml()}", flush=True)
+            status.info("resolved config:\n%s", config.to_yaml())
             for notice in config.notices:
-                print(f"[megatron_adadpo] notice: {notice}", flush=True)
+                status.info("notice: %s", notice)
         opened.dataset = load_dataset(config)
         if config.eval.interval:
             opened.eval_set = load_dataset(config, eval_split=True)
@@ -132,13 +133,13 @@ class FinishedRun:
         try:
             if self.opened.parallel.rank == 0:
                 start = self.opened.start
-                print(
-                    f"[megatron_adadpo] {self.config.logging.run_dir} is finished: its latest "
-                    f"checkpoint {start.resume_from.name} is at or past the last step "
-                    f"({start.total_steps}); nothing to train, no file changed (to train "
-                    "further, raise train.train_iters or train.epochs with "
-                    "checkpoint.override_scheduler=true)",
-                    flush=True,
+                status.info(
+                    "%s is finished: its latest checkpoint %s is at or past the last step (%d); "
+                    "nothing to train, no file changed (to train further, raise "
+                    "train.train_iters or train.epochs with checkpoint.override_scheduler=true)",
+                    self.config.logging.run_dir,
+                    start.resume_from.name,
+                    start.total_steps,
                 )
         finally:
             self.close()

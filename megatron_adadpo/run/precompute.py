@@ -33,6 +33,7 @@ from megatron_adadpo.run.datasets import load_dataset
 from megatron_adadpo.run.reference import attach_forward_logps, freeze, write_precomputed
 from megatron_adadpo.run.step import StepContext
 from megatron_adadpo.run.trainer import build_reference_model
+from megatron_adadpo.status import log as status
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -90,5 +91,5 @@ def _gather_and_write(
         # LD-DPO weights the sums: the trainer refuses a file made with another ld_alpha
         extra = {"reference_model": reference_model(config), "ld_alpha": config.loss.ld_alpha}
         write_precomputed(output, values, dataset.identity, extra)
-        print(f"[megatron_adadpo] wrote reference log-probs of {len(dataset)} pairs to {output}")
+        status.info("wrote reference log-probs of %d pairs to %s", len(dataset), output)
     dist.barrier()

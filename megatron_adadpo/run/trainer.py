@@ -41,6 +41,7 @@ from megatron_adadpo.run.preemption import Preemption
 from megatron_adadpo.run.reference import PrecomputedReference, ResidentReference
 from megatron_adadpo.run.resume import RunState
 from megatron_adadpo.run.step import StepContext, train_step
+from megatron_adadpo.status import log as status
 
 
 def build_run_model(config: Config, run: ResolvedRun) -> list:
@@ -199,7 +200,7 @@ class Trainer:
         checkpoints.load_training(where, self.policy, self.optimizer, fully_parallel, reference)
         self.scheduler.load_state_dict(saved_schedule)
         if self.parallel.rank == 0:
-            print(f"[megatron_adadpo] resumed from {where} at step {self.state.step}", flush=True)
+            status.info("resumed from %s at step %d", where, self.state.step)
 
     def close(self) -> None:
         """Release the run directory (idempotent)."""
@@ -277,7 +278,7 @@ class Trainer:
         state.eval_pending = False
         stopped = pending and not self._evaluate(logger, preemption)
         if stopped and self.parallel.rank == 0:  # the checkpoint still says: evaluate first
-            print(f"[megatron_adadpo] SIGTERM: step {state.step} is saved, exiting")
+            status.info("SIGTERM: step %d is saved, exiting", state.step)
         while state.step < self.total_steps and not stopped:
             stopped = self._step(logger, preemption)
             if self.writer is not None:
@@ -299,7 +300,7 @@ class Trainer:
         if self.parallel.rank == 0:
             pending = " (its evaluation pending: the resumed run does it first)"
             pending = pending if self.state.eval_pending else ""
-            print(f"[megatron_adadpo] SIGTERM: saved step {self.state.step}{pending}, exiting")
+            status.info("SIGTERM: saved step %d%s, exiting", self.state.step, pending)
 
     def _step(self, logger: MetricsLogger, preemption: Preemption) -> bool:
         """One optimizer step with its logging and evaluation; True when a rank asked to stop
