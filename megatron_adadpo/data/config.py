@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from megatron_adadpo.data.sources import is_hf_dataset
+
 SCHEMAS = ("auto", "explicit", "implicit")
 TOKENIZER_KINDS = ("auto", "hf", "sentencepiece")
 OVERLENGTH = ("truncate", "drop")
@@ -167,9 +169,7 @@ class DataConfig:
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"data.{name} must be a non-empty column name")
         for spec in self.inputs:
-            if not isinstance(spec, (str, os.PathLike, Mapping)) and not hasattr(
-                spec, "_fingerprint"
-            ):
+            if not isinstance(spec, (str, os.PathLike, Mapping)) and not is_hf_dataset(spec):
                 raise ValueError(
                     f"data.inputs entry {spec!r}: use a path, 'hf:NAME[:SPLIT]' or a mapping of "
                     "datasets.load_dataset arguments"

@@ -23,6 +23,18 @@ from .report import RowRejected
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
+def hf_fingerprint(dataset) -> str:
+    """An HF ``datasets.Dataset``'s content fingerprint. ``datasets`` keeps it in the private
+    ``_fingerprint`` (5.2: set from the arrow files or the transforms applied; no public
+    accessor): read here only, so a rename upstream is one change."""
+    return dataset._fingerprint
+
+
+def is_hf_dataset(value) -> bool:
+    """``value`` is an in-memory HF ``datasets.Dataset`` (duck-typed: no import of datasets)."""
+    return hasattr(value, "_fingerprint") and hasattr(value, "column_names")
+
+
 @dataclass(frozen=True)
 class Location:
     """Where a row comes from: source name, 1-based line (text files) or 0-based row index."""
@@ -59,8 +71,8 @@ class InputSource:
             self.kind, self.name = "load_dataset", f"load_dataset({dict(spec)!r})"
         elif isinstance(spec, str) and spec.startswith("hf:"):
             self.kind, self.name = "load_dataset", spec
-        elif hasattr(spec, "_fingerprint") and hasattr(spec, "column_names"):
-            self.kind, self.name = "dataset", f"<datasets.Dataset {spec._fingerprint}>"
+        elif is_hf_dataset(spec):
+            self.kind, self.name = "dataset", f"<datasets.Dataset {hf_fingerprint(spec)}>"
             self._dataset = spec
         else:
             path = os.fspath(spec)
@@ -98,7 +110,7 @@ class InputSource:
                     _sha256_file(os.path.join(root, f), h)
             return h.hexdigest()
         ds = self._hf_dataset()
-        return hashlib.sha256(f"{self.name}\0{ds._fingerprint}".encode()).hexdigest()
+        return hashlib.sha256(f"{self.name}\0{hf_fingerprint(ds)}".encode()).hexdigest()
 
     # ------------------------------------------------------------------ rows
     def rows(self) -> Iterator[Row]:
