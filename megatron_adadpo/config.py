@@ -4,7 +4,8 @@ Every check runs here, before any process group or tensor exists, and each error
 field and the fix; the layout rules come from ``megatron_adadpo.layout`` (shared with the
 planner). Importing this module imports neither Megatron nor torch. Sections: ``model``
 (architecture), ``execution`` (layout, precision, recompute), ``loss``, ``data``, ``eval``,
-``reference``, ``optimizer``, ``train``, ``checkpoint``, ``logging``.
+``reference``, ``lora`` (adapters; ``model/lora_config.py``), ``optimizer``, ``train``,
+``checkpoint``, ``logging``.
 """
 
 from __future__ import annotations
@@ -19,16 +20,24 @@ import yaml
 from megatron_adadpo.config_text import ConfigError, coerce, read_yaml
 from megatron_adadpo.data.batching import budget_errors, packing_errors
 from megatron_adadpo.data.config import DataConfig
-from megatron_adadpo.layout import ExecutionConfig, layout_errors
+from megatron_adadpo.layout import ExecutionConfig, layout_errors, logprob_chunk_tokens
 from megatron_adadpo.losses.config import LossConfig
 from megatron_adadpo.model.config import ModelConfig
+from megatron_adadpo.model.lora_config import (
+    LoraSection,
+    lora_run_errors,
+    resolved_reference_mode,
+)
 
 
 @dataclass(frozen=True)
 class ReferenceConfig:
-    """Where reference log-probs come from: a resident frozen model, a file, or nowhere."""
+    """Where reference log-probs come from: a resident frozen model, a file, the policy with its
+    LoRA adapters off, or nowhere."""
 
-    mode: str = "resident"  # "resident" | "precomputed" | "none"
+    # "resident" | "precomputed" | "adapters_off" | "none"; unset: adapters_off with a lora:
+    # section, resident without (Config.reference_mode)
+    mode: str | None = None
     path: str | None = None  # precomputed: output dir of tools/precompute_reference.py
     eval_path: str | None = None  # precomputed values of the eval pairs (eval.inputs)
 
@@ -108,6 +117,7 @@ class Config:
     data: DataConfig | None = None
     eval: EvalConfig = field(default_factory=EvalConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    lora: LoraSection | None = None  # present: LoRA adapters, the base frozen
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
@@ -115,9 +125,12 @@ class Config:
 
     @property
     def reference_mode(self) -> str:
-        """The reference the run uses: ``reference.mode``, or "none" for a reference-free
-        loss (simpo, cpo, orpo), which never runs or reads a reference."""
-        return self.reference.mode if self.loss.needs_reference else "none"
+        """The reference the run uses: ``reference.mode`` (unset: ``adapters_off`` with LoRA,
+        else ``resident``), or "none" for a reference-free loss (simpo, cpo, orpo), which never
+        runs or reads a reference."""
+        if not self.loss.needs_reference:
+            return "none"
+        return resolved_reference_mode(self.reference.mode, self.lora)
 
     @property
     def notices(self) -> tuple[str, ...]:
@@ -201,7 +214,24 @@ def validate(config: Config) -> None:
         raise ConfigError(errors[0])
     for check in (_check_ranges, _check_train, _check_reference, _check_optimizer, _check_logging):
         check(config)
+    _raise_first(_lora_errors(config, config.execution.transformer_impl == "transformer_engine"))
     _check_rejected_optional(config)
+
+
+def _raise_first(errors: list[str]) -> None:
+    if errors:
+        raise ConfigError(errors[0])
+
+
+def _lora_errors(config: Config, uses_te: bool) -> list[str]:
+    padded = config.model.padded_vocab_size(config.execution.tp)
+    return lora_run_errors(
+        config.lora,
+        config.reference_mode,
+        uses_te,
+        logprob_chunk_tokens(config.execution, padded),
+        config.model.tie_word_embeddings,
+    )
 
 
 CHOSEN_ONLY_LOSSES = ("sft",)  # train on the chosen answers: their rows need no rejected one
@@ -234,11 +264,16 @@ def check_environment(config: Config) -> None:
     the config asks for) and files that disagree with the config (``train.init_checkpoint``'s
     model and tokenizer); no allocation. The planner, which plans for another machine, skips
     it."""
-    from megatron_adadpo.platform.environment import attention_impl, environment_errors
+    from megatron_adadpo.platform.environment import (
+        attention_impl,
+        environment_errors,
+        uses_transformer_engine,
+    )
     from megatron_adadpo.run.consistency import check_init_checkpoint
 
     check_init_checkpoint(config)
     errors = environment_errors(config.execution)
+    errors += _lora_errors(config, uses_transformer_engine(config.execution))
     if config.data.batching == "packed":
         errors[:0] = _packed_attention_errors(config.execution, attention_impl(config.execution))
     if errors:
@@ -330,9 +365,10 @@ def _check_train(config: Config) -> None:
 
 def _check_reference(config: Config) -> None:
     reference, loss = config.reference, config.loss
-    if reference.mode not in ("resident", "precomputed", "none"):
+    modes = ("resident", "precomputed", "adapters_off", "none")
+    if reference.mode is not None and reference.mode not in modes:
         raise ConfigError(
-            f"reference.mode={reference.mode!r}; accepted: 'resident', 'precomputed', 'none'"
+            f"reference.mode={reference.mode!r}; accepted: {', '.join(map(repr, modes))} (or unset)"
         )
     if reference.mode == "precomputed" and not reference.path:
         raise ConfigError(
@@ -342,7 +378,7 @@ def _check_reference(config: Config) -> None:
     if loss.needs_reference and reference.mode == "none":
         raise ConfigError(
             f"loss.name={loss.name!r} needs reference log-probs; set "
-            "reference.mode to 'resident' or 'precomputed'"
+            "reference.mode to 'resident', 'precomputed' or (with lora) 'adapters_off'"
         )
     evaluation = config.eval
     if evaluation.interval and not evaluation.inputs:

@@ -22,6 +22,7 @@ except ModuleNotFoundError as err:  # megatron-core itself, or a dependency it d
     raise ImportError(megatron_import_error(err)) from err
 from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 from megatron.core.distributed import (
     DistributedDataParallel,
     DistributedDataParallelConfig,
@@ -41,6 +42,10 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
     get_num_layers_to_build,
+)
+from megatron.core.transformer.utils import (
+    make_sharded_tensors_for_checkpoint,
+    sharded_state_dict_default,
 )
 from megatron.core.utils import get_batch_on_this_cp_rank as _get_batch_on_this_cp_rank
 from megatron.core.utils import unwrap_model
@@ -69,11 +74,14 @@ __all__ = [
     "get_gpt_layer_local_spec",
     "get_num_layers_to_build",
     "llama3_rope_scaling",
+    "make_sharded_tensors_for_checkpoint",
     "megatron_rng_module",
     "output_layer_weight",
     "parallel_state",
     "process_groups",
+    "replace_prefix_for_sharding",
     "save_strategy",
+    "sharded_state_dict_default",
     "te_layer_spec",
     "tensor_parallel",
     "unwrap_model",

@@ -15,6 +15,7 @@ import yaml
 
 from megatron_adadpo.config import Config, ConfigError
 from megatron_adadpo.platform.environment import uses_transformer_engine
+from megatron_adadpo.run.consistency import starting_model
 
 # The config fields that set the run's length (Megatron counts it in samples: pairs).
 LENGTH_FIELDS = ("train.train_iters", "train.epochs", "train.global_batch_size")
@@ -72,7 +73,43 @@ def initial_state(config: Config, dataset_identity: str) -> dict:
         "dataset_identity": dataset_identity,
         "seed": config.train.seed,
         "optimizer_layout": optimizer_layout(config),
+        "adapter_base": adapter_base(config),
     }
+
+
+def adapter_base(config: Config) -> dict | None:
+    """What a LoRA run's adapter-only checkpoints belong to: the base model they were trained
+    on (``train.init_checkpoint`` with its fingerprint, or the initialisation and seed) and
+    the adapters' shape; None without LoRA (full-model checkpoints)."""
+    if config.lora is None:
+        return None
+    lora = config.lora
+    return {
+        "init_checkpoint": config.train.init_checkpoint,
+        "base": starting_model(config),
+        "lora": {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.target_modules)},
+    }
+
+
+def adapter_base_errors(saved: dict | None, current: dict | None, where: Path) -> list[str]:
+    """A checkpoint's adapters load only onto the base (and adapter shape) they were trained
+    with; a full-model checkpoint does not resume as adapters, nor adapters as a full model."""
+    if saved == current:
+        return []
+    if current is None:
+        return [f"checkpoint {where} holds LoRA adapters only: restore the lora: section"]
+    if saved is None:
+        return [
+            f"checkpoint {where} holds a full model, not LoRA adapters: remove the lora: "
+            "section, or start in a new logging.run_dir"
+        ]
+    if saved["lora"] != current["lora"]:
+        return [f"checkpoint {where} holds adapters {saved['lora']}; restore lora: to them"]
+    return [
+        f"checkpoint {where} holds LoRA adapters of another base model (train.init_checkpoint="
+        f"{saved['init_checkpoint']}, its fingerprint or initialisation recorded): set "
+        "train.init_checkpoint back to that base, or start in a new logging.run_dir"
+    ]
 
 
 def check_run_state(
@@ -94,6 +131,9 @@ def check_run_state(
             f"train.seed={config.train.seed} would re-order the rest of the epoch (pairs seen "
             f"twice or never): restore train.seed={seed} (a new seed is safe at an epoch boundary)"
         )
+    errors = adapter_base_errors(saved.get("adapter_base"), adapter_base(config), where)
+    if errors:
+        raise ConfigError(errors[0])
     _check_optimizer_layout(saved.get("optimizer_layout"), optimizer_layout(config), where)
 
 

@@ -21,6 +21,7 @@ from megatron_adadpo.config import Config, ConfigError
 from megatron_adadpo.losses import reduce_metrics
 from megatron_adadpo.model.build import build_model
 from megatron_adadpo.model.initialization import init_layout_invariant
+from megatron_adadpo.model.lora import add_adapters
 from megatron_adadpo.planner.throughput import step_model_flops
 from megatron_adadpo.platform.distributed import init_model_parallel, is_logging_rank
 from megatron_adadpo.platform.hardware import peak_flops_per_device
@@ -34,7 +35,11 @@ from megatron_adadpo.run.lock import claim_run_dir
 from megatron_adadpo.run.metrics import MetricsLogger, step_values, wandb_settings
 from megatron_adadpo.run.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from megatron_adadpo.run.preemption import Preemption
-from megatron_adadpo.run.reference import PrecomputedReference, ResidentReference
+from megatron_adadpo.run.reference import (
+    AdaptersOffReference,
+    PrecomputedReference,
+    ResidentReference,
+)
 from megatron_adadpo.run.step import StepContext, train_step
 
 
@@ -54,9 +59,20 @@ def build_policy(config: Config) -> list:
     return chunks
 
 
+def add_policy_adapters(config: Config, chunks: list) -> None:
+    """With a ``lora:`` section: adapters on the policy's linears, the base frozen
+    (``model/lora.py``); after the base is loaded and any resident reference copied from it."""
+    if config.lora is not None:
+        add_adapters(chunks, config.lora, config.train.seed)
+
+
 def build_references(config: Config, policy_chunks: list, context: StepContext, datasets):
-    """(train reference, eval reference): resident model, precomputed values, or none."""
+    """(train reference, eval reference): resident model, the policy with its adapters off,
+    precomputed values, or none."""
     mode = config.reference_mode
+    if mode == "adapters_off":
+        ref = AdaptersOffReference(policy_chunks, context)
+        return ref, ref
     if mode == "resident":
         chunks = build_model(config.model, config.execution, packed_sequences(config))
         ref = ResidentReference(chunks, policy_chunks, context)
@@ -142,6 +158,7 @@ class Trainer:
         self.reference, eval_reference = build_references(
             config, chunks, self.context, (self.dataset, eval_set)
         )
+        add_policy_adapters(config, chunks)
         self.policy = wrap_ddp(chunks, config.optimizer)
         self.optimizer = build_optimizer(self.policy, config.optimizer, config.execution.bf16)
         self.scheduler = build_scheduler(
