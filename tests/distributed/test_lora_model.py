@@ -128,3 +128,65 @@ def test_lora_section_checks():
     chunked = ["execution.logprob_chunk_tokens=64", "lora.target_modules=[output_layer]"]
     with pytest.raises(ConfigError, match="logprob_chunk_tokens"):
         load_config(config, [*base, *chunked])
+
+
+SFT_TINY = REPO / "examples/checkpoints/sft_tiny"
+
+
+def _reference_vs_resident(rank, world, argv):
+    """Reference sums of the LoRA policy with its adapters off (adapters made non-zero), of a
+    separate resident model loaded from the base checkpoint, and of the adapted policy."""
+    from megatron_adadpo import train
+    from megatron_adadpo.config import load_config
+    from megatron_adadpo.model.build import build_model
+    from megatron_adadpo.model.lora import lora_layers
+    from megatron_adadpo.run import checkpoints
+    from megatron_adadpo.run.reference import attach_forward_logps, freeze
+    from megatron_adadpo.run.trainer import Trainer
+
+    args = train.parse_args(argv)
+    config = load_config(args.config, args.set)
+    trainer = Trainer(config)
+    gen = torch.Generator().manual_seed(11 + rank)
+    with torch.no_grad():
+        for layer in lora_layers(trainer.policy):
+            layer.lora_b.copy_(torch.randn(layer.lora_b.shape, generator=gen) * 0.05)
+    batches = trainer.batches.next_step()
+    copies = [dict(b) for b in batches], [dict(b) for b in batches]
+    trainer.reference.attach(batches)
+    resident = build_model(config.model, config.execution)
+    checkpoints.load_model(resident, config.train.init_checkpoint, config.model)
+    attach_forward_logps(freeze(resident), copies[0], trainer.context)
+    attach_forward_logps(trainer.policy, copies[1], trainer.context)  # adapters on
+    trainer.close()
+
+    def values(items):
+        return torch.cat([b["reference_logps"] for b in items if "reference_logps" in b])
+
+    return {
+        "mode": config.reference_mode,
+        "off": values(batches),
+        "resident": values(copies[0]),
+        "on": values(copies[1]),
+    }
+
+
+def test_adapters_off_reference_equals_resident_base(tmp_path, cache_dir):
+    extra = [
+        f"train.init_checkpoint={SFT_TINY}",
+        f"logging.run_dir={tmp_path / 'run'}",
+        f"data.cache_dir={cache_dir}",
+        "reference.mode=null",
+        "lora.rank=8",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=2",
+        "eval.interval=0",
+        "logging.progress=false",
+    ]
+    argv = ["--config", str(REPO / "examples/configs/quickstart.yaml")]
+    for item in extra:
+        argv += ["--set", item]
+    for result in run_ranks(_reference_vs_resident, 2, argv, timeout=240):
+        assert result["mode"] == "adapters_off" and result["off"].numel() == 16
+        assert (result["off"] - result["resident"]).abs().max() <= 1e-6
+        assert (result["on"] - result["resident"]).abs().max() > 1e-3  # the adapters matter
