@@ -48,6 +48,7 @@ import torch
 
 from megatron_adadpo.model.initialization import global_param_names, shard_of_full
 from megatron_adadpo.platform.megatron import (
+    apply_swiglu_sharded_factory,
     make_sharded_tensors_for_checkpoint,
     parallel_state,
     replace_prefix_for_sharding,
@@ -67,9 +68,12 @@ class LoraLinear(torch.nn.Module):
     ``sharded_state_dict``), so base checkpoints load into it and adapters save apart.
     """
 
-    def __init__(self, base: torch.nn.Module, rank: int, alpha: float, dropout: float):
+    def __init__(
+        self, base: torch.nn.Module, rank: int, alpha: float, dropout: float, gated: bool = False
+    ):
+        """``gated``: the base is a gated MLP's ``linear_fc1`` (each TP shard ``[gate; up]``)."""
         super().__init__()
-        self.base = base
+        self.base, self.gated = base, gated
         self.row = isinstance(base, tensor_parallel.RowParallelLinear)
         if not self.row and getattr(base, "gather_output", False):
             raise ValueError("LoRA on a ColumnParallelLinear with gather_output is not supported")
@@ -122,12 +126,19 @@ class LoraLinear(torch.nn.Module):
         """The base's entries under its own checkpoint keys (``<prefix>weight``: the torch key
         is ``<prefix>base.weight``) and the adapters as ``<prefix>lora_a`` / ``<prefix>lora_b``,
         split along their TP dimension (``B`` rows of a column base, ``A`` columns of a row
-        base) or replicated."""
+        base) or replicated. A gated ``linear_fc1``'s weight and ``B`` are saved as Megatron's
+        MLP saves the weight (``apply_swiglu_sharded_factory``: gate and up halves sharded
+        apart, megatron-core 0.16.1 ``transformer/mlp.py:261``), so they reshard to any TP."""
         base = sharded_state_dict_default(self.base, f"{prefix}base.", sharded_offsets, metadata)
         replace_prefix_for_sharding(base, f"{prefix}base.", prefix)
         axis = {"lora_a": 1} if self.row else {"lora_b": 0}
         adapters = {"lora_a": self.lora_a, "lora_b": self.lora_b}
         base.update(make_sharded_tensors_for_checkpoint(adapters, prefix, axis, sharded_offsets))
+        if self.gated:
+            singleton = (metadata or {}).get("singleton_local_shards", False)
+            for key in (f"{prefix}base.weight", f"{prefix}base.bias", f"{prefix}lora_b"):
+                if key in base:
+                    base[key] = apply_swiglu_sharded_factory(base[key], sharded_offsets, singleton)
         return base
 
 
@@ -147,7 +158,8 @@ def add_adapters(chunks: list, lora, seed: int) -> list[LoraLinear]:
         for name, module in targets:
             parent_name, _, child = name.rpartition(".")
             parent = chunk.get_submodule(parent_name) if parent_name else chunk
-            wrapped = LoraLinear(module, lora.rank, lora.alpha, lora.dropout)
+            gated = child == "linear_fc1" and chunk.config.gated_linear_unit
+            wrapped = LoraLinear(module, lora.rank, lora.alpha, lora.dropout, gated)
             setattr(parent, child, wrapped)
             added.append(wrapped)
     init_adapters(chunks, seed)

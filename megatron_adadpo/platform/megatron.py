@@ -39,6 +39,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
     get_num_layers_to_build,
@@ -53,6 +54,7 @@ from megatron.core.utils import unwrap_model
 __all__ = [
     "MEGATRON_VERSION",
     "AttnMaskType",
+    "apply_swiglu_sharded_factory",
     "DType",
     "DistributedDataParallel",
     "DistributedDataParallelConfig",
