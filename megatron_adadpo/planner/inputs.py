@@ -22,6 +22,7 @@ from megatron_adadpo.config import Config, ConfigError, from_dict, read_yaml
 from megatron_adadpo.data.batching import BatchingPolicy, batching_policy
 from megatron_adadpo.layout import ExecutionConfig, data_parallel_size, layout_errors
 from megatron_adadpo.model.config import ModelConfig
+from megatron_adadpo.model.lora_config import LoraSection
 from megatron_adadpo.platform.hardware import GpuSpec, fp8_recipe_error, gpu_spec
 
 
@@ -63,11 +64,12 @@ class PlanInput:
     seq_length: int = 2048
     avg_seq_length: int | None = None
     distributed_optimizer: bool = True
-    reference: str = "resident"  # "resident" | "precomputed" | "none"
+    reference: str = "resident"  # "resident" | "precomputed" | "adapters_off" | "none"
     grad_bytes: int = 4  # Megatron DDP main-grad buffer: fp32 (grads accumulated/reduced in fp32)
     batching: str = "fixed"  # "fixed" | "token_budget" | "packed" (data.batching)
     max_tokens_per_micro_batch: int | None = None
     row_lengths: np.ndarray | None = field(default=None, compare=False, repr=False)
+    lora: LoraSection | None = None  # LoRA adapters: only they have gradients and optimizer state
 
     def replace(self, **changes) -> PlanInput:
         return dataclasses.replace(self, **changes)
@@ -127,6 +129,7 @@ def plan_input(config: Config) -> PlanInput:
         seq_length=config.data.max_length,
         distributed_optimizer=config.optimizer.use_distributed_optimizer,
         reference=config.reference_mode,
+        lora=config.lora,
         batching=config.data.batching,
         max_tokens_per_micro_batch=config.data.max_tokens_per_micro_batch,
     )
