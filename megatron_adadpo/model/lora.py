@@ -162,8 +162,20 @@ def add_adapters(chunks: list, lora, seed: int) -> list[LoraLinear]:
             wrapped = LoraLinear(module, lora.rank, lora.alpha, lora.dropout, gated)
             setattr(parent, child, wrapped)
             added.append(wrapped)
+        _inputs_require_grad(chunk)
     init_adapters(chunks, seed)
     return added
+
+
+def _inputs_require_grad(chunk) -> None:
+    """Under full recompute Megatron runs each layer group through a reentrant checkpoint
+    (``tensor_parallel.checkpoint``, an autograd Function): with the embedding frozen its
+    output needs no gradient, so neither does the group's output, and its backward (the
+    recomputation that reaches the adapters) would never run. The embedding's output is marked
+    as requiring a gradient, as HF's ``enable_input_require_grads`` does for PEFT."""
+    embedding = getattr(chunk, "embedding", None)
+    if embedding is not None and chunk.config.recompute_granularity == "full":
+        embedding.register_forward_hook(lambda _module, _inputs, out: out.requires_grad_(True))
 
 
 @torch.no_grad()

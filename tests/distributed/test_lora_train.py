@@ -25,6 +25,17 @@ LAYOUTS = {
     "tp2_sp": (2, ["execution.tp=2", "execution.sequence_parallel=true"]),
     "pp2": (2, ["execution.pp=2"]),
     "dp2": (2, []),
+    "pp2_vpp2": (2, ["execution.pp=2", "execution.vpp=2"]),
+    "tp2_sp_chunked_recompute": (
+        2,
+        [
+            "execution.tp=2",
+            "execution.sequence_parallel=true",
+            "execution.logprob_chunk_tokens=64",
+            "execution.recompute=full",
+            "execution.recompute_num_layers=2",
+        ],
+    ),
     "dp2_distributed_optimizer": (
         2,
         ["optimizer.use_distributed_optimizer=true", "optimizer.overlap_grad_reduce=true"],
