@@ -20,14 +20,10 @@ import yaml
 from megatron_adadpo.config_text import ConfigError, coerce, read_yaml
 from megatron_adadpo.data.batching import budget_errors, packing_errors
 from megatron_adadpo.data.config import DataConfig
-from megatron_adadpo.layout import ExecutionConfig, layout_errors, logprob_chunk_tokens
+from megatron_adadpo.layout import ExecutionConfig, layout_errors
 from megatron_adadpo.losses.config import LossConfig
 from megatron_adadpo.model.config import ModelConfig
-from megatron_adadpo.model.lora_config import (
-    LoraSection,
-    lora_run_errors,
-    resolved_reference_mode,
-)
+from megatron_adadpo.model.lora_config import LoraSection, lora_errors, resolved_reference_mode
 
 
 @dataclass(frozen=True)
@@ -214,24 +210,13 @@ def validate(config: Config) -> None:
         raise ConfigError(errors[0])
     for check in (_check_ranges, _check_train, _check_reference, _check_optimizer, _check_logging):
         check(config)
-    _raise_first(_lora_errors(config, config.execution.transformer_impl == "transformer_engine"))
+    _raise_first(lora_errors(config, config.execution.transformer_impl == "transformer_engine"))
     _check_rejected_optional(config)
 
 
 def _raise_first(errors: list[str]) -> None:
     if errors:
         raise ConfigError(errors[0])
-
-
-def _lora_errors(config: Config, uses_te: bool) -> list[str]:
-    padded = config.model.padded_vocab_size(config.execution.tp)
-    return lora_run_errors(
-        config.lora,
-        config.reference_mode,
-        uses_te,
-        logprob_chunk_tokens(config.execution, padded),
-        config.model.tie_word_embeddings,
-    )
 
 
 CHOSEN_ONLY_LOSSES = ("sft",)  # train on the chosen answers: their rows need no rejected one
@@ -273,7 +258,7 @@ def check_environment(config: Config) -> None:
 
     check_init_checkpoint(config)
     errors = environment_errors(config.execution)
-    errors += _lora_errors(config, uses_transformer_engine(config.execution))
+    errors += lora_errors(config, uses_transformer_engine(config.execution))
     if config.data.batching == "packed":
         errors[:0] = _packed_attention_errors(config.execution, attention_impl(config.execution))
     if errors:

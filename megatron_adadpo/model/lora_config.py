@@ -73,6 +73,20 @@ def lora_run_errors(
     return errors
 
 
+def lora_errors(config, uses_te: bool) -> list[str]:
+    """``lora_run_errors`` of a run's ``Config`` (``uses_te``: its resolved layer spec)."""
+    from megatron_adadpo.layout import logprob_chunk_tokens
+
+    padded = config.model.padded_vocab_size(config.execution.tp)
+    return lora_run_errors(
+        config.lora,
+        config.reference_mode,
+        uses_te,
+        logprob_chunk_tokens(config.execution, padded),
+        config.model.tie_word_embeddings,
+    )
+
+
 def resolved_reference_mode(mode: str | None, lora: LoraSection | None) -> str:
     """``reference.mode`` as given, or unset: ``adapters_off`` with LoRA, else ``resident``."""
     if mode is not None:
