@@ -6,7 +6,8 @@ and ``check_environment`` those of this machine, before any process group or ten
 one error names every reason, each with the field and the fix. The trainer resolves the run
 on its world size (``resolve``). Importing this module imports neither Megatron nor torch.
 Sections: ``model`` (architecture), ``execution`` (layout, precision, recompute), ``loss``,
-``data``, ``eval``, ``reference``, ``optimizer``, ``train``, ``checkpoint``, ``logging``.
+``data``, ``eval``, ``reference``, ``lora`` (adapters; ``model/lora_config.py``),
+``optimizer``, ``train``, ``checkpoint``, ``logging``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from megatron_adadpo.data.config import DataConfig
 from megatron_adadpo.layout import ExecutionConfig
 from megatron_adadpo.losses.config import LossConfig
 from megatron_adadpo.model.config import ModelConfig
+from megatron_adadpo.model.lora_config import LoraSection, resolved_reference_mode
 from megatron_adadpo.resolve.resolver import raise_errors, run_errors
 
 DEFAULT_MIXUP_ALPHA = 0.6  # TRL DPOConfig.ref_model_mixup_alpha
@@ -30,9 +32,12 @@ DEFAULT_MIXUP_ALPHA = 0.6  # TRL DPOConfig.ref_model_mixup_alpha
 
 @dataclass(frozen=True)
 class ReferenceConfig:
-    """Where reference log-probs come from: a resident frozen model, a file, or nowhere."""
+    """Where reference log-probs come from: a resident frozen model, a file, the policy with its
+    LoRA adapters off, or nowhere."""
 
-    mode: str = "resident"  # "resident" | "precomputed" | "none"
+    # "resident" | "precomputed" | "adapters_off" | "none"; unset: adapters_off with a lora:
+    # section, resident without (Config.reference_mode)
+    mode: str | None = None
     path: str | None = None  # precomputed: output dir of tools/precompute_reference.py
     eval_path: str | None = None  # precomputed values of the eval pairs (eval.inputs)
     # The reference model when it is not the policy's start (TRL's ref_model: iterative DPO,
@@ -132,6 +137,7 @@ class Config:
     data: DataConfig | None = None
     eval: EvalConfig = field(default_factory=EvalConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    lora: LoraSection | None = None  # present: LoRA adapters, the base frozen
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
@@ -139,9 +145,12 @@ class Config:
 
     @property
     def reference_mode(self) -> str:
-        """The reference the run uses: ``reference.mode``, or "none" for a reference-free
-        loss (simpo, cpo, orpo), which never runs or reads a reference."""
-        return self.reference.mode if self.loss.needs_reference else "none"
+        """The reference the run uses: ``reference.mode`` (unset: ``adapters_off`` with LoRA,
+        else ``resident``), or "none" for a reference-free loss (simpo, cpo, orpo), which never
+        runs or reads a reference."""
+        if not self.loss.needs_reference:
+            return "none"
+        return resolved_reference_mode(self.reference.mode, self.lora)
 
     @property
     def notices(self) -> tuple[str, ...]:
@@ -317,9 +326,10 @@ def _check_train(config: Config) -> list[str]:
 def _check_reference(config: Config) -> list[str]:
     errors = []
     reference, loss = config.reference, config.loss
-    if reference.mode not in ("resident", "precomputed", "none"):
+    modes = ("resident", "precomputed", "adapters_off", "none")
+    if reference.mode is not None and reference.mode not in modes:
         errors.append(
-            f"reference.mode={reference.mode!r}; accepted: 'resident', 'precomputed', 'none'"
+            f"reference.mode={reference.mode!r}; accepted: {', '.join(map(repr, modes))} (or unset)"
         )
     if reference.mode == "precomputed" and not reference.path:
         errors.append(
@@ -329,7 +339,7 @@ def _check_reference(config: Config) -> list[str]:
     if loss.needs_reference and reference.mode == "none":
         errors.append(
             f"loss.name={loss.name!r} needs reference log-probs; set "
-            "reference.mode to 'resident' or 'precomputed'"
+            "reference.mode to 'resident', 'precomputed' or (with lora) 'adapters_off'"
         )
     errors += reference_checkpoint_errors(config) + reference_sync_errors(config)
     evaluation = config.eval

@@ -21,6 +21,7 @@ import numpy as np
 from megatron_adadpo.config import Config, ConfigError, from_dict, read_yaml
 from megatron_adadpo.layout import ExecutionConfig, data_parallel_size
 from megatron_adadpo.model.config import ModelConfig
+from megatron_adadpo.model.lora_config import LoraSection
 from megatron_adadpo.platform.hardware import GpuSpec, gpu_spec
 from megatron_adadpo.resolve import Machine, RunRequest, run_errors
 
@@ -71,12 +72,13 @@ class PlanInput:
     seq_length: int = 2048
     avg_seq_length: int | None = None
     distributed_optimizer: bool = True
-    reference: str = "resident"  # "resident" | "precomputed" | "none"
+    reference: str = "resident"  # "resident" | "precomputed" | "adapters_off" | "none"
     loss: str = "adadpo"  # loss.name
     grad_bytes: int = 4  # Megatron DDP main-grad buffer: fp32 (grads accumulated/reduced in fp32)
     batching: str = "fixed"  # "fixed" | "token_budget" | "packed" (data.batching)
     max_tokens_per_micro_batch: int | None = None
     row_lengths: np.ndarray | None = field(default=None, compare=False, repr=False)
+    lora: LoraSection | None = None  # LoRA adapters: only they have gradients and optimizer state
 
     def replace(self, **changes) -> PlanInput:
         return dataclasses.replace(self, **changes)

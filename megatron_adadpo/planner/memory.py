@@ -35,7 +35,11 @@ Model (bytes; ``e`` = 2 for bf16, 4 for fp32; ``P`` = parameters on the rank):
   and their gradient (``3e*sbh``);
 - workspace: one more layer's full activations (backward / recompute of the current layer);
 - reference: resident = ``e*P`` frozen weights (its forward keeps no activations);
-  precomputed / none = 0.
+  precomputed / none / adapters_off (the LoRA policy with its adapters off) = 0;
+- LoRA (``lora:``, ``planner/params.adapter_params``: ``P_a`` adapter parameters on the rank):
+  weights ``e*(P + P_a)``; gradients ``grad_bytes*P_a`` and optimizer ``(4 + 8)*P_a`` (the
+  frozen base has neither); the adapters' rank-``r`` activations are not counted (``r/h`` of
+  a layer's linear inputs).
 
 ``allocated`` models ``torch.cuda.max_memory_allocated``; ``reserved`` adds allocator slack
 (5 % of the dynamic part) and ``RUNTIME_GIB`` for the CUDA context, NCCL and cuBLAS workspaces:
@@ -48,7 +52,7 @@ from dataclasses import asdict, dataclass
 
 from megatron_adadpo.layout import chunk_bytes_per_logit
 from megatron_adadpo.planner.inputs import PlanInput
-from megatron_adadpo.planner.params import stage_params
+from megatron_adadpo.planner.params import adapter_params, stage_params
 
 GIB = 1024**3
 RUNTIME_GIB = 2.0  # CUDA context + NCCL communicators + cuBLAS/TE workspaces, outside torch
@@ -159,8 +163,12 @@ def stage_memory(p: PlanInput, dp: int, num_micro: int, pp_rank: int, chunk: int
     x = p.execution
     sp = stage_params(p.model, x.tp, x.pp, pp_rank, x.vpp)
     n, e = sp.total, elem_bytes(p)
+    trained = n
+    if p.lora is not None:
+        trained = adapter_params(p.model, p.lora, x.tp, x.pp, pp_rank)
+        n += trained
     weights = e * n + (2 * sp.layers if x.fp8 else 0)
-    optimizer = ((4 if x.bf16 else 0) + 8) * n
+    optimizer = ((4 if x.bf16 else 0) + 8) * trained
     if p.distributed_optimizer:
         optimizer /= dp * x.cp
     layers = in_flight_layers(p, num_micro, pp_rank)
@@ -173,7 +181,7 @@ def stage_memory(p: PlanInput, dp: int, num_micro: int, pp_rank: int, chunk: int
         layers=sp.num_layers,
         in_flight_layers=layers,
         weights=weights,
-        gradients=p.grad_bytes * n,
+        gradients=p.grad_bytes * trained,
         optimizer=optimizer,
         activations=layers * layer_activation_bytes(p),
         logits=logits_bytes(p, chunk) if pp_rank == x.pp - 1 else 0.0,

@@ -71,6 +71,29 @@ def stage_params(
     )
 
 
+def adapter_params(model: ModelConfig, lora, tp: int = 1, pp: int = 1, pp_rank: int = 0) -> int:
+    """LoRA parameters on one (TP rank, PP rank) (``model/lora.py``): rank ``r`` on a
+    column-parallel base ``[out, in]`` holds ``A`` ``r*in`` (replicated) and ``B`` ``out/t*r``;
+    on a row-parallel base ``A`` ``r*in/t`` and ``B`` ``out*r`` (replicated)."""
+    h, f, d, r = model.hidden_size, model.ffn_hidden_size, model.head_dim, lora.rank
+    q, kv = model.num_attention_heads * d, model.query_groups * d
+    shapes = {  # (out, in, column-parallel)
+        "linear_qkv": (q + 2 * kv, h, True),
+        "linear_proj": (h, q, False),
+        "linear_fc1": (2 * f, h, True),
+        "linear_fc2": (h, f, False),
+    }
+    per_layer = 0
+    for name in lora.target_modules:
+        if name in shapes:
+            out, inp, column = shapes[name]
+            per_layer += r * inp + out // tp * r if column else r * inp // tp + out * r
+    total = layers_per_stage(model, pp) * per_layer
+    if "output_layer" in lora.target_modules and pp_rank == pp - 1:
+        total += r * h + model.padded_vocab_size(tp) // tp * r
+    return total
+
+
 def total_params(model: ModelConfig, tp: int = 1) -> int:
     """All parameters of the vocab-padded model at TP ``tp`` (a tied embedding counted once)."""
     heads = 1 if model.tie_word_embeddings else 2

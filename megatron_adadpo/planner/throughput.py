@@ -27,6 +27,9 @@ from megatron_adadpo.planner.batching import BatchingEstimate
 from megatron_adadpo.planner.inputs import PlanInput
 from megatron_adadpo.platform.hardware import GpuSpec
 
+# References that run a forward pass each step: a resident copy, or the policy with its LoRA
+# adapters off (model/lora.py)
+FORWARD_REFERENCES = ("resident", "adapters_off")
 # Planning defaults for a DPO step (seq 2048, 1 pair per micro-batch, a reference forward):
 # below NeMo's published pre-training numbers (H100 FP8, seq 8192: Llama-3-8B 711 and
 # Llama-3-70B 734 model TFLOP/s per GPU = 72-74 % of the bf16 peak); see docs/scaling.md.
@@ -73,7 +76,7 @@ def step_model_flops(
     """Model FLOPs of one step over ``sequences`` sequences of ``seq_length`` tokens: policy
     forward + backward ``3F`` each, plus ``F`` each for a resident reference's forward (the
     trainer's MFU uses this too)."""
-    passes = 4 if reference == "resident" else 3
+    passes = 4 if reference in FORWARD_REFERENCES else 3
     return passes * model.forward_flops(seq_length, tp) * sequences
 
 
@@ -101,7 +104,7 @@ def step_cost(
     s = estimate.real_tokens / seqs if estimate else p.avg_seq_length or p.seq_length
     fwd = forward_flops(p, s)
     if estimate:
-        passes = 4 if p.reference == "resident" else 3
+        passes = 4 if p.reference in FORWARD_REFERENCES else 3
         policy, reference = 3 * estimate.processed_flops, (passes - 3) * estimate.processed_flops
         useful, tokens = passes * estimate.useful_flops, estimate.real_tokens
     else:

@@ -28,6 +28,7 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import (
     FullyParallelSaveStrategyWrapper,
 )
 from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 from megatron.core.distributed import (
     DistributedDataParallel,
     DistributedDataParallelConfig,
@@ -44,9 +45,14 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
     get_num_layers_to_build,
+)
+from megatron.core.transformer.utils import (
+    make_sharded_tensors_for_checkpoint,
+    sharded_state_dict_default,
 )
 from megatron.core.utils import get_batch_on_this_cp_rank as _get_batch_on_this_cp_rank
 from megatron.core.utils import unwrap_model
@@ -56,6 +62,7 @@ __all__ = [
     "MEGATRON_VERSION",
     "AsyncCallsQueue",
     "AttnMaskType",
+    "apply_swiglu_sharded_factory",
     "DType",
     "DistributedDataParallel",
     "DistributedDataParallelConfig",
@@ -80,11 +87,14 @@ __all__ = [
     "get_num_layers_to_build",
     "inference_mode",
     "llama3_rope_scaling",
+    "make_sharded_tensors_for_checkpoint",
     "megatron_rng_module",
     "output_layer_weight",
     "parallel_state",
     "process_groups",
+    "replace_prefix_for_sharding",
     "save_strategy",
+    "sharded_state_dict_default",
     "te_layer_spec",
     "tensor_parallel",
     "unwrap_model",

@@ -2,18 +2,20 @@
 settled in one place, or one error with every reason the config cannot run (torch-free).
 
 The rules are those of ``resolve/layout.py`` (layout, batch sizes, world size),
-``resolve/kernels.py`` (Transformer Engine, attention, FP8, context parallelism) and
-``resolve/batching.py`` (token budget). ``run_errors`` applies them with what is known:
-without ``world_size`` the world's rules wait, without ``machine`` the kernel rules apply to
-the best the config allows. The config's loading checks a config with neither
-(``config.validate``), then on this machine (``config.check_environment``); the trainer
-resolves it on its world size; the planner on its cluster's world size and ``Machine``.
+``resolve/kernels.py`` (Transformer Engine, attention, FP8, context parallelism),
+``resolve/batching.py`` (token budget) and LoRA's (``model/lora_config.lora_run_errors``).
+``run_errors`` applies them with what is known: without ``world_size`` the world's rules wait,
+without ``machine`` the kernel rules apply to the best the config allows. The config's loading
+checks a config with neither (``config.validate``), then on this machine
+(``config.check_environment``); the trainer resolves it on its world size; the planner on its
+cluster's world size and ``Machine``.
 """
 
 from __future__ import annotations
 
 from megatron_adadpo.config_text import ConfigError
 from megatron_adadpo.layout import logprob_chunk_tokens
+from megatron_adadpo.model.lora_config import lora_run_errors
 from megatron_adadpo.resolve.batching import (
     Batching,
     batching_policy,
@@ -46,7 +48,20 @@ def run_errors(config, world_size: int | None = None, machine: Machine | None = 
     )
     if errors:
         return errors
-    return budget_errors(_policy(r), r.max_length)  # padded for a valid layout
+    errors = budget_errors(_policy(r), r.max_length)  # padded for a valid layout
+    return errors + _lora_errors(r, machine)
+
+
+def _lora_errors(r: RunRequest, machine: Machine | None) -> list:
+    """LoRA's rules with the rest of the run (``lora_run_errors``), on the layer spec this
+    machine resolves (without a machine: only an explicit ``transformer_impl``)."""
+    e = r.execution
+    if machine is None:
+        te = e.transformer_impl == "transformer_engine"
+    else:
+        te = resolve_kernels(e, machine).transformer_engine
+    chunk = logprob_chunk_tokens(e, r.model.padded_vocab_size(e.tp))
+    return lora_run_errors(r.lora, r.reference, te, chunk, r.model.tie_word_embeddings)
 
 
 def raise_errors(errors: list[str]) -> None:
@@ -75,7 +90,8 @@ def resolve(config, world_size: int, machine: Machine) -> ResolvedRun:
     )
     chunk = logprob_chunk_tokens(e, r.model.padded_vocab_size(e.tp))
     batching = Batching(_policy(r), packing_format(r.batching, kernels.attention))
-    return ResolvedRun(parallel, kernels, Step(chunk, r.reference, r.loss), batching)
+    step = Step(chunk, r.reference, r.loss, r.lora)
+    return ResolvedRun(parallel, kernels, step, batching)
 
 
 def _policy(r: RunRequest):

@@ -18,6 +18,7 @@ from megatron_adadpo.resolve.kernels import Kernels
 if TYPE_CHECKING:
     from megatron_adadpo.layout import ExecutionConfig
     from megatron_adadpo.model.config import ModelConfig
+    from megatron_adadpo.model.lora_config import LoraSection
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,8 @@ class RunRequest:
     """The config fields the resolver reads (``of_config``), nothing else.
 
     ``reference`` is the effective reference mode (``Config.reference_mode``), ``loss`` the
-    loss family (``loss.name``), ``max_length`` the longest row (``data.max_length``).
+    loss family (``loss.name``), ``max_length`` the longest row (``data.max_length``), ``lora``
+    the adapters (``LoraSection``; None: full-parameter training).
     """
 
     model: ModelConfig
@@ -37,6 +39,7 @@ class RunRequest:
     max_tokens_per_micro_batch: int | None = None
     reference: str = "resident"
     loss: str = "adadpo"
+    lora: LoraSection | None = None
 
     @classmethod
     def of_config(cls, config) -> RunRequest:
@@ -55,6 +58,7 @@ CONFIG_FIELDS = {
     "max_tokens_per_micro_batch": "data.max_tokens_per_micro_batch",
     "reference": "reference_mode",
     "loss": "loss.name",
+    "lora": "lora",
 }
 
 
@@ -77,11 +81,13 @@ class Parallel:
 @dataclass(frozen=True)
 class Step:
     """What one step computes: the settled log-prob chunk size (0: not chunked), the
-    reference mode ("resident" | "precomputed" | "none") and the loss family."""
+    reference mode ("resident" | "precomputed" | "adapters_off" | "none"), the loss family
+    and the LoRA adapters (None: every parameter trains)."""
 
     logprob_chunk_tokens: int
     reference: str
     loss: str
+    lora: LoraSection | None = None
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from megatron_adadpo.model.config import (
     read_model_config,
     write_model_config,
 )
+from megatron_adadpo.model.lora import adapter_state_only, has_adapters
 from megatron_adadpo.platform.machine import probe_machine
 from megatron_adadpo.platform.megatron import dist_checkpointing, tensor_parallel, unwrap_model
 from megatron_adadpo.platform.megatron_optimizer import (
@@ -52,11 +53,13 @@ class CheckpointError(ValueError):
 
 
 def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
-    """``{"model": sd}`` for one chunk, ``{"model0": sd0, ...}`` for virtual pipeline stages."""
+    """``{"model": sd}`` for one chunk, ``{"model0": sd0, ...}`` for virtual pipeline stages;
+    a model with LoRA adapters: the adapters only (the frozen base is its init checkpoint)."""
     chunks = [unwrap_model(c) for c in chunks]
+    keep = adapter_state_only if has_adapters(chunks) else dict
     if len(chunks) == 1:
-        return {"model": chunks[0].sharded_state_dict()}
-    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+        return {"model": keep(chunks[0].sharded_state_dict())}
+    return {f"model{i}": keep(c.sharded_state_dict()) for i, c in enumerate(chunks)}
 
 
 REFERENCE = "reference"  # TR-DPO's updated reference: sharded-state key and tensor key prefix

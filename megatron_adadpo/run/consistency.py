@@ -127,14 +127,22 @@ def reference_model(config: Config) -> dict:
     ``reference.checkpoint``, else of ``train.init_checkpoint`` (the policy's start), else the
     initialisation method and seed. Precomputing with ``train.init_checkpoint=B`` and with
     ``reference.checkpoint=B`` records the same value."""
-    train = config.train
-    start = {"model": config.model.to_dict()}
-    checkpoint = config.reference.checkpoint or train.init_checkpoint
+    return _model_identity(config, config.reference.checkpoint or config.train.init_checkpoint)
+
+
+def starting_model(config: Config) -> dict:
+    """The model the policy starts from (a LoRA run's base): as ``reference_model``, with
+    ``train.init_checkpoint`` only."""
+    return _model_identity(config, config.train.init_checkpoint)
+
+
+def _model_identity(config: Config, checkpoint: str | None) -> dict:
+    identity = {"model": config.model.to_dict()}
     if checkpoint:
-        start["checkpoint"] = checkpoint_fingerprint(checkpoint)
+        identity["checkpoint"] = checkpoint_fingerprint(checkpoint)
     else:
-        start.update(init_method=train.init_method, seed=train.seed)
-    return start
+        identity.update(init_method=config.train.init_method, seed=config.train.seed)
+    return identity
 
 
 def recorded_reference_model(meta: dict) -> dict | None:

@@ -1,6 +1,7 @@
-"""Reference log-probs: a resident frozen model, or values precomputed once to disk.
+"""Reference log-probs: a resident frozen model, the policy with its LoRA adapters off, or
+values precomputed once to disk.
 
-Both attach ``MicroBatch.reference_logps`` (``[2B]`` fp32, ``[c0, r0, c1, r1, ...]``) to the
+Each attaches ``MicroBatch.reference_logps`` (``[2B]`` fp32, ``[c0, r0, c1, r1, ...]``) to the
 micro-batches of a step, on the last pipeline stage where the policy loss is computed.
 Precomputed files (``tools/precompute_reference.py``) hold per-pair summed completion log-probs
 ``[N, 2]`` (chosen, rejected) indexed by ``pair_id``, tied to the dataset's manifest identity
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megatron_adadpo.model.lora import adapters_disabled
 from megatron_adadpo.platform.megatron import unwrap_model
 from megatron_adadpo.platform.safe_pickle import load_npy
 from megatron_adadpo.run.microbatch import MicroBatch
@@ -106,6 +108,27 @@ def mix_parameters(target: torch.nn.Module, source: torch.nn.Module, alpha: floa
             wide = torch.promote_types(ref.dtype, torch.float32)
             mixed = ref.to(wide).mul_(1.0 - alpha).add_(pol.to(wide), alpha=alpha)
             ref.copy_(mixed)
+
+
+class AdaptersOffReference:
+    """The base model for free: the policy's own chunks run forward-only (``no_grad``, eval
+    mode) with every LoRA adapter off, on the step's micro-batches before its training pass.
+    No second model; the frozen base is exactly the starting model."""
+
+    def __init__(self, chunks: list, context: StepContext):
+        """``chunks``: the policy's model chunks (DDP-wrapped or not) holding the adapters."""
+        self.chunks, self.context = chunks, context
+
+    def attach(self, batches: list[MicroBatch]) -> None:
+        training = [chunk.training for chunk in self.chunks]
+        for chunk in self.chunks:
+            chunk.eval()
+        try:
+            with adapters_disabled(self.chunks):
+                attach_forward_logps(self.chunks, batches, self.context)
+        finally:
+            for chunk, mode in zip(self.chunks, training, strict=True):
+                chunk.train(mode)
 
 
 class PrecomputedReference:

@@ -16,6 +16,7 @@ import yaml
 
 from megatron_adadpo.config import Config, ConfigError
 from megatron_adadpo.resolve import ResolvedRun
+from megatron_adadpo.run.consistency import starting_model
 
 # The config fields that set the run's length (Megatron counts it in samples: pairs).
 LENGTH_FIELDS = ("train.train_iters", "train.epochs", "train.global_batch_size")
@@ -74,9 +75,10 @@ class RunState:
     consumed_samples: int  # pairs trained on (Megatron counts samples)
     dataset_identity: str | None  # the manifest identity of the data (``data/``)
     seed: int  # train.seed of the run (the data order within an epoch)
-    optimizer_layout: dict  # ``optimizer_layout(config, run)``: what the optimizer state depends on
+    optimizer_layout: dict  # ``optimizer_layout(config, run)``: what its optimizer state needs
     reference_sync: dict | None = None  # TR-DPO's settings (``reference_sync``), None: off
     reference_source: str | None = None  # the model the reference is loaded from
+    adapter_base: dict | None = None  # LoRA: the base model the adapters belong to
     eval_pending: bool = False  # SIGTERM abandoned this step's evaluation: do it first
 
     @classmethod
@@ -90,6 +92,7 @@ class RunState:
             optimizer_layout(config, run),
             reference_sync(config),
             reference_source(config),
+            adapter_base(config),
         )
 
     @classmethod
@@ -104,6 +107,7 @@ class RunState:
             optimizer_layout(config, run),
             reference_sync(config),
             reference_source(config),
+            adapter_base(config),
             eval_pending=bool(saved.get("eval_pending")),
         )
 
@@ -113,6 +117,47 @@ class RunState:
         if not self.eval_pending:
             del values["eval_pending"]
         return values
+
+
+def adapter_base(config: Config) -> dict | None:
+    """What a LoRA run's adapter-only checkpoints belong to: the base model they were trained
+    on (``train.init_checkpoint`` with its fingerprint, or the initialisation and seed) and
+    the adapters' shape; None without LoRA (full-model checkpoints)."""
+    if config.lora is None:
+        return None
+    lora = config.lora
+    return {
+        "init_checkpoint": config.train.init_checkpoint,
+        "base": starting_model(config),
+        "lora": {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.target_modules)},
+    }
+
+
+def adapter_base_errors(saved: dict | None, current: dict | None, where: Path) -> list[str]:
+    """A checkpoint's adapters load only onto the base (and adapter shape) they were trained
+    with; a full-model checkpoint does not resume as adapters, nor adapters as a full model."""
+    if saved == current:
+        return []
+    if current is None:
+        return [f"checkpoint {where} holds LoRA adapters only: restore the lora: section"]
+    if saved is None:
+        return [
+            f"checkpoint {where} holds a full model, not LoRA adapters: remove the lora: "
+            "section, or start in a new logging.run_dir"
+        ]
+    if saved["lora"] != current["lora"]:
+        return [f"checkpoint {where} holds adapters {saved['lora']}; restore lora: to them"]
+    was, now = saved["base"], current["base"]
+    fields = {"init_checkpoint": "train.init_checkpoint", "model": "the model section"}
+    fields.update(init_method="train.init_method", seed="train.seed")
+    changed = [key for key in fields if was.get(key) != now.get(key)]
+    shown = {**was, "init_checkpoint": saved["init_checkpoint"], "model": "(model.yaml)"}
+    diff = ", ".join(f"{fields[key]}={shown.get(key)}" for key in changed)
+    return [
+        f"checkpoint {where} holds LoRA adapters of another base model (trained on {diff}; "
+        "an init checkpoint is recognised by its fingerprint): restore that base, or start in "
+        "a new logging.run_dir"
+    ]
 
 
 def check_run_state(
@@ -139,6 +184,9 @@ def check_run_state(
             f"train.seed={config.train.seed} would re-order the rest of the epoch (pairs seen "
             f"twice or never): restore train.seed={seed} (a new seed is safe at an epoch boundary)"
         )
+    errors = adapter_base_errors(saved.get("adapter_base"), adapter_base(config), where)
+    if errors:
+        raise ConfigError(errors[0])
     _check_optimizer_layout(saved.get("optimizer_layout"), optimizer_layout(config, run), where)
     check_reference_sync(saved.get("reference_sync"), reference_sync(config), where)
     check_reference_source(saved, config, where)

@@ -19,6 +19,7 @@ from pathlib import Path
 from megatron_adadpo.config import Config, ConfigError
 from megatron_adadpo.model.build import build_model
 from megatron_adadpo.model.initialization import init_layout_invariant
+from megatron_adadpo.model.lora import add_adapters
 from megatron_adadpo.planner.throughput import step_model_flops
 from megatron_adadpo.platform.hardware import peak_flops_per_device
 from megatron_adadpo.platform.megatron_optimizer import force_param_sync
@@ -38,7 +39,11 @@ from megatron_adadpo.run.metrics import MetricsLogger, reduce_metrics, step_valu
 from megatron_adadpo.run.opening import FinishedRun, OpenedRun, open_run_dir
 from megatron_adadpo.run.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from megatron_adadpo.run.preemption import Preemption
-from megatron_adadpo.run.reference import PrecomputedReference, ResidentReference
+from megatron_adadpo.run.reference import (
+    AdaptersOffReference,
+    PrecomputedReference,
+    ResidentReference,
+)
 from megatron_adadpo.run.resume import RunState
 from megatron_adadpo.run.step import StepContext, train_step
 from megatron_adadpo.status import log as status
@@ -62,6 +67,13 @@ def build_policy(config: Config, run: ResolvedRun) -> list:
     return chunks
 
 
+def add_policy_adapters(config: Config, chunks: list) -> None:
+    """With a ``lora:`` section: adapters on the policy's linears, the base frozen
+    (``model/lora.py``); after the base is loaded and any resident reference copied from it."""
+    if config.lora is not None:
+        add_adapters(chunks, config.lora, config.train.seed)
+
+
 def build_reference_model(config: Config, run: ResolvedRun) -> list:
     """The reference's model chunks with its weights: ``reference.checkpoint``'s, else the
     policy's initial ones (``build_policy``)."""
@@ -76,8 +88,12 @@ def build_reference_model(config: Config, run: ResolvedRun) -> list:
 def build_references(
     config: Config, run: ResolvedRun, policy_chunks: list, context: StepContext, datasets
 ):
-    """(train reference, eval reference): resident model, precomputed values, or none."""
+    """(train reference, eval reference): resident model, the policy with its adapters off,
+    precomputed values, or none."""
     mode = run.step.reference
+    if mode == "adapters_off":
+        ref = AdaptersOffReference(policy_chunks, context)
+        return ref, ref
     if mode == "resident":
         if config.reference.checkpoint:
             ref = ResidentReference(build_reference_model(config, run), None, context)
@@ -171,6 +187,7 @@ class Trainer:
         self.reference, eval_reference = build_references(
             config, run, chunks, self.context, (self.dataset, opened.eval_set)
         )
+        add_policy_adapters(config, chunks)
         self.policy = wrap_ddp(chunks, config.optimizer)
         self.optimizer = build_optimizer(self.policy, config.optimizer, config.execution.bf16)
         self.scheduler = build_scheduler(

@@ -60,6 +60,7 @@ KEPT = {
     "loss": None,  # None: every field
     "data": {"chat_template", "batching", "overlength", "on_error"},
     "reference": {"mode"},
+    "lora": None,  # adapters as the recipe has them (the plain run keeps them too)
     "optimizer": None,  # lr, min_lr and ddp_bucket_size then shrunk (SHRUNK)
     "train": {"micro_batch_size", "epochs", "seed", "nan_policy"},
     "checkpoint": {"save_at_end", "resume", "override_scheduler"},
@@ -112,6 +113,8 @@ def miniature(recipe: dict, run_dir: Path, cache_dir: Path) -> tuple[int, dict]:
     if unknown:
         raise KeyError(f"no miniature rule for the sections {sorted(unknown)}")
     mini = {section: _kept(recipe.get(section) or {}, section) for section in KEPT}
+    if "lora" not in recipe:
+        del mini["lora"]  # no section: no adapters
     mini["model"] |= TINY_MODEL
     execution = recipe.get("execution", {})
     if execution.get("cp", 1) != 1:

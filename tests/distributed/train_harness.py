@@ -268,23 +268,30 @@ def _output_layer_alone(policy: list) -> bool | None:
 
 
 def _gather_full_grads(policy: list, vocab_size: int) -> dict | None:
-    return _gather_full(policy, vocab_size, lambda p: p.main_grad)
+    return _gather_full(policy, vocab_size, lambda p: p.main_grad, trainable_only=True)
 
 
-def _gather_full(policy: list, vocab_size: int, tensor_of) -> dict | None:
-    """``tensor_of(param)`` of every parameter, un-sharded over TP (see
-    ``first_step_gradients``) and collected over pipeline stages, fp64, on rank 0."""
+# TP shards of these hold [gate_shard; up_shard] (the gated MLP's fc1 and its LoRA B)
+GATED_FC1 = ("linear_fc1.weight", "linear_fc1.base.weight", "linear_fc1.lora_b")
+
+
+def _gather_full(policy: list, vocab_size: int, tensor_of, trainable_only=False) -> dict | None:
+    """``tensor_of(param)`` of every parameter (``trainable_only``: of those with gradients,
+    not a LoRA run's frozen base), un-sharded over TP (see ``first_step_gradients``) and
+    collected over pipeline stages, fp64, on rank 0."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
     tp_group = parallel_state.get_tensor_model_parallel_group()
     local = {}
     for chunk in policy:
         for name, param in global_param_names(chunk.module).items():
+            if trainable_only and not param.requires_grad:
+                continue
             grad = tensor_of(param).detach().double()
             if getattr(param, "tensor_model_parallel", False) and tp > 1:
                 parts = [torch.empty_like(grad) for _ in range(tp)]
                 dist.all_gather(parts, grad.contiguous(), group=tp_group)
                 dim = param.partition_dim
-                if "linear_fc1.weight" in name:
+                if name.endswith(GATED_FC1):
                     halves = [p.chunk(2, dim=dim) for p in parts]
                     grad = torch.cat([torch.cat([h[i] for h in halves], dim) for i in (0, 1)], dim)
                 else:
