@@ -38,7 +38,8 @@ def test_lora_memory_has_no_base_gradients_optimizer_or_reference():
     run = ExecutionConfig(tp=2, bf16=True)
     full = PlanInput(model=TINY, execution=run, reference="resident")
     lora = full.replace(lora=LORA, reference="adapters_off")
-    a, b = stage_memory(full, dp=2, num_micro=4, pp_rank=0), stage_memory(lora, 2, 4, 0)
+    a = stage_memory(full, dp=2, num_micro=4, pp_rank=0, chunk=0)  # unchunked log-probs
+    b = stage_memory(lora, 2, 4, 0, 0)
     n, n_a = stage_params(TINY, tp=2).total, adapter_params(TINY, LORA, tp=2)
     assert b.params == n + n_a and b.weights == 2 * (n + n_a)
     assert b.gradients == 4 * n_a and a.gradients == 4 * n

@@ -33,6 +33,7 @@ def test_fresh_state_is_the_checkpoint_entry_of_step_zero():
         "optimizer_layout": optimizer_layout(config, run),
         "reference_sync": None,  # TR-DPO off
         "reference_source": reference_source(config),
+        "adapter_base": None,  # full-parameter training
     }
 
 
