@@ -36,9 +36,9 @@ from benchmarks.machine import emit_result, machine_line  # noqa: E402
 from megatron_adadpo.config import load_config  # noqa: E402
 from megatron_adadpo.model.build import build_model  # noqa: E402
 from megatron_adadpo.platform import cpu, distributed  # noqa: E402
-from megatron_adadpo.run import checkpoints  # noqa: E402
-from megatron_adadpo.run.checkpoint_writer import CheckpointWriter  # noqa: E402
 from megatron_adadpo.run.optimizer import build_optimizer, build_scheduler, wrap_ddp  # noqa: E402
+from megatron_adadpo.run.state import checkpoints  # noqa: E402
+from megatron_adadpo.run.state.checkpoint_writer import CheckpointWriter  # noqa: E402
 
 MODEL_265M = [
     "model.num_layers=16",

@@ -268,7 +268,7 @@ def body_param_sync(work: Path) -> None:
     from megatron_adadpo.platform import cpu
     from megatron_adadpo.platform.distributed import destroy, init_distributed
     from megatron_adadpo.platform.megatron import unwrap_model
-    from megatron_adadpo.run import checkpoints
+    from megatron_adadpo.run.state import checkpoints
     from megatron_adadpo.run.trainer import Trainer
 
     run_dir = work / "param_sync_run"

@@ -73,7 +73,7 @@ def _train(config, run_dir: Path):
 def run_sft(out: Path) -> None:
     from evaluate import HeldOut, pair_summary
 
-    from megatron_adadpo.run.checkpoints import save_model
+    from megatron_adadpo.run.state.checkpoints import save_model
 
     config = _config(out, out / "data/sft.jsonl", out / "sft", SFT)
     start = time.monotonic()

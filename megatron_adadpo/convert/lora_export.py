@@ -46,7 +46,7 @@ HF_MODULES = {
 def adapter_run(checkpoint: str | Path, base: str | Path | None) -> tuple:
     """(checkpoint dir, model, lora section, base checkpoint dir) of an adapter checkpoint;
     refuses one without adapters and a base other than the one it was trained on."""
-    from megatron_adadpo.run.consistency import checkpoint_fingerprint
+    from megatron_adadpo.run.state.consistency import checkpoint_fingerprint
 
     ckpt = megatron_io.resolve_checkpoint(checkpoint)
     recorded = (common_state_dict(ckpt).get("run") or {}).get("adapter_base")
@@ -72,7 +72,7 @@ def adapter_run(checkpoint: str | Path, base: str | Path | None) -> tuple:
 def load_adapted(ckpt: Path, model: ModelConfig, lora: LoraSection, base: Path) -> list:
     """A TP1 model: the base checkpoint's weights plus the checkpoint's adapters (fp32)."""
     from megatron_adadpo.model.build import build_model
-    from megatron_adadpo.run import checkpoints
+    from megatron_adadpo.run.state import checkpoints
 
     megatron_io.init_single_process()
     chunks = build_model(model, ExecutionConfig(transformer_impl="local"))
@@ -98,7 +98,7 @@ def merge_adapters(chunks: list) -> None:
 
 def export_merged(checkpoint, output, base=None, tokenizer_dir=None, **convert_options) -> Path:
     """The base with the adapters merged, as an HF directory (``convert_megatron_to_hf``)."""
-    from megatron_adadpo.run import checkpoints
+    from megatron_adadpo.run.state import checkpoints
 
     ckpt, model, lora, base = adapter_run(checkpoint, base)
     tok_dir = find_tokenizer(ckpt, tokenizer_dir) or find_tokenizer(base, None)

@@ -32,7 +32,7 @@ from megatron_adadpo.model.config import (
 )
 from megatron_adadpo.platform import safe_dcp
 from megatron_adadpo.platform.megatron import dist_checkpointing, save_strategy
-from megatron_adadpo.run.checkpoints import CheckpointError, unreadable
+from megatron_adadpo.run.state.checkpoints import CheckpointError, unreadable
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}

@@ -23,7 +23,7 @@ from megatron_adadpo.data.tokenize import PairTokenizer, load_tokenizer
 from megatron_adadpo.layout import ExecutionConfig
 from megatron_adadpo.model.build import build_model
 from megatron_adadpo.model.config import ModelConfig
-from megatron_adadpo.run.checkpoints import load_model
+from megatron_adadpo.run.state.checkpoints import load_model
 
 
 def load_policy(checkpoint: str | Path) -> tuple[torch.nn.Module, ModelConfig, Path]:

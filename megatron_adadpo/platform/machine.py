@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 
 from megatron_adadpo.platform.environment import module_available, te_available
-from megatron_adadpo.resolve.machine import Machine
+from megatron_adadpo.platform.hardware import Machine
 
 
 @functools.cache

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from megatron_adadpo.layout import fp8_rows_multiple
-from megatron_adadpo.resolve.machine import Machine
+from megatron_adadpo.platform.hardware import Machine
 
 if TYPE_CHECKING:
     from megatron_adadpo.layout import ExecutionConfig

@@ -23,8 +23,8 @@ from megatron_adadpo.layout import (
     TRANSFORMER_IMPLS,
     ExecutionConfig,
 )
+from megatron_adadpo.platform.hardware import Machine
 from megatron_adadpo.resolve.kernels import kernel_errors
-from megatron_adadpo.resolve.machine import Machine
 
 if TYPE_CHECKING:
     from megatron_adadpo.model.config import ModelConfig

@@ -3,7 +3,7 @@ settled in one place, or one error with every reason the config cannot run (torc
 
 The rules are those of ``resolve/layout.py`` (layout, batch sizes, world size),
 ``resolve/kernels.py`` (Transformer Engine, attention, FP8, context parallelism),
-``resolve/batching.py`` (token budget) and LoRA's (``model/lora_config.lora_run_errors``).
+``resolve/batching.py`` (token budget) and ``resolve/lora.py`` (LoRA's adapters).
 ``run_errors`` applies them with what is known: without ``world_size`` the world's rules wait,
 without ``machine`` the kernel rules apply to the best the config allows. The config's loading
 checks a config with neither (``config.validate``), then on this machine
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from megatron_adadpo.config_text import ConfigError
 from megatron_adadpo.layout import logprob_chunk_tokens
-from megatron_adadpo.model.lora_config import lora_run_errors
+from megatron_adadpo.platform.hardware import Machine
 from megatron_adadpo.resolve.batching import (
     Batching,
     batching_policy,
@@ -24,7 +24,7 @@ from megatron_adadpo.resolve.batching import (
 )
 from megatron_adadpo.resolve.kernels import resolve_kernels
 from megatron_adadpo.resolve.layout import layout_errors
-from megatron_adadpo.resolve.machine import Machine
+from megatron_adadpo.resolve.lora import lora_run_errors
 from megatron_adadpo.resolve.run import Parallel, ResolvedRun, RunRequest, Step
 
 

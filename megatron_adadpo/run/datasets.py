@@ -13,9 +13,10 @@ import datetime
 
 import torch.distributed as dist
 
-from megatron_adadpo.config import CHOSEN_ONLY_LOSSES, Config
+from megatron_adadpo.config import Config
+from megatron_adadpo.config_checks import CHOSEN_ONLY_LOSSES
 from megatron_adadpo.data import load_preference_dataset
-from megatron_adadpo.run.consistency import check_vocab
+from megatron_adadpo.run.state.consistency import check_vocab
 
 
 class DataWaitTimeout(ValueError):

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from megatron_adadpo.run.run_dir import atomic_write_text
+from megatron_adadpo.run.state.run_dir import atomic_write_text
 
 CONSOLE_FIELDS = (
     ("loss", "loss", "{:.4f}"),

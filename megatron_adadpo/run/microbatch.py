@@ -169,7 +169,7 @@ def thd_params(packed: PackedRows) -> PackedSeqParams:
     - megatron-core with ``PackedSeqParams.pad_between_seqs`` (0.19): the packing's own flag,
       True when any sequence or the row's tail is padded;
     - megatron-core 0.16.1 (no such field): packed + context parallelism is refused
-      (``config._packed_pad_flag_errors``); the row's tail becomes a sequence of its own, so at
+      (``resolve/kernels._packed_pad_flag_errors``); the row's tail becomes a sequence of its own, so at
       CP = 1 (where sequences are not padded) nothing is padded and the ``False`` TE infers is
       exact: every backend writes every row.
     """

@@ -2,10 +2,10 @@
 
 ``open_run_dir(config)`` resolves the run once on this world size and machine
 (``resolve(config, world_size, machine)``: every reason it cannot run, before any allocation),
-builds the parallel value once, claims the run directory
-(``run/lock.py``), loads the data and decides where the launch starts (``run/run_dir.py``:
-fresh, resumed from ``checkpoints/latest``, or already finished). Nothing is built on the
-accelerator yet: a finished run (its latest checkpoint at or past the last step) becomes a
+builds the parallel value once, claims the run directory (``run/state/lock.py``), loads the
+data and decides where the launch starts (``run/state/run_dir.py``: fresh, resumed from
+``checkpoints/latest``, or already finished). Nothing is built on the accelerator yet: a
+finished run (its latest checkpoint at or past the last step) becomes a
 ``FinishedRun``, which says so and touches nothing; any other becomes a ``Trainer``
 (``run/trainer.py`` ``open_run``).
 """
@@ -22,10 +22,10 @@ from megatron_adadpo.platform.distributed import init_model_parallel
 from megatron_adadpo.platform.machine import probe_machine
 from megatron_adadpo.platform.parallel import Parallel
 from megatron_adadpo.resolve import ResolvedRun, resolve
-from megatron_adadpo.run import checkpoints
-from megatron_adadpo.run import run_dir as run_files
 from megatron_adadpo.run.datasets import load_dataset
-from megatron_adadpo.run.lock import RunDirLock, claim_run_dir
+from megatron_adadpo.run.state import checkpoints
+from megatron_adadpo.run.state import run_dir as run_files
+from megatron_adadpo.run.state.lock import RunDirLock, claim_run_dir
 from megatron_adadpo.status import log as status
 
 

@@ -98,7 +98,7 @@ def build_scheduler(
     """Warm-up then cosine (or linear / constant) decay, counted in samples (pairs).
 
     ``override``: a loaded checkpoint keeps only its step count and this schedule applies from
-    there (Megatron's ``override_opt_param_scheduler``); otherwise ``run/resume.py`` refuses a
+    there (Megatron's ``override_opt_param_scheduler``); otherwise ``run/state/resume.py`` refuses a
     saved schedule that differs from this one.
     """
     total = train_iters * global_batch_size
@@ -136,7 +136,7 @@ def adopt_group_schedules(optimizer, loaded: dict) -> None:
     ``max_lr`` / ``min_lr``: a changed ``optimizer.lr`` would otherwise fail the load ("Could
     not find parameter group with key") and on 0.16 the load would bring back the saved
     learning rate. Without ``checkpoint.override_scheduler`` the values are already equal
-    (``run/resume.py`` ``check_schedule`` refused others). Unpaired groups are left to
+    (``run/state/resume.py`` ``check_schedule`` refused others). Unpaired groups are left to
     Megatron's own error.
     """
     parts = getattr(optimizer, "chained_optimizers", [optimizer])

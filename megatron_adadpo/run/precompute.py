@@ -28,9 +28,9 @@ from megatron_adadpo.platform.machine import probe_machine
 from megatron_adadpo.platform.parallel import Parallel
 from megatron_adadpo.resolve import resolve
 from megatron_adadpo.run.batches import step_batches
-from megatron_adadpo.run.consistency import reference_model
 from megatron_adadpo.run.datasets import load_dataset
 from megatron_adadpo.run.reference import attach_forward_logps, freeze, write_precomputed
+from megatron_adadpo.run.state.consistency import reference_model
 from megatron_adadpo.run.step import StepContext
 from megatron_adadpo.run.trainer import build_reference_model
 from megatron_adadpo.status import log as status

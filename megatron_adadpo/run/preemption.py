@@ -10,7 +10,8 @@ receive it at different moments: every point where the run may stop asks all ran
   parallelism every evaluation batch) (``evaluation.Evaluator``): the evaluation is
   abandoned, the checkpoint records it as pending and the resumed run evaluates first;
 - after a periodic save: the run leaves at once (it has just saved; with
-  ``checkpoint.async_save`` once the write in flight is published: ``run/checkpoint_writer.py``).
+  ``checkpoint.async_save`` once the write in flight is published:
+  ``run/state/checkpoint_writer.py``).
 
 So the time from SIGTERM to exit is at most one training step (or one evaluation micro-batch),
 one save and the teardown; ``docs/troubleshooting.md`` gives the measured numbers and the grace

@@ -6,7 +6,8 @@ micro-batches of a step, on the last pipeline stage where the policy loss is com
 Precomputed files (``tools/precompute_reference.py``) hold per-pair summed completion log-probs
 ``[N, 2]`` (chosen, rejected) indexed by ``pair_id``, tied to the dataset's manifest identity
 (a file made for other data or another tokenisation is refused here) and to the reference model
-(``reference.checkpoint`` or the policy's start; checked by the trainer: ``run/consistency.py``).
+(``reference.checkpoint`` or the policy's start; checked by the trainer:
+``run/state/consistency.py``).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from megatron_adadpo.model.lora import adapters_disabled
 from megatron_adadpo.platform.megatron import unwrap_model
 from megatron_adadpo.platform.safe_pickle import load_npy
 from megatron_adadpo.run.microbatch import MicroBatch
-from megatron_adadpo.run.run_dir import durable_temp, fsync_directory
 from megatron_adadpo.run.sequences import sequence_sums
+from megatron_adadpo.run.state.run_dir import durable_temp, fsync_directory
 from megatron_adadpo.run.step import StepContext, output_layer_for, policy_forward, run_schedule
 
 VALUES_FILE = "reference_logps.npy"

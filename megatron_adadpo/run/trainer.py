@@ -2,7 +2,7 @@
 
 ``open_run(config)`` opens the run (``run/opening.py``: the parallel value, the claimed run
 directory, the data, where the run starts) and returns a ``FinishedRun`` when nothing is left,
-else a ``Trainer``, which checks a resumed run against its checkpoint (``run/resume.py``) and
+else a ``Trainer``, which checks a resumed run against its checkpoint (``run/state/resume.py``) and
 builds everything inside an initialised process group. ``Trainer.train()`` runs the steps
 (micro-batches -> reference log-probs -> Megatron schedule forward / backward -> optimizer ->
 metrics -> eval -> checkpoint) and saves at the end. SIGTERM (Slurm preemption) stops within a
@@ -25,16 +25,8 @@ from megatron_adadpo.platform.hardware import peak_flops_per_device
 from megatron_adadpo.platform.megatron_optimizer import force_param_sync
 from megatron_adadpo.platform.parallel import Parallel
 from megatron_adadpo.resolve import ResolvedRun
-from megatron_adadpo.run import checkpoints, resume
 from megatron_adadpo.run.batches import StepBatches, step_batches
-from megatron_adadpo.run.checkpoint_writer import CheckpointWriter
-from megatron_adadpo.run.consistency import (
-    check_precomputed_loss,
-    check_reference_model,
-    recorded_reference_model,
-)
 from megatron_adadpo.run.evaluation import Evaluator
-from megatron_adadpo.run.lock import RunDirLock
 from megatron_adadpo.run.metrics import MetricsLogger, reduce_metrics, step_values, wandb_settings
 from megatron_adadpo.run.opening import FinishedRun, OpenedRun, open_run_dir
 from megatron_adadpo.run.optimizer import build_optimizer, build_scheduler, wrap_ddp
@@ -44,7 +36,15 @@ from megatron_adadpo.run.reference import (
     PrecomputedReference,
     ResidentReference,
 )
-from megatron_adadpo.run.resume import RunState
+from megatron_adadpo.run.state import checkpoints, resume
+from megatron_adadpo.run.state.checkpoint_writer import CheckpointWriter
+from megatron_adadpo.run.state.consistency import (
+    check_precomputed_loss,
+    check_reference_model,
+    recorded_reference_model,
+)
+from megatron_adadpo.run.state.lock import RunDirLock
+from megatron_adadpo.run.state.resume import RunState
 from megatron_adadpo.run.step import StepContext, train_step
 from megatron_adadpo.status import log as status
 

@@ -11,7 +11,7 @@ relative positions it has alone (block-diagonal mask, no position reset on the l
 import pytest
 import torch
 
-from megatron_adadpo.run.run_dir import latest_checkpoint
+from megatron_adadpo.run.state.run_dir import latest_checkpoint
 from tests.distributed.train_harness import (
     REPO,
     assert_same_rows,

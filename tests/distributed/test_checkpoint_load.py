@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from megatron_adadpo.layout import ExecutionConfig
-from megatron_adadpo.run import checkpoints
+from megatron_adadpo.run.state import checkpoints
 from tests.launcher import run_ranks
 from tests.megatron_helpers import TINY, tiny_model
 
@@ -53,8 +53,8 @@ def _load_cases(rank, world, directory):
     records = []
     handler = logging.Handler()
     handler.emit = records.append
-    logging.getLogger("megatron_adadpo.run.checkpoints").addHandler(handler)
-    logging.getLogger("megatron_adadpo.run.checkpoints").setLevel(logging.INFO)
+    logging.getLogger("megatron_adadpo.run.state.checkpoints").addHandler(handler)
+    logging.getLogger("megatron_adadpo.run.state.checkpoints").setLevel(logging.INFO)
 
     te_like = tiny_model(run, seed=2)
     _te_style(te_like[0].decoder.final_layernorm)

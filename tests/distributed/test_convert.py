@@ -38,7 +38,7 @@ def _logits_all(rank, world, tp, pp, ckpts):
     from megatron_adadpo.model.build import build_model
     from megatron_adadpo.model.config import read_model_config
     from megatron_adadpo.platform import distributed as parallel
-    from megatron_adadpo.run.checkpoints import load_model
+    from megatron_adadpo.run.state.checkpoints import load_model
 
     parallel.init_model_parallel(ExecutionConfig(tp=tp, pp=pp))
     out = {}
@@ -156,13 +156,13 @@ def _train_tp2pp2(rank, world, ckpt, run_dir, steps):
     from megatron_adadpo.model.config import read_model_config
     from megatron_adadpo.platform import distributed as parallel
     from megatron_adadpo.platform.megatron import get_forward_backward_func, parallel_state
-    from megatron_adadpo.run.checkpoints import save_model
+    from megatron_adadpo.run.state.checkpoints import save_model
 
     tp, pp = 2, 2
     parallel.init_model_parallel(ExecutionConfig(tp=tp, pp=pp))
     model = read_model_config(ckpt)
     chunks = build_model(model, ExecutionConfig(tp=tp, pp=pp))
-    from megatron_adadpo.run.checkpoints import load_model
+    from megatron_adadpo.run.state.checkpoints import load_model
 
     load_model(chunks, ckpt, model)
     ids = cm.tokens(batch=4)

@@ -6,7 +6,7 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from megatron_adadpo import train
 from megatron_adadpo.config import ConfigError
-from megatron_adadpo.run.run_dir import latest_checkpoint
+from megatron_adadpo.run.state.run_dir import latest_checkpoint
 from tests.distributed.train_harness import argv, kill_in_step, losses, run_trainer
 from tests.launcher import RankFailed, run_ranks
 

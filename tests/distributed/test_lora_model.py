@@ -140,8 +140,8 @@ def _reference_vs_resident(rank, world, argv):
     from megatron_adadpo.config import load_config
     from megatron_adadpo.model.build import build_model
     from megatron_adadpo.model.lora import lora_layers
-    from megatron_adadpo.run import checkpoints
     from megatron_adadpo.run.reference import attach_forward_logps, freeze
+    from megatron_adadpo.run.state import checkpoints
     from megatron_adadpo.run.trainer import Trainer
 
     args = train.parse_args(argv)

@@ -23,7 +23,7 @@ import yaml
 from megatron_adadpo.config import from_dict
 from megatron_adadpo.resolve import run_errors
 from megatron_adadpo.run import precompute
-from megatron_adadpo.run.run_dir import latest_checkpoint
+from megatron_adadpo.run.state.run_dir import latest_checkpoint
 from tests.distributed.train_harness import (
     REPO,
     TINY_OVERRIDES,

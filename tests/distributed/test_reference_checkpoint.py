@@ -17,7 +17,7 @@ def _save_initial(rank, world, args, directory):
     """Rank body: the config's initial policy (``train.seed``) saved as an init checkpoint."""
     from megatron_adadpo.config import load_config
     from megatron_adadpo.platform.distributed import init_model_parallel
-    from megatron_adadpo.run.checkpoints import save_model
+    from megatron_adadpo.run.state.checkpoints import save_model
     from megatron_adadpo.run.trainer import build_policy
 
     config = load_config(args[1], train.parse_args(args).set)

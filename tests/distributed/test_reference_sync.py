@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from megatron_adadpo.run.run_dir import latest_checkpoint
+from megatron_adadpo.run.state.run_dir import latest_checkpoint
 from tests.distributed.train_harness import (
     argv,
     assert_same_rows,

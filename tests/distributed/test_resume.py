@@ -13,9 +13,9 @@ import torch
 from megatron_adadpo.config import load_config
 from megatron_adadpo.data import load_preference_dataset
 from megatron_adadpo.run import datasets as run_datasets
-from megatron_adadpo.run.consistency import reference_model
 from megatron_adadpo.run.reference import write_precomputed
-from megatron_adadpo.run.run_dir import latest_checkpoint
+from megatron_adadpo.run.state.consistency import reference_model
+from megatron_adadpo.run.state.run_dir import latest_checkpoint
 from tests.distributed.train_harness import (
     argv,
     kill_in_step,
@@ -232,7 +232,7 @@ def test_sigterm_anywhere_saves_and_the_same_command_resumes_exactly(
 
 
 def test_run_dir_in_use_is_refused_and_stale_lock_taken_over(tmp_path, cache_dir):
-    from megatron_adadpo.run.lock import RunDirLock
+    from megatron_adadpo.run.state.lock import RunDirLock
 
     run_dir = tmp_path / "run"
     holder = RunDirLock(run_dir)

@@ -20,9 +20,9 @@ import torch
 
 from megatron_adadpo.layout import ExecutionConfig
 from megatron_adadpo.platform import safe_dcp
-from megatron_adadpo.run import checkpoint_writer, checkpoints
-from megatron_adadpo.run import run_dir as run_files
-from megatron_adadpo.run.run_dir import latest_checkpoint
+from megatron_adadpo.run.state import checkpoint_writer, checkpoints
+from megatron_adadpo.run.state import run_dir as run_files
+from megatron_adadpo.run.state.run_dir import latest_checkpoint
 from tests.distributed.train_harness import argv, kill_in_step, losses, read_metrics, run_trainer
 from tests.launcher import RankFailed, run_ranks
 from tests.megatron_helpers import TINY, tiny_model

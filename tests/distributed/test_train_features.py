@@ -9,9 +9,9 @@ import signal
 import pytest
 
 from megatron_adadpo import train
-from megatron_adadpo.run import checkpoints as checkpointing
 from megatron_adadpo.run import precompute, step
-from megatron_adadpo.run.run_dir import latest_checkpoint
+from megatron_adadpo.run.state import checkpoints as checkpointing
+from megatron_adadpo.run.state.run_dir import latest_checkpoint
 from tests.distributed.train_harness import (
     argv,
     kill_in_step,

@@ -55,7 +55,7 @@ def _megatron_logits(rank, world, ckpt, ids):
     from megatron_adadpo.model.build import build_model
     from megatron_adadpo.model.config import read_model_config
     from megatron_adadpo.platform import distributed as parallel
-    from megatron_adadpo.run.checkpoints import load_model
+    from megatron_adadpo.run.state.checkpoints import load_model
 
     parallel.init_model_parallel(ExecutionConfig(tp=2, pp=2))
     model = read_model_config(ckpt)

@@ -233,7 +233,7 @@ def test_requeue_takes_over_a_lock_record_naming_a_live_foreign_pid(tmp_path):
 
 HOLD = (
     "import sys, time\n"
-    "from megatron_adadpo.run.lock import RunDirLock\n"
+    "from megatron_adadpo.run.state.lock import RunDirLock\n"
     "RunDirLock(sys.argv[1]).acquire()\n"
     "print('held', flush=True)\n"
     "time.sleep(600)\n"

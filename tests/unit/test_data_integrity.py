@@ -18,7 +18,7 @@ from megatron_adadpo.data import DataConfig, PreferenceDataset, load_preference_
 from megatron_adadpo.data import pipeline as pipeline_module
 from megatron_adadpo.data.integrity import DataIntegrityError, seal
 from megatron_adadpo.platform.megatron import IndexedDataset
-from megatron_adadpo.run.consistency import check_vocab
+from megatron_adadpo.run.state.consistency import check_vocab
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "examples" / "data"

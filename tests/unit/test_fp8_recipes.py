@@ -111,8 +111,8 @@ def test_known_hopper_and_ampere_capabilities():
 
 def test_environment_check_refuses_mxfp8_on_this_hopper():
     """The resolver's kernel rules read the device's capability from the probed ``Machine``."""
+    from megatron_adadpo.platform.hardware import Machine
     from megatron_adadpo.resolve.kernels import kernel_errors
-    from megatron_adadpo.resolve.machine import Machine
 
     hopper = Machine(
         has_cuda=True, has_te=True, gpu_name="NVIDIA H100 80GB HBM3", compute_capability=(9, 0)

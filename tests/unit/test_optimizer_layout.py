@@ -10,7 +10,7 @@ import pytest
 from megatron_adadpo.config import ConfigError, load_config
 from megatron_adadpo.platform.machine import probe_machine
 from megatron_adadpo.resolve import Machine, resolve
-from megatron_adadpo.run.resume import _check_optimizer_layout, optimizer_layout
+from megatron_adadpo.run.state.resume import _check_optimizer_layout, optimizer_layout
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "configs" / "quickstart.yaml"
 

@@ -25,6 +25,7 @@ import torch
 import megatron_adadpo.run.microbatch as microbatch
 from megatron_adadpo.data.packing import collate_packed
 from megatron_adadpo.layout import ExecutionConfig
+from megatron_adadpo.platform.hardware import Machine
 from megatron_adadpo.platform.machine import probe_machine
 from megatron_adadpo.platform.megatron import (
     MEGATRON_VERSION,
@@ -32,7 +33,6 @@ from megatron_adadpo.platform.megatron import (
     PackedSeqParams,
 )
 from megatron_adadpo.resolve.kernels import kernel_errors
-from megatron_adadpo.resolve.machine import Machine
 from megatron_adadpo.run.microbatch import MicroBatch
 
 

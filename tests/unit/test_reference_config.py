@@ -7,7 +7,7 @@ import pytest
 
 from megatron_adadpo.config import ConfigError, load_config
 from megatron_adadpo.model.config import write_model_config
-from megatron_adadpo.run.consistency import (
+from megatron_adadpo.run.state.consistency import (
     check_reference_model,
     recorded_reference_model,
     reference_model,
@@ -129,7 +129,7 @@ def test_tr_dpo_settings_load():
 
 
 def test_resume_across_a_change_of_tr_dpo_is_refused_naming_the_fields():
-    from megatron_adadpo.run.resume import check_reference_sync, reference_sync
+    from megatron_adadpo.run.state.resume import check_reference_sync, reference_sync
 
     on = reference_sync(cfg("reference.sync_steps=4", "reference.mixup_alpha=1"))
     assert on == {"sync_steps": 4, "mixup_alpha": 1.0} and reference_sync(cfg()) is None

@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from megatron_adadpo.run import run_dir as rd
-from megatron_adadpo.run.lock import RunDirLock, RunDirLocked
 from megatron_adadpo.run.metrics import drop_rows_after
+from megatron_adadpo.run.state import run_dir as rd
+from megatron_adadpo.run.state.lock import RunDirLock, RunDirLocked
 
 
 def _checkpoints(run_dir, *steps, latest=None):
@@ -70,7 +70,7 @@ def test_unwritable_run_dir_is_named(tmp_path):
 
 HOLD = """
 import sys, time
-from megatron_adadpo.run.lock import RunDirLock
+from megatron_adadpo.run.state.lock import RunDirLock
 RunDirLock(sys.argv[1]).acquire()
 print("held", flush=True)
 time.sleep(600)
@@ -122,7 +122,7 @@ def test_lock_record_of_a_live_foreign_pid_does_not_strand_a_requeue(tmp_path, c
         record = {"host": os.uname().nodename, "pid": other.pid, "started": "yesterday"}
         (tmp_path / "run.lock").write_text(json.dumps(record))
         lock = RunDirLock(tmp_path)
-        with caplog.at_level("WARNING", logger="megatron_adadpo.run.lock"):
+        with caplog.at_level("WARNING", logger="megatron_adadpo.run.state.lock"):
             lock.acquire()
         assert other.poll() is None  # still alive: the record's pid was live throughout
     finally:

@@ -1,4 +1,4 @@
-"""The trainer's typed run state (``run/resume.py`` ``RunState``) and where a launch starts
+"""The trainer's typed run state (``run/state/resume.py`` ``RunState``) and where a launch starts
 (``run/opening.py`` ``StartPoint``): the checkpoint's ``run`` entry keeps its keys, and a run
 is finished exactly when its latest checkpoint is at or past the last step with no evaluation
 pending (the rules ``Trainer`` applied before it had a typed state)."""
@@ -12,7 +12,7 @@ import pytest
 from megatron_adadpo.config import from_dict, read_yaml
 from megatron_adadpo.resolve import CPU, resolve
 from megatron_adadpo.run.opening import StartPoint
-from megatron_adadpo.run.resume import RunState, optimizer_layout, reference_source
+from megatron_adadpo.run.state.resume import RunState, optimizer_layout, reference_source
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "examples/configs/quickstart.yaml"
 

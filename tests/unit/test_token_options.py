@@ -1,6 +1,6 @@
 """The per-token options' settings: ``loss.ld_alpha`` (range, refused for sft),
 ``loss.use_weighting``, ``logging.token_metrics`` (which per-token statistics the step asks for),
-and the precomputed reference's recorded ``ld_alpha`` (``run/consistency.py``)."""
+and the precomputed reference's recorded ``ld_alpha`` (``run/state/consistency.py``)."""
 
 from pathlib import Path
 
@@ -9,8 +9,8 @@ import pytest
 from megatron_adadpo.config import ConfigError, load_config
 from megatron_adadpo.losses import LossConfig
 from megatron_adadpo.resolve import CPU, resolve
-from megatron_adadpo.run.consistency import check_precomputed_loss, ld_alpha_error
 from megatron_adadpo.run.sequences import step_stats
+from megatron_adadpo.run.state.consistency import check_precomputed_loss, ld_alpha_error
 from megatron_adadpo.run.step import StepContext
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "examples/configs/quickstart.yaml"

@@ -16,7 +16,7 @@ import yaml
 
 from megatron_adadpo.config import Config, ConfigError
 from megatron_adadpo.resolve import ResolvedRun
-from megatron_adadpo.run.consistency import starting_model
+from megatron_adadpo.run.state.consistency import starting_model
 
 # The config fields that set the run's length (Megatron counts it in samples: pairs).
 LENGTH_FIELDS = ("train.train_iters", "train.epochs", "train.global_batch_size")
@@ -205,7 +205,7 @@ def reference_source(config: Config) -> str | None:
     """The fingerprint of the checkpoint a resident, fixed reference is loaded from at every
     start (``reference.checkpoint``, else ``train.init_checkpoint``); None when none is (random
     initialisation), or when TR-DPO saves the reference with each checkpoint."""
-    from megatron_adadpo.run.consistency import checkpoint_fingerprint
+    from megatron_adadpo.run.state.consistency import checkpoint_fingerprint
 
     source = config.reference.checkpoint or config.train.init_checkpoint
     fixed = config.reference_mode == "resident" and not config.reference.sync_steps

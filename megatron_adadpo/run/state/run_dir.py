@@ -2,7 +2,7 @@
 
 ::
 
-    <run_dir>/run.lock                   held while a run uses the directory (``run/lock.py``)
+    <run_dir>/run.lock                   held while a run uses the directory (``run/state/lock.py``)
     <run_dir>/metrics.jsonl, tensorboard/
     <run_dir>/checkpoints/iter_0000040/  one complete checkpoint per saved step
     <run_dir>/checkpoints/iter_0000060.partial/   a save in progress (never loaded)

@@ -8,7 +8,7 @@ distributed optimizer in Megatron's ``dp_reshardable`` format: any DP size, the 
 scheduler and run state (see ``save_training`` / ``load_training``), per-rank RNG states and
 ``config.yaml`` (the resolved run config); with TR-DPO (``reference.sync_steps``) also the
 updated reference model, keys prefixed ``reference.`` (``reference_sharded_state_dict``).
-Where they live and how a save is published atomically: ``run/run_dir.py``. Every file is read
+Where they live and how a save is published atomically: ``run/state/run_dir.py``. Every file is read
 without running code (``platform/safe_dcp.py``, ``platform/safe_pickle.py``); one that would is
 refused, named.
 """
@@ -40,9 +40,9 @@ from megatron_adadpo.platform.megatron_optimizer import (
 )
 from megatron_adadpo.platform.safe_dcp import common_state_dict, load_sharded
 from megatron_adadpo.platform.safe_pickle import find_unsafe, torch_load
-from megatron_adadpo.run import run_dir as run_files
-from megatron_adadpo.run.checkpoint_writer import CheckpointWriter, checkpoint_group
 from megatron_adadpo.run.optimizer import adopt_group_schedules
+from megatron_adadpo.run.state import run_dir as run_files
+from megatron_adadpo.run.state.checkpoint_writer import CheckpointWriter, checkpoint_group
 
 log = logging.getLogger(__name__)
 EXTRA_STATE_SUFFIX = "_extra_state"
@@ -202,7 +202,7 @@ def save_training(
     they are stale until the next forward). Crash-safe: everything is written to
     ``iter_N.partial``, which becomes ``iter_N`` and is named by ``latest`` only after every
     rank finished (``run_dir.publish``), so an interruption at any point leaves the previous
-    checkpoint complete and pointed to. ``writer`` (``run/checkpoint_writer.py``; default:
+    checkpoint complete and pointed to. ``writer`` (``run/state/checkpoint_writer.py``; default:
     synchronous, DP rank 0 writing replicated tensors) decides how the tensors are written and,
     with ``checkpoint.async_save``, publishes later, once the background write is complete.
     """
@@ -260,7 +260,7 @@ def load_training(
     ``reference`` chunks: TR-DPO's updated reference, saved with it).
 
     The model loads at any layout; the distributed optimizer's ``dp_reshardable`` state at any
-    DP size with the saved TP / PP (``run/resume.py`` refuses other layouts first). Exact
+    DP size with the saved TP / PP (``run/state/resume.py`` refuses other layouts first). Exact
     resume needs three things on megatron-core 0.16.1 with torch's Adam: state initialised
     before the load (``init_optimizer_state``), the load under ``torch.no_grad()`` (it copies
     into leaf parameters), and each parameter's own ``step`` (``restore_adam_steps``). The

@@ -2,7 +2,7 @@
 
 ``CheckpointWriter.write`` saves a sharded state dict with ``dist_checkpointing.save`` into a
 ``iter_N.partial`` directory and calls ``publish`` (rename it to ``iter_N``, move ``latest``:
-``run/run_dir.py``) on rank 0 only once the write is complete on every rank:
+``run/state/run_dir.py``) on rank 0 only once the write is complete on every rank:
 
 - synchronous (default): after the write and a barrier;
 - ``checkpoint.async_save``: Megatron's async save. ``dist_checkpointing.save(...,
