@@ -21,9 +21,8 @@ from torch import Tensor
 from megatron_adadpo.losses.common import (
     FamilyOutput,
     PairBatch,
-    config_coefficients,
-    log_rho_from_config,
     logistic_loss,
+    reference_coefficients,
 )
 from megatron_adadpo.losses.registry import register_loss
 
@@ -50,20 +49,32 @@ def to_pairs(rank_losses: Tensor, order: Tensor) -> Tensor:
     return torch.zeros_like(rank_losses).scatter(0, order, rank_losses)
 
 
-@register_loss(
-    "aot",
-    needs_reference=True,
-    supports_label_smoothing=True,
-    no_adaptive=SORTED_ACROSS_PAIRS,
-    weighting=False,
-)
-def aot_family(batch: PairBatch, config: LossConfig) -> FamilyOutput:
-    """AOT on a :class:`PairBatch`. Gradient balance: undefined per pair (NaN)."""
-    coefs = config_coefficients(log_rho_from_config(batch, config), config)
-    margins = batch.chosen_logps - batch.rejected_logps
-    ref_margins = batch.reference_chosen_logps - batch.reference_rejected_logps
-    delta, order = sorted_difference(margins, ref_margins, batch.valid)
+def sorted_family_output(
+    first: Tensor, second: Tensor, batch: PairBatch, config: LossConfig
+) -> FamilyOutput:
+    """Both AOT forms: the logistic loss of ``beta * (sort(first) - sort(second))``, the k-th
+    onto the pair holding the k-th smallest ``first``; rewards ``beta * h``. Gradient balance:
+    undefined per pair (NaN). Shapes: ``[b]`` each."""
+    coefs = reference_coefficients(batch, config)
+    delta, order = sorted_difference(first, second, batch.valid)
     losses = to_pairs(logistic_loss(config.beta * delta, config.label_smoothing), order)
     h_w, h_l = batch.chosen_logratios, batch.rejected_logratios
     no_balance = torch.full_like(h_w, float("nan"))
     return FamilyOutput(losses, config.beta * h_w, config.beta * h_l, coefs, no_balance)
+
+
+# Both AOT forms: a reference, cDPO's eps, no adaptive form, no WPO weights.
+SORTED_FAMILY = {
+    "needs_reference": True,
+    "supports_label_smoothing": True,
+    "no_adaptive": SORTED_ACROSS_PAIRS,
+    "weighting": False,
+}
+
+
+@register_loss("aot", **SORTED_FAMILY)
+def aot_family(batch: PairBatch, config: LossConfig) -> FamilyOutput:
+    """AOT on a :class:`PairBatch`: sorted policy margins minus sorted reference margins."""
+    margins = batch.chosen_logps - batch.rejected_logps
+    ref_margins = batch.reference_chosen_logps - batch.reference_rejected_logps
+    return sorted_family_output(margins, ref_margins, batch, config)

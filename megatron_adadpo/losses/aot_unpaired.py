@@ -12,34 +12,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
-
-from megatron_adadpo.losses.aot import SORTED_ACROSS_PAIRS, sorted_difference, to_pairs
-from megatron_adadpo.losses.common import (
-    FamilyOutput,
-    PairBatch,
-    config_coefficients,
-    log_rho_from_config,
-    logistic_loss,
-)
+from megatron_adadpo.losses.aot import SORTED_FAMILY, sorted_family_output
 from megatron_adadpo.losses.registry import register_loss
 
 if TYPE_CHECKING:
+    from megatron_adadpo.losses.common import FamilyOutput, PairBatch
     from megatron_adadpo.losses.config import LossConfig
 
 
-@register_loss(
-    "aot_unpaired",
-    needs_reference=True,
-    supports_label_smoothing=True,
-    no_adaptive=SORTED_ACROSS_PAIRS,
-    weighting=False,
-)
+@register_loss("aot_unpaired", **SORTED_FAMILY)
 def aot_unpaired_family(batch: PairBatch, config: LossConfig) -> FamilyOutput:
-    """AOT-unpaired on a :class:`PairBatch`. Gradient balance: undefined per pair (NaN)."""
-    coefs = config_coefficients(log_rho_from_config(batch, config), config)
+    """AOT-unpaired on a :class:`PairBatch`: sorted ``h_w`` minus sorted ``h_l``."""
     h_w, h_l = batch.chosen_logratios, batch.rejected_logratios
-    delta, order = sorted_difference(h_w, h_l, batch.valid)
-    losses = to_pairs(logistic_loss(config.beta * delta, config.label_smoothing), order)
-    no_balance = torch.full_like(h_w, float("nan"))
-    return FamilyOutput(losses, config.beta * h_w, config.beta * h_l, coefs, no_balance)
+    return sorted_family_output(h_w, h_l, batch, config)

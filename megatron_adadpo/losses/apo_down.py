@@ -16,12 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from megatron_adadpo.losses.common import (
-    FamilyOutput,
-    PairBatch,
-    config_coefficients,
-    log_rho_from_config,
-)
+from megatron_adadpo.losses.common import FamilyOutput, PairBatch, reference_coefficients
 from megatron_adadpo.losses.registry import register_loss
 
 if TYPE_CHECKING:
@@ -42,7 +37,7 @@ def apo_down_family(batch: PairBatch, config: LossConfig) -> FamilyOutput:
 
     ``|dL/dh_w| / |dL/dh_l| = |sig'(r_w) - a sig'(z)| / (b sig'(z))``.
     """
-    coefs = config_coefficients(log_rho_from_config(batch, config), config)
+    coefs = reference_coefficients(batch, config)
     a, b = coefs.coef_chosen, coefs.coef_rejected
     h_w, h_l = batch.chosen_logratios, batch.rejected_logratios
     r_w, z = config.beta * h_w, config.beta * (a * h_w - b * h_l)

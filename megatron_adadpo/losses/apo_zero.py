@@ -13,12 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from megatron_adadpo.losses.common import (
-    FamilyOutput,
-    PairBatch,
-    config_coefficients,
-    log_rho_from_config,
-)
+from megatron_adadpo.losses.common import FamilyOutput, PairBatch, reference_coefficients
 from megatron_adadpo.losses.nca_pair import NO_DIFFERENCE
 from megatron_adadpo.losses.registry import register_loss
 
@@ -34,7 +29,7 @@ def apo_zero_loss(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tensor:
 @register_loss("apo_zero", needs_reference=True, no_adaptive=NO_DIFFERENCE)
 def apo_zero_family(batch: PairBatch, config: LossConfig) -> FamilyOutput:
     """APO-zero on a :class:`PairBatch`. ``|dL/dh_w| / |dL/dh_l| = sig'(r_w) / sig'(r_l)``."""
-    coefs = config_coefficients(log_rho_from_config(batch, config), config)
+    coefs = reference_coefficients(batch, config)
     r_w, r_l = config.beta * batch.chosen_logratios, config.beta * batch.rejected_logratios
     log_slope = lambda r: F.logsigmoid(r) + F.logsigmoid(-r)  # noqa: E731  log sig'(r)
     log_balance = log_slope(r_w) - log_slope(r_l)

@@ -10,12 +10,7 @@ from typing import TYPE_CHECKING
 import torch.nn.functional as F
 from torch import Tensor
 
-from megatron_adadpo.losses.common import (
-    FamilyOutput,
-    PairBatch,
-    config_coefficients,
-    log_rho_from_config,
-)
+from megatron_adadpo.losses.common import FamilyOutput, PairBatch, reference_coefficients
 from megatron_adadpo.losses.nca_pair import NO_DIFFERENCE
 from megatron_adadpo.losses.registry import register_loss
 
@@ -31,7 +26,7 @@ def bco_pair_loss(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tensor:
 @register_loss("bco_pair", needs_reference=True, no_adaptive=NO_DIFFERENCE)
 def bco_pair_family(batch: PairBatch, config: LossConfig) -> FamilyOutput:
     """BCO on a :class:`PairBatch`. ``|dL/dh_w| / |dL/dh_l| = sig(-r_w) / sig(r_l)``."""
-    coefs = config_coefficients(log_rho_from_config(batch, config), config)
+    coefs = reference_coefficients(batch, config)
     r_w, r_l = config.beta * batch.chosen_logratios, config.beta * batch.rejected_logratios
     log_balance = F.logsigmoid(-r_w) - F.logsigmoid(r_l)
     return FamilyOutput(bco_pair_loss(r_w, r_l), r_w, r_l, coefs, log_balance)

@@ -127,7 +127,7 @@ def difference_family(
 
     Shapes: every tensor ``[b]`` (per pair).
     """
-    coefs = config_coefficients(log_rho_from_config(batch, config), config)
+    coefs = reference_coefficients(batch, config)
     delta, log_balance = pair_difference(batch, config, coefs, per_token)
     h_w, h_l = batch.chosen_logratios, batch.rejected_logratios
     beta = config.beta
@@ -262,6 +262,11 @@ def _check_required(config: LossConfig, inputs: dict[str, Tensor | None]) -> Non
                 f"{name} was given but loss.use_weighting is false: set loss.use_weighting=true "
                 "to weight the pairs (WPO), or do not pass it"
             )
+
+
+def reference_coefficients(batch: PairBatch, config: LossConfig) -> Coefficients:
+    """The coefficients of the families balancing as DPO does (``log_rho_from_config``)."""
+    return config_coefficients(log_rho_from_config(batch, config), config)
 
 
 def config_coefficients(log_rho: Tensor, config: LossConfig) -> Coefficients:

@@ -11,12 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from megatron_adadpo.losses.common import (
-    FamilyOutput,
-    PairBatch,
-    config_coefficients,
-    log_rho_from_config,
-)
+from megatron_adadpo.losses.common import FamilyOutput, PairBatch, reference_coefficients
 from megatron_adadpo.losses.registry import register_loss
 
 if TYPE_CHECKING:
@@ -41,7 +36,7 @@ def nca_pair_loss(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tensor:
 def nca_pair_family(batch: PairBatch, config: LossConfig) -> FamilyOutput:
     """NCA on a :class:`PairBatch`. ``|dL/dh_w| / |dL/dh_l| = |0.5 sig(r_w) - sig(-r_w)| /
     (0.5 sig(r_l))``."""
-    coefs = config_coefficients(log_rho_from_config(batch, config), config)
+    coefs = reference_coefficients(batch, config)
     r_w, r_l = config.beta * batch.chosen_logratios, config.beta * batch.rejected_logratios
     log_chosen = torch.log(torch.abs(0.5 * torch.sigmoid(r_w) - torch.sigmoid(-r_w)))
     log_balance = log_chosen - torch.log(0.5 * torch.sigmoid(r_l))

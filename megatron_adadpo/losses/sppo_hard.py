@@ -10,12 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from megatron_adadpo.losses.common import (
-    FamilyOutput,
-    PairBatch,
-    config_coefficients,
-    log_rho_from_config,
-)
+from megatron_adadpo.losses.common import FamilyOutput, PairBatch, reference_coefficients
 from megatron_adadpo.losses.nca_pair import NO_DIFFERENCE
 from megatron_adadpo.losses.registry import register_loss
 
@@ -32,7 +27,7 @@ def sppo_hard_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, *, beta
 def sppo_hard_family(batch: PairBatch, config: LossConfig) -> FamilyOutput:
     """SPPO on a :class:`PairBatch`. ``|dL/dh_w| / |dL/dh_l| = |h_w - 0.5/beta| /
     |h_l + 0.5/beta|``. Rewards: ``beta * h``."""
-    coefs = config_coefficients(log_rho_from_config(batch, config), config)
+    coefs = reference_coefficients(batch, config)
     h_w, h_l = batch.chosen_logratios, batch.rejected_logratios
     half = 0.5 / config.beta
     log_balance = torch.log(torch.abs(h_w - half)) - torch.log(torch.abs(h_l + half))
