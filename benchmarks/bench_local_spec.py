@@ -30,6 +30,7 @@ import dataclasses
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -103,7 +104,13 @@ def time_steps(variants: dict, batches: list, steps: int, warmup: int) -> dict:
             _sync()
             start, cpu_start = time.perf_counter(), time.process_time()
             reference.attach(step_batches)
-            train_step(policy, optimizer, scheduler, step_batches, context, n_pairs)
+            train_step(
+                policy,
+                optimizer,
+                scheduler,
+                step_batches,
+                replace(context, global_batch_size=n_pairs),
+            )
             _sync()
             elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
             first.setdefault(name, elapsed)

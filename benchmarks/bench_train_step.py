@@ -23,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -180,7 +181,13 @@ def main() -> None:
                 _sync()
                 start = time.perf_counter()
                 ref.attach(step_batches)
-                train_step(policy, optimizer, scheduler, step_batches, step_context, n_pairs)
+                train_step(
+                    policy,
+                    optimizer,
+                    scheduler,
+                    step_batches,
+                    replace(step_context, global_batch_size=n_pairs),
+                )
                 _sync()
                 if i >= args.warmup:
                     times[name].append(time.perf_counter() - start)

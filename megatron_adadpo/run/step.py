@@ -48,22 +48,32 @@ from megatron_adadpo.run.sequences import (
 
 @dataclass(frozen=True)
 class StepContext:
-    """What ``loss_func`` needs besides the batch: the loss, the true vocabulary, the parallel
-    value, whether the output layer and log-probs run in chunks, and whether the per-token
-    softmax metrics (``entropy``, ``mean_token_accuracy``) are computed."""
+    """What a step needs besides its batches and optimizer: the loss, the true vocabulary, the
+    parallel value, whether the output layer and log-probs run in chunks, whether the per-token
+    softmax metrics (``entropy``, ``mean_token_accuracy``) are computed, the global batch (pairs
+    the scheduler advances by) and what a non-finite loss does. Made once per run
+    (``from_config``: the config and its resolved run)."""
 
     loss: LossConfig
     vocab_size: int  # the tokenizer's vocabulary (TP padding rows beyond it are masked)
     parallel: Parallel
     logprob_chunk_tokens: int = 0  # > 0: chunked output layer + log-probs (chunked_logprobs)
     token_metrics: bool = True  # logging.token_metrics
+    global_batch_size: int = 1  # train.global_batch_size (pairs per optimizer step)
+    nan_policy: str = "stop"  # train.nan_policy: "stop" | "skip"
 
     @classmethod
     def from_config(cls, config, run, parallel: Parallel) -> StepContext:
         """The context of a run's ``Config`` and its ``ResolvedRun`` (the settled chunk)."""
-        chunk = run.step.logprob_chunk_tokens
-        metrics = config.logging.token_metrics
-        return cls(config.loss, config.model.vocab_size, parallel, chunk, metrics)
+        return cls(
+            config.loss,
+            config.model.vocab_size,
+            parallel,
+            run.step.logprob_chunk_tokens,
+            config.logging.token_metrics,
+            config.train.global_batch_size,
+            config.train.nan_policy,
+        )
 
 
 def policy_forward(model, batch: MicroBatch, context: StepContext) -> torch.Tensor:
@@ -193,8 +203,6 @@ def train_step(
     scheduler,
     batches: list[MicroBatch],
     context: StepContext,
-    global_batch_size: int,
-    nan_policy: str = "stop",
     step: int = 0,
     stop_requested: bool | Callable[[], bool] = False,
 ) -> StepResult:
@@ -213,12 +221,12 @@ def train_step(
     metrics = reduce_reports(reports, context.parallel.dp)
     finite, stop = _agree(reports, stop_requested)
     if not finite:
-        if nan_policy == "stop":
+        if context.nan_policy == "stop":
             raise NonFiniteLoss(_describe_nonfinite(reports, step))
-        scheduler.step(increment=global_batch_size)
+        scheduler.step(increment=context.global_batch_size)
         return StepResult(metrics, None, skipped=True, stop=stop)
     _, grad_norm, _ = optimizer.step()
-    scheduler.step(increment=global_batch_size)
+    scheduler.step(increment=context.global_batch_size)
     return StepResult(metrics, grad_norm, skipped=False, stop=stop)
 
 

@@ -333,8 +333,6 @@ class Trainer:
             self.scheduler,
             batches,
             self.context,
-            config.train.global_batch_size,
-            nan_policy=config.train.nan_policy,
             step=state.step + 1,
             stop_requested=preemption,  # read after this step's forward / backward
         )

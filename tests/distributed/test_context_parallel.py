@@ -176,7 +176,7 @@ def _train_rank(rank, world, cp, steps, extra=()):
     policy = wrap_ddp([_stand_in_model(tconfig, seed=3)], config.optimizer)
     optimizer = build_optimizer(policy, config.optimizer, bf16=False)
     scheduler = build_scheduler(optimizer, config.optimizer, steps, 8)
-    context = StepContext(config.loss, VOCAB, parallel)
+    context = StepContext(config.loss, VOCAB, parallel, global_batch_size=8)
     reference = ResidentReference([_stand_in_model(tconfig, seed=0)], policy, context)
     # The stand-in model is this test's context-parallel attention: the run is resolved as on
     # a machine with Transformer Engine, its tensors on this machine's device.
@@ -190,7 +190,7 @@ def _train_rank(rank, world, cp, steps, extra=()):
         micro = batches.next_step()
         assert all(b.tokens.shape[1] * cp % PAD == 0 for b in micro)
         reference.attach(micro)
-        result = train_step(policy, optimizer, scheduler, micro, context, 8)
+        result = train_step(policy, optimizer, scheduler, micro, context)
         history.append((reduce_metrics(result.metrics), float(result.grad_norm)))
     weights = {n: p.detach().clone() for n, p in policy[0].module.named_parameters()}
     return history, weights
