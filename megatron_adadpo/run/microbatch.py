@@ -169,9 +169,9 @@ def thd_params(packed: PackedRows) -> PackedSeqParams:
     - megatron-core with ``PackedSeqParams.pad_between_seqs`` (0.19): the packing's own flag,
       True when any sequence or the row's tail is padded;
     - megatron-core 0.16.1 (no such field): packed + context parallelism is refused
-      (``resolve/kernels._packed_pad_flag_errors``); the row's tail becomes a sequence of its own, so at
-      CP = 1 (where sequences are not padded) nothing is padded and the ``False`` TE infers is
-      exact: every backend writes every row.
+      (``resolve/kernels._packed_pad_flag_errors``); the row's tail becomes a sequence of its
+      own, so at CP = 1 (where sequences are not padded) nothing is padded and the ``False`` TE
+      infers is exact: every backend writes every row.
     """
     cu_seqlens, cu_padded = packed.cu_seqlens, packed.cu_seqlens_padded
     flag = {}
