@@ -53,7 +53,7 @@ def adapter_run(checkpoint: str | Path, base: str | Path | None) -> tuple:
     if recorded is None:
         raise ValueError(f"{ckpt} holds no LoRA adapters (a full model): {FIX}")
     base = Path(base or recorded["init_checkpoint"] or "")
-    fingerprint = recorded["base"].get("init_checkpoint")
+    fingerprint = recorded["base"].get("checkpoint")
     if fingerprint is None or not base.is_dir():
         raise ValueError(
             f"{ckpt}'s adapters were trained on a randomly initialised base (no init "

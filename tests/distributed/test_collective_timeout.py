@@ -63,8 +63,7 @@ def test_train_passes_the_config_value(monkeypatch):
     monkeypatch.setattr(cpu, "activate", lambda: False)
     monkeypatch.setattr(parallel, "init_distributed", lambda minutes: seen.append(minutes))
     monkeypatch.setattr(parallel, "destroy", lambda: None)
-    monkeypatch.setattr(dist, "get_world_size", lambda: 1)
-    monkeypatch.setattr(trainer, "Trainer", lambda config: seen.append(config) or _NoTrain())
+    monkeypatch.setattr(trainer, "open_run", lambda config: seen.append(config) or _NoTrain())
     quickstart = Path(__file__).resolve().parents[2] / "examples" / "configs" / "quickstart.yaml"
     train.main(["--config", str(quickstart), "--set", "train.distributed_timeout_minutes=45"])
     assert seen[0] == 45.0 and seen[1].train.distributed_timeout_minutes == 45.0

@@ -136,6 +136,8 @@ SFT_TINY = REPO / "examples/checkpoints/sft_tiny"
 def _reference_vs_resident(rank, world, argv):
     """Reference sums of the LoRA policy with its adapters off (adapters made non-zero), of a
     separate resident model loaded from the base checkpoint, and of the adapted policy."""
+    from dataclasses import replace
+
     from megatron_adadpo import train
     from megatron_adadpo.config import load_config
     from megatron_adadpo.model.build import build_model
@@ -152,7 +154,7 @@ def _reference_vs_resident(rank, world, argv):
         for layer in lora_layers(trainer.policy):
             layer.lora_b.copy_(torch.randn(layer.lora_b.shape, generator=gen) * 0.05)
     batches = trainer.batches.next_step()
-    copies = [dict(b) for b in batches], [dict(b) for b in batches]
+    copies = [replace(b) for b in batches], [replace(b) for b in batches]  # MicroBatch copies
     trainer.reference.attach(batches)
     resident = build_model(config.model, config.execution)
     checkpoints.load_model(resident, config.train.init_checkpoint, config.model)
@@ -161,7 +163,7 @@ def _reference_vs_resident(rank, world, argv):
     trainer.close()
 
     def values(items):
-        return torch.cat([b["reference_logps"] for b in items if "reference_logps" in b])
+        return torch.cat([b.reference_logps for b in items if b.reference_logps is not None])
 
     return {
         "mode": config.reference_mode,

@@ -17,12 +17,15 @@ def _save_initial(rank, world, args, directory):
     """Rank body: the config's initial policy (``train.seed``) saved as an init checkpoint."""
     from megatron_adadpo.config import load_config
     from megatron_adadpo.platform.distributed import init_model_parallel
+    from megatron_adadpo.platform.machine import probe_machine
+    from megatron_adadpo.resolve import resolve
     from megatron_adadpo.run.state.checkpoints import save_model
     from megatron_adadpo.run.trainer import build_policy
 
     config = load_config(args[1], train.parse_args(args).set)
     init_model_parallel(config.execution, seed=config.train.seed)
-    save_model(build_policy(config), directory, config.model)
+    run = resolve(config, world, probe_machine())
+    save_model(build_policy(config, run), directory, config.model)
 
 
 @pytest.fixture(scope="module")

@@ -148,10 +148,10 @@ def adapter_base_errors(saved: dict | None, current: dict | None, where: Path) -
     if saved["lora"] != current["lora"]:
         return [f"checkpoint {where} holds adapters {saved['lora']}; restore lora: to them"]
     was, now = saved["base"], current["base"]
-    fields = {"init_checkpoint": "train.init_checkpoint", "model": "the model section"}
+    fields = {"checkpoint": "train.init_checkpoint", "model": "the model section"}
     fields.update(init_method="train.init_method", seed="train.seed")
     changed = [key for key in fields if was.get(key) != now.get(key)]
-    shown = {**was, "init_checkpoint": saved["init_checkpoint"], "model": "(model.yaml)"}
+    shown = {**was, "checkpoint": saved["init_checkpoint"], "model": "(model.yaml)"}
     diff = ", ".join(f"{fields[key]}={shown.get(key)}" for key in changed)
     return [
         f"checkpoint {where} holds LoRA adapters of another base model (trained on {diff}; "
