@@ -51,7 +51,11 @@ def test_sft_trains_on_rows_without_rejected_as_on_the_full_rows(tmp_path):
     assert with_rejected.returncode == 0, with_rejected.stderr[-3000:]
     assert without.returncode == 0, without.stderr[-3000:]
     expected = _losses(tmp_path / "full")
-    assert len(expected) == 2 and _losses(tmp_path / "chosen_only") == expected
+    # the same chosen rows, padded to other lengths beside other rows: equal up to the CPU
+    # GEMM's blocking for those shapes (bitwise on some CPUs, 1e-7 apart on others)
+    assert len(expected) == 2 and _losses(tmp_path / "chosen_only") == pytest.approx(
+        expected, rel=1e-6
+    )
 
     dpo = _train(tmp_path, "dpo", chosen_only, "loss.name=dpo")
     assert dpo.returncode == 2 and "Traceback" not in dpo.stderr, dpo.stderr[-3000:]
