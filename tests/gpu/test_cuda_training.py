@@ -35,3 +35,17 @@ def test_chunked_logprobs_follow_the_unchunked_run(tmp_path, bf16, rel):
         runs[chunk] = [r["loss"] for r in train_on_one_gpu(tmp_path, f"chunk{chunk}_{bf16}", extra)]
     assert runs[0][-1] < runs[0][0]
     assert runs[37] == pytest.approx(runs[0], rel=rel)
+
+
+def test_async_fully_parallel_saves_train_as_sync_and_publish_every_checkpoint(tmp_path):
+    """``checkpoint.async_save`` on CUDA (Megatron's ``AsyncCallsQueue`` writer process, CUDA
+    tensors staged to host): the losses equal the synchronous run's and every periodic
+    checkpoint is published, ``latest`` naming the last (CPU rule and fault tests:
+    ``tests/distributed/test_saves.py``, ``tests/e2e/test_train_torchrun.py``)."""
+    saves = ["checkpoint.save_interval=2", "checkpoint.save_at_end=true"]
+    sync = train_on_one_gpu(tmp_path, "sync", saves)
+    written = train_on_one_gpu(tmp_path, "async", [*saves, "checkpoint.async_save=true"])
+    assert [r["loss"] for r in written] == pytest.approx([r["loss"] for r in sync], rel=1e-6)
+    checkpoints = tmp_path / "async" / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "iter_0000004"
+    assert (checkpoints / "iter_0000002").is_dir() and not list(checkpoints.glob("*.partial"))
