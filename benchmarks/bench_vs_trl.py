@@ -2,17 +2,22 @@
 """This trainer vs TRL's ``DPOTrainer``: same tiny Llama, same token ids, same micro-batches.
 
 DPO (beta 0.1, AdamW, constant learning rate, gradient clipping 1.0) on CPU, with a resident
-reference model and with precomputed reference log-probs, each framework in a fresh process:
+reference model and with precomputed reference log-probs, each framework in a fresh process,
+at three shapes (``--shapes``; ``SHAPES``): a small vocabulary (704), Llama-2's (32,000) and
+Llama-3's (128,256), where the LM head goes from a small to the dominant share of the work:
 
 - the model: a Llama-shaped ``LlamaForCausalLM`` with random weights, built offline from a
   ``LlamaConfig`` (no download), converted to Megatron with ``tools/convert_hf_to_megatron.py``
   for this trainer (``train.init_checkpoint``); TRL trains the HF model itself;
-- the data: random word pairs (prompt 40-100, completions 60-180 tokens: sequences of ~150-280
-  tokens) with a word-level tokenizer; this trainer tokenizes them (BOS + prompt, completion +
-  EOS), and TRL gets exactly those token ids (``prompt_ids`` / ``chosen_ids`` /
-  ``rejected_ids``, its pre-tokenized format), in this trainer's micro-batch order (TRL's
-  ``train_sampling_strategy="sequential"``, its batch size and gradient accumulation equal to
-  ``train.micro_batch_size`` and ``global / micro``), so both pad the same micro-batches;
+- the data: random word pairs (lengths per shape) with a word-level tokenizer; this trainer
+  tokenizes them (BOS + prompt, completion + EOS), and TRL gets exactly those token ids
+  (``prompt_ids`` / ``chosen_ids`` / ``rejected_ids``, its pre-tokenized format), in this
+  trainer's micro-batch order (TRL's ``train_sampling_strategy="sequential"``, its batch size
+  and gradient accumulation equal to ``train.micro_batch_size`` and ``global / micro``), so both
+  pad the same micro-batches;
+- the same work: TRL 1.16's ``DPOTrainer`` always computes the per-token entropy and the
+  arg-max hit (its ``entropy`` and ``mean_token_accuracy`` metrics) in its chunked LM head; this
+  trainer computes the same two with ``logging.token_metrics: true`` (set here, vocab-parallel);
 - step time: the interval between consecutive step ends (data, forward, backward, optimizer,
   logging), median over the measured steps; tokens/s = real (unpadded) tokens / step time, on
   the wall clock and per second of the process's CPU time (the robust figure on a machine that
@@ -22,15 +27,12 @@ reference model and with precomputed reference log-probs, each framework in a fr
   ``tools/precompute_reference.py`` before the run) is not timed.
 
 Runs alternate (this trainer, TRL; then TRL first) for ``--repeats`` rounds, so the machine's
-noise hits both alike. TRL is installed only for this benchmark, never as a dependency and never
-into the project environment: check first that it changes nothing there, then install it into
-its own directory, which this script puts on ``sys.path`` (``--trl-path``, default
-``/work/extra/trl``)::
+noise hits both alike. TRL is a test-only dependency (``pip install -e .[test]``; never imported
+by the package). ``--profile`` also runs each framework once more under ``torch.profiler``
+(resident reference) and prints the operators with the most CPU time, to say where the time
+goes where this trainer is not ahead::
 
-    pip install --dry-run trl accelerate        # "Would install accelerate-X trl-Y" only
-    pip install --target /work/extra/trl --no-deps trl==1.16.0 accelerate==1.15.0
-
-    python benchmarks/bench_vs_trl.py --steps 8 --repeats 2 --threads 2
+    python benchmarks/bench_vs_trl.py --steps 3 --warmup 1 --repeats 2 --threads 1 --profile 15
 """
 
 from __future__ import annotations
@@ -47,10 +49,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL = dict(
-    vocab_size=8000,
-    hidden_size=256,
-    intermediate_size=688,
+LLAMA = dict(
     num_hidden_layers=4,
     num_attention_heads=8,
     num_key_value_heads=2,
@@ -59,35 +58,51 @@ MODEL = dict(
     rope_theta=10000.0,
     tie_word_embeddings=False,
 )
+# name: (vocabulary, hidden, ffn, (prompt words lo, hi), (completion words lo, hi)). The larger
+# vocabularies get shorter sequences so that a step stays within seconds on one CPU thread.
+SHAPES = {
+    "small": (704, 256, 688, (40, 100), (60, 180)),
+    "32k": (32000, 512, 1376, (40, 100), (60, 180)),
+    "128k": (128256, 512, 1376, (20, 50), (30, 90)),
+}
 LR, BETA, MICRO, GLOBAL = 1e-5, 0.1, 4, 8
 
 
-def make_inputs(work: Path, pairs: int) -> None:
-    """Word-level tokenizer + random HF Llama in ``work/hf``, ``work/pairs.jsonl``, and the
-    Megatron conversion in ``work/mg``."""
+def hf_model(shape: str) -> dict:
+    vocab, hidden, ffn, _, _ = SHAPES[shape]
+    return dict(LLAMA, vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn)
+
+
+def make_inputs(work: Path, shape: str, pairs: int) -> None:
+    """Word-level tokenizer + random HF Llama of ``shape`` in ``work/hf``,
+    ``work/pairs.jsonl``, and the Megatron conversion in ``work/mg``."""
     import random
 
     import torch
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
 
+    model = hf_model(shape)
     special = dict(pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     vocab = {name: i for i, name in enumerate(special.values())}
-    vocab |= {f"w{i}": i for i in range(len(vocab), MODEL["vocab_size"])}
+    vocab |= {f"w{i}": i for i in range(len(vocab), model["vocab_size"])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **special)
     fast.save_pretrained(str(work / "hf"))
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(**MODEL, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = transformers.LlamaConfig(**model, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     transformers.LlamaForCausalLM(config).save_pretrained(str(work / "hf"))
     rng = random.Random(0)
-    words = lambda lo, hi: " ".join(
-        f"w{rng.randrange(4, 8000)}" for _ in range(rng.randint(lo, hi))
-    )
+    prompt, completion = SHAPES[shape][3:]
+
+    def words(lo_hi: tuple[int, int]) -> str:
+        n = rng.randint(*lo_hi)
+        return " ".join(f"w{rng.randrange(4, model['vocab_size'])}" for _ in range(n))
+
     with open(work / "pairs.jsonl", "w") as f:
         for _ in range(pairs):
-            row = dict(prompt=words(40, 100), chosen=words(60, 180), rejected=words(60, 180))
+            row = dict(prompt=words(prompt), chosen=words(completion), rejected=words(completion))
             f.write(json.dumps(row) + "\n")
     convert = [sys.executable, "tools/convert_hf_to_megatron.py", "--hf-dir", str(work / "hf")]
     convert += ["--output", str(work / "mg"), "--dtype", "fp32", "--no-progress"]
@@ -121,6 +136,7 @@ def our_config(work: Path, steps: int, mode: str) -> list[str]:
         "checkpoint.resume=false",
         f"logging.run_dir={work / 'run'}",
         "logging.progress=false",
+        "logging.token_metrics=true",  # entropy, mean_token_accuracy: TRL always computes them
         f"reference.mode={mode}",
     ]
     if mode == "precomputed":
@@ -192,10 +208,8 @@ def run_ours(work: Path, steps: int, mode: str) -> list[float]:
     return ends
 
 
-def run_trl(work: Path, steps: int, mode: str, trl_path: str) -> list[float]:
+def run_trl(work: Path, steps: int, mode: str) -> list[float]:
     """TRL's ``DPOTrainer`` on the same token ids and micro-batches; step-end times."""
-    if os.path.isdir(trl_path):
-        sys.path.insert(0, trl_path)
     import datasets
     import torch
     import transformers
@@ -253,25 +267,33 @@ def _clocks() -> tuple[float, float]:
 
 
 def worker(args) -> None:
-    """One framework, one mode, in this (fresh) process: prints one JSON line."""
+    """One framework, one mode, in this (fresh) process: prints one JSON line; with
+    ``--profile`` the steps run under ``torch.profiler`` and the top operators are printed."""
+    import contextlib
+
     import torch
 
     torch.set_num_threads(args.threads)
     work = Path(args.work)
-    if args.worker == "ours":
-        ends = run_ours(work, args.steps, args.mode)
-    else:
-        ends = run_trl(work, args.steps, args.mode, args.trl_path)
+    run = run_ours if args.worker == "ours" else run_trl
+    profiler = contextlib.nullcontext()
+    if args.profile:
+        profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+    with profiler as prof:
+        ends = run(work, args.steps, args.mode)
+    if args.profile:
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile)
+        print(f"PROFILE {args.worker}\n{table}", flush=True)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     wall = [b[0] - a[0] for a, b in zip(ends[:-1], ends[1:], strict=False)]
     cpu = [b[1] - a[1] for a, b in zip(ends[:-1], ends[1:], strict=False)]
     print("RESULT " + json.dumps(dict(step_s=wall, cpu_s=cpu, peak_rss_mib=peak_mib)), flush=True)
 
 
-def spawn(work: Path, args, framework: str, mode: str) -> dict:
+def spawn(work: Path, args, framework: str, mode: str, profile: int = 0) -> dict:
     cmd = [sys.executable, __file__, "--worker", framework, "--mode", mode, "--work", str(work)]
     cmd += ["--steps", str(args.steps), "--threads", str(args.threads)]
-    cmd += ["--trl-path", args.trl_path]
+    cmd += ["--profile", str(profile)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
@@ -279,6 +301,8 @@ def spawn(work: Path, args, framework: str, mode: str) -> dict:
         raise RuntimeError(
             f"{framework}/{mode} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
         )
+    if profile:
+        print(out.stdout[out.stdout.index("PROFILE ") : out.stdout.index("RESULT ")], flush=True)
     return json.loads(lines[-1][len("RESULT ") :])
 
 
@@ -290,43 +314,30 @@ def real_tokens_per_step(work: Path) -> float:
     return total / (len(rows) / GLOBAL)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=8, help="measured steps per run")
-    parser.add_argument("--warmup", type=int, default=2, help="steps not measured")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--trl-path", default=os.environ.get("TRL_PATH", "/work/extra/trl"))
-    parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
-    parser.add_argument("--mode", choices=["resident", "precomputed"], help=argparse.SUPPRESS)
-    parser.add_argument("--work", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        return worker(args)
-    total = args.steps + args.warmup
-    args.steps = total
+def run_shape(shape: str, args) -> dict:
+    """Both frameworks at ``shape``, both reference modes, alternating; the shape's result."""
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        make_inputs(work, pairs=total * GLOBAL)
-        trl_pairs(work, total)
+        make_inputs(work, shape, pairs=args.steps * GLOBAL)
+        trl_pairs(work, args.steps)
         precompute = [sys.executable, "tools/precompute_reference.py"]
-        precompute += our_config(work, total, "resident") + ["--output", str(work / "ref")]
+        precompute += our_config(work, args.steps, "resident") + ["--output", str(work / "ref")]
         subprocess.run(precompute, cwd=REPO, check=True, capture_output=True)
         runs = {(f, m): [] for f in ("ours", "trl") for m in ("resident", "precomputed")}
         for r in range(args.repeats):
             for mode in ("resident", "precomputed"):
                 for framework in ("ours", "trl") if r % 2 == 0 else ("trl", "ours"):
                     runs[framework, mode].append(spawn(work, args, framework, mode))
-        report(runs, real_tokens_per_step(work), args)
+        result = summary(runs, real_tokens_per_step(work), args, shape)
+        if args.profile:
+            for framework in ("ours", "trl"):
+                spawn(work, args, framework, "resident", profile=args.profile)
+        return result
 
 
-def report(runs: dict, tokens: float, args) -> None:
-    sys.path.insert(0, str(REPO))
-    from benchmarks.machine import emit_result, machine_line
-
-    result = dict(machine=machine_line(), threads=args.threads, tokens_per_step=tokens, modes={})
-    result["model"] = MODEL
+def summary(runs: dict, tokens: float, args, shape: str) -> dict:
+    """Medians over the measured steps; this trainer / TRL ratios per reference mode."""
+    result = dict(model=hf_model(shape), tokens_per_step=tokens, modes={})
     for mode in ("resident", "precomputed"):
         entry = {}
         for framework in ("ours", "trl"):
@@ -340,6 +351,40 @@ def report(runs: dict, tokens: float, args) -> None:
         for key in ("tokens_per_s", "tokens_per_cpu_s", "peak_rss_mib"):
             entry[key + "_ratio"] = entry["ours"][key] / entry["trl"][key]
         result["modes"][mode] = entry
+        print(
+            f"{shape:>6s} {mode:>11s}: tokens/CPU-s ours {entry['ours']['tokens_per_cpu_s']:.0f}"
+            f" TRL {entry['trl']['tokens_per_cpu_s']:.0f} ratio "
+            f"{entry['tokens_per_cpu_s_ratio']:.2f}x (wall {entry['tokens_per_s_ratio']:.2f}x); "
+            f"peak RSS ratio {entry['peak_rss_mib_ratio']:.2f}",
+            flush=True,
+        )
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=8, help="measured steps per run")
+    parser.add_argument("--warmup", type=int, default=2, help="steps not measured")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    parser.add_argument(
+        "--profile", type=int, default=0, help="also profile; print this many operators"
+    )
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=["resident", "precomputed"], help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+    args.steps += args.warmup
+    sys.path.insert(0, str(REPO))
+    from benchmarks.machine import emit_result, machine_line
+
+    result = dict(machine=machine_line(), threads=args.threads, shapes={})
+    for shape in args.shapes:
+        result["shapes"][shape] = run_shape(shape, args)
     emit_result(result, args.json)
 
 
