@@ -39,7 +39,7 @@ SFT = ["loss.name=sft", "loss.adaptive=false", "train.epochs=3", "logging.progre
 # The paper's grid (run.py --grid): its shape, 4 learning rates x 4 betas x 2 seeds, around the
 # default runs' lr 1e-4 and betas, for DPO, AdaDPO and the two published guards against the
 # falling chosen likelihood. SFT term: weight 1.0 (RPO, arXiv 2404.19733, and TRL's rpo_alpha
-# docs recommend 1.0). DPOP: lambda 50 (the DPOP paper's value, arXiv 2402.13228 section 5).
+# docs recommend 1.0). DPOP: lambda 50 (the DPOP paper's value, arXiv 2402.13228).
 GRID_LRS = (5e-5, 1e-4, 2e-4, 5e-4)
 GRID_BETAS = (0.01, 0.05, 0.1, 0.5)
 GRID_METHODS = {
