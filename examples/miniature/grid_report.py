@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from stats import cell_means, cells_won, hits, prompt_interval
+from stats import cell_means, cells_won, hits, paired_interval, prompt_interval
 
 METHODS = ("DPO", "AdaDPO", "DPO+SFT", "DPOP")
 COLUMNS = (
@@ -75,15 +75,26 @@ def cell_table(runs: list[dict]) -> str:
     return _table(["lr", "β", *METHODS], rows)
 
 
-def wins_table(runs: list[dict], n_prompts: int) -> str:
-    """AdaDPO's cells won / tied / lost against each baseline."""
+def wins_table(runs: list[dict], truth: list[str]) -> str:
+    """AdaDPO's cells won / tied / lost against each baseline, and its exact match minus the
+    baseline's over all their runs with the paired 95 % interval over prompts."""
     ada = cell_means(runs, "AdaDPO")
+    stacked = {
+        m: np.stack([hits(r["answers"], truth) for r in runs if r["method"] == m])
+        for m in METHODS
+        if any(r["method"] == m for r in runs)
+    }
     rows = []
     for base in METHODS[0], *METHODS[2:]:
         theirs = cell_means(runs, base)
-        wins, ties, losses = cells_won(ada, theirs, n_prompts)
-        rows.append([f"AdaDPO vs {base}", wins, ties, losses, len(ada.keys() & theirs.keys())])
-    return _table(["", "wins", "ties", "losses", "cells"], rows)
+        wins, ties, losses = cells_won(ada, theirs, len(truth))
+        row = [f"AdaDPO vs {base}", wins, ties, losses, len(ada.keys() & theirs.keys()), ""]
+        if "AdaDPO" in stacked and base in stacked:
+            diff, low, high = (100 * x for x in paired_interval(stacked["AdaDPO"], stacked[base]))
+            row[-1] = f"{diff:+.1f} ({low:+.1f} to {high:+.1f})"
+        rows.append(row)
+    head = ["", "wins", "ties", "losses", "cells", "exact match difference, points (95 %)"]
+    return _table(head, rows)
 
 
 def run_table(runs: list[dict]) -> str:
@@ -140,7 +151,7 @@ def write_report(out: Path, jobs: str) -> list[Path]:
     if jobs == "grid":
         text += "\n\n## Per (lr, β) cell: exact match, mean of the seeds\n\n" + cell_table(runs)
         text += f"\n\n## Cells won by AdaDPO (a tie: within one prompt, 1/{len(truth)})\n\n"
-        text += wins_table(runs, len(truth))
+        text += wins_table(runs, truth)
     text += "\n\n## Per run\n\n" + run_table(runs) + "\n"
     written = [out / "report.md", out / "results.json"]
     written[0].write_text(text)

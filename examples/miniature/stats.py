@@ -6,6 +6,9 @@ Interval (:func:`prompt_interval`): a method's exact match is ``m = mean_j p_j``
 the sample standard deviation of the ``p_j``, ddof 1; ``z`` the 97.5 % normal quantile; N = 309
 prompts, where Student's t differs by 0.3 %): the uncertainty from which prompts were held out,
 for this method's fixed set of runs (hyperparameters and seeds), not a spread over runs.
+:func:`paired_interval` is the same interval of the per-prompt difference ``p_j - q_j`` of two
+methods (AdaDPO minus a baseline): the prompts are shared, so it is much narrower than the two
+methods' intervals side by side.
 
 Cells (:func:`cells_won`): AdaDPO's exact match in a (lr, beta) cell (mean of its seeds) against
 a baseline's; a tie when they differ by at most one held-out prompt (``|d| <= 1 / N``), else a
@@ -26,15 +29,27 @@ def hits(answers: list[str], truth: list[str]) -> np.ndarray:
     return np.array([a == t for a, t in zip(answers, truth, strict=True)], dtype=np.float64)
 
 
+def _interval(per_prompt: np.ndarray) -> tuple[float, float, float]:
+    mean = float(per_prompt.mean())
+    half = Z95 * float(per_prompt.std(ddof=1)) / np.sqrt(per_prompt.size)
+    return mean, mean - half, mean + half
+
+
 def prompt_interval(hit: np.ndarray) -> tuple[float, float, float]:
     """``(mean, low, high)`` of exact match over runs and prompts (module docstring).
 
     Shapes: ``hit`` ``[R, N]`` (runs x prompts, 0 / 1).
     """
-    per_prompt = np.asarray(hit, dtype=np.float64).mean(axis=0)
-    mean = float(per_prompt.mean())
-    half = Z95 * float(per_prompt.std(ddof=1)) / np.sqrt(per_prompt.size)
-    return mean, mean - half, mean + half
+    return _interval(np.asarray(hit, dtype=np.float64).mean(axis=0))
+
+
+def paired_interval(ours: np.ndarray, theirs: np.ndarray) -> tuple[float, float, float]:
+    """``(mean, low, high)`` of exact match ``ours`` minus ``theirs``, paired by prompt.
+
+    Shapes: ``ours`` ``[R, N]``, ``theirs`` ``[R', N]`` (the same N prompts).
+    """
+    ours, theirs = (np.asarray(h, dtype=np.float64).mean(axis=0) for h in (ours, theirs))
+    return _interval(ours - theirs)
 
 
 def cell_means(runs: list[dict], method: str, key: str = "exact") -> dict[tuple, float]:

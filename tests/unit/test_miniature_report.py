@@ -25,6 +25,18 @@ def test_prompt_interval_equals_fp64_formula():
     assert (low, high) == pytest.approx((m - z * sd / math.sqrt(N), m + z * sd / math.sqrt(N)))
 
 
+def test_paired_interval_equals_fp64_formula():
+    stats, rng = _module("stats"), np.random.default_rng(2)
+    ours, theirs = (rng.random((k, N)) < 0.5 for k in (4, 6))
+    d = [
+        sum(ours[r, j] for r in range(4)) / 4 - sum(theirs[r, j] for r in range(6)) / 6
+        for j in range(N)
+    ]
+    m = sum(d) / N
+    half = 1.959963984540054 * math.sqrt(sum((x - m) ** 2 for x in d) / (N - 1) / N)
+    assert stats.paired_interval(ours, theirs) == pytest.approx((m, m - half, m + half))
+
+
 def test_prompt_interval_covers_the_population_mean_95_percent_of_the_time():
     """Prompts drawn from a population of difficulties (mean 0.4), runs answering at random:
     the interval holds the population mean in about 95 % of 400 draws."""
