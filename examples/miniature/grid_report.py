@@ -20,6 +20,7 @@ import numpy as np
 from stats import cell_means, cells_won, hits, paired_interval, prompt_interval
 
 METHODS = ("DPO", "AdaDPO", "DPO+SFT", "DPOP")
+BASELINES = ("DPO", "DPO+SFT", "DPOP")
 COLUMNS = (
     ("delta_chosen", "Δ chosen lp/tok", "{:+.3f}"),
     ("delta_rejected", "Δ rejected lp/tok", "{:+.3f}"),
@@ -75,7 +76,7 @@ def cell_table(runs: list[dict]) -> str:
     return _table(["lr", "β", *METHODS], rows)
 
 
-def wins_table(runs: list[dict], truth: list[str]) -> str:
+def wins_table(runs: list[dict], truth: list[str], baselines: tuple = BASELINES) -> str:
     """AdaDPO's cells won / tied / lost against each baseline, and its exact match minus the
     baseline's over all their runs with the paired 95 % interval over prompts."""
     ada = cell_means(runs, "AdaDPO")
@@ -85,7 +86,7 @@ def wins_table(runs: list[dict], truth: list[str]) -> str:
         if any(r["method"] == m for r in runs)
     }
     rows = []
-    for base in METHODS[0], *METHODS[2:]:
+    for base in baselines:
         theirs = cell_means(runs, base)
         wins, ties, losses = cells_won(ada, theirs, len(truth))
         row = [f"AdaDPO vs {base}", wins, ties, losses, len(ada.keys() & theirs.keys()), ""]
@@ -107,6 +108,17 @@ def run_table(runs: list[dict]) -> str:
     return _table(head, rows)
 
 
+def _limits(values: list[np.ndarray], centred: bool) -> dict:
+    """One colour scale for a row of heatmaps (symmetric about 0 when ``centred``)."""
+    finite = np.concatenate([v[np.isfinite(v)] for v in values])
+    if not finite.size:
+        return {}
+    if centred:
+        limit = float(np.abs(finite).max()) or 1.0
+        return dict(vmin=-limit, vmax=limit)
+    return dict(vmin=float(finite.min()), vmax=float(finite.max()))
+
+
 def figure(runs: list[dict], path: Path) -> None:
     """Top: exact match per (lr, beta) cell for each method; bottom: AdaDPO minus DPO, DPO+SFT
     and DPOP (points of exact match), blank where a cell has not finished."""
@@ -122,17 +134,18 @@ def figure(runs: list[dict], path: Path) -> None:
         return np.array([[cells.get((lr, b), np.nan) for b in betas] for lr in lrs]) * 100
 
     means = {m: grid(cell_means(runs, m)) for m in METHODS}
-    panels = [(m, means[m], "viridis", None) for m in METHODS]
-    panels += [(f"AdaDPO - {b}", means["AdaDPO"] - means[b], "RdBu", 1) for b in METHODS[2:]]
-    panels.insert(4, (f"AdaDPO - {METHODS[0]}", means["AdaDPO"] - means["DPO"], "RdBu", 1))
+    diffs = {b: means["AdaDPO"] - means[b] for b in BASELINES}
+
+    top, bottom = _limits(list(means.values()), False), _limits(list(diffs.values()), True)
+    panels = [(m, v, "viridis", top, "{:.1f}") for m, v in means.items()]
+    panels += [(f"AdaDPO - {b}", v, "RdBu", bottom, "{:+.1f}") for b, v in diffs.items()]
     fig, axes = plt.subplots(2, 4, figsize=(16, 7), constrained_layout=True)
-    for ax, (title, values, cmap, centred) in zip(axes.flat, panels, strict=False):
-        limit = np.nanmax(np.abs(values)) if centred and np.isfinite(values).any() else None
-        kwargs = dict(vmin=-limit, vmax=limit) if limit else {}
-        image = ax.imshow(values, cmap=cmap, origin="lower", **kwargs)
+    for ax, (title, values, cmap, limits, fmt) in zip(axes.flat, panels, strict=False):
+        image = ax.imshow(values, cmap=cmap, origin="lower", **limits)
         for (i, j), v in np.ndenumerate(values):
             if np.isfinite(v):
-                ax.text(j, i, f"{v:+.1f}" if centred else f"{v:.1f}", ha="center", va="center")
+                box = dict(facecolor="white", alpha=0.7, lw=0)
+                ax.text(j, i, fmt.format(v), ha="center", va="center", bbox=box)
         ax.set_xticks(range(len(betas)), [f"{b:g}" for b in betas])
         ax.set_yticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
         ax.set_xlabel("β")
@@ -150,8 +163,8 @@ def write_report(out: Path, jobs: str) -> list[Path]:
     text += f"{len(truth)} held-out prompts)\n\n" + method_table(start, runs, truth)
     if jobs == "grid":
         text += "\n\n## Per (lr, β) cell: exact match, mean of the seeds\n\n" + cell_table(runs)
-        text += f"\n\n## Cells won by AdaDPO (a tie: within one prompt, 1/{len(truth)})\n\n"
-        text += wins_table(runs, truth)
+    text += f"\n\n## Cells won by AdaDPO (a tie: within one prompt, 1/{len(truth)})\n\n"
+    text += wins_table(runs, truth, BASELINES if jobs == "grid" else ("DPO",))
     text += "\n\n## Per run\n\n" + run_table(runs) + "\n"
     written = [out / "report.md", out / "results.json"]
     written[0].write_text(text)

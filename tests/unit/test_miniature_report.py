@@ -134,3 +134,5 @@ def test_report_renders_partial_grid_results(tmp_path):
     assert "3 runs finished" in text and "| AdaDPO vs DPO | 1 | 0 | 0 | 1 |" in text
     assert "| AdaDPO vs DPOP | 0 | 0 | 0 | 0 |" in text  # no DPOP run yet
     assert f"| AdaDPO | 2 | {155 / N:.1%} |" in text and (tmp_path / "grid.png").is_file()
+    lora = report.write_report(tmp_path, "lora")[0].read_text()  # no cells, no figure, vs DPO
+    assert "| AdaDPO vs DPO | 1 |" in lora and "DPOP" not in lora and "(lr, β) cell" not in lora
