@@ -20,6 +20,7 @@ pytestmark = pytest.mark.distributed
 
 LORA = ["lora.rank=8", "lora.alpha=16", "reference.mode=null"]  # unset: adapters_off
 
+PACKED = ["data.batching=packed", "data.max_tokens_per_micro_batch=160"]  # pairs are <= 128
 LAYOUTS = {
     "tp2": (2, ["execution.tp=2"]),
     "tp2_sp": (2, ["execution.tp=2", "execution.sequence_parallel=true"]),
@@ -36,6 +37,8 @@ LAYOUTS = {
             "execution.recompute_num_layers=2",
         ],
     ),
+    "tp2_sp_packed": (2, ["execution.tp=2", "execution.sequence_parallel=true", *PACKED]),
+    "dp2_packed": (2, PACKED),
     "dp2_distributed_optimizer": (
         2,
         ["optimizer.use_distributed_optimizer=true", "optimizer.overlap_grad_reduce=true"],
