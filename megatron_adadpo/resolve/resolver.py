@@ -13,6 +13,8 @@ cluster's world size and ``Machine``.
 
 from __future__ import annotations
 
+import dataclasses
+
 from megatron_adadpo.config_text import ConfigError
 from megatron_adadpo.layout import logprob_chunk_tokens
 from megatron_adadpo.platform.hardware import Machine
@@ -24,7 +26,7 @@ from megatron_adadpo.resolve.batching import (
 )
 from megatron_adadpo.resolve.kernels import resolve_kernels
 from megatron_adadpo.resolve.layout import layout_errors
-from megatron_adadpo.resolve.lora import lora_run_errors
+from megatron_adadpo.resolve.lora import lora_run_errors, split_norm_linears
 from megatron_adadpo.resolve.run import Parallel, ResolvedRun, RunRequest, Step
 
 
@@ -61,7 +63,8 @@ def _lora_errors(r: RunRequest, machine: Machine | None) -> list:
     else:
         te = resolve_kernels(e, machine).transformer_engine
     chunk = logprob_chunk_tokens(e, r.model.padded_vocab_size(e.tp))
-    return lora_run_errors(r.lora, r.reference, te, chunk, r.model.tie_word_embeddings)
+    tied = r.model.tie_word_embeddings
+    return lora_run_errors(r.lora, r.reference, te, chunk, tied, e.fp8)
 
 
 def raise_errors(errors: list[str]) -> None:
@@ -80,6 +83,8 @@ def resolve(config, world_size: int, machine: Machine) -> ResolvedRun:
     r = request_of(config)
     e = r.execution
     kernels = resolve_kernels(e, machine)
+    split = split_norm_linears(r.lora, kernels.transformer_engine)
+    kernels = dataclasses.replace(kernels, split_norm_linears=split)
     parallel = Parallel(
         tp=e.tp,
         pp=e.pp,
