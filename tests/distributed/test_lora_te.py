@@ -5,6 +5,9 @@ here; the end-to-end runs are in tests/gpu/test_cuda_lora.py).
   ``sequence_parallel``, ``tp_group``, ``forward(x) -> (y, bias)``) as Megatron's linear of the
   same parallel mode: same split of A / B, same outputs and gradients at TP2 with sequence
   parallelism;
+- the TE branch of ``model/build.layer_spec`` with LoRA (TE's classes replaced by Megatron's
+  local ones, a TE-shaped spec with fused norm + linear stand-ins) builds a model with the
+  local spec's checkpoint keys and logits: the split norms save under the fused keys;
 - the adapters are per-token maps, so context parallelism's sequence split commutes with them.
 """
 
@@ -12,9 +15,15 @@ import pytest
 import torch
 
 from megatron_adadpo.layout import ExecutionConfig
+from megatron_adadpo.model import build
+from megatron_adadpo.model.initialization import init_layout_invariant
 from megatron_adadpo.model.lora import LoraLinear
+from megatron_adadpo.model.norm import RMSNorm
+from megatron_adadpo.platform.megatron import tensor_parallel
+from megatron_adadpo.resolve.kernels import Kernels
 from tests.launcher import run_ranks
 from tests.megatron_helpers import TINY, tiny_model
+from tests.unit.test_lora_rules import FusedNormLinear, te_shaped_spec
 
 pytestmark = pytest.mark.distributed
 
@@ -114,3 +123,45 @@ def _split_commutes(rank, world):
 def test_adapters_commute_with_the_context_parallel_split():
     errors = run_ranks(_split_commutes, 1)[0]
     assert len(errors) == 2 * (2 + 4) and float(errors.max()) <= 1e-6
+
+
+class LocalBackend:
+    """``TESpecProvider``'s methods the split reads, with Megatron's local modules for TE's."""
+
+    def column_parallel_layer_norm_linear(self):
+        return FusedNormLinear
+
+    def column_parallel_linear(self):
+        return tensor_parallel.ColumnParallelLinear
+
+    def layer_norm(self):
+        return RMSNorm
+
+
+def _split_te_branch(rank, world):
+    """Checkpoint keys and logits of the TE branch's model (stand-ins) and the local spec's."""
+    run = ExecutionConfig(tp=world, transformer_impl="local")
+    local = tiny_model(run)
+    build.te_layer_spec = lambda **_: te_shaped_spec()  # this forked rank only
+    build.te_spec_provider = LocalBackend
+    kernels = Kernels(transformer_engine=True, split_norm_linears=("linear_qkv", "linear_fc1"))
+    split = build.build_model(TINY, run, kernels=kernels)
+    init_layout_invariant(split, seed=7, vocab_size=TINY.vocab_size)
+    tokens = torch.randint(0, TINY.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(16).expand_as(tokens)
+    out = {}
+    for name, chunks in (("local", local), ("split", split)):
+        with torch.no_grad():
+            logits = chunks[0](tokens, positions, None)
+        keys = sorted(v.key for v in chunks[0].sharded_state_dict().values() if hasattr(v, "key"))
+        fused = [m for m in chunks[0].modules() if isinstance(m, FusedNormLinear)]
+        out[name] = {"logits": logits, "keys": keys, "fused": len(fused)}
+    return out
+
+
+def test_te_branch_with_lora_builds_the_split_spec():
+    for result in run_ranks(_split_te_branch, 2):
+        local, split = result["local"], result["split"]
+        assert split["fused"] == 0 and split["keys"] == local["keys"]
+        assert "decoder.layers.self_attention.linear_qkv.layer_norm_weight" in split["keys"]
+        assert torch.equal(split["logits"], local["logits"])

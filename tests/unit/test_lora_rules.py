@@ -85,7 +85,7 @@ class Backend:
         return NormStandIn
 
 
-def _te_shaped_spec():
+def te_shaped_spec():
     """Megatron's layer spec with TE's fusion: ``linear_qkv`` / ``linear_fc1`` the fused norm +
     linear, the layer's norms ``IdentityOp`` (0.16.1 ``gpt_layer_specs.py`` lines 279, 291,
     496), and the TE spec's own key map (its op-fuser names, not the local spec's)."""
@@ -110,7 +110,7 @@ def _te_shaped_spec():
 
 def test_split_spec_has_no_fused_module_at_a_targeted_linear():
     local_keys = get_gpt_layer_local_spec().submodules.sharded_state_dict_keys_map
-    te = _te_shaped_spec()
+    te = te_shaped_spec()
     split = split_norm_spec(te, ("linear_qkv", "linear_fc1"), Backend()).submodules
     assert split.self_attention.submodules.linear_qkv is ColumnStandIn
     assert split.mlp.submodules.linear_fc1 is ColumnStandIn
