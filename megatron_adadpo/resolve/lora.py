@@ -19,10 +19,9 @@ FUSED_NORM_LINEARS = {"linear_qkv": "input_layernorm", "linear_fc1": "pre_mlp_la
 def lora_run_errors(
     lora: LoraSection | None,
     reference_mode: str,
-    uses_te: bool,
     chunk_tokens: int,
     tied: bool,
-    fp8: str | None = None,
+    fp8: str | None,
 ) -> list[str]:
     """Rules between ``lora`` and the rest of the run: ``adapters_off`` needs adapters; on
     ``output_layer`` the chunked log-prob path (which applies the output weight itself) and
@@ -35,7 +34,7 @@ def lora_run_errors(
             return ["reference.mode=adapters_off needs a lora: section (adapters to switch off)"]
         return []
     errors = []
-    if uses_te and fp8:
+    if fp8:
         errors.append(
             f"lora: with execution.fp8={fp8!r} the adapters would run outside Transformer "
             "Engine's FP8 recipe (not supported); set execution.fp8=null"

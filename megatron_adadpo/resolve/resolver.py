@@ -51,20 +51,14 @@ def run_errors(config, world_size: int | None = None, machine: Machine | None = 
     if errors:
         return errors
     errors = budget_errors(_policy(r), r.max_length)  # padded for a valid layout
-    return errors + _lora_errors(r, machine)
+    return errors + _lora_errors(r)
 
 
-def _lora_errors(r: RunRequest, machine: Machine | None) -> list:
-    """LoRA's rules with the rest of the run (``lora_run_errors``), on the layer spec this
-    machine resolves (without a machine: only an explicit ``transformer_impl``)."""
+def _lora_errors(r: RunRequest) -> list:
+    """LoRA's rules with the rest of the run (``lora_run_errors``)."""
     e = r.execution
-    if machine is None:
-        te = e.transformer_impl == "transformer_engine"
-    else:
-        te = resolve_kernels(e, machine).transformer_engine
     chunk = logprob_chunk_tokens(e, r.model.padded_vocab_size(e.tp))
-    tied = r.model.tie_word_embeddings
-    return lora_run_errors(r.lora, r.reference, te, chunk, tied, e.fp8)
+    return lora_run_errors(r.lora, r.reference, chunk, r.model.tie_word_embeddings, e.fp8)
 
 
 def raise_errors(errors: list[str]) -> None:
