@@ -22,6 +22,7 @@ at the cost of one unfused norm per split linear.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from megatron_adadpo.resolve.lora import FUSED_NORM_LINEARS
 
@@ -41,13 +42,28 @@ def split_norm_spec(layer_spec, linears: tuple[str, ...], backend):
     for linear in linears:
         owner_name, norm = OWNERS[linear], FUSED_NORM_LINEARS[linear]
         owner = getattr(layer, owner_name)
-        if getattr(owner.submodules, linear) is not fused:
+        if getattr(submodules_of(owner), linear) is not fused:
             continue
-        unfused = dataclasses.replace(
-            owner.submodules, **{linear: backend.column_parallel_linear()}
-        )
-        changes[owner_name] = dataclasses.replace(owner, submodules=unfused)
+        changes[owner_name] = _with_submodule(owner, linear, backend.column_parallel_linear())
         changes[norm] = backend.layer_norm()
         keys[f"{norm}."] = f"{owner_name}.{linear}.layer_norm_"
     layer = dataclasses.replace(layer, **changes, sharded_state_dict_keys_map=keys)
     return dataclasses.replace(layer_spec, submodules=layer)
+
+
+def submodules_of(owner):
+    """The submodules of a layer's ``self_attention`` / ``mlp`` entry: a ``ModuleSpec``'s, or
+    on megatron-core 0.19 the MLP's ``functools.partial(MLP.as_mlp_submodule,
+    submodules=MLPSubmodules(...))`` (0.19.2 ``gpt_layer_specs.py`` line 547)."""
+    if isinstance(owner, functools.partial):
+        return owner.keywords["submodules"]
+    return owner.submodules
+
+
+def _with_submodule(owner, name: str, module):
+    """A copy of ``owner`` (see ``submodules_of``) with its submodule ``name`` set to
+    ``module``."""
+    subs = dataclasses.replace(submodules_of(owner), **{name: module})
+    if isinstance(owner, functools.partial):
+        return functools.partial(owner.func, *owner.args, **{**owner.keywords, "submodules": subs})
+    return dataclasses.replace(owner, submodules=subs)

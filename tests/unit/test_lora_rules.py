@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import pytest
@@ -85,24 +86,31 @@ class Backend:
         return NormStandIn
 
 
+def _replaced(owner, **modules):
+    """``owner`` (a ``ModuleSpec``, or on megatron-core 0.19 the MLP's ``functools.partial``
+    with ``submodules=``) with the given submodules replaced."""
+    subs = dataclasses.replace(_subs(owner), **modules)
+    if isinstance(owner, functools.partial):
+        return functools.partial(owner.func, **{**owner.keywords, "submodules": subs})
+    return dataclasses.replace(owner, submodules=subs)
+
+
+def _subs(owner):
+    partial = isinstance(owner, functools.partial)
+    return owner.keywords["submodules"] if partial else owner.submodules
+
+
 def te_shaped_spec():
     """Megatron's layer spec with TE's fusion: ``linear_qkv`` / ``linear_fc1`` the fused norm +
     linear, the layer's norms ``IdentityOp`` (0.16.1 ``gpt_layer_specs.py`` lines 279, 291,
     496), and the TE spec's own key map (its op-fuser names, not the local spec's)."""
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    layer = spec.submodules
-    attention, mlp = layer.self_attention, layer.mlp
-    fused = {"linear_qkv": FusedNormLinear}
     layer = dataclasses.replace(
-        layer,
+        spec.submodules,
         input_layernorm=IdentityOp,
         pre_mlp_layernorm=IdentityOp,
-        self_attention=dataclasses.replace(
-            attention, submodules=dataclasses.replace(attention.submodules, **fused)
-        ),
-        mlp=dataclasses.replace(
-            mlp, submodules=dataclasses.replace(mlp.submodules, linear_fc1=FusedNormLinear)
-        ),
+        self_attention=_replaced(spec.submodules.self_attention, linear_qkv=FusedNormLinear),
+        mlp=_replaced(spec.submodules.mlp, linear_fc1=FusedNormLinear),
         sharded_state_dict_keys_map={"mlp.0.weight": "mlp.linear_fc1.layer_norm_weight"},
     )
     return dataclasses.replace(spec, submodules=layer)
@@ -113,7 +121,7 @@ def test_split_spec_has_no_fused_module_at_a_targeted_linear():
     te = te_shaped_spec()
     split = split_norm_spec(te, ("linear_qkv", "linear_fc1"), Backend()).submodules
     assert split.self_attention.submodules.linear_qkv is ColumnStandIn
-    assert split.mlp.submodules.linear_fc1 is ColumnStandIn
+    assert _subs(split.mlp).linear_fc1 is ColumnStandIn
     assert split.input_layernorm is NormStandIn and split.pre_mlp_layernorm is NormStandIn
     # the split norms save under the fused module's keys: Megatron's local-spec map, kept
     # with the TE spec's own entries
@@ -121,6 +129,6 @@ def test_split_spec_has_no_fused_module_at_a_targeted_linear():
     assert split.sharded_state_dict_keys_map["mlp.0.weight"] == "mlp.linear_fc1.layer_norm_weight"
     assert te.submodules.self_attention.submodules.linear_qkv is FusedNormLinear  # a copy
     only_qkv = split_norm_spec(te, ("linear_qkv",), Backend()).submodules
-    assert only_qkv.mlp.submodules.linear_fc1 is FusedNormLinear  # untargeted: stays fused
+    assert _subs(only_qkv.mlp).linear_fc1 is FusedNormLinear  # untargeted: stays fused
     assert only_qkv.pre_mlp_layernorm is te.submodules.pre_mlp_layernorm
     assert "pre_mlp_layernorm." not in only_qkv.sharded_state_dict_keys_map
