@@ -6,8 +6,8 @@ checkpoints, FP8, context parallelism, parameter sync before a save (issue #11).
 
 Each check runs what this machine allows and says why it skipped the rest: one GPU without TE
 runs the Megatron seam tests, the fused bf16 step and (with ``--cpu``, on gloo) the parameter
-sync; Transformer Engine adds the converted-checkpoint and FP8 steps; two GPUs add CP2 = CP1
-and the parameter sync on NCCL. Trainer runs go through the real launcher
+sync; Transformer Engine adds the converted-checkpoint, FP8 and LoRA-on-TE steps; two GPUs add
+CP2 = CP1 (also with LoRA) and the parameter sync on NCCL. Trainer runs go through the real launcher
 (``torchrun -m megatron_adadpo.train``) on the bundled quickstart data, each in its own
 process with a timeout, in ``--work`` (run directories and logs). ``OUT/stack_checks.json``
 holds every result; the exit status is 1 when a check failed. The CPU tests that encode each
@@ -225,6 +225,34 @@ def check_cp2(work: Path, facts: dict) -> dict:
     return {k: [[r[k] for r in one], [r[k] for r in two]] for k in keys}
 
 
+LORA = ["lora.rank=8", "reference.mode=null"]  # adapters on every layer linear; adapters_off
+
+
+def check_lora_te(work: Path, facts: dict) -> dict:
+    """LoRA on the TE spec (fused linear_qkv / linear_fc1 split from their norms) from the
+    converted checkpoint: step 1 at ln 2, it learns, and it follows LoRA on the local spec."""
+    _, sets = converted_checkpoint(work)
+    sets += ["data.max_prompt_length=32", *LORA]
+    te = train(work, "lora_te", [*sets, "execution.transformer_impl=transformer_engine"])
+    local = train(work, "lora_local", [*sets, "execution.transformer_impl=local"])
+    expect(close(te[0]["loss"], LN2, 1e-6) and te[-1]["loss"] < te[0]["loss"], f"TE {te}")
+    for key in ("logps/chosen", "logps/rejected", "loss"):
+        expect(close(te[0][key], local[0][key], 5e-3), f"{key}: TE {te[0][key]} vs local")
+    expect(close(te[-1]["loss"], local[-1]["loss"], 5e-3), f"last loss: TE {te} vs {local}")
+    return {k: [[r[k] for r in te], [r[k] for r in local]] for k in ("loss", "grad_norm")}
+
+
+def check_lora_cp2(work: Path, facts: dict) -> dict:
+    """LoRA with CP2 (TE, bf16) vs CP1: step 1 at ln 2, log-probs, the adapters' grad norm."""
+    sets = ["execution.bf16=true", "execution.transformer_impl=transformer_engine", *LORA]
+    one = train(work, "lora_cp1", [*sets, "execution.cp=1"])
+    two = train(work, "lora_cp2", [*sets, "execution.cp=2"], nproc=2)
+    expect(close(two[0]["loss"], LN2, 1e-6), f"LoRA CP2 step-1 loss {two[0]['loss']}")
+    for key, rel in (("logps/chosen", 2e-2), ("logps/rejected", 2e-2), ("grad_norm", 5e-2)):
+        expect(close(one[0][key], two[0][key], rel), f"{key}: CP1 {one[0][key]} CP2 {two[0][key]}")
+    return {k: [[r[k] for r in one], [r[k] for r in two]] for k in ("loss", "grad_norm")}
+
+
 def needs(cuda: int = 1, te: bool = False, fp8: bool = False, hf: bool = False, cpu_ok=False):
     """The check's requirements -> ``reason(facts, cpu)``: why it cannot run here, or None.
     ``cpu_ok``: with ``--cpu`` it runs on CPU processes (gloo) when GPUs are missing."""
@@ -251,6 +279,8 @@ CHECKS = {  # name -> (check, requirements), in running order
     "te_converted_checkpoint": (check_te_checkpoint, needs(te=True, hf=True)),
     "fp8_step": (check_fp8, needs(te=True, fp8=True, hf=True)),
     "cp2_equals_cp1": (check_cp2, needs(cuda=2, te=True)),
+    "lora_te_spec": (check_lora_te, needs(te=True, hf=True)),
+    "lora_cp2_equals_cp1": (check_lora_cp2, needs(cuda=2, te=True)),
 }
 
 

@@ -20,6 +20,7 @@ import torch
 from megatron_adadpo.layout import ExecutionConfig
 from megatron_adadpo.model.attention import core_attention_module, with_core_attention
 from megatron_adadpo.model.config import ModelConfig
+from megatron_adadpo.model.lora_spec import split_norm_spec
 from megatron_adadpo.model.norm import RMSNorm
 from megatron_adadpo.platform.machine import probe_machine, torch_device
 from megatron_adadpo.platform.megatron import (
@@ -32,6 +33,7 @@ from megatron_adadpo.platform.megatron import (
     llama3_rope_scaling,
     parallel_state,
     te_layer_spec,
+    te_spec_provider,
 )
 from megatron_adadpo.resolve.kernels import Kernels, resolve_kernels
 
@@ -174,7 +176,8 @@ def layer_spec(
     kernels: Kernels | None = None,
 ):
     """The decoder block spec for this pipeline stage (TE spec, or local spec + RMSNorm), with
-    the resolved core attention (``kernels.attention``, ``model/attention.py``).
+    the resolved core attention (``kernels.attention``, ``model/attention.py``); on the TE
+    spec the linears LoRA targets are built apart from their norm (``model/lora_spec.py``).
 
     ``packed_sequences`` (local spec): attention mask type ``arbitrary``, so the block-diagonal
     mask of a packed row (``data/packing.py``) is applied as given. TE takes packed rows through
@@ -183,7 +186,10 @@ def layer_spec(
     kernels = kernels_of(run, kernels)
     attention = core_attention_module(kernels.attention)
     if kernels.transformer_engine:
-        return with_core_attention(te_layer_spec(qk_layernorm=False), attention)
+        spec = te_layer_spec(qk_layernorm=False)
+        if kernels.split_norm_linears:  # LoRA targets a fused norm + linear
+            spec = split_norm_spec(spec, kernels.split_norm_linears, te_spec_provider())
+        return with_core_attention(spec, attention)
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
     spec.submodules = dataclasses.replace(
         spec.submodules, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm

@@ -30,9 +30,10 @@ gradients would be one rank's sequence part only); it is not a Megatron module, 
 ``sharded_state_dict`` falls back to ``sharded_state_dict_default``, which saves the split
 halves as replicated tensors and the base under renamed keys; it draws its initial ``A`` on each
 rank's shard (no layout-independent start); it dispatches only ``megatron.core.tensor_parallel``
-linears, not Transformer Engine's, whose ``linear_qkv`` / ``linear_fc1`` fuse the preceding
-norm (the adapter would read the un-normalised input); and it sets ``params_dtype`` on the
-config it is given. PEFT is used where it serves: the exported adapter is PEFT's format.
+linears, not Transformer Engine's (on TE's spec the targeted ``linear_qkv`` / ``linear_fc1``
+are built apart from their norm, ``model/lora_spec.py``, and wrapped here); and it sets
+``params_dtype`` on the config it is given. PEFT is used where it serves: the exported adapter
+is PEFT's format.
 
 Shapes: ``x`` ``[s, b, in]`` (``[s, b, in/tp]`` into a row base; ``[s/tp, b, in]`` into a column
 base with sequence parallelism); the output is the base layer's ``(y, bias)``.
@@ -62,7 +63,12 @@ ADAPTER_NAMES = ("lora_a", "lora_b")
 
 
 class LoraLinear(torch.nn.Module):
-    """A Megatron ``ColumnParallelLinear`` / ``RowParallelLinear`` plus a low-rank update.
+    """A Megatron ``ColumnParallelLinear`` / ``RowParallelLinear`` (or Transformer Engine's
+    ``TEColumnParallelLinear`` / ``TERowParallelLinear``) plus a low-rank update.
+
+    The base's contract, which Megatron's and TE's linears share: ``weight`` ``[out/tp, in]``
+    (column) or ``[out, in/tp]`` (row), ``forward(x) -> (y, bias or None)``, and the attributes
+    ``sequence_parallel`` and ``tp_group``.
 
     The base is ``self.base`` (frozen); its checkpoint keys are unchanged (see
     ``sharded_state_dict``), so base checkpoints load into it and adapters save apart.
@@ -74,7 +80,7 @@ class LoraLinear(torch.nn.Module):
         """``gated``: the base is a gated MLP's ``linear_fc1`` (each TP shard ``[gate; up]``)."""
         super().__init__()
         self.base, self.gated = base, gated
-        self.row = isinstance(base, tensor_parallel.RowParallelLinear)
+        self.row = is_row_parallel(base)
         if not self.row and getattr(base, "gather_output", False):
             raise ValueError("LoRA on a ColumnParallelLinear with gather_output is not supported")
         self.scaling = alpha / rank
@@ -140,6 +146,15 @@ class LoraLinear(torch.nn.Module):
                 if key in base:
                     base[key] = apply_swiglu_sharded_factory(base[key], sharded_offsets, singleton)
         return base
+
+
+def is_row_parallel(base: torch.nn.Module) -> bool:
+    """A row-parallel base: Megatron's ``RowParallelLinear``, or a Transformer Engine linear
+    built row-parallel (``TERowParallelLinear`` passes ``parallel_mode="row"``, which TE keeps
+    as ``parallel_mode``; megatron-core 0.16.1 ``extensions/transformer_engine.py`` line 1074).
+    Everything else LoRA targets is column-parallel."""
+    row = isinstance(base, tensor_parallel.RowParallelLinear)
+    return row or getattr(base, "parallel_mode", None) == "row"
 
 
 def add_adapters(chunks: list, lora, seed: int) -> list[LoraLinear]:

@@ -96,6 +96,7 @@ __all__ = [
     "save_strategy",
     "sharded_state_dict_default",
     "te_layer_spec",
+    "te_spec_provider",
     "tensor_parallel",
     "unwrap_model",
     "vocab_parallel_cross_entropy",
@@ -262,19 +263,34 @@ def output_layer_weight(model) -> tuple[torch.Tensor, bool] | None:
     return layer.weight, layer.sequence_parallel
 
 
-def te_layer_spec(**kwargs):
-    """``get_gpt_layer_with_transformer_engine_spec`` (raises a clear error without TE)."""
+def _require_te() -> None:
+    """Raises a clear error where Transformer Engine does not import."""
     if not te_available():
         raise RuntimeError(
             "Transformer Engine is not installed (or fails to import): the TE layer spec and FP8 "
             "need it. Install it on a CUDA machine: pip install 'megatron_adadpo[gpu]', or use "
             "execution.transformer_impl=local."
         )
+
+
+def te_layer_spec(**kwargs):
+    """``get_gpt_layer_with_transformer_engine_spec`` (raises a clear error without TE)."""
+    _require_te()
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_with_transformer_engine_spec,
     )
 
     return get_gpt_layer_with_transformer_engine_spec(**kwargs)
+
+
+def te_spec_provider():
+    """Megatron's ``TESpecProvider`` (the TE spec's modules: ``layer_norm()`` is ``TENorm``,
+    ``column_parallel_linear()`` ``TEColumnParallelLinear``; megatron-core 0.16.1 and 0.19.2
+    ``extensions/transformer_engine_spec_provider.py``); needs TE (``te_layer_spec``)."""
+    _require_te()
+    from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+
+    return TESpecProvider()
 
 
 # GPTModel's public ``rope_scaling_factor`` keeps RotaryEmbedding._apply_scaling's other defaults.

@@ -41,6 +41,8 @@ class Kernels:
         fusions: the fused kernels on (all off on CPU or with ``execution.fusions: false``).
         fp8: the FP8 format (None: no FP8); ``fp8_recipe`` its scaling recipe.
         fp8_rows_multiple: rank-local rows every FP8 GEMM input needs (``layout.py``).
+        split_norm_linears: TE spec linears built apart from their norm, for LoRA's adapters
+            (``resolve/lora.split_norm_linears``).
     """
 
     cuda: bool = False
@@ -50,6 +52,7 @@ class Kernels:
     fp8: str | None = None
     fp8_recipe: str = "delayed"
     fp8_rows_multiple: int = 1
+    split_norm_linears: tuple[str, ...] = ()
 
 
 # Transformer Engine ``check_mxfp8_support``: "Device compute capability 10.0 or higher

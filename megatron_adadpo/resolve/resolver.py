@@ -13,6 +13,8 @@ cluster's world size and ``Machine``.
 
 from __future__ import annotations
 
+import dataclasses
+
 from megatron_adadpo.config_text import ConfigError
 from megatron_adadpo.layout import logprob_chunk_tokens
 from megatron_adadpo.platform.hardware import Machine
@@ -24,7 +26,7 @@ from megatron_adadpo.resolve.batching import (
 )
 from megatron_adadpo.resolve.kernels import resolve_kernels
 from megatron_adadpo.resolve.layout import layout_errors
-from megatron_adadpo.resolve.lora import lora_run_errors
+from megatron_adadpo.resolve.lora import lora_run_errors, split_norm_linears
 from megatron_adadpo.resolve.run import Parallel, ResolvedRun, RunRequest, Step
 
 
@@ -49,19 +51,14 @@ def run_errors(config, world_size: int | None = None, machine: Machine | None = 
     if errors:
         return errors
     errors = budget_errors(_policy(r), r.max_length)  # padded for a valid layout
-    return errors + _lora_errors(r, machine)
+    return errors + _lora_errors(r)
 
 
-def _lora_errors(r: RunRequest, machine: Machine | None) -> list:
-    """LoRA's rules with the rest of the run (``lora_run_errors``), on the layer spec this
-    machine resolves (without a machine: only an explicit ``transformer_impl``)."""
+def _lora_errors(r: RunRequest) -> list:
+    """LoRA's rules with the rest of the run (``lora_run_errors``)."""
     e = r.execution
-    if machine is None:
-        te = e.transformer_impl == "transformer_engine"
-    else:
-        te = resolve_kernels(e, machine).transformer_engine
     chunk = logprob_chunk_tokens(e, r.model.padded_vocab_size(e.tp))
-    return lora_run_errors(r.lora, r.reference, te, chunk, r.model.tie_word_embeddings)
+    return lora_run_errors(r.lora, r.reference, chunk, r.model.tie_word_embeddings, e.fp8)
 
 
 def raise_errors(errors: list[str]) -> None:
@@ -80,6 +77,8 @@ def resolve(config, world_size: int, machine: Machine) -> ResolvedRun:
     r = request_of(config)
     e = r.execution
     kernels = resolve_kernels(e, machine)
+    split = split_norm_linears(r.lora, kernels.transformer_engine)
+    kernels = dataclasses.replace(kernels, split_norm_linears=split)
     parallel = Parallel(
         tp=e.tp,
         pp=e.pp,

@@ -173,8 +173,12 @@ def _reference_vs_resident(rank, world, argv):
     }
 
 
-def test_adapters_off_reference_equals_resident_base(tmp_path, cache_dir):
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32_tp2", "bf16"])
+def test_adapters_off_reference_equals_resident_base(bf16, tmp_path, cache_dir):
+    """fp32 on TP2 to 1e-6; bf16 (one rank) exactly: the adapters-off pass is the bf16 base
+    model's own computation, the same dtype path as a separate bf16 model."""
     extra = [
+        *(["execution.bf16=true", "execution.tp=1"] if bf16 else []),
         f"train.init_checkpoint={SFT_TINY}",
         f"logging.run_dir={tmp_path / 'run'}",
         f"data.cache_dir={cache_dir}",
@@ -188,7 +192,11 @@ def test_adapters_off_reference_equals_resident_base(tmp_path, cache_dir):
     argv = ["--config", str(REPO / "examples/configs/quickstart.yaml")]
     for item in extra:
         argv += ["--set", item]
-    for result in run_ranks(_reference_vs_resident, 2, argv, timeout=240):
+    world = 1 if bf16 else 2
+    for result in run_ranks(_reference_vs_resident, world, argv, timeout=240):
         assert result["mode"] == "adapters_off" and result["off"].numel() == 16
-        assert (result["off"] - result["resident"]).abs().max() <= 1e-6
+        if bf16:
+            assert torch.equal(result["off"], result["resident"])
+        else:
+            assert (result["off"] - result["resident"]).abs().max() <= 1e-6
         assert (result["on"] - result["resident"]).abs().max() > 1e-3  # the adapters matter
