@@ -15,6 +15,8 @@ Llama-3's (128,256), where the LM head goes from a small to the dominant share o
   trainer's micro-batch order (TRL's ``train_sampling_strategy="sequential"``, its batch size
   and gradient accumulation equal to ``train.micro_batch_size`` and ``global / micro``), so both
   pad the same micro-batches;
+- the same precision: fp32 on both sides (TRL's ``DPOConfig`` defaults to ``bf16=True``, an
+  autocast that a CPU without bf16 instructions emulates ~10x slower: set off);
 - the same work: TRL 1.16's ``DPOTrainer`` always computes the per-token entropy and the
   arg-max hit (its ``entropy`` and ``mean_token_accuracy`` metrics) in its chunked LM head; this
   trainer computes the same two with ``logging.token_metrics: true`` (set here, vocab-parallel);
@@ -243,6 +245,7 @@ def run_trl(work: Path, steps: int, mode: str) -> list[float]:
         precompute_ref_log_probs=mode == "precomputed",
         train_sampling_strategy="sequential",
         use_cpu=True,
+        bf16=False,  # TRL defaults to bf16 autocast; both frameworks train in fp32 here
         report_to="none",
         save_strategy="no",
         logging_steps=1,
