@@ -108,6 +108,12 @@ LORA = ["lora.rank=8", "lora.alpha=16", "reference.mode=adapters_off"]
 SYNC = ["reference.sync_steps=1", "reference.mixup_alpha=0.5"]  # steps 2 and 3 see an update
 WPO_LD = ["loss.use_weighting=true", "loss.ld_alpha=0.5"]
 TOKEN_METRICS = ("entropy", "mean_token_accuracy")  # logged with logging.token_metrics only
+# LoRA's B starts at 0, so its norm is its three Adam updates alone (~lr per element and step:
+# ~1/100 of a weight's norm), and Adam's rounding of the few elements whose gradients nearly
+# cancel between steps (~1e-7 absolute) is not diluted by a weight around it: measured on PP2
+# VPP2 with the distributed optimizer, 1.5e-5 of B's own norm, 1.6e-7 of a weight's (B missing
+# one step's update: 3.6e-3). ``assert_same_run`` compares it against a weight's norm.
+ZERO_START = ("lora_b",)
 
 
 def refusal(combo: dict) -> str | None:
@@ -317,4 +323,4 @@ def test_combination_equals_plain_run(combo, tmp_path, cache_dir, plain):
     if not combo["token_metrics"]:  # the plain run logs them: compare the rest
         assert not any(key in row for row in rows for key in TOKEN_METRICS), name
         want_rows = [{k: v for k, v in row.items() if k not in TOKEN_METRICS} for row in want_rows]
-    assert_same_run(results[0], want, rows, want_rows, name)
+    assert_same_run(results[0], want, rows, want_rows, name, zero_start=ZERO_START)
