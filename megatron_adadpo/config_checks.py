@@ -137,7 +137,8 @@ def reference_checkpoint_errors(config: Config) -> list[str]:
 
 def reference_sync_errors(config: Config) -> list[str]:
     """TR-DPO (``reference.sync_steps``, ``reference.mixup_alpha``) updates a resident
-    reference model from the policy: it needs one."""
+    reference model from the policy: it needs one (not precomputed values, not LoRA's
+    adapters-off base, which is the policy's own frozen weights)."""
     ref = config.reference
     if not isinstance(ref.sync_steps, int) or ref.sync_steps < 0:
         return [f"reference.sync_steps={ref.sync_steps!r} must be an integer >= 0 (0 = off)"]
@@ -155,6 +156,13 @@ def reference_sync_errors(config: Config) -> list[str]:
             f"reference.sync_steps={ref.sync_steps} (TR-DPO) updates the reference model from "
             "the policy during training, but precomputed log-probs were made once from a fixed "
             "model: set reference.mode=resident, or reference.sync_steps=0"
+        ]
+    if config.reference_mode == "adapters_off":
+        return [
+            f"reference.sync_steps={ref.sync_steps} (TR-DPO) updates a resident reference model, "
+            "but reference.mode=adapters_off (the default with lora:) is the policy's own frozen "
+            "base with the adapters off: set reference.mode=resident (a separate copy of the "
+            "starting model), or reference.sync_steps=0"
         ]
     if config.reference_mode == "none":
         return [

@@ -335,17 +335,33 @@ def assert_same_rows(rows: list, want_rows: list, label: str) -> None:
             )
 
 
-def assert_same_run(got: dict, want: dict, rows: list, want_rows: list, label: str) -> None:
+WEIGHT_STD = 0.02  # model.init_method_std's default: a weight's norm is ~0.02 * sqrt(numel)
+
+
+def _norm_of(name: str, value: torch.Tensor, zero_start: tuple) -> torch.Tensor:
+    """The norm a parameter's error is relative to: its own, at least a weight's for the
+    parameters named ``*zero_start``."""
+    norm = value.norm()
+    if zero_start and name.endswith(zero_start):
+        norm = norm.clamp(min=WEIGHT_STD * value.numel() ** 0.5)
+    return norm.clamp(min=1e-30)
+
+
+def assert_same_run(
+    got: dict, want: dict, rows: list, want_rows: list, label: str, zero_start: tuple = ()
+) -> None:
     """A run equals the plain run: every logged metric of every step (rtol = atol = 1e-5) and
     every final parameter (relative norm error <= 1e-5); ``got`` / ``want`` are
-    ``train_checked``'s rank-0 results."""
+    ``train_checked``'s rank-0 results. The parameters named ``*zero_start`` (that start at 0:
+    their norm is their few updates alone, e.g. LoRA's B) are compared against a weight's norm
+    (``WEIGHT_STD``), not their own."""
     assert_same_rows(rows, want_rows, label)
     params, refs = got["params"], {name: name for name in want["params"]}
     if TIED_COPY not in refs and TIED_COPY in params:  # tied, the last stage's copy
         refs[TIED_COPY] = TIED_WITH
     assert set(params) == set(refs), f"{label}: parameters {sorted(params)}"
     errors = {
-        name: float((value - want["params"][refs[name]]).norm() / value.norm().clamp(min=1e-30))
+        name: float((value - want["params"][refs[name]]).norm() / _norm_of(name, value, zero_start))
         for name, value in params.items()
     }
     worst = max(errors, key=errors.get)

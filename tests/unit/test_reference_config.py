@@ -116,6 +116,14 @@ def test_mixup_follows_the_tr_dpo_rule_in_fp64():
             r"reference.sync_steps=4 \(TR-DPO\) .* precomputed .* set reference.mode=resident",
         ),
         (["reference.sync_steps=4", "loss.name=simpo"], r"sync_steps=4 has no effect: loss"),
+        (  # LoRA's default reference: the trainer had no sync for it (AttributeError, step 1)
+            ["reference.sync_steps=1", "lora.rank=8", "reference.mode=null"],
+            r"sync_steps=1 \(TR-DPO\).*mode=adapters_off.*set reference.mode=resident",
+        ),
+        (
+            ["reference.sync_steps=2", "lora.rank=8", "reference.mode=adapters_off"],
+            r"sync_steps=2 \(TR-DPO\) .* reference.mode=adapters_off .* or reference.sync_steps=0",
+        ),
     ],
 )
 def test_tr_dpo_settings_are_refused_where_they_cannot_work(overrides, message):
@@ -126,6 +134,8 @@ def test_tr_dpo_settings_are_refused_where_they_cannot_work(overrides, message):
 def test_tr_dpo_settings_load():
     ref = cfg("reference.sync_steps=8", "reference.mixup_alpha=1").reference
     assert (ref.sync_steps, ref.mixup_alpha) == (8, 1.0)
+    with_lora = cfg("reference.sync_steps=2", "lora.rank=8", "reference.mode=resident")
+    assert with_lora.reference_mode == "resident" and with_lora.reference.sync_steps == 2
 
 
 def test_resume_across_a_change_of_tr_dpo_is_refused_naming_the_fields():
