@@ -153,6 +153,8 @@ def run_grid(out: Path, part: int, parts: int, jobs: str = "default") -> None:
     start_logps = np.load(out / "sft/heldout_logps.npy")
     heldout = None
     for run in JOBS[jobs]()[part::parts]:
+        if (out / f"results/{run['name']}.json").exists():
+            continue  # finished by an earlier, interrupted invocation (run.py --resume)
         begin = time.monotonic()
         sets = [f"train.init_checkpoint={out / 'sft/checkpoint'}", *run["sets"]]
         config = _config(out, out / "data/prefs.jsonl", out / "runs" / run["name"], sets)

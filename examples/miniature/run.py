@@ -132,6 +132,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--start", type=Path, help="reuse the SFT start of this earlier OUT")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--sft-only", action="store_true")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep OUT's finished runs, run the missing ones"
+    )
     parser.add_argument("--bundle", type=Path, help="copy the SFT checkpoint here")
     args = parser.parse_args(argv)
     if args.bundle and args.bundle.exists():
@@ -143,11 +146,16 @@ def main(argv: list[str] | None = None) -> None:
     out = (args.out or REPO / default_out.get(mode, "runs/miniature_lora")).resolve()
     start = args.start.resolve() if args.start else None
     begin, load_begin = time.monotonic(), os.getloadavg()
-    sft = _fresh(out, start)
+    if args.resume:  # keep OUT (its SFT start and finished runs); run only what is missing
+        import json
+
+        sft = json.loads((out / "results/SFT.json").read_text())
+    else:
+        sft = _fresh(out, start)
     paths = data.write_data(out / "data", DATA_SEED, SFT_PAIRS, PREF_PAIRS, HELDOUT)
     print(f"data: {', '.join(f'{k} {sum(1 for _ in open(p))}' for k, p in paths.items())}")
     if sft:
-        print(f"SFT start reused from {start / 'sft'}", flush=True)
+        print(f"SFT start reused from {(start or out) / 'sft'}", flush=True)
     else:
         print("SFT warm start (trainer log: sft/train.log)", flush=True)
         _wait(_jobs(out, "sft"), "SFT")
