@@ -17,17 +17,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+from report import COLUMNS  # the default report's columns, the same measures
 from stats import cell_means, cells_won, hits, paired_interval, prompt_interval
 
 METHODS = ("DPO", "AdaDPO", "DPO+SFT", "DPOP")
 BASELINES = ("DPO", "DPO+SFT", "DPOP")
-COLUMNS = (
-    ("delta_chosen", "Δ chosen lp/tok", "{:+.3f}"),
-    ("delta_rejected", "Δ rejected lp/tok", "{:+.3f}"),
-    ("both_fell", "both fell", "{:.0%}"),
-    ("reward_accuracy", "reward acc.", "{:.0%}"),
-    ("exact", "exact match", "{:.1%}"),
-)
 
 
 def load(out: Path) -> tuple[dict, list[dict], list[str]]:
