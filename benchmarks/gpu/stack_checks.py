@@ -30,6 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "examples/configs/quickstart.yaml"
 TOKENIZER = REPO / "examples/data/tokenizer"
+BODIES = str(Path(__file__).with_name("stack_bodies.py"))  # what runs inside launched processes
 BASE = [  # tiny, fast, deterministic; every run starts from the same weights and data
     "execution.tp=1",
     "train.global_batch_size=8",
@@ -168,7 +169,7 @@ def check_param_sync(work: Path, facts: dict) -> dict:
     """DP2, distributed optimizer, overlapped param all-gather: the saved weights are the live
     (updated) ones, not last step's for the shards other ranks own."""
     nproc = 2
-    args = [__file__, "--body", "param_sync", "--work", str(work)]
+    args = [BODIES, "param_sync", "--work", str(work)]
     launch(args, nproc, work / "param_sync.log", 300)
     result = json.loads((work / "param_sync.json").read_text())
     expect(result["max_rel_diff"] <= 1e-6, f"saved != live weights: {result}")
@@ -179,7 +180,7 @@ def converted_checkpoint(work: Path) -> tuple[Path, list[str]]:
     """A tiny random HF Llama converted with tools/convert_hf_to_megatron.py (made once)."""
     ckpt = work / "converted"
     if not (ckpt / "model.yaml").exists():
-        launch([__file__, "--body", "make_hf", "--work", str(work)], 1, work / "hf.log", 120)
+        launch([BODIES, "make_hf", "--work", str(work)], 1, work / "hf.log", 120)
         args = ["tools/convert_hf_to_megatron.py", "--hf-dir", str(work / "hf"), "--output"]
         launch([*args, str(ckpt), "--dtype", "fp32", "--no-progress"], 1, work / "cv.log", 300)
     import yaml
@@ -284,80 +285,6 @@ CHECKS = {  # name -> (check, requirements), in running order
 }
 
 
-# --- bodies: run inside a launched process ---------------------------------------------------
-
-
-def body_param_sync(work: Path) -> None:
-    """Train 2 steps (saved right after step 2's optimizer step), then compare the saved
-    weights with the live ones after a forced all-gather (Megatron-LM ``force_param_sync``)."""
-    import torch
-    import torch.distributed as dist
-
-    from megatron_adadpo.config import load_config
-    from megatron_adadpo.model.build import build_model
-    from megatron_adadpo.platform import cpu
-    from megatron_adadpo.platform.distributed import destroy, init_distributed
-    from megatron_adadpo.platform.megatron import unwrap_model
-    from megatron_adadpo.run.state import checkpoints
-    from megatron_adadpo.run.trainer import Trainer
-
-    run_dir = work / "param_sync_run"
-    if dist.is_available() and int(os.environ.get("RANK", "0")) == 0:
-        shutil.rmtree(run_dir, ignore_errors=True)
-    sets = [*BASE, f"logging.run_dir={run_dir}", f"data.cache_dir={work / 'cache'}"]
-    sets += ["optimizer.use_distributed_optimizer=true", "optimizer.overlap_grad_reduce=true"]
-    sets += ["optimizer.overlap_param_gather=true", "train.train_iters=2"]
-    sets += ["checkpoint.save_at_end=true", "optimizer.lr=1e-2", "checkpoint.resume=false"]
-    sets += ["execution.bf16=true"]  # as the recipes: bf16 params, fp32 main params sharded
-    config = load_config(QUICKSTART, sets)
-    cpu.activate()
-    init_distributed()
-    trainer = Trainer(config)
-    trainer.train()
-    saved = build_model(config.model, config.execution)
-    checkpoints.load_model(
-        saved, checkpoints.checkpoints_root(run_dir) / "iter_0000002", config.model
-    )
-    for chunk in trainer.policy:
-        chunk.start_param_sync(force_sync=True)
-    worst = torch.zeros(())
-    for live_chunk, saved_chunk in zip(trainer.policy, saved, strict=True):
-        stored = dict(saved_chunk.named_parameters())
-        for name, live in unwrap_model(live_chunk).named_parameters():
-            diff = (stored[name].float() - live.float()).norm() / live.float().norm().clamp(
-                min=1e-12
-            )
-            worst = torch.maximum(worst, diff.detach().cpu())
-    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-    if dist.get_rank() == 0:
-        result = {"max_rel_diff": float(worst), "dp": dist.get_world_size()}
-        (work / "param_sync.json").write_text(json.dumps(result))
-    destroy()
-
-
-def body_make_hf(work: Path) -> None:
-    """A tiny random ``LlamaForCausalLM`` with the bundled tokenizer (vocab 640)."""
-    import torch
-    import transformers
-
-    config = transformers.LlamaConfig(
-        vocab_size=640, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.08)
-    model.save_pretrained(work / "hf", safe_serialization=True)
-    for f in TOKENIZER.iterdir():
-        shutil.copy(f, work / "hf" / f.name)
-
-
-BODIES = {"param_sync": body_param_sync, "make_hf": body_make_hf}
-
-
 def run_checks(work: Path, only: list[str], cpu: bool) -> list[dict]:
     facts = machine()
     print(f"machine: {json.dumps(facts)}", flush=True)
@@ -387,14 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=None, help="runs and logs (default: OUT/work)")
     parser.add_argument("--only", nargs="*", default=[], choices=sorted(CHECKS))
     parser.add_argument("--cpu", action="store_true", help="run cpu_ok checks on gloo")
-    parser.add_argument("--body", choices=sorted(BODIES), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     work = Path(args.work).resolve() if args.work else out / "work"
     work.mkdir(parents=True, exist_ok=True)
-    if args.body:
-        BODIES[args.body](work)
-        return 0
     results = run_checks(work, args.only, args.cpu)
     (out / "stack_checks.json").write_text(json.dumps(results, indent=1))
     return int(any(r["status"] == "FAIL" for r in results))

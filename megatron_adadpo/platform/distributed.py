@@ -46,8 +46,8 @@ def init_model_parallel(
     coordinates; built once, passed to the batcher, step, log-prob and metric code).
     ``timeout_minutes`` is the groups' collective timeout (``initialize_model_parallel``'s
     ``distributed_timeout_minutes``, 0.16.1 and 0.19: ``timedelta(minutes=...)``)."""
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    destroy_model_parallel()
+    before = set(_registered_groups())
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=execution.tp,
         pipeline_model_parallel_size=execution.pp,
@@ -55,14 +55,42 @@ def init_model_parallel(
         context_parallel_size=execution.cp,
         distributed_timeout_minutes=timeout_minutes,
     )
+    _MEGATRON_GROUPS[:] = [g for g in _registered_groups() if g not in before]
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return Parallel.current(execution.vpp)
 
 
-def destroy() -> None:
-    """Tear down Megatron's parallel state and the default process group."""
+# The process groups the last ``initialize_model_parallel`` created (torch's registry, read
+# before and after it): Megatron's ``destroy_model_parallel`` (0.16.1, 0.19.2) forgets its groups
+# but destroys only the gloo copies of the DP groups, so a process that opens run after run (the
+# miniature grid's workers, a sweep, a notebook, the test suite) kept ~35 groups and ~50 gloo
+# threads per run: 2,500 threads and 4x slower steps after ~60 runs.
+_MEGATRON_GROUPS: list = []
+
+
+def _registered_groups() -> list:
+    """Every process group torch holds, the default one included (``_world.pg_map``: torch
+    has no public list; torch 2.13 ``distributed_c10d.py``, read by ``destroy_process_group``)."""
+    return list(dist.distributed_c10d._world.pg_map) if dist.is_initialized() else []
+
+
+def destroy_model_parallel() -> None:
+    """Megatron's ``destroy_model_parallel``, then the groups it left in torch's registry.
+
+    Destroying a subgroup is local (``ProcessGroup.shutdown`` and the registry entries; no
+    collective), so ranks need not agree on the moment."""
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    registered = set(_registered_groups())
+    for group in _MEGATRON_GROUPS:
+        if group in registered:
+            dist.destroy_process_group(group)
+    _MEGATRON_GROUPS.clear()
+
+
+def destroy() -> None:
+    """Tear down Megatron's parallel state and the default process group."""
+    destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -68,3 +68,50 @@ def test_degrees_coordinates_and_groups_on_two_ranks(name):
         # the reduced metrics live on the last stage's first TP / CP / DP rank: exactly one
         logging = rank == 1 if pipelined else rank == 0
         assert values["is_logging_rank"] == logging, rank
+
+
+def _reopen(rank, world, rounds: int):
+    """Open Megatron's groups ``rounds`` times in one process, cycling the layouts, and count
+    torch's registered groups and this process's threads after each (gloo keeps threads per
+    group); every round's groups must still reduce across the ranks they name."""
+    import os
+
+    import torch.distributed as dist
+
+    from megatron_adadpo.platform.distributed import init_model_parallel
+
+    layouts = [LAYOUTS[name] for name in sorted(LAYOUTS)]
+    counts = []
+    for i in range(rounds):
+        parallel = init_model_parallel(ExecutionConfig(**layouts[i % len(layouts)]))
+        flag = torch.ones(1)
+        dist.all_reduce(flag, group=parallel.dp_cp)
+        dist.all_reduce(flag, group=parallel.tp)
+        counts.append(
+            (
+                len(dist.distributed_c10d._world.pg_map),
+                len(os.listdir("/proc/self/task")),
+                int(flag.item()),
+            )
+        )
+    return counts
+
+
+def test_reopening_the_groups_does_not_leak_them():
+    """A process that opens run after run (the miniature grid's workers, a sweep, the tests)
+    holds one run's groups, not every run's: without destroying the groups Megatron's
+    ``destroy_model_parallel`` forgets, each re-open added 17 groups and 51 threads (measured,
+    one rank); here each layout's second opening holds what its first did."""
+    rounds = 8
+    for rank, counts in enumerate(run_ranks(_reopen, 2, rounds)):
+        groups = [c[0] for c in counts]
+        threads = [c[1] for c in counts]
+        reached = [c[2] for c in counts]
+        # the same layout opened again holds as many groups, and no more threads, as the first time
+        n = len(LAYOUTS)
+        assert groups[n:] == groups[: rounds - n], (rank, groups)
+        again = zip(threads[: rounds - n], threads[n:], strict=True)
+        assert all(b <= a + 4 for a, b in again), (rank, threads)
+        # a one summed over dp_cp (2 ranks on cp2 / dp2), then over tp (2 on tp2)
+        expected = [2 if name in ("cp2", "dp2", "tp2") else 1 for name in sorted(LAYOUTS)]
+        assert reached == (expected * rounds)[:rounds], (rank, reached)
