@@ -6,7 +6,9 @@ must end within 540 s, its setup (``env.sh``: carried wheels, preflight) include
 preflight before any timed check. Each script runs here with ``timeout`` and ``python3``
 stubbed (nothing runs): the stub records every timeout's seconds, in order, through
 functions and variables as bash expands them; a ``python3`` outside a ``timeout`` is recorded
-as untimed. A fake ``.whl/`` takes the longest path (the carried-wheel install).
+as untimed. A fake ``.whl/`` takes the longest path (the carried-wheel install). The
+commands recorded are then parsed by their own scripts' argparse (run up to it, no further),
+so an option a script no longer has fails here, not on the lent machine.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 GPU = REPO / "benchmarks" / "gpu"
 SCRIPTS = sorted(p.name for p in GPU.glob("run_*.sh"))
 BUDGET_S = 540
+VARIANTS = {"run_chunked.sh": [(), ("3b",)]}  # a script's argument lists (default: none)
 
 TIMEOUT_STUB = """#!/bin/bash
 echo "timeout $*" >> "$STUB_LOG"
@@ -67,8 +70,7 @@ def test_every_script_is_checked():
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_timeouts_fit_one_device_command_and_preflight_comes_first(script, tmp_path):
-    variants = [()] + ([("3b",)] if script == "run_chunked.sh" else [])
-    for args in variants:
+    for args in VARIANTS.get(script, [()]):
         calls = timed_commands(script, tmp_path / "_".join(args or ("default",)), *args)
         total = sum(seconds for seconds, _ in calls)
         assert total <= BUDGET_S, f"{script} {args}: timeouts sum to {total} s > {BUDGET_S} s"
@@ -116,3 +118,47 @@ def test_preflight_imports_here():
         timeout=300,
     )
     assert r.returncode == 0 and "preflight: ok" in r.stdout, r.stdout + r.stderr
+
+
+# Runs a script as __main__ until its argparse has parsed the command line, then leaves:
+# the options a GPU script passes are checked here, not on the lent machine's first run.
+PARSE_ONLY = """
+import argparse, runpy, sys
+parse = argparse.ArgumentParser.parse_args
+def parsed(self, args=None, namespace=None):
+    parse(self, args, namespace)
+    print("PARSED", self.prog)
+    sys.exit(0)
+argparse.ArgumentParser.parse_args = parsed
+sys.argv = sys.argv[1:]
+sys.path.insert(0, ".")
+runpy.run_path(sys.argv[0], run_name="__main__")
+print("NO ARGPARSE")
+"""
+
+
+def python_scripts_called(script: str, tmp_path: Path, *args: str) -> list[list[str]]:
+    """Each ``python3 FILE.py ARGS`` a script times (``-m`` modules and stdin heredocs left out)."""
+    calls = []
+    for _, command in timed_commands(script, tmp_path, *args):
+        words = command.split()
+        if words[0] == "python3" and len(words) > 1 and words[1].endswith(".py"):
+            calls.append(words[1:])
+    return calls
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_options_each_script_passes_parse(script, tmp_path):
+    calls = []
+    for args in VARIANTS.get(script, [()]):
+        calls += python_scripts_called(script, tmp_path / "_".join(args or ("default",)), *args)
+    for call in calls:
+        r = subprocess.run(
+            [sys.executable, "-c", PARSE_ONLY, *call],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 0 and "PARSED" in r.stdout, f"{script}: {call}\n{r.stderr[-2000:]}"
+    assert len(calls) > 1, f"{script} calls no python script after the preflight"
