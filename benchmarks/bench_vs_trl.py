@@ -111,8 +111,8 @@ def make_inputs(work: Path, shape: str, pairs: int) -> None:
     subprocess.run(convert, cwd=REPO, check=True, capture_output=True)
 
 
-def our_config(work: Path, steps: int, mode: str) -> list[str]:
-    """``--config`` / ``--set`` arguments of this trainer's run."""
+def our_config(work: Path, steps: int, mode: str, extra: list[str] = ()) -> list[str]:
+    """``--config`` / ``--set`` arguments of this trainer's run (``extra``: ``--ours-set``)."""
     sets = [
         "execution.tp=1",
         "loss.name=dpo",
@@ -144,7 +144,7 @@ def our_config(work: Path, steps: int, mode: str) -> list[str]:
     if mode == "precomputed":
         sets.append(f"reference.path={work / 'ref'}")
     model = yaml_model(work / "mg")
-    sets += [f"model.{k}={v}" for k, v in model.items()]
+    sets += [f"model.{k}={v}" for k, v in model.items()] + list(extra)
     args = ["--config", str(REPO / "examples/configs/quickstart.yaml")]
     for item in sets:
         args += ["--set", item]
@@ -183,8 +183,8 @@ def trl_pairs(work: Path, steps: int) -> None:
     (work / "trl_pairs.json").write_text(json.dumps(rows))
 
 
-def run_ours(work: Path, steps: int, mode: str) -> list[float]:
-    """This trainer's ``Trainer.train()``; step-end times."""
+def run_ours(work: Path, steps: int, mode: str, extra: list[str]) -> list[float]:
+    """This trainer's ``Trainer.train()`` (``extra``: ``--ours-set``); step-end times."""
     sys.path.insert(0, str(REPO))
     from megatron_adadpo import train
     from megatron_adadpo.config import load_config
@@ -192,7 +192,7 @@ def run_ours(work: Path, steps: int, mode: str) -> list[float]:
     from megatron_adadpo.platform.distributed import init_distributed
     from megatron_adadpo.run.trainer import Trainer
 
-    args = train.parse_args(our_config(work, steps, mode))
+    args = train.parse_args(our_config(work, steps, mode, extra))
     config = load_config(args.config, args.set)
     cpu.activate()
     init_distributed()
@@ -273,12 +273,13 @@ def worker(args) -> None:
     """One framework, one mode, in this (fresh) process: prints one JSON line; with
     ``--profile`` the steps run under ``torch.profiler`` and the top operators are printed."""
     import contextlib
+    import functools
 
     import torch
 
     torch.set_num_threads(args.threads)
     work = Path(args.work)
-    run = run_ours if args.worker == "ours" else run_trl
+    run = functools.partial(run_ours, extra=args.ours_set) if args.worker == "ours" else run_trl
     profiler = contextlib.nullcontext()
     if args.profile:
         profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
@@ -296,7 +297,7 @@ def worker(args) -> None:
 def spawn(work: Path, args, framework: str, mode: str, profile: int = 0) -> dict:
     cmd = [sys.executable, __file__, "--worker", framework, "--mode", mode, "--work", str(work)]
     cmd += ["--steps", str(args.steps), "--threads", str(args.threads)]
-    cmd += ["--profile", str(profile)]
+    cmd += ["--profile", str(profile)] + [f"--ours-set={item}" for item in args.ours_set]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
@@ -324,7 +325,8 @@ def run_shape(shape: str, args) -> dict:
         make_inputs(work, shape, pairs=args.steps * GLOBAL)
         trl_pairs(work, args.steps)
         precompute = [sys.executable, "tools/precompute_reference.py"]
-        precompute += our_config(work, args.steps, "resident") + ["--output", str(work / "ref")]
+        precompute += our_config(work, args.steps, "resident", args.ours_set)
+        precompute += ["--output", str(work / "ref")]
         subprocess.run(precompute, cwd=REPO, check=True, capture_output=True)
         runs = {(f, m): [] for f in ("ours", "trl") for m in ("resident", "precomputed")}
         for r in range(args.repeats):
@@ -375,6 +377,13 @@ def main() -> None:
         "--profile", type=int, default=0, help="also profile; print this many operators"
     )
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument(
+        "--ours-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="also --set this on this trainer's runs, e.g. execution.logprob_chunk_tokens=256",
+    )
     parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=["resident", "precomputed"], help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -385,7 +394,7 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     from benchmarks.machine import emit_result, machine_line
 
-    result = dict(machine=machine_line(), threads=args.threads, shapes={})
+    result = dict(machine=machine_line(), threads=args.threads, ours_set=args.ours_set, shapes={})
     for shape in args.shapes:
         result["shapes"][shape] = run_shape(shape, args)
     emit_result(result, args.json)
