@@ -63,8 +63,8 @@ def init_model_parallel(
 # The process groups the last ``initialize_model_parallel`` created (torch's registry, read
 # before and after it): Megatron's ``destroy_model_parallel`` (0.16.1, 0.19.2) forgets its groups
 # but destroys only the gloo copies of the DP groups, so a process that opens run after run (the
-# miniature grid's workers, a sweep, a notebook, the test suite) kept ~35 groups and ~50 gloo
-# threads per run: 2,500 threads and 4x slower steps after ~60 runs.
+# miniature grid's workers, a sweep, a notebook) kept every run's: 17 groups and 51 gloo threads
+# more per run (one rank, measured), 2,500 threads and 4x slower steps after ~60 grid runs.
 _MEGATRON_GROUPS: list = []
 
 
@@ -77,8 +77,9 @@ def _registered_groups() -> list:
 def destroy_model_parallel() -> None:
     """Megatron's ``destroy_model_parallel``, then the groups it left in torch's registry.
 
-    Destroying a subgroup is local (``ProcessGroup.shutdown`` and the registry entries; no
-    collective), so ranks need not agree on the moment."""
+    Every rank destroys them in the order they were created, as torch's own teardown keeps a
+    fixed order (``destroy_process_group``: ``ncclCommAbort`` was collective in some NCCL
+    versions); on gloo it is local (``ProcessGroup.shutdown`` and the registry entries)."""
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     registered = set(_registered_groups())
