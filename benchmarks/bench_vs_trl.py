@@ -32,7 +32,8 @@ Runs alternate (this trainer, TRL; then TRL first) for ``--repeats`` rounds, so 
 noise hits both alike. TRL is a test-only dependency (``pip install -e .[test]``; never imported
 by the package). ``--profile`` also runs each framework once more under ``torch.profiler``
 (resident reference) and prints the operators with the most CPU time, to say where the time
-goes where this trainer is not ahead::
+goes where this trainer is not ahead. ``--ours-set KEY=VALUE`` adds a ``--set`` to this trainer's
+runs (and its precomputation), e.g. ``execution.logprob_chunk_tokens=256``::
 
     python benchmarks/bench_vs_trl.py --steps 3 --warmup 1 --repeats 2 --threads 1 --profile 15
 """
